@@ -1,0 +1,7 @@
+"""``python -m rnnreg`` is the ``rnnreg`` command."""
+
+import sys
+
+from rnnreg.cli import main
+
+sys.exit(main())

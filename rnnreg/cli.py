@@ -1,0 +1,224 @@
+"""The ``rnnreg`` command line: a thin layer over the library's functions.
+
+Every Config field is a flag of ``train`` with the same name (``hidden_size`` -> ``--hidden-size``),
+so one concept has one name in code, config.json, flags and docs. Flags override the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rnnreg.config import Config
+from rnnreg.data import (
+    DataError,
+    default_data_dir,
+    download_ptb,
+    read_text,
+    resolve_data_dir,
+    tokenize,
+)
+from rnnreg.presets import PRESETS, preset_config
+from rnnreg.rundir import RunDirError
+
+__all__ = ["main"]
+
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type == "bool"}
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, DataError, RunDirError, OSError) as error:
+        print(f"rnnreg: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rnnreg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnnreg", description="Regularized RNN language models (Zaremba et al. 2014).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_score(commands)
+    _add_generate(commands)
+    presets = commands.add_parser("presets", help="list the presets and their published numbers")
+    presets.set_defaults(handler=_presets)
+    download = commands.add_parser("download", help="download a corpus and verify its MD5 sums")
+    download.add_argument("corpus", choices=["ptb"], help="Mikolov's Penn Treebank (10k words)")
+    download.add_argument("--data-dir", help=f"target directory (default: $RNNREG_DATA or "
+                                             f"{default_data_dir()})")
+    download.set_defaults(handler=_download)
+    return parser
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="corpus directory with {ptb.,}{train,valid,test}.txt "
+                                           "(default: $RNNREG_DATA, else the user cache)")
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser("train", help="train a language model (or --resume one)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                       help="starting configuration; every flag below overrides it")
+    train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out exactly where it stopped")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_dir(train)
+    fields = train.add_argument_group("configuration (defaults come from the preset)")
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name in _BOOL_FIELDS:
+            fields.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS)
+        else:
+            fields.add_argument(flag, type=_TYPES[field.type], default=argparse.SUPPRESS,
+                                metavar=field.name.upper())
+    train.set_defaults(handler=_train)
+
+
+def _config_overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rnnreg.train import train
+
+    overrides = _config_overrides(args)
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+        if overrides:
+            raise ValueError(f"a resumed run keeps its saved config; drop {sorted(overrides)}")
+        config = Config()
+    else:
+        config = preset_config(args.preset).replace(**overrides)
+    out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = train(config, out, data_dir=args.data_dir, resume=args.resume,
+                    progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="perplexity of one run, or of an ensemble of runs, on a split")
+    evaluate.add_argument("runs", nargs="+", metavar="RUN",
+                          help="run directories; several = ensemble (probabilities averaged)")
+    evaluate.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    evaluate.add_argument("--mc-samples", type=int, default=0,
+                          help="MC-dropout passes averaged (0 = deterministic dropout off)")
+    evaluate.add_argument("--weights", choices=["best", "last"], default="best")
+    evaluate.add_argument("--seed", type=int, default=1, help="seed for MC-dropout masks")
+    evaluate.add_argument("--device", default="auto")
+    _add_data_dir(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _load_members(runs: list[str], weights: str, device: str):
+    from rnnreg.train import load_model
+
+    members = [load_model(run, weights=weights, device=device) for run in runs]
+    vocab, config = members[0][1], members[0][2]
+    for run, (_, other_vocab, other_config) in zip(runs[1:], members[1:]):
+        if other_vocab != vocab or other_config.level != config.level:
+            raise ValueError(f"{run} has a different vocabulary from {runs[0]}: "
+                             "ensemble members must be trained on the same corpus")
+    return [m for m, _, _ in members], vocab, config
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from rnnreg.data import Corpus
+    from rnnreg.evaluate import score_stream
+
+    if args.mc_samples < 0:
+        raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
+    models, vocab, config = _load_members(args.runs, args.weights, args.device)
+    corpus = Corpus.load(args.data_dir, config.level, vocab)
+    torch.manual_seed(args.seed)
+    score = score_stream(models, corpus.split(args.split), bptt=config.eval_bptt,
+                         mc_samples=args.mc_samples, progress=True)
+    print(json.dumps({"split": args.split, "runs": args.runs, "mc_samples": args.mc_samples,
+                      "perplexity": score.perplexity, "tokens": score.tokens,
+                      "seconds": round(score.seconds, 2)}))
+    return 0
+
+
+def _add_score(commands) -> None:
+    score = commands.add_parser("score", help="perplexity of a text file under a trained model")
+    score.add_argument("run", metavar="RUN")
+    score.add_argument("file", metavar="FILE")
+    score.add_argument("--device", default="auto")
+    score.set_defaults(handler=_score)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from rnnreg.evaluate import score_stream
+    from rnnreg.train import load_model
+
+    model, vocab, config = load_model(args.run, device=args.device)
+    ids = vocab.encode(tokenize(read_text(args.file), config.level))
+    if ids.numel() < 2:
+        raise DataError(f"{args.file} has fewer than two tokens: nothing to score")
+    result = score_stream(model, ids, bptt=config.eval_bptt)
+    print(json.dumps({"file": args.file, "perplexity": result.perplexity,
+                      "tokens": result.tokens}))
+    return 0
+
+
+def _add_generate(commands) -> None:
+    generate = commands.add_parser("generate", help="sample text from a trained model")
+    generate.add_argument("run", metavar="RUN")
+    generate.add_argument("--prompt", default="", help="text to condition on")
+    generate.add_argument("--words", type=int, default=50, help="tokens to sample")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=1)
+    generate.add_argument("--device", default="auto")
+    generate.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from rnnreg.generate import sample_text
+    from rnnreg.train import load_model
+
+    if args.words < 1:
+        raise ValueError(f"--words must be >= 1, got {args.words}")
+    if not args.temperature > 0 or math.isinf(args.temperature):
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    model, vocab, config = load_model(args.run, device=args.device)
+    torch.manual_seed(args.seed)
+    print(sample_text(model, vocab, args.prompt, words=args.words,
+                      temperature=args.temperature, level=config.level))
+    return 0
+
+
+def _presets(_: argparse.Namespace) -> int:
+    for preset in PRESETS.values():
+        config = preset.config()
+        paper = ", ".join(f"{k} {v}" for k, v in preset.paper.items()) or "no published numbers"
+        print(f"{preset.name:14s} {config.cell} {config.num_layers}x{config.hidden_size} "
+              f"{config.strategy} p={config.dropout} bptt={config.bptt} "
+              f"epochs={config.epochs}  | paper: {paper}  ({preset.note}; {preset.source})")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    target = download_ptb(resolve_data_dir(args.data_dir))
+    print(f"Penn Treebank ready in {Path(target)}")
+    return 0

@@ -1,0 +1,142 @@
+"""One frozen configuration for a language-modeling run: data, model, regularization, training.
+
+Every default lives here, once, with its reason. Presets (``rnnreg.presets``) are sets of
+overrides of these fields; CLI flags override presets; the resolved config is what a run
+directory stores in ``config.json`` and what ``--resume`` rebuilds from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from rnnreg.functional import check_probability
+from rnnreg.strategies import STRATEGIES, strategy
+
+__all__ = ["CELLS", "OPTIMIZERS", "Config"]
+
+CELLS = ("lstm", "gru", "rnn")
+OPTIMIZERS = ("sgd", "asgd")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- data ---------------------------------------------------------------------------
+    level: str = "word"             # "word" (PTB as in the paper) or "char"
+
+    # --- model --------------------------------------------------------------------------
+    cell: str = "lstm"              # the paper's cell; "gru" and "rnn" for the comparisons
+    hidden_size: int = 200          # paper's small model
+    num_layers: int = 2             # paper: 2 layers for every size
+    embedding_size: int | None = None  # None = hidden_size, as in the paper
+    tie_weights: bool = False       # Press & Wolf 2017 / AWD; the paper does not tie
+    init_range: float = 0.1         # uniform(-r, r) for every weight (paper, section 4.1)
+
+    # --- regularization ----------------------------------------------------------------
+    strategy: str = "none"          # a name in rnnreg.STRATEGIES
+    dropout: float = 0.0            # the strategy's rate p (paper: 0 small, 0.5 medium, 0.65 large)
+    # Per-placement overrides of p; None = follow the strategy.
+    input_dropout: float | None = None
+    between_dropout: float | None = None
+    output_dropout: float | None = None
+    recurrent_dropout: float | None = None
+    weight_dropout: float | None = None
+    embedding_dropout: float = 0.0  # whole-word dropout (Gal & Ghahramani 2016, section 5)
+    activation_reg: float = 0.0     # AR, alpha in Merity et al. 2018 eq. 3 (AWD uses 2)
+    temporal_activation_reg: float = 0.0  # TAR, beta in Merity et al. 2018 eq. 4 (AWD uses 1)
+    weight_decay: float = 0.0       # L2 through the optimizer (Gal uses it; Zaremba does not)
+
+    # --- training -----------------------------------------------------------------------
+    batch_size: int = 20            # parallel streams (paper: 20)
+    bptt: int = 20                  # unrolled steps (paper: 20 small, 35 medium and large)
+    variable_bptt: bool = False     # AWD: window length drawn around bptt each step
+    epochs: int = 13                # paper's small model
+    lr: float = 1.0                 # plain SGD, paper's learning rate
+    lr_decay: float = 0.5           # multiply lr by this each epoch after decay_after
+    decay_after: int = 4            # epochs at the full learning rate
+    clip_norm: float = 5.0          # global gradient-norm clipping (paper: 5; large: 10)
+    optimizer: str = "sgd"          # "sgd" (paper) or "asgd" (AWD's non-monotonic trigger)
+    asgd_nonmono: int = 5           # AWD: epochs without improvement before averaging starts
+    seed: int = 1
+    device: str = "auto"            # "auto" = cuda when available, else cpu
+
+    # --- evaluation and bookkeeping ----------------------------------------------------
+    eval_bptt: int = 100            # window length when scoring a split as one stream
+    valid_batch_size: int = 1       # 1 = the split as one stream; larger is faster, approximate
+    checkpoint_minutes: float = 5.0  # also checkpoint mid-epoch this often
+    checkpoint_steps: int = 0       # and/or every N steps (0 = off); used by the resume tests
+    max_train_minutes: float = 0.0  # stop training after this much wall time (0 = no limit)
+
+    def __post_init__(self) -> None:
+        _check_choice("cell", self.cell, CELLS)
+        _check_choice("strategy", self.strategy, tuple(STRATEGIES))
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("level", self.level, ("word", "char"))
+        for name in ("hidden_size", "num_layers", "batch_size", "bptt", "epochs", "eval_bptt",
+                     "valid_batch_size", "asgd_nonmono"):
+            _check_positive(name, getattr(self, name))
+        if self.embedding_size is not None:
+            _check_positive("embedding_size", self.embedding_size)
+        for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
+                     "output_dropout", "recurrent_dropout", "weight_dropout"):
+            value = getattr(self, name)
+            if value is not None:
+                check_probability(name, value)
+        for name in ("lr", "clip_norm", "init_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lr_decay", "weight_decay", "activation_reg", "temporal_activation_reg",
+                     "checkpoint_minutes", "max_train_minutes", "decay_after", "checkpoint_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
+            raise ValueError("tie_weights needs embedding_size == hidden_size (or unset)")
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
+
+    def layer_dropout(self) -> dict[str, float | bool]:
+        """Keyword settings for the recurrent layer: the strategy at rate p, then overrides."""
+        overrides = {
+            keyword: value
+            for keyword, value in (("input_dropout", self.input_dropout),
+                                   ("dropout", self.between_dropout),
+                                   ("output_dropout", self.output_dropout),
+                                   ("recurrent_dropout", self.recurrent_dropout),
+                                   ("weight_dropout", self.weight_dropout))
+            if value is not None
+        }
+        return strategy(self.strategy, self.dropout, **overrides)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 1-based ``epoch``: constant, then decayed geometrically (sec. 4.1)."""
+        return self.lr * self.lr_decay ** max(epoch - self.decay_after, 0)
+
+    def replace(self, **changes: Any) -> Config:
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config has unknown field(s) {unknown}; written by a newer rnnreg?")
+        return cls(**data)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,116 @@
+"""Perplexity of a split scored as one stream, for one model, an ensemble, or MC dropout.
+
+One scorer serves all three because they differ only in what is averaged: the predicted
+*probabilities* of every member (ensembles, Zaremba et al. 2014 Table 1) and of every stochastic
+pass (MC dropout, Gal & Ghahramani 2016 section 5) are averaged before taking the log.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from rnnreg.data import batchify, windows
+from rnnreg.model import LanguageModel, ModelMasks, detach_state
+
+__all__ = ["Score", "score_stream"]
+
+# Largest (steps x samples x vocabulary) block of logits materialised at once, in elements.
+_LOGIT_BUDGET = 40_000_000
+
+
+@dataclass(frozen=True)
+class Score:
+    nll: float          # summed negative log-likelihood, nats
+    tokens: int         # predicted tokens (every <eos> included)
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@torch.no_grad()
+def score_stream(models: Sequence[LanguageModel] | LanguageModel, ids: Tensor, *,
+                 bptt: int = 100, batch_size: int = 1, mc_samples: int = 0,
+                 progress: bool = False) -> Score:
+    """Score ``ids`` (1-D) with the averaged predictive distribution of ``models``.
+
+    ``batch_size=1`` scores the split as one stream, the paper's test protocol: every token but
+    the first is predicted once with the full history carried, so the result does not depend on
+    ``bptt``. ``mc_samples=N`` runs N dropout passes side by side as a batch of N copies of the
+    stream; per-sequence masks (variational models) are sampled once and held over the whole
+    stream, fresh-mask models get new masks every window.
+    """
+    members = [models] if isinstance(models, LanguageModel) else list(models)
+    if not members:
+        raise ValueError("score_stream needs at least one model")
+    if mc_samples < 0:
+        raise ValueError(f"mc_samples must be >= 0, got {mc_samples}")
+    if mc_samples and batch_size != 1:
+        raise ValueError("MC-dropout scoring runs the samples as the batch: use batch_size=1")
+    samples = max(mc_samples, 1)
+    device = next(members[0].parameters()).device
+    streams = batchify(ids.to(device), batch_size)
+    if mc_samples:
+        streams = streams.expand(-1, samples)
+    bptt = max(1, min(bptt, _LOGIT_BUDGET // (samples * members[0].vocab_size)))
+    modes = [m.training for m in members]
+    for m in members:
+        m.eval()
+    start = time.perf_counter()
+    try:
+        nll = _score_windows(members, streams, bptt, mc_samples, progress)
+    finally:
+        for m, mode in zip(members, modes):
+            m.train(mode)
+    tokens = (streams.size(0) - 1) * (streams.size(1) // samples)
+    return Score(nll, tokens, time.perf_counter() - start)
+
+
+def _score_windows(members, streams: Tensor, bptt: int, mc_samples: int, progress: bool) -> float:
+    states = [None] * len(members)
+    held = [_held_masks(m, streams.size(1)) if mc_samples else None for m in members]
+    total = torch.zeros((), dtype=torch.float64, device=streams.device)
+    bar = tqdm(total=streams.size(0) - 1, disable=not progress, unit="tok", leave=False)
+    for inputs, targets in windows(streams, bptt):
+        log_probs = []
+        for i, model in enumerate(members):
+            masks = held[i]
+            if mc_samples and masks is None:
+                masks = model.sample_masks(inputs.size(0), inputs.size(1))
+            out = model(inputs, states[i], masks)
+            states[i] = detach_state(out.state)
+            log_probs.append(_target_log_probs(out.logits.float(), targets))
+        total += _mixture_nll(torch.stack(log_probs), mc_samples).double()
+        bar.update(inputs.size(0))
+    bar.close()
+    return float(total)
+
+
+def _held_masks(model: LanguageModel, samples: int) -> ModelMasks | None:
+    """Per-sequence masks drawn once for the whole stream; None means resample every window."""
+    return model.sample_masks(1, samples) if model.variational else None
+
+
+def _target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) per position, ``(T, B)``, without materialising the full log-softmax."""
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def _mixture_nll(picked: Tensor, mc_samples: int) -> Tensor:
+    """NLL under the mean of the members' (and samples') probabilities; ``picked (M, T, B)``."""
+    if mc_samples:  # the B columns are samples of one stream: average over members and samples
+        per_token = picked.permute(1, 0, 2).flatten(1)      # (T, M * S)
+        return -(torch.logsumexp(per_token, 1) - math.log(per_token.size(1))).sum()
+    return -(torch.logsumexp(picked, 0) - math.log(picked.size(0))).sum()

@@ -1,0 +1,61 @@
+"""Presets as data: each is a set of Config overrides with the published numbers beside it.
+
+A preset never selects a code path; it only fills fields of :class:`rnnreg.config.Config`, so
+every preset runs through the same model and trainer, and a test builds every one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from rnnreg.config import Config
+
+__all__ = ["PRESETS", "Preset", "preset_config"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    overrides: dict[str, Any]
+    source: str                                   # where the recipe and numbers come from
+    paper: dict[str, float] = field(default_factory=dict)  # published perplexities
+    note: str = ""
+
+    def config(self) -> Config:
+        return Config().replace(**self.overrides)
+
+
+_ZAREMBA = "Zaremba, Sutskever & Vinyals 2014, Table 1 and section 4.1"
+
+PRESETS = MappingProxyType({p.name: p for p in (
+    Preset("small", dict(
+        hidden_size=200, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
+        strategy="none", dropout=0.0,                  # the non-regularized LSTM
+        lr=1.0, lr_decay=0.5, decay_after=4, clip_norm=5.0, epochs=13,
+    ), _ZAREMBA, {"valid": 120.7, "test": 114.5}, "non-regularized LSTM"),
+    Preset("medium", dict(
+        hidden_size=650, num_layers=2, bptt=35, batch_size=20, init_range=0.05,
+        strategy="zaremba", dropout=0.5,
+        lr=1.0, lr_decay=1 / 1.2, decay_after=6, clip_norm=5.0, epochs=39,
+    ), _ZAREMBA, {"valid": 86.2, "test": 82.7}, "regularized LSTM"),
+    Preset("large", dict(
+        hidden_size=1500, num_layers=2, bptt=35, batch_size=20, init_range=0.04,
+        strategy="zaremba", dropout=0.65,
+        lr=1.0, lr_decay=1 / 1.15, decay_after=14, clip_norm=10.0, epochs=55,
+    ), _ZAREMBA, {"valid": 82.2, "test": 78.4}, "regularized LSTM"),
+    Preset("study-small", dict(
+        hidden_size=200, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
+        strategy="zaremba", dropout=0.3,
+        lr=1.0, lr_decay=0.5, decay_after=4, clip_norm=5.0, epochs=6,
+        valid_batch_size=10,
+    ), "rnnreg: a 2-core-CPU budget for the dropout-strategy study (no published numbers)",
+        {}, "small enough that a default study finishes in about an hour on 2 CPU cores"),
+)})
+
+
+def preset_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].config()
