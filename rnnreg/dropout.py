@@ -44,7 +44,8 @@ class EmbeddingDropout(nn.Embedding):
     def forward(self, ids: Tensor) -> Tensor:
         if self.max_norm is not None or self.sparse:
             raise ValueError("EmbeddingDropout supports neither max_norm nor sparse gradients")
-        return RF.embedding_dropout(ids, self.weight, self.p, self.training, self.padding_idx)
+        return RF.embedding_dropout(ids, self.weight, self.p, self.training, self.padding_idx,
+                                    self.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"

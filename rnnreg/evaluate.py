@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from rnnreg.data import batchify, windows
 from rnnreg.model import LanguageModel, ModelMasks, detach_state
 
-__all__ = ["Score", "score_stream"]
+__all__ = ["Score", "perplexity", "score_stream"]
 
 # Largest (steps x samples x vocabulary) block of logits materialised at once, in elements.
 _LOGIT_BUDGET = 40_000_000
@@ -37,7 +37,13 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.nll, self.tokens)
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(mean NLL), saturating at inf: a finite but huge loss must not crash the bookkeeping."""
+    mean = nll / tokens
+    return math.exp(mean) if mean < 709 else math.inf
 
 
 @torch.no_grad()

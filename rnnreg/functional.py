@@ -86,6 +86,7 @@ def embedding_dropout(
     p: float,
     training: bool = True,
     padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
 ) -> Tensor:
     """Look up embeddings, dropping whole words: every occurrence of a dropped word is zeroed.
 
@@ -95,7 +96,7 @@ def embedding_dropout(
     multiplied into the full ``(V, E)`` matrix; the result and its gradient are the same.
     """
     check_probability("p", p)
-    embedded = F.embedding(ids, weight, padding_idx)
+    embedded = F.embedding(ids, weight, padding_idx, scale_grad_by_freq=scale_grad_by_freq)
     if not training or p == 0:
         return embedded
     word_mask = dropout_mask((weight.size(0),), p, device=weight.device, dtype=weight.dtype)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rnnreg.config import Config
 from rnnreg.data import Corpus, Vocabulary, batchify
-from rnnreg.evaluate import score_stream
+from rnnreg.evaluate import perplexity, score_stream
 from rnnreg.model import LanguageModel, count_parameters, detach_state, summed_loss
 from rnnreg.rundir import RunDir, RunDirError, atomic_write_text, describe_machine, git_commit
 
@@ -78,36 +78,39 @@ def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None
     """
     run = RunDir(out)
     with run.lock():
-        config, vocab = _open_run(run, config, resume)
+        config, vocab = _read_run(run) if resume else (config, None)
         corpus = Corpus.load(data_dir, config.level, vocab)
-        if vocab is None:
-            _write_json(run.path / "vocab.json", corpus.vocab.to_json())
+        if not resume:  # only once the data loaded, so a failed start leaves no half-made run
+            _create_run(run, config, corpus.vocab)
         trainer = _Trainer(config, corpus, run, progress, on_step, verbose)
         if resume and run.has_checkpoint("last"):
             trainer.restore(run.load_checkpoint("last"))
         return trainer.fit()
 
 
-def _open_run(run: RunDir, config: Config, resume: bool) -> tuple[Config, Vocabulary | None]:
-    if resume:
-        if not run.exists():
-            raise RunDirError(f"nothing to resume in {run.path}: no config.json; "
-                              "start a new run without --resume")
-        saved = Config.from_dict(run.read_config()["config"])
-        vocab = Vocabulary.from_json(json.loads((run.path / "vocab.json").read_text()))
-        return saved, vocab
+def _read_run(run: RunDir) -> tuple[Config, Vocabulary]:
+    if not run.exists():
+        raise RunDirError(f"nothing to resume in {run.path}: no config.json; "
+                          "start a new run without --resume")
+    return Config.from_dict(run.read_config()["config"]), _read_vocab(run)
+
+
+def _read_vocab(run: RunDir) -> Vocabulary:
+    path = run.path / "vocab.json"
+    if not path.exists():
+        raise RunDirError(f"{run.path} has no vocab.json; was the run started?")
+    return Vocabulary.from_json(json.loads(path.read_text()))
+
+
+def _create_run(run: RunDir, config: Config, vocab: Vocabulary) -> None:
     if run.exists():
         raise RunDirError(f"{run.path} already holds a run; pass --resume to continue it "
                           "or choose another --out")
     run.create(exist_ok=True)
+    atomic_write_text(run.path / "vocab.json", json.dumps(vocab.to_json()))
     run.write_config({"config": config.to_dict(), "commit": git_commit(),
                       "machine": describe_machine(),
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return config, None
-
-
-def _write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data))
 
 
 class _Trainer:
@@ -189,7 +192,7 @@ class _Trainer:
             state.epoch_seconds += elapsed
             state.train_seconds += elapsed
             bar.update(length)
-            bar.set_postfix(ppl=f"{math.exp(state.epoch_nll / state.epoch_tokens):.1f}",
+            bar.set_postfix(ppl=f"{perplexity(state.epoch_nll, state.epoch_tokens):.1f}",
                             tok_s=f"{state.epoch_tokens / max(state.epoch_seconds, 1e-9):.0f}",
                             lr=f"{lr:.3g}", refresh=False)
             if self.on_step is not None:
@@ -218,11 +221,9 @@ class _Trainer:
         out = self.model(inputs, self.hidden)
         loss = summed_loss(out.logits, targets)
         nll = float(loss.detach()) * targets.size(1)
-        if not math.isfinite(nll):
-            raise TrainingDiverged(
-                f"loss became {nll} at epoch {self.state.epoch}, step {self.state.step + 1} "
-                f"(lr {lr:.3g}); the last good checkpoint in {self.run.checkpoint_dir} is intact. "
-                "Lower --lr or the clip norm, then resume or restart.")
+        # A loss whose perplexity overflows float64 has diverged as surely as a NaN one.
+        self._check_finite("loss", nll, lr)
+        self._check_finite("perplexity", perplexity(nll, targets.numel()), lr)
         loss = loss + self._activation_penalties(out, length)
         # AWD scales the step with the window length so short windows do not dominate.
         scale = length / config.bptt if config.variable_bptt else 1.0
@@ -230,10 +231,18 @@ class _Trainer:
             group["lr"] = lr * scale
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
+        self._check_finite("gradient norm", float(norm), lr)  # before the step spoils weights
         self.optimizer.step()
         self.hidden = detach_state(out.state)
         return nll
+
+    def _check_finite(self, what: str, value: float, lr: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"{what} became {value} at epoch {self.state.epoch}, step {self.state.step + 1} "
+                f"(lr {lr:.3g}); the last good checkpoint in {self.run.checkpoint_dir} is intact. "
+                "Lower --lr or the clip norm, then resume or restart.")
 
     def _activation_penalties(self, out, length: int):
         """AR and TAR (Merity et al. 2018, eqs. 3-4), scaled like the summed loss per step."""
@@ -250,7 +259,7 @@ class _Trainer:
         valid = self._evaluate(self.corpus.valid, config.valid_batch_size)
         record = {
             "event": "epoch", "epoch": state.epoch, "lr": config.lr_at(state.epoch),
-            "train_ppl": math.exp(state.epoch_nll / state.epoch_tokens),
+            "train_ppl": perplexity(state.epoch_nll, state.epoch_tokens),
             "valid_ppl": valid.perplexity,
             "tokens_per_s": state.epoch_tokens / max(state.epoch_seconds, 1e-9),
             "epoch_seconds": state.epoch_seconds, "train_seconds": state.train_seconds,
@@ -431,10 +440,7 @@ def load_model(run_dir: str | Path, *, weights: str = "best",
     """Rebuild a trained model from its run directory: config + vocabulary + safetensors weights."""
     run = RunDir(run_dir)
     config = Config.from_dict(run.read_config()["config"])
-    vocab_path = run.path / "vocab.json"
-    if not vocab_path.exists():
-        raise RunDirError(f"{run.path} has no vocab.json; was the run started?")
-    vocab = Vocabulary.from_json(json.loads(vocab_path.read_text()))
+    vocab = _read_vocab(run)
     name = weights if run.has_checkpoint(weights) else "last"
     tree = run.load_checkpoint(name)
     model = LanguageModel(len(vocab), config)

@@ -1,0 +1,115 @@
+"""Trainer throughput against a plain PyTorch training loop, side by side in one process.
+
+The candidate is ``rnnreg.train.train`` itself (one epoch on a synthetic 10k-word corpus; the
+tokens/s it logs counts training steps only, evaluation excluded). The baseline is the loop a
+practitioner would write: ``nn.Embedding`` -> ``nn.Dropout`` -> ``nn.LSTM(dropout=p)`` ->
+``nn.Dropout`` -> ``nn.Linear``, the same summed loss, clipping and SGD step. Runs alternate
+(baseline, candidate, baseline, ...) so drifts in machine load hit both; medians are reported.
+
+    python benchmarks/train.py --shapes small,medium --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rnnreg.config import Config
+from rnnreg.presets import preset_config
+from rnnreg.train import train
+
+VOCAB = 10_000
+
+
+def write_corpus(directory: Path, tokens: int, seed: int) -> None:
+    """A synthetic corpus with PTB's vocabulary size: speed depends on sizes, not on words."""
+    generator = torch.Generator().manual_seed(seed)
+    words = [f"w{i}" for i in range(VOCAB - 1)]  # plus <eos>: VOCAB entries
+    for split, count in (("train", tokens), ("valid", 2000), ("test", 2000)):
+        ids = torch.randint(0, VOCAB - 1, (count,), generator=generator).tolist()
+        lines = [" ".join(words[i] for i in ids[start:start + 20])
+                 for start in range(0, count, 20)]
+        # Every word once in train so the vocabulary always has VOCAB entries.
+        if split == "train":
+            lines.append(" ".join(words))
+        (directory / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def baseline_tokens_per_s(config: Config, data: torch.Tensor) -> float:
+    """The hand-written loop: same model sizes, loss, clipping and optimizer step."""
+    torch.manual_seed(config.seed)
+    h, p = config.hidden_size, config.dropout
+    embedding, decoder = nn.Embedding(VOCAB, h), nn.Linear(h, VOCAB)
+    lstm = nn.LSTM(h, h, config.num_layers, dropout=p if config.num_layers > 1 else 0.0)
+    drop = nn.Dropout(p)
+    modules = nn.ModuleList([embedding, lstm, decoder])
+    for w in modules.parameters():
+        nn.init.uniform_(w, -config.init_range, config.init_range)
+    optimizer = torch.optim.SGD(modules.parameters(), lr=config.lr)
+    streams = data[: data.numel() // config.batch_size * config.batch_size]
+    streams = streams.view(config.batch_size, -1).t().contiguous()
+    hidden, tokens, seconds = None, 0, 0.0
+    for i in range(0, streams.size(0) - 1, config.bptt):
+        n = min(config.bptt, streams.size(0) - 1 - i)
+        inputs, targets = streams[i:i + n], streams[i + 1:i + 1 + n]
+        started = time.perf_counter()
+        out, hidden = lstm(drop(embedding(inputs)), hidden)
+        logits = decoder(drop(out))
+        loss = nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1),
+                                           reduction="sum") / config.batch_size
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(modules.parameters(), config.clip_norm)
+        optimizer.step()
+        hidden = tuple(s.detach() for s in hidden)
+        seconds += time.perf_counter() - started
+        tokens += n * config.batch_size
+    return tokens / seconds
+
+
+def trainer_tokens_per_s(config: Config, data_dir: Path, workdir: Path) -> float:
+    out = workdir / f"run-{time.monotonic_ns()}"
+    summary = train(config, out, data_dir=data_dir, progress=False, verbose=False)
+    assert summary["complete"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r["tokens_per_s"] for r in records if r.get("event") == "epoch")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="small,medium", help="presets whose sizes to use")
+    parser.add_argument("--windows", type=int, default=60, help="training windows per timing")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads; "
+          f"{args.windows} windows per timing, {args.repeats} alternating repeats")
+    print("| shape | plain PyTorch tok/s | rnnreg trainer tok/s | ratio |\n|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        config = preset_config(shape).replace(epochs=1, eval_bptt=200, checkpoint_minutes=0)
+        tokens = args.windows * config.bptt * config.batch_size + 1
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = Path(tmp) / "corpus"
+            data_dir.mkdir()
+            write_corpus(data_dir, tokens, seed=0)
+            data = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
+            base, cand = [], []
+            for _ in range(args.repeats):
+                base.append(baseline_tokens_per_s(config, data))
+                cand.append(trainer_tokens_per_s(config, data_dir, Path(tmp)))
+            b, c = statistics.median(base), statistics.median(cand)
+            print(f"| {shape} (B{config.batch_size} T{config.bptt} H{config.hidden_size} "
+                  f"p{config.dropout}) | {b:,.0f} | {c:,.0f} | {c / b:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Tests for the command line, called in-process through ``rnnreg.cli.main``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, write_corpus
+
+import rnnreg.cli as cli
+import rnnreg.train as train_module
+from rnnreg.config import Config
+from rnnreg.data import Corpus, DataError
+from rnnreg.train import train
+
+TRAIN_FLAGS = ("--epochs", "1", "--hidden-size", "8", "--bptt", "5", "--no-progress")
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rnnreg: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, module_corpus) -> tuple[Path, dict]:
+    """``rnnreg train --preset small`` shrunk to one epoch of an 8-unit model."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(["train", "--preset", "small", "--data-dir", str(module_corpus),
+                         "--out", str(out), *TRAIN_FLAGS])
+    assert code == 0, stderr.getvalue()
+    return out, _last_json(stdout.getvalue())
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def test_module_entry_point_prints_help():
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-m", "rnnreg", "--help"], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "evaluate", "score", "generate", "presets", "download"):
+        assert command in result.stdout
+
+
+def test_every_config_field_is_a_train_flag(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(Config):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+
+
+def test_presets_lists_the_paper_numbers(capsys):
+    code, out, _ = _cli(capsys, "presets")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.strip().splitlines()}
+    assert {"small", "medium", "large"} <= set(lines)
+    for name, valid, test in (("small", "120.7", "114.5"), ("medium", "86.2", "82.7"),
+                              ("large", "82.2", "78.4")):
+        assert valid in lines[name] and test in lines[name]
+    assert "2x200" in lines["small"] and "2x650" in lines["medium"]
+    assert "2x1500" in lines["large"]
+
+
+# --------------------------------------------------------------------------- a trained run
+
+
+def test_train_prints_a_json_summary_and_applies_flags_over_the_preset(cli_run):
+    out, summary = cli_run
+    assert summary["event"] == "final" and summary["epochs_completed"] == 1
+    assert summary["complete"] is True and summary["test_ppl"] > 1
+    saved = Config.from_dict(json.loads((out / "config.json").read_text())["config"])
+    assert (saved.hidden_size, saved.bptt, saved.epochs) == (8, 5, 1)
+    # Everything else is the small preset.
+    assert (saved.batch_size, saved.num_layers, saved.strategy, saved.lr_decay,
+            saved.decay_after, saved.init_range) == (20, 2, "none", 0.5, 4, 0.1)
+
+
+def test_evaluate_reproduces_the_final_test_perplexity(cli_run, module_corpus, capsys):
+    out, summary = cli_run
+    code, stdout, _ = _cli(capsys, "evaluate", str(out), "--split", "test",
+                           "--data-dir", str(module_corpus))
+    assert code == 0
+    result = _last_json(stdout)
+    # One epoch: the best weights are the last ones, which the final evaluation used.
+    assert result["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
+    assert result["tokens"] == Corpus.load(module_corpus).test.numel() - 1
+    assert result["split"] == "test"
+
+    code, stdout, _ = _cli(capsys, "evaluate", str(out), "--split", "valid",
+                           "--data-dir", str(module_corpus))
+    assert code == 0
+    assert _last_json(stdout)["perplexity"] == pytest.approx(summary["valid_ppl"], rel=1e-6)
+
+
+def test_evaluate_an_ensemble_of_a_run_with_itself(cli_run, module_corpus, capsys):
+    out, summary = cli_run
+    code, stdout, _ = _cli(capsys, "evaluate", str(out), str(out), "--data-dir",
+                           str(module_corpus))
+    assert code == 0
+    assert _last_json(stdout)["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
+
+
+def test_score_a_file(cli_run, module_corpus, capsys, tmp_path):
+    out, summary = cli_run
+    code, stdout, _ = _cli(capsys, "score", str(out), str(module_corpus / "test.txt"))
+    assert code == 0
+    assert _last_json(stdout)["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
+
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat\na dog ran\n", encoding="utf-8")
+    code, stdout, _ = _cli(capsys, "score", str(out), str(text))
+    assert code == 0
+    result = _last_json(stdout)
+    assert result["tokens"] == 6 + 1 + 3 + 1 - 1  # words and <eos> of each line, less one
+    assert result["perplexity"] > 1
+
+
+def test_generate_continues_the_prompt(cli_run, capsys):
+    out, _ = cli_run
+    args = ("generate", str(out), "--prompt", "the cat", "--words", "5", "--temperature", "0.8")
+    code, stdout, _ = _cli(capsys, *args)
+    assert code == 0
+    text = stdout[:-1]  # print's own newline
+    assert text.startswith("the cat ")
+    rest = text[len("the cat "):]
+    words = rest.split()
+    assert len(words) + rest.count("\n") == 5  # each sampled <eos> is a line break
+    vocab = set(json.loads((out / "vocab.json").read_text()))
+    assert set(words) <= vocab
+    # The same seed samples the same words.
+    assert _cli(capsys, *args)[1] == stdout
+
+
+def test_resume_of_the_finished_run_prints_the_same_summary(cli_run, module_corpus, capsys):
+    out, summary = cli_run
+    code, stdout, _ = _cli(capsys, "train", "--resume", "--out", str(out), "--data-dir",
+                           str(module_corpus), "--no-progress")
+    assert code == 0
+    again = _last_json(stdout)
+    assert again["test_ppl"] == summary["test_ppl"]
+    assert again["epochs_completed"] == 1
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_data_dir_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = _cli(capsys, "train", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                        str(tmp_path / "run"), *TRAIN_FLAGS)
+    _assert_one_line_error(code, err, "nowhere", "does not exist", "download ptb")
+
+
+def test_a_failed_start_does_not_block_the_corrected_retry(tmp_path, module_corpus, capsys):
+    out = tmp_path / "run"
+    code, _, _ = _cli(capsys, "train", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                      str(out), *TRAIN_FLAGS)
+    assert code == 2
+    code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), "--out", str(out),
+                        *TRAIN_FLAGS)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (("--strategy", "bogus"), "strategy"),
+    (("--dropout", "1.5"), "dropout"),
+    (("--cell", "transformer"), "cell"),
+    (("--hidden-size", "0"), "hidden_size"),
+])
+def test_invalid_config_flags_are_one_line_errors(flags, fragment, tmp_path, module_corpus,
+                                                  capsys):
+    code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), "--out",
+                        str(tmp_path / "run"), *TRAIN_FLAGS, *flags)
+    _assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_resume_without_out_is_a_one_line_error(capsys):
+    code, _, err = _cli(capsys, "train", "--resume")
+    _assert_one_line_error(code, err, "--resume needs --out")
+
+
+def test_resume_with_config_flags_is_refused(cli_run, capsys):
+    out, _ = cli_run
+    code, _, err = _cli(capsys, "train", "--resume", "--out", str(out), "--epochs", "3")
+    _assert_one_line_error(code, err, "epochs")
+
+
+def test_scoring_unknown_words_without_unk_is_a_one_line_error(cli_run, tmp_path, capsys):
+    out, _ = cli_run
+    text = tmp_path / "text.txt"
+    text.write_text("the zebra sat on the mat\n", encoding="utf-8")
+    code, _, err = _cli(capsys, "score", str(out), str(text))
+    _assert_one_line_error(code, err, "'zebra'", "<unk>")
+
+
+def test_ensemble_of_runs_with_different_vocabularies_is_refused(cli_run, module_corpus,
+                                                                 tmp_path, capsys):
+    out, _ = cli_run
+    other_data = write_corpus(tmp_path / "other", phrases=("one two three", "four five six"))
+    config = Config(hidden_size=8, batch_size=4, bptt=5, epochs=1, device="cpu",
+                    checkpoint_minutes=0.0)
+    train(config, tmp_path / "other-run", data_dir=other_data, progress=False, verbose=False)
+    code, _, err = _cli(capsys, "evaluate", str(out), str(tmp_path / "other-run"),
+                        "--data-dir", str(module_corpus))
+    _assert_one_line_error(code, err, "different vocabulary")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("generate", "RUN", "--words", "0"), "--words"),
+    (("generate", "RUN", "--temperature", "0"), "--temperature"),
+    (("evaluate", "RUN", "--mc-samples", "-1"), "--mc-samples"),
+])
+def test_invalid_sampling_arguments_are_one_line_errors(args, fragment, cli_run, capsys):
+    out, _ = cli_run
+    args = tuple(str(out) if a == "RUN" else a for a in args)
+    code, _, err = _cli(capsys, *args)
+    _assert_one_line_error(code, err, fragment)
+
+
+def test_evaluate_of_a_directory_that_is_no_run_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = _cli(capsys, "evaluate", str(tmp_path))
+    _assert_one_line_error(code, err, "config.json")
+
+
+def test_diverged_training_is_a_one_line_error(tmp_path, module_corpus, capsys, monkeypatch):
+    original = train_module.summed_loss
+    monkeypatch.setattr(train_module, "summed_loss",
+                        lambda logits, targets: original(logits, targets) * float("nan"))
+    code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), "--out",
+                        str(tmp_path / "run"), *TRAIN_FLAGS)
+    _assert_one_line_error(code, err, "Lower --lr")
+
+
+# --------------------------------------------------------------------------- download
+
+
+def test_download_ptb_calls_the_downloader(tmp_path, capsys, monkeypatch):
+    calls: list[Path] = []
+
+    def fake_download(directory):
+        calls.append(Path(directory))
+        return Path(directory)
+
+    monkeypatch.setattr(cli, "download_ptb", fake_download)
+    code, out, _ = _cli(capsys, "download", "ptb", "--data-dir", str(tmp_path / "ptb"))
+    assert code == 0
+    assert calls == [tmp_path / "ptb"]
+    assert str(tmp_path / "ptb") in out
+
+    monkeypatch.setenv("RNNREG_DATA", str(tmp_path / "from-env"))
+    code, _, _ = _cli(capsys, "download", "ptb")
+    assert code == 0 and calls[-1] == tmp_path / "from-env"
+
+
+def test_download_failure_is_a_one_line_error(capsys, monkeypatch, tmp_path):
+    def failing_download(directory):
+        raise DataError("could not download ptb.train.txt (offline): check the network")
+
+    monkeypatch.setattr(cli, "download_ptb", failing_download)
+    code, _, err = _cli(capsys, "download", "ptb", "--data-dir", str(tmp_path))
+    _assert_one_line_error(code, err, "could not download")
+
+
+def test_unknown_corpus_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["download", "wikitext"])
+    assert exited.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""Tests for the presets: every one builds, and the paper's recipes and numbers are right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnreg.config import Config
+from rnnreg.model import LanguageModel, count_parameters
+from rnnreg.presets import PRESETS, preset_config
+from rnnreg.strategies import STRATEGIES
+
+TINY_VOCAB = 50
+
+
+def _lstm_parameters(vocab: int, hidden: int, layers: int) -> int:
+    per_layer = 4 * hidden * (hidden + hidden) + 8 * hidden
+    return vocab * hidden + layers * per_layer + vocab * hidden + vocab
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_a_config_and_a_model(name):
+    config = PRESETS[name].config()
+    assert isinstance(config, Config)
+    assert config == preset_config(name)
+    assert config.strategy in STRATEGIES
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = LanguageModel(TINY_VOCAB, config)
+        assert count_parameters(model) == _lstm_parameters(TINY_VOCAB, config.hidden_size,
+                                                           config.num_layers)
+        for parameter in model.parameters():
+            assert parameter.abs().max() <= config.init_range
+        out = model.eval()(torch.zeros(3, 2, dtype=torch.long))
+    assert out.logits.shape == (3, 2, TINY_VOCAB)
+
+
+def test_the_paper_presets_are_present():
+    assert {"small", "medium", "large"} <= set(PRESETS)
+    for name, preset in PRESETS.items():
+        assert preset.name == name
+        assert preset.source
+
+
+@pytest.mark.parametrize("name,valid,test", [
+    ("small", 120.7, 114.5), ("medium", 86.2, 82.7), ("large", 82.2, 78.4)])
+def test_published_perplexities(name, valid, test):
+    assert PRESETS[name].paper == {"valid": valid, "test": test}
+
+
+# Zaremba et al. 2014, section 4.1, one row per model size.
+PAPER_RECIPES = {
+    "small": dict(hidden_size=200, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
+                  strategy="none", dropout=0.0, clip_norm=5.0, epochs=13, lr=1.0),
+    "medium": dict(hidden_size=650, num_layers=2, bptt=35, batch_size=20, init_range=0.05,
+                   strategy="zaremba", dropout=0.5, clip_norm=5.0, epochs=39, lr=1.0),
+    "large": dict(hidden_size=1500, num_layers=2, bptt=35, batch_size=20, init_range=0.04,
+                  strategy="zaremba", dropout=0.65, clip_norm=10.0, epochs=55, lr=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
+def test_paper_recipes(name):
+    config = preset_config(name)
+    for field, value in PAPER_RECIPES[name].items():
+        assert getattr(config, field) == value, field
+    assert config.cell == "lstm" and not config.tie_weights
+    assert config.optimizer == "sgd" and config.weight_decay == 0
+
+
+@pytest.mark.parametrize("name,full_epochs,factor", [
+    ("small", 4, 2.0), ("medium", 6, 1.2), ("large", 14, 1.15)])
+def test_learning_rate_schedules(name, full_epochs, factor):
+    config = preset_config(name)
+    schedule = [config.lr_at(epoch) for epoch in range(1, config.epochs + 1)]
+    assert schedule[:full_epochs] == [1.0] * full_epochs
+    for epoch in range(full_epochs + 1, config.epochs + 1):
+        expected = factor ** -(epoch - full_epochs)
+        assert schedule[epoch - 1] == pytest.approx(expected, rel=1e-12), epoch
+
+
+def test_small_lr_halves_after_epoch_four():
+    assert [preset_config("small").lr_at(e) for e in range(1, 8)] == [
+        1.0, 1.0, 1.0, 1.0, 0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("name", ["medium", "large"])
+def test_regularized_presets_drop_the_non_recurrent_connections(name):
+    config = preset_config(name)
+    model = LanguageModel(TINY_VOCAB, config.replace(hidden_size=8))
+    assert model.output_dropout == config.dropout
+    assert model.rnn.input_dropout == config.dropout
+    assert model.rnn.dropout == config.dropout
+    assert model.rnn.recurrent_dropout == 0 and model.rnn.weight_dropout == 0
+    assert not model.variational
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="small"):
+        preset_config("huge")
+
+
+def test_presets_are_read_only():
+    with pytest.raises(TypeError):
+        PRESETS["tiny"] = PRESETS["small"]  # type: ignore[index]
