@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rnnreg.config import Config
+from rnnreg.config import CELLS, Config
 from rnnreg.data import (
     DataError,
     default_data_dir,
@@ -27,6 +27,8 @@ from rnnreg.data import (
 )
 from rnnreg.presets import PRESETS, preset_config
 from rnnreg.rundir import RunDirError
+from rnnreg.strategies import STRATEGIES
+from rnnreg.train import TrainingDiverged
 
 __all__ = ["main"]
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, DataError, RunDirError, OSError) as error:
+    except (ValueError, DataError, RunDirError, TrainingDiverged, OSError) as error:
         print(f"rnnreg: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_score(commands)
     _add_generate(commands)
+    _add_compare(commands)
+    _add_plot(commands)
     presets = commands.add_parser("presets", help="list the presets and their published numbers")
     presets.set_defaults(handler=_presets)
     download = commands.add_parser("download", help="download a corpus and verify its MD5 sums")
@@ -80,8 +84,16 @@ def _add_train(commands) -> None:
                        help="continue the run in --out exactly where it stopped")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_dir(train)
-    fields = train.add_argument_group("configuration (defaults come from the preset)")
+    _add_config_flags(train)
+    train.set_defaults(handler=_train)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()):
+    """One flag per Config field (``hidden_size`` -> ``--hidden-size``), none by default."""
+    fields = parser.add_argument_group("configuration (defaults come from the preset)")
     for field in dataclasses.fields(Config):
+        if field.name in exclude:
+            continue
         flag = "--" + field.name.replace("_", "-")
         if field.name in _BOOL_FIELDS:
             fields.add_argument(flag, action=argparse.BooleanOptionalAction,
@@ -89,7 +101,6 @@ def _add_train(commands) -> None:
         else:
             fields.add_argument(flag, type=_TYPES[field.type], default=argparse.SUPPRESS,
                                 metavar=field.name.upper())
-    train.set_defaults(handler=_train)
 
 
 def _config_overrides(args: argparse.Namespace) -> dict:
@@ -221,4 +232,85 @@ def _presets(_: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     target = download_ptb(resolve_data_dir(args.data_dir))
     print(f"Penn Treebank ready in {Path(target)}")
+    return 0
+
+
+# The axes of a study: given as lists by compare's own flags, so the single-run flags for the
+# same fields would be ambiguous there.
+_GRID_FIELDS = frozenset({"strategy", "dropout", "cell", "seed"})
+_DEFAULT_STRATEGIES = ("none", "zaremba", "variational")
+
+
+def _comma_list(convert, kind: str):
+    """An argparse type for ``a,b,c`` lists whose items are ``convert``-ed."""
+    def parse(text: str) -> tuple:
+        items = [item.strip() for item in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"empty item in the list {text!r}")
+        try:
+            return tuple(convert(item) for item in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind}, got {text!r}") from None
+    return parse
+
+
+def _add_compare(commands) -> None:
+    compare = commands.add_parser(
+        "compare", help="train a grid of dropout strategies x rates x cells x seeds and report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Each grid cell is an ordinary run in OUT/runs; rerunning the same command "
+                    "resumes an interrupted study. Writes OUT/report.md and OUT/report.html "
+                    "and prints the report's path.")
+    compare.add_argument("--out", required=True, help="study directory")
+    compare.add_argument("--strategies", type=_comma_list(str, "strategy names"),
+                         default=_DEFAULT_STRATEGIES, metavar="NAME,...",
+                         help=f"strategies to compare, of: {', '.join(STRATEGIES)}")
+    compare.add_argument("--rates", type=_comma_list(float, "numbers in [0, 1]"),
+                         metavar="P,...", help="dropout rates (default: the preset's dropout)")
+    compare.add_argument("--cells", type=_comma_list(str, "cell names"), metavar="CELL,...",
+                         help=f"recurrent cells, of: {', '.join(CELLS)} (default: the preset's)")
+    compare.add_argument("--seeds", type=_comma_list(int, "integers"), metavar="SEED,...",
+                         help="seeds (default: the preset's)")
+    compare.add_argument("--jobs", type=int, default=1, help="runs trained in parallel")
+    compare.add_argument("--preset", choices=sorted(PRESETS), default="study-small",
+                         help="base configuration; every configuration flag overrides it")
+    compare.add_argument("--report-only", action="store_true",
+                         help="only regenerate the report from the runs already in --out")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_dir(compare)
+    _add_config_flags(compare, exclude=_GRID_FIELDS)
+    compare.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rnnreg.study import StudyGrid, run_study, write_report
+
+    if args.report_only:
+        given = sorted(set(_config_overrides(args)) | {
+            name for name in ("rates", "cells", "seeds") if getattr(args, name) is not None})
+        if given:
+            raise ValueError(f"--report-only reads the runs as they are; drop {given}")
+        print(write_report(args.out, data_dir=args.data_dir))
+        return 0
+    base = preset_config(args.preset).replace(**_config_overrides(args))
+    grid = StudyGrid(strategies=args.strategies, rates=args.rates or (base.dropout,),
+                     cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
+    out = run_study(base, grid, args.out, data_dir=args.data_dir, jobs=args.jobs,
+                    progress=not args.no_progress)
+    print(write_report(out))
+    return 0
+
+
+def _add_plot(commands) -> None:
+    plot = commands.add_parser("plot", help="learning curves of runs side by side")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    plot.add_argument("--out", required=True, metavar="FILE.png", help="figure to write")
+    plot.set_defaults(handler=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from rnnreg.plots import plot_runs
+
+    print(plot_runs(args.runs, args.out))
     return 0

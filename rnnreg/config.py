@@ -48,6 +48,7 @@ class Config:
     weight_decay: float = 0.0       # L2 through the optimizer (Gal uses it; Zaremba does not)
 
     # --- training -----------------------------------------------------------------------
+    train_tokens: int = 0           # train on the first N tokens only (0 = all): budget studies
     batch_size: int = 20            # parallel streams (paper: 20)
     bptt: int = 20                  # unrolled steps (paper: 20 small, 35 medium and large)
     variable_bptt: bool = False     # AWD: window length drawn around bptt each step
@@ -87,7 +88,8 @@ class Config:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lr_decay", "weight_decay", "activation_reg", "temporal_activation_reg",
-                     "checkpoint_minutes", "max_train_minutes", "decay_after", "checkpoint_steps"):
+                     "checkpoint_minutes", "max_train_minutes", "decay_after", "checkpoint_steps",
+                     "train_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):

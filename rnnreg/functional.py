@@ -10,6 +10,7 @@ Axis convention: time-major ``(T, B, F)`` unless ``batch_first=True``, as in ``t
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ def check_probability(name: str, p: float) -> float:
 
     Rates are never clamped: a silent 1.2 -> 1.0 hides a bug in the caller's config.
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     if math.isnan(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p}")

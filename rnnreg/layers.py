@@ -136,6 +136,8 @@ class _RegularizedRecurrence:
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
+        if self.proj_size:
+            raise ValueError("explicit masks need rnnreg's per-layer path, which has no proj_size")
         self._check_input(input, hx)
         x, lengths, layout = self._to_time_major(input)
         states = self._initial_states(hx, x, layout.unbatched)
@@ -181,8 +183,9 @@ class _RegularizedRecurrence:
         if self.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
             raise ValueError("hx for an LSTM must be a tuple (h_0, c_0)")
         lead = self.num_layers * self.num_directions
-        expected = (lead, self.hidden_size) if unbatched else (lead, batch, self.hidden_size)
-        for name, tensor in zip(("h_0", "c_0"), tensors):
+        sizes = (self.proj_size or self.hidden_size, self.hidden_size)  # h is projected, c not
+        for name, tensor, size in zip(("h_0", "c_0"), tensors, sizes):
+            expected = (lead, size) if unbatched else (lead, batch, size)
             if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
                 got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
                 raise ValueError(f"{name} must have shape {expected} "
@@ -319,14 +322,18 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
                  variational: bool = False, device=None, dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
+        if proj_size and (recurrent_dropout or weight_dropout or variational):
+            raise ValueError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
+                             "combined with recurrent_dropout, weight_dropout or variational")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device=device, dtype=dtype)
+                         bidirectional, proj_size, device=device, dtype=dtype)
         self._init_regularization(input_dropout=input_dropout, output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
                                   weight_dropout=weight_dropout, variational=variational)

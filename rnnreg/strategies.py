@@ -68,5 +68,7 @@ def strategy(name: str, p: float, **overrides: float | bool) -> dict[str, float 
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(settings)}")
     for keyword, value in overrides.items():
+        if keyword == "variational" and not isinstance(value, bool):
+            raise ValueError(f"variational must be True or False, got {value!r}")
         settings[keyword] = value if keyword == "variational" else check_probability(keyword, value)
     return settings

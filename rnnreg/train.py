@@ -123,7 +123,8 @@ class _Trainer:
         _seed_everything(config.seed)
         self.model = LanguageModel(len(corpus.vocab), config).to(self.device)
         self.optimizer = _make_optimizer(self.model, config, averaging=False)
-        self.streams = batchify(corpus.train, config.batch_size).to(self.device)
+        train_ids = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
+        self.streams = batchify(train_ids, config.batch_size).to(self.device)
         self.state = Progress()
         self.hidden = None
         self.writer = _tensorboard(run)

@@ -1,0 +1,199 @@
+"""Forward+backward throughput of rnnreg.LSTM per dropout strategy against plain PyTorch.
+
+For every strategy in ``rnnreg.STRATEGIES`` (rate p, via ``rnnreg.strategy``) an ``rnnreg.LSTM``
+is timed side by side with two plain-PyTorch baselines in the same process, interleaved
+(baseline, baseline, candidate, baseline, baseline, candidate, ...) after a warm-up, so that
+drifts in machine load hit all three alike:
+
+1. ``torch.nn.LSTM(dropout=p)`` alone: the same between-layer dropout;
+2. the hand-rolled Zaremba et al. (2014) network: ``nn.Dropout`` on the input,
+   ``nn.LSTM(dropout=p)``, ``nn.Dropout`` on the output.
+
+One iteration is a forward and a backward pass over a ``(steps, batch, hidden)`` input (the
+input size equals the hidden size, as for a language model whose embedding matches the LSTM);
+tokens = steps * batch. Reported throughput uses the median per-iteration time, and a ratio
+above 1 means rnnreg is faster than that baseline.
+
+    python benchmarks/layers.py                        # both paper shapes, CPU
+    python benchmarks/layers.py --shapes small --repeats 5 --threads 2 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import rnnreg
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    steps: int
+    hidden: int
+    layers: int
+
+
+# Zaremba et al. (2014), section 4.1: medium and small Penn Treebank models.
+SHAPES = {
+    "medium": Shape(batch=20, steps=35, hidden=650, layers=2),
+    "small": Shape(batch=20, steps=20, hidden=200, layers=2),
+}
+
+
+class HandRolledZaremba(nn.Module):
+    """Zaremba's placements written with plain torch.nn: dropout on input, between, output."""
+
+    def __init__(self, size: int, hidden: int, layers: int, p: float) -> None:
+        super().__init__()
+        self.drop_in = nn.Dropout(p)
+        self.lstm = nn.LSTM(size, hidden, layers, dropout=p)
+        self.drop_out = nn.Dropout(p)
+
+    def forward(self, x):
+        out, state = self.lstm(self.drop_in(x))
+        return self.drop_out(out), state
+
+
+def make_step(model: nn.Module, shape: Shape, device: torch.device) -> Callable[[], float]:
+    """A closure running one forward+backward iteration and returning its wall time."""
+    x = torch.randn(shape.steps, shape.batch, shape.hidden, device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model.train()
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        sync()
+        start = time.perf_counter()
+        out, _ = model(x)
+        out.sum().backward()
+        sync()
+        return time.perf_counter() - start
+
+    return step
+
+
+def measure(steps: dict[str, Callable[[], float]], warmup: int,
+            repeats: int) -> dict[str, float]:
+    """Interleave the closures round-robin; return each one's median iteration time."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(step())
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: int,
+              repeats: int) -> list[dict[str, object]]:
+    tokens = shape.steps * shape.batch
+    rows = []
+    for strategy in rnnreg.STRATEGIES:
+        torch.manual_seed(0)
+        candidate = rnnreg.LSTM(shape.hidden, shape.hidden, shape.layers,
+                                **rnnreg.strategy(strategy, p)).to(device)
+        same_between = nn.LSTM(shape.hidden, shape.hidden, shape.layers, dropout=p).to(device)
+        zaremba = HandRolledZaremba(shape.hidden, shape.hidden, shape.layers, p).to(device)
+        medians = measure({
+            "same_between": make_step(same_between, shape, device),
+            "zaremba": make_step(zaremba, shape, device),
+            "candidate": make_step(candidate, shape, device),
+        }, warmup, repeats)
+        rows.append({
+            "shape": name,
+            "strategy": strategy,
+            "tokens_per_s": tokens / medians["candidate"],
+            "ms": 1e3 * medians["candidate"],
+            "vs_same_between": medians["same_between"] / medians["candidate"],
+            "vs_zaremba": medians["zaremba"] / medians["candidate"],
+        })
+        print(f"  {name:<7} {strategy:<15} done", file=sys.stderr, flush=True)
+    return rows
+
+
+HEADERS = ("shape", "strategy", "tokens/s", "ms/iter", "vs nn.LSTM(dropout)",
+           "vs hand-rolled Zaremba")
+
+
+def format_row(row: dict[str, object]) -> tuple[str, ...]:
+    return (str(row["shape"]), str(row["strategy"]), f"{row['tokens_per_s']:,.0f}",
+            f"{row['ms']:.1f}", f"{row['vs_same_between']:.2f}x", f"{row['vs_zaremba']:.2f}x")
+
+
+def print_table(rows: list[dict[str, object]], markdown: bool) -> None:
+    cells = [format_row(row) for row in rows]
+    if markdown:
+        print("| " + " | ".join(HEADERS) + " |")
+        print("|" + "|".join(["---", "---", "---:", "---:", "---:", "---:"]) + "|")
+        for line in cells:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADERS)]
+    print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths)))
+    print("  ".join("-" * w for w in widths))
+    for line in cells:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(line, widths))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="medium,small",
+                        help=f"comma-separated, from {', '.join(SHAPES)} (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed iterations per model (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed iterations per model first (default: %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--p", type=float, default=0.5, help="dropout rate (default: 0.5)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print a Markdown table for the README")
+    args = parser.parse_args(argv)
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown or not args.shapes:
+        parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    header = (f"rnnreg {rnnreg.__version__}, torch {torch.__version__}, device {name}, "
+              f"threads {torch.get_num_threads()}, p={args.p}, "
+              f"median of {args.repeats} (warm-up {args.warmup}), forward+backward; "
+              "ratios are baseline time / rnnreg time (above 1: rnnreg is faster)")
+    print(f"*{header}*\n" if args.markdown else header)
+    rows = []
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        if not args.markdown:
+            print(f"# {shape_name}: batch {shape.batch}, {shape.steps} steps, "
+                  f"{shape.hidden} units, {shape.layers} layers", file=sys.stderr)
+        rows += run_shape(shape_name, shape, args.p, device, args.warmup, args.repeats)
+    print_table(rows, args.markdown)
+
+
+if __name__ == "__main__":
+    main()

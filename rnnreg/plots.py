@@ -1,0 +1,329 @@
+"""Figures of the dropout study: learning curves, rate curves, hidden states, dropout placements.
+
+The tutorial this project started from draws two pictures to argue Zaremba et al. (2014,
+section 3; Figure 2): hidden-state heatmaps under per-step and per-sequence masks, and
+"wrong vs right" diagrams of where dropout acts. Here both are drawn from a real model: the
+heatmaps from a trained network on real text, the diagrams from the dropout settings the layers
+actually hold (:func:`placements_of`), so a figure cannot disagree with the code it describes.
+
+Every figure is a ``matplotlib.figure.Figure`` on an Agg canvas, never pyplot: drawing in a
+worker process or a test leaves no global figure state behind. Colours are the Okabe & Ito
+palette (safe for the common colour-vision deficiencies), and whatever colour distinguishes is
+also told by line style, marker or label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch
+
+from rnnreg.model import LanguageModel
+from rnnreg.rundir import RunDir
+
+__all__ = [
+    "PALETTE",
+    "Placements",
+    "hidden_heatmaps",
+    "learning_curves",
+    "placement_diagram",
+    "placements_of",
+    "plot_runs",
+    "rate_curve",
+]
+
+# Okabe & Ito (2008), "Color Universal Design": distinguishable under protanopia,
+# deuteranopia and tritanopia. Black is left out of the cycle; it draws structure.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442")
+_TRAIN, _VALID = "#E69F00", "#0072B2"
+_DROPPED, _WEIGHT, _PLAIN = "#D55E00", "#0072B2", "#777777"
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_HEATMAP = "PuOr"  # diverging, colour-blind safe: hidden units are signed
+
+
+# --------------------------------------------------------------------------- canvas
+
+
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg without matplotlib.use(): the global backend stays untouched
+    return figure
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _grid(figure: Figure, panels: int, *, sharey: bool = True):
+    """Axes for ``panels`` small multiples, at most four a row; spare axes are hidden."""
+    columns = min(panels, 4)
+    rows = math.ceil(panels / columns)
+    axes = figure.subplots(rows, columns, sharey=sharey, squeeze=False).ravel()
+    for spare in axes[panels:]:
+        spare.set_visible(False)
+    return axes[:panels]
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def learning_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, *,
+                    title: str | None = None) -> Path:
+    """Train and valid perplexity per epoch, one panel per run, side by side on a shared axis.
+
+    Overfitting is the valid curve turning up while the train curve keeps falling, which is what
+    dropout is meant to stop (Zaremba et al. 2014, section 4.1). ``runs`` maps a label to its
+    epoch records (``epoch``, ``train_ppl``, ``valid_ppl``, as in metrics.jsonl). The train
+    perplexity is the trainer's running average over the epoch with dropout active.
+    """
+    if not runs:
+        raise ValueError("learning_curves needs at least one run")
+    figure = _figure(3.2 * min(len(runs), 4), 2.8 * math.ceil(len(runs) / 4) + 0.4)
+    # Shared y: the gap between panels is part of the comparison.
+    for ax, (label, records) in zip(_grid(figure, len(runs)), runs.items()):
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
+        if not records:
+            ax.text(0.5, 0.5, "no finished epoch", ha="center", va="center",
+                    transform=ax.transAxes, color=_PLAIN)
+            continue
+        epochs = [r["epoch"] for r in records]
+        ax.plot(epochs, [r["train_ppl"] for r in records], color=_TRAIN, linestyle="--",
+                marker="o", markersize=3, label="train (dropout on)")
+        ax.plot(epochs, [r["valid_ppl"] for r in records], color=_VALID, linestyle="-",
+                marker="s", markersize=3, label="valid")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, which="both", alpha=0.3)
+    first = figure.axes[0]
+    first.set_ylabel("perplexity")
+    first.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def rate_curve(series: Mapping[str, Sequence[Mapping]], path: str | Path, *,
+               title: str | None = None) -> Path:
+    """Valid and test perplexity against the dropout rate, one line per strategy.
+
+    ``series[strategy]`` lists points ``{"rate", "valid", "test"}`` with optional
+    ``"valid_std"``/``"test_std"`` (drawn as error bars). A strategy measured at one rate only,
+    such as ``none`` (which has no rate), is drawn as a horizontal reference line so every
+    other strategy can be compared with it at every rate.
+    """
+    if not series:
+        raise ValueError("rate_curve needs at least one strategy")
+    figure = _figure(9.0, 3.6)
+    axes = figure.subplots(1, 2)  # own y scales: test and valid perplexities differ in level
+    for ax, split in zip(axes, ("valid", "test")):
+        for i, (name, points) in enumerate(series.items()):
+            points = sorted(points, key=lambda point: point["rate"])
+            colour, marker = PALETTE[i % len(PALETTE)], _MARKERS[i % len(_MARKERS)]
+            if len(points) == 1:
+                ax.axhline(points[0][split], color=colour, linestyle=":", label=name)
+                continue
+            ax.errorbar([p["rate"] for p in points], [p[split] for p in points],
+                        yerr=_error_bars(points, split), color=colour, marker=marker,
+                        capsize=3, label=name)
+        ax.set_title(f"{split} perplexity")
+        ax.set_xlabel("dropout rate p")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("perplexity")
+    axes[1].legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _error_bars(points: Sequence[Mapping], split: str) -> list[float] | None:
+    stds = [p.get(f"{split}_std") for p in points]
+    if all(s is None for s in stds):
+        return None
+    return [0.0 if s is None else s for s in stds]
+
+
+def plot_runs(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
+    """Learning curves of any run directories side by side, each panel named by its directory."""
+    runs = {}
+    for run_dir in run_dirs:
+        run = RunDir(run_dir)
+        run.read_config()  # fails with a clear message when this is not a run directory
+        label = run.path.resolve().name
+        runs[label] = [r for r in run.read_metrics() if r.get("event") == "epoch"]
+    return learning_curves(runs, path)
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def hidden_heatmaps(panels: Mapping[str, np.ndarray], path: str | Path, *,
+                    tokens: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Heatmaps of hidden states, time down and units across, one panel per masking scheme.
+
+    The tutorial's comparison: a fresh mask at every step speckles the units at random, while
+    one mask per sequence (Gal & Ghahramani 2016, section 4) silences the same units at every
+    step, which shows as whole blank columns. All panels share one symmetric colour scale, so
+    the 1/(1-p) scaling of kept units is visible as it is, not normalised away.
+    """
+    if not panels:
+        raise ValueError("hidden_heatmaps needs at least one panel")
+    arrays = {name: np.asarray(values, dtype=float) for name, values in panels.items()}
+    for name, values in arrays.items():
+        if values.ndim != 2:
+            raise ValueError(f"panel {name!r} must be 2-D (time, units), got {values.shape}")
+    limit = max(float(np.abs(values).max()) for values in arrays.values()) or 1.0
+    steps = next(iter(arrays.values())).shape[0]
+    figure = _figure(4.2 * len(arrays) + 0.8, max(3.5, 0.16 * steps + 1.4))
+    axes = figure.subplots(1, len(arrays), sharey=True, squeeze=False)[0]
+    for ax, (name, values) in zip(axes, arrays.items()):
+        image = ax.imshow(values, cmap=_HEATMAP, vmin=-limit, vmax=limit, aspect="auto",
+                          interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("hidden unit")
+    axes[0].set_ylabel("time step (token)")
+    if tokens is not None:
+        axes[0].set_yticks(range(len(tokens)), labels=list(tokens), fontsize=6)
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label="activation")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- placements
+
+# Placement name -> how often its mask is redrawn when it is not a per-step placement.
+_PER_CALL = {"weight": "one mask per window (DropConnect on W_hh)",
+             "embedding": "whole words, one mask per window"}
+
+
+@dataclass(frozen=True)
+class Placements:
+    """Where a model drops, at what rate, and whether per-step masks are held per sequence.
+
+    ``rates`` has the keys embedding, input, between, recurrent, weight, output; a rate of 0
+    means no dropout there. ``variational`` applies to input, between, recurrent and output:
+    embedding and weight masks are drawn once per forward call whatever it says.
+    """
+
+    rates: Mapping[str, float]
+    variational: bool
+    layers: int
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        return tuple(name for name, rate in self.rates.items() if rate > 0)
+
+    def schedule(self, name: str) -> str:
+        """How often the mask of placement ``name`` changes, in words."""
+        if name in _PER_CALL:
+            return _PER_CALL[name]
+        return "same mask every step" if self.variational else "fresh mask each step"
+
+
+def placements_of(model: LanguageModel) -> Placements:
+    """Read the dropout settings a LanguageModel actually holds (not what a table says)."""
+    rnn = model.rnn
+    return Placements(
+        rates={
+            "embedding": float(model.embedding_dropout),
+            "input": float(rnn.input_dropout),
+            # One layer has no boundary to drop at (torch ignores ``dropout`` there too).
+            "between": float(rnn.dropout) if rnn.num_layers > 1 else 0.0,
+            "recurrent": float(rnn.recurrent_dropout),
+            "weight": float(rnn.weight_dropout),
+            "output": float(model.output_dropout),  # applied by the model, after the stack
+        },
+        variational=bool(rnn.variational),
+        layers=int(rnn.num_layers),
+    )
+
+
+def placement_diagram(model: LanguageModel, path: str | Path, *,
+                      title: str | None = None) -> Path:
+    """Draw where ``model`` applies dropout: the paper's Figure 2, for this model's settings.
+
+    Boxes for x_t, the stacked layers h_t, h_{t-1} and y_t; arrows for the input, between the
+    layers, the recurrence and the output. An arrow where dropout acts is thick, vermillion and
+    labelled with its rate and how often its mask changes (dashed: fresh mask each step, solid:
+    same mask every step); DropConnect on W_hh (dotted) and whole-word embedding dropout are
+    labelled where they act.
+    """
+    placements = placements_of(model)
+    layers = placements.layers
+    top = 2.0 + 1.6 * layers
+    figure = _figure(7.5, 1.1 * top / 2 + 1.6)
+    ax = figure.add_subplot()
+    ax.set_xlim(0, 12)
+    ax.set_ylim(-0.4, top + 1.2)
+    ax.axis("off")
+    rates = placements.rates
+    _box(ax, 6, 0.5, r"$x_t = E[w_t]$", "#DDEEFF",
+         _label(placements, "embedding") if rates["embedding"] else None)
+    for layer in range(1, layers + 1):
+        y = 0.5 + 1.6 * layer
+        _box(ax, 6, y, f"$h_t$  (layer {layer})", "#DDF2E8")
+        _box(ax, 1.6, y, f"$h_{{t-1}}$  (layer {layer})", "#FFF6D5")
+        _arrow(ax, (2.9, y), (4.7, y), placements, "recurrent", label_at=(3.8, y + 0.32))
+        if rates["weight"]:  # DropConnect acts on W_hh itself: dotted over the same arrow
+            ax.annotate("", xy=(4.7, y - 0.12), xytext=(2.9, y - 0.12), arrowprops=dict(
+                arrowstyle="-|>", color=_WEIGHT, linewidth=2.5, linestyle=":",
+                shrinkA=0, shrinkB=0))
+            ax.text(3.8, y - 0.42, _label(placements, "weight"), color=_WEIGHT, ha="center",
+                    va="top", fontsize=7)
+        below = 0.5 + 1.6 * (layer - 1)
+        _arrow(ax, (6, below + 0.3), (6, y - 0.3), placements,
+               "input" if layer == 1 else "between", label_at=(6.2, (below + y) / 2))
+    _box(ax, 6, top + 0.1, r"$y_t$", "#FBE3E8")
+    last = 0.5 + 1.6 * layers
+    _arrow(ax, (6, last + 0.3), (6, top - 0.2), placements, "output",
+           label_at=(6.2, (last + top) / 2))
+    ax.text(0.0, -0.3, _summary(placements), fontsize=8, va="bottom")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def _box(ax, x: float, y: float, text: str, colour: str, note: str | None = None) -> None:
+    edge = _DROPPED if note else "black"
+    ax.add_patch(FancyBboxPatch((x - 1.3, y - 0.3), 2.6, 0.6, boxstyle="round,pad=0.02",
+                                facecolor=colour, edgecolor=edge, linewidth=2 if note else 1))
+    ax.text(x, y, text, ha="center", va="center", fontsize=9)
+    if note:
+        ax.text(x + 1.45, y, note, color=_DROPPED, ha="left", va="center", fontsize=7)
+
+
+def _arrow(ax, start, end, placements: Placements, name: str, *, label_at) -> None:
+    rate = placements.rates[name]
+    dropped = rate > 0
+    # Dashed where the mask changes every step, solid where one mask holds for the sequence,
+    # so the schedule reads without colour or text too.
+    style = "--" if dropped and not placements.variational else "-"
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(
+        arrowstyle="-|>", color=_DROPPED if dropped else _PLAIN, linewidth=3 if dropped else 1,
+        linestyle=style, shrinkA=0, shrinkB=0))
+    if dropped:
+        ha = "center" if start[1] == end[1] else "left"
+        ax.text(*label_at, _label(placements, name), color=_DROPPED, ha=ha, va="bottom",
+                fontsize=7)
+
+
+def _label(placements: Placements, name: str) -> str:
+    return f"{name} dropout p={placements.rates[name]:g}\n{placements.schedule(name)}"
+
+
+def _summary(placements: Placements) -> str:
+    dropped = placements.dropped
+    if not dropped:
+        return "no dropout anywhere"
+    per_step = [name for name in dropped if name not in _PER_CALL]
+    schedule = (f"; {placements.schedule('input')} ({', '.join(per_step)})" if per_step else "")
+    return f"dropout on: {', '.join(dropped)}{schedule}"

@@ -1,0 +1,221 @@
+"""The dropout-strategy study: the grid, resuming, parallel runs, the report and `compare`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnreg import cli, study
+from rnnreg.config import Config
+from rnnreg.model import LanguageModel
+from rnnreg.rundir import RunDir, RunDirError
+from rnnreg.study import StudyGrid, grid_runs, run_study, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# Tiny and fast, but every flag goes through the CLI the way a user would pass it.
+TINY_FLAGS = ["--epochs", "1", "--hidden-size", "8", "--bptt", "5", "--batch-size", "4",
+              "--eval-bptt", "50", "--valid-batch-size", "1", "--checkpoint-minutes", "0",
+              "--device", "cpu", "--no-progress"]
+RUNS = ("lstm-none-p0-s1", "lstm-none-p0-s2", "lstm-variational-p0.5-s1",
+        "lstm-variational-p0.5-s2")
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, module_corpus) -> Path:
+    """One real study, trained once per module: none and variational at p=0.5, two seeds."""
+    out = tmp_path_factory.mktemp("study") / "study"
+    code = cli.main(["compare", "--strategies", "none,variational", "--rates", "0.5",
+                     "--cells", "lstm", "--seeds", "1,2", "--data-dir", str(module_corpus),
+                     "--out", str(out), *TINY_FLAGS])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def study_copy(finished_study, tmp_path) -> Path:
+    """A private copy of the finished study, for tests that damage or extend it."""
+    return Path(shutil.copytree(finished_study, tmp_path / "study"))
+
+
+def _base(study_dir: Path) -> tuple[Config, StudyGrid]:
+    saved = json.loads((study_dir / "study.json").read_text())
+    return Config.from_dict(saved["base"]), StudyGrid(**saved["grid"])
+
+
+def _has_final(run_dir: Path) -> bool:
+    return any(r.get("event") == "final" for r in RunDir(run_dir).read_metrics())
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def test_grid_runs_vary_only_the_grid_axes():
+    base = Config(hidden_size=32, epochs=3, bptt=7, lr=0.7, strategy="awd", dropout=0.1,
+                  cell="rnn", seed=9)
+    grid = StudyGrid(("none", "zaremba", "variational"), (0.2, 0.5), ("lstm", "gru"), (1, 2))
+    runs = grid_runs(base, grid)
+    # none ignores the rate: one run per cell and seed instead of one per rate.
+    assert len(runs) == 2 * 2 * (1 + 2 * 2)
+    assert len({name for name, _ in runs}) == len(runs)
+    for name, config in runs:
+        assert config.replace(strategy=base.strategy, dropout=base.dropout, cell=base.cell,
+                              seed=base.seed) == base
+        assert name == study.run_name(config)
+    names = dict(runs)
+    assert names["lstm-zaremba-p0.5-s1"].dropout == 0.5
+    assert names["gru-none-p0-s2"].dropout == 0.0
+    assert not any("none-p0.2" in name for name in names)
+
+
+@pytest.mark.parametrize("axes, message", [
+    (dict(strategies=("none", "dropall")), "unknown strategy"),
+    (dict(cells=("lstm", "transformer")), "unknown cell"),
+    (dict(rates=(0.5, 1.5)), r"\[0, 1\]"),
+    (dict(rates=(-0.1,)), r"\[0, 1\]"),
+    (dict(seeds=()), "at least one of seeds"),
+    (dict(seeds=(1, 1)), "twice"),
+])
+def test_grid_rejects_bad_axes(axes, message):
+    fields = dict(strategies=("none",), rates=(0.5,), cells=("lstm",), seeds=(1,)) | axes
+    with pytest.raises(ValueError, match=message):
+        StudyGrid(**fields)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategies", "none,bogus"], "unknown strategy name(s) 'bogus'"),
+    (["--cells", "lstm,tcn"], "unknown cell name(s) 'tcn'"),
+    (["--rates", "0.2,1.5"], "[0, 1]"),
+])
+def test_compare_reports_bad_lists_clearly(flags, message, tmp_path, capsys):
+    code = cli.main(["compare", "--out", str(tmp_path / "s"), *flags, *TINY_FLAGS])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing is written for a grid that is refused
+
+
+def test_compare_rejects_malformed_numbers(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--out", str(tmp_path), "--rates", "0.2,half"])
+    assert "comma-separated numbers" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_compare_writes_report_tables_and_figures(finished_study, capsys):
+    markdown = (finished_study / "report.md").read_text()
+    page = (finished_study / "report.html").read_text()
+    for strategy in ("none", "variational"):
+        assert f"### {strategy}:" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| lstm |")]
+    assert [row.split(" | ")[1:3] for row in rows] == [["0", "2"], ["0.5", "2"]]
+    assert all(" ± " in row for row in rows)  # two seeds: mean ± std
+    assert "What the numbers say" in markdown and "lowest valid perplexity" in markdown
+    figures = sorted(p.name for p in (finished_study / "figures").iterdir())
+    assert figures == ["curves-lstm.png", "hidden-states.png", "placement-none.png",
+                       "placement-variational.png", "rates-lstm.png"]
+    for name in figures:
+        data = (finished_study / "figures" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000
+        assert f"figures/{name}" in markdown
+    # Self-contained: every figure embedded, none linked.
+    assert page.count("data:image/png;base64,") == len(figures)
+    assert "figures/" not in page
+    assert "<td>lstm</td>" in page
+
+
+def test_one_seed_has_no_spread(study_copy):
+    for run in ("lstm-none-p0-s2", "lstm-variational-p0.5-s2"):
+        shutil.rmtree(study_copy / "runs" / run)
+    markdown = write_report(study_copy).read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| lstm |")]
+    assert len(rows) == 2 and not any("±" in row for row in rows)
+
+
+def test_report_only_regenerates_from_existing_runs(study_copy, capsys, monkeypatch):
+    (study_copy / "report.md").unlink()
+    monkeypatch.setattr(study, "train", _forbidden)
+    assert cli.main(["compare", "--out", str(study_copy), "--report-only"]) == 0
+    assert capsys.readouterr().out.strip() == str(study_copy / "report.md")
+    assert (study_copy / "report.md").is_file()
+    assert cli.main(["compare", "--out", str(study_copy), "--report-only", "--epochs", "3"]) == 2
+    assert "drop ['epochs']" in capsys.readouterr().err
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("nothing should be trained")
+
+
+@torch.no_grad()
+def test_heatmap_masks_differ_only_in_how_often_they_are_drawn():
+    torch.manual_seed(0)
+    model = LanguageModel(10, Config(hidden_size=16, strategy="zaremba", dropout=0.5))
+    ids = torch.randint(0, 10, (12, 1))
+    panels = study._hidden_panels(model, ids)
+    assert torch.equal(panels["no dropout"], model.eval()(ids).dropped[:, 0])
+    held, fresh = panels["one mask per sequence"], panels["fresh mask each step"]
+    dropped_units = held == 0
+    # One mask per sequence: a unit dropped at one step is dropped at every step.
+    assert dropped_units.any() and torch.equal(dropped_units.all(0), dropped_units.any(0))
+    assert not torch.equal((fresh == 0).all(0), (fresh == 0).any(0))
+    assert torch.equal(held[0], fresh[0])  # both start from the same first draw
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def test_interrupted_study_retrains_only_unfinished_runs(study_copy, module_corpus, monkeypatch):
+    damaged = RunDir(study_copy / "runs" / RUNS[2])
+    damaged.truncate_metrics(lambda r: r.get("event") != "final")  # killed before the end
+    shutil.rmtree(study_copy / "runs" / RUNS[1])                   # never started
+    calls = []
+    real_train = study.train
+
+    def counting(config, out, **kwargs):
+        calls.append((Path(out).name, kwargs["resume"]))
+        return real_train(config, out, **kwargs)
+
+    monkeypatch.setattr(study, "train", counting)
+    base, grid = _base(study_copy)
+    run_study(base, grid, study_copy, data_dir=module_corpus, progress=False)
+    assert sorted(calls) == [(RUNS[1], False), (RUNS[2], True)]
+    assert all(_has_final(study_copy / "runs" / name) for name in RUNS)
+
+
+def test_a_study_with_other_settings_is_refused(study_copy, module_corpus, monkeypatch):
+    monkeypatch.setattr(study, "train", _forbidden)
+    base, grid = _base(study_copy)
+    with pytest.raises(RunDirError, match="different settings.*epochs"):
+        run_study(base.replace(epochs=2), grid, study_copy, data_dir=module_corpus,
+                  progress=False)
+
+
+def test_backend_is_replaceable(study_copy, module_corpus):
+    shutil.rmtree(study_copy / "runs" / RUNS[0])
+    seen = []
+
+    def recording(jobs, done):
+        for job in jobs:
+            seen.append(job)
+            done(job, "finished")
+
+    base, grid = _base(study_copy)
+    run_study(base, grid, study_copy, data_dir=module_corpus, progress=False,
+              backend=recording)
+    assert [(job.name, job.resume) for job in seen] == [(RUNS[0], False)]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_resume_in_worker_processes(study_copy, module_corpus):
+    untouched = study_copy / "runs" / RUNS[0] / "metrics.jsonl"
+    before = untouched.stat().st_mtime_ns
+    for name in RUNS[2:]:
+        shutil.rmtree(study_copy / "runs" / name)
+    base, grid = _base(study_copy)
+    run_study(base, grid, study_copy, data_dir=module_corpus, jobs=2, progress=False)
+    assert all(_has_final(study_copy / "runs" / name) for name in RUNS[2:])
+    assert untouched.stat().st_mtime_ns == before
