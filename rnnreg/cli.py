@@ -238,7 +238,9 @@ def _download(args: argparse.Namespace) -> int:
 # The axes of a study: given as lists by compare's own flags, so the single-run flags for the
 # same fields would be ambiguous there.
 _GRID_FIELDS = frozenset({"strategy", "dropout", "cell", "seed"})
-_DEFAULT_STRATEGIES = ("none", "zaremba", "variational")
+# The default study: every strategy at the tutorial's low and high ends of the useful range.
+_DEFAULT_STRATEGIES = tuple(STRATEGIES)
+_DEFAULT_RATES = (0.25, 0.5)
 
 
 def _comma_list(convert, kind: str):
@@ -267,7 +269,7 @@ def _add_compare(commands) -> None:
                          default=_DEFAULT_STRATEGIES, metavar="NAME,...",
                          help=f"strategies to compare, of: {', '.join(STRATEGIES)}")
     compare.add_argument("--rates", type=_comma_list(float, "numbers in [0, 1]"),
-                         metavar="P,...", help="dropout rates (default: the preset's dropout)")
+                         default=_DEFAULT_RATES, metavar="P,...", help="dropout rates")
     compare.add_argument("--cells", type=_comma_list(str, "cell names"), metavar="CELL,...",
                          help=f"recurrent cells, of: {', '.join(CELLS)} (default: the preset's)")
     compare.add_argument("--seeds", type=_comma_list(int, "integers"), metavar="SEED,...",
@@ -288,13 +290,14 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.report_only:
         given = sorted(set(_config_overrides(args)) | {
-            name for name in ("rates", "cells", "seeds") if getattr(args, name) is not None})
+            name for name in ("cells", "seeds") if getattr(args, name) is not None}
+            | ({"rates"} if args.rates != _DEFAULT_RATES else set()))
         if given:
             raise ValueError(f"--report-only reads the runs as they are; drop {given}")
         print(write_report(args.out, data_dir=args.data_dir))
         return 0
     base = preset_config(args.preset).replace(**_config_overrides(args))
-    grid = StudyGrid(strategies=args.strategies, rates=args.rates or (base.dropout,),
+    grid = StudyGrid(strategies=args.strategies, rates=args.rates,
                      cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
     out = run_study(base, grid, args.out, data_dir=args.data_dir, jobs=args.jobs,
                     progress=not args.no_progress)
