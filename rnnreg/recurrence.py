@@ -12,7 +12,7 @@ Speed comes from doing by hand what plain autograd would do step by step:
   into preallocated buffers (no autograd graph of ~10 nodes per step) and whose backward runs
   through time by hand (BPTT, Werbos 1990). Everything in the gate derivatives that does not
   depend on the incoming gradient is computed for all steps at once before the backward loop,
-  so the loop is a recurrent matrix product plus three to five elementwise kernels per step.
+  so the loop is a recurrent matrix product plus two to five elementwise kernels per step.
 * dW_hh = sum_t dgates(t)^T h_in(t) is ONE product over all ``T*B`` rows after the loop instead
   of ``T`` small products each accumulated into a ``(G*H, H)`` gradient.
 
@@ -41,6 +41,8 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths):
     Everything is differentiable w.r.t. ``x``, ``state``, the weights and biases (which may
     already carry a DropConnect mask) and ``mask``.
     """
+    if x.size(0) == 0:
+        raise ValueError("x must have at least one time step, got shape (0, ...)")
     # Outside the loop b_hh is just a second input bias, except in the GRU where torch keeps
     # b_hn inside r * (W_hn h + b_hn); summing the two vectors first saves a (T, B, G*H) add.
     bias = b_ih
@@ -51,15 +53,24 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths):
     if lengths is not None:
         steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)
         valid = (steps < lengths.to(x.device).unsqueeze(0)).unsqueeze(2)  # (T, B, 1)
-    if mode == "LSTM":
-        out, h, c = _LSTM.apply(projected, state[0], state[1], w_hh, mask, valid)
-        return out, (h, c)
-    if mode == "GRU":
-        out, h = _GRU.apply(projected, state[0], w_hh, b_hh, mask, valid)
-    elif mode in ("RNN_TANH", "RNN_RELU"):
-        out, h = _Elman.apply(projected, state[0], w_hh, mask, valid, mode == "RNN_RELU")
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose LSTM, GRU, RNN_TANH or RNN_RELU")
+    # The loop writes into buffers of one dtype. Under autocast the projection comes out in the
+    # low-precision dtype; like torch's fused kernels, run the whole recurrence in it. Outside
+    # autocast every ``.to`` below returns its input unchanged.
+    dtype = projected.dtype
+    state = tuple(s.to(dtype) for s in state)
+    w_hh = w_hh.to(dtype)
+    b_hh = None if b_hh is None else b_hh.to(dtype)
+    mask = None if mask is None else mask.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if mode == "LSTM":
+            out, h, c = _LSTM.apply(projected, state[0], state[1], w_hh, mask, valid)
+            return out, (h, c)
+        if mode == "GRU":
+            out, h = _GRU.apply(projected, state[0], w_hh, b_hh, mask, valid)
+        elif mode in ("RNN_TANH", "RNN_RELU"):
+            out, h = _Elman.apply(projected, state[0], w_hh, mask, valid, mode == "RNN_RELU")
+        else:
+            raise ValueError(f"unknown mode {mode!r}; choose LSTM, GRU, RNN_TANH or RNN_RELU")
     return out, (h,)
 
 
@@ -92,17 +103,16 @@ class _LSTM(torch.autograd.Function):
         hidden = gates // 4
         w_t = w_hh.t()
         acts = projected.new_empty(steps, batch, gates)  # [i, f, g, o] after their nonlinearity
-        hs = projected.new_empty(steps, batch, hidden)  # h(1)..h(T); returned as the outputs
-        cs = projected.new_empty(steps + 1, batch, hidden)  # c(0)..c(T)
+        hs = _states(h0, steps)
+        cs = _states(c0, steps)
         tanh_c = projected.new_empty(steps, batch, hidden)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
         pre = projected.new_empty(batch, gates)
         pre_g = pre[:, 2 * hidden:3 * hidden]
-        cs[0] = c0
         i, f, g, o = (a.unbind(0) for a in acts.view(steps, batch, 4, hidden).unbind(2))
         p, masks = projected.unbind(0), _per_step(mask, steps)
-        h = h0
         for t in range(steps):
+            h = hs[t]
             x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
             torch.addmm(p[t], x_t, w_t, out=pre)
             # One sigmoid over all four gates (g's is overwritten next) beats three sigmoids
@@ -111,20 +121,17 @@ class _LSTM(torch.autograd.Function):
             torch.tanh(pre_g, out=g[t])
             c = torch.mul(f[t], cs[t], out=cs[t + 1]).addcmul_(i[t], g[t])
             torch.tanh(c, out=tanh_c[t])
-            torch.mul(o[t], tanh_c[t], out=hs[t])
+            h_new = torch.mul(o[t], tanh_c[t], out=hs[t + 1])
             if valid is not None:  # freeze finished sequences (out= may alias its own input)
                 torch.where(valid[t], c, cs[t], out=c)
-                torch.where(valid[t], hs[t], h, out=hs[t])
-            h = hs[t]
-        ctx.save_for_backward(acts, cs, tanh_c, hs, h0, h_in, w_hh, mask, valid)
-        # Outputs must not be views of a buffer, or autograd forbids in-place ops on them.
-        out = hs if valid is None else hs * valid
-        return out, hs[-1].clone(), cs[-1].clone()
+                torch.where(valid[t], h_new, h, out=h_new)
+        ctx.save_for_backward(acts, cs, tanh_c, hs, h_in, w_hh, mask, valid)
+        return _outputs(hs, valid), hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h, d_c):
-        acts, cs, tanh_c, hs, h0, h_in, w_hh, mask, valid = ctx.saved_tensors
+        acts, cs, tanh_c, hs, h_in, w_hh, mask, valid = ctx.saved_tensors
         steps, batch, gates = acts.shape
         hidden = gates // 4
         i, f, g, o = acts.view(steps, batch, 4, hidden).unbind(2)
@@ -142,25 +149,27 @@ class _LSTM(torch.autograd.Function):
             keep_c = torch.where(valid, f, 1)
 
         d_gates = acts.new_empty(steps, batch, gates)
-        d_ifg = d_gates.view(steps, batch, 4, hidden)[:, :, :3]
-        d_o = d_gates[:, :, 3 * hidden:]
         d_hin = acts.new_empty(steps, batch, hidden)  # dL/d(m * h(t-1))
+        # Per-step views made once: indexing inside the loop costs more than the small kernels.
+        d_ifg = d_gates.view(steps, batch, 4, hidden)[:, :, :3].unbind(0)
+        d_o = d_gates[:, :, 3 * hidden:].unbind(0)
+        k_ifg, k_o = coef[:, :, :3].unbind(0), coef[:, :, 3].unbind(0)
+        d_step, to_cell, keep_c = d_gates.unbind(0), to_cell.unbind(0), keep_c.unbind(0)
         masks = _per_step(mask, steps)
         need_first = any(ctx.needs_input_grad[1:3]) or ctx.needs_input_grad[4]
         dh, dc = d_out[-1] + d_h, d_c
         for t in range(steps - 1, -1, -1):
             dcc = torch.addcmul(dc, dh, to_cell[t])
-            torch.mul(dcc.unsqueeze(1), coef[t, :, :3], out=d_ifg[t])
-            torch.mul(dh, coef[t, :, 3], out=d_o[t])
+            torch.mul(dcc.unsqueeze(1), k_ifg[t], out=d_ifg[t])
+            torch.mul(dh, k_o[t], out=d_o[t])
             if t == 0 and not need_first:
                 break
             dc = dcc.mul_(keep_c[t])
-            torch.mm(d_gates[t], w_hh, out=d_hin[t])
+            torch.mm(d_step[t], w_hh, out=d_hin[t])
             dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
-        h_prev = _inputs(h0, hs) if h_in is None else h_in
         return (d_gates, dh if need_first else None, dc if need_first else None,
-                _weight_grad(ctx, 3, d_gates, h_prev), _mask_grad(ctx, 4, d_hin, h0, hs, mask),
-                None)
+                _weight_grad(ctx, 3, d_gates, hs[:-1] if h_in is None else h_in),
+                _mask_grad(ctx, 4, d_hin, hs, mask), None)
 
 
 class _GRU(torch.autograd.Function):
@@ -191,14 +200,14 @@ class _GRU(torch.autograd.Function):
         rec = projected.new_empty(steps, batch, gates)  # a(t) = W_hh (m * h(t-1)) + b_hh
         rz = projected.new_empty(steps, batch, 2 * hidden)
         n = projected.new_empty(steps, batch, hidden)
-        hs = projected.new_empty(steps, batch, hidden)
+        hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
         p_rz, p_n = (s.unbind(0) for s in projected.split([2 * hidden, hidden], 2))
         a_rz, a_n = (s.unbind(0) for s in rec.split([2 * hidden, hidden], 2))
         r, z = (s.unbind(0) for s in rz.split(hidden, 2))
         masks = _per_step(mask, steps)
-        h = h0
         for t in range(steps):
+            h = hs[t]
             x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
             if b_hh is None:
                 torch.mm(x_t, w_t, out=rec[t])
@@ -206,23 +215,21 @@ class _GRU(torch.autograd.Function):
                 torch.addmm(b_hh, x_t, w_t, out=rec[t])
             torch.add(p_rz[t], a_rz[t], out=rz[t]).sigmoid_()
             torch.addcmul(p_n[t], r[t], a_n[t], out=n[t]).tanh_()
-            torch.lerp(n[t], h, z[t], out=hs[t])  # n + z * (h - n), one kernel
+            h_new = torch.lerp(n[t], h, z[t], out=hs[t + 1])  # n + z * (h - n), one kernel
             if valid is not None:
-                torch.where(valid[t], hs[t], h, out=hs[t])
-            h = hs[t]
-        ctx.save_for_backward(rec, rz, n, hs, h0, h_in, w_hh, b_hh, mask, valid)
-        out = hs if valid is None else hs * valid
-        return out, hs[-1].clone()
+                torch.where(valid[t], h_new, h, out=h_new)
+        ctx.save_for_backward(rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid)
+        return _outputs(hs, valid), hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h):
-        rec, rz, n, hs, h0, h_in, w_hh, b_hh, mask, valid = ctx.saved_tensors
+        rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid = ctx.saved_tensors
         steps, batch, gates = rec.shape
         hidden = gates // 3
         r, z = rz.split(hidden, 2)
         a_n = rec[:, :, 2 * hidden:]
-        h_prev = _inputs(h0, hs)
+        h_prev = hs[:-1]
         to_n = (1 - z) * (1 - n * n)  # dh(t)/d(n's pre-activation)
         coef = rec.new_empty(steps, batch, 3, hidden)
         torch.mul(to_n * a_n, r * (1 - r), out=coef[:, :, 0])
@@ -253,7 +260,7 @@ class _GRU(torch.autograd.Function):
             prev.addcmul_(dh, keep_h[t])
         d_w = _weight_grad(ctx, 2, d_rec, h_prev if h_in is None else h_in)
         d_b = d_rec.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[3] else None
-        d_mask = _mask_grad(ctx, 4, d_hin, h0, hs, mask)
+        d_mask = _mask_grad(ctx, 4, d_hin, hs, mask)
         # d_rec is no longer needed: reuse it as dp, whose r and z parts are the same.
         torch.mul(d_hs, to_n, out=d_rec[:, :, 2 * hidden:])
         return d_rec, prev if need_first else None, d_w, d_b, d_mask, None
@@ -270,36 +277,34 @@ class _Elman(torch.autograd.Function):
     def forward(ctx, projected, h0, w_hh, mask, valid, relu):
         steps, batch, hidden = projected.shape
         w_t = w_hh.t()
-        hs = projected.new_empty(steps, batch, hidden)
+        hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
         p, masks = projected.unbind(0), _per_step(mask, steps)
-        h = h0
         for t in range(steps):
-            x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
-            pre = torch.addmm(p[t], x_t, w_t, out=hs[t])
-            if relu:
-                pre.relu_()
-            else:
-                pre.tanh_()
-            if valid is not None:
-                torch.where(valid[t], hs[t], h, out=hs[t])
             h = hs[t]
+            x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
+            h_new = torch.addmm(p[t], x_t, w_t, out=hs[t + 1])
+            if relu:
+                h_new.relu_()
+            else:
+                h_new.tanh_()
+            if valid is not None:
+                torch.where(valid[t], h_new, h, out=h_new)
         ctx.relu = relu
-        ctx.save_for_backward(hs, h0, h_in, w_hh, mask, valid)
-        out = hs if valid is None else hs * valid
-        return out, hs[-1].clone()
+        ctx.save_for_backward(hs, h_in, w_hh, mask, valid)
+        return _outputs(hs, valid), hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h):
-        hs, h0, h_in, w_hh, mask, valid = ctx.saved_tensors
-        steps = hs.size(0)
-        slope = (hs > 0).to(hs.dtype) if ctx.relu else 1 - hs * hs
+        hs, h_in, w_hh, mask, valid = ctx.saved_tensors
+        steps, out = hs.size(0) - 1, hs[1:]
+        slope = (out > 0).to(hs.dtype) if ctx.relu else 1 - out * out
         d_out, passthrough = _freeze(d_out, valid)
         if valid is not None:
             slope *= valid
-        d_pre = torch.empty_like(hs)
-        d_hin = torch.empty_like(hs)
+        d_pre = torch.empty_like(out)
+        d_hin = torch.empty_like(out)
         masks = _per_step(mask, steps)
         need_first = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         dh = d_out[-1] + d_h
@@ -309,9 +314,9 @@ class _Elman(torch.autograd.Function):
                 break
             torch.mm(d_pre[t], w_hh, out=d_hin[t])
             dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
-        h_prev = _inputs(h0, hs) if h_in is None else h_in
-        return (d_pre, dh if need_first else None, _weight_grad(ctx, 2, d_pre, h_prev),
-                _mask_grad(ctx, 3, d_hin, h0, hs, mask), None, None)
+        return (d_pre, dh if need_first else None,
+                _weight_grad(ctx, 2, d_pre, hs[:-1] if h_in is None else h_in),
+                _mask_grad(ctx, 3, d_hin, hs, mask), None, None)
 
 
 def _per_step(mask, steps):
@@ -334,9 +339,18 @@ def _freeze(d_out, valid):
     return d_out * v, 1 - v
 
 
-def _inputs(h0, hs):
-    """h(0)..h(T-1), the states each step starts from, as one ``(T, B, H)`` tensor."""
-    return torch.cat([h0.unsqueeze(0), hs[:-1]])
+def _states(initial, steps):
+    """A ``(T+1, B, H)`` buffer for states 0..T holding ``initial`` in row 0, so that the
+    states every step starts from, ``[:-1]``, are one contiguous tensor for dW_hh."""
+    states = initial.new_empty(steps + 1, *initial.shape)
+    states[0] = initial
+    return states
+
+
+def _outputs(hs, valid):
+    """Outputs h(1)..h(T), zero past each length: a new tensor, not a view of the saved
+    buffer, so callers may modify it in place as they could with the plain autograd loop."""
+    return hs[1:].clone() if valid is None else hs[1:] * valid
 
 
 def _previous(d_out, d_hin, masks, t, dh=None, passthrough=None, out=None):
@@ -359,12 +373,12 @@ def _weight_grad(ctx, index, d_pre, h_in):
     """dL/dW_hh = sum_t dpre(t)^T (m * h(t-1)) as one ``(G*H, T*B) x (T*B, H)`` product."""
     if not ctx.needs_input_grad[index]:
         return None
-    # Computed as (h_in^T dpre)^T: MKL runs this orientation markedly faster on CPU.
+    # Formed as (h_in^T dpre)^T: at the paper's sizes MKL runs this orientation faster.
     return h_in.view(-1, h_in.size(2)).t().mm(d_pre.view(-1, d_pre.size(2))).t()
 
 
-def _mask_grad(ctx, index, d_hin, h0, hs, mask):
+def _mask_grad(ctx, index, d_hin, hs, mask):
     """dL/dm(t) = dL/d(m * h(t-1)) * h(t-1), summed over steps for a per-sequence mask."""
     if mask is None or not ctx.needs_input_grad[index]:
         return None
-    return (d_hin * _inputs(h0, hs)).sum_to_size(mask.shape)
+    return (d_hin * hs[:-1]).sum_to_size(mask.shape)

@@ -1,0 +1,287 @@
+"""Tests for rnnreg's own recurrence (the loop used when a mask acts inside the recurrence).
+
+Three independent checks of the hand-written backward through time in ``rnnreg.recurrence``:
+finite differences (``gradcheck``, float64), a plain-autograd reference written here from the
+equations, and torch's own fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` when no mask is involved.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rnnreg.recurrence import recurrence
+
+MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+MASKS = ["none", "fresh", "per_sequence"]
+
+
+def make_inputs(mode, steps, batch, features, hidden, *, dtype, mask_kind="none",
+                bias=True, seed=0, scale=0.5):
+    """Random inputs for ``recurrence``, all leaves requiring grad (except the mask's zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = GATES[mode] * hidden
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=dtype) * scale).requires_grad_()
+
+    inputs = {
+        "x": rand(steps, batch, features),
+        "state": tuple(rand(batch, hidden) for _ in range(2 if mode == "LSTM" else 1)),
+        "w_ih": rand(g, features),
+        "w_hh": rand(g, hidden),
+        "b_ih": rand(g) if bias else None,
+        "b_hh": rand(g) if bias else None,
+        "mask": None,
+    }
+    if mask_kind != "none":
+        rows = steps if mask_kind == "fresh" else 1
+        keep = torch.rand(rows, batch, hidden, generator=gen, dtype=dtype) > 0.3
+        # Inverted-dropout scale plus a little noise so a mix-up of rows would show.
+        values = 1 / 0.7 + 0.1 * torch.rand(rows, batch, hidden, generator=gen, dtype=dtype)
+        inputs["mask"] = (keep * values).requires_grad_()
+    return inputs
+
+
+def leaves(inputs):
+    """Every tensor ``recurrence`` should differentiate, in a fixed order."""
+    found = [inputs["x"], *inputs["state"], inputs["w_ih"], inputs["w_hh"],
+             inputs["b_ih"], inputs["b_hh"], inputs["mask"]]
+    return [t for t in found if t is not None]
+
+
+# --- reference: the equations, one step at a time, plain autograd ------------------------------
+
+
+def reference(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths):
+    """torch's gate equations with the mask on h(t-1) inside W_hh's product only."""
+    hidden = w_hh.size(1)
+    outputs, state = [], tuple(state)
+    for t in range(x.size(0)):
+        h = state[0]
+        h_in = h if mask is None else h * mask[t if mask.size(0) > 1 else 0]
+        gi = x[t] @ w_ih.t() + (0 if b_ih is None else b_ih)
+        gh = h_in @ w_hh.t() + (0 if b_hh is None else b_hh)
+        if mode == "LSTM":
+            i, f, g, o = (gi + gh).split(hidden, 1)
+            c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+            new = (torch.sigmoid(o) * torch.tanh(c), c)
+        elif mode == "GRU":
+            ir, iz, in_ = gi.split(hidden, 1)
+            hr, hz, hn = gh.split(hidden, 1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            n = torch.tanh(in_ + r * hn)
+            new = ((1 - z) * n + z * h,)
+        else:
+            act = torch.tanh if mode == "RNN_TANH" else torch.relu
+            new = (act(gi + gh),)
+        if lengths is not None:
+            alive = (t < lengths).unsqueeze(1)
+            new = tuple(torch.where(alive, a, b) for a, b in zip(new, state))
+            outputs.append(new[0] * alive)
+        else:
+            outputs.append(new[0])
+        state = new
+    return torch.stack(outputs), state
+
+
+def run_and_grad(fn, mode, inputs, lengths, seed=1):
+    """Forward with ``fn`` and the gradient of a loss touching every output."""
+    out, final = fn(mode, inputs["x"], inputs["state"], inputs["w_ih"], inputs["w_hh"],
+                    inputs["b_ih"], inputs["b_hh"], inputs["mask"], lengths)
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (out, *final)]
+    loss = sum((w * t).sum() for w, t in zip(weights, (out, *final)))
+    return (out, *final), torch.autograd.grad(loss, leaves(inputs))
+
+
+# --- finite differences ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_gradcheck(mode, mask_kind, with_lengths):
+    inputs = make_inputs(mode, 4, 3, 2, 3, dtype=torch.float64, mask_kind=mask_kind)
+    lengths = torch.tensor([4, 2, 1]) if with_lengths else None
+    n_state = len(inputs["state"])
+    names = ["x", "w_ih", "w_hh", "b_ih", "b_hh"] + (["mask"] if inputs["mask"] is not None else [])
+
+    def fn(*args):
+        kw = dict(zip(names, args[n_state:]))
+        kw.setdefault("mask", None)
+        out, final = recurrence(mode, kw["x"], args[:n_state], kw["w_ih"], kw["w_hh"],
+                                kw["b_ih"], kw["b_hh"], kw["mask"], lengths)
+        return (out, *final)
+
+    args = (*inputs["state"], *(inputs[k] for k in names))
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_dropconnect_no_bias(mode):
+    """A non-leaf ``w_hh`` (weight drop multiplies it first) and ``bias=False``."""
+    inputs = make_inputs(mode, 3, 2, 2, 3, dtype=torch.float64, bias=False,
+                         mask_kind="per_sequence")
+    weight_mask = (torch.rand(inputs["w_hh"].shape, dtype=torch.float64) > 0.4) / 0.6
+
+    def fn(x, w_hh, *state):
+        out, final = recurrence(mode, x, state, inputs["w_ih"], w_hh * weight_mask, None, None,
+                                inputs["mask"], None)
+        return (out, *final)
+
+    assert torch.autograd.gradcheck(fn, (inputs["x"], inputs["w_hh"], *inputs["state"]))
+
+
+def test_gradcheck_zero_length_keeps_initial_state():
+    """A sequence of length 0 outputs zeros and hands its initial state straight through."""
+    inputs = make_inputs("LSTM", 3, 2, 2, 3, dtype=torch.float64, mask_kind="fresh")
+    lengths = torch.tensor([3, 0])
+    out, (h, c) = recurrence("LSTM", inputs["x"], inputs["state"], inputs["w_ih"],
+                             inputs["w_hh"], inputs["b_ih"], inputs["b_hh"], inputs["mask"],
+                             lengths)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    assert torch.equal(h[1], inputs["state"][0][1]) and torch.equal(c[1], inputs["state"][1][1])
+
+    def fn(h0, c0, w_hh):
+        out, final = recurrence("LSTM", inputs["x"], (h0, c0), inputs["w_ih"], w_hh,
+                                inputs["b_ih"], inputs["b_hh"], inputs["mask"], lengths)
+        return (out, *final)
+
+    assert torch.autograd.gradcheck(fn, (*inputs["state"], inputs["w_hh"]))
+
+
+# --- the equations, by plain autograd --------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_matches_reference(mode, mask_kind, with_lengths):
+    inputs = make_inputs(mode, 7, 5, 4, 6, dtype=torch.float32, mask_kind=mask_kind, seed=3)
+    lengths = torch.tensor([7, 3, 1, 7, 5]) if with_lengths else None
+    ours, ours_grads = run_and_grad(recurrence, mode, inputs, lengths)
+    ref, ref_grads = run_and_grad(reference, mode, inputs, lengths)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_only_for_what_requires_them(mode):
+    """Frozen weights, a constant initial state and a sampled mask: only x gets a gradient."""
+    inputs = make_inputs(mode, 5, 3, 4, 4, dtype=torch.float32, mask_kind="fresh")
+    x = inputs["x"]
+    const = {k: (v.detach() if torch.is_tensor(v) else tuple(s.detach() for s in v))
+             for k, v in inputs.items() if k != "x"}
+    out, final = recurrence(mode, x, const["state"], const["w_ih"], const["w_hh"],
+                            const["b_ih"], const["b_hh"], const["mask"], None)
+    (dx,) = torch.autograd.grad(out.sum() + final[0].sum(), x)
+    ref_out, ref_final = reference(mode, x, const["state"], const["w_ih"], const["w_hh"],
+                                   const["b_ih"], const["b_hh"], const["mask"], None)
+    (ref_dx,) = torch.autograd.grad(ref_out.sum() + ref_final[0].sum(), x)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_may_be_modified_in_place(mode):
+    """As with the plain autograd loop, the returned tensors are not saved for backward."""
+    inputs = make_inputs(mode, 4, 2, 3, 3, dtype=torch.float32, mask_kind="per_sequence")
+    out, final = recurrence(mode, inputs["x"], inputs["state"], inputs["w_ih"], inputs["w_hh"],
+                            inputs["b_ih"], inputs["b_hh"], inputs["mask"], None)
+    out.mul_(2)
+    final[0].mul_(2)
+    (out.sum() + final[0].sum()).backward()
+    assert inputs["w_hh"].grad is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_runs_under_autocast(mode):
+    """Under autocast the recurrence runs in the low-precision dtype, as torch's kernels do."""
+    inputs = make_inputs(mode, 4, 2, 3, 5, dtype=torch.float32, mask_kind="per_sequence")
+    args = (inputs["x"], inputs["state"], inputs["w_ih"], inputs["w_hh"], inputs["b_ih"],
+            inputs["b_hh"], inputs["mask"], torch.tensor([4, 2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, final = recurrence(mode, *args)
+    assert out.dtype == final[0].dtype == torch.bfloat16
+    (out.float().sum() + final[0].float().sum()).backward()
+    assert inputs["w_hh"].grad.dtype == torch.float32
+    ref, _ = reference(mode, *args)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_unknown_mode_and_empty_input():
+    inputs = make_inputs("RNN_TANH", 2, 1, 2, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown mode"):
+        recurrence("LSTMX", inputs["x"], inputs["state"], inputs["w_ih"], inputs["w_hh"],
+                   None, None, None, None)
+    with pytest.raises(ValueError, match="at least one time step"):
+        recurrence("RNN_TANH", inputs["x"][:0], inputs["state"], inputs["w_ih"],
+                   inputs["w_hh"], None, None, None, None)
+
+
+# --- torch's fused kernels -------------------------------------------------------------------
+
+
+def torch_layer(mode, features, hidden):
+    if mode == "LSTM":
+        return torch.nn.LSTM(features, hidden)
+    if mode == "GRU":
+        return torch.nn.GRU(features, hidden)
+    return torch.nn.RNN(features, hidden, nonlinearity="tanh" if mode == "RNN_TANH" else "relu")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_matches_torch_nn(mode, with_lengths):
+    torch.manual_seed(5)
+    steps, batch, features, hidden = 6, 4, 5, 7
+    layer = torch_layer(mode, features, hidden)
+    x = torch.randn(steps, batch, features, requires_grad=True)
+    state = tuple(torch.randn(batch, hidden, requires_grad=True)
+                  for _ in range(2 if mode == "LSTM" else 1))
+    lengths = torch.tensor([6, 2, 5, 1]) if with_lengths else None
+    params = [layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0]
+
+    out, final = recurrence(mode, x, state, *params, None, lengths)
+
+    hx = tuple(s.unsqueeze(0) for s in state)
+    hx = hx if mode == "LSTM" else hx[0]
+    if with_lengths:
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        ref_packed, ref_final = layer(packed, hx)
+        ref_out, _ = pad_packed_sequence(ref_packed, total_length=steps)
+    else:
+        ref_out, ref_final = layer(x, hx)
+    ref_final = ref_final if mode == "LSTM" else (ref_final,)
+    ref_final = tuple(s.squeeze(0) for s in ref_final)
+
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(final, ref_final):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(9)
+    seeds = [torch.randn(t.shape, generator=gen) for t in (out, *final)]
+    wrt = [x, *state, *params]
+    ours = torch.autograd.grad(sum((s * t).sum() for s, t in zip(seeds, (out, *final))), wrt)
+    ref = torch.autograd.grad(sum((s * t).sum() for s, t in zip(seeds, (ref_out, *ref_final))),
+                              wrt)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu(mode):
+    inputs = make_inputs(mode, 5, 3, 4, 6, dtype=torch.float64, mask_kind="per_sequence")
+    lengths = torch.tensor([5, 2, 4])
+    cpu_out, cpu_grads = run_and_grad(recurrence, mode, inputs, lengths)
+    moved = {k: (v.detach().cuda().requires_grad_() if torch.is_tensor(v)
+                 else tuple(s.detach().cuda().requires_grad_() for s in v))
+             for k, v in inputs.items() if v is not None}
+    moved.update({k: None for k, v in inputs.items() if v is None})
+    gpu_out, gpu_grads = run_and_grad(recurrence, mode, moved, lengths)
+    for a, b in zip((*cpu_out, *cpu_grads), (*gpu_out, *gpu_grads)):
+        torch.testing.assert_close(b.cpu(), a)
