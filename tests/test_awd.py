@@ -1,0 +1,129 @@
+"""Each AWD-LSTM option (Merity et al. 2018) alone: it changes what it should and nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rnnreg.train as train_module
+from rnnreg.config import Config
+from rnnreg.evaluate import Score
+from rnnreg.model import LanguageModel, count_parameters, summed_loss
+from rnnreg.train import train
+
+BASE = Config(hidden_size=12, num_layers=2, bptt=6, batch_size=4, epochs=1, init_range=0.2,
+              checkpoint_minutes=0, eval_bptt=50)
+
+
+def _model(**changes) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(30, BASE.replace(**changes))
+
+
+def _grads(model: LanguageModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_weight_tying_shares_one_matrix_and_removes_its_parameters():
+    untied, tied = _model(), _model(tie_weights=True)
+    assert tied.decoder.weight is tied.embedding.weight
+    assert count_parameters(untied) - count_parameters(tied) == 30 * 12
+
+
+def test_embedding_dropout_drops_whole_words_only_in_training():
+    model = _model(embedding_dropout=0.5)
+    ids = torch.tensor([[3, 3, 4], [3, 5, 4]])
+    model.train()
+    torch.manual_seed(1)
+    masks = model.sample_masks(2, 3)
+    embedded = F.embedding(ids, model.embedding.weight) * masks.words[ids].unsqueeze(-1)
+    for word in (3, 4, 5):
+        rows = embedded[ids == word]
+        assert torch.all(rows.abs().sum(-1) == 0) or torch.all(rows.abs().sum(-1) > 0)
+    model.eval()
+    reference = _model()
+    reference.eval()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def _penalised_grads(model, alpha: float, beta: float):
+    """Gradients of the trainer's loss, and of an independent AR/TAR written from eqs. 3-4."""
+    ids = torch.randint(0, 30, (6, 4), generator=torch.Generator().manual_seed(2))
+    model.eval()  # deterministic, so both computations see the same activations
+    out = model(ids[:-1])
+    trainer = train_module._Trainer.__new__(train_module._Trainer)
+    trainer.config = BASE.replace(activation_reg=alpha, temporal_activation_reg=beta)
+    loss = summed_loss(out.logits, ids[1:]) + trainer._activation_penalties(out, 5)
+    ours = _grads(model, loss)
+    out = model(ids[:-1])
+    h = out.hidden
+    expected = summed_loss(out.logits, ids[1:])
+    expected = expected + alpha * 5 * (out.dropped ** 2).mean()
+    expected = expected + beta * 5 * ((h[1:] - h[:-1]) ** 2).mean()
+    return ours, _grads(model, expected), _grads(model, summed_loss(model(ids[:-1]).logits,
+                                                                       ids[1:]))
+
+
+@pytest.mark.parametrize("alpha, beta", [(2.0, 0.0), (0.0, 1.0), (2.0, 1.0)])
+def test_activation_penalties_match_their_equations_and_touch_only_the_recurrent_path(alpha, beta):
+    ours, expected, plain = _penalised_grads(_model(), alpha, beta)
+    for name in ours:
+        torch.testing.assert_close(ours[name], expected[name])
+    # The penalties act on the recurrent outputs: the decoder's gradient is unchanged.
+    torch.testing.assert_close(ours["decoder.weight"], plain["decoder.weight"])
+    assert not torch.allclose(ours["rnn.weight_hh_l1"], plain["rnn.weight_hh_l1"])
+
+
+def test_variable_bptt_varies_window_lengths_and_covers_the_epoch(tiny_corpus, tmp_path,
+                                                                 monkeypatch):
+    lengths = []
+    original = train_module._Trainer._step
+
+    def recording_step(self, position, length, lr):
+        lengths.append(length)
+        return original(self, position, length, lr)
+
+    monkeypatch.setattr(train_module._Trainer, "_step", recording_step)
+    config = BASE.replace(variable_bptt=True, bptt=8)
+    train(config, tmp_path / "run", data_dir=tiny_corpus, progress=False, verbose=False)
+    assert len(set(lengths)) > 3
+    rows = sum(lengths)
+    fixed = []
+    monkeypatch.setattr(train_module._Trainer, "_step",
+                        lambda self, p, n, lr: fixed.append(n) or original(self, p, n, lr))
+    train(config.replace(variable_bptt=False), tmp_path / "fixed", data_dir=tiny_corpus,
+          progress=False, verbose=False)
+    assert rows == sum(fixed)  # every training row visited once either way
+    assert set(fixed[:-1]) == {8}
+
+
+def test_nt_asgd_starts_averaging_only_after_validation_stalls(tiny_corpus, tmp_path,
+                                                              monkeypatch):
+    rising = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9, 5.0])
+    original = train_module.score_stream
+
+    def fake_valid(model, ids, **kwargs):
+        score = original(model, ids, **kwargs)
+        if kwargs.get("batch_size", 1) == BASE.valid_batch_size and ids.numel() < 1000:
+            return Score(score.tokens * torch.log(torch.tensor(next(rising))).item(),
+                                      score.tokens, score.seconds)
+        return score
+
+    monkeypatch.setattr(train_module, "score_stream", fake_valid)
+    config = BASE.replace(optimizer="asgd", asgd_nonmono=1, epochs=5)
+    train(config, tmp_path / "run", data_dir=tiny_corpus, progress=False, verbose=False)
+    records = [json.loads(line) for line in Path(tmp_path / "run/metrics.jsonl").read_text()
+               .splitlines()]
+    averaging = [r["averaging"] for r in records if r["event"] == "epoch"]
+    # Epoch 3: 4.5 is not worse than the best before the last epoch (5). Epoch 4: 4.6 is worse
+    # than min(5, 4), so averaging starts after epoch 4 and epoch 5 trains with ASGD.
+    assert averaging == [False, False, False, False, True]
+    last = train_module.RunDir(tmp_path / "run").load_checkpoint("last")
+    states = last["optimizer"]["state"].values()
+    assert states and all("ax" in state for state in states)  # ASGD's running averages
