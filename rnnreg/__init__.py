@@ -14,6 +14,7 @@ from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
 from rnnreg.model import LanguageModel
 from rnnreg.presets import PRESETS, preset_config
 from rnnreg.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
+
 # ``train`` stays in ``rnnreg.train``: re-exporting the function here would shadow the module.
 from rnnreg.train import TrainingDiverged, load_model
 

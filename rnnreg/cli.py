@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rnnreg import distributed
 from rnnreg.config import CELLS, Config
 from rnnreg.data import (
     DataError,
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, DataError, RunDirError, TrainingDiverged, OSError) as error:
+    except (ValueError, DataError, RunDirError, TrainingDiverged, OSError,
+            distributed.PeerFailed) as error:
         print(f"rnnreg: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -123,7 +125,8 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(config, out, data_dir=args.data_dir, resume=args.resume,
                     progress=not args.no_progress)
-    print(json.dumps(summary))
+    if distributed.is_main():  # under torchrun every rank returns it; one copy is enough
+        print(json.dumps(summary))
     return 0
 
 
@@ -274,7 +277,14 @@ def _add_compare(commands) -> None:
                          help=f"recurrent cells, of: {', '.join(CELLS)} (default: the preset's)")
     compare.add_argument("--seeds", type=_comma_list(int, "integers"), metavar="SEED,...",
                          help="seeds (default: the preset's)")
-    compare.add_argument("--jobs", type=int, default=1, help="runs trained in parallel")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="runs trained in parallel (local backend)")
+    compare.add_argument("--backend", choices=["local", "ray"], default="local",
+                         help="where runs train: this machine, or Ray Tune trials (needs "
+                              "pip install 'rnnreg[ray]')")
+    compare.add_argument("--address", metavar="ADDR",
+                         help="Ray cluster to join: 'auto', or ray://HOST:10001 (default: a "
+                              "local Ray instance); only with --backend ray")
     compare.add_argument("--preset", choices=sorted(PRESETS), default="study-small",
                          help="base configuration; every configuration flag overrides it")
     compare.add_argument("--report-only", action="store_true",
@@ -300,9 +310,27 @@ def _compare(args: argparse.Namespace) -> int:
     grid = StudyGrid(strategies=args.strategies, rates=args.rates,
                      cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
     out = run_study(base, grid, args.out, data_dir=args.data_dir, jobs=args.jobs,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, backend=_study_backend(args, base))
     print(write_report(out))
     return 0
+
+
+def _study_backend(args: argparse.Namespace, base: Config):
+    """None for the local backend (run_study's default); a Ray backend for --backend ray."""
+    from rnnreg.study import ray_backend
+
+    if args.backend == "local":
+        if args.address is not None:
+            raise ValueError("--address names a Ray cluster: use it with --backend ray")
+        return None
+    try:
+        # A run that asks for CUDA gets a GPU reserved, so Ray places it on a node with one.
+        gpus = 1.0 if base.device.startswith("cuda") else 0.0
+        return ray_backend(args.address, gpus_per_trial=gpus,
+                           storage=Path(args.out).resolve() / "ray",
+                           progress=not args.no_progress)
+    except ImportError as error:  # the one-line message says which extra to install
+        raise ValueError(str(error)) from None
 
 
 def _add_plot(commands) -> None:

@@ -9,13 +9,15 @@ so differences in the report come from dropout alone.
 Every grid cell is an ordinary run directory ``out/runs/NAME`` trained by
 :func:`rnnreg.train.train`, so ``rnnreg evaluate`` and ``plot`` work on it, and a study
 interrupted at any point resumes run by run. Scheduling sits behind :data:`Backend`, a function
-given the pending :class:`Job` list; only the local process-pool backend exists now, and
-another (e.g. Ray Tune) can replace it without touching the grid or the report.
+given the pending :class:`Job` list: :func:`local_backend` trains on this machine,
+:func:`ray_backend` as Ray Tune trials on a local Ray instance or a cluster; the grid and the
+report are the same for both.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import multiprocessing
@@ -39,8 +41,8 @@ from rnnreg.rundir import RunDir, RunDirError, atomic_write_text
 from rnnreg.strategies import STRATEGIES
 from rnnreg.train import TrainingDiverged, load_model, train
 
-__all__ = ["Backend", "Job", "StudyGrid", "grid_runs", "local_backend", "run_study",
-           "write_report"]
+__all__ = ["Backend", "Job", "StudyGrid", "grid_runs", "local_backend", "ray_backend",
+           "run_study", "write_report"]
 
 # Tokens of the valid split drawn in the hidden-state heatmaps: enough to see masks persist
 # across steps, few enough that every token can be labelled.
@@ -185,6 +187,92 @@ def _run_in_pool(pending: Sequence[Job], done: Callable[[Job, str], None],
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+RAY_MISSING = "the Ray backend needs Ray Tune, an optional extra: pip install 'rnnreg[ray]'"
+
+
+def ray_backend(address: str | None = None, *, cpus_per_trial: float = 1.0,
+                gpus_per_trial: float = 0.0, storage: str | Path | None = None,
+                progress: bool = True) -> Backend:
+    """Runs every job as a Ray Tune trial: one grid-search trial per pending run.
+
+    ``address`` is passed to ``ray.init``: None starts a local Ray instance, ``"auto"`` joins
+    the cluster this machine belongs to, ``"ray://HOST:10001"`` connects through Ray Client.
+    A Ray already initialised by the caller is used as it is. Each trial trains an ordinary
+    run directory with :func:`rnnreg.train.train`, so on a cluster the study directory and
+    the data must be on a filesystem every node mounts at the same path, and rnnreg must be
+    installed on every node. Resuming needs nothing from Tune: :func:`run_study` submits only
+    the runs that have not finished. ``storage`` is where Tune keeps its own experiment
+    records (default: Tune's, ``~/ray_results``).
+
+    Raises ImportError, saying how to install the extra, when Ray is not installed; Ray is
+    imported here, never by ``import rnnreg``.
+    """
+    try:
+        import ray
+        from ray import tune
+    except ImportError as error:
+        raise ImportError(f"{RAY_MISSING} ({error})") from error
+    resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+
+    def run(pending: Sequence[Job], done: Callable[[Job, str], None]) -> None:
+        if not pending:
+            return
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=address)
+        try:
+            results = _fit_trials(tune, pending, resources, storage, progress)
+        finally:
+            if started:
+                ray.shutdown()
+        _report_trials(results, pending, done)
+
+    return run
+
+
+def _fit_trials(tune, pending: Sequence[Job], resources: dict, storage: str | Path | None,
+                progress: bool):
+    # Trials run in other processes whose working directory Tune may change: absolute paths.
+    jobs = {job.name: dataclasses.replace(job, run_dir=job.run_dir.resolve(),
+                                          data_dir=job.data_dir.resolve()) for job in pending}
+    threads = max(1, int(resources["cpu"]))
+    trainable = tune.with_resources(tune.with_parameters(_ray_trial, jobs=jobs, threads=threads),
+                                    resources)
+    tuner = tune.Tuner(
+        trainable, param_space={"run": tune.grid_search(list(jobs))},
+        run_config=tune.RunConfig(storage_path=None if storage is None else str(storage),
+                                  verbose=None if progress else 0))
+    return tuner.fit()
+
+
+def _ray_trial(config: dict, jobs: dict[str, Job], threads: int) -> None:
+    """One Tune trial: train its run and report the outcome with the run's final record."""
+    torch.set_num_threads(threads)  # as many threads as CPUs reserved, like the local pool
+    from ray import tune
+
+    job = jobs[config["run"]]
+    outcome = run_job(job)
+    finals = [r for r in RunDir(job.run_dir).read_metrics() if r.get("event") == "final"]
+    numbers = {k: v for k, v in (finals[-1] if finals else {}).items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    tune.report({"outcome": outcome, **numbers})
+
+
+def _report_trials(results, pending: Sequence[Job], done: Callable[[Job, str], None]) -> None:
+    """Hand each finished trial to ``done``; then raise if any trial failed, as the pool does."""
+    by_name = {job.name: job for job in pending}
+    failed = []
+    for result in results:
+        name = result.config["run"]
+        if result.error is not None:
+            failed.append(f"{name}: {result.error}")
+        else:
+            done(by_name[name], result.metrics["outcome"])
+    if failed:
+        raise RuntimeError(f"{len(failed)} Ray trial(s) failed; rerun the same command to "
+                           "retry them:\n" + "\n".join(failed))
 
 
 def run_study(base: Config, grid: StudyGrid, out: str | Path, *,

@@ -9,10 +9,16 @@ configuration of the same loop: AR/TAR penalties, variable-length windows, NT-AS
 A run directory holds the config, the vocabulary, metrics (JSON lines), TensorBoard scalars
 and checkpoints: ``last`` (weights, optimizer, RNG states, position in the epoch, carried hidden
 state) written atomically each epoch and every few minutes, and ``best`` (weights only).
+
+Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.distributed`): each
+rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
+that steers the loop (losses, time, stop and checkpoint decisions) is agreed between ranks, so
+the run follows the single-process run step for step. Rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -28,8 +34,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rnnreg import distributed
 from rnnreg.config import Config
-from rnnreg.data import Corpus, Vocabulary, batchify
+from rnnreg.data import Corpus, Vocabulary, batchify, shard_streams
+from rnnreg.distributed import World
 from rnnreg.evaluate import perplexity, score_stream
 from rnnreg.model import LanguageModel, count_parameters, detach_state, summed_loss
 from rnnreg.rundir import RunDir, RunDirError, atomic_write_text, describe_machine, git_commit
@@ -75,24 +83,58 @@ def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None
     ``progress`` shows a live bar per epoch; ``verbose`` prints one line per epoch.
     ``on_step`` is called with the global step after every optimizer step (progress hooks and
     tests); it must not touch the model.
+
+    Under ``torchrun`` every rank calls this with the same arguments (see
+    :mod:`rnnreg.distributed`); only rank 0 needs ``out``, and every rank ``data_dir``.
     """
     run = RunDir(out)
-    with run.lock():
-        config, vocab = _read_run(run) if resume else (config, None)
-        corpus = Corpus.load(data_dir, config.level, vocab)
+    with distributed.launch() as world, contextlib.ExitStack() as held:
+        # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
+        config, vocab, checkpoint = world.from_main(
+            lambda: _open_run(run, held, config, resume, world.size))
+        corpus = world.everywhere(lambda: Corpus.load(data_dir, config.level, vocab))
         if not resume:  # only once the data loaded, so a failed start leaves no half-made run
-            _create_run(run, config, corpus.vocab)
-        trainer = _Trainer(config, corpus, run, progress, on_step, verbose)
-        if resume and run.has_checkpoint("last"):
-            trainer.restore(run.load_checkpoint("last"))
+            world.from_main(lambda: _create_run(run, config, corpus.vocab, world.size))
+        trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
         return trainer.fit()
 
 
-def _read_run(run: RunDir) -> tuple[Config, Vocabulary]:
-    if not run.exists():
-        raise RunDirError(f"nothing to resume in {run.path}: no config.json; "
-                          "start a new run without --resume")
-    return Config.from_dict(run.read_config()["config"]), _read_vocab(run)
+def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config, resume: bool,
+              world_size: int) -> tuple[Config, Vocabulary | None, dict | None]:
+    """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint.
+
+    Also refuses a job the run cannot take, before anything is written.
+    """
+    held.enter_context(run.lock())
+    vocab = checkpoint = None
+    if resume:
+        if not run.exists():
+            raise RunDirError(f"nothing to resume in {run.path}: no config.json; "
+                              "start a new run without --resume")
+        config, vocab = Config.from_dict(run.read_config()["config"]), _read_vocab(run)
+        # With no checkpoint yet, the run restarts from its saved config and vocabulary.
+        checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+    if config.batch_size % world_size:
+        raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
+                         f"{world_size}: each process trains B / world size whole streams")
+    if checkpoint is not None:
+        _check_ranks(run, checkpoint, world_size)
+    return config, vocab, checkpoint
+
+
+def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
+    """Refuse to resume with another process count than the checkpoint was written by.
+
+    Each rank's dropout stream continues from its own saved state; with another rank count
+    there is no such state, and the run would silently stop being reproducible.
+    """
+    saved = len(_rng_per_rank(checkpoint["rng"]))
+    if saved != world_size:
+        raise ValueError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
+                         f"the same number (torchrun --nproc-per-node {saved}), "
+                         f"not {world_size}")
 
 
 def _read_vocab(run: RunDir) -> Vocabulary:
@@ -102,46 +144,60 @@ def _read_vocab(run: RunDir) -> Vocabulary:
     return Vocabulary.from_json(json.loads(path.read_text()))
 
 
-def _create_run(run: RunDir, config: Config, vocab: Vocabulary) -> None:
+def _create_run(run: RunDir, config: Config, vocab: Vocabulary, world_size: int) -> None:
     if run.exists():
         raise RunDirError(f"{run.path} already holds a run; pass --resume to continue it "
                           "or choose another --out")
     run.create(exist_ok=True)
     atomic_write_text(run.path / "vocab.json", json.dumps(vocab.to_json()))
     run.write_config({"config": config.to_dict(), "commit": git_commit(),
-                      "machine": describe_machine(),
+                      "machine": describe_machine(), "processes": world_size,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 class _Trainer:
-    def __init__(self, config: Config, corpus: Corpus, run: RunDir, progress: bool,
-                 on_step: Callable[[int], None] | None, verbose: bool) -> None:
-        self.config, self.corpus, self.run = config, corpus, run
-        self.show_progress, self.on_step = progress, on_step
-        self.verbose = verbose
-        self.device = resolve_device(config.device)
+    def __init__(self, config: Config, corpus: Corpus, run: RunDir, world: World,
+                 progress: bool, on_step: Callable[[int], None] | None, verbose: bool) -> None:
+        self.config, self.corpus, self.run, self.world = config, corpus, run, world
+        self.show_progress, self.on_step = progress and world.is_main, on_step
+        self.verbose = verbose and world.is_main
+        self.device = world.device(resolve_device(config.device))
+        train_ids = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
+        self.streams = shard_streams(batchify(train_ids, config.batch_size), world.rank,
+                                     world.size).to(self.device)
         _seed_everything(config.seed)
         self.model = LanguageModel(len(corpus.vocab), config).to(self.device)
+        if world.distributed:
+            # Same weights on every rank (the common seed above), but each rank's columns need
+            # their own dropout masks: reseed only torch, because Python's generator draws the
+            # variable window lengths, which every rank must agree on.
+            torch.manual_seed(config.seed + world.rank)
+        self.trained = world.wrap(self.model)
         self.optimizer = _make_optimizer(self.model, config, averaging=False)
-        train_ids = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
-        self.streams = batchify(train_ids, config.batch_size).to(self.device)
         self.state = Progress()
         self.hidden = None
-        self.writer = _tensorboard(run)
+        self.writer = _tensorboard(run) if world.is_main else None
 
     # --- checkpoints -----------------------------------------------------------------------
 
     def checkpoint_tree(self) -> dict:
+        """Everything a resume needs, for the whole job: every rank must take part.
+
+        The carried state is stored as the full batch and the RNG states as a list indexed by
+        rank, so the file is the same shape whichever rank count wrote it.
+        """
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "progress": self.state.__dict__.copy(),
-            "hidden": self.hidden,
-            "rng": _rng_states(),
+            "hidden": self.world.gather_columns(self.hidden),
+            "rng": self.world.gather_objects(_rng_states()),
         }
 
     def save(self) -> None:
-        self.run.save_checkpoint("last", self.checkpoint_tree())
+        tree = self.checkpoint_tree()
+        if self.world.is_main:
+            self.run.save_checkpoint("last", tree)
         self._last_save = time.monotonic()
 
     def restore(self, tree: dict) -> None:
@@ -149,12 +205,13 @@ class _Trainer:
         self.model.load_state_dict(tree["model"])
         self.optimizer = _make_optimizer(self.model, self.config, self.state.averaging)
         self.optimizer.load_state_dict(tree["optimizer"])
-        hidden = tree["hidden"]
+        hidden = self.world.shard_columns(tree["hidden"])
         self.hidden = None if hidden is None else _to_device(hidden, self.device)
-        _set_rng_states(tree["rng"])
+        _set_rng_states(_rng_per_rank(tree["rng"])[self.world.rank])
         resumed_epoch = self.state.epoch
-        self.run.truncate_metrics(lambda r: r.get("epoch", 0) < resumed_epoch
-                                  and r.get("event") == "epoch")
+        if self.world.is_main:
+            self.run.truncate_metrics(lambda r: r.get("epoch", 0) < resumed_epoch
+                                      and r.get("event") == "epoch")
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -176,7 +233,7 @@ class _Trainer:
     def _train_epoch(self) -> None:
         config, state = self.config, self.state
         lr = config.lr_at(state.epoch)
-        self.model.train()
+        self.trained.train()
         rows = self.streams.size(0) - 1
         bar = tqdm(total=rows, initial=state.position, disable=not self.show_progress,
                    desc=f"epoch {state.epoch}/{config.epochs}", unit="row", leave=False,
@@ -189,20 +246,26 @@ class _Trainer:
             state.position += length
             state.step += 1
             state.epoch_nll += nll
-            state.epoch_tokens += length * self.streams.size(1)
+            state.epoch_tokens += length * self.streams.size(1) * self.world.size
+            if self.on_step is not None:
+                self.on_step(state.step)
+            # Every rank must take the same branch below, or some would wait forever for the
+            # others at the next collective: a stop asked of any rank stops all, a checkpoint
+            # due on any rank is due on all, and the slowest rank's time is the step's time
+            # (it is what the time budget counts).
+            elapsed, stop, save = self.world.max(elapsed, self._stop.requested,
+                                                 self._checkpoint_due())
             state.epoch_seconds += elapsed
             state.train_seconds += elapsed
             bar.update(length)
             bar.set_postfix(ppl=f"{perplexity(state.epoch_nll, state.epoch_tokens):.1f}",
                             tok_s=f"{state.epoch_tokens / max(state.epoch_seconds, 1e-9):.0f}",
                             lr=f"{lr:.3g}", refresh=False)
-            if self.on_step is not None:
-                self.on_step(state.step)
-            if self._stop.requested:
+            if stop:
                 self.save()
                 raise KeyboardInterrupt(f"stopped at step {state.step}; checkpoint saved in "
                                         f"{self.run.path}: continue with --resume")
-            if self._checkpoint_due():
+            if save:
                 self.save()
         bar.close()
 
@@ -215,16 +278,25 @@ class _Trainer:
         return max(1, min(int(random.gauss(base, 5)), remaining, config.bptt + 20))
 
     def _step(self, position: int, length: int, lr: float) -> float:
-        """One truncated-BPTT window; returns its summed NLL (for perplexity)."""
+        """One truncated-BPTT window; returns its summed NLL over all ranks (for perplexity).
+
+        Each rank's loss is the paper's loss over its own columns: summed over steps, averaged
+        over its B/N columns. DDP averages the ranks' gradients, and the mean over N ranks of
+        per-rank means over B/N columns is the mean over all B columns: the gradient of the
+        single-process loss, with no rescaling. The AR/TAR penalties are means too, so the same
+        holds for them. Clipping then sees that gradient, identical on every rank.
+        """
         config = self.config
         inputs = self.streams[position:position + length]
         targets = self.streams[position + 1:position + 1 + length]
-        out = self.model(inputs, self.hidden)
+        out = self.trained(inputs, self.hidden)
         loss = summed_loss(out.logits, targets)
-        nll = float(loss.detach()) * targets.size(1)
+        # Summed over ranks before the checks, so every rank judges the same number.
+        nll, = self.world.sum(float(loss.detach()) * targets.size(1))
         # A loss whose perplexity overflows float64 has diverged as surely as a NaN one.
         self._check_finite("loss", nll, lr)
-        self._check_finite("perplexity", perplexity(nll, targets.numel()), lr)
+        self._check_finite("perplexity", perplexity(nll, targets.numel() * self.world.size),
+                           lr)
         loss = loss + self._activation_penalties(out, length)
         # AWD scales the step with the window length so short windows do not dominate.
         scale = length / config.bptt if config.variable_bptt else 1.0
@@ -257,7 +329,9 @@ class _Trainer:
 
     def _end_epoch(self) -> None:
         state, config = self.state, self.config
-        valid = self._evaluate(self.corpus.valid, config.valid_batch_size)
+        # Scored on rank 0 and shared: every rank then takes NT-ASGD's decision on one number.
+        valid = self.world.from_main(
+            lambda: self._evaluate(self.corpus.valid, config.valid_batch_size))
         record = {
             "event": "epoch", "epoch": state.epoch, "lr": config.lr_at(state.epoch),
             "train_ppl": perplexity(state.epoch_nll, state.epoch_tokens),
@@ -266,13 +340,12 @@ class _Trainer:
             "epoch_seconds": state.epoch_seconds, "train_seconds": state.train_seconds,
             "step": state.step, "averaging": state.averaging,
         }
-        self.run.append_metrics(record)
-        for key in ("train_ppl", "valid_ppl", "lr", "tokens_per_s"):
-            self.writer.add_scalar(key, record[key], state.epoch)
-        self.writer.flush()
+        if self.world.is_main:
+            self._record_epoch(record)
         if valid.perplexity < state.best_valid:
             state.best_valid = valid.perplexity
-            self.run.save_checkpoint("best", {"model": self._eval_weights()})
+            if self.world.is_main:
+                self.run.save_checkpoint("best", {"model": self._eval_weights()})
         self._maybe_start_averaging(valid.perplexity)
         if self.verbose:
             tqdm.write(f"epoch {state.epoch:3d}  lr {record['lr']:.4g}  "
@@ -283,6 +356,12 @@ class _Trainer:
         state.epoch_nll, state.epoch_tokens, state.epoch_seconds = 0.0, 0, 0.0
         self.hidden = None  # each epoch starts the streams from their beginning
         self.save()
+
+    def _record_epoch(self, record: dict) -> None:
+        self.run.append_metrics(record)
+        for key in ("train_ppl", "valid_ppl", "lr", "tokens_per_s"):
+            self.writer.add_scalar(key, record[key], record["epoch"])
+        self.writer.flush()
 
     def _maybe_start_averaging(self, valid_ppl: float) -> None:
         """NT-ASGD (Merity et al. 2018, Algorithm 1): average once validation stops improving."""
@@ -320,6 +399,10 @@ class _Trainer:
             self.model.load_state_dict(current)
 
     def _final_evaluation(self) -> dict:
+        """The final record, scored and written by rank 0; every rank returns it."""
+        return self.world.from_main(self._score_final)
+
+    def _score_final(self) -> dict:
         self.model.load_state_dict(self._eval_weights())
         valid = score_stream(self.model, self.corpus.valid, bptt=self.config.eval_bptt)
         test = score_stream(self.model, self.corpus.test, bptt=self.config.eval_bptt)
@@ -343,9 +426,11 @@ class _Trainer:
 
     def _log_start(self) -> None:
         if self.verbose and self.state.step == 0:
-            tqdm.write(f"{count_parameters(self.model):,} parameters on {self.device}; "
-                       f"{self.streams.numel():,} training tokens in {self.streams.size(1)} "
-                       f"streams; run directory {self.run.path}")
+            world = self.world.size
+            ranks = f" x {world} processes" if self.world.distributed else ""
+            tqdm.write(f"{count_parameters(self.model):,} parameters on {self.device}{ranks}; "
+                       f"{self.streams.numel() * world:,} training tokens in "
+                       f"{self.streams.size(1) * world} streams; run directory {self.run.path}")
 
     def _checkpoint_due(self) -> bool:
         config = self.config
@@ -418,6 +503,11 @@ def _numpy_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _rng_per_rank(saved) -> list[dict]:
+    """Per-rank RNG states; checkpoints before data-parallel training held one dict."""
+    return [saved] if isinstance(saved, dict) else list(saved)
 
 
 def _set_rng_states(states: dict) -> None:
