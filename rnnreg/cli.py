@@ -296,7 +296,8 @@ def _add_compare(commands) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rnnreg.study import StudyGrid, run_study, write_report
+    from rnnreg.report import write_report
+    from rnnreg.study import StudyGrid, run_study
 
     if args.report_only:
         given = sorted(set(_config_overrides(args)) | {

@@ -16,8 +16,9 @@ from conftest import REPO_ROOT
 
 from rnnreg import cli, study
 from rnnreg.config import Config
+from rnnreg.report import write_report
 from rnnreg.rundir import RunDir
-from rnnreg.study import StudyGrid, ray_backend, run_study, write_report
+from rnnreg.study import StudyGrid, ray_backend, run_study
 
 BASE = Config(hidden_size=8, bptt=5, batch_size=4, epochs=1, eval_bptt=50,
               checkpoint_minutes=0.0, device="cpu")

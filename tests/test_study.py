@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnreg import cli, study
+from rnnreg import cli, report, study
 from rnnreg.config import Config
 from rnnreg.model import LanguageModel
+from rnnreg.report import write_report
 from rnnreg.rundir import RunDir, RunDirError
-from rnnreg.study import StudyGrid, grid_runs, run_study, write_report
+from rnnreg.study import StudyGrid, grid_runs, run_study
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Tiny and fast, but every flag goes through the CLI the way a user would pass it.
@@ -155,7 +156,7 @@ def test_heatmap_masks_differ_only_in_how_often_they_are_drawn():
     torch.manual_seed(0)
     model = LanguageModel(10, Config(hidden_size=16, strategy="zaremba", dropout=0.5))
     ids = torch.randint(0, 10, (12, 1))
-    panels = study._hidden_panels(model, ids)
+    panels = report._hidden_panels(model, ids)
     assert torch.equal(panels["no dropout"], model.eval()(ids).dropped[:, 0])
     held, fresh = panels["one mask per sequence"], panels["fresh mask each step"]
     dropped_units = held == 0

@@ -1,0 +1,477 @@
+"""The study report: every run of a study read back, grouped, and written as Markdown and HTML.
+
+Split from :mod:`rnnreg.study` so that scheduling runs and describing them stay separate ideas:
+the report reads only run directories, so it works on any study however its runs were trained.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rnnreg import plots
+from rnnreg.config import CELLS, Config
+from rnnreg.data import Corpus, DataError
+from rnnreg.layers import DropoutMasks
+from rnnreg.model import LanguageModel, ModelMasks
+from rnnreg.rundir import RunDir, RunDirError, atomic_write_text
+from rnnreg.strategies import STRATEGIES
+from rnnreg.train import load_model
+
+__all__ = ["read_runs", "write_report"]
+
+# Tokens of the valid split drawn in the hidden-state heatmaps: enough to see masks persist
+# across steps, few enough that every token can be labelled.
+HEATMAP_TOKENS = 40
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run directory recorded."""
+
+    name: str
+    path: Path
+    config: Config
+    epochs: tuple[dict, ...]
+    final: dict | None
+
+    @property
+    def rate(self) -> float:
+        return 0.0 if self.config.strategy == "none" else self.config.dropout
+
+
+def read_runs(out: str | Path) -> list[RunResult]:
+    """Every run directory under ``out/runs``, finished or not, in name order."""
+    root = Path(out) / "runs"
+    if not root.is_dir():
+        raise RunDirError(f"{Path(out)} holds no study (no runs/ directory); run "
+                          "`rnnreg compare` first")
+    results = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        run = RunDir(path)
+        if not run.exists():
+            continue  # created but never configured: nothing to report
+        records = run.read_metrics()
+        finals = [r for r in records if r.get("event") == "final"]
+        results.append(RunResult(
+            path.name, path, Config.from_dict(run.read_config()["config"]),
+            tuple(r for r in records if r.get("event") == "epoch"),
+            finals[-1] if finals else None))
+    return results
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float | None  # None for a single seed: one value has no spread to report
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Stat | None:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return cls(statistics.fmean(values),
+                   statistics.stdev(values) if len(values) > 1 else None)
+
+    def text(self, digits: int = 1) -> str:
+        if self.std is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """The runs of one (cell, strategy, rate): the seeds of one table row."""
+
+    cell: str
+    strategy: str
+    rate: float
+    runs: tuple[RunResult, ...]
+
+    @property
+    def label(self) -> str:
+        return "none" if self.strategy == "none" else f"{self.strategy} p={self.rate:g}"
+
+    @property
+    def finished(self) -> tuple[RunResult, ...]:
+        return tuple(r for r in self.runs if r.final is not None)
+
+    def stat(self, measure: str) -> Stat | None:
+        return Stat.of([_MEASURES[measure](run) for run in self.finished])
+
+    def curve(self) -> list[dict]:
+        """Epoch records averaged over seeds, epoch by epoch, from every run that reached it."""
+        by_epoch: dict[int, list[dict]] = {}
+        for run in self.runs:
+            for record in run.epochs:
+                by_epoch.setdefault(record["epoch"], []).append(record)
+        return [{"epoch": epoch,
+                 "train_ppl": statistics.fmean(r["train_ppl"] for r in records),
+                 "valid_ppl": statistics.fmean(r["valid_ppl"] for r in records)}
+                for epoch, records in sorted(by_epoch.items())]
+
+
+def _last_epoch(run: RunResult, key: str) -> float | None:
+    return run.epochs[-1][key] if run.epochs else None
+
+
+def _gap(run: RunResult) -> float | None:
+    if not run.epochs:
+        return None
+    return run.epochs[-1]["valid_ppl"] - run.epochs[-1]["train_ppl"]
+
+
+def _tokens_per_s(run: RunResult) -> float | None:
+    speeds = [r["tokens_per_s"] for r in run.epochs]
+    return statistics.fmean(speeds) if speeds else None
+
+
+_MEASURES: dict[str, Callable[[RunResult], float | None]] = {
+    "train": lambda run: _last_epoch(run, "train_ppl"),
+    "valid": lambda run: run.final["valid_ppl"],
+    "test": lambda run: run.final["test_ppl"],
+    "gap": _gap,
+    "tokens_per_s": _tokens_per_s,
+}
+
+
+def group_runs(results: Sequence[RunResult]) -> list[Group]:
+    """Runs grouped by (cell, strategy, rate), in the order of CELLS, STRATEGIES, then rate."""
+    keyed: dict[tuple[str, str, float], list[RunResult]] = {}
+    for run in results:
+        keyed.setdefault((run.config.cell, run.config.strategy, run.rate), []).append(run)
+    order = {name: i for i, name in enumerate(STRATEGIES)}
+    keys = sorted(keyed, key=lambda k: (CELLS.index(k[0]), order[k[1]], k[2]))
+    return [Group(*key, tuple(keyed[key])) for key in keys]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class _Heading:
+    text: str
+    level: int = 2
+
+    def markdown(self) -> str:
+        return f"{'#' * self.level} {self.text}"
+
+    def html(self, out: Path) -> str:
+        return f"<h{self.level}>{html.escape(self.text)}</h{self.level}>"
+
+
+@dataclass(frozen=True)
+class _Paragraph:
+    text: str
+
+    def markdown(self) -> str:
+        return self.text
+
+    def html(self, out: Path) -> str:
+        return f"<p>{html.escape(self.text)}</p>"
+
+
+@dataclass(frozen=True)
+class _Bullets:
+    items: tuple[str, ...]
+
+    def markdown(self) -> str:
+        return "\n".join(f"- {item}" for item in self.items)
+
+    def html(self, out: Path) -> str:
+        items = "".join(f"<li>{html.escape(item)}</li>" for item in self.items)
+        return f"<ul>{items}</ul>"
+
+
+@dataclass(frozen=True)
+class _Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+    def markdown(self) -> str:
+        lines = [self.header, tuple("---" for _ in self.header), *self.rows]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+    def html(self, out: Path) -> str:
+        head = "".join(f"<th>{html.escape(cell)}</th>" for cell in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                       for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass(frozen=True)
+class _Image:
+    path: Path     # relative to the study directory, so report.md works wherever it is moved
+    caption: str
+
+    def markdown(self) -> str:
+        return f"![{self.path.stem}]({self.path.as_posix()})\n\n*{self.caption}*"
+
+    def html(self, out: Path) -> str:
+        # Embedded, so report.html is one self-contained file that can be mailed or archived.
+        data = base64.b64encode((out / self.path).read_bytes()).decode("ascii")
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{self.path.stem}">'
+                f"<figcaption>{html.escape(self.caption)}</figcaption></figure>")
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;"
+          "padding:.25em .6em;text-align:right}img{max-width:100%}"
+          "figcaption{font-style:italic;color:#444}")
+
+
+def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path:
+    """Write ``out/report.md`` and a self-contained ``out/report.html``; returns the .md path.
+
+    Reads only the run directories, so it can be regenerated at any time, also mid-study.
+    ``data_dir`` (for the hidden-state heatmaps) defaults to the one in ``study.json``.
+    """
+    out = Path(out)
+    groups = group_runs(read_runs(out))
+    if not groups:
+        raise RunDirError(f"{out / 'runs'} holds no run yet; nothing to report")
+    study = _read_study(out)
+    data = data_dir if data_dir is not None else study.get("data_dir")
+    figures = out / "figures"
+    blocks = [_Heading("Dropout-strategy study", 1), *_overview(study, groups),
+              _Heading("What the numbers say"), _Bullets(tuple(_findings(groups))),
+              *_tables(groups), *_curves(out, figures, groups), *_rates(out, figures, groups),
+              *_heatmaps(out, figures, groups, data), *_placements(out, figures, groups)]
+    markdown = "\n\n".join(block.markdown() for block in blocks) + "\n"
+    body = "\n".join(block.html(out) for block in blocks)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.html", (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Dropout-strategy study</title><style>{_STYLE}</style></head>"
+        f"<body>\n{body}\n</body></html>\n"))
+    return out / "report.md"
+
+
+def _read_study(out: Path) -> dict:
+    path = out / "study.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _overview(study: dict, groups: Sequence[Group]) -> list:
+    runs = [run for group in groups for run in group.runs]
+    unfinished = [run.name for run in runs if run.final is None]
+    blocks = [_Paragraph(f"{len(runs)} runs, {len(runs) - len(unfinished)} finished. Each row "
+                         "below is the mean ± standard deviation over seeds (no deviation for "
+                         "a single seed).")]
+    if "base" in study:
+        base = Config.from_dict(study["base"])
+        blocks.append(_Paragraph(
+            f"Held equal in every run: {base.num_layers} layers of {base.hidden_size} units, "
+            f"{base.epochs} epochs, batch {base.batch_size}, bptt {base.bptt}, lr {base.lr:g} "
+            f"decayed by {base.lr_decay:g} after epoch {base.decay_after}; "
+            f"data from {study.get('data_dir')}."))
+    if unfinished:
+        blocks.append(_Paragraph("No final record (still running, interrupted or diverged): "
+                                 + ", ".join(unfinished) + "."))
+    return blocks
+
+
+def _findings(groups: Sequence[Group]) -> list[str]:
+    """Plain statements computed from the numbers; nothing beyond what the table shows."""
+    findings = []
+    for cell in dict.fromkeys(g.cell for g in groups):
+        ranked = sorted((g for g in groups if g.cell == cell and g.stat("valid")),
+                        key=lambda g: g.stat("valid").mean)
+        if not ranked:
+            continue
+        best = ranked[0]
+        findings.append(f"{cell}: lowest valid perplexity {best.stat('valid').text()} from "
+                        f"{best.label} (test {best.stat('test').text()}, "
+                        f"{len(best.finished)} seed(s)).")
+        if len(ranked) > 1:
+            findings.append(_runner_up(cell, best, ranked[1]))
+        findings.extend(_gap_finding(cell, ranked))
+    findings.extend(_overfitting(groups))
+    return findings or ["No run has finished yet."]
+
+
+def _runner_up(cell: str, best: Group, second: Group) -> str:
+    first, other = best.stat("valid"), second.stat("valid")
+    # Two decimals: the difference between close configurations would round away at one.
+    difference = other.mean - first.mean
+    text = f"{cell}: next is {second.label} at {other.text()}, {difference:.2f} higher"
+    if first.std is not None and other.std is not None:
+        spread = max(first.std, other.std)
+        relation = "smaller" if difference < spread else "not smaller"
+        text += (f"; the difference is {relation} than the larger of their seed standard "
+                 f"deviations ({spread:.2f})")
+    return text + "."
+
+
+def _gap_finding(cell: str, ranked: Sequence[Group]) -> list[str]:
+    """The generalization gap of `none` against Zaremba's placement at its best rate."""
+    none = next((g for g in ranked if g.strategy == "none"), None)
+    zaremba = next((g for g in ranked if g.strategy == "zaremba"), None)  # ranked: best rate
+    if none is None or zaremba is None or not (none.stat("gap") and zaremba.stat("gap")):
+        return []
+    return [f"{cell}: valid − train gap at the last epoch is {none.stat('gap').text()} without "
+            f"dropout and {zaremba.stat('gap').text()} for {zaremba.label} (its lowest-valid "
+            f"rate); the train perplexity is measured with dropout active."]
+
+
+def _overfitting(groups: Sequence[Group]) -> list[str]:
+    """Configurations whose mean valid perplexity rose after its minimum: overfitting."""
+    rose = []
+    for group in groups:
+        curve = group.curve()
+        if len(curve) < 2:
+            continue
+        lowest = min(curve, key=lambda r: r["valid_ppl"])
+        last = curve[-1]
+        if last["valid_ppl"] > lowest["valid_ppl"]:
+            rose.append(f"{group.cell} {group.label}: mean valid perplexity was lowest at epoch "
+                        f"{lowest['epoch']} ({lowest['valid_ppl']:.2f}) and rose to "
+                        f"{last['valid_ppl']:.2f} by epoch {last['epoch']}.")
+    if not rose and any(len(g.curve()) > 1 for g in groups):
+        return ["No configuration's mean valid perplexity rose after its minimum."]
+    return rose
+
+
+_COLUMNS = ("cell", "p", "seeds", "train ppl", "valid ppl", "test ppl", "gap (valid − train)",
+            "tokens/s")
+
+
+def _tables(groups: Sequence[Group]) -> list:
+    blocks = [_Heading("Perplexity by strategy"), _Paragraph(
+        "train: the last epoch's training perplexity, averaged over its windows with dropout "
+        "active, as the trainer logs it; valid and test: the final model scored as one stream; "
+        "gap: valid − train of the last epoch record; tokens/s: training speed averaged over "
+        "epochs, which depends on how many runs shared the machine.")]
+    for name in dict.fromkeys(g.strategy for g in groups):
+        rows = tuple(_row(g) for g in groups if g.strategy == name and g.finished)
+        blocks.append(_Heading(f"{name}: {STRATEGIES[name].description}", 3))
+        blocks.append(_Table(_COLUMNS, rows) if rows else _Paragraph("No finished run."))
+    return blocks
+
+
+def _row(group: Group) -> tuple[str, ...]:
+    def text(measure: str, digits: int = 1) -> str:
+        stat = group.stat(measure)
+        return "–" if stat is None else stat.text(digits)
+
+    return (group.cell, f"{group.rate:g}", str(len(group.finished)), text("train"),
+            text("valid"), text("test"), text("gap"), text("tokens_per_s", 0))
+
+
+def _curves(out: Path, figures: Path, groups: Sequence[Group]) -> list:
+    blocks = [_Heading("Learning curves"), _Paragraph(
+        "Mean over seeds. A valid curve that turns up while the train curve keeps falling is "
+        "overfitting, the failure dropout is meant to prevent.")]
+    for cell in dict.fromkeys(g.cell for g in groups):
+        path = plots.learning_curves({g.label: g.curve() for g in groups if g.cell == cell},
+                                     figures / f"curves-{cell}.png",
+                                     title=f"{cell}: train and valid perplexity per epoch")
+        blocks.append(_Image(path.relative_to(out), f"Learning curves, {cell}"))
+    return blocks
+
+
+def _rates(out: Path, figures: Path, groups: Sequence[Group]) -> list:
+    blocks = [_Heading("Perplexity against dropout rate")]
+    for cell in dict.fromkeys(g.cell for g in groups):
+        series: dict[str, list[dict]] = {}
+        for group in groups:
+            valid, test = group.stat("valid"), group.stat("test")
+            if group.cell == cell and valid is not None:
+                series.setdefault(group.strategy, []).append({
+                    "rate": group.rate, "valid": valid.mean, "valid_std": valid.std,
+                    "test": test.mean, "test_std": test.std})
+        if series:
+            path = plots.rate_curve(series, figures / f"rates-{cell}.png",
+                                    title=f"{cell}: final perplexity (mean ± std over seeds)")
+            blocks.append(_Image(path.relative_to(out), f"Perplexity against rate, {cell}; "
+                                 "a strategy with a single rate is a dotted reference line"))
+    return blocks
+
+
+def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
+              data_dir: str | Path | None) -> list:
+    blocks = [_Heading("Hidden states on real text")]
+    finished = [run for group in groups for run in group.finished]
+    if not finished:
+        return [*blocks, _Paragraph("No finished run to draw.")]
+    # The largest output rate shows masking most plainly; the paper's placement breaks ties.
+    run = max(finished, key=lambda r: (r.config.layer_dropout()["output_dropout"],
+                                       r.config.strategy == "zaremba", r.name))
+    model, vocab, config = load_model(run.path, device="cpu")
+    try:
+        corpus = Corpus.load(data_dir, config.level, vocab)
+    except DataError as error:
+        return [*blocks, _Paragraph(f"Skipped: the valid split could not be read ({error}).")]
+    ids = corpus.valid[:HEATMAP_TOKENS].unsqueeze(1)
+    path = plots.hidden_heatmaps(_hidden_panels(model, ids), figures / "hidden-states.png",
+                                 tokens=vocab.decode(ids[:, 0]),
+                                 title=f"{run.name}: last layer's output after output dropout")
+    blocks.append(_Image(path.relative_to(out), (
+        f"Trained weights of {run.name} on the first {ids.size(0)} tokens of the valid split. "
+        "Same weights, placements and rates in every panel; only how often the masks are "
+        "redrawn differs. One mask per sequence blanks the same units at every step.")))
+    return blocks
+
+
+@torch.no_grad()
+def _hidden_panels(model: LanguageModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``dropped`` outputs ``(T, H)`` under no dropout, per-step masks and per-sequence masks.
+
+    Both schemes come from ``model.sample_masks`` at the model's own placements and rates: one
+    draw is held for the whole sequence (Gal & Ghahramani 2016), or a new draw is taken at
+    every step (Zaremba et al. 2014), whichever the model was trained with. A fixed seed in a
+    forked RNG makes the figure reproducible without disturbing the caller's random state.
+    """
+    model.eval()
+    steps = ids.size(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        draws = [model.sample_masks(1, ids.size(1)) for _ in range(steps)]
+    return {
+        "no dropout": model(ids).dropped[:, 0],
+        "fresh mask each step": model(ids, None, _per_step(draws)).dropped[:, 0],
+        "one mask per sequence": model(ids, None, draws[0]).dropped[:, 0],
+    }
+
+
+def _per_step(draws: Sequence[ModelMasks]) -> ModelMasks:
+    """Stack single-step draws along time; weight and word masks are per call, so keep one."""
+    def stack(masks):
+        return None if masks[0] is None else torch.cat(masks)
+
+    rnn = [d.rnn for d in draws]
+    first = draws[0]
+    return ModelMasks(first.words, DropoutMasks(
+        input=stack([m.input for m in rnn]),
+        between=tuple(stack(list(layer)) for layer in zip(*(m.between for m in rnn))),
+        recurrent=tuple(stack(list(layer)) for layer in zip(*(m.recurrent for m in rnn))),
+        weight=first.rnn.weight,
+        output=stack([m.output for m in rnn]),
+    ), stack([d.output for d in draws]))
+
+
+def _placements(out: Path, figures: Path, groups: Sequence[Group]) -> list:
+    blocks = [_Heading("Where each strategy drops"), _Paragraph(
+        "Drawn from the dropout settings held by a model built from each strategy's run "
+        "config (at its highest rate), not from a table, so they cannot disagree with the "
+        "code. Other rates place dropout identically.")]
+    for name in dict.fromkeys(g.strategy for g in groups):
+        run = max((r for g in groups if g.strategy == name for r in g.runs),
+                  key=lambda r: (r.rate, r.name))
+        # The vocabulary size does not affect where dropout acts; 2 keeps the model tiny.
+        model = LanguageModel(2, run.config)
+        title = name if name == "none" else f"{name}, p={run.rate:g}"
+        path = plots.placement_diagram(model, figures / f"placement-{name}.png", title=title)
+        blocks.append(_Image(path.relative_to(out),
+                             f"{name}: {STRATEGIES[name].description}"))
+    return blocks
