@@ -141,6 +141,7 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--weights", choices=["best", "last"], default="best")
     evaluate.add_argument("--seed", type=int, default=1, help="seed for MC-dropout masks")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_data_dir(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -167,7 +168,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     corpus = Corpus.load(args.data_dir, config.level, vocab)
     torch.manual_seed(args.seed)
     score = score_stream(models, corpus.split(args.split), bptt=config.eval_bptt,
-                         mc_samples=args.mc_samples, progress=True)
+                         mc_samples=args.mc_samples, progress=not args.no_progress)
     print(json.dumps({"split": args.split, "runs": args.runs, "mc_samples": args.mc_samples,
                       "perplexity": score.perplexity, "tokens": score.tokens,
                       "seconds": round(score.seconds, 2)}))
