@@ -19,6 +19,7 @@ import torch
 from rnnreg import distributed
 from rnnreg.config import CELLS, Config
 from rnnreg.data import (
+    Corpus,
     DataError,
     default_data_dir,
     download_ptb,
@@ -26,10 +27,12 @@ from rnnreg.data import (
     resolve_data_dir,
     tokenize,
 )
+from rnnreg.evaluate import score_stream
+from rnnreg.generate import sample_text
 from rnnreg.presets import PRESETS, preset_config
 from rnnreg.rundir import RunDirError
 from rnnreg.strategies import STRATEGIES
-from rnnreg.train import TrainingDiverged
+from rnnreg.train import TrainingDiverged, load_model, train
 
 __all__ = ["main"]
 
@@ -111,8 +114,6 @@ def _config_overrides(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rnnreg.train import train
-
     overrides = _config_overrides(args)
     if args.resume:
         if not args.out:
@@ -147,8 +148,6 @@ def _add_evaluate(commands) -> None:
 
 
 def _load_members(runs: list[str], weights: str, device: str):
-    from rnnreg.train import load_model
-
     members = [load_model(run, weights=weights, device=device) for run in runs]
     vocab, config = members[0][1], members[0][2]
     for run, (_, other_vocab, other_config) in zip(runs[1:], members[1:]):
@@ -159,9 +158,6 @@ def _load_members(runs: list[str], weights: str, device: str):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rnnreg.data import Corpus
-    from rnnreg.evaluate import score_stream
-
     if args.mc_samples < 0:
         raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
     models, vocab, config = _load_members(args.runs, args.weights, args.device)
@@ -184,9 +180,6 @@ def _add_score(commands) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from rnnreg.evaluate import score_stream
-    from rnnreg.train import load_model
-
     model, vocab, config = load_model(args.run, device=args.device)
     ids = vocab.encode(tokenize(read_text(args.file), config.level))
     if ids.numel() < 2:
@@ -209,9 +202,6 @@ def _add_generate(commands) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from rnnreg.generate import sample_text
-    from rnnreg.train import load_model
-
     if args.words < 1:
         raise ValueError(f"--words must be >= 1, got {args.words}")
     if not args.temperature > 0 or math.isinf(args.temperature):
