@@ -13,6 +13,7 @@ from rnnreg.evaluate import Score, score_stream
 from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
 from rnnreg.model import LanguageModel
 from rnnreg.presets import PRESETS, preset_config
+from rnnreg.stack import StackedRNN
 from rnnreg.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
 
 # ``train`` stays in ``rnnreg.train``: re-exporting the function here would shadow the module.
@@ -35,6 +36,7 @@ __all__ = [
     "LanguageModel",
     "LockedDropout",
     "Score",
+    "StackedRNN",
     "Strategy",
     "TrainingDiverged",
     "Vocabulary",

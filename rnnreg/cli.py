@@ -38,6 +38,7 @@ __all__ = ["main"]
 
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type == "bool"}
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+_SIZE_LIST_TYPES = {"tuple[int, ...] | None"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,14 +104,40 @@ def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] =
         if field.name in _BOOL_FIELDS:
             fields.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS)
+        elif field.type in _SIZE_LIST_TYPES:
+            fields.add_argument(flag, nargs="+", action=_SizesAction, default=argparse.SUPPRESS,
+                                metavar="SIZE", help="one size per layer, e.g. 1150 1150 400 or "
+                                "1150,1150,400 (sets --num-layers and --hidden-size unless "
+                                "given); 'none' = uniform")
         else:
             fields.add_argument(flag, type=_TYPES[field.type], default=argparse.SUPPRESS,
                                 metavar=field.name.upper())
 
 
+class _SizesAction(argparse.Action):
+    """``--layer-sizes 1150 1150 400`` (or ``1150,1150,400``) -> a tuple; ``none`` -> None."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if [v.strip().lower() for v in values] == ["none"]:
+            setattr(namespace, self.dest, None)
+            return
+        items = [item.strip() for value in values for item in value.split(",")]
+        try:
+            sizes = tuple(int(item) for item in items)
+        except ValueError:
+            parser.error(f"{option_string} takes integers (one per layer) or 'none', "
+                         f"got {' '.join(values)!r}")
+        setattr(namespace, self.dest, sizes)
+
+
 def _config_overrides(args: argparse.Namespace) -> dict:
     names = {f.name for f in dataclasses.fields(Config)}
-    return {name: value for name, value in vars(args).items() if name in names}
+    overrides = {name: value for name, value in vars(args).items() if name in names}
+    sizes = overrides.get("layer_sizes")
+    if sizes:  # the depth and the top size follow the per-layer sizes unless given
+        overrides.setdefault("num_layers", len(sizes))
+        overrides.setdefault("hidden_size", sizes[-1])
+    return overrides
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -217,7 +244,9 @@ def _presets(_: argparse.Namespace) -> int:
     for preset in PRESETS.values():
         config = preset.config()
         paper = ", ".join(f"{k} {v}" for k, v in preset.paper.items()) or "no published numbers"
-        print(f"{preset.name:14s} {config.cell} {config.num_layers}x{config.hidden_size} "
+        shape = (f"{config.num_layers}x{config.hidden_size}" if len(set(config.sizes)) == 1
+                 else "-".join(map(str, config.sizes)))
+        print(f"{preset.name:14s} {config.cell} {shape} "
               f"{config.strategy} p={config.dropout} bptt={config.bptt} "
               f"epochs={config.epochs}  | paper: {paper}  ({preset.note}; {preset.source})")
     return 0
@@ -329,11 +358,13 @@ def _add_plot(commands) -> None:
     plot = commands.add_parser("plot", help="learning curves of runs side by side")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     plot.add_argument("--out", required=True, metavar="FILE.png", help="figure to write")
+    plot.add_argument("--x", choices=("epoch", "minutes"), default="epoch",
+                      help="x axis: epochs, or training minutes (time-to-quality)")
     plot.set_defaults(handler=_plot)
 
 
 def _plot(args: argparse.Namespace) -> int:
     from rnnreg.plots import plot_runs
 
-    print(plot_runs(args.runs, args.out))
+    print(plot_runs(args.runs, args.out, x=args.x))
     return 0

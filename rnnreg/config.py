@@ -8,16 +8,19 @@ directory stores in ``config.json`` and what ``--resume`` rebuilds from.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from rnnreg.functional import check_probability
 from rnnreg.strategies import STRATEGIES, strategy
 
-__all__ = ["CELLS", "OPTIMIZERS", "Config"]
+__all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "Config"]
 
 CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("sgd", "asgd")
+LR_SCHEDULES = ("step", "cosine")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,14 @@ class Config:
 
     # --- model --------------------------------------------------------------------------
     cell: str = "lstm"              # the paper's cell; "gru" and "rnn" for the comparisons
-    hidden_size: int = 200          # paper's small model
+    hidden_size: int = 200          # paper's small model (the top layer's size with layer_sizes)
     num_layers: int = 2             # paper: 2 layers for every size
     embedding_size: int | None = None  # None = hidden_size, as in the paper
+    # Hidden size of each recurrent layer, bottom to top; None = num_layers layers of
+    # hidden_size. When given it must have num_layers entries and end with hidden_size, so
+    # those two fields keep describing the model (depth, and the size the decoder and a tied
+    # embedding see): AWD-LSTM is layer_sizes=(1150, 1150, 400), num_layers=3, hidden_size=400.
+    layer_sizes: tuple[int, ...] | None = None
     tie_weights: bool = False       # Press & Wolf 2017 / AWD; the paper does not tie
     init_range: float = 0.1         # uniform(-r, r) for every weight (paper, section 4.1)
 
@@ -54,6 +62,7 @@ class Config:
     variable_bptt: bool = False     # AWD: window length drawn around bptt each step
     epochs: int = 13                # paper's small model
     lr: float = 1.0                 # plain SGD, paper's learning rate
+    lr_schedule: str = "step"       # "step": the paper's per-epoch decay; "cosine": see lr_now
     lr_decay: float = 0.5           # multiply lr by this each epoch after decay_after
     decay_after: int = 4            # epochs at the full learning rate
     clip_norm: float = 5.0          # global gradient-norm clipping (paper: 5; large: 10)
@@ -61,6 +70,9 @@ class Config:
     asgd_nonmono: int = 5           # AWD: epochs without improvement before averaging starts
     seed: int = 1
     device: str = "auto"            # "auto" = cuda when available, else cpu
+    # "bfloat16" runs the training forward under autocast (mixed precision: float32 weights,
+    # optimizer and loss); evaluation always runs in float32, so perplexities stay exact.
+    precision: str = "float32"
 
     # --- evaluation and bookkeeping ----------------------------------------------------
     eval_bptt: int = 100            # window length when scoring a split as one stream
@@ -74,11 +86,14 @@ class Config:
         _check_choice("strategy", self.strategy, tuple(STRATEGIES))
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("level", self.level, ("word", "char"))
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("precision", self.precision, PRECISIONS)
         for name in ("hidden_size", "num_layers", "batch_size", "bptt", "epochs", "eval_bptt",
                      "valid_batch_size", "asgd_nonmono"):
             _check_positive(name, getattr(self, name))
         if self.embedding_size is not None:
             _check_positive("embedding_size", self.embedding_size)
+        self._check_layer_sizes()
         for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
@@ -93,7 +108,37 @@ class Config:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
-            raise ValueError("tie_weights needs embedding_size == hidden_size (or unset)")
+            last = "" if self.layer_sizes is None else ", the last of layer_sizes"
+            raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
+                             f"({self.hidden_size}), or unset; got {self.embedding_size}")
+
+    def _check_layer_sizes(self) -> None:
+        sizes = self.layer_sizes
+        if sizes is None:
+            return
+        if isinstance(sizes, str | bytes) or not isinstance(sizes, tuple | list):
+            raise ValueError(f"layer_sizes must be a sequence of positive integers, "
+                             f"got {sizes!r}")
+        # JSON gives lists back: store a tuple so the frozen config stays hashable and equal.
+        object.__setattr__(self, "layer_sizes", tuple(sizes))
+        for size in self.layer_sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
+        if len(self.layer_sizes) != self.num_layers:
+            raise ValueError(f"layer_sizes {self.layer_sizes} has {len(self.layer_sizes)} "
+                             f"entries but num_layers={self.num_layers}: give one size per "
+                             "layer (or set num_layers to match)")
+        if self.layer_sizes[-1] != self.hidden_size:
+            raise ValueError(f"layer_sizes {self.layer_sizes} ends with "
+                             f"{self.layer_sizes[-1]} but hidden_size={self.hidden_size}: "
+                             "hidden_size is the last layer's size (set it to match)")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Hidden size of every recurrent layer, bottom to top, whichever way it was given."""
+        if self.layer_sizes is None:
+            return (self.hidden_size,) * self.num_layers
+        return self.layer_sizes
 
     @property
     def embedding_dim(self) -> int:
@@ -115,6 +160,17 @@ class Config:
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``: constant, then decayed geometrically (sec. 4.1)."""
         return self.lr * self.lr_decay ** max(epoch - self.decay_after, 0)
+
+    def lr_now(self, epoch: int, done: float) -> float:
+        """Learning rate of a step in ``epoch`` when the fraction ``done`` of the run is behind.
+
+        ``step`` is the paper's schedule and ignores ``done``. ``cosine`` anneals from ``lr`` to
+        0 over the whole run (Loshchilov & Hutter 2017, one cycle, no restarts): a run cut by
+        ``max_train_minutes`` still ends annealed when ``done`` counts the time budget.
+        """
+        if self.lr_schedule == "step":
+            return self.lr_at(epoch)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
 
     def replace(self, **changes: Any) -> Config:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})

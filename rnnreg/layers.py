@@ -29,11 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnreg.functional import check_probability, dropout_mask
+from rnnreg.functional import check_probability, dropout, dropout_mask
 from rnnreg.recurrence import recurrence
 
 __all__ = ["GRU", "LSTM", "RNN", "DropoutMasks"]
@@ -93,13 +92,24 @@ class _RegularizedRecurrence:
         return 2 if self.bidirectional else 1
 
     def _needs_own_masks(self) -> bool:
-        """True when a mask must outlive one step or act inside the recurrence.
+        """True when rnnreg samples the masks itself and runs the stack layer by layer.
 
-        Otherwise (Zaremba's placements, fresh masks) torch's fused stack does the between-layer
-        dropout itself and only the input and output need an ``F.dropout`` around it.
+        That is needed when a mask outlives one step or acts inside the recurrence, and pays on
+        CPU for fresh between-layer masks. Otherwise (Zaremba's placements on GPU, or without
+        between-layer dropout) torch's fused stack runs in one call and only the input and
+        output get a dropout around it.
         """
         inside = self.recurrent_dropout > 0 or self.weight_dropout > 0
-        return self.training and (inside or self.variational)
+        return self.training and (inside or self.variational or self._faster_between())
+
+    def _faster_between(self) -> bool:
+        """On CPU, layer-by-layer fused calls with rnnreg's masks between them beat torch's
+        multi-layer call, whose between-layer dropout samples with the slower ``bernoulli_``
+        (benchmarks/masks.py). cuDNN's one-call stack stays faster on GPU.
+        """
+        weight = next(self.parameters())
+        return (weight.device.type == "cpu" and self.dropout > 0 and self.num_layers > 1
+                and not self.proj_size)
 
     def sample_masks(self, steps: int, batch_size: int, *, device=None,
                      dtype=None) -> DropoutMasks:
@@ -290,8 +300,8 @@ def _dropout_data(seq, p: float, training: bool):
     if not training or p == 0:
         return seq
     if isinstance(seq, PackedSequence):
-        return seq._replace(data=F.dropout(seq.data, p, True))
-    return F.dropout(seq, p, True)
+        return seq._replace(data=dropout(seq.data, p))
+    return dropout(seq, p)
 
 
 def _apply(x: Tensor, mask: Tensor | None) -> Tensor:

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnreg.config import Config
-from rnnreg.functional import dropout_mask, embedding_dropout
+from rnnreg.functional import dropout, dropout_mask, embedding_dropout
 from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
+from rnnreg.stack import StackedRNN
 
 __all__ = ["LanguageModel", "ModelMasks", "ModelOutput"]
 
@@ -34,7 +35,8 @@ class ModelMasks:
 @dataclass(frozen=True)
 class ModelOutput:
     logits: Tensor            # (T, B, V)
-    state: object             # the final recurrent state, to carry into the next window
+    state: object             # the final recurrent state, to carry into the next window;
+                              # per-layer tuple with layer_sizes (see rnnreg.stack)
     hidden: Tensor            # (T, B, H) last layer's output before output dropout (TAR)
     dropped: Tensor           # the same after output dropout (AR)
 
@@ -52,9 +54,15 @@ class LanguageModel(nn.Module):
         self.variational = bool(settings["variational"])
         self.embedding_dropout = config.embedding_dropout
         self.embedding = nn.Embedding(vocab_size, config.embedding_dim)
-        self.rnn = _LAYERS[config.cell](config.embedding_dim, config.hidden_size,
-                                        config.num_layers, **settings)
-        self.decoder = nn.Linear(config.hidden_size, vocab_size)
+        sizes = config.sizes
+        if len(set(sizes)) > 1:
+            # Per-layer sizes (AWD-LSTM's 1150, 1150, 400): one single-layer rnnreg layer each.
+            self.rnn = StackedRNN(config.cell, config.embedding_dim, sizes, **settings)
+        else:
+            # Uniform sizes: one rnnreg layer, torch's parameter names and fused stack.
+            self.rnn = _LAYERS[config.cell](config.embedding_dim, sizes[0], len(sizes),
+                                            **settings)
+        self.decoder = nn.Linear(self.rnn.hidden_size, vocab_size)
         self.init_uniform(config.init_range)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight  # Press & Wolf 2017
@@ -105,17 +113,25 @@ class LanguageModel(nn.Module):
                 dropped = hidden * dropout_mask((1, *hidden.shape[1:]), self.output_dropout,
                                                 device=hidden.device, dtype=hidden.dtype)
             else:
-                dropped = F.dropout(hidden, self.output_dropout, True)
+                dropped = dropout(hidden, self.output_dropout)
         return ModelOutput(self.decoder(dropped), state, hidden, dropped)
 
 
 def detach_state(state):
-    """Cut the graph at the window boundary: truncated BPTT carries values, not gradients."""
+    """Cut the graph at the window boundary: truncated BPTT carries values, not gradients.
+
+    ``state`` is a tensor, a tuple ``(h, c)``, or a per-layer tuple of those (StackedRNN).
+    """
+    return map_state(state, lambda s: s.detach())
+
+
+def map_state(state, fn):
+    """Apply ``fn`` to every tensor of a recurrent state, keeping its nesting; None stays None."""
     if state is None:
         return None
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
+    if isinstance(state, tuple | list):
+        return tuple(map_state(s, fn) for s in state)
+    return fn(state)
 
 
 def count_parameters(model: nn.Module) -> int:

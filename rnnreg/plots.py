@@ -77,38 +77,57 @@ def _grid(figure: Figure, panels: int, *, sharey: bool = True):
 
 
 def learning_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, *,
-                    title: str | None = None) -> Path:
+                    title: str | None = None, x: str = "epoch") -> Path:
     """Train and valid perplexity per epoch, one panel per run, side by side on a shared axis.
 
     Overfitting is the valid curve turning up while the train curve keeps falling, which is what
     dropout is meant to stop (Zaremba et al. 2014, section 4.1). ``runs`` maps a label to its
-    epoch records (``epoch``, ``train_ppl``, ``valid_ppl``, as in metrics.jsonl). The train
-    perplexity is the trainer's running average over the epoch with dropout active.
+    records as in metrics.jsonl: epoch records (``epoch``, ``train_ppl``, ``valid_ppl``,
+    ``train_seconds``) and optionally the final one. The train perplexity is the trainer's
+    running average over the epoch with dropout active. ``x="minutes"`` puts training time on
+    the x axis (evaluation excluded), the axis of a time-to-quality comparison, and adds the
+    final valid and test perplexities where a budget stopped the run mid-epoch.
     """
     if not runs:
         raise ValueError("learning_curves needs at least one run")
+    if x not in _X_AXES:
+        raise ValueError(f"x must be one of {', '.join(_X_AXES)}; got {x!r}")
     figure = _figure(3.2 * min(len(runs), 4), 2.8 * math.ceil(len(runs) / 4) + 0.4)
     # Shared y: the gap between panels is part of the comparison.
     for ax, (label, records) in zip(_grid(figure, len(runs)), runs.items()):
         ax.set_title(label, fontsize=9)
-        ax.set_xlabel("epoch")
-        if not records:
+        ax.set_xlabel(_X_AXES[x])
+        epochs = [r for r in records if r.get("event", "epoch") == "epoch"]
+        final = next((r for r in records if r.get("event") == "final"), None)
+        if not epochs and final is None:
             ax.text(0.5, 0.5, "no finished epoch", ha="center", va="center",
                     transform=ax.transAxes, color=_PLAIN)
             continue
-        epochs = [r["epoch"] for r in records]
-        ax.plot(epochs, [r["train_ppl"] for r in records], color=_TRAIN, linestyle="--",
+        xs = [_x_value(r, x) for r in epochs]
+        ax.plot(xs, [r["train_ppl"] for r in epochs], color=_TRAIN, linestyle="--",
                 marker="o", markersize=3, label="train (dropout on)")
-        ax.plot(epochs, [r["valid_ppl"] for r in records], color=_VALID, linestyle="-",
-                marker="s", markersize=3, label="valid")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        valid = [r["valid_ppl"] for r in epochs]
+        if x == "minutes" and final is not None:
+            xs, valid = [*xs, _x_value(final, x)], [*valid, final["valid_ppl"]]
+            ax.plot(xs[-1], final["test_ppl"], color=_PLAIN, marker="*", markersize=8,
+                    linestyle="none", label=f"test {final['test_ppl']:.1f}")
+        ax.plot(xs, valid, color=_VALID, linestyle="-", marker="s", markersize=3,
+                label="valid")
+        if x == "epoch":
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, which="both", alpha=0.3)
-    first = figure.axes[0]
-    first.set_ylabel("perplexity")
-    first.legend(fontsize=8)
+        ax.legend(fontsize=8)
+    figure.axes[0].set_ylabel("perplexity")
     if title:
         figure.suptitle(title)
     return _save(figure, path)
+
+
+_X_AXES = {"epoch": "epoch", "minutes": "training minutes (evaluation excluded)"}
+
+
+def _x_value(record: Mapping, x: str) -> float:
+    return record["epoch"] if x == "epoch" else record["train_seconds"] / 60
 
 
 def rate_curve(series: Mapping[str, Sequence[Mapping]], path: str | Path, *,
@@ -151,15 +170,15 @@ def _error_bars(points: Sequence[Mapping], split: str) -> list[float] | None:
     return [0.0 if s is None else s for s in stds]
 
 
-def plot_runs(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
+def plot_runs(run_dirs: Sequence[str | Path], path: str | Path, *, x: str = "epoch") -> Path:
     """Learning curves of any run directories side by side, each panel named by its directory."""
     runs = {}
     for run_dir in run_dirs:
         run = RunDir(run_dir)
         run.read_config()  # fails with a clear message when this is not a run directory
         label = run.path.resolve().name
-        runs[label] = [r for r in run.read_metrics() if r.get("event") == "epoch"]
-    return learning_curves(runs, path)
+        runs[label] = [r for r in run.read_metrics() if r.get("event") in ("epoch", "final")]
+    return learning_curves(runs, path, x=x)
 
 
 # --------------------------------------------------------------------------- heatmaps

@@ -29,6 +29,8 @@ class Preset:
 
 _ZAREMBA = "Zaremba, Sutskever & Vinyals 2014, Table 1 and section 4.1"
 _GAL = "Gal & Ghahramani 2016, Table 1 and section 5.2 (rates from their grid search)"
+_AWD = ("Merity, Keskar & Socher 2018, Table 1 and section 5; the PTB command of the "
+        "salesforce/awd-lstm-lm README")
 
 PRESETS = MappingProxyType({p.name: p for p in (
     Preset("small", dict(
@@ -59,6 +61,33 @@ PRESETS = MappingProxyType({p.name: p for p in (
         strategy="variational", dropout=0.5, recurrent_dropout=0.3, embedding_dropout=0.3,
         weight_decay=1e-7, lr=1.0, lr_decay=1 / 1.15, decay_after=10, clip_norm=10.0, epochs=55,
     ), _GAL, {"valid": 77.9, "test": 75.2, "test_mc": 73.4}, "variational LSTM, untied"),
+    # AWD-LSTM on PTB (Merity et al. 2018; the salesforce/awd-lstm-lm README's PTB command:
+    # --batch_size 20 --dropouti 0.4 --dropouth 0.25 --seed 141 --epoch 500, with main.py's
+    # defaults emsize 400, nhid 1150, nlayers 3, lr 30, clip 0.25, bptt 70, dropout 0.4,
+    # dropoute 0.1, wdrop 0.5, alpha 2, beta 1, wdecay 1.2e-6, tied, NT-ASGD with nonmono 5).
+    # AWD's loss is the mean over steps and batch, rnnreg's the sum over the L steps of the
+    # window (mean over the batch), so its gradient is L times AWD's. At the nominal L = 70 the
+    # same SGD step needs lr 30/70, clip 0.25*70 and weight decay 1.2e-6*70 (decay is added to
+    # the gradient, so it scales with the loss); AR/TAR are already scaled by L in the trainer,
+    # so alpha and beta stay. With variable windows both codes scale the step by L/70; rnnreg's
+    # summed loss adds one more factor L/70 (about 1 +- 0.07; 0.5 on the 5% half-length
+    # windows). AWD initialises the embedding uniform(-0.1, 0.1), the decoder bias at 0 and the
+    # LSTM with torch's default; rnnreg has one uniform range for every weight: 0.1.
+    Preset("awd", dict(
+        cell="lstm", hidden_size=400, num_layers=3, layer_sizes=(1150, 1150, 400),
+        embedding_size=None, tie_weights=True, init_range=0.1,
+        strategy="awd", dropout=0.4, input_dropout=0.4, between_dropout=0.25,
+        weight_dropout=0.5, embedding_dropout=0.1, activation_reg=2.0,
+        temporal_activation_reg=1.0, weight_decay=1.2e-6 * 70,
+        batch_size=20, bptt=70, variable_bptt=True, epochs=500, seed=141,
+        lr=30 / 70, lr_decay=1.0, clip_norm=0.25 * 70, optimizer="asgd", asgd_nonmono=5,
+        valid_batch_size=10,                           # AWD validates with batch 10
+    ), _AWD, {"valid": 60.0, "test": 57.3},
+        "AWD-LSTM 400-1150-1150-400, tied, 24M parameters; the paper's numbers include AWD's "
+        "fine-tuning stage, which rnnreg does not implement (without it: 60.7 / 58.8 in the "
+        "paper, about 61.2 / 58.8 for this README recipe, batch 20 where the paper used 40); "
+        "lr 30/70, clip 0.25*70 and weight decay 1.2e-6*70 because rnnreg sums the loss over "
+        "the 70 steps where AWD averages; init uniform 0.1 for every weight"),
     # The paper's small model on the first 100k training tokens: it overfits within a few
     # epochs without dropout (the regime where placement matters), and the default study
     # (6 strategies x 2 rates) fits in about an hour on 2 CPU cores.

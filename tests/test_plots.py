@@ -103,12 +103,16 @@ def test_no_pyplot_state_is_left_behind(tmp_path):
     assert pyplot is None or pyplot.get_fignums() == []
 
 
-def _fake_run(path: Path, train_ppls: list[float]) -> Path:
+def _fake_run(path: Path, train_ppls: list[float], final: bool = False) -> Path:
     run = RunDir(path).create(exist_ok=False)
     run.write_config({"config": Config().to_dict()})
     for epoch, ppl in enumerate(train_ppls, 1):
         run.append_metrics({"event": "epoch", "epoch": epoch, "train_ppl": ppl,
-                            "valid_ppl": ppl + 10, "tokens_per_s": 1.0})
+                            "valid_ppl": ppl + 10, "tokens_per_s": 1.0,
+                            "train_seconds": 60.0 * epoch})
+    if final:
+        run.append_metrics({"event": "final", "valid_ppl": 120.0, "test_ppl": 115.0,
+                            "train_seconds": 60.0 * len(train_ppls) + 30})
     return path
 
 
@@ -123,3 +127,23 @@ def test_plot_command_draws_runs_side_by_side(tmp_path, capsys):
 def test_plot_runs_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(RunDirError, match="not a run directory"):
         plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_plot_against_training_minutes_includes_the_final_point(tmp_path, monkeypatch):
+    drawn = {}
+
+    def spy(runs, path, *, title=None, x="epoch"):
+        drawn.update(runs=runs, x=x)
+        return real(runs, path, title=title, x=x)
+
+    import rnnreg.plots as plots_module
+
+    real = plots_module.learning_curves
+    monkeypatch.setattr(plots_module, "learning_curves", spy)
+    run = _fake_run(tmp_path / "budget", [200.0, 150.0], final=True)
+    out = tmp_path / "minutes.png"
+    assert cli.main(["plot", str(run), "--out", str(out), "--x", "minutes"]) == 0
+    assert _is_png(out) and drawn["x"] == "minutes"
+    assert [r["event"] for r in drawn["runs"]["budget"]] == ["epoch", "epoch", "final"]
+    with pytest.raises(ValueError, match="x must be one of"):
+        learning_curves({"a": drawn["runs"]["budget"]}, tmp_path / "bad.png", x="steps")

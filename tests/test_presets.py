@@ -13,9 +13,13 @@ from rnnreg.strategies import STRATEGIES
 TINY_VOCAB = 50
 
 
-def _lstm_parameters(vocab: int, hidden: int, layers: int) -> int:
-    per_layer = 4 * hidden * (hidden + hidden) + 8 * hidden
-    return vocab * hidden + layers * per_layer + vocab * hidden + vocab
+def _lstm_parameters(vocab: int, config: Config) -> int:
+    """Embedding, LSTM layers of the config's sizes, decoder (its matrix unless tied)."""
+    sizes = config.layer_sizes or (config.hidden_size,) * config.num_layers
+    inputs = (config.embedding_size or config.hidden_size, *sizes[:-1])
+    layers = sum(4 * h * (i + h) + 8 * h for i, h in zip(inputs, sizes))
+    decoder = vocab + (0 if config.tie_weights else vocab * sizes[-1])
+    return vocab * inputs[0] + layers + decoder
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -27,8 +31,7 @@ def test_every_preset_builds_a_config_and_a_model(name):
     torch.manual_seed(0)
     with torch.no_grad():
         model = LanguageModel(TINY_VOCAB, config)
-        assert count_parameters(model) == _lstm_parameters(TINY_VOCAB, config.hidden_size,
-                                                           config.num_layers)
+        assert count_parameters(model) == _lstm_parameters(TINY_VOCAB, config)
         for parameter in model.parameters():
             assert parameter.abs().max() <= config.init_range
         out = model.eval()(torch.zeros(3, 2, dtype=torch.long))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnnreg
 
@@ -100,44 +99,76 @@ def test_any_strategy_and_rate_builds_a_layer(name, p, cell):
     assert out.shape == (3, 2, 4) and bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("num_layers", [1, 2])
+def _torch_layers(ours, cell: str) -> list[nn.Module]:
+    """One single-layer torch.nn module per layer of ``ours``, holding the same weights."""
+    layers, weights = [], ours.state_dict()
+    for k in range(ours.num_layers):
+        layer = getattr(nn, cell)(ours.input_size if k == 0 else ours.hidden_size,
+                                  ours.hidden_size)
+        layer.load_state_dict({name.replace(f"_l{k}", "_l0"): w for name, w in weights.items()
+                               if name.endswith(f"_l{k}")})
+        layers.append(layer)
+    return layers
+
+
+def _hand_rolled_zaremba(layers, x, masks, lengths=None):
+    """The paper's placements written with torch.nn layers and explicit masks, time-major."""
+    x = x * masks.input
+    finals = []
+    for k, layer in enumerate(layers):
+        if k:
+            x = x * masks.between[k - 1]
+        if lengths is None:
+            x, state = layer(x)
+        else:
+            out, state = layer(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            x, _ = pad_packed_sequence(out, total_length=x.size(0))
+        finals.append(state if isinstance(state, tuple) else (state,))
+    states = tuple(torch.cat([f[i] for f in finals]) for i in range(len(finals[0])))
+    return x * masks.output, states
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 def test_zaremba_training_forward_is_the_hand_rolled_equivalent(cell, num_layers):
-    """Zaremba's placements: dropout on the input, torch's between-layer dropout, the output."""
+    """Zaremba's placements: dropout on the input, between the layers and on the output.
+
+    The masks are the ones the layer draws (``sample_masks`` under the same seed); the oracle
+    applies them around plain torch.nn layers holding the same weights.
+    """
     p = 0.5
     between = p if num_layers > 1 else 0.0  # torch warns about dropout with one layer
     ours = getattr(rnnreg, cell)(4, 6, num_layers, **rnnreg.strategy("zaremba", p,
                                                                       dropout=between))
     assert (ours.input_dropout, ours.output_dropout) == (p, p)
-    ref = getattr(nn, cell)(4, 6, num_layers, dropout=between)
-    ref.load_state_dict(ours.state_dict())
     x = torch.randn(5, 3, 4)
     torch.manual_seed(11)
     out, state = ours(x)
     torch.manual_seed(11)
-    ref_out, ref_state = ref(F.dropout(x, p))
-    ref_out = F.dropout(ref_out, p)
+    masks = ours.sample_masks(5, 3)
+    assert len([m for m in masks.between if m is not None]) == num_layers - 1
+    ref_out, ref_state = _hand_rolled_zaremba(_torch_layers(ours, cell), x, masks)
     torch.testing.assert_close(out, ref_out)
-    for a, b in zip(state if cell == "LSTM" else (state,),
-                    ref_state if cell == "LSTM" else (ref_state,)):
+    for a, b in zip(state if cell == "LSTM" else (state,), ref_state):
         torch.testing.assert_close(a, b)
 
 
 def test_zaremba_training_forward_on_packed_input():
     p = 0.5
     ours = rnnreg.LSTM(4, 6, 2, batch_first=True, **rnnreg.strategy("zaremba", p))
-    ref = nn.LSTM(4, 6, 2, batch_first=True, dropout=p)
-    ref.load_state_dict(ours.state_dict())
-    packed = pack_padded_sequence(torch.randn(3, 5, 4), torch.tensor([2, 5, 3]),
-                                  batch_first=True, enforce_sorted=False)
+    x, lengths = torch.randn(3, 5, 4), torch.tensor([2, 5, 3])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     torch.manual_seed(5)
     out, (h, c) = ours(packed)
     torch.manual_seed(5)
-    ref_out, (ref_h, ref_c) = ref(packed._replace(data=F.dropout(packed.data, p)))
+    masks = ours.sample_masks(5, 3)
+    ref_out, (ref_h, ref_c) = _hand_rolled_zaremba(_torch_layers(ours, "LSTM"),
+                                                   x.transpose(0, 1), masks, lengths)
     assert isinstance(out, PackedSequence)
-    assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
-    assert torch.equal(out.unsorted_indices, ref_out.unsorted_indices)
-    torch.testing.assert_close(out.data, F.dropout(ref_out.data, p))
+    assert torch.equal(out.unsorted_indices, packed.unsorted_indices)
+    padded, out_lengths = pad_packed_sequence(out)
+    assert torch.equal(out_lengths, lengths)
+    torch.testing.assert_close(padded, ref_out)
     torch.testing.assert_close(h, ref_h)
     torch.testing.assert_close(c, ref_c)
 

@@ -30,11 +30,16 @@ def epoch_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def final_line(records: list[dict], paper: dict) -> str:
+def final_line(records: list[dict], paper: dict, budget_minutes: float = 0.0) -> str:
     final = next((r for r in reversed(records) if r.get("event") == "final"), None)
     if final is None:
         return "**Partial run: no final evaluation was recorded.**"
-    status = "complete" if final["complete"] else "PARTIAL (stopped before its last epoch)"
+    if final["complete"]:
+        status = "complete"
+    elif budget_minutes and final["train_seconds"] >= budget_minutes * 60:
+        status = f"complete: its {budget_minutes:g}-minute training budget ran out, as designed"
+    else:
+        status = "PARTIAL (stopped before its last epoch)"
     text = (f"Final ({status}, {final['epochs_completed']} epochs): valid perplexity "
             f"**{final['valid_ppl']:.2f}**, test perplexity **{final['test_ppl']:.2f}** "
             f"(test split scored as one stream in {final['test_seconds']:.1f} s); "
@@ -70,7 +75,7 @@ def main() -> None:
         f"Commit: `{saved.get('commit')}`; started {saved.get('started')}.",
         f"Machine: `{machine}`",
         args.note,
-        final_line(records, paper),
+        final_line(records, paper, saved["config"].get("max_train_minutes", 0.0)),
         epoch_table(records),
         "Files: `config.json` (resolved config, commit, machine), `metrics.jsonl` (one line per "
         "epoch and a final line), `train.log` (console output).",

@@ -1,0 +1,167 @@
+"""A stack of single-layer rnnreg layers whose hidden sizes may differ from layer to layer.
+
+``torch.nn.LSTM`` gives every layer one hidden size. AWD-LSTM (Merity et al. 2018, section 5)
+needs 400 -> 1150 -> 1150 -> 400 so the last layer matches a tied embedding; :class:`StackedRNN`
+chains one single-layer ``rnnreg.LSTM``/``GRU``/``RNN`` per size and keeps the regularization
+keywords of the layers, acting where they do:
+
+* ``input_dropout`` before layer 0, ``dropout`` between layers, ``output_dropout`` after the
+  last: applied by the stack, fresh every step or one per sequence (``variational``);
+* ``recurrent_dropout`` and ``weight_dropout``: handed to every layer, which applies them inside
+  its own recurrence.
+
+Its masks are a :class:`rnnreg.DropoutMasks` like a layer's (``between`` and the per-layer
+masks simply have each layer's size), so code written for a uniform rnnreg layer, MC-dropout
+evaluation included, runs unchanged. Its state is a tuple with one entry per layer, each that
+layer's own state: ``(h, c)`` for an LSTM, ``h`` for a GRU/RNN, shaped ``(1, B, H_l)``.
+Time-major ``(T, B, F)`` input, unidirectional only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from rnnreg.functional import check_probability, dropout_mask
+from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
+
+__all__ = ["StackedRNN"]
+
+_CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+class StackedRNN(nn.Module):
+    """Layers of sizes ``layer_sizes`` on ``input_size`` features; see the module docstring.
+
+    >>> stack = StackedRNN("lstm", 400, (1150, 1150, 400), dropout=0.25, weight_dropout=0.5,
+    ...                    variational=True)
+    >>> out, states = stack(torch.randn(70, 2, 400))   # out (70, 2, 400); 3 (h, c) pairs
+    """
+
+    def __init__(self, cell: str, input_size: int, layer_sizes: Sequence[int], *,
+                 dropout: float = 0.0, input_dropout: float = 0.0, output_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
+                 variational: bool = False, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if cell not in _CELLS:
+            raise ValueError(f"cell must be one of {', '.join(_CELLS)}; got {cell!r}")
+        sizes = tuple(layer_sizes) if isinstance(layer_sizes, Sequence) else ()
+        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0
+                            for s in sizes):
+            raise ValueError(f"layer_sizes must be a non-empty sequence of positive integers, "
+                             f"got {layer_sizes!r}")
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+        if not isinstance(variational, bool):
+            raise ValueError(f"variational must be True or False, got {variational!r}")
+        self.cell = cell
+        self.input_size = input_size
+        self.layer_sizes = sizes
+        self.dropout = check_probability("dropout", dropout)
+        self.input_dropout = check_probability("input_dropout", input_dropout)
+        self.output_dropout = check_probability("output_dropout", output_dropout)
+        self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
+        self.weight_dropout = check_probability("weight_dropout", weight_dropout)
+        self.variational = variational
+        inputs = (input_size, *sizes[:-1])
+        self.layers = nn.ModuleList(
+            _CELLS[cell](n_in, n_out, 1, bias=bias, recurrent_dropout=recurrent_dropout,
+                         weight_dropout=weight_dropout, variational=variational,
+                         device=device, dtype=dtype)
+            for n_in, n_out in zip(inputs, sizes))
+
+    @property
+    def hidden_size(self) -> int:
+        """The last layer's size: the width of the output."""
+        return self.layer_sizes[-1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_sizes)
+
+    @property
+    def bidirectional(self) -> bool:
+        return False
+
+    def sample_masks(self, steps: int, batch_size: int, *, device=None,
+                     dtype=None) -> DropoutMasks:
+        """Every mask of one forward call; leading dimension 1 when ``variational``."""
+        first = next(self.parameters())
+        device = first.device if device is None else device
+        dtype = first.dtype if dtype is None else dtype
+        t = 1 if self.variational else steps
+
+        def sample(size: int, p: float) -> Tensor | None:
+            if p == 0:
+                return None
+            return dropout_mask((t, batch_size, size), p, device=device, dtype=dtype)
+
+        # Each layer samples its own recurrent and weight masks (it knows its gate count).
+        own = [layer.sample_masks(steps, batch_size, device=device, dtype=dtype)
+               for layer in self.layers]
+        return DropoutMasks(
+            input=sample(self.input_size, self.input_dropout),
+            between=tuple(sample(size, self.dropout) for size in self.layer_sizes[:-1]),
+            recurrent=tuple(m.recurrent[0] for m in own),
+            weight=tuple(m.weight[0] for m in own),
+            output=sample(self.hidden_size, self.output_dropout),
+        )
+
+    def forward(self, input: Tensor, hx=None):
+        """``input (T, B, input_size)`` -> ``(output (T, B, H_last), per-layer states)``."""
+        if self.training:
+            masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
+                                      dtype=input.dtype)
+        else:
+            masks = self._no_masks()
+        return self.forward_with_masks(input, hx, masks)
+
+    def forward_with_masks(self, input: Tensor, hx, masks: DropoutMasks):
+        """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
+        self._check(input, hx, masks)
+        states = (None,) * self.num_layers if hx is None else tuple(hx)
+        x = _apply(input, masks.input)
+        finals = []
+        for index, layer in enumerate(self.layers):
+            if index > 0:
+                x = _apply(x, masks.between[index - 1])
+            own = DropoutMasks(input=None, between=(), recurrent=(masks.recurrent[index],),
+                               weight=(masks.weight[index],), output=None)
+            x, state = layer.forward_with_masks(x, states[index], own)
+            finals.append(state)
+        return _apply(x, masks.output), tuple(finals)
+
+    def _no_masks(self) -> DropoutMasks:
+        none = (None,) * self.num_layers
+        return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
+                            output=None)
+
+    def _check(self, input, hx, masks: DropoutMasks) -> None:
+        if not isinstance(input, Tensor) or input.dim() != 3:
+            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"StackedRNN takes time-major input (T, B, {self.input_size}), "
+                             f"got {got}")
+        if hx is not None and (not isinstance(hx, tuple | list) or len(hx) != self.num_layers):
+            raise ValueError(f"hx must be a tuple of {self.num_layers} per-layer states "
+                             f"(one per entry of layer_sizes {self.layer_sizes})")
+        for name, count in (("between", self.num_layers - 1), ("recurrent", self.num_layers),
+                            ("weight", self.num_layers)):
+            if len(getattr(masks, name)) != count:
+                raise ValueError(f"masks.{name} must have {count} entries for "
+                                 f"{self.num_layers} layers, got {len(getattr(masks, name))}")
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.cell}, {self.input_size}, layer_sizes={self.layer_sizes}"]
+        for name in ("dropout", "input_dropout", "output_dropout", "recurrent_dropout",
+                     "weight_dropout"):
+            if getattr(self, name) > 0:
+                parts.append(f"{name}={getattr(self, name)}")
+        if self.variational:
+            parts.append("variational=True")
+        return ", ".join(parts)
+
+
+def _apply(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x * mask
