@@ -8,16 +8,19 @@ directory stores in ``config.json`` and what ``--resume`` rebuilds from.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from rnnreg.functional import check_probability
 from rnnreg.strategies import STRATEGIES, strategy
 
-__all__ = ["CELLS", "OPTIMIZERS", "Config"]
+__all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "Config"]
 
 CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("sgd", "asgd")
+LR_SCHEDULES = ("step", "cosine")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Config:
     variable_bptt: bool = False     # AWD: window length drawn around bptt each step
     epochs: int = 13                # paper's small model
     lr: float = 1.0                 # plain SGD, paper's learning rate
+    lr_schedule: str = "step"       # "step": the paper's per-epoch decay; "cosine": see lr_now
     lr_decay: float = 0.5           # multiply lr by this each epoch after decay_after
     decay_after: int = 4            # epochs at the full learning rate
     clip_norm: float = 5.0          # global gradient-norm clipping (paper: 5; large: 10)
@@ -61,6 +65,9 @@ class Config:
     asgd_nonmono: int = 5           # AWD: epochs without improvement before averaging starts
     seed: int = 1
     device: str = "auto"            # "auto" = cuda when available, else cpu
+    # "bfloat16" runs the training forward under autocast (mixed precision: float32 weights,
+    # optimizer and loss); evaluation always runs in float32, so perplexities stay exact.
+    precision: str = "float32"
 
     # --- evaluation and bookkeeping ----------------------------------------------------
     eval_bptt: int = 100            # window length when scoring a split as one stream
@@ -74,6 +81,8 @@ class Config:
         _check_choice("strategy", self.strategy, tuple(STRATEGIES))
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("level", self.level, ("word", "char"))
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("precision", self.precision, PRECISIONS)
         for name in ("hidden_size", "num_layers", "batch_size", "bptt", "epochs", "eval_bptt",
                      "valid_batch_size", "asgd_nonmono"):
             _check_positive(name, getattr(self, name))
@@ -115,6 +124,17 @@ class Config:
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``: constant, then decayed geometrically (sec. 4.1)."""
         return self.lr * self.lr_decay ** max(epoch - self.decay_after, 0)
+
+    def lr_now(self, epoch: int, done: float) -> float:
+        """Learning rate of a step in ``epoch`` when the fraction ``done`` of the run is behind.
+
+        ``step`` is the paper's schedule and ignores ``done``. ``cosine`` anneals from ``lr`` to
+        0 over the whole run (Loshchilov & Hutter 2017, one cycle, no restarts): a run cut by
+        ``max_train_minutes`` still ends annealed when ``done`` counts the time budget.
+        """
+        if self.lr_schedule == "step":
+            return self.lr_at(epoch)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
 
     def replace(self, **changes: Any) -> Config:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})

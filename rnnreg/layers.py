@@ -29,11 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnreg.functional import check_probability, dropout_mask
+from rnnreg.functional import check_probability, dropout, dropout_mask
 from rnnreg.recurrence import recurrence
 
 __all__ = ["GRU", "LSTM", "RNN", "DropoutMasks"]
@@ -290,8 +289,8 @@ def _dropout_data(seq, p: float, training: bool):
     if not training or p == 0:
         return seq
     if isinstance(seq, PackedSequence):
-        return seq._replace(data=F.dropout(seq.data, p, True))
-    return F.dropout(seq, p, True)
+        return seq._replace(data=dropout(seq.data, p))
+    return dropout(seq, p)
 
 
 def _apply(x: Tensor, mask: Tensor | None) -> Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnreg.config import Config
-from rnnreg.functional import dropout_mask, embedding_dropout
+from rnnreg.functional import dropout, dropout_mask, embedding_dropout
 from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
 
 __all__ = ["LanguageModel", "ModelMasks", "ModelOutput"]
@@ -105,7 +105,7 @@ class LanguageModel(nn.Module):
                 dropped = hidden * dropout_mask((1, *hidden.shape[1:]), self.output_dropout,
                                                 device=hidden.device, dtype=hidden.dtype)
             else:
-                dropped = F.dropout(hidden, self.output_dropout, True)
+                dropped = dropout(hidden, self.output_dropout)
         return ModelOutput(self.decoder(dropped), state, hidden, dropped)
 
 

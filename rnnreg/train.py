@@ -60,6 +60,7 @@ class Progress:
     epoch_tokens: int = 0
     epoch_seconds: float = 0.0     # training time spent in this epoch so far
     train_seconds: float = 0.0     # training time over the whole run (evaluation excluded)
+    lr: float = 0.0                # learning rate of the latest step (schedules may be per step)
     best_valid: float = math.inf
     valid_history: list[float] = field(default_factory=list)
     averaging: bool = False        # NT-ASGD has switched to averaging
@@ -232,13 +233,13 @@ class _Trainer:
 
     def _train_epoch(self) -> None:
         config, state = self.config, self.state
-        lr = config.lr_at(state.epoch)
         self.trained.train()
         rows = self.streams.size(0) - 1
         bar = tqdm(total=rows, initial=state.position, disable=not self.show_progress,
                    desc=f"epoch {state.epoch}/{config.epochs}", unit="row", leave=False,
                    mininterval=0.5)
         while state.position < rows and not self._out_of_time():
+            lr = state.lr = config.lr_now(state.epoch, self._fraction_done())
             started = time.perf_counter()
             length = self._window_length(rows - state.position)
             nll = self._step(state.position, length, lr)
@@ -269,6 +270,14 @@ class _Trainer:
                 self.save()
         bar.close()
 
+    def _fraction_done(self) -> float:
+        """How much of the run is behind: by epochs, or by the time budget if that binds first."""
+        config, state = self.config, self.state
+        rows = self.streams.size(0) - 1
+        by_tokens = ((state.epoch - 1) * rows + state.position) / (config.epochs * rows)
+        limit = config.max_train_minutes * 60
+        return max(by_tokens, state.train_seconds / limit if limit else 0.0)
+
     def _window_length(self, remaining: int) -> int:
         """Fixed bptt, or AWD's variable length: bptt (95%) or bptt/2, jittered (sec. 4.1)."""
         config = self.config
@@ -289,8 +298,10 @@ class _Trainer:
         config = self.config
         inputs = self.streams[position:position + length]
         targets = self.streams[position + 1:position + 1 + length]
-        out = self.trained(inputs, self.hidden)
-        loss = summed_loss(out.logits, targets)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=config.precision == "bfloat16"):
+            out = self.trained(inputs, self.hidden)
+        loss = summed_loss(out.logits.float(), targets)
         # Summed over ranks before the checks, so every rank judges the same number.
         nll, = self.world.sum(float(loss.detach()) * targets.size(1))
         # A loss whose perplexity overflows float64 has diverged as surely as a NaN one.
@@ -307,7 +318,8 @@ class _Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
         self._check_finite("gradient norm", float(norm), lr)  # before the step spoils weights
         self.optimizer.step()
-        self.hidden = detach_state(out.state)
+        # float32 whatever the forward's precision: checkpoints and evaluation expect it.
+        self.hidden = _to_dtype(detach_state(out.state), torch.float32)
         return nll
 
     def _check_finite(self, what: str, value: float, lr: float) -> None:
@@ -333,7 +345,7 @@ class _Trainer:
         valid = self.world.from_main(
             lambda: self._evaluate(self.corpus.valid, config.valid_batch_size))
         record = {
-            "event": "epoch", "epoch": state.epoch, "lr": config.lr_at(state.epoch),
+            "event": "epoch", "epoch": state.epoch, "lr": state.lr,
             "train_ppl": perplexity(state.epoch_nll, state.epoch_tokens),
             "valid_ppl": valid.perplexity,
             "tokens_per_s": state.epoch_tokens / max(state.epoch_seconds, 1e-9),
@@ -518,6 +530,12 @@ def _set_rng_states(states: dict) -> None:
                          numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _to_dtype(hidden, dtype: torch.dtype):
+    if isinstance(hidden, tuple):
+        return tuple(h.to(dtype) for h in hidden)
+    return hidden.to(dtype)
 
 
 def _to_device(hidden, device):
