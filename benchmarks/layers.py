@@ -11,7 +11,8 @@ drifts in machine load hit all three alike:
 
 One iteration is a forward and a backward pass over a ``(steps, batch, hidden)`` input (the
 input size equals the hidden size, as for a language model whose embedding matches the LSTM);
-tokens = steps * batch. Reported throughput uses the median per-iteration time, and a ratio
+tokens = steps * batch. Reported throughput uses the median per-iteration time; a ratio is the
+median over rounds of the per-round time ratio (robust to the machine slowing down), and a ratio
 above 1 means rnnreg is faster than that baseline.
 
     python benchmarks/layers.py                        # both paper shapes, CPU
@@ -82,8 +83,8 @@ def make_step(model: nn.Module, shape: Shape, device: torch.device) -> Callable[
 
 
 def measure(steps: dict[str, Callable[[], float]], warmup: int,
-            repeats: int) -> dict[str, float]:
-    """Interleave the closures round-robin; return each one's median iteration time."""
+            repeats: int) -> dict[str, list[float]]:
+    """Interleave the closures round-robin; return each one's iteration times, by round."""
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -91,7 +92,13 @@ def measure(steps: dict[str, Callable[[], float]], warmup: int,
     for _ in range(repeats):
         for name, step in steps.items():
             times[name].append(step())
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def median_ratio(baseline: list[float], candidate: list[float]) -> float:
+    """Median over rounds of baseline / candidate time: a slow spell of the machine hits both
+    members of a round alike, so per-round ratios drift far less than the times themselves."""
+    return statistics.median(b / c for b, c in zip(baseline, candidate))
 
 
 def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: int,
@@ -104,18 +111,19 @@ def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: i
                                 **rnnreg.strategy(strategy, p)).to(device)
         same_between = nn.LSTM(shape.hidden, shape.hidden, shape.layers, dropout=p).to(device)
         zaremba = HandRolledZaremba(shape.hidden, shape.hidden, shape.layers, p).to(device)
-        medians = measure({
+        times = measure({
             "same_between": make_step(same_between, shape, device),
             "zaremba": make_step(zaremba, shape, device),
             "candidate": make_step(candidate, shape, device),
         }, warmup, repeats)
+        ours = statistics.median(times["candidate"])
         rows.append({
             "shape": name,
             "strategy": strategy,
-            "tokens_per_s": tokens / medians["candidate"],
-            "ms": 1e3 * medians["candidate"],
-            "vs_same_between": medians["same_between"] / medians["candidate"],
-            "vs_zaremba": medians["zaremba"] / medians["candidate"],
+            "tokens_per_s": tokens / ours,
+            "ms": 1e3 * ours,
+            "vs_same_between": median_ratio(times["same_between"], times["candidate"]),
+            "vs_zaremba": median_ratio(times["zaremba"], times["candidate"]),
         })
         print(f"  {name:<7} {strategy:<15} done", file=sys.stderr, flush=True)
     return rows
@@ -150,9 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="medium,small",
                         help=f"comma-separated, from {', '.join(SHAPES)} (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=int, default=15,
                         help="timed iterations per model (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1,
+    parser.add_argument("--warmup", type=int, default=3,
                         help="untimed iterations per model first (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None,
@@ -182,8 +190,9 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = (f"rnnreg {rnnreg.__version__}, torch {torch.__version__}, device {name}, "
               f"threads {torch.get_num_threads()}, p={args.p}, "
-              f"median of {args.repeats} (warm-up {args.warmup}), forward+backward; "
-              "ratios are baseline time / rnnreg time (above 1: rnnreg is faster)")
+              f"{args.repeats} interleaved rounds (warm-up {args.warmup}), forward+backward; "
+              "ratios are medians over rounds of baseline time / rnnreg time (above 1: rnnreg "
+              "is faster)")
     print(f"*{header}*\n" if args.markdown else header)
     rows = []
     for shape_name in args.shapes:
