@@ -11,5 +11,9 @@ mkdir -p "$out"
 } > "$out/machine.txt"
 python3 benchmarks/masks.py | tee "$out/masks.md"
 python3 benchmarks/layers.py --markdown | tee "$out/layers.md"
-python3 benchmarks/train.py --shapes small,medium --windows 20 --repeats 3 | tee "$out/train.md"
+python3 benchmarks/precision.py | tee "$out/precision.md"
+{
+  python3 benchmarks/train.py --shapes small --windows 100 --repeats 5
+  python3 benchmarks/train.py --shapes medium --windows 20 --repeats 3
+} | tee "$out/train.md"
 python3 benchmarks/distributed.py --shapes small --windows 30 --repeats 2 | tee "$out/distributed.md"

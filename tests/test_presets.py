@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from rnnreg.config import Config
 from rnnreg.model import LanguageModel, count_parameters
@@ -106,3 +109,12 @@ def test_unknown_preset_names_the_choices():
 def test_presets_are_read_only():
     with pytest.raises(TypeError):
         PRESETS["tiny"] = PRESETS["small"]  # type: ignore[index]
+
+
+def test_cpu_30min_preset_is_the_recorded_run():
+    """The preset is the configuration of the committed time-to-quality result, field for field."""
+    record = REPO_ROOT / "results" / "cpu-30min" / "h400" / "config.json"
+    if not record.exists():
+        pytest.skip("results/cpu-30min is not in this checkout")
+    recorded = Config.from_dict(json.loads(record.read_text())["config"])
+    assert preset_config("cpu-30min") == recorded
