@@ -114,9 +114,7 @@ class _RegularizedRecurrence:
     def sample_masks(self, steps: int, batch_size: int, *, device=None,
                      dtype=None) -> DropoutMasks:
         """Sample the masks for one forward call over ``steps`` steps and ``batch_size`` rows."""
-        first = next(self.parameters())
-        device = first.device if device is None else device
-        dtype = first.dtype if dtype is None else dtype
+        device, dtype = mask_placement(self, device, dtype)
         t = 1 if self.variational else steps
         d, h = self.num_directions, self.hidden_size
         gates = _GATES[self.mode]
@@ -293,6 +291,13 @@ class _RegularizedRecurrence:
         if self.variational:
             parts.append("variational=True")
         return ", ".join(parts)
+
+
+def mask_placement(module: nn.Module, device, dtype) -> tuple:
+    """Device and dtype for a module's masks: the given ones, else those of its parameters."""
+    first = next(module.parameters())
+    return (first.device if device is None else device,
+            first.dtype if dtype is None else dtype)
 
 
 def _dropout_data(seq, p: float, training: bool):

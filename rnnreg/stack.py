@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from rnnreg.functional import check_probability, dropout_mask
-from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
+from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks, mask_placement
 
 __all__ = ["StackedRNN"]
 
@@ -88,9 +88,7 @@ class StackedRNN(nn.Module):
     def sample_masks(self, steps: int, batch_size: int, *, device=None,
                      dtype=None) -> DropoutMasks:
         """Every mask of one forward call; leading dimension 1 when ``variational``."""
-        first = next(self.parameters())
-        device = first.device if device is None else device
-        dtype = first.dtype if dtype is None else dtype
+        device, dtype = mask_placement(self, device, dtype)
         t = 1 if self.variational else steps
 
         def sample(size: int, p: float) -> Tensor | None:
