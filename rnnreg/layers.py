@@ -138,16 +138,20 @@ class _RegularizedRecurrence:
             dropped = _dropout_data(input, self.input_dropout, self.training)
             output, state = super().forward(dropped, hx)
             return _dropout_data(output, self.output_dropout, self.training), state
-        x, _, _ = self._to_time_major(input)
+        x, lengths, layout = self._to_time_major(input)
         masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
-        return self.forward_with_masks(input, hx, masks)
+        return self._forward_masked(x, lengths, layout, hx, masks)
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
+        self._check_input(input, hx)
+        return self._forward_masked(*self._to_time_major(input), hx, masks)
+
+    def _forward_masked(self, x: Tensor, lengths: Tensor | None, layout: _Layout, hx,
+                        masks: DropoutMasks):
+        """The stack layer by layer on time-major ``x``, every mask given (checked input)."""
         if self.proj_size:
             raise ValueError("explicit masks need rnnreg's per-layer path, which has no proj_size")
-        self._check_input(input, hx)
-        x, lengths, layout = self._to_time_major(input)
         states = self._initial_states(hx, x, layout.unbatched)
         x = _apply(x, masks.input)
         finals = []

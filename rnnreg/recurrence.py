@@ -141,12 +141,8 @@ class _LSTM(torch.autograd.Function):
         torch.mul(i, 1 - g * g, out=coef[:, :, 2])
         torch.mul(tanh_c, o * (1 - o), out=coef[:, :, 3])
         to_cell = o * (1 - tanh_c * tanh_c)  # dh(t)/dc(t)
-        keep_c, d_out, passthrough = f, *_freeze(d_out, valid)
-        if valid is not None:
-            v = valid.to(acts.dtype)
-            coef *= v.unsqueeze(3)
-            to_cell *= v
-            keep_c = torch.where(valid, f, 1)
+        d_out, passthrough = _freeze(d_out, valid)
+        keep_c = _stop_at_lengths(valid, coef, to_cell, f)
 
         d_gates = acts.new_empty(steps, batch, gates)
         d_hin = acts.new_empty(steps, batch, hidden)  # dL/d(m * h(t-1))
@@ -236,12 +232,7 @@ class _GRU(torch.autograd.Function):
         torch.mul(h_prev - n, z * (1 - z), out=coef[:, :, 1])
         torch.mul(to_n, r, out=coef[:, :, 2])
         d_out, _ = _freeze(d_out, valid)  # z * dh already carries dh through a frozen state
-        keep_h = z
-        if valid is not None:
-            v = valid.to(rec.dtype)
-            coef *= v.unsqueeze(3)
-            to_n *= v
-            keep_h = torch.where(valid, z, 1)
+        keep_h = _stop_at_lengths(valid, coef, to_n, z)
 
         d_rec = rec.new_empty(steps, batch, gates)
         d_rec_split = d_rec.view(steps, batch, 3, hidden)
@@ -337,6 +328,21 @@ def _freeze(d_out, valid):
         return d_out, None
     v = valid.to(d_out.dtype)
     return d_out * v, 1 - v
+
+
+def _stop_at_lengths(valid, coef, to_state, keep):
+    """Make every step past a sequence's length the identity in the backward pass.
+
+    Zeroes (in place) the gate coefficients ``coef (T, B, G, H)`` and the path into the new
+    state ``to_state (T, B, H)`` there, and returns the factor that carries the state's
+    gradient to the previous step: ``keep`` inside the sequence, 1 past its end.
+    """
+    if valid is None:
+        return keep
+    v = valid.to(coef.dtype)
+    coef *= v.unsqueeze(3)
+    to_state *= v
+    return torch.where(valid, keep, 1)
 
 
 def _states(initial, steps):

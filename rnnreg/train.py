@@ -39,7 +39,7 @@ from rnnreg.config import Config
 from rnnreg.data import Corpus, Vocabulary, batchify, shard_streams
 from rnnreg.distributed import World
 from rnnreg.evaluate import perplexity, score_stream
-from rnnreg.model import LanguageModel, count_parameters, detach_state, map_state, summed_loss
+from rnnreg.model import LanguageModel, count_parameters, map_state, summed_loss
 from rnnreg.rundir import RunDir, RunDirError, atomic_write_text, describe_machine, git_commit
 
 __all__ = ["TrainingDiverged", "load_model", "resolve_device", "train"]
@@ -318,8 +318,9 @@ class _Trainer:
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
         self._check_finite("gradient norm", float(norm), lr)  # before the step spoils weights
         self.optimizer.step()
-        # float32 whatever the forward's precision: checkpoints and evaluation expect it.
-        self.hidden = _to_dtype(detach_state(out.state), torch.float32)
+        # Detached (truncated BPTT carries values, not gradients) and float32 whatever the
+        # forward's precision: checkpoints and evaluation expect it.
+        self.hidden = map_state(out.state, lambda s: s.detach().float())
         return nll
 
     def _check_finite(self, what: str, value: float, lr: float) -> None:
@@ -530,11 +531,6 @@ def _set_rng_states(states: dict) -> None:
                          numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _to_dtype(hidden, dtype: torch.dtype):
-    """The carried state in ``dtype``, whatever its nesting (per-layer tuples for a stack)."""
-    return map_state(hidden, lambda h: h.to(dtype))
 
 
 def _to_device(hidden, device):

@@ -126,6 +126,15 @@ def ones_recurrent(module, steps=T, batch=B) -> rnnreg.DropoutMasks:
                                (None,) * module.num_layers, None)
 
 
+def masks_for_path(module, path: str, **sizes) -> rnnreg.DropoutMasks | None:
+    """Set up one of the two paths the equality tests cover: ``eval`` (no masks, dropout
+    off) or ``own_loop`` (all-ones recurrent masks forcing rnnreg's own recurrence)."""
+    if path == "eval":
+        module.eval()
+        return None
+    return ones_recurrent(module, **sizes)
+
+
 def binomial_tolerance(p: float, n: int, sigmas: float = 5.0) -> float:
     return sigmas * math.sqrt(p * (1 - p) / n)
 
@@ -166,11 +175,7 @@ def test_equals_torch_without_bias(cell, bidirectional, path):
     assert not any(name.startswith("bias") for name, _ in ours.named_parameters())
     ref = reference(cell, ours, **shape)
     feed, hx, leaves = make_inputs(cell, ours, packed=True, with_hx=True)
-    masks = None
-    if path == "eval":
-        ours.eval()
-    else:
-        masks = ones_recurrent(ours)
+    masks = masks_for_path(ours, path)
     assert_same_run(run(ours, feed, hx, leaves, masks), run(ref, feed, hx, leaves))
 
 
@@ -183,11 +188,7 @@ def test_equals_torch_relu(bidirectional, packed, path):
     assert ours.nonlinearity == "relu"
     ref = reference("RNN_RELU", ours, **shape)
     feed, hx, leaves = make_inputs("RNN", ours, packed=packed, with_hx=True)
-    masks = None
-    if path == "eval":
-        ours.eval()
-    else:
-        masks = ones_recurrent(ours)
+    masks = masks_for_path(ours, path)
     assert_same_run(run(ours, feed, hx, leaves, masks), run(ref, feed, hx, leaves))
 
 
@@ -207,11 +208,7 @@ def test_equals_torch_unbatched(cell, batch_first, with_hx, path):
                   for _ in range(2 if cell == "LSTM" else 1)]
         leaves += states
         hx = tuple(states) if cell == "LSTM" else states[0]
-    masks = None
-    if path == "eval":
-        ours.eval()
-    else:
-        masks = ones_recurrent(ours, batch=1)
+    masks = masks_for_path(ours, path, batch=1)
     got = run(ours, x, hx, leaves, masks)
     expected = run(ref, x, hx, leaves)
     assert got[0].shape == (T, 2 * H)
@@ -229,11 +226,7 @@ def test_equals_torch_packed_sorted(cell, path):
     x = torch.randn(T, B, F_IN, requires_grad=True)
     feed = pack_padded_sequence(x, torch.tensor([5, 4, 2]))
     assert feed.sorted_indices is None
-    masks = None
-    if path == "eval":
-        ours.eval()
-    else:
-        masks = ones_recurrent(ours)
+    masks = masks_for_path(ours, path)
     got = run(ours, feed, None, [x], masks)
     expected = run(ref, feed, None, [x])
     assert got[0].sorted_indices is None

@@ -19,11 +19,11 @@ from rnnreg.distributed import World
 from rnnreg.evaluate import score_stream
 from rnnreg.generate import sample_text
 from rnnreg.layers import LSTM, DropoutMasks
-from rnnreg.model import LanguageModel, count_parameters, detach_state
+from rnnreg.model import LanguageModel, count_parameters, detach_state, map_state
 from rnnreg.presets import PRESETS, preset_config
 from rnnreg.rundir import load_tree
 from rnnreg.stack import StackedRNN
-from rnnreg.train import _to_dtype, load_model, train
+from rnnreg.train import load_model, train
 
 SIZES = (7, 9, 4)
 INPUT = 5
@@ -208,7 +208,7 @@ def test_stacked_model_ties_its_last_layer_to_the_embedding():
 
 def test_nested_state_helpers_keep_the_nesting():
     state = ((torch.ones(1, 4, 3), torch.ones(1, 4, 3)), (torch.ones(1, 4, 2),) * 2)
-    halved = _to_dtype(state, torch.bfloat16)
+    halved = map_state(state, lambda s: s.to(torch.bfloat16))
     assert halved[1][0].dtype == torch.bfloat16 and len(halved) == 2 and len(halved[0]) == 2
     shard = World(rank=1, size=2, distributed=True).shard_columns(state)
     assert [tuple(s.shape) for pair in shard for s in pair] == [(1, 2, 3)] * 2 + [(1, 2, 2)] * 2
