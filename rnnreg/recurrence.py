@@ -7,7 +7,7 @@ Gate order and equations are torch's, so weights load both ways with ``torch.nn`
 Speed comes from doing by hand what plain autograd would do step by step:
 
 * The input projection ``W_ih x(t) + b`` of every step is one matrix product outside the loop,
-  left to autograd, so dx, dW_ih and db_ih are each one big product in the backward too.
+  so dx, dW_ih and db_ih are each one big product in the backward too.
 * Each mode is a ``torch.autograd.Function`` whose forward writes gate activations and states
   into preallocated buffers (no autograd graph of ~10 nodes per step) and whose backward runs
   through time by hand (BPTT, Werbos 1990). Everything in the gate derivatives that does not
@@ -15,6 +15,8 @@ Speed comes from doing by hand what plain autograd would do step by step:
   so the loop is a recurrent matrix product plus two to five elementwise kernels per step.
 * dW_hh = sum_t dgates(t)^T h_in(t) is ONE product over all ``T*B`` rows after the loop instead
   of ``T`` small products each accumulated into a ``(G*H, H)`` gradient.
+* The loops themselves (``rnnreg.loops``) run compiled on CPU, and the products go to oneDNN,
+  the library behind torch's own CPU LSTM, at the widths where it is faster than ``torch.mm``.
 
 Double backward is not supported (the backward is ``once_differentiable``).
 """
@@ -24,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from rnnreg import loops
 
 __all__ = ["recurrence"]
 
@@ -48,7 +52,7 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths):
     bias = b_ih
     if mode != "GRU" and b_hh is not None:
         bias = b_hh if b_ih is None else b_ih + b_hh
-    projected = F.linear(x, w_ih, bias)
+    projected = _project(x, w_ih, bias, w_hh.size(1))
     valid = None
     if lengths is not None:
         steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)
@@ -101,30 +105,13 @@ class _LSTM(torch.autograd.Function):
     def forward(ctx, projected, h0, c0, w_hh, mask, valid):
         steps, batch, gates = projected.shape
         hidden = gates // 4
-        w_t = w_hh.t()
         acts = projected.new_empty(steps, batch, gates)  # [i, f, g, o] after their nonlinearity
         hs = _states(h0, steps)
         cs = _states(c0, steps)
         tanh_c = projected.new_empty(steps, batch, hidden)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
-        pre = projected.new_empty(batch, gates)
-        pre_g = pre[:, 2 * hidden:3 * hidden]
-        i, f, g, o = (a.unbind(0) for a in acts.view(steps, batch, 4, hidden).unbind(2))
-        p, masks = projected.unbind(0), _per_step(mask, steps)
-        for t in range(steps):
-            h = hs[t]
-            x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
-            torch.addmm(p[t], x_t, w_t, out=pre)
-            # One sigmoid over all four gates (g's is overwritten next) beats three sigmoids
-            # on slices: at these sizes a kernel launch costs more than the extra quarter.
-            torch.sigmoid(pre, out=acts[t])
-            torch.tanh(pre_g, out=g[t])
-            c = torch.mul(f[t], cs[t], out=cs[t + 1]).addcmul_(i[t], g[t])
-            torch.tanh(c, out=tanh_c[t])
-            h_new = torch.mul(o[t], tanh_c[t], out=hs[t + 1])
-            if valid is not None:  # freeze finished sequences (out= may alias its own input)
-                torch.where(valid[t], c, cs[t], out=c)
-                torch.where(valid[t], h_new, h, out=h_new)
+        loops.engine(projected).lstm_forward(projected, w_hh, loops.packed_weight(w_hh, batch),
+                                             mask, valid, acts, cs, tanh_c, hs, h_in)
         ctx.save_for_backward(acts, cs, tanh_c, hs, h_in, w_hh, mask, valid)
         return _outputs(hs, valid), hs[-1].clone(), cs[-1].clone()
 
@@ -146,24 +133,11 @@ class _LSTM(torch.autograd.Function):
 
         d_gates = acts.new_empty(steps, batch, gates)
         d_hin = acts.new_empty(steps, batch, hidden)  # dL/d(m * h(t-1))
-        # Per-step views made once: indexing inside the loop costs more than the small kernels.
-        d_ifg = d_gates.view(steps, batch, 4, hidden)[:, :, :3].unbind(0)
-        d_o = d_gates[:, :, 3 * hidden:].unbind(0)
-        k_ifg, k_o = coef[:, :, :3].unbind(0), coef[:, :, 3].unbind(0)
-        d_step, to_cell, keep_c = d_gates.unbind(0), to_cell.unbind(0), keep_c.unbind(0)
-        masks = _per_step(mask, steps)
         need_first = any(ctx.needs_input_grad[1:3]) or ctx.needs_input_grad[4]
-        dh, dc = d_out[-1] + d_h, d_c
-        for t in range(steps - 1, -1, -1):
-            dcc = torch.addcmul(dc, dh, to_cell[t])
-            torch.mul(dcc.unsqueeze(1), k_ifg[t], out=d_ifg[t])
-            torch.mul(dh, k_o[t], out=d_o[t])
-            if t == 0 and not need_first:
-                break
-            dc = dcc.mul_(keep_c[t])
-            torch.mm(d_step[t], w_hh, out=d_hin[t])
-            dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
-        return (d_gates, dh if need_first else None, dc if need_first else None,
+        dh, dc = loops.engine(acts).lstm_backward(
+            d_out, d_h, d_c, coef, to_cell, keep_c, w_hh, loops.onednn_pays(w_hh, hidden, "step"),
+            mask, passthrough, need_first, d_gates, d_hin)
+        return (d_gates, dh, dc,
                 _weight_grad(ctx, 3, d_gates, hs[:-1] if h_in is None else h_in),
                 _mask_grad(ctx, 4, d_hin, hs, mask), None)
 
@@ -192,28 +166,14 @@ class _GRU(torch.autograd.Function):
     def forward(ctx, projected, h0, w_hh, b_hh, mask, valid):
         steps, batch, gates = projected.shape
         hidden = gates // 3
-        w_t = w_hh.t()
         rec = projected.new_empty(steps, batch, gates)  # a(t) = W_hh (m * h(t-1)) + b_hh
         rz = projected.new_empty(steps, batch, 2 * hidden)
         n = projected.new_empty(steps, batch, hidden)
         hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
-        p_rz, p_n = (s.unbind(0) for s in projected.split([2 * hidden, hidden], 2))
-        a_rz, a_n = (s.unbind(0) for s in rec.split([2 * hidden, hidden], 2))
-        r, z = (s.unbind(0) for s in rz.split(hidden, 2))
-        masks = _per_step(mask, steps)
-        for t in range(steps):
-            h = hs[t]
-            x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
-            if b_hh is None:
-                torch.mm(x_t, w_t, out=rec[t])
-            else:
-                torch.addmm(b_hh, x_t, w_t, out=rec[t])
-            torch.add(p_rz[t], a_rz[t], out=rz[t]).sigmoid_()
-            torch.addcmul(p_n[t], r[t], a_n[t], out=n[t]).tanh_()
-            h_new = torch.lerp(n[t], h, z[t], out=hs[t + 1])  # n + z * (h - n), one kernel
-            if valid is not None:
-                torch.where(valid[t], h_new, h, out=h_new)
+        loops.engine(projected).gru_forward(projected, w_hh, b_hh,
+                                            loops.packed_weight(w_hh, batch), mask, valid,
+                                            rec, rz, n, hs, h_in)
         ctx.save_for_backward(rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid)
         return _outputs(hs, valid), hs[-1].clone()
 
@@ -235,26 +195,18 @@ class _GRU(torch.autograd.Function):
         keep_h = _stop_at_lengths(valid, coef, to_n, z)
 
         d_rec = rec.new_empty(steps, batch, gates)
-        d_rec_split = d_rec.view(steps, batch, 3, hidden)
         d_hs = rec.new_empty(steps, batch, hidden)  # dL/dh(t), all paths; kept for dp_n
         d_hin = rec.new_empty(steps, batch, hidden)
-        masks = _per_step(mask, steps)
         need_first = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
-        torch.add(d_out[-1], d_h, out=d_hs[-1])
-        for t in range(steps - 1, -1, -1):
-            dh = d_hs[t]
-            torch.mul(dh.unsqueeze(1), coef[t], out=d_rec_split[t])
-            if t == 0 and not need_first:
-                break
-            torch.mm(d_rec[t], w_hh, out=d_hin[t])
-            prev = _previous(d_out, d_hin, masks, t, out=d_hs[t - 1] if t > 0 else None)
-            prev.addcmul_(dh, keep_h[t])
+        d_h0 = loops.engine(rec).gru_backward(d_out, d_h, coef, keep_h, w_hh,
+                                              loops.onednn_pays(w_hh, hidden, "step"), mask,
+                                              need_first, d_rec, d_hs, d_hin)
         d_w = _weight_grad(ctx, 2, d_rec, h_prev if h_in is None else h_in)
         d_b = d_rec.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[3] else None
         d_mask = _mask_grad(ctx, 4, d_hin, hs, mask)
         # d_rec is no longer needed: reuse it as dp, whose r and z parts are the same.
         torch.mul(d_hs, to_n, out=d_rec[:, :, 2 * hidden:])
-        return d_rec, prev if need_first else None, d_w, d_b, d_mask, None
+        return d_rec, d_h0, d_w, d_b, d_mask, None
 
 
 class _Elman(torch.autograd.Function):
@@ -267,20 +219,10 @@ class _Elman(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected, h0, w_hh, mask, valid, relu):
         steps, batch, hidden = projected.shape
-        w_t = w_hh.t()
         hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
-        p, masks = projected.unbind(0), _per_step(mask, steps)
-        for t in range(steps):
-            h = hs[t]
-            x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
-            h_new = torch.addmm(p[t], x_t, w_t, out=hs[t + 1])
-            if relu:
-                h_new.relu_()
-            else:
-                h_new.tanh_()
-            if valid is not None:
-                torch.where(valid[t], h_new, h, out=h_new)
+        loops.engine(projected).elman_forward(projected, w_hh, loops.packed_weight(w_hh, batch),
+                                              mask, valid, relu, hs, h_in)
         ctx.relu = relu
         ctx.save_for_backward(hs, h_in, w_hh, mask, valid)
         return _outputs(hs, valid), hs[-1].clone()
@@ -289,33 +231,56 @@ class _Elman(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_out, d_h):
         hs, h_in, w_hh, mask, valid = ctx.saved_tensors
-        steps, out = hs.size(0) - 1, hs[1:]
+        out = hs[1:]
         slope = (out > 0).to(hs.dtype) if ctx.relu else 1 - out * out
         d_out, passthrough = _freeze(d_out, valid)
         if valid is not None:
             slope *= valid
         d_pre = torch.empty_like(out)
         d_hin = torch.empty_like(out)
-        masks = _per_step(mask, steps)
         need_first = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-        dh = d_out[-1] + d_h
-        for t in range(steps - 1, -1, -1):
-            torch.mul(dh, slope[t], out=d_pre[t])
-            if t == 0 and not need_first:
-                break
-            torch.mm(d_pre[t], w_hh, out=d_hin[t])
-            dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
-        return (d_pre, dh if need_first else None,
+        dh = loops.engine(hs).elman_backward(d_out, d_h, slope, w_hh,
+                                             loops.onednn_pays(w_hh, hs.size(2), "step"), mask,
+                                             passthrough, need_first, d_pre, d_hin)
+        return (d_pre, dh,
                 _weight_grad(ctx, 2, d_pre, hs[:-1] if h_in is None else h_in),
                 _mask_grad(ctx, 3, d_hin, hs, mask), None, None)
 
 
-def _per_step(mask, steps):
-    """The mask each step uses: row t of a fresh ``(T, B, H)`` mask, or the one per-sequence
-    ``(1, B, H)`` mask at every step; a list of None when there is no mask."""
-    if mask is None:
-        return [None] * steps
-    return mask.unbind(0) if mask.size(0) > 1 else [mask[0]] * steps
+class _Projection(torch.autograd.Function):
+    """``x W^T + b`` for every step at once, on oneDNN (:func:`rnnreg.loops.onednn_pays`).
+
+    Three of the six big products of a layer's forward and backward (``x W_ih^T``, ``dP W_ih``
+    and ``dP^T x``) are this one's; oneDNN runs them about a quarter faster than torch.mm at
+    the paper's medium shape. Used only where it pays; otherwise ``F.linear``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        rows = x.reshape(-1, x.size(-1))
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows.size(0))
+        out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        x, weight = ctx.saved_tensors
+        d_rows = d_out.reshape(-1, d_out.size(-1))
+        rows = x.reshape(-1, x.size(-1))
+        d_x = loops.onednn_mm(d_rows, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        d_w = loops.onednn_mm(d_rows.t(), rows) if ctx.needs_input_grad[1] else None
+        d_b = d_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return d_x, d_w, d_b
+
+
+def _project(x, weight, bias, hidden):
+    """The input projection of every step, ``x W_ih^T + b``, on oneDNN where that pays."""
+    if loops.onednn_pays(weight, hidden, "rows") and not torch.is_autocast_enabled(x.device.type):
+        return _Projection.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _freeze(d_out, valid):
@@ -359,28 +324,15 @@ def _outputs(hs, valid):
     return hs[1:].clone() if valid is None else hs[1:] * valid
 
 
-def _previous(d_out, d_hin, masks, t, dh=None, passthrough=None, out=None):
-    """dL/dh(t-1) from step t: through the masked recurrent product, plus the gradient of
-    output t-1, plus (where the sequence has ended) dL/dh(t) copied through the frozen state."""
-    m = masks[t]
-    if t > 0:
-        if m is None:
-            prev = torch.add(d_out[t - 1], d_hin[t], out=out)
-        else:
-            prev = torch.addcmul(d_out[t - 1], d_hin[t], m, out=out)
-    else:
-        prev = d_hin[0].clone() if m is None else d_hin[0] * m
-    if passthrough is not None:
-        prev.addcmul_(dh, passthrough[t])
-    return prev
-
-
 def _weight_grad(ctx, index, d_pre, h_in):
     """dL/dW_hh = sum_t dpre(t)^T (m * h(t-1)) as one ``(G*H, T*B) x (T*B, H)`` product."""
     if not ctx.needs_input_grad[index]:
         return None
+    d_rows, h_rows = d_pre.view(-1, d_pre.size(2)), h_in.view(-1, h_in.size(2))
+    if loops.onednn_pays(h_in, h_in.size(2), "rows"):
+        return loops.onednn_mm(d_rows.t(), h_rows)
     # Formed as (h_in^T dpre)^T: at the paper's sizes MKL runs this orientation faster.
-    return h_in.view(-1, h_in.size(2)).t().mm(d_pre.view(-1, d_pre.size(2))).t()
+    return h_rows.t().mm(d_rows).t()
 
 
 def _mask_grad(ctx, index, d_hin, hs, mask):

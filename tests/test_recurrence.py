@@ -7,15 +7,35 @@ equations, and torch's own fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` when no mask 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rnnreg import loops
 from rnnreg.recurrence import recurrence
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 MASKS = ["none", "fresh", "per_sequence"]
+ONEDNN = loops.onednn_pays(torch.empty(1), 10**6, "rows")
+
+
+@pytest.fixture(params=["python", "python+onednn", "compiled", "compiled+onednn"])
+def engine(request, monkeypatch):
+    """Run a float32 CPU test on every engine: the Python or the compiled loops, each with
+    torch.mm/addmm products (the default below 256 hidden units) or oneDNN's (the default
+    from there on, forced here at any size)."""
+    if request.param.startswith("python"):
+        monkeypatch.setattr(loops, "compiled", lambda: None)
+    elif loops.compiled() is None:
+        pytest.skip("the C++ loops are off (RNNREG_NATIVE=0) or could not be built")
+    if request.param.endswith("onednn"):
+        if not ONEDNN:
+            pytest.skip("this torch build has no oneDNN linear")
+        monkeypatch.setattr(loops, "ONEDNN_MIN_HIDDEN", {"step": 1, "rows": 1})
+    return request.param
 
 
 def make_inputs(mode, steps, batch, features, hidden, *, dtype, mask_kind="none",
@@ -50,6 +70,7 @@ def leaves(inputs):
     found = [inputs["x"], *inputs["state"], inputs["w_ih"], inputs["w_hh"],
              inputs["b_ih"], inputs["b_hh"], inputs["mask"]]
     return [t for t in found if t is not None]
+
 
 
 # --- reference: the equations, one step at a time, plain autograd ------------------------------
@@ -103,7 +124,7 @@ def run_and_grad(fn, mode, inputs, lengths, seed=1):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_gradcheck(mode, mask_kind, with_lengths):
+def test_gradcheck(mode, mask_kind, with_lengths, engine):
     inputs = make_inputs(mode, 4, 3, 2, 3, dtype=torch.float64, mask_kind=mask_kind)
     lengths = torch.tensor([4, 2, 1]) if with_lengths else None
     n_state = len(inputs["state"])
@@ -159,7 +180,7 @@ def test_gradcheck_zero_length_keeps_initial_state():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_matches_reference(mode, mask_kind, with_lengths):
+def test_matches_reference(mode, mask_kind, with_lengths, engine):
     inputs = make_inputs(mode, 7, 5, 4, 6, dtype=torch.float32, mask_kind=mask_kind, seed=3)
     lengths = torch.tensor([7, 3, 1, 7, 5]) if with_lengths else None
     ours, ours_grads = run_and_grad(recurrence, mode, inputs, lengths)
@@ -171,7 +192,7 @@ def test_matches_reference(mode, mask_kind, with_lengths):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gradients_only_for_what_requires_them(mode):
+def test_gradients_only_for_what_requires_them(mode, engine):
     """Frozen weights, a constant initial state and a sampled mask: only x gets a gradient."""
     inputs = make_inputs(mode, 5, 3, 4, 4, dtype=torch.float32, mask_kind="fresh")
     x = inputs["x"]
@@ -199,7 +220,7 @@ def test_outputs_may_be_modified_in_place(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_runs_under_autocast(mode):
+def test_runs_under_autocast(mode, engine):
     """Under autocast the recurrence runs in the low-precision dtype, as torch's kernels do."""
     inputs = make_inputs(mode, 4, 2, 3, 5, dtype=torch.float32, mask_kind="per_sequence")
     args = (inputs["x"], inputs["state"], inputs["w_ih"], inputs["w_hh"], inputs["b_ih"],
@@ -211,6 +232,38 @@ def test_runs_under_autocast(mode):
     assert inputs["w_hh"].grad.dtype == torch.float32
     ref, _ = reference(mode, *args)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def engine_ops(mode, hidden):
+    """The oneDNN ops a forward and backward of one layer of ``hidden`` units ran."""
+    inputs = make_inputs(mode, 3, 2, 5, hidden, dtype=torch.float32, mask_kind="per_sequence")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _, grads = run_and_grad(recurrence, mode, inputs, None)
+    assert all(torch.isfinite(g).all() for g in grads)
+    return {e.name for e in prof.events() if e.name.startswith("mkldnn::")}
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN linear")
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # mkldnn.flags() sets TF32 as well
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_follows_the_hidden_size_and_the_flag(mode):
+    """oneDNN from 256 units on (packing the weight pays), torch.mm below, and never when
+    the user turns oneDNN off."""
+    wide = loops.ONEDNN_MIN_HIDDEN["step"]
+    assert engine_ops(mode, wide) == {"mkldnn::_linear_pointwise",
+                                      "mkldnn::_reorder_linear_weight"}
+    assert engine_ops(mode, wide - 1) == set()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert engine_ops(mode, wide) == set()
+
+
+def test_onednn_thresholds_per_kind_of_product():
+    """Per-step products switch to oneDNN at 256 units, whole-window products at 512."""
+    x = torch.empty(1)
+    assert [loops.onednn_pays(x, h, "step") for h in (255, 256)] == [False, ONEDNN]
+    assert [loops.onednn_pays(x, h, "rows") for h in (511, 512)] == [False, ONEDNN]
+    assert not loops.onednn_pays(x.double(), 10**6, "step")
+    assert not loops.onednn_pays(x.bfloat16(), 10**6, "rows")
 
 
 def test_unknown_mode_and_empty_input():
@@ -236,7 +289,7 @@ def torch_layer(mode, features, hidden):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_matches_torch_nn(mode, with_lengths):
+def test_matches_torch_nn(mode, with_lengths, engine):
     torch.manual_seed(5)
     steps, batch, features, hidden = 6, 4, 5, 7
     layer = torch_layer(mode, features, hidden)
@@ -285,3 +338,44 @@ def test_cuda_matches_cpu(mode):
     gpu_out, gpu_grads = run_and_grad(recurrence, mode, moved, lengths)
     for a, b in zip((*cpu_out, *cpu_grads), (*gpu_out, *gpu_grads)):
         torch.testing.assert_close(b.cpu(), a)
+
+
+# --- the compiled loops ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("RNNREG_NATIVE") == "0", reason="RNNREG_NATIVE=0")
+def test_compiled_loops_build_and_run_on_cpu():
+    """The C++ loops build here (CI has a compiler) and are what CPU tensors get."""
+    assert loops.compiled() is not None, "the C++ loops failed to build; see the warning"
+    assert loops.engine(torch.empty(1)) is loops.compiled()
+
+
+def test_failed_build_falls_back_to_python_with_a_warning(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
+    loops.compiled.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+            assert loops.compiled() is None
+        assert loops.engine(torch.empty(1)) is loops.PYTHON
+        inputs = make_inputs("LSTM", 3, 2, 2, 3, dtype=torch.float32, mask_kind="fresh")
+        ours, _ = run_and_grad(recurrence, "LSTM", inputs, None)
+        ref, _ = run_and_grad(reference, "LSTM", inputs, None)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        loops.compiled.cache_clear()
+
+
+def test_native_off_by_environment(monkeypatch):
+    monkeypatch.setenv("RNNREG_NATIVE", "0")
+    loops.compiled.cache_clear()
+    try:
+        assert loops.compiled() is None
+        assert loops.engine(torch.empty(1)) is loops.PYTHON
+    finally:
+        loops.compiled.cache_clear()

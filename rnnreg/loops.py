@@ -1,0 +1,265 @@
+"""The per-step loops of rnnreg's own recurrence, and the engine that runs them.
+
+``rnnreg.recurrence`` prepares everything that does not depend on the previous step (the input
+projection, the gate-derivative coefficients, the buffers); what is left is a loop over time of
+one recurrent matrix product and a few elementwise kernels. At the paper's shapes each kernel
+takes microseconds, so on CPU the Python interpreter between them cost as much as the kernels.
+The loops therefore exist twice with one signature: in C++ (``_loops.cpp``, the same ATen
+calls, compiled with torch's extension builder on first use and cached) and here in Python,
+which runs on GPUs, where the C++ build is unavailable (no compiler), or when the environment
+sets ``RNNREG_NATIVE=0``. The tests run both and compare them with independent references.
+
+The recurrent products go to oneDNN where that pays (:func:`onednn_pays`), as torch's fused
+CPU LSTM does; otherwise to ``torch.addmm``/``torch.mm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["engine", "compiled", "onednn_pays", "onednn_mm", "packed_weight", "PYTHON"]
+
+_SOURCE = Path(__file__).with_name("_loops.cpp")
+_NAME = "rnnreg_loops"
+
+# From how many hidden units on oneDNN's products beat torch.mm on CPU (benchmarks/matmul.py,
+# results/benchmarks/matmul.md): the T thin per-step products with W_hh ("step", packing W_hh
+# included) from about 256; the products over all T*B rows at once ("rows": the input
+# projection, its backward, the weight gradients) only between 400 and 650.
+ONEDNN_MIN_HIDDEN = {"step": 256, "rows": 512}
+
+
+def engine(tensor):
+    """The loops for ``tensor``'s device: the compiled ones on CPU when they build, else Python."""
+    if tensor.device.type == "cpu":
+        native = compiled()
+        if native is not None:
+            return native
+    return PYTHON
+
+
+@functools.cache
+def compiled():
+    """The C++ loops, built once per machine (about half a minute) and cached by torch.
+
+    None when ``RNNREG_NATIVE=0`` or when the build fails (no C++ compiler, no headers): then
+    the Python loops run, with the same results, slower on CPU.
+    """
+    if os.environ.get("RNNREG_NATIVE", "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+
+    if not _already_built(cpp_extension):
+        print("rnnreg: compiling its C++ recurrence loops (once per machine, about 30 s)",
+              file=sys.stderr, flush=True)
+    try:
+        return cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O2"])
+    except Exception as error:  # any build failure leaves the Python loops, which always work
+        warnings.warn(f"rnnreg could not compile its C++ loops, so its own recurrence runs "
+                      f"the slower Python loops ({type(error).__name__}: {error}). Set "
+                      "RNNREG_NATIVE=0 to skip the attempt.", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _already_built(cpp_extension):
+    """Whether torch's extension cache holds a build (only decides whether to announce one)."""
+    try:
+        directory = Path(cpp_extension._get_build_directory(_NAME, verbose=False))
+    except Exception:  # a private helper: if it moves, skip the announcement, not the build
+        return True
+    return any(directory.glob(f"{_NAME}*.so"))
+
+
+# --- the recurrent products ------------------------------------------------------------------
+
+
+def onednn_pays(tensor, hidden, products):
+    """Whether a layer of ``hidden`` units working on ``tensor`` runs its ``products`` ("step"
+    or "rows") on oneDNN: on CPU, in float32, oneDNN enabled (``torch.backends.mkldnn.flags``),
+    wide enough."""
+    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32
+            and hidden >= ONEDNN_MIN_HIDDEN[products]
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def packed_weight(w_hh, batch):
+    """``W_hh`` packed into oneDNN's blocked layout for ``batch`` rows, once per call (as
+    torch's fused CPU LSTM does), or None where :func:`onednn_pays` does not hold."""
+    if not onednn_pays(w_hh, w_hh.size(1), "step"):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(w_hh, batch)
+
+
+def onednn_mm(a, b):
+    """``a @ b`` on oneDNN: its linear computes ``X W^T``, and takes ``W = b^T`` strided."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
+def _product_forward(out, x, add, weight, packed):
+    """``out = add + x W^T``, with ``add`` None, a ``(G*H,)`` bias or a ``(B, G*H)`` tensor."""
+    if packed is None:
+        if add is None:
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(add, x, weight.t(), out=out)
+    if add is not None and add.dim() == 2:
+        result = torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, None, "add")
+    else:
+        result = torch.ops.mkldnn._linear_pointwise(x, packed, add, "none", [], "")
+    return out.copy_(result)
+
+
+def _product_backward(out, d, weight, onednn):
+    """``out = d W``: the gradient reaching ``m * h(t-1)`` through the recurrent product."""
+    if onednn:
+        return out.copy_(onednn_mm(d, weight))
+    return torch.mm(d, weight, out=out)
+
+
+# --- the Python loops (equations in rnnreg.recurrence) ---------------------------------------
+
+
+def lstm_forward(projected, w_hh, packed, mask, valid, acts, cs, tanh_c, hs, h_in):
+    steps, batch, gates = projected.shape
+    hidden = gates // 4
+    pre = projected.new_empty(batch, gates)
+    pre_g = pre[:, 2 * hidden:3 * hidden]
+    # Per-step views made once: indexing inside the loop costs more than the small kernels.
+    i, f, g, o = (a.unbind(0) for a in acts.view(steps, batch, 4, hidden).unbind(2))
+    p, masks = projected.unbind(0), _per_step(mask, steps)
+    for t in range(steps):
+        h = hs[t]
+        x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
+        _product_forward(pre, x_t, p[t], w_hh, packed)
+        # One sigmoid over all four gates (g's is overwritten next) beats three sigmoids
+        # on slices: at these sizes a kernel launch costs more than the extra quarter.
+        torch.sigmoid(pre, out=acts[t])
+        torch.tanh(pre_g, out=g[t])
+        c = torch.mul(f[t], cs[t], out=cs[t + 1]).addcmul_(i[t], g[t])
+        torch.tanh(c, out=tanh_c[t])
+        h_new = torch.mul(o[t], tanh_c[t], out=hs[t + 1])
+        if valid is not None:  # freeze finished sequences (out= may alias its own input)
+            torch.where(valid[t], c, cs[t], out=c)
+            torch.where(valid[t], h_new, h, out=h_new)
+
+
+def lstm_backward(d_out, d_h, d_c, coef, to_cell, keep_c, w_hh, onednn, mask, passthrough,
+                  need_first, d_gates, d_hin):
+    steps, batch, gates = d_gates.shape
+    hidden = gates // 4
+    d_ifg = d_gates.view(steps, batch, 4, hidden)[:, :, :3].unbind(0)
+    d_o = d_gates[:, :, 3 * hidden:].unbind(0)
+    k_ifg, k_o = coef[:, :, :3].unbind(0), coef[:, :, 3].unbind(0)
+    d_step, to_cell, keep_c = d_gates.unbind(0), to_cell.unbind(0), keep_c.unbind(0)
+    masks = _per_step(mask, steps)
+    dh, dc = d_out[-1] + d_h, d_c
+    for t in range(steps - 1, -1, -1):
+        dcc = torch.addcmul(dc, dh, to_cell[t])
+        torch.mul(dcc.unsqueeze(1), k_ifg[t], out=d_ifg[t])
+        torch.mul(dh, k_o[t], out=d_o[t])
+        if t == 0 and not need_first:
+            return None, None
+        dc = dcc.mul_(keep_c[t])
+        _product_backward(d_hin[t], d_step[t], w_hh, onednn)
+        dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
+    return dh, dc
+
+
+def gru_forward(projected, w_hh, b_hh, packed, mask, valid, rec, rz, n, hs, h_in):
+    steps = projected.size(0)
+    hidden = projected.size(2) // 3
+    p_rz, p_n = (s.unbind(0) for s in projected.split([2 * hidden, hidden], 2))
+    a_rz, a_n = (s.unbind(0) for s in rec.split([2 * hidden, hidden], 2))
+    r, z = (s.unbind(0) for s in rz.split(hidden, 2))
+    masks = _per_step(mask, steps)
+    for t in range(steps):
+        h = hs[t]
+        x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
+        _product_forward(rec[t], x_t, b_hh, w_hh, packed)
+        torch.add(p_rz[t], a_rz[t], out=rz[t]).sigmoid_()
+        torch.addcmul(p_n[t], r[t], a_n[t], out=n[t]).tanh_()
+        h_new = torch.lerp(n[t], h, z[t], out=hs[t + 1])  # n + z * (h - n), one kernel
+        if valid is not None:
+            torch.where(valid[t], h_new, h, out=h_new)
+
+
+def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec, d_hs, d_hin):
+    steps, batch, gates = d_rec.shape
+    d_rec_split = d_rec.view(steps, batch, 3, gates // 3)
+    masks = _per_step(mask, steps)
+    torch.add(d_out[-1], d_h, out=d_hs[-1])
+    prev = None
+    for t in range(steps - 1, -1, -1):
+        dh = d_hs[t]
+        torch.mul(dh.unsqueeze(1), coef[t], out=d_rec_split[t])
+        if t == 0 and not need_first:
+            return None
+        _product_backward(d_hin[t], d_rec[t], w_hh, onednn)
+        prev = _previous(d_out, d_hin, masks, t, out=d_hs[t - 1] if t > 0 else None)
+        prev.addcmul_(dh, keep_h[t])
+    return prev
+
+
+def elman_forward(projected, w_hh, packed, mask, valid, relu, hs, h_in):
+    steps = projected.size(0)
+    p, masks = projected.unbind(0), _per_step(mask, steps)
+    for t in range(steps):
+        h = hs[t]
+        x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
+        h_new = _product_forward(hs[t + 1], x_t, p[t], w_hh, packed)
+        if relu:
+            h_new.relu_()
+        else:
+            h_new.tanh_()
+        if valid is not None:
+            torch.where(valid[t], h_new, h, out=h_new)
+
+
+def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_first, d_pre,
+                   d_hin):
+    steps = d_pre.size(0)
+    masks = _per_step(mask, steps)
+    dh = d_out[-1] + d_h
+    for t in range(steps - 1, -1, -1):
+        torch.mul(dh, slope[t], out=d_pre[t])
+        if t == 0 and not need_first:
+            return None
+        _product_backward(d_hin[t], d_pre[t], w_hh, onednn)
+        dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
+    return dh
+
+
+PYTHON = types.SimpleNamespace(
+    lstm_forward=lstm_forward, lstm_backward=lstm_backward, gru_forward=gru_forward,
+    gru_backward=gru_backward, elman_forward=elman_forward, elman_backward=elman_backward)
+
+
+def _per_step(mask, steps):
+    """The mask each step uses: row t of a fresh ``(T, B, H)`` mask, or the one per-sequence
+    ``(1, B, H)`` mask at every step; a list of None when there is no mask."""
+    if mask is None:
+        return [None] * steps
+    return mask.unbind(0) if mask.size(0) > 1 else [mask[0]] * steps
+
+
+def _previous(d_out, d_hin, masks, t, dh=None, passthrough=None, out=None):
+    """dL/dh(t-1) from step t: through the masked recurrent product, plus the gradient of
+    output t-1, plus (where the sequence has ended) dL/dh(t) copied through the frozen state."""
+    m = masks[t]
+    if t > 0:
+        if m is None:
+            prev = torch.add(d_out[t - 1], d_hin[t], out=out)
+        else:
+            prev = torch.addcmul(d_out[t - 1], d_hin[t], m, out=out)
+    else:
+        prev = d_hin[0].clone() if m is None else d_hin[0] * m
+    if passthrough is not None:
+        prev.addcmul_(dh, passthrough[t])
+    return prev
