@@ -10,6 +10,7 @@ mkdir -p "$out"
   echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(python3 -c 'import torch; print("torch", torch.__version__)')"
 } > "$out/machine.txt"
 python3 benchmarks/masks.py | tee "$out/masks.md"
+python3 benchmarks/matmul.py --markdown | tee "$out/matmul.md"
 python3 benchmarks/layers.py --markdown | tee "$out/layers.md"
 python3 benchmarks/precision.py | tee "$out/precision.md"
 {
