@@ -4,10 +4,11 @@
 projection, the gate-derivative coefficients, the buffers); what is left is a loop over time of
 one recurrent matrix product and a few elementwise kernels. At the paper's shapes each kernel
 takes microseconds, so on CPU the Python interpreter between them cost as much as the kernels.
-The loops therefore exist twice with one signature: in C++ (``_loops.cpp``, the same ATen
-calls, compiled with torch's extension builder on first use and cached) and here in Python,
-which runs on GPUs, where the C++ build is unavailable (no compiler), or when the environment
-sets ``RNNREG_NATIVE=0``. The tests run both and compare them with independent references.
+The loops therefore exist twice with one signature: in C++ (``_loops.cpp``: the same ATen
+calls, plus one fused pass for the LSTM's plain gate arithmetic; compiled with torch's
+extension builder on first use and cached) and here in Python, which runs on GPUs, where the
+C++ build is unavailable (no compiler), or when the environment sets ``RNNREG_NATIVE=0``. The
+tests run both and compare each with independent references.
 
 The recurrent products go to oneDNN where that pays (:func:`onednn_pays`), as torch's fused
 CPU LSTM does; otherwise to ``torch.addmm``/``torch.mm``.
@@ -60,7 +61,7 @@ def compiled():
         print("rnnreg: compiling its C++ recurrence loops (once per machine, about 30 s)",
               file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O2"])
+        return cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"])
     except Exception as error:  # any build failure leaves the Python loops, which always work
         warnings.warn(f"rnnreg could not compile its C++ loops, so its own recurrence runs "
                       f"the slower Python loops ({type(error).__name__}: {error}). Set "
