@@ -48,7 +48,7 @@ def engine(tensor):
 
 @functools.cache
 def compiled():
-    """The C++ loops, built once per machine (about half a minute) and cached by torch.
+    """The C++ loops, built once per machine (under a minute here) and cached by torch.
 
     None when ``RNNREG_NATIVE=0`` or when the build fails (no C++ compiler, no headers): then
     the Python loops run, with the same results, slower on CPU.
@@ -58,7 +58,7 @@ def compiled():
     from torch.utils import cpp_extension
 
     if not _already_built(cpp_extension):
-        print("rnnreg: compiling its C++ recurrence loops (once per machine, about 30 s)",
+        print("rnnreg: compiling its C++ recurrence loops (once per machine, under a minute)",
               file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"])

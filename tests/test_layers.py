@@ -166,6 +166,20 @@ def test_equals_torch(cell, num_layers, bidirectional, batch_first, with_hx, pac
     assert_same_run(got, expected)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_own_loop_equals_torch_at_a_wide_size(cell, packed):
+    """At 512 units the own recurrence runs its default CPU engine end to end: compiled loops,
+    oneDNN for the per-step and the whole-window products (rnnreg.loops.ONEDNN_MIN_HIDDEN)."""
+    shape = arch(2, bidirectional=cell == "GRU")
+    ours = build(cell, input_size=40, hidden=512, dropout=0.5, **ALL_RATES, **shape)
+    ref = reference(cell, ours, **shape)
+    feed, hx, leaves = make_inputs(cell, ours, packed=packed, with_hx=True)
+    ours.train()
+    got = run(ours, feed, hx, leaves, masks=ones_recurrent(ours))
+    assert_same_run(got, run(ref, feed, hx, leaves))
+
+
 @pytest.mark.parametrize("path", ["eval", "own_loop"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN", "RNN_RELU"])
