@@ -15,6 +15,7 @@ gradients of a GPU model travel over NCCL, scalars and Python objects over gloo.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,4 +212,5 @@ def launch() -> Iterator[World]:
     try:
         yield world
     finally:
+        gc.collect()  # anything still holding the group (a DDP wrapper in a cycle) goes first
         dist.destroy_process_group()

@@ -99,7 +99,12 @@ def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None
         trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
         if checkpoint is not None:
             trainer.restore(checkpoint)
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        finally:
+            # Its DDP wrapper holds the process group: release it before launch() tears the
+            # group down, the order torch.distributed asks for at shutdown.
+            del trainer
 
 
 def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config, resume: bool,
