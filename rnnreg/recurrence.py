@@ -96,7 +96,8 @@ class _LSTM(torch.autograd.Function):
         dL/dc(t-1) = dc~ * f,   dL/dh(t-1) = m * (W_hh^T dgates) + dL/dout(t-1)
 
     The bracketed coefficients do not depend on dh or dc, so they are computed for all steps at
-    once before the loop; the loop then needs one product and five elementwise kernels per step.
+    once before the loop; the loop then needs one product and five elementwise kernels per step
+    (one fused pass in the compiled loop).
     Past a sequence's length the step is the identity on (h, c): the coefficients are zeroed
     there, f acts as 1 and dh passes straight to h(t-1).
     """
