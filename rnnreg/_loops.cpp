@@ -211,30 +211,34 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
   });
 }
 
-// One backward step's gate gradients from dh = dL/dh(t) and dc = dL/dc(t) (from step t+1):
-// dcc = dc + dh * to_cell, d[i, f, g] = dcc * coef[i, f, g], d_o = dh * coef_o, and, in
-// place, dc <- dcc * keep (dL/dc(t-1) through the forget gate, or 1 past a sequence's end).
+// One backward step's gate gradients, straight from the forward's saved activations (the
+// coefficients of recurrence.py's _LSTM, formed here per step instead of in bulk): with
+// dh = dL/dh(t) and dc = dL/dc(t) from step t+1,
+//   dcc = dc + dh o (1 - tanh(c)^2),  d[i, f, g] = dcc [g i (1-i), c(t-1) f (1-f), i (1-g^2)],
+//   d_o = dh tanh(c) o (1-o),  and, in place, dc <- dcc f.
+// Past a sequence's end (alive[b] false) the step is the identity: zero gate gradients, dc kept.
 template <typename T>
-void gate_gradients(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ to_cell,
-                    const T* __restrict__ coef, const T* __restrict__ keep,
-                    T* __restrict__ d_gates, int64_t batch, int64_t hidden) {
+void gate_gradients(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ gates,
+                    const T* __restrict__ c_prev, const T* __restrict__ tanh_c,
+                    const bool* alive, T* __restrict__ d_gates, int64_t batch,
+                    int64_t hidden) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t base = b * hidden, row = b * 4 * hidden;
-    for (int64_t j = 0; j < hidden; ++j) {  // dc holds dcc until the last loop
-      dc[base + j] = Acc<T>(dc[base + j]) + Acc<T>(dh[base + j]) * Acc<T>(to_cell[base + j]);
+    T* __restrict__ d = d_gates + row;
+    if (alive != nullptr && !alive[b]) {
+      std::fill(d, d + 4 * hidden, T(0));
+      continue;
     }
-    for (int64_t k = 0; k < 3; ++k) {
-      const int64_t gate = row + k * hidden;
-      for (int64_t j = 0; j < hidden; ++j) {
-        d_gates[gate + j] = Acc<T>(dc[base + j]) * Acc<T>(coef[gate + j]);
-      }
-    }
-    const int64_t out_gate = row + 3 * hidden;
+    const T* __restrict__ a = gates + row;
     for (int64_t j = 0; j < hidden; ++j) {
-      d_gates[out_gate + j] = Acc<T>(dh[base + j]) * Acc<T>(coef[out_gate + j]);
-    }
-    for (int64_t j = 0; j < hidden; ++j) {
-      dc[base + j] = Acc<T>(dc[base + j]) * Acc<T>(keep[base + j]);
+      const Acc<T> i = a[j], f = a[hidden + j], g = a[2 * hidden + j], o = a[3 * hidden + j];
+      const Acc<T> tc = tanh_c[base + j], dh_j = dh[base + j];
+      const Acc<T> dcc = Acc<T>(dc[base + j]) + dh_j * o * (Acc<T>(1) - tc * tc);
+      d[j] = dcc * g * i * (Acc<T>(1) - i);
+      d[hidden + j] = dcc * Acc<T>(c_prev[base + j]) * f * (Acc<T>(1) - f);
+      d[2 * hidden + j] = dcc * i * (Acc<T>(1) - g * g);
+      d[3 * hidden + j] = dh_j * tc * o * (Acc<T>(1) - o);
+      dc[base + j] = dcc * f;
     }
   }
 }
@@ -278,18 +282,17 @@ void previous_state(T* __restrict__ dh, const T* __restrict__ d_out_prev,
 
 // Returns (dL/dh0, dL/dc0), undefined when need_first is false.
 std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d_h,
-                                         const Tensor& d_c, const Tensor& coef_in,
-                                         const Tensor& to_cell_in, const Tensor& keep_in,
-                                         const Tensor& w_hh, bool onednn,
-                                         const OptTensor& mask_opt,
+                                         const Tensor& d_c, const Tensor& acts,
+                                         const Tensor& cs, const Tensor& tanh_c,
+                                         const OptTensor& valid_opt, const Tensor& w_hh,
+                                         bool onednn, const OptTensor& mask_opt,
                                          const OptTensor& passthrough_opt, bool need_first,
                                          Tensor d_gates, Tensor d_hin) {
   const int64_t steps = d_gates.size(0), batch = d_gates.size(1);
   const int64_t hidden = d_gates.size(2) / 4, rows = batch * hidden;
-  const Tensor d_out = d_out_in.contiguous(), coef = coef_in.contiguous();
-  const Tensor to_cell = to_cell_in.contiguous(), keep = keep_in.contiguous();
+  const Tensor d_out = d_out_in.contiguous();
   const Tensor mask = mask_opt ? mask_opt->contiguous() : Tensor();
-  // (T, B, 1): one factor per sequence and step.
+  const Tensor valid = valid_opt ? valid_opt->contiguous() : Tensor();  // (T, B, 1)
   const Tensor passthrough = passthrough_opt ? passthrough_opt->contiguous() : Tensor();
   Tensor dh = (d_out.select(0, steps - 1) + d_h).contiguous();
   Tensor dc = d_c.contiguous().clone();
@@ -298,9 +301,10 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t base = t * rows;
       gate_gradients(dh.const_data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                     to_cell.const_data_ptr<scalar_t>() + base,
-                     coef.const_data_ptr<scalar_t>() + 4 * base,
-                     keep.const_data_ptr<scalar_t>() + base,
+                     acts.const_data_ptr<scalar_t>() + 4 * base,
+                     cs.const_data_ptr<scalar_t>() + base,
+                     tanh_c.const_data_ptr<scalar_t>() + base,
+                     valid.defined() ? valid.const_data_ptr<bool>() + t * batch : nullptr,
                      d_gates.data_ptr<scalar_t>() + 4 * base, batch, hidden);
       if (t == 0 && !need_first) {
         done = true;

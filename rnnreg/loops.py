@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["engine", "compiled", "onednn_pays", "onednn_mm", "packed_weight", "PYTHON"]
+__all__ = ["engine", "compiled", "onednn_pays", "onednn_mm", "packed_weight", "stop_at_lengths",
+           "PYTHON"]
 
 _SOURCE = Path(__file__).with_name("_loops.cpp")
 _NAME = "rnnreg_loops"
@@ -151,10 +152,19 @@ def lstm_forward(projected, w_hh, packed, mask, valid, acts, cs, tanh_c, hs, h_i
             torch.where(valid[t], h_new, h, out=h_new)
 
 
-def lstm_backward(d_out, d_h, d_c, coef, to_cell, keep_c, w_hh, onednn, mask, passthrough,
+def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, passthrough,
                   need_first, d_gates, d_hin):
     steps, batch, gates = d_gates.shape
     hidden = gates // 4
+    # The gate-derivative coefficients of every step at once (equations in recurrence._LSTM).
+    i, f, g, o = acts.view(steps, batch, 4, hidden).unbind(2)
+    coef = acts.new_empty(steps, batch, 4, hidden)
+    torch.mul(g, i * (1 - i), out=coef[:, :, 0])
+    torch.mul(cs[:-1], f * (1 - f), out=coef[:, :, 1])
+    torch.mul(i, 1 - g * g, out=coef[:, :, 2])
+    torch.mul(tanh_c, o * (1 - o), out=coef[:, :, 3])
+    to_cell = o * (1 - tanh_c * tanh_c)  # dh(t)/dc(t)
+    keep_c = stop_at_lengths(valid, coef, to_cell, f)
     d_ifg = d_gates.view(steps, batch, 4, hidden)[:, :, :3].unbind(0)
     d_o = d_gates[:, :, 3 * hidden:].unbind(0)
     k_ifg, k_o = coef[:, :, :3].unbind(0), coef[:, :, 3].unbind(0)
@@ -240,6 +250,21 @@ def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_firs
 PYTHON = types.SimpleNamespace(
     lstm_forward=lstm_forward, lstm_backward=lstm_backward, gru_forward=gru_forward,
     gru_backward=gru_backward, elman_forward=elman_forward, elman_backward=elman_backward)
+
+
+def stop_at_lengths(valid, coef, to_state, keep):
+    """Make every step past a sequence's length the identity in the backward pass.
+
+    Zeroes (in place) the gate coefficients ``coef (T, B, G, H)`` and the path into the new
+    state ``to_state (T, B, H)`` there, and returns the factor that carries the state's
+    gradient to the previous step: ``keep`` inside the sequence, 1 past its end.
+    """
+    if valid is None:
+        return keep
+    v = valid.to(coef.dtype)
+    coef *= v.unsqueeze(3)
+    to_state *= v
+    return torch.where(valid, keep, 1)
 
 
 def _per_step(mask, steps):

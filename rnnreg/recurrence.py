@@ -95,9 +95,9 @@ class _LSTM(torch.autograd.Function):
         d o_pre = dh * tanh(c) o (1-o)
         dL/dc(t-1) = dc~ * f,   dL/dh(t-1) = m * (W_hh^T dgates) + dL/dout(t-1)
 
-    The bracketed coefficients do not depend on dh or dc, so they are computed for all steps at
-    once before the loop; the loop then needs one product and five elementwise kernels per step
-    (one fused pass in the compiled loop).
+    The bracketed coefficients do not depend on dh or dc: the Python loop computes them for all
+    steps at once before the loop, which then needs one product and five elementwise kernels per
+    step; the compiled loop forms them per step inside one fused pass.
     Past a sequence's length the step is the identity on (h, c): the coefficients are zeroed
     there, f acts as 1 and dh passes straight to h(t-1).
     """
@@ -122,22 +122,14 @@ class _LSTM(torch.autograd.Function):
         acts, cs, tanh_c, hs, h_in, w_hh, mask, valid = ctx.saved_tensors
         steps, batch, gates = acts.shape
         hidden = gates // 4
-        i, f, g, o = acts.view(steps, batch, 4, hidden).unbind(2)
-        coef = acts.new_empty(steps, batch, 4, hidden)
-        torch.mul(g, i * (1 - i), out=coef[:, :, 0])
-        torch.mul(cs[:-1], f * (1 - f), out=coef[:, :, 1])
-        torch.mul(i, 1 - g * g, out=coef[:, :, 2])
-        torch.mul(tanh_c, o * (1 - o), out=coef[:, :, 3])
-        to_cell = o * (1 - tanh_c * tanh_c)  # dh(t)/dc(t)
         d_out, passthrough = _freeze(d_out, valid)
-        keep_c = _stop_at_lengths(valid, coef, to_cell, f)
-
         d_gates = acts.new_empty(steps, batch, gates)
         d_hin = acts.new_empty(steps, batch, hidden)  # dL/d(m * h(t-1))
         need_first = any(ctx.needs_input_grad[1:3]) or ctx.needs_input_grad[4]
         dh, dc = loops.engine(acts).lstm_backward(
-            d_out, d_h, d_c, coef, to_cell, keep_c, w_hh, loops.onednn_pays(w_hh, hidden, "step"),
-            mask, passthrough, need_first, d_gates, d_hin)
+            d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh,
+            loops.onednn_pays(w_hh, hidden, "step"), mask, passthrough, need_first, d_gates,
+            d_hin)
         return (d_gates, dh, dc,
                 _weight_grad(ctx, 3, d_gates, hs[:-1] if h_in is None else h_in),
                 _mask_grad(ctx, 4, d_hin, hs, mask), None)
@@ -193,7 +185,7 @@ class _GRU(torch.autograd.Function):
         torch.mul(h_prev - n, z * (1 - z), out=coef[:, :, 1])
         torch.mul(to_n, r, out=coef[:, :, 2])
         d_out, _ = _freeze(d_out, valid)  # z * dh already carries dh through a frozen state
-        keep_h = _stop_at_lengths(valid, coef, to_n, z)
+        keep_h = loops.stop_at_lengths(valid, coef, to_n, z)
 
         d_rec = rec.new_empty(steps, batch, gates)
         d_hs = rec.new_empty(steps, batch, hidden)  # dL/dh(t), all paths; kept for dp_n
@@ -294,21 +286,6 @@ def _freeze(d_out, valid):
         return d_out, None
     v = valid.to(d_out.dtype)
     return d_out * v, 1 - v
-
-
-def _stop_at_lengths(valid, coef, to_state, keep):
-    """Make every step past a sequence's length the identity in the backward pass.
-
-    Zeroes (in place) the gate coefficients ``coef (T, B, G, H)`` and the path into the new
-    state ``to_state (T, B, H)`` there, and returns the factor that carries the state's
-    gradient to the previous step: ``keep`` inside the sequence, 1 past its end.
-    """
-    if valid is None:
-        return keep
-    v = valid.to(coef.dtype)
-    coef *= v.unsqueeze(3)
-    to_state *= v
-    return torch.where(valid, keep, 1)
 
 
 def _states(initial, steps):
