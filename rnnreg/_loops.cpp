@@ -82,7 +82,7 @@ Tensor masked_state(const Tensor& h, const OptTensor& mask, const OptTensor& h_i
   return at::mul_out(row, h, mask_at(mask, t));
 }
 
-// dL/dh(t-1) from step t (recurrence.py's _previous): through the masked product, plus the
+// dL/dh(t-1) from step t (loops.py's _previous): through the masked product, plus the
 // gradient of output t-1, plus dh copied through a frozen state where the sequence has ended.
 Tensor previous(const Tensor& d_out, const Tensor& d_hin, const OptTensor& mask, int64_t t,
                 const Tensor& dh, const OptTensor& passthrough, OptTensor out) {
@@ -296,7 +296,6 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
   const Tensor passthrough = passthrough_opt ? passthrough_opt->contiguous() : Tensor();
   Tensor dh = (d_out.select(0, steps - 1) + d_h).contiguous();
   Tensor dc = d_c.contiguous().clone();
-  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d_gates.scalar_type(), "lstm", [&] {
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t base = t * rows;
@@ -307,8 +306,7 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                      valid.defined() ? valid.const_data_ptr<bool>() + t * batch : nullptr,
                      d_gates.data_ptr<scalar_t>() + 4 * base, batch, hidden);
       if (t == 0 && !need_first) {
-        done = true;
-        return;
+        break;
       }
       Tensor d_row = d_hin.select(0, t);
       product_backward(d_row, d_gates.select(0, t), w_hh, onednn);
@@ -320,7 +318,7 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                      batch, hidden);
     }
   });
-  if (done) {
+  if (!need_first) {
     return {Tensor(), Tensor()};
   }
   return {dh, dc};
