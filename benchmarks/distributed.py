@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from train import write_corpus  # benchmarks/train.py, beside this script
 
-from rnnreg.presets import preset_config
+from rnnreg.lm.presets import preset_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

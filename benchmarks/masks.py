@@ -1,4 +1,4 @@
-"""Fresh-mask dropout, forward+backward: ``rnnreg.functional.dropout`` against ``F.dropout``.
+"""Fresh-mask dropout, forward+backward: ``rnnreg.nn.functional.dropout`` against ``F.dropout``.
 
 rnnreg samples CPU masks by comparing uniforms with p instead of torch's Bernoulli sampler;
 this measures what that buys on the activations of the paper's shapes (steps x batch x hidden)

@@ -21,9 +21,9 @@ import time
 import torch
 from torch import nn
 
-from rnnreg.config import Config
-from rnnreg.model import LanguageModel, detach_state, summed_loss
-from rnnreg.presets import preset_config
+from rnnreg.lm.config import Config
+from rnnreg.lm.model import LanguageModel, detach_state, summed_loss
+from rnnreg.lm.presets import preset_config
 
 VOCAB = 10_000
 

@@ -1,6 +1,6 @@
 """Forward+backward speed of rnnreg's own recurrence against torch's fused kernel.
 
-rnnreg runs its own loop (``rnnreg/recurrence.py``) whenever a mask acts inside the recurrence,
+rnnreg runs its own loop (``rnnreg/nn/recurrence.py``) whenever a mask acts inside the recurrence,
 e.g. the ``variational`` strategy of Gal & Ghahramani (2016); ``torch.nn.LSTM``/``GRU`` with
 ``dropout=0.5`` (Zaremba et al. 2014's placement) stays on the fused kernel (oneDNN on CPU). This
 script times one training step of each at the paper's small (20 x 20 steps x 200 units) and

@@ -1,6 +1,6 @@
 """Trainer throughput against a plain PyTorch training loop, side by side in one process.
 
-The candidate is ``rnnreg.train.train`` itself (one epoch on a synthetic 10k-word corpus; the
+The candidate is ``rnnreg.lm.training.train`` itself (one epoch on a synthetic 10k-word corpus; the
 tokens/s it logs counts training steps only, evaluation excluded). The baseline is the loop a
 practitioner would write: ``nn.Embedding`` -> ``nn.Dropout`` -> ``nn.LSTM(dropout=p)`` ->
 ``nn.Dropout`` -> ``nn.Linear``, the same summed loss, clipping and SGD step. Runs alternate
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rnnreg.config import Config
-from rnnreg.presets import preset_config
-from rnnreg.train import train
+from rnnreg.lm.config import Config
+from rnnreg.lm.presets import preset_config
+from rnnreg.lm.training import train
 
 VOCAB = 10_000
 

@@ -1,49 +1,81 @@
 """rnnreg: correct, fast dropout for recurrent networks.
 
-Zaremba et al. (2014) placements, Gal & Ghahramani (2016) variational masks, AWD-LSTM weight drop,
-as drop-in ``torch.nn`` layers, plus a language-modeling toolkit built on them. The public API is
-what this module re-exports; everything else is an implementation detail.
+Three parts, dependencies pointing one way (study -> lm -> nn):
+
+- :mod:`rnnreg.nn`: dropout primitives, the regularized layers, the own recurrence and its loops.
+- :mod:`rnnreg.lm`: the language-modeling toolkit (data, model, training, run directories,
+  evaluation) built on the layers.
+- :mod:`rnnreg.study`: grids of ordinary runs, their backends, report and figures.
+
+``import rnnreg`` loads only the layers; the toolkit's names below resolve on first use, so a
+user who wants an LSTM does not pay for the trainer, tqdm, safetensors or torch.distributed.
 """
 
-from rnnreg import functional
-from rnnreg.config import Config
-from rnnreg.data import Corpus, DataError, Vocabulary
-from rnnreg.dropout import EmbeddingDropout, LockedDropout, WeightDrop
-from rnnreg.evaluate import Score, score_stream
-from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
-from rnnreg.model import LanguageModel
-from rnnreg.presets import PRESETS, preset_config
-from rnnreg.stack import StackedRNN
-from rnnreg.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
+from __future__ import annotations
 
-# ``train`` stays in ``rnnreg.train``: re-exporting the function here would shadow the module.
-from rnnreg.train import TrainingDiverged, load_model
+import importlib
+
+from rnnreg.nn import (
+    GRU,
+    LSTM,
+    PLACEMENTS,
+    RNN,
+    STRATEGIES,
+    DropoutMasks,
+    EmbeddingDropout,
+    LockedDropout,
+    StackedRNN,
+    Strategy,
+    WeightDrop,
+    functional,
+    strategy,
+)
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it; loaded by __getattr__ on first access.
+_LAZY = {
+    "Config": "rnnreg.lm.config",
+    "Corpus": "rnnreg.lm.data",
+    "DataError": "rnnreg.lm.data",
+    "Vocabulary": "rnnreg.lm.data",
+    "LanguageModel": "rnnreg.lm.model",
+    "PRESETS": "rnnreg.lm.presets",
+    "preset_config": "rnnreg.lm.presets",
+    "Score": "rnnreg.lm.evaluation",
+    "score_stream": "rnnreg.lm.evaluation",
+    "TrainingDiverged": "rnnreg.lm.training",
+    "load_model": "rnnreg.lm.training",
+    "train": "rnnreg.lm.training",
+    "StudyGrid": "rnnreg.study.grid",
+    "run_study": "rnnreg.study.grid",
+}
 
 __all__ = [
     "GRU",
     "LSTM",
     "PLACEMENTS",
-    "PRESETS",
     "RNN",
     "STRATEGIES",
-    "Config",
-    "Corpus",
-    "DataError",
     "DropoutMasks",
     "EmbeddingDropout",
-    "LanguageModel",
     "LockedDropout",
-    "Score",
     "StackedRNN",
     "Strategy",
-    "TrainingDiverged",
-    "Vocabulary",
     "WeightDrop",
     "functional",
-    "load_model",
-    "preset_config",
-    "score_stream",
     "strategy",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # resolved once; later lookups bypass __getattr__
+        return value
+    raise AttributeError(f"module 'rnnreg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from rnnreg import distributed
-from rnnreg.config import CELLS, Config
-from rnnreg.data import (
+from rnnreg.lm import distributed
+from rnnreg.lm.config import CELLS, Config
+from rnnreg.lm.data import (
     Corpus,
     DataError,
     default_data_dir,
@@ -27,12 +27,12 @@ from rnnreg.data import (
     resolve_data_dir,
     tokenize,
 )
-from rnnreg.evaluate import score_stream
-from rnnreg.generate import sample_text
-from rnnreg.presets import PRESETS, preset_config
-from rnnreg.rundir import RunDirError
-from rnnreg.strategies import STRATEGIES
-from rnnreg.train import TrainingDiverged, load_model, train
+from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.generation import sample_text
+from rnnreg.lm.presets import PRESETS, preset_config
+from rnnreg.lm.rundir import RunDirError
+from rnnreg.lm.training import TrainingDiverged, load_model, train
+from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["main"]
 
@@ -316,8 +316,8 @@ def _add_compare(commands) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rnnreg.report import write_report
-    from rnnreg.study import StudyGrid, run_study
+    from rnnreg.study.grid import StudyGrid, run_study
+    from rnnreg.study.report import write_report
 
     if args.report_only:
         given = sorted(set(_config_overrides(args)) | {
@@ -338,7 +338,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _study_backend(args: argparse.Namespace, base: Config):
     """None for the local backend (run_study's default); a Ray backend for --backend ray."""
-    from rnnreg.study import ray_backend
+    from rnnreg.study.grid import ray_backend
 
     if args.backend == "local":
         if args.address is not None:
@@ -364,7 +364,7 @@ def _add_plot(commands) -> None:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from rnnreg.plots import plot_runs
+    from rnnreg.study.plots import plot_runs
 
     print(plot_runs(args.runs, args.out, x=args.x))
     return 0

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rnnreg.train as train_module
-from rnnreg.config import Config
-from rnnreg.evaluate import Score
-from rnnreg.model import LanguageModel, count_parameters, summed_loss
-from rnnreg.train import train
+import rnnreg.lm.training as train_module
+from rnnreg.lm.config import Config
+from rnnreg.lm.evaluation import Score
+from rnnreg.lm.model import LanguageModel, count_parameters, summed_loss
+from rnnreg.lm.training import train
 
 BASE = Config(hidden_size=12, num_layers=2, bptt=6, batch_size=4, epochs=1, init_range=0.2,
               checkpoint_minutes=0, eval_bptt=50)

@@ -15,10 +15,10 @@ import pytest
 from conftest import REPO_ROOT, write_corpus
 
 import rnnreg.cli as cli
-import rnnreg.train as train_module
-from rnnreg.config import Config
-from rnnreg.data import Corpus, DataError
-from rnnreg.train import train
+import rnnreg.lm.training as train_module
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import Corpus, DataError
+from rnnreg.lm.training import train
 
 TRAIN_FLAGS = ("--epochs", "1", "--hidden-size", "8", "--bptt", "5", "--no-progress")
 

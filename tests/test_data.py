@@ -1,4 +1,4 @@
-"""Tests for rnnreg.data: expectations are computed independently, on tiny corpora written here."""
+"""Tests for rnnreg.lm.data: expectations computed independently, on tiny corpora written here."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnreg import data
-from rnnreg.data import (
+from rnnreg.lm import data
+from rnnreg.lm.data import (
     EOS,
     UNK,
     Corpus,

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from rnnreg.config import Config
-from rnnreg.data import EOS, Corpus
-from rnnreg.evaluate import score_stream
-from rnnreg.model import LanguageModel
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import EOS, Corpus
+from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.model import LanguageModel
 
 VOCAB = 19
 

@@ -1,4 +1,4 @@
-"""Tests for rnnreg.functional and the modules LockedDropout, EmbeddingDropout, WeightDrop.
+"""Tests for rnnreg.nn.functional and the modules LockedDropout, EmbeddingDropout, WeightDrop.
 
 Expectations are computed here from the definitions (inverted dropout: entries 0 or 1/(1-p)),
 with probes whose output exposes the mask that was used.

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnnreg
-from rnnreg.recurrence import recurrence
+from rnnreg.nn.recurrence import recurrence
 
 CELLS = {"LSTM": (rnnreg.LSTM, nn.LSTM), "GRU": (rnnreg.GRU, nn.GRU), "RNN": (rnnreg.RNN, nn.RNN)}
 MODES = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH", "RNN_RELU": "RNN_RELU"}
@@ -170,7 +170,7 @@ def test_equals_torch(cell, num_layers, bidirectional, batch_first, with_hx, pac
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 def test_own_loop_equals_torch_at_a_wide_size(cell, packed):
     """At 512 units the own recurrence runs its default CPU engine end to end: compiled loops,
-    oneDNN for the per-step and the whole-window products (rnnreg.loops.ONEDNN_MIN_HIDDEN)."""
+    oneDNN for the per-step and the whole-window products (rnnreg.nn.loops.ONEDNN_MIN_HIDDEN)."""
     shape = arch(2, bidirectional=cell == "GRU")
     ours = build(cell, input_size=40, hidden=512, dropout=0.5, **ALL_RATES, **shape)
     ref = reference(cell, ours, **shape)
@@ -576,9 +576,9 @@ def test_real_forward_feedforward_masks_read_back(placement, variational):
 
 def test_locked_dropout_on_ones_gives_one_pattern_per_sequence():
     torch.manual_seed(0)
-    out = rnnreg.functional.locked_dropout(torch.ones(6, 4, 32), 0.5)
+    out = rnnreg.nn.functional.locked_dropout(torch.ones(6, 4, 32), 0.5)
     assert all_steps_equal(out, atol=0)
-    fresh = rnnreg.functional.dropout(torch.ones(6, 4, 32), 0.5)
+    fresh = rnnreg.nn.functional.dropout(torch.ones(6, 4, 32), 0.5)
     assert not all_steps_equal(fresh, atol=0)
 
 

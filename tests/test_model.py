@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnreg.config import Config
-from rnnreg.layers import DropoutMasks
-from rnnreg.model import LanguageModel, ModelMasks, count_parameters, summed_loss
+from rnnreg.lm.config import Config
+from rnnreg.lm.model import LanguageModel, ModelMasks, count_parameters, summed_loss
+from rnnreg.nn.layers import DropoutMasks
 
 VOCAB = 23
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from rnnreg import cli
-from rnnreg.config import Config
-from rnnreg.model import LanguageModel
-from rnnreg.plots import (
+from rnnreg.lm.config import Config
+from rnnreg.lm.model import LanguageModel
+from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.study.plots import (
     hidden_heatmaps,
     learning_curves,
     placement_diagram,
@@ -19,7 +20,6 @@ from rnnreg.plots import (
     plot_runs,
     rate_curve,
 )
-from rnnreg.rundir import RunDir, RunDirError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -136,7 +136,7 @@ def test_plot_against_training_minutes_includes_the_final_point(tmp_path, monkey
         drawn.update(runs=runs, x=x)
         return real(runs, path, title=title, x=x)
 
-    import rnnreg.plots as plots_module
+    import rnnreg.study.plots as plots_module
 
     real = plots_module.learning_curves
     monkeypatch.setattr(plots_module, "learning_curves", spy)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from rnnreg.config import Config
-from rnnreg.model import LanguageModel, count_parameters
-from rnnreg.presets import PRESETS, preset_config
-from rnnreg.strategies import STRATEGIES
+from rnnreg.lm.config import Config
+from rnnreg.lm.model import LanguageModel, count_parameters
+from rnnreg.lm.presets import PRESETS, preset_config
+from rnnreg.nn.strategies import STRATEGIES
 
 TINY_VOCAB = 50
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from rnnreg import cli, study
-from rnnreg.config import Config
-from rnnreg.report import write_report
-from rnnreg.rundir import RunDir
-from rnnreg.study import StudyGrid, ray_backend, run_study
+from rnnreg import cli
+from rnnreg.lm.config import Config
+from rnnreg.lm.rundir import RunDir
+from rnnreg.study import grid as study
+from rnnreg.study.grid import StudyGrid, ray_backend, run_study
+from rnnreg.study.report import write_report
 
 BASE = Config(hidden_size=8, bptt=5, batch_size=4, epochs=1, eval_bptt=50,
               checkpoint_minutes=0.0, device="cpu")
@@ -27,7 +28,8 @@ RUNS = ["lstm-none-p0-s1", "lstm-zaremba-p0.5-s1"]
 
 
 def test_importing_rnnreg_does_not_import_ray():
-    code = ("import sys, rnnreg, rnnreg.cli, rnnreg.study, rnnreg.train, rnnreg.distributed; "
+    code = ("import sys, rnnreg, rnnreg.cli, rnnreg.study.grid, rnnreg.lm.training, "
+            "rnnreg.lm.distributed; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
 

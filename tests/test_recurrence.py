@@ -1,6 +1,6 @@
 """Tests for rnnreg's own recurrence (the loop used when a mask acts inside the recurrence).
 
-Three independent checks of the hand-written backward through time in ``rnnreg.recurrence``:
+Three independent checks of the hand-written backward through time in ``rnnreg.nn.recurrence``:
 finite differences (``gradcheck``, float64), a plain-autograd reference written here from the
 equations, and torch's own fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` when no mask is involved.
 """
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnreg import loops
-from rnnreg.recurrence import recurrence
+from rnnreg.nn import loops
+from rnnreg.nn.recurrence import recurrence
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}

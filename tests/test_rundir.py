@@ -16,7 +16,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rnnreg.rundir import (
+from rnnreg.lm.rundir import (
     RunDir,
     RunDirError,
     RunLockedError,
@@ -257,7 +257,7 @@ def test_second_lock_is_refused_until_released(tmp_path: Path) -> None:
 _CHILD = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from rnnreg.rundir import RunDir
+from rnnreg.lm.rundir import RunDir
 with RunDir(sys.argv[2]).lock():
     print("locked", flush=True)
     time.sleep(120)

@@ -17,12 +17,12 @@ import torch
 
 import rnnreg
 from rnnreg import functional as RF
-from rnnreg.config import Config
-from rnnreg.data import Corpus
-from rnnreg.evaluate import score_stream
-from rnnreg.model import LanguageModel, summed_loss
-from rnnreg.rundir import RunDir, load_tree
-from rnnreg.train import load_model, train
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import Corpus
+from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.model import LanguageModel, summed_loss
+from rnnreg.lm.rundir import RunDir, load_tree
+from rnnreg.lm.training import load_model, train
 
 TINY = Config(hidden_size=16, batch_size=4, bptt=5, epochs=2, init_range=0.3, eval_bptt=50,
               checkpoint_minutes=0.0, seed=3, device="cpu", strategy="zaremba", dropout=0.2)
@@ -68,7 +68,7 @@ def test_time_budget_drives_the_cosine_when_it_binds_first(tmp_path, tiny_corpus
     import time
     from types import SimpleNamespace
 
-    import rnnreg.train as train_module
+    import rnnreg.lm.training as train_module
 
     clock = iter(range(0, 10_000, 3))  # successive readings 3 s apart
     fake = SimpleNamespace(perf_counter=lambda: float(next(clock)), monotonic=time.monotonic,

@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from rnnreg import cli
-from rnnreg.config import Config
-from rnnreg.data import EOS, Vocabulary
-from rnnreg.distributed import World
-from rnnreg.evaluate import score_stream
-from rnnreg.generate import sample_text
-from rnnreg.layers import LSTM, DropoutMasks
-from rnnreg.model import LanguageModel, count_parameters, detach_state, map_state
-from rnnreg.presets import PRESETS, preset_config
-from rnnreg.rundir import load_tree
-from rnnreg.stack import StackedRNN
-from rnnreg.train import load_model, train
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import EOS, Vocabulary
+from rnnreg.lm.distributed import World
+from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.generation import sample_text
+from rnnreg.lm.model import LanguageModel, count_parameters, detach_state, map_state
+from rnnreg.lm.presets import PRESETS, preset_config
+from rnnreg.lm.rundir import load_tree
+from rnnreg.lm.training import load_model, train
+from rnnreg.nn.layers import LSTM, DropoutMasks
+from rnnreg.nn.stack import StackedRNN
 
 SIZES = (7, 9, 4)
 INPUT = 5

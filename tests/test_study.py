@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnreg import cli, report, study
-from rnnreg.config import Config
-from rnnreg.model import LanguageModel
-from rnnreg.report import write_report
-from rnnreg.rundir import RunDir, RunDirError
-from rnnreg.study import StudyGrid, grid_runs, run_study
+from rnnreg import cli
+from rnnreg.lm.config import Config
+from rnnreg.lm.model import LanguageModel
+from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.study import grid as study
+from rnnreg.study import report
+from rnnreg.study.grid import StudyGrid, grid_runs, run_study
+from rnnreg.study.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Tiny and fast, but every flag goes through the CLI the way a user would pass it.

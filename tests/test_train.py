@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TEST_THREADS, write_corpus
 
-import rnnreg.train as train_module
-from rnnreg.config import Config
-from rnnreg.data import Corpus
-from rnnreg.presets import preset_config
-from rnnreg.rundir import RunDir, RunDirError, load_tree
-from rnnreg.train import TrainingDiverged, load_model, train
+import rnnreg.lm.training as train_module
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import Corpus
+from rnnreg.lm.presets import preset_config
+from rnnreg.lm.rundir import RunDir, RunDirError, load_tree
+from rnnreg.lm.training import TrainingDiverged, load_model, train
 
 
 def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:
@@ -189,8 +189,8 @@ KILLED_RUN = textwrap.dedent("""
     import torch
 
     torch.set_num_threads(int(sys.argv[5]))
-    from rnnreg.config import Config
-    from rnnreg.train import train
+    from rnnreg.lm.config import Config
+    from rnnreg.lm.training import train
 
     kill_after = int(sys.argv[4])
     original_step = torch.optim.SGD.step

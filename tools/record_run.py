@@ -15,8 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from rnnreg.presets import PRESETS
-from rnnreg.rundir import RunDir
+from rnnreg.lm.presets import PRESETS
+from rnnreg.lm.rundir import RunDir
 
 
 def epoch_table(records: list[dict]) -> str:

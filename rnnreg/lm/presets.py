@@ -1,6 +1,6 @@
 """Presets as data: each is a set of Config overrides with the published numbers beside it.
 
-A preset never selects a code path; it only fills fields of :class:`rnnreg.config.Config`, so
+A preset never selects a code path; it only fills fields of :class:`rnnreg.lm.config.Config`, so
 every preset runs through the same model and trainer, and a test builds every one of them.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from rnnreg.config import Config
+from rnnreg.lm.config import Config
 
 __all__ = ["PRESETS", "Preset", "preset_config"]
 

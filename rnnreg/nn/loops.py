@@ -1,6 +1,6 @@
 """The per-step loops of rnnreg's own recurrence, and the engine that runs them.
 
-``rnnreg.recurrence`` prepares everything that does not depend on the previous step (the input
+``rnnreg.nn.recurrence`` prepares everything that does not depend on the previous step (the input
 projection, the gate-derivative coefficients, the buffers); what is left is a loop over time of
 one recurrent matrix product and a few elementwise kernels. At the paper's shapes each kernel
 takes microseconds, so on CPU the Python interpreter between them cost as much as the kernels.
@@ -125,7 +125,7 @@ def _product_backward(out, d, weight, onednn):
     return torch.mm(d, weight, out=out)
 
 
-# --- the Python loops (equations in rnnreg.recurrence) ---------------------------------------
+# --- the Python loops (equations in rnnreg.nn.recurrence) ---------------------------------------
 
 
 def lstm_forward(projected, w_hh, packed, mask, valid, acts, cs, tanh_c, hs, h_in):

@@ -1,4 +1,4 @@
-"""Dropout modules: thin ``nn.Module`` faces of :mod:`rnnreg.functional`.
+"""Dropout modules: thin ``nn.Module`` faces of :mod:`rnnreg.nn.functional`.
 
 Each holds its rate (shown in ``repr``) and samples its masks inside ``forward``; nothing is
 cached between calls, so there is no mask state to reset from outside.
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from rnnreg import functional as RF
+from rnnreg.nn import functional as RF
 
 __all__ = ["EmbeddingDropout", "LockedDropout", "WeightDrop"]
 

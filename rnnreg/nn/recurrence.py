@@ -15,7 +15,7 @@ Speed comes from doing by hand what plain autograd would do step by step:
   so the loop is a recurrent matrix product plus two to five elementwise kernels per step.
 * dW_hh = sum_t dgates(t)^T h_in(t) is ONE product over all ``T*B`` rows after the loop instead
   of ``T`` small products each accumulated into a ``(G*H, H)`` gradient.
-* The loops themselves (``rnnreg.loops``) run compiled on CPU, and the products go to oneDNN,
+* The loops themselves (``rnnreg.nn.loops``) run compiled on CPU, and the products go to oneDNN,
   the library behind torch's own CPU LSTM, at the widths where it is faster than ``torch.mm``.
 
 Double backward is not supported (the backward is ``once_differentiable``).
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from rnnreg import loops
+from rnnreg.nn import loops
 
 __all__ = ["recurrence"]
 
@@ -241,7 +241,7 @@ class _Elman(torch.autograd.Function):
 
 
 class _Projection(torch.autograd.Function):
-    """``x W^T + b`` for every step at once, on oneDNN (:func:`rnnreg.loops.onednn_pays`).
+    """``x W^T + b`` for every step at once, on oneDNN (:func:`rnnreg.nn.loops.onednn_pays`).
 
     Three of the six big products of a layer's forward and backward (``x W_ih^T``, ``dP W_ih``
     and ``dP^T x``) are this one's; oneDNN runs them about a quarter faster than torch.mm at

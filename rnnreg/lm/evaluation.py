@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rnnreg.data import batchify, windows
-from rnnreg.model import LanguageModel, ModelMasks, detach_state
+from rnnreg.lm.data import batchify, windows
+from rnnreg.lm.model import LanguageModel, ModelMasks, detach_state
 
 __all__ = ["Score", "perplexity", "score_stream"]
 

@@ -10,7 +10,7 @@ A run directory holds the config, the vocabulary, metrics (JSON lines), TensorBo
 and checkpoints: ``last`` (weights, optimizer, RNG states, position in the epoch, carried hidden
 state) written atomically each epoch and every few minutes, and ``best`` (weights only).
 
-Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.distributed`): each
+Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.lm.distributed`): each
 rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
 that steers the loop (losses, time, stop and checkpoint decisions) is agreed between ranks, so
 the run follows the single-process run step for step. Rank 0 alone writes the run directory.
@@ -34,13 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rnnreg import distributed
-from rnnreg.config import Config
-from rnnreg.data import Corpus, Vocabulary, batchify, shard_streams
-from rnnreg.distributed import World
-from rnnreg.evaluate import perplexity, score_stream
-from rnnreg.model import LanguageModel, count_parameters, map_state, summed_loss
-from rnnreg.rundir import RunDir, RunDirError, atomic_write_text, describe_machine, git_commit
+from rnnreg.lm import distributed
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import Corpus, Vocabulary, batchify, shard_streams
+from rnnreg.lm.distributed import World
+from rnnreg.lm.evaluation import perplexity, score_stream
+from rnnreg.lm.model import LanguageModel, count_parameters, map_state, summed_loss
+from rnnreg.lm.rundir import RunDir, RunDirError, atomic_write_text, describe_machine, git_commit
 
 __all__ = ["TrainingDiverged", "load_model", "resolve_device", "train"]
 
@@ -86,7 +86,7 @@ def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None
     tests); it must not touch the model.
 
     Under ``torchrun`` every rank calls this with the same arguments (see
-    :mod:`rnnreg.distributed`); only rank 0 needs ``out``, and every rank ``data_dir``.
+    :mod:`rnnreg.lm.distributed`); only rank 0 needs ``out``, and every rank ``data_dir``.
     """
     run = RunDir(out)
     with distributed.launch() as world, contextlib.ExitStack() as held:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rnnreg.data import EOS, Vocabulary, tokenize
-from rnnreg.model import LanguageModel
+from rnnreg.lm.data import EOS, Vocabulary, tokenize
+from rnnreg.lm.model import LanguageModel
 
 __all__ = ["sample_text"]
 

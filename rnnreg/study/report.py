@@ -1,6 +1,6 @@
 """The study report: every run of a study read back, grouped, and written as Markdown and HTML.
 
-Split from :mod:`rnnreg.study` so that scheduling runs and describing them stay separate ideas:
+Split from :mod:`rnnreg.study.grid` so that scheduling runs and describing them stay separate ideas:
 the report reads only run directories, so it works on any study however its runs were trained.
 """
 
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from rnnreg import plots
-from rnnreg.config import CELLS, Config
-from rnnreg.data import Corpus, DataError
-from rnnreg.layers import DropoutMasks
-from rnnreg.model import LanguageModel, ModelMasks
-from rnnreg.rundir import RunDir, RunDirError, atomic_write_text
-from rnnreg.strategies import STRATEGIES
-from rnnreg.train import load_model
+from rnnreg.lm.config import CELLS, Config
+from rnnreg.lm.data import Corpus, DataError
+from rnnreg.lm.model import LanguageModel, ModelMasks
+from rnnreg.lm.rundir import RunDir, RunDirError, atomic_write_text
+from rnnreg.lm.training import load_model
+from rnnreg.nn.layers import DropoutMasks
+from rnnreg.nn.strategies import STRATEGIES
+from rnnreg.study import plots
 
 __all__ = ["read_runs", "write_report"]
 

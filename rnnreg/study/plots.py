@@ -24,8 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
-from rnnreg.model import LanguageModel
-from rnnreg.rundir import RunDir
+from rnnreg.lm.model import LanguageModel
+from rnnreg.lm.rundir import RunDir
 
 __all__ = [
     "PALETTE",

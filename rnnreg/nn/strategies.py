@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from rnnreg.functional import check_probability
+from rnnreg.nn.functional import check_probability
 
 __all__ = ["PLACEMENTS", "STRATEGIES", "Strategy", "strategy"]
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnreg.config import Config
-from rnnreg.functional import dropout, dropout_mask, embedding_dropout
-from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks
-from rnnreg.stack import StackedRNN
+from rnnreg.lm.config import Config
+from rnnreg.nn.functional import dropout, dropout_mask, embedding_dropout
+from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks
+from rnnreg.nn.stack import StackedRNN
 
 __all__ = ["LanguageModel", "ModelMasks", "ModelOutput"]
 
@@ -36,7 +36,7 @@ class ModelMasks:
 class ModelOutput:
     logits: Tensor            # (T, B, V)
     state: object             # the final recurrent state, to carry into the next window;
-                              # per-layer tuple with layer_sizes (see rnnreg.stack)
+                              # per-layer tuple with layer_sizes (see rnnreg.nn.stack)
     hidden: Tensor            # (T, B, H) last layer's output before output dropout (TAR)
     dropped: Tensor           # the same after output dropout (AR)
 

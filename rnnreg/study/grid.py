@@ -3,11 +3,11 @@
 Zaremba et al. (2014, section 4.1, Table 1) compare a non-regularized LSTM with one that drops
 only non-recurrent connections; Gal & Ghahramani (2016, section 5) add one mask per sequence
 and the recurrent connection. A study varies exactly those things (strategy, rate) plus the cell
-and the seed, and holds every other setting of one base :class:`~rnnreg.config.Config` equal,
+and the seed, and holds every other setting of one base :class:`~rnnreg.lm.config.Config` equal,
 so differences in the report come from dropout alone.
 
 Every grid cell is an ordinary run directory ``out/runs/NAME`` trained by
-:func:`rnnreg.train.train`, so ``rnnreg evaluate`` and ``plot`` work on it, and a study
+:func:`rnnreg.lm.training.train`, so ``rnnreg evaluate`` and ``plot`` work on it, and a study
 interrupted at any point resumes run by run. Scheduling sits behind :data:`Backend`, a function
 given the pending :class:`Job` list: :func:`local_backend` trains on this machine,
 :func:`ray_backend` as Ray Tune trials on a local Ray instance or a cluster; the grid and the
@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rnnreg.config import CELLS, Config
-from rnnreg.data import resolve_data_dir
-from rnnreg.functional import check_probability
-from rnnreg.rundir import RunDir, RunDirError, atomic_write_text
-from rnnreg.strategies import STRATEGIES
-from rnnreg.train import TrainingDiverged, train
+from rnnreg.lm.config import CELLS, Config
+from rnnreg.lm.data import resolve_data_dir
+from rnnreg.lm.rundir import RunDir, RunDirError, atomic_write_text
+from rnnreg.lm.training import TrainingDiverged, train
+from rnnreg.nn.functional import check_probability
+from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["Backend", "Job", "StudyGrid", "grid_runs", "local_backend", "ray_backend",
            "run_study"]
@@ -191,7 +191,7 @@ def ray_backend(address: str | None = None, *, cpus_per_trial: float = 1.0,
     ``address`` is passed to ``ray.init``: None starts a local Ray instance, ``"auto"`` joins
     the cluster this machine belongs to, ``"ray://HOST:10001"`` connects through Ray Client.
     A Ray already initialised by the caller is used as it is. Each trial trains an ordinary
-    run directory with :func:`rnnreg.train.train`, so on a cluster the study directory and
+    run directory with :func:`rnnreg.lm.training.train`, so on a cluster the study directory and
     the data must be on a filesystem every node mounts at the same path, and rnnreg must be
     installed on every node. Resuming needs nothing from Tune: :func:`run_study` submits only
     the runs that have not finished. ``storage`` is where Tune keeps its own experiment

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnreg.functional import check_probability, dropout, dropout_mask
-from rnnreg.recurrence import recurrence
+from rnnreg.nn.functional import check_probability, dropout, dropout_mask
+from rnnreg.nn.recurrence import recurrence
 
 __all__ = ["GRU", "LSTM", "RNN", "DropoutMasks"]
 

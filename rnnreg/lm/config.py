@@ -1,6 +1,6 @@
 """One frozen configuration for a language-modeling run: data, model, regularization, training.
 
-Every default lives here, once, with its reason. Presets (``rnnreg.presets``) are sets of
+Every default lives here, once, with its reason. Presets (``rnnreg.lm.presets``) are sets of
 overrides of these fields; CLI flags override presets; the resolved config is what a run
 directory stores in ``config.json`` and what ``--resume`` rebuilds from.
 """
@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rnnreg.functional import check_probability
-from rnnreg.strategies import STRATEGIES, strategy
+from rnnreg.nn.functional import check_probability
+from rnnreg.nn.strategies import STRATEGIES, strategy
 
 __all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "Config"]
 

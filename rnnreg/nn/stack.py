@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from rnnreg.functional import check_probability, dropout_mask
-from rnnreg.layers import GRU, LSTM, RNN, DropoutMasks, mask_placement
+from rnnreg.nn.functional import check_probability, dropout_mask
+from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks, mask_placement
 
 __all__ = ["StackedRNN"]
 

@@ -2,7 +2,7 @@
 
 A job started by ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK`` and the ``MASTER_ADDR``/``MASTER_PORT`` rendezvous) trains one model on several
-processes. Each rank owns a block of the B parallel streams (:func:`rnnreg.data.shard_streams`),
+processes. Each rank owns a block of the B parallel streams (:func:`rnnreg.lm.data.shard_streams`),
 so the ranks together see exactly the single-process batch. :class:`World` is what the trainer
 asks of the other ranks; in a single process every method is the identity, so the one training
 loop serves both without branching.
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rnnreg.data import shard_streams
+from rnnreg.lm.data import shard_streams
 
 __all__ = ["PeerFailed", "World", "detect", "is_main", "launch"]
 
@@ -198,7 +198,7 @@ def launch() -> Iterator[World]:
     """Join the job's process group for the duration of the block; tear it down afterwards.
 
     A group the caller already initialised is used and left alone, so a program that manages
-    its own group can call :func:`rnnreg.train.train` inside it.
+    its own group can call :func:`rnnreg.lm.training.train` inside it.
     """
     world = detect()
     if not world.distributed or dist.is_initialized():
