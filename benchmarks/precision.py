@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from rnnreg.lm.config import Config
-from rnnreg.lm.model import LanguageModel, detach_state, summed_loss
+from rnnreg.lm.loss import summed_loss
+from rnnreg.lm.model import LanguageModel, detach_state
 from rnnreg.lm.presets import preset_config
 
 VOCAB = 10_000

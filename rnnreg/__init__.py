@@ -45,7 +45,7 @@ _LAZY = {
     "Score": "rnnreg.lm.evaluation",
     "score_stream": "rnnreg.lm.evaluation",
     "TrainingDiverged": "rnnreg.lm.training",
-    "load_model": "rnnreg.lm.training",
+    "load_model": "rnnreg.lm.runs",
     "train": "rnnreg.lm.training",
     "StudyGrid": "rnnreg.study.grid",
     "run_study": "rnnreg.study.grid",

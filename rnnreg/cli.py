@@ -31,7 +31,8 @@ from rnnreg.lm.evaluation import score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir import RunDirError
-from rnnreg.lm.training import TrainingDiverged, load_model, train
+from rnnreg.lm.runs import load_model
+from rnnreg.lm.training import TrainingDiverged, train
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["main"]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import rnnreg.lm.training as train_module
 from rnnreg.lm.config import Config
 from rnnreg.lm.evaluation import Score
-from rnnreg.lm.model import LanguageModel, count_parameters, summed_loss
+from rnnreg.lm.loss import activation_penalties, summed_loss
+from rnnreg.lm.model import LanguageModel, count_parameters
 from rnnreg.lm.training import train
 
 BASE = Config(hidden_size=12, num_layers=2, bptt=6, batch_size=4, epochs=1, init_range=0.2,
@@ -57,9 +58,8 @@ def _penalised_grads(model, alpha: float, beta: float):
     ids = torch.randint(0, 30, (6, 4), generator=torch.Generator().manual_seed(2))
     model.eval()  # deterministic, so both computations see the same activations
     out = model(ids[:-1])
-    trainer = train_module._Trainer.__new__(train_module._Trainer)
-    trainer.config = BASE.replace(activation_reg=alpha, temporal_activation_reg=beta)
-    loss = summed_loss(out.logits, ids[1:]) + trainer._activation_penalties(out, 5)
+    config = BASE.replace(activation_reg=alpha, temporal_activation_reg=beta)
+    loss = summed_loss(out.logits, ids[1:]) + activation_penalties(out, config, 5)
     ours = _grads(model, loss)
     out = model(ids[:-1])
     h = out.hidden

@@ -16,16 +16,10 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rnnreg.lm.rundir import (
-    RunDir,
-    RunDirError,
-    RunLockedError,
-    atomic_write_text,
-    describe_machine,
-    git_commit,
-    load_tree,
-    save_tree,
-)
+from rnnreg.lm.checkpoint import load_tree, save_tree
+from rnnreg.lm.files import atomic_write_text
+from rnnreg.lm.provenance import describe_machine, git_commit
+from rnnreg.lm.rundir import RunDir, RunDirError, RunLockedError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,7 +239,7 @@ def test_truncate_metrics_keeps_matching_records(tmp_path: Path) -> None:
 def test_second_lock_is_refused_until_released(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     with run.lock():
-        info = json.loads((run.path / ".lock").read_text())
+        info = json.loads((run.path / ".lock.holder").read_text())
         assert info["pid"] == os.getpid()
         with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on .*--out"):
             with RunDir(tmp_path / "run").lock():

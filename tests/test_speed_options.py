@@ -17,12 +17,15 @@ import torch
 
 import rnnreg
 from rnnreg import functional as RF
+from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
 from rnnreg.lm.data import Corpus
 from rnnreg.lm.evaluation import score_stream
-from rnnreg.lm.model import LanguageModel, summed_loss
-from rnnreg.lm.rundir import RunDir, load_tree
-from rnnreg.lm.training import load_model, train
+from rnnreg.lm.loss import summed_loss
+from rnnreg.lm.model import LanguageModel
+from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.runs import load_model
+from rnnreg.lm.training import train
 
 TINY = Config(hidden_size=16, batch_size=4, bptt=5, epochs=2, init_range=0.3, eval_bptt=50,
               checkpoint_minutes=0.0, seed=3, device="cpu", strategy="zaremba", dropout=0.2)
@@ -37,13 +40,13 @@ def _epochs(out: Path) -> list[dict]:
 
 def test_cosine_schedule_formula_and_step_schedule_ignores_progress():
     config = Config(lr=2.0, lr_schedule="cosine")
-    assert config.lr_now(1, 0.0) == pytest.approx(2.0)
-    assert config.lr_now(1, 0.5) == pytest.approx(1.0)
-    assert config.lr_now(9, 0.25) == pytest.approx(1.0 + math.sqrt(0.5))
-    assert config.lr_now(9, 1.0) == pytest.approx(0.0, abs=1e-12)
-    assert config.lr_now(9, 1.7) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    assert config.lr_at(1, 0.0) == pytest.approx(2.0)
+    assert config.lr_at(1, 0.5) == pytest.approx(1.0)
+    assert config.lr_at(9, 0.25) == pytest.approx(1.0 + math.sqrt(0.5))
+    assert config.lr_at(9, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert config.lr_at(9, 1.7) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
     step = Config(lr=1.0, lr_decay=0.5, decay_after=2)
-    assert [step.lr_now(e, 0.9) for e in (1, 2, 3, 4)] == [1.0, 1.0, 0.5, 0.25]
+    assert [step.lr_at(e, 0.9) for e in (1, 2, 3, 4)] == [1.0, 1.0, 0.5, 0.25]
 
 
 def test_unknown_schedule_and_precision_are_rejected():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rnnreg import cli
+from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
 from rnnreg.lm.data import EOS, Vocabulary
 from rnnreg.lm.distributed import World
@@ -20,8 +21,8 @@ from rnnreg.lm.evaluation import score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.model import LanguageModel, count_parameters, detach_state, map_state
 from rnnreg.lm.presets import PRESETS, preset_config
-from rnnreg.lm.rundir import load_tree
-from rnnreg.lm.training import load_model, train
+from rnnreg.lm.runs import load_model
+from rnnreg.lm.training import train
 from rnnreg.nn.layers import LSTM, DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 

@@ -16,11 +16,13 @@ import torch
 from conftest import REPO_ROOT, TEST_THREADS, write_corpus
 
 import rnnreg.lm.training as train_module
+from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
 from rnnreg.lm.data import Corpus
 from rnnreg.lm.presets import preset_config
-from rnnreg.lm.rundir import RunDir, RunDirError, load_tree
-from rnnreg.lm.training import TrainingDiverged, load_model, train
+from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.runs import load_model
+from rnnreg.lm.training import TrainingDiverged, train
 
 
 def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:

@@ -62,7 +62,7 @@ class Config:
     variable_bptt: bool = False     # AWD: window length drawn around bptt each step
     epochs: int = 13                # paper's small model
     lr: float = 1.0                 # plain SGD, paper's learning rate
-    lr_schedule: str = "step"       # "step": the paper's per-epoch decay; "cosine": see lr_now
+    lr_schedule: str = "step"       # "step": the paper's per-epoch decay; "cosine": see lr_at
     lr_decay: float = 0.5           # multiply lr by this each epoch after decay_after
     decay_after: int = 4            # epochs at the full learning rate
     clip_norm: float = 5.0          # global gradient-norm clipping (paper: 5; large: 10)
@@ -157,19 +157,16 @@ class Config:
         }
         return strategy(self.strategy, self.dropout, **overrides)
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of 1-based ``epoch``: constant, then decayed geometrically (sec. 4.1)."""
-        return self.lr * self.lr_decay ** max(epoch - self.decay_after, 0)
+    def lr_at(self, epoch: int, done: float = 0.0) -> float:
+        """Learning rate of a step in 1-based ``epoch`` when the fraction ``done`` is behind.
 
-    def lr_now(self, epoch: int, done: float) -> float:
-        """Learning rate of a step in ``epoch`` when the fraction ``done`` of the run is behind.
-
-        ``step`` is the paper's schedule and ignores ``done``. ``cosine`` anneals from ``lr`` to
-        0 over the whole run (Loshchilov & Hutter 2017, one cycle, no restarts): a run cut by
+        ``step`` is the paper's schedule (sec. 4.1): constant for ``decay_after`` epochs, then
+        decayed geometrically; it ignores ``done``. ``cosine`` anneals from ``lr`` to 0 over the
+        whole run (Loshchilov & Hutter 2017, one cycle, no restarts): a run cut by
         ``max_train_minutes`` still ends annealed when ``done`` counts the time budget.
         """
         if self.lr_schedule == "step":
-            return self.lr_at(epoch)
+            return self.lr * self.lr_decay ** max(epoch - self.decay_after, 0)
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
 
     def replace(self, **changes: Any) -> Config:

@@ -27,12 +27,22 @@ from torch import nn
 
 from rnnreg.lm.data import shard_streams
 
-__all__ = ["PeerFailed", "World", "detect", "is_main", "launch"]
+__all__ = ["PeerFailed", "World", "detect", "is_main", "launch", "resolve_device"]
 
 T = TypeVar("T")
 
 # What torchrun sets for every worker; RANK/WORLD_SIZE alone identify a distributed launch.
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a ``--device`` name means here: ``auto`` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here")
+    return device
 
 
 class PeerFailed(RuntimeError):

@@ -136,16 +136,3 @@ def map_state(state, fn):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def summed_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy summed over the unrolled steps and averaged over the batch (sec. 4.1).
-
-    Zaremba et al. minimise the average negative log probability per word *summed over the
-    num_steps unrolled steps*; with plain SGD at lr=1 this scaling is part of the recipe.
-    """
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            reduction="sum")
-    return total / targets.size(1)
-
-
