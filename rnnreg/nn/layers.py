@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from rnnreg.nn import layout
 from rnnreg.nn.functional import check_probability, dropout, dropout_mask
 from rnnreg.nn.recurrence import recurrence
 
@@ -62,15 +63,6 @@ class DropoutMasks:
     recurrent: tuple[Tensor | None, ...]
     weight: tuple[Tensor | None, ...]
     output: Tensor | None
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How the caller's input was laid out, so the output can be returned the same way."""
-
-    batch_first: bool
-    unbatched: bool
-    packed: PackedSequence | None
 
 
 class _RegularizedRecurrence:
@@ -133,26 +125,26 @@ class _RegularizedRecurrence:
 
     def forward(self, input, hx=None):
         """Same contract as ``torch.nn.LSTM.forward``: ``(output, h_n)`` or ``(output, (h, c))``."""
-        self._check_input(input, hx)
+        layout.check_input(self, input, hx)
         if not self._needs_own_masks():
             dropped = _dropout_data(input, self.input_dropout, self.training)
             output, state = super().forward(dropped, hx)
             return _dropout_data(output, self.output_dropout, self.training), state
-        x, lengths, layout = self._to_time_major(input)
+        x, lengths, given = layout.to_time_major(input, self.batch_first)
         masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
-        return self._forward_masked(x, lengths, layout, hx, masks)
+        return self._forward_masked(x, lengths, given, hx, masks)
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
-        self._check_input(input, hx)
-        return self._forward_masked(*self._to_time_major(input), hx, masks)
+        layout.check_input(self, input, hx)
+        return self._forward_masked(*layout.to_time_major(input, self.batch_first), hx, masks)
 
-    def _forward_masked(self, x: Tensor, lengths: Tensor | None, layout: _Layout, hx,
+    def _forward_masked(self, x: Tensor, lengths: Tensor | None, given: layout.Layout, hx,
                         masks: DropoutMasks):
         """The stack layer by layer on time-major ``x``, every mask given (checked input)."""
         if self.proj_size:
             raise ValueError("explicit masks need rnnreg's per-layer path, which has no proj_size")
-        states = self._initial_states(hx, x, layout.unbatched)
+        states = layout.initial_states(self, hx, x, given.unbatched)
         x = _apply(x, masks.input)
         finals = []
         for layer in range(self.num_layers):
@@ -162,82 +154,8 @@ class _RegularizedRecurrence:
             finals.append(layer_states)
         x = _apply(x, masks.output)
         final = tuple(torch.cat([s[i] for s in finals]) for i in range(len(states)))
-        return self._restore_layout(x, lengths, layout), self._pack_states(final, layout.unbatched)
-
-    # --- layout --------------------------------------------------------------------------
-
-    def _check_input(self, input, hx) -> None:
-        """Fail at the boundary with the expected shape rather than deep inside a kernel."""
-        if isinstance(input, PackedSequence):
-            data, batch = input.data, int(input.batch_sizes[0])
-            if data.dim() != 2:
-                raise ValueError(f"packed input data must be 2-D, got shape {tuple(data.shape)}")
-            unbatched = False
-        elif isinstance(input, Tensor):
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"input must be 3-D ({'B, T' if self.batch_first else 'T, B'}, input_size) "
-                    f"or 2-D (T, input_size) unbatched, got shape {tuple(input.shape)}")
-            data, unbatched = input, input.dim() == 2
-            batch = 1 if unbatched else input.size(0 if self.batch_first else 1)
-        else:
-            raise ValueError(
-                f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
-        if data.size(-1) != self.input_size:
-            raise ValueError(
-                f"input has {data.size(-1)} features but input_size={self.input_size}")
-        self._check_states(hx, batch, unbatched)
-
-    def _check_states(self, hx, batch: int, unbatched: bool) -> None:
-        if hx is None:
-            return
-        tensors = hx if self.mode == "LSTM" else (hx,)
-        if self.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
-            raise ValueError("hx for an LSTM must be a tuple (h_0, c_0)")
-        lead = self.num_layers * self.num_directions
-        sizes = (self.proj_size or self.hidden_size, self.hidden_size)  # h is projected, c not
-        for name, tensor, size in zip(("h_0", "c_0"), tensors, sizes):
-            expected = (lead, size) if unbatched else (lead, batch, size)
-            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
-                got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-                raise ValueError(f"{name} must have shape {expected} "
-                                 f"(num_layers*num_directions, batch, hidden_size), got {got}")
-
-    def _to_time_major(self, input) -> tuple[Tensor, Tensor | None, _Layout]:
-        if isinstance(input, PackedSequence):
-            padded, lengths = pad_packed_sequence(input)
-            return padded, lengths, _Layout(False, False, input)
-        unbatched = input.dim() == 2
-        if unbatched:
-            return input.unsqueeze(1), None, _Layout(self.batch_first, True, None)
-        x = input.transpose(0, 1) if self.batch_first else input
-        return x, None, _Layout(self.batch_first, False, None)
-
-    def _restore_layout(self, x: Tensor, lengths: Tensor | None, layout: _Layout):
-        if layout.packed is not None:
-            order = layout.packed.sorted_indices
-            if order is not None:
-                x, lengths = x.index_select(1, order), lengths.index_select(0, order.cpu())
-            repacked = pack_padded_sequence(x, lengths, enforce_sorted=True)
-            return PackedSequence(repacked.data, repacked.batch_sizes, order,
-                                  layout.packed.unsorted_indices)
-        if layout.unbatched:
-            return x.squeeze(1)
-        return x.transpose(0, 1) if layout.batch_first else x
-
-    def _initial_states(self, hx, x: Tensor, unbatched: bool) -> tuple[Tensor, ...]:
-        """States as a tuple (h,) or (h, c), each ``(L*D, B, H)``."""
-        count = 2 if self.mode == "LSTM" else 1
-        if hx is None:
-            shape = (self.num_layers * self.num_directions, x.size(1), self.hidden_size)
-            return tuple(x.new_zeros(shape) for _ in range(count))
-        states = hx if count == 2 else (hx,)
-        return tuple(s.unsqueeze(1) if unbatched else s for s in states)
-
-    def _pack_states(self, states: tuple[Tensor, ...], unbatched: bool):
-        if unbatched:
-            states = tuple(s.squeeze(1) for s in states)
-        return states if self.mode == "LSTM" else states[0]
+        return (layout.restore_layout(x, lengths, given),
+                layout.pack_states(final, given.unbatched, self.mode == "LSTM"))
 
     # --- one layer -----------------------------------------------------------------------
 
@@ -280,9 +198,9 @@ class _RegularizedRecurrence:
                 w_hh = w_hh * weight_mask[direction]
             mask = None if recurrent_mask is None else recurrent_mask[:, direction]
             state = tuple(s[direction] for s in states)
-            seq = x if direction == 0 else _reverse(x, lengths)
+            seq = x if direction == 0 else layout.reverse(x, lengths)
             out, final = recurrence(self.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths)
-            outputs.append(out if direction == 0 else _reverse(out, lengths))
+            outputs.append(out if direction == 0 else layout.reverse(out, lengths))
             finals.append(final)
         stacked = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states)))
         return torch.cat(outputs, dim=2), stacked
@@ -315,16 +233,6 @@ def _dropout_data(seq, p: float, training: bool):
 
 def _apply(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x * mask
-
-
-def _reverse(x: Tensor, lengths: Tensor | None) -> Tensor:
-    """Reverse each sequence in time within its own length; padding stays where it is."""
-    if lengths is None:
-        return x.flip(0)
-    steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)
-    lens = lengths.to(x.device).unsqueeze(0)
-    index = torch.where(steps < lens, lens - 1 - steps, steps)
-    return x.gather(0, index.unsqueeze(2).expand_as(x))
 
 
 def _check_sizes(**sizes: int) -> None:
