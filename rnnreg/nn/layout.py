@@ -53,6 +53,29 @@ def check_input(layer, input, hx) -> None:
         raise ValueError(
             f"input has {data.size(-1)} features but input_size={layer.input_size}")
     _check_states(layer, hx, batch, unbatched)
+    states = () if hx is None else hx if layer.mode == "LSTM" else (hx,)
+    _check_placement(layer, zip(("input", "h_0", "c_0"), (data, *states)))
+
+
+def _check_placement(layer, tensors) -> None:
+    """Every tensor on the weights' device and, outside autocast, of their dtype.
+
+    torch's fused kernel checks the input dtype (and, later, the devices); rnnreg's own loop
+    would fail deep inside a matrix product. One check here gives both engines the same
+    contract. Under autocast the kernels cast for themselves, as torch's own check allows.
+    """
+    weight = layer.weight_ih_l0
+    cast = torch.is_autocast_enabled(weight.device.type)
+    for name, tensor in tensors:
+        if tensor.device != weight.device:
+            raise ValueError(f"{name} is on device {tensor.device} but the weights are on "
+                             f"{weight.device}: move it with .to({str(weight.device)!r})")
+        if tensor.dtype != weight.dtype and not cast:
+            model = f", or convert the model: model.to({tensor.dtype})" if (
+                tensor.is_floating_point()) else ""
+            raise ValueError(f"{name} dtype ({tensor.dtype}) does not match weight dtype "
+                             f"({weight.dtype}). Convert {name}: {name}.to({weight.dtype})"
+                             f"{model}")
 
 
 def _check_states(layer, hx, batch: int, unbatched: bool) -> None:

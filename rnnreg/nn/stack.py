@@ -7,8 +7,8 @@ keywords of the layers, acting where they do:
 
 * ``input_dropout`` before layer 0, ``dropout`` between layers, ``output_dropout`` after the
   last: applied by the stack, fresh every step or one per sequence (``variational``);
-* ``recurrent_dropout`` and ``weight_dropout``: handed to every layer, which applies them inside
-  its own recurrence.
+* ``recurrent_dropout`` (shared as ``recurrent_mask`` says) and ``weight_dropout``: handed to
+  every layer, which applies them inside its recurrence.
 
 Its masks are a :class:`rnnreg.DropoutMasks` like a layer's (``between`` and the per-layer
 masks simply have each layer's size), so code written for a uniform rnnreg layer, MC-dropout
@@ -42,8 +42,8 @@ class StackedRNN(nn.Module):
     def __init__(self, cell: str, input_size: int, layer_sizes: Sequence[int], *,
                  dropout: float = 0.0, input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, bias: bool = True, device=None,
-                 dtype=None) -> None:
+                 variational: bool = False, recurrent_mask: str = "sequence", bias: bool = True,
+                 device=None, dtype=None) -> None:
         super().__init__()
         if cell not in _CELLS:
             raise ValueError(f"cell must be one of {', '.join(_CELLS)}; got {cell!r}")
@@ -65,11 +65,12 @@ class StackedRNN(nn.Module):
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
         self.variational = variational
+        self.recurrent_mask = recurrent_mask  # checked by the layers
         inputs = (input_size, *sizes[:-1])
         self.layers = nn.ModuleList(
             _CELLS[cell](n_in, n_out, 1, bias=bias, recurrent_dropout=recurrent_dropout,
                          weight_dropout=weight_dropout, variational=variational,
-                         device=device, dtype=dtype)
+                         recurrent_mask=recurrent_mask, device=device, dtype=dtype)
             for n_in, n_out in zip(inputs, sizes))
 
     @property
@@ -158,6 +159,8 @@ class StackedRNN(nn.Module):
                 parts.append(f"{name}={getattr(self, name)}")
         if self.variational:
             parts.append("variational=True")
+        if self.recurrent_mask != "sequence":
+            parts.append(f"recurrent_mask={self.recurrent_mask!r}")
         return ", ".join(parts)
 
 
