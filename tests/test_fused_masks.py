@@ -453,3 +453,54 @@ def test_bare_rnnreg_modules_load_with_torch_defaults():
             out, got = module(x), back(x)
             first = out[0] if isinstance(out, tuple) else out
             torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, first)
+
+
+# --- 6. recurrent_mask in the language-model toolkit ----------------------------------------
+
+
+def test_config_recurrent_mask_follows_the_strategy_unless_given():
+    from rnnreg.lm.config import Config
+
+    assert Config(strategy="variational", dropout=0.3).layer_dropout()["recurrent_mask"] == (
+        "sequence")
+    assert Config(strategy="variational_batch", dropout=0.3).layer_dropout()[
+        "recurrent_mask"] == "batch"
+    given = Config(strategy="variational", dropout=0.3, recurrent_mask="batch")
+    assert given.layer_dropout()["recurrent_mask"] == "batch"
+    assert Config(strategy="variational_batch", recurrent_mask="sequence").layer_dropout()[
+        "recurrent_mask"] == "sequence"
+    with pytest.raises(ValueError, match="variational strategy"):
+        Config(strategy="zaremba", recurrent_mask="batch")
+    with pytest.raises(ValueError, match="recurrent_mask"):
+        Config(strategy="variational", recurrent_mask="row")
+
+
+def test_config_json_round_trips_and_old_configs_without_the_key_still_load():
+    import json
+
+    from rnnreg.lm.config import Config
+
+    config = Config(strategy="variational", dropout=0.3, recurrent_mask="batch")
+    assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    old = Config(strategy="variational", dropout=0.3).to_dict()
+    del old["recurrent_mask"]  # written before the field existed
+    loaded = Config.from_dict(old)
+    assert loaded.recurrent_mask is None
+    assert loaded.layer_dropout()["recurrent_mask"] == "sequence"
+
+
+def test_recurrent_mask_flag_reaches_the_model_layers():
+    from rnnreg import cli
+    from rnnreg.lm.model import LanguageModel
+    from rnnreg.lm.presets import preset_config
+
+    args = cli._parser().parse_args(["train", "--strategy", "variational", "--dropout", "0.3",
+                                     "--recurrent-mask", "batch"])
+    config = preset_config(args.preset).replace(**cli._config_overrides(args))
+    assert config.recurrent_mask == "batch"
+    for sizes in (None, (12, 8)):
+        changed = config.replace(hidden_size=8, num_layers=2, layer_sizes=sizes)
+        model = LanguageModel(20, changed)
+        layers = getattr(model.rnn, "layers", [model.rnn])
+        assert all(layer.recurrent_mask == "batch" for layer in layers)
+        assert engine_for(model.rnn) == FUSED
