@@ -181,6 +181,35 @@ def test_fused_path_equals_the_own_loop_on_the_same_masks(cell, packed):
     assert_close_runs(with_mask_grads(shared), with_mask_grads(per_row))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN)")
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_fused_masks_on_cudnn_equal_torch_without_a_weight_layout_warning(cell, setting):
+    """cuDNN warns about weights that are not one contiguous chunk; the dropped weight_hh of
+    one layer of a stack is not one, so rnnreg hands cuDNN a fresh buffer."""
+    module = build(cell, bidirectional=True, **SETTINGS[setting])
+    torch.manual_seed(13)
+    masks = module.sample_masks(T, B)
+    ref, factors = dropped_reference(cell, module, masks)
+    module.cuda()
+    ref.cuda()
+    masks = rnnreg.DropoutMasks(None, masks.between, *(
+        tuple(None if m is None else m.cuda() for m in group)
+        for group in (masks.recurrent, masks.weight)), None)
+    _, _, leaves = inputs(cell, module, packed=True)
+    x = leaves[0].detach().cuda().requires_grad_()
+    states = [s.detach().cuda().requires_grad_() for s in leaves[1:]]
+    feed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+    hx = tuple(states) if cell == "LSTM" else states[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run(module, feed, hx, [x, *states], masks)
+    out, final, grads = run(ref, feed, hx, [x, *states])
+    for name, factor in factors.items():
+        grads[name] = grads[name] * factor.cuda()
+    assert_close_runs(got, (out, final, grads), atol=1e-4)
+
+
 class WithMasks(nn.Module):
     """Calls the layer's forward_with_masks, so that functional_call can put a tensor of the
     test's in place of its weight_hh."""

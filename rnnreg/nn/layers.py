@@ -112,7 +112,8 @@ class _RegularizedRecurrence:
     def _needs_own_masks(self) -> bool:
         """True when rnnreg samples the masks itself and runs the stack layer by layer.
 
-        That is needed when a mask outlives one step or acts inside the recurrence, and pays on
+        That is needed when a mask outlives one step or acts on the recurrence (on h(t-1) or on
+        ``weight_hh``; :func:`engine_for` says which engine then runs each layer), and pays on
         CPU for fresh between-layer masks. Otherwise (Zaremba's placements on GPU, or without
         between-layer dropout) torch's fused stack runs in one call and only the input and
         output get a dropout around it.
@@ -266,7 +267,7 @@ def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
     ``weight_dropout``                                          fused       ``weight_hh * M``
     ``recurrent_dropout``, ``recurrent_mask="batch"``           fused       columns of W_hh
     ``recurrent_dropout``, ``recurrent_mask="sequence"``        own loop    mask on h(t-1)
-    zoneout (keeps units of h(t-1), per row and step)           own loop    mask on h(t-1)
+    zoneout (Krueger et al. 2017)                               own loop    keeps h(t-1) per row
     ==========================================================  ==========  ===================
 
     Placements combine: a layer runs its own loop if any of its masks needs it.
