@@ -533,3 +533,19 @@ def test_recurrent_mask_flag_reaches_the_model_layers():
         layers = getattr(model.rnn, "layers", [model.rnn])
         assert all(layer.recurrent_mask == "batch" for layer in layers)
         assert engine_for(model.rnn) == FUSED
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_stacked_rnn_checks_its_input_before_its_own_masks_act(training):
+    stack = rnnreg.StackedRNN("lstm", F_IN, (H, 3), input_dropout=0.3, dropout=0.3,
+                              recurrent_dropout=0.3, variational=True).train(training)
+    good = torch.randn(T, B, F_IN)
+    for bad in (good.long(), good.double()):
+        with pytest.raises(ValueError, match=rf"input dtype \({bad.dtype}\)"):
+            stack(bad)
+    with pytest.raises(ValueError, match="is on device meta"):
+        stack(good.to("meta"))
+    with pytest.raises(ValueError, match="time-major input"):
+        stack(torch.randn(T, B, F_IN + 1))
+    with pytest.raises(ValueError, match="h_0 dtype"):
+        stack(good, ((torch.zeros(1, B, H).double(), torch.zeros(1, B, H)), None))

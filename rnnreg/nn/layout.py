@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["Layout", "check_input", "initial_states", "pack_states", "restore_layout",
-           "reverse", "to_time_major"]
+__all__ = ["Layout", "check_input", "check_placement", "initial_states", "pack_states",
+           "restore_layout", "reverse", "to_time_major"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,11 @@ def check_input(layer, input, hx) -> None:
             f"input has {data.size(-1)} features but input_size={layer.input_size}")
     _check_states(layer, hx, batch, unbatched)
     states = () if hx is None else hx if layer.mode == "LSTM" else (hx,)
-    _check_placement(layer, zip(("input", "h_0", "c_0"), (data, *states)))
+    check_placement(layer, zip(("input", "h_0", "c_0"), (data, *states)))
 
 
-def _check_placement(layer, tensors) -> None:
-    """Every tensor on the weights' device and, outside autocast, of their dtype.
+def check_placement(layer, tensors) -> None:
+    """Every ``(name, tensor)`` on the weights' device and, outside autocast, of their dtype.
 
     torch's fused kernel checks the input dtype (and, later, the devices); rnnreg's own loop
     would fail deep inside a matrix product. One check here gives both engines the same

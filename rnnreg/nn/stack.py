@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rnnreg.nn.functional import check_probability, dropout_mask
 from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks, mask_placement
+from rnnreg.nn.layout import check_placement
 
 __all__ = ["StackedRNN"]
 
@@ -110,6 +111,7 @@ class StackedRNN(nn.Module):
 
     def forward(self, input: Tensor, hx=None):
         """``input (T, B, input_size)`` -> ``(output (T, B, H_last), per-layer states)``."""
+        self._check_input(input, hx)  # before masks are drawn in the input's dtype
         if self.training:
             masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
                                       dtype=input.dtype)
@@ -138,18 +140,25 @@ class StackedRNN(nn.Module):
                             output=None)
 
     def _check(self, input, hx, masks: DropoutMasks) -> None:
-        if not isinstance(input, Tensor) or input.dim() != 3:
-            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"StackedRNN takes time-major input (T, B, {self.input_size}), "
-                             f"got {got}")
-        if hx is not None and (not isinstance(hx, tuple | list) or len(hx) != self.num_layers):
-            raise ValueError(f"hx must be a tuple of {self.num_layers} per-layer states "
-                             f"(one per entry of layer_sizes {self.layer_sizes})")
+        self._check_input(input, hx)
         for name, count in (("between", self.num_layers - 1), ("recurrent", self.num_layers),
                             ("weight", self.num_layers)):
             if len(getattr(masks, name)) != count:
                 raise ValueError(f"masks.{name} must have {count} entries for "
                                  f"{self.num_layers} layers, got {len(getattr(masks, name))}")
+
+    def _check_input(self, input, hx) -> None:
+        """The stack's own boundary: its masks act before the first layer sees the input, so
+        shape, dtype and device are checked here (each layer checks its state)."""
+        if (not isinstance(input, Tensor) or input.dim() != 3
+                or input.size(-1) != self.input_size):
+            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"StackedRNN takes time-major input (T, B, {self.input_size}), "
+                             f"got {got}")
+        check_placement(self.layers[0], [("input", input)])
+        if hx is not None and (not isinstance(hx, tuple | list) or len(hx) != self.num_layers):
+            raise ValueError(f"hx must be a tuple of {self.num_layers} per-layer states "
+                             f"(one per entry of layer_sizes {self.layer_sizes})")
 
     def extra_repr(self) -> str:
         parts = [f"{self.cell}, {self.input_size}, layer_sizes={self.layer_sizes}"]
