@@ -549,3 +549,19 @@ def test_stacked_rnn_checks_its_input_before_its_own_masks_act(training):
         stack(torch.randn(T, B, F_IN + 1))
     with pytest.raises(ValueError, match="h_0 dtype"):
         stack(good, ((torch.zeros(1, B, H).double(), torch.zeros(1, B, H)), None))
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_a_mask_shared_by_the_rows_but_not_the_steps_runs_the_own_loop_per_row(cell):
+    """(T, D, 1, H): the same for every row, fresh each step (e.g. batch masks stacked over
+    steps): not one weight, so the own loop runs it, as the mask given for every row."""
+    module = build(cell, bidirectional=True, **SETTINGS["batch"])
+    torch.manual_seed(14)
+    rec = tuple(rnnreg.nn.functional.dropout_mask((T, 2, 1, H), 0.5) for _ in range(2))
+    shared = rnnreg.DropoutMasks(None, (None,), rec, (None, None), None)
+    per_row = rnnreg.DropoutMasks(None, (None,), tuple(m.expand(T, 2, B, H).contiguous()
+                                                       for m in rec), (None, None), None)
+    assert engine_for(module, shared) == OWN_LOOP
+    feed, hx, leaves = inputs(cell, module, packed=True)
+    assert_close_runs(run(module, feed, hx, leaves, shared),
+                      run(module, feed, hx, leaves, per_row))

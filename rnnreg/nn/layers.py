@@ -194,6 +194,10 @@ class _RegularizedRecurrence:
         layer_states = tuple(s[rows] for s in states)
         recurrent = masks.recurrent[layer]
         per_row = recurrent if _per_row(recurrent) else None  # else a weight, or None
+        if per_row is not None and per_row.size(2) != x.size(1):
+            # e.g. (T, D, 1, H), shared by the rows but not the steps: the loops read one mask
+            # row per batch row
+            per_row = per_row.expand(-1, -1, x.size(1), -1)
         weights = _call_weights(self.all_weights[rows], masks.weight[layer],
                                 None if per_row is not None else recurrent)
         if engine_for(self, masks, layer=layer) == FUSED:
