@@ -11,7 +11,10 @@ drifts in machine load hit all three alike:
 
 One iteration is a forward and a backward pass over a ``(steps, batch, hidden)`` input (the
 input size equals the hidden size, as for a language model whose embedding matches the LSTM);
-tokens = steps * batch. Reported throughput uses the median per-iteration time; a ratio is the
+tokens = steps * batch. The engine column names where the strategy's recurrence ran
+(``rnnreg.nn.layers.engine_for``): weight drop (``awd``) and the batch-shared recurrent mask
+(``variational_batch``) run on torch's fused kernel, per-sequence recurrent masks on rnnreg's
+own loop. Reported throughput uses the median per-iteration time; a ratio is the
 median over rounds of the per-round time ratio (robust to the machine slowing down), and a ratio
 above 1 means rnnreg is faster than that baseline.
 
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 import rnnreg
+from rnnreg.nn.layers import engine_for
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: i
         rows.append({
             "shape": name,
             "strategy": strategy,
+            "engine": engine_for(candidate),
             "tokens_per_s": tokens / ours,
             "ms": 1e3 * ours,
             "vs_same_between": median_ratio(times["same_between"], times["candidate"]),
@@ -129,12 +134,13 @@ def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: i
     return rows
 
 
-HEADERS = ("shape", "strategy", "tokens/s", "ms/iter", "vs nn.LSTM(dropout)",
+HEADERS = ("shape", "strategy", "engine", "tokens/s", "ms/iter", "vs nn.LSTM(dropout)",
            "vs hand-rolled Zaremba")
 
 
 def format_row(row: dict[str, object]) -> tuple[str, ...]:
-    return (str(row["shape"]), str(row["strategy"]), f"{row['tokens_per_s']:,.0f}",
+    return (str(row["shape"]), str(row["strategy"]), str(row["engine"]),
+            f"{row['tokens_per_s']:,.0f}",
             f"{row['ms']:.1f}", f"{row['vs_same_between']:.2f}x", f"{row['vs_zaremba']:.2f}x")
 
 
@@ -142,7 +148,7 @@ def print_table(rows: list[dict[str, object]], markdown: bool) -> None:
     cells = [format_row(row) for row in rows]
     if markdown:
         print("| " + " | ".join(HEADERS) + " |")
-        print("|" + "|".join(["---", "---", "---:", "---:", "---:", "---:"]) + "|")
+        print("|" + "|".join(["---", "---", "---", "---:", "---:", "---:", "---:"]) + "|")
         for line in cells:
             print("| " + " | ".join(line) + " |")
         return
@@ -150,7 +156,7 @@ def print_table(rows: list[dict[str, object]], markdown: bool) -> None:
     print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths)))
     print("  ".join("-" * w for w in widths))
     for line in cells:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(line, widths))))
 
 

@@ -38,7 +38,8 @@ from rnnreg.nn.strategies import STRATEGIES
 __all__ = ["main"]
 
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type == "bool"}
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
+          "str | None": str}
 _SIZE_LIST_TYPES = {"tuple[int, ...] | None"}
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from rnnreg.nn.functional import check_probability
-from rnnreg.nn.strategies import STRATEGIES, strategy
+from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
 
 __all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "Config"]
 
@@ -50,6 +50,9 @@ class Config:
     output_dropout: float | None = None
     recurrent_dropout: float | None = None
     weight_dropout: float | None = None
+    # "sequence" (Gal: one recurrent mask per row) or "batch" (one per call, fused kernel);
+    # None = the strategy's. Needs a variational strategy when "batch".
+    recurrent_mask: str | None = None
     embedding_dropout: float = 0.0  # whole-word dropout (Gal & Ghahramani 2016, section 5)
     activation_reg: float = 0.0     # AR, alpha in Merity et al. 2018 eq. 3 (AWD uses 2)
     temporal_activation_reg: float = 0.0  # TAR, beta in Merity et al. 2018 eq. 4 (AWD uses 1)
@@ -94,6 +97,7 @@ class Config:
         if self.embedding_size is not None:
             _check_positive("embedding_size", self.embedding_size)
         self._check_layer_sizes()
+        self._check_recurrent_mask()
         for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
@@ -111,6 +115,15 @@ class Config:
             last = "" if self.layer_sizes is None else ", the last of layer_sizes"
             raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
                              f"({self.hidden_size}), or unset; got {self.embedding_size}")
+
+    def _check_recurrent_mask(self) -> None:
+        if self.recurrent_mask is None:
+            return
+        check_recurrent_mask(self.recurrent_mask)
+        if self.recurrent_mask == "batch" and not STRATEGIES[self.strategy].variational:
+            raise ValueError(f"recurrent_mask='batch' needs a variational strategy (one mask per "
+                             f"call, shared by every step); {self.strategy!r} draws fresh masks "
+                             "every step")
 
     def _check_layer_sizes(self) -> None:
         sizes = self.layer_sizes
@@ -144,7 +157,7 @@ class Config:
     def embedding_dim(self) -> int:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
-    def layer_dropout(self) -> dict[str, float | bool]:
+    def layer_dropout(self) -> dict[str, float | bool | str]:
         """Keyword settings for the recurrent layer: the strategy at rate p, then overrides."""
         overrides = {
             keyword: value
@@ -152,7 +165,8 @@ class Config:
                                    ("dropout", self.between_dropout),
                                    ("output_dropout", self.output_dropout),
                                    ("recurrent_dropout", self.recurrent_dropout),
-                                   ("weight_dropout", self.weight_dropout))
+                                   ("weight_dropout", self.weight_dropout),
+                                   ("recurrent_mask", self.recurrent_mask))
             if value is not None
         }
         return strategy(self.strategy, self.dropout, **overrides)
