@@ -26,10 +26,11 @@ from rnnreg.lm.config import Config
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.training import train
 
-VOCAB = 10_000
+VOCAB = 10_000  # PTB's
 # The paper's presets by name, plus "tiny", which only exercises the plumbing
-# (benchmarks/device_check.py --quick): its numbers mean nothing.
+# (benchmarks/device_check.py --quick) with a 100-word vocabulary: its numbers mean nothing.
 TINY = dict(hidden_size=16, batch_size=4, bptt=5)
+TINY_VOCAB = 100
 
 
 def shape_config(name: str) -> Config:
@@ -37,25 +38,26 @@ def shape_config(name: str) -> Config:
     return config.replace(epochs=1, eval_bptt=200, checkpoint_minutes=0)
 
 
-def write_corpus(directory: Path, tokens: int, seed: int) -> None:
+def write_corpus(directory: Path, tokens: int, seed: int, vocab: int = VOCAB) -> None:
     """A synthetic corpus with PTB's vocabulary size: speed depends on sizes, not on words."""
     generator = torch.Generator().manual_seed(seed)
-    words = [f"w{i}" for i in range(VOCAB - 1)]  # plus <eos>: VOCAB entries
+    words = [f"w{i}" for i in range(vocab - 1)]  # plus <eos>: vocab entries
     for split, count in (("train", tokens), ("valid", 2000), ("test", 2000)):
-        ids = torch.randint(0, VOCAB - 1, (count,), generator=generator).tolist()
+        ids = torch.randint(0, vocab - 1, (count,), generator=generator).tolist()
         lines = [" ".join(words[i] for i in ids[start:start + 20])
                  for start in range(0, count, 20)]
-        # Every word once in train so the vocabulary always has VOCAB entries.
+        # Every word once in train so the vocabulary always has vocab entries.
         if split == "train":
             lines.append(" ".join(words))
         (directory / f"{split}.txt").write_text("\n".join(lines) + "\n")
 
 
-def baseline_tokens_per_s(config: Config, data: torch.Tensor, device: torch.device) -> float:
+def baseline_tokens_per_s(config: Config, data: torch.Tensor, device: torch.device,
+                          vocab: int = VOCAB) -> float:
     """The hand-written loop: same model sizes, loss, clipping and optimizer step."""
     torch.manual_seed(config.seed)
     h, p = config.hidden_size, config.dropout
-    embedding, decoder = nn.Embedding(VOCAB, h), nn.Linear(h, VOCAB)
+    embedding, decoder = nn.Embedding(vocab, h), nn.Linear(h, vocab)
     lstm = nn.LSTM(h, h, config.num_layers, dropout=p if config.num_layers > 1 else 0.0)
     drop = nn.Dropout(p)
     modules = nn.ModuleList([embedding, lstm, decoder])
@@ -74,7 +76,7 @@ def baseline_tokens_per_s(config: Config, data: torch.Tensor, device: torch.devi
         started = time.perf_counter()
         out, hidden = lstm(drop(embedding(inputs)), hidden)
         logits = decoder(drop(out))
-        loss = nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1),
+        loss = nn.functional.cross_entropy(logits.view(-1, vocab), targets.reshape(-1),
                                            reduction="sum") / config.batch_size
         optimizer.zero_grad()
         loss.backward()
@@ -115,19 +117,20 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} threads; "
-          f"{args.windows} windows per timing, {args.repeats} alternating repeats")
+          f"{args.windows} windows per timing, {args.repeats} alternating repeats\n")
     print("| shape | plain PyTorch tok/s | rnnreg trainer tok/s | ratio |\n|---|---|---|---|")
     for shape in shapes:
         config = shape_config(shape).replace(device=args.device)
+        vocab = TINY_VOCAB if shape == "tiny" else VOCAB
         tokens = args.windows * config.bptt * config.batch_size + 1
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = Path(tmp) / "corpus"
             data_dir.mkdir()
-            write_corpus(data_dir, tokens, seed=0)
-            data = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
+            write_corpus(data_dir, tokens, seed=0, vocab=vocab)
+            data = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0))
             base, cand = [], []
             for _ in range(args.repeats):
-                base.append(baseline_tokens_per_s(config, data, device))
+                base.append(baseline_tokens_per_s(config, data, device, vocab))
                 cand.append(trainer_tokens_per_s(config, data_dir, Path(tmp)))
             b, c = statistics.median(base), statistics.median(cand)
             print(f"| {shape} (B{config.batch_size} T{config.bptt} H{config.hidden_size} "

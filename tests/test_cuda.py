@@ -426,47 +426,56 @@ def _train(config: Config, out: Path, data: Path, **kwargs) -> dict:
     return train(config, out, data_dir=data, progress=False, verbose=False, **kwargs)
 
 
-def _interrupted_and_reference(name: str, tmp_path: Path):
-    """An uninterrupted run, and one stopped by Ctrl-C at step 5 then resumed to the end."""
-    data = write_corpus(tmp_path / "corpus")
-    config = TINY.replace(strategy=name)
-    reference = _train(config, tmp_path / "reference", data)
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    """name -> an uninterrupted run and one stopped by Ctrl-C at step 5, then resumed to the
+    end; made once per strategy for the module: (directory, data, reference, summary)."""
+    made = {}
 
-    def interrupt(step: int) -> None:
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
+    def get(name: str):
+        if name not in made:
+            base = tmp_path_factory.mktemp(name)
+            data = write_corpus(base / "corpus")
+            config = TINY.replace(strategy=name)
+            reference = _train(config, base / "reference", data)
 
-    run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt, match="--resume"):
-        _train(config, run, data, on_step=interrupt)
-    saved = load_tree(run / "checkpoints" / "last.safetensors")
-    assert saved["progress"]["step"] == 5
-    assert all(t.device.type == "cpu" for t in saved["model"].values())  # portable files
-    return data, reference, run, _train(config, run, data, resume=True)
+            def interrupt(step: int) -> None:
+                if step == 5:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+            with pytest.raises(KeyboardInterrupt, match="--resume"):
+                _train(config, base / "run", data, on_step=interrupt)
+            saved = load_tree(base / "run" / "checkpoints" / "last.safetensors")
+            assert saved["progress"]["step"] == 5
+            assert all(t.device.type == "cpu" for t in saved["model"].values())  # portable
+            made[name] = base, data, reference, _train(config, base / "run", data, resume=True)
+        return made[name]
+
+    return get
 
 
-def _assert_resume_was_exact(tmp_path: Path, run: Path, reference: dict, summary: dict):
+def _assert_resume_was_exact(base: Path, reference: dict, summary: dict):
     """Same result as the uninterrupted run, up to the device's reordered float32 sums."""
     assert summary["test_ppl"] == pytest.approx(reference["test_ppl"], rel=1e-3)
-    weights = load_tree(run / "checkpoints" / "last.safetensors")["model"]
-    expected = load_tree(tmp_path / "reference" / "checkpoints" / "last.safetensors")["model"]
+    weights = load_tree(base / "run" / "checkpoints" / "last.safetensors")["model"]
+    expected = load_tree(base / "reference" / "checkpoints" / "last.safetensors")["model"]
     for key, value in expected.items():
         torch.testing.assert_close(weights[key], value, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["variational", "zaremba"])
-def test_train_interrupt_and_resume_on_device(name, tmp_path):
+def test_train_interrupt_and_resume_on_device(name, resumed_runs):
     """Ctrl-C at step 5 saves; the resumed run finishes, has learned, and its files load back
     onto the device. With rnnreg's own masks (variational: drawn from torch's generator, whose
     state the checkpoint holds) it ends where the uninterrupted run does."""
-    data, reference, run, summary = _interrupted_and_reference(name, tmp_path)
+    base, data, reference, summary = resumed_runs(name)
     assert summary["complete"] is True and summary["epochs_completed"] == 3
     assert summary["valid_ppl"] < 0.5 * len(Corpus.load(data).vocab)  # it learned
-    epochs = [r for r in RunDir(run).read_metrics() if r.get("event") == "epoch"]
+    epochs = [r for r in RunDir(base / "run").read_metrics() if r.get("event") == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     if name == "variational":
-        _assert_resume_was_exact(tmp_path, run, reference, summary)
-    model, vocab, _ = load_model(run, weights="last", device=DEVICE.type)
+        _assert_resume_was_exact(base, reference, summary)
+    model, vocab, _ = load_model(base / "run", weights="last", device=DEVICE.type)
     assert next(model.parameters()).device.type == DEVICE.type
     rescored = score_stream(model, Corpus.load(data, "word", vocab).test, bptt=50)
     assert rescored.perplexity == pytest.approx(summary["test_ppl"], rel=1e-5)
@@ -476,6 +485,6 @@ def test_train_interrupt_and_resume_on_device(name, tmp_path):
     "on CUDA, Zaremba's between-layer dropout runs inside cuDNN, whose dropout state torch "
     "re-seeds from the generator when the RNG state is restored: the resumed run's masks are "
     "then not the uninterrupted run's. XPASS means the resume is exact there too"))
-def test_zaremba_resume_on_device_is_exact(tmp_path):
-    _, reference, run, summary = _interrupted_and_reference("zaremba", tmp_path)
-    _assert_resume_was_exact(tmp_path, run, reference, summary)
+def test_zaremba_resume_on_device_is_exact(resumed_runs):
+    base, _, reference, summary = resumed_runs("zaremba")
+    _assert_resume_was_exact(base, reference, summary)
