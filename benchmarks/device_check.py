@@ -147,6 +147,7 @@ class Check:
             self.env.update(RNNREG_CHECK_DEVICE="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.started_utc = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         self.machine: dict = {}
+        self.commit = _commit()
 
     # --- running stages -------------------------------------------------------------------
 
@@ -154,7 +155,7 @@ class Check:
         return self.profile.budget - (time.monotonic() - self.started)
 
     def run(self, name: str, command: list[str], *, stdout: Path | None = None,
-            limit: float | None = None, env: dict | None = None) -> Stage:
+            limit: float | None = None) -> Stage:
         """Run ``command`` under the stage's limit (cut to the time left); log, record, publish.
 
         stdout goes to ``stdout`` when given (a table), else into the stage's log with stderr.
@@ -168,7 +169,7 @@ class Check:
         with open(log, "w") as err, open(stdout or os.devnull, "w") as table:
             err.write(f"$ {' '.join(command)}\n# limit {limit:.0f} s\n")
             err.flush()
-            process = subprocess.Popen(command, cwd=ROOT, env=env or self.env,
+            process = subprocess.Popen(command, cwd=ROOT, env=self.env,
                                        stdout=table if stdout else err, stderr=err,
                                        start_new_session=True)
             status = self._wait(process, limit)
@@ -184,12 +185,12 @@ class Check:
             code = process.wait(timeout=max(limit - self.profile.grace, 1))
             return "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
+            _signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout=self.profile.grace)
             return "timed out (stopped)"
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            _signal_group(process, signal.SIGKILL)
             process.wait()
             return "timed out (killed)"
 
@@ -222,7 +223,7 @@ class Check:
         lines = [f"# rnnreg device check: {mode}", "",
                  f"- command: `bash benchmarks/device_check.sh OUTDIR"
                  f"{' --quick' if self.quick else ''}`",
-                 f"- commit: {_commit()}",
+                 f"- commit: {self.commit}",
                  f"- started: {self.started_utc}; {elapsed:.0f} s of a {self.profile.budget:.0f} s "
                  "budget",
                  f"- machine: {_describe(self.machine)}", "",
@@ -304,7 +305,8 @@ class Check:
                                  str(windows), "--repeats", str(rounds)],
                  stdout=self.out / "train-speed.md")
         for stage in self.stages[-3:]:
-            stage.result = _headline(stage.name, self.out / f"{stage.name}.md")
+            if stage.status != "skipped":
+                stage.result = _headline(stage.name, self.out / f"{stage.name}.md")
         self.publish()
 
     def training(self, data: Path | None) -> None:
@@ -340,6 +342,14 @@ class Check:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Signal the stage's whole process group (it may have ended in between)."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _tar(sources: dict[Path, str], skip: str | None = None) -> bytes:
@@ -416,9 +426,18 @@ def _headline(name: str, table: Path) -> str:
             f"{strategy} vs nn.LSTM(dropout): "
             + ", ".join(f"{r[0]} {r[4]}" for r in rows if r[1] == strategy)
             for strategy in ("zaremba", "variational"))
-    if name == "launch-bound":
-        return "own loop: " + ", ".join(f"{r[0]} {r[5]} ops/step/layer, busy {r[6]}"
-                                        for r in rows if "own loop" in r[1])
+    if name == "launch-bound":  # ms/iter of cuDNN, the own loop, the own loop in CUDA graphs
+        parts = []
+        for shape in dict.fromkeys(r[0] for r in rows):
+            cells = {("graph" if "graph" in r[1] else "own" if "own" in r[1] else "cudnn"): r
+                     for r in rows if r[0] == shape}
+            own = cells.get("own", ["", "", "?", "", "", "?", "?"])
+            text = (f"{shape} ms/iter cuDNN {cells.get('cudnn', ['', '', '?'])[2]}, own loop "
+                    f"{own[2]} ({own[5]} ops/step/layer, busy {own[6]})")
+            if "graph" in cells:
+                text += f", own loop in CUDA graphs {cells['graph'][2]}"
+            parts.append(text)
+        return "; ".join(parts)
     return "trainer / plain loop: " + ", ".join(f"{r[0].split()[0]} {r[3]}" for r in rows)
 
 

@@ -14,6 +14,11 @@ graph over the time loop. This script measures the symptom, side by side in one 
 - ``busy``: the fraction of the iteration's wall time in which at least one such operation ran.
   Far below 1 with many ops per step means launch-bound.
 
+On a GPU a third row times the same own-loop layer captured whole in CUDA graphs
+(``torch.cuda.make_graphed_callables``, forward and backward replayed without per-kernel
+launches): how close that comes to cuDNN bounds what removing the launch overhead can buy,
+before anything in rnnreg changes. A capture that fails is reported as such.
+
     python benchmarks/launch_bound.py --device cuda --shapes small,medium,large
 """
 
@@ -42,6 +47,37 @@ def models(shape: Shape, p: float, device: torch.device) -> dict[str, nn.Module]
         "rnnreg variational (own loop)": rnnreg.LSTM(
             h, h, n, **rnnreg.strategy("variational", p)).to(device),
     }
+
+
+class OutputOnly(nn.Module):
+    """The layer's output alone: what a graphed callable returns (the state is unused)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)[0]
+
+
+class WithState(nn.Module):
+    """Back to the ``(output, state)`` contract that :func:`iteration` expects."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x), None
+
+
+def graphed(model: nn.Module, shape: Shape, device: torch.device) -> nn.Module:
+    """``model`` captured in CUDA graphs for its forward and backward (dropout masks included:
+    the CUDA generator advances inside a captured graph)."""
+    model.train()
+    sample = torch.randn(shape.steps, shape.batch, shape.hidden, device=device,
+                         requires_grad=True)
+    return WithState(torch.cuda.make_graphed_callables(OutputOnly(model), (sample,)))
 
 
 def iteration(model: nn.Module, x: torch.Tensor, sync) -> float:
@@ -86,6 +122,10 @@ def measure(model: nn.Module, shape: Shape, device: torch.device, warmup: int,
     with profile(activities=activities) as prof:
         iteration(model, x, sync)
     ops, busy = busy_fraction(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)
+    if cuda and ops == 0:  # a profiler that reports kernels only alongside CPU activity
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            iteration(model, x, sync)
+        ops, busy = busy_fraction(prof.events(), DeviceType.CUDA)
     return {"ms": 1e3 * seconds, "us_step": 1e6 * seconds / (shape.steps * shape.layers),
             "ops": ops, "ops_step": ops / (shape.steps * shape.layers), "busy": busy}
 
@@ -114,8 +154,26 @@ def main(argv=None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape_name in shapes:
         shape = SHAPES[shape_name]
-        for label, model in models(shape, args.p, device).items():
-            r = measure(model, shape, device, args.warmup, args.repeats)
+        candidates = models(shape, args.p, device)
+        if device.type == "cuda":
+            label = "rnnreg variational (own loop, whole layer in CUDA graphs)"
+            try:
+                candidates[label] = graphed(candidates["rnnreg variational (own loop)"],
+                                            shape, device)
+            except Exception as error:  # an experiment: report it, keep the other rows
+                print(f"| {shape_name} | {label} | capture failed: {type(error).__name__} "
+                      "| | | | |", flush=True)
+                print(f"  capture failed: {error!r}", file=sys.stderr, flush=True)
+        for label, model in candidates.items():
+            try:
+                r = measure(model, shape, device, args.warmup, args.repeats)
+            except Exception as error:
+                if "CUDA graphs" not in label:
+                    raise
+                print(f"| {shape_name} | {label} | replay failed: {type(error).__name__} "
+                      "| | | | |", flush=True)
+                print(f"  replay failed: {error!r}", file=sys.stderr, flush=True)
+                continue
             print(f"| {shape_name} | {label} | {r['ms']:.2f} | {r['us_step']:.0f} | "
                   f"{r['ops']:.0f} | {r['ops_step']:.1f} | {r['busy']:.0%} |", flush=True)
             print(f"  {shape_name} {label} done", file=sys.stderr, flush=True)
