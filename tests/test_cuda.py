@@ -238,6 +238,20 @@ def assert_matches_cpu(cell, name, module, x, hx, masks, out, state, grads):
                 [ref_out, *flat_states(ref_state), *ref_grads])
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_fused_training_forward_drops_the_output_at_rate_p(cell):
+    """Zaremba's placements in training on the GPU run cuDNN with its own between-layer
+    dropout, whose masks cannot be read back: the output mask's rate is checked instead (the
+    layer's outputs are never exactly 0 otherwise), and eval mode drops nothing."""
+    torch.manual_seed(0)
+    module = CELLS[cell][0](32, 64, 2, **rnnreg.strategy("zaremba", P)).to(DEVICE).train()
+    x = torch.randn(20, 16, 32, device=DEVICE)
+    out, _ = module(x)
+    dropped = float((out == 0).double().mean())
+    assert abs(dropped - P) < 5 * math.sqrt(P * (1 - P) / out.numel())
+    assert not bool((module.eval()(x)[0] == 0).any())
+
+
 @pytest.mark.parametrize("name", strategy_ids())
 def test_stacked_rnn_matches_torch_nn_for_every_strategy(name):
     """AWD's per-layer sizes (here 5 -> 8 -> 6) through the same torch.nn oracle."""
