@@ -458,7 +458,7 @@ def _run_result(out: Path, minutes: float) -> str:
         return f"partial: stopped by the stage limit after {done} of {planned} epochs{best}; " \
                f"no test score; {speed}"
     label = "complete" if final["complete"] else (
-        f"partial (training budget {minutes:.1f} min)")
+        f"partial (training budget {minutes:.2f} min)")
     return (f"{label}: {final['epochs_completed']} of {planned} epochs, valid "
             f"{final['valid_ppl']:.2f}, test {final['test_ppl']:.2f}, "
             f"{final['train_seconds']:.0f} s training; {speed}")

@@ -81,7 +81,7 @@ def test_run_results_are_labelled_complete_or_partial(tmp_path):
     assert device_check._run_result(done, 4.0).startswith("complete: 3 of 3 epochs")
     cut = _write_run(tmp_path / "b", 2, 39, {"complete": False, "epochs_completed": 2, **base})
     assert device_check._run_result(cut, 4.0).startswith(
-        "partial (training budget 4.0 min): 2 of 39 epochs, valid 90.00, test 87.50")
+        "partial (training budget 4.00 min): 2 of 39 epochs, valid 90.00, test 87.50")
     killed = _write_run(tmp_path / "c", 2, 39, None)
     assert device_check._run_result(killed, 4.0).startswith(
         "partial: stopped by the stage limit after 2 of 39 epochs, best valid 98.00")
