@@ -37,6 +37,7 @@ shows up as a failed stage, not as a crashed check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -269,15 +270,16 @@ class Check:
         stage = self.run("machine", [sys.executable, "-c", MACHINE_PROBE, str(ROOT)])
         for line in (self.logs / "machine.log").read_text().splitlines():
             if line.startswith("{"):
-                self.machine = json.loads(line)
-        if shutil.which("nvidia-smi"):
-            smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                 timeout=30)
-            with open(self.logs / "machine.log", "a") as f:
-                f.write(smi.stdout + smi.stderr)
+                with contextlib.suppress(json.JSONDecodeError):
+                    self.machine = json.loads(line)
+        if shutil.which("nvidia-smi"):  # the driver's view, for the log only
+            with open(self.logs / "machine.log", "a") as log, contextlib.suppress(
+                    OSError, subprocess.SubprocessError):
+                subprocess.run(["nvidia-smi"], stdout=log, stderr=log, timeout=30)
         stage.result = _describe(self.machine)
         if self.profile.device == "cuda" and not self.machine.get("cuda_available"):
             stage.status, stage.result = "failed", "CUDA is not available: nothing to check"
+            print(f"machine: {stage.result}", flush=True)
         self.publish()
         return stage.status == "ok"
 
