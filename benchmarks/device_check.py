@@ -13,7 +13,8 @@ overruns, so a slow stage cannot eat the call. Stages, in order of what matters 
    dependency; PYTHONPATH in any case);
 2. machine: torch, CUDA and the device as the stages see them, and rnnreg imported from this
    checkout (without CUDA the GPU check stops here);
-3. cuda-tests: ``pytest -m cuda tests/test_cuda.py`` with JUnit XML;
+3. cuda-tests: ``pytest -m cuda tests`` (tests/test_cuda.py and every other test marked
+   ``cuda``) with JUnit XML;
 4. layers, launch-bound, train-speed: benchmarks/layers.py, launch_bound.py and train.py at the
    paper's small, medium and large shapes, rnnreg and cuDNN side by side in one process;
 5. medium, then variational-medium: ``rnnreg train`` on PTB with a training-time budget
@@ -57,7 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PTB_FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 # Imported by rnnreg, its tests or benchmarks and not part of torch; torch itself is the
 # machine's and is never installed here.
-DEPENDENCIES = ("numpy", "safetensors", "tqdm", "matplotlib", "tensorboard", "pytest")
+DEPENDENCIES = ("numpy", "safetensors", "tqdm", "matplotlib", "tensorboard", "filelock", "pytest",
+                "hypothesis")
 MACHINE_PROBE = """
 import json, platform, sys, rnnreg, torch
 if not rnnreg.__file__.startswith(sys.argv[1]):
@@ -286,7 +288,7 @@ class Check:
     def cuda_tests(self) -> None:
         xml = self.out / "cuda-tests.xml"
         stage = self.run("cuda-tests", [
-            sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q",
+            sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-q",
             "-rfEsxX", "-p", "no:cacheprovider", f"--junitxml={xml}",
             "-o", "junit_suite_name=rnnreg-cuda"])
         stage.result = _junit(xml)
