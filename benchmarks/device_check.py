@@ -411,13 +411,16 @@ def _junit(xml: Path) -> str:
             "(cuda-tests.xml)")
 
 
-def _rows(table: Path) -> list[list[str]]:
-    """The body rows of the Markdown table in ``table``, as lists of stripped cells."""
+def _rows(table: Path) -> list[dict[str, str]]:
+    """The body rows of the Markdown table in ``table``, keyed by its header cells."""
     if not table.is_file():
         return []
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in table.read_text().splitlines() if line.startswith("|")]
-    return [r for r in rows[1:] if not set(r[0]) <= set("-: ")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")]
+             for line in table.read_text().splitlines() if line.startswith("|")]
+    if not cells:
+        return []
+    header, body = cells[0], [r for r in cells[1:] if not set(r[0]) <= set("-: ")]
+    return [dict(zip(header, row)) for row in body]
 
 
 def _headline(name: str, table: Path) -> str:
@@ -425,24 +428,27 @@ def _headline(name: str, table: Path) -> str:
     rows = _rows(table)
     if not rows:
         return "no table (see logs/)"
-    if name == "layers":  # rnnreg / nn.LSTM(dropout), the fused path and the own loop
+    if name == "layers":  # rnnreg / nn.LSTM(dropout) on the fused path and the own loop
         return "; ".join(
-            f"{strategy} vs nn.LSTM(dropout): "
-            + ", ".join(f"{r[0]} {r[4]}" for r in rows if r[1] == strategy)
+            f"{strategy} vs nn.LSTM(dropout): " + ", ".join(
+                f"{r['shape']} {r.get('vs nn.LSTM(dropout)', '?')}" for r in rows
+                if r.get("strategy") == strategy)
             for strategy in ("zaremba", "variational"))
     if name == "launch-bound":  # ms/iter of cuDNN, the own loop, the own loop in CUDA graphs
         parts = []
-        for shape in dict.fromkeys(r[0] for r in rows):
-            cells = {("graph" if "graph" in r[1] else "own" if "own" in r[1] else "cudnn"): r
-                     for r in rows if r[0] == shape}
-            own = cells.get("own", ["", "", "?", "", "", "?", "?"])
-            text = (f"{shape} ms/iter cuDNN {cells.get('cudnn', ['', '', '?'])[2]}, own loop "
-                    f"{own[2]} ({own[5]} ops/step/layer, busy {own[6]})")
-            if "graph" in cells:
-                text += f", own loop in CUDA graphs {cells['graph'][2]}"
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            kinds = {("graph" if "graph" in r["model"] else "own" if "own" in r["model"]
+                      else "cudnn"): r for r in rows if r["shape"] == shape}
+            own, cudnn = kinds.get("own", {}), kinds.get("cudnn", {})
+            text = (f"{shape} ms/iter cuDNN {cudnn.get('ms/iter', '?')}, own loop "
+                    f"{own.get('ms/iter', '?')} ({own.get('ops/step/layer', '?')} ops/step/"
+                    f"layer, busy {own.get('busy', '?')})")
+            if "graph" in kinds:
+                text += f", own loop in CUDA graphs {kinds['graph'].get('ms/iter', '?')}"
             parts.append(text)
         return "; ".join(parts)
-    return "trainer / plain loop: " + ", ".join(f"{r[0].split()[0]} {r[3]}" for r in rows)
+    return "trainer / plain loop: " + ", ".join(
+        f"{r['shape'].split()[0]} {r.get('ratio', '?')}" for r in rows)
 
 
 def _run_result(out: Path, minutes: float) -> str:

@@ -109,6 +109,20 @@ def test_junit_counts_are_summarised(tmp_path):
     assert device_check._junit(tmp_path / "missing.xml") == "no JUnit file written"
 
 
+def test_headlines_read_the_tables_by_their_header(tmp_path):
+    table = tmp_path / "layers.md"
+    table.write_text(
+        "*caption*\n\n| shape | strategy | engine | tokens/s | ms/iter | vs nn.LSTM(dropout) | "
+        "vs hand-rolled Zaremba |\n|---|---|---|---:|---:|---:|---:|\n"
+        "| small | zaremba | fused | 9 | 1.0 | 1.01x | 0.99x |\n"
+        "| small | variational | own loop | 9 | 1.0 | 0.42x | 0.40x |\n"
+        "| medium | variational | own loop | 9 | 1.0 | 0.55x | 0.50x |\n")
+    assert device_check._headline("layers", table) == (
+        "zaremba vs nn.LSTM(dropout): small 1.01x; "
+        "variational vs nn.LSTM(dropout): small 0.42x, medium 0.55x")
+    assert device_check._headline("layers", tmp_path / "none.md") == "no table (see logs/)"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("RNNREG_REHEARSAL") != "1", reason=(
     "the whole CPU rehearsal is far longer than the suite's other tests; "
