@@ -18,8 +18,9 @@ own loop. Reported throughput uses the median per-iteration time; a ratio is the
 median over rounds of the per-round time ratio (robust to the machine slowing down), and a ratio
 above 1 means rnnreg is faster than that baseline.
 
-    python benchmarks/layers.py                        # both paper shapes, CPU
+    python benchmarks/layers.py                        # medium and small, CPU
     python benchmarks/layers.py --shapes small --repeats 5 --threads 2 --markdown
+    python benchmarks/layers.py --device cuda --shapes small,medium,large --markdown
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class Shape:
     layers: int
 
 
-# Zaremba et al. (2014), section 4.1: medium and small Penn Treebank models.
+# Zaremba et al. (2014), section 4.1: the small, medium and large Penn Treebank models; "tiny"
+# only exercises the plumbing (benchmarks/device_check.py --quick), its times mean nothing.
 SHAPES = {
     "medium": Shape(batch=20, steps=35, hidden=650, layers=2),
     "small": Shape(batch=20, steps=20, hidden=200, layers=2),
+    "large": Shape(batch=20, steps=35, hidden=1500, layers=2),
+    "tiny": Shape(batch=4, steps=5, hidden=16, layers=2),
 }
 
 
@@ -193,7 +197,13 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = "cpu"
+    if device.type == "cuda":
+        # cuDNN may run float32 RNNs on TF32 tensor cores while torch.mm (the own recurrence's
+        # products) does not by default: the flags belong next to every ratio.
+        name = (f"{torch.cuda.get_device_name(device)} (cudnn.allow_tf32="
+                f"{torch.backends.cudnn.allow_tf32}, matmul.allow_tf32="
+                f"{torch.backends.cuda.matmul.allow_tf32})")
     header = (f"rnnreg {rnnreg.__version__}, torch {torch.__version__}, device {name}, "
               f"threads {torch.get_num_threads()}, p={args.p}, "
               f"{args.repeats} interleaved rounds (warm-up {args.warmup}), forward+backward; "

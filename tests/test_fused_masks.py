@@ -181,6 +181,7 @@ def test_fused_path_equals_the_own_loop_on_the_same_masks(cell, packed):
     assert_close_runs(with_mask_grads(shared), with_mask_grads(per_row))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN)")
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
