@@ -147,7 +147,7 @@ def test_different_seed_gives_different_weights(recipe_run, module_corpus, tmp_p
 def test_training_into_an_existing_run_without_resume_is_refused(recipe_run, module_corpus):
     out, _ = recipe_run
     before = (out / "metrics.jsonl").read_bytes()
-    with pytest.raises(RunDirError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run.*pass --resume"):
         _quiet_train(RECIPE, out, module_corpus)
     assert (out / "metrics.jsonl").read_bytes() == before
 
