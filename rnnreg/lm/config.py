@@ -134,9 +134,8 @@ class Config:
                              f"got {sizes!r}")
         # JSON gives lists back: store a tuple so the frozen config stays hashable and equal.
         object.__setattr__(self, "layer_sizes", tuple(sizes))
-        for size in self.layer_sizes:
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
+        if not all(map(_is_positive_int, self.layer_sizes)):
+            raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
         if len(self.layer_sizes) != self.num_layers:
             raise ValueError(f"layer_sizes {self.layer_sizes} has {len(self.layer_sizes)} "
                              f"entries but num_layers={self.num_layers}: give one size per "
@@ -207,5 +206,10 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_positive_int(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _is_positive_int(value: object) -> bool:
+    # bool is an int subclass, but True is no size
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
