@@ -135,16 +135,27 @@ void cell_update(const T* __restrict__ gates, const T* __restrict__ c_old, T* __
 }
 
 // h(t) = o * tanh(c(t)); past a sequence's end (alive[b] false) h and c keep their old values.
+// With zoneout factors d_h, d_c (zone_h non-null; the sequence ends are folded into them) each
+// unit keeps d times its old value: h(t) = d_h h(t-1) + (1 - d_h) o tanh(c~), and likewise c(t)
+// from the candidate c~ that c_new holds on entry.
 // Also writes m(t+1) * h(t), the next step's input to the recurrent product, if asked.
 template <typename T>
 void cell_output(const T* __restrict__ gates, const T* __restrict__ tanh_c,
                  const T* __restrict__ h_old, const T* __restrict__ c_old, T* __restrict__ h_new,
-                 T* __restrict__ c_new, const bool* alive, const T* __restrict__ next_mask,
+                 T* __restrict__ c_new, const bool* alive, const T* __restrict__ zone_h,
+                 const T* __restrict__ zone_c, const T* __restrict__ next_mask,
                  T* __restrict__ next_in, int64_t batch, int64_t hidden) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t base = b * hidden;
     const T* __restrict__ o = gates + b * 4 * hidden + 3 * hidden;
-    if (alive == nullptr || alive[b]) {
+    if (zone_h != nullptr) {
+      for (int64_t j = 0; j < hidden; ++j) {
+        const Acc<T> dh = zone_h[base + j], dc = zone_c[base + j];
+        const Acc<T> h = Acc<T>(o[j]) * Acc<T>(tanh_c[base + j]);
+        h_new[base + j] = dh * Acc<T>(h_old[base + j]) + (Acc<T>(1) - dh) * h;
+        c_new[base + j] = dc * Acc<T>(c_old[base + j]) + (Acc<T>(1) - dc) * Acc<T>(c_new[base + j]);
+      }
+    } else if (alive == nullptr || alive[b]) {
       for (int64_t j = 0; j < hidden; ++j) {
         h_new[base + j] = Acc<T>(o[j]) * Acc<T>(tanh_c[base + j]);
       }
@@ -172,12 +183,15 @@ const T* mask_row(const Tensor& mask, int64_t t, int64_t rows) {
 }
 
 void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& packed,
-                  const OptTensor& mask_opt, const OptTensor& valid_opt, Tensor acts, Tensor cs,
-                  Tensor tanh_c, Tensor hs, const OptTensor& h_in) {
+                  const OptTensor& mask_opt, const OptTensor& valid_opt,
+                  const OptTensor& zone_h_opt, const OptTensor& zone_c_opt, Tensor acts,
+                  Tensor cs, Tensor tanh_c, Tensor hs, const OptTensor& h_in) {
   const int64_t steps = projected.size(0), batch = projected.size(1);
   const int64_t hidden = projected.size(2) / 4, rows = batch * hidden;
   const Tensor mask = mask_opt ? mask_opt->contiguous() : Tensor();
   const Tensor valid = valid_opt ? valid_opt->contiguous() : Tensor();
+  const Tensor zone_h = zone_h_opt ? zone_h_opt->contiguous() : Tensor();
+  const Tensor zone_c = zone_c_opt ? zone_c_opt->contiguous() : Tensor();
   Tensor pre = at::empty({batch, 4 * hidden}, projected.options());
   Tensor pre_g = pre.narrow(1, 2 * hidden, hidden);
   if (mask.defined()) {
@@ -205,6 +219,7 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
                   hs.select(0, t).const_data_ptr<scalar_t>(), c_old,
                   hs.select(0, t + 1).data_ptr<scalar_t>(), c_new,
                   valid.defined() ? valid.select(0, t).const_data_ptr<bool>() : nullptr,
+                  mask_row<scalar_t>(zone_h, t, rows), mask_row<scalar_t>(zone_c, t, rows),
                   next_mask, next_mask ? h_in->select(0, t + 1).data_ptr<scalar_t>() : nullptr,
                   batch, hidden);
     }
@@ -217,10 +232,39 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
 //   dcc = dc + dh o (1 - tanh(c)^2),  d[i, f, g] = dcc [g i (1-i), c(t-1) f (1-f), i (1-g^2)],
 //   d_o = dh tanh(c) o (1-o),  and, in place, dc <- dcc f.
 // Past a sequence's end (alive[b] false) the step is the identity: zero gate gradients, dc kept.
+// With zoneout (Zoned; factors zone_h, zone_c) only (1 - d) of dh and dc reaches the candidate
+// h~ and c~, and dc <- dcc f + d_c dc (d_h dh is previous_state's part).
+template <typename T, bool Zoned>
+void gate_row(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ a,
+              const T* __restrict__ c_prev, const T* __restrict__ tanh_c,
+              const T* __restrict__ zone_h, const T* __restrict__ zone_c, T* __restrict__ d,
+              int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const Acc<T> i = a[j], f = a[hidden + j], g = a[2 * hidden + j], o = a[3 * hidden + j];
+    const Acc<T> tc = tanh_c[j], dc_j = dc[j];
+    Acc<T> dh_j = dh[j], dc_new = dc_j;
+    if constexpr (Zoned) {
+      dh_j *= Acc<T>(1) - Acc<T>(zone_h[j]);
+      dc_new *= Acc<T>(1) - Acc<T>(zone_c[j]);
+    }
+    const Acc<T> dcc = dc_new + dh_j * o * (Acc<T>(1) - tc * tc);
+    d[j] = dcc * g * i * (Acc<T>(1) - i);
+    d[hidden + j] = dcc * Acc<T>(c_prev[j]) * f * (Acc<T>(1) - f);
+    d[2 * hidden + j] = dcc * i * (Acc<T>(1) - g * g);
+    d[3 * hidden + j] = dh_j * tc * o * (Acc<T>(1) - o);
+    if constexpr (Zoned) {
+      dc[j] = dcc * f + Acc<T>(zone_c[j]) * dc_j;
+    } else {
+      dc[j] = dcc * f;
+    }
+  }
+}
+
 template <typename T>
 void gate_gradients(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ gates,
                     const T* __restrict__ c_prev, const T* __restrict__ tanh_c,
-                    const bool* alive, T* __restrict__ d_gates, int64_t batch,
+                    const bool* alive, const T* __restrict__ zone_h,
+                    const T* __restrict__ zone_c, T* __restrict__ d_gates, int64_t batch,
                     int64_t hidden) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t base = b * hidden, row = b * 4 * hidden;
@@ -229,31 +273,34 @@ void gate_gradients(const T* __restrict__ dh, T* __restrict__ dc, const T* __res
       std::fill(d, d + 4 * hidden, T(0));
       continue;
     }
-    const T* __restrict__ a = gates + row;
-    for (int64_t j = 0; j < hidden; ++j) {
-      const Acc<T> i = a[j], f = a[hidden + j], g = a[2 * hidden + j], o = a[3 * hidden + j];
-      const Acc<T> tc = tanh_c[base + j], dh_j = dh[base + j];
-      const Acc<T> dcc = Acc<T>(dc[base + j]) + dh_j * o * (Acc<T>(1) - tc * tc);
-      d[j] = dcc * g * i * (Acc<T>(1) - i);
-      d[hidden + j] = dcc * Acc<T>(c_prev[base + j]) * f * (Acc<T>(1) - f);
-      d[2 * hidden + j] = dcc * i * (Acc<T>(1) - g * g);
-      d[3 * hidden + j] = dh_j * tc * o * (Acc<T>(1) - o);
-      dc[base + j] = dcc * f;
+    if (zone_h != nullptr) {
+      gate_row<T, true>(dh + base, dc + base, gates + row, c_prev + base, tanh_c + base,
+                        zone_h + base, zone_c + base, d, hidden);
+    } else {
+      gate_row<T, false>(dh + base, dc + base, gates + row, c_prev + base, tanh_c + base,
+                         nullptr, nullptr, d, hidden);
     }
   }
 }
 
 // dL/dh(t-1) in place of dh: the gradient of output t-1 (absent at t = 0), plus the masked
-// recurrent product's, plus dh itself where the sequence has ended (passthrough 1).
+// recurrent product's, plus dh itself where the sequence has ended (passthrough 1), or the
+// zoneout factor d_h times dh for every unit (zone, row t).
 template <typename T>
 void previous_state(T* __restrict__ dh, const T* __restrict__ d_out_prev,
                     const T* __restrict__ d_hin, const T* __restrict__ mask,
-                    const T* __restrict__ passthrough, int64_t batch, int64_t hidden) {
+                    const T* __restrict__ passthrough, const T* __restrict__ zone,
+                    int64_t batch, int64_t hidden) {
   for (int64_t b = 0; b < batch; ++b) {
     T* __restrict__ out = dh + b * hidden;
     const T* __restrict__ d = d_hin + b * hidden;
-    // Through the frozen state first, while dh still holds dL/dh(t).
-    if (passthrough) {
+    // Through the frozen (or zoned-out) state first, while dh still holds dL/dh(t).
+    if (zone) {
+      const T* __restrict__ keep = zone + b * hidden;
+      for (int64_t j = 0; j < hidden; ++j) {
+        out[j] = Acc<T>(keep[j]) * Acc<T>(out[j]);
+      }
+    } else if (passthrough) {
       const Acc<T> carry = passthrough[b];
       for (int64_t j = 0; j < hidden; ++j) {
         out[j] = carry * Acc<T>(out[j]);
@@ -286,7 +333,9 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                                          const Tensor& cs, const Tensor& tanh_c,
                                          const OptTensor& valid_opt, const Tensor& w_hh,
                                          bool onednn, const OptTensor& mask_opt,
-                                         const OptTensor& passthrough_opt, bool need_first,
+                                         const OptTensor& passthrough_opt,
+                                         const OptTensor& zone_h_opt,
+                                         const OptTensor& zone_c_opt, bool need_first,
                                          Tensor d_gates, Tensor d_hin) {
   const int64_t steps = d_gates.size(0), batch = d_gates.size(1);
   const int64_t hidden = d_gates.size(2) / 4, rows = batch * hidden;
@@ -294,6 +343,8 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
   const Tensor mask = mask_opt ? mask_opt->contiguous() : Tensor();
   const Tensor valid = valid_opt ? valid_opt->contiguous() : Tensor();  // (T, B, 1)
   const Tensor passthrough = passthrough_opt ? passthrough_opt->contiguous() : Tensor();
+  const Tensor zone_h = zone_h_opt ? zone_h_opt->contiguous() : Tensor();
+  const Tensor zone_c = zone_c_opt ? zone_c_opt->contiguous() : Tensor();
   Tensor dh = (d_out.select(0, steps - 1) + d_h).contiguous();
   Tensor dc = d_c.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d_gates.scalar_type(), "lstm", [&] {
@@ -304,6 +355,7 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                      cs.const_data_ptr<scalar_t>() + base,
                      tanh_c.const_data_ptr<scalar_t>() + base,
                      valid.defined() ? valid.const_data_ptr<bool>() + t * batch : nullptr,
+                     mask_row<scalar_t>(zone_h, t, rows), mask_row<scalar_t>(zone_c, t, rows),
                      d_gates.data_ptr<scalar_t>() + 4 * base, batch, hidden);
       if (t == 0 && !need_first) {
         break;
@@ -315,7 +367,7 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                      d_row.const_data_ptr<scalar_t>(), mask_row<scalar_t>(mask, t, rows),
                      passthrough.defined()
                          ? passthrough.const_data_ptr<scalar_t>() + t * batch : nullptr,
-                     batch, hidden);
+                     mask_row<scalar_t>(zone_h, t, rows), batch, hidden);
     }
   });
   if (!need_first) {
@@ -326,7 +378,8 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
 
 void gru_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& b_hh,
                  const OptTensor& packed, const OptTensor& mask, const OptTensor& valid,
-                 Tensor rec, Tensor rz, Tensor n, Tensor hs, const OptTensor& h_in) {
+                 const OptTensor& zone, Tensor rec, Tensor rz, Tensor n, Tensor hs,
+                 const OptTensor& h_in) {
   const int64_t steps = projected.size(0);
   const int64_t hidden = projected.size(2) / 3;
   const Tensor bias = b_hh ? *b_hh : Tensor();
@@ -344,6 +397,9 @@ void gru_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& b
         .tanh_();
     Tensor h_new = hs.select(0, t + 1);
     at::lerp_out(h_new, n_t, h, rz_t.narrow(1, hidden, hidden));
+    if (zone) {  // zoneout: d h(t-1) + (1 - d) h~
+      h_new.lerp_(h, mask_at(zone, t));
+    }
     freeze(h_new, h, valid, t);
   }
 }
@@ -375,19 +431,27 @@ Tensor gru_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& coef,
   return prev;
 }
 
+// With zoneout the activation goes to candidates[t] (kept for act' in the backward) and
+// h(t) = d h(t-1) + (1 - d) candidates[t].
 void elman_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& packed,
-                   const OptTensor& mask, const OptTensor& valid, bool relu, Tensor hs,
+                   const OptTensor& mask, const OptTensor& valid, bool relu,
+                   const OptTensor& zone, const OptTensor& candidates, Tensor hs,
                    const OptTensor& h_in) {
   const int64_t steps = projected.size(0);
   for (int64_t t = 0; t < steps; ++t) {
     Tensor h = hs.select(0, t);
     Tensor x = masked_state(h, mask, h_in, t);
-    Tensor h_new = hs.select(0, t + 1);
+    Tensor h_new = zone ? candidates->select(0, t) : hs.select(0, t + 1);
     product_forward(h_new, x, projected.select(0, t), w_hh, packed);
     if (relu) {
       h_new.relu_();
     } else {
       h_new.tanh_();
+    }
+    if (zone) {
+      Tensor kept = hs.select(0, t + 1);
+      at::lerp_out(kept, h_new, h, mask_at(zone, t));
+      h_new = kept;
     }
     freeze(h_new, h, valid, t);
   }

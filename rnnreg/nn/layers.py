@@ -12,14 +12,19 @@ option                 where the mask acts                                      
 ``recurrent_dropout``  h(t-1) where it enters the recurrent matrix product               Gal
 ``weight_dropout``     DropConnect on the hidden-to-hidden weights, one mask per call  AWD
 ``variational``        one mask per sequence, reused at every step, for every placement Gal
+``zoneout_hidden``     each unit of h keeps its previous value with this probability   Krueger
+``zoneout_cell``       the same for the LSTM's cell state c                            Krueger
 =====================  ==============================================================  ========
 
 Zaremba et al. (2014, section 3.1, Figure 2) apply dropout only to non-recurrent connections:
 L+1 times in an L-layer stack (input, L-1 between layers, output), never on h(t-1) -> h(t).
-Those placements keep torch's fused kernels (cuDNN on GPU). Only ``recurrent_dropout`` and
-``weight_dropout`` need a mask *inside* the recurrence; then rnnreg runs its own loop, which does
-all input projections in one matrix product and only the recurrent product and gate arithmetic
-per step.
+Those placements keep torch's fused kernels (cuDNN on GPU). Only ``recurrent_dropout``,
+``weight_dropout`` and zoneout need a mask *inside* the recurrence; then rnnreg runs its own
+loop, which does all input projections in one matrix product and only the recurrent product and
+gate arithmetic per step. Zoneout (Krueger et al. 2017, section 3) is not dropout: a unit that
+zones out keeps its previous value instead of being zeroed, and evaluation uses the expectation
+(each new state ``z * previous + (1 - z) * new``, z the rate), so it runs the own loop in
+evaluation too.
 
 Axis convention: time-major ``(T, B, F)`` unless ``batch_first``; states are ``(L*D, B, H)``.
 """
@@ -32,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnreg.nn.functional import check_probability, dropout, dropout_mask
+from rnnreg.nn.functional import check_probability, check_zoneout, dropout, dropout_mask
 from rnnreg.nn.recurrence import recurrence
 
 __all__ = ["GRU", "LSTM", "RNN", "DropoutMasks"]
@@ -55,6 +60,10 @@ class DropoutMasks:
     recurrent:  one per layer, ``(T|1, D, B, H)``: independent per direction
     weight:     one per layer, ``(D, G*H, H)`` on ``weight_hh``
     output:     ``(T|1, B, D*H)``
+    zoneout:    None (no zoneout in any layer), or one entry per layer: None or a pair
+                ``(hidden, cell)``, each None or ``(T|1, D, B, H)`` holding the zoneout factor
+                d of every unit (Krueger et al. 2017): 1 keeps the previous value, 0 takes the
+                new one; in {0, 1} when sampled, the rate itself in evaluation. Not scaled.
     """
 
     input: Tensor | None
@@ -62,6 +71,7 @@ class DropoutMasks:
     recurrent: tuple[Tensor | None, ...]
     weight: tuple[Tensor | None, ...]
     output: Tensor | None
+    zoneout: tuple[tuple[Tensor | None, Tensor | None] | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,13 +86,20 @@ class _Layout:
 class _RegularizedRecurrence:
     """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
 
+    # Class defaults, so that layers pickled before zoneout existed still run.
+    zoneout_hidden = 0.0
+    zoneout_cell = 0.0
+
     def _init_regularization(self, *, input_dropout: float, output_dropout: float,
                              recurrent_dropout: float, weight_dropout: float,
-                             variational: bool) -> None:
+                             variational: bool, zoneout_hidden: float = 0.0,
+                             zoneout_cell: float = 0.0) -> None:
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
+        self.zoneout_hidden = check_zoneout("zoneout_hidden", zoneout_hidden)
+        self.zoneout_cell = check_zoneout("zoneout_cell", zoneout_cell)
         if not isinstance(variational, bool):
             raise ValueError(f"variational must be True or False, got {variational!r}")
         self.variational = variational
@@ -99,8 +116,13 @@ class _RegularizedRecurrence:
         between-layer dropout) torch's fused stack runs in one call and only the input and
         output get a dropout around it.
         """
+        if self._zoneout():  # its evaluation (the expectation) also runs the own loop
+            return True
         inside = self.recurrent_dropout > 0 or self.weight_dropout > 0
         return self.training and (inside or self.variational or self._faster_between())
+
+    def _zoneout(self) -> bool:
+        return self.zoneout_hidden > 0 or self.zoneout_cell > 0
 
     def _faster_between(self) -> bool:
         """On CPU, layer-by-layer fused calls with rnnreg's masks between them beat torch's
@@ -122,6 +144,11 @@ class _RegularizedRecurrence:
         def sample(shape, p):
             return dropout_mask(shape, p, device=device, dtype=dtype) if p > 0 else None
 
+        def zone(rate):  # a unit keeps its previous value (factor 1) with probability rate
+            if rate == 0:
+                return None
+            return (torch.rand((t, d, batch_size, h), device=device) < rate).to(dtype)
+
         layers = range(self.num_layers)
         return DropoutMasks(
             input=sample((t, batch_size, self.input_size), self.input_dropout),
@@ -129,7 +156,23 @@ class _RegularizedRecurrence:
             recurrent=tuple(sample((t, d, batch_size, h), self.recurrent_dropout) for _ in layers),
             weight=tuple(sample((d, gates * h, h), self.weight_dropout) for _ in layers),
             output=sample((t, batch_size, d * h), self.output_dropout),
+            zoneout=tuple((zone(self.zoneout_hidden), zone(self.zoneout_cell))
+                          for _ in layers) if self._zoneout() else None,
         )
+
+    def _expected_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
+        """Evaluation with zoneout: no dropout, and every zoneout factor at its expectation,
+        the rate (Krueger et al. 2017, section 3, as dropout's test-time scaling)."""
+        shape = (1, self.num_directions, batch_size, self.hidden_size)
+
+        def expected(rate):
+            return torch.full(shape, rate, device=device, dtype=dtype) if rate > 0 else None
+
+        none = (None,) * self.num_layers
+        pair = (expected(self.zoneout_hidden), expected(self.zoneout_cell))
+        return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
+                            output=None,
+                            zoneout=(pair,) * self.num_layers if self._zoneout() else None)
 
     def forward(self, input, hx=None):
         """Same contract as ``torch.nn.LSTM.forward``: ``(output, h_n)`` or ``(output, (h, c))``."""
@@ -139,7 +182,10 @@ class _RegularizedRecurrence:
             output, state = super().forward(dropped, hx)
             return _dropout_data(output, self.output_dropout, self.training), state
         x, lengths, layout = self._to_time_major(input)
-        masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
+        if self.training:
+            masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
+        else:
+            masks = self._expected_masks(x.size(1), x.device, x.dtype)
         return self._forward_masked(x, lengths, layout, hx, masks)
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
@@ -248,9 +294,12 @@ class _RegularizedRecurrence:
         layer_states = tuple(s[rows] for s in states)
         weights = self.all_weights[rows]
         recurrent, weight = masks.recurrent[layer], masks.weight[layer]
-        if recurrent is None and weight is None:
+        zoneout = None if masks.zoneout is None else masks.zoneout[layer]
+        if zoneout is not None and all(z is None for z in zoneout):
+            zoneout = None
+        if recurrent is None and weight is None and zoneout is None:
             return self._fused_layer(x, lengths, layer_states, weights)
-        return self._custom_layer(x, lengths, layer_states, weights, recurrent, weight)
+        return self._custom_layer(x, lengths, layer_states, weights, recurrent, weight, zoneout)
 
     def _fused_layer(self, x, lengths, states, weights):
         """One layer on torch's fused kernel (cuDNN on GPU): no mask acts inside the recurrence."""
@@ -271,7 +320,8 @@ class _RegularizedRecurrence:
             PackedSequence(out, packed.batch_sizes, order, unorder), total_length=x.size(0))
         return out, tuple(s.index_select(1, unorder) for s in final)
 
-    def _custom_layer(self, x, lengths, states, weights, recurrent_mask, weight_mask):
+    def _custom_layer(self, x, lengths, states, weights, recurrent_mask, weight_mask,
+                      zoneout=None):
         """One layer on rnnreg's own loop, used when a mask acts inside the recurrence."""
         outputs, finals = [], []
         for direction, params in enumerate(weights):
@@ -281,7 +331,10 @@ class _RegularizedRecurrence:
             mask = None if recurrent_mask is None else recurrent_mask[:, direction]
             state = tuple(s[direction] for s in states)
             seq = x if direction == 0 else _reverse(x, lengths)
-            out, final = recurrence(self.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths)
+            zone = None if zoneout is None else tuple(
+                None if z is None else z[:, direction] for z in zoneout)
+            out, final = recurrence(self.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths,
+                                    zone)
             outputs.append(out if direction == 0 else _reverse(out, lengths))
             finals.append(final)
         stacked = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states)))
@@ -289,7 +342,8 @@ class _RegularizedRecurrence:
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr()]
-        for name in ("input_dropout", "output_dropout", "recurrent_dropout", "weight_dropout"):
+        for name in ("input_dropout", "output_dropout", "recurrent_dropout", "weight_dropout",
+                     "zoneout_hidden", "zoneout_cell"):
             if getattr(self, name) > 0:
                 parts.append(f"{name}={getattr(self, name)}")
         if self.variational:
@@ -345,17 +399,21 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
                  proj_size: int = 0, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, device=None, dtype=None) -> None:
+                 variational: bool = False, zoneout_hidden: float = 0.0,
+                 zoneout_cell: float = 0.0, device=None, dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
-        if proj_size and (recurrent_dropout or weight_dropout or variational):
+        if proj_size and (recurrent_dropout or weight_dropout or variational or zoneout_hidden
+                          or zoneout_cell):
             raise ValueError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
-                             "combined with recurrent_dropout, weight_dropout or variational")
+                             "combined with recurrent_dropout, weight_dropout, variational or "
+                             "zoneout")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device=device, dtype=dtype)
         self._init_regularization(input_dropout=input_dropout, output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational)
+                                  weight_dropout=weight_dropout, variational=variational,
+                                  zoneout_hidden=zoneout_hidden, zoneout_cell=zoneout_cell)
 
 
 class GRU(_RegularizedRecurrence, nn.GRU):
@@ -365,14 +423,16 @@ class GRU(_RegularizedRecurrence, nn.GRU):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, device=None, dtype=None) -> None:
+                 variational: bool = False, zoneout_hidden: float = 0.0, device=None,
+                 dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype)
         self._init_regularization(input_dropout=input_dropout, output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational)
+                                  weight_dropout=weight_dropout, variational=variational,
+                                  zoneout_hidden=zoneout_hidden)
 
 
 class RNN(_RegularizedRecurrence, nn.RNN):
@@ -383,7 +443,8 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                  dropout: float = 0.0, bidirectional: bool = False, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, device=None, dtype=None) -> None:
+                 variational: bool = False, zoneout_hidden: float = 0.0, device=None,
+                 dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
         if nonlinearity not in ("tanh", "relu"):
@@ -392,4 +453,5 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                          dropout, bidirectional, device=device, dtype=dtype)
         self._init_regularization(input_dropout=input_dropout, output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational)
+                                  weight_dropout=weight_dropout, variational=variational,
+                                  zoneout_hidden=zoneout_hidden)

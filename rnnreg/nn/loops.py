@@ -128,7 +128,8 @@ def _product_backward(out, d, weight, onednn):
 # --- the Python loops (equations in rnnreg.nn.recurrence) ---------------------------------------
 
 
-def lstm_forward(projected, w_hh, packed, mask, valid, acts, cs, tanh_c, hs, h_in):
+def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs, tanh_c, hs,
+                 h_in):
     steps, batch, gates = projected.shape
     hidden = gates // 4
     pre = projected.new_empty(batch, gates)
@@ -136,6 +137,7 @@ def lstm_forward(projected, w_hh, packed, mask, valid, acts, cs, tanh_c, hs, h_i
     # Per-step views made once: indexing inside the loop costs more than the small kernels.
     i, f, g, o = (a.unbind(0) for a in acts.view(steps, batch, 4, hidden).unbind(2))
     p, masks = projected.unbind(0), _per_step(mask, steps)
+    keep_h, keep_c = _per_step(zone_h, steps), _per_step(zone_c, steps)
     for t in range(steps):
         h = hs[t]
         x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
@@ -147,13 +149,16 @@ def lstm_forward(projected, w_hh, packed, mask, valid, acts, cs, tanh_c, hs, h_i
         c = torch.mul(f[t], cs[t], out=cs[t + 1]).addcmul_(i[t], g[t])
         torch.tanh(c, out=tanh_c[t])
         h_new = torch.mul(o[t], tanh_c[t], out=hs[t + 1])
+        if zone_h is not None:  # zoneout: d * previous + (1 - d) * new, from the new values
+            c.lerp_(cs[t], keep_c[t])
+            h_new.lerp_(h, keep_h[t])
         if valid is not None:  # freeze finished sequences (out= may alias its own input)
             torch.where(valid[t], c, cs[t], out=c)
             torch.where(valid[t], h_new, h, out=h_new)
 
 
 def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, passthrough,
-                  need_first, d_gates, d_hin):
+                  zone_h, zone_c, need_first, d_gates, d_hin):
     steps, batch, gates = d_gates.shape
     hidden = gates // 4
     # The gate-derivative coefficients of every step at once (equations in recurrence._LSTM).
@@ -165,31 +170,42 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     torch.mul(tanh_c, o * (1 - o), out=coef[:, :, 3])
     to_cell = o * (1 - tanh_c * tanh_c)  # dh(t)/dc(t)
     keep_c = stop_at_lengths(valid, coef, to_cell, f)
+    if zone_h is not None:  # the gradient reaching the new h~ is (1 - d_h) dh: fold it in
+        update_h = 1 - zone_h
+        to_cell *= update_h
+        coef[:, :, 3] *= update_h
+        passthrough = zone_h.expand_as(to_cell)  # d_h dh goes straight to h(t-1)
     d_ifg = d_gates.view(steps, batch, 4, hidden)[:, :, :3].unbind(0)
     d_o = d_gates[:, :, 3 * hidden:].unbind(0)
     k_ifg, k_o = coef[:, :, :3].unbind(0), coef[:, :, 3].unbind(0)
     d_step, to_cell, keep_c = d_gates.unbind(0), to_cell.unbind(0), keep_c.unbind(0)
-    masks = _per_step(mask, steps)
+    masks, zones = _per_step(mask, steps), _per_step(zone_c, steps)
     dh, dc = d_out[-1] + d_h, d_c
     for t in range(steps - 1, -1, -1):
-        dcc = torch.addcmul(dc, dh, to_cell[t])
+        if zones[t] is None:
+            dcc = torch.addcmul(dc, dh, to_cell[t])
+        else:  # zoneout: (1 - d_c) dc reaches the new cell c~, d_c dc goes to c(t-1)
+            dcc = torch.addcmul(dc * (1 - zones[t]), dh, to_cell[t])
         torch.mul(dcc.unsqueeze(1), k_ifg[t], out=d_ifg[t])
         torch.mul(dh, k_o[t], out=d_o[t])
         if t == 0 and not need_first:
             return None, None
-        dc = dcc.mul_(keep_c[t])
+        if zones[t] is None:
+            dc = dcc.mul_(keep_c[t])
+        else:
+            dc = torch.addcmul(dc * zones[t], dcc, keep_c[t])
         _product_backward(d_hin[t], d_step[t], w_hh, onednn)
         dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
     return dh, dc
 
 
-def gru_forward(projected, w_hh, b_hh, packed, mask, valid, rec, rz, n, hs, h_in):
+def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
     steps = projected.size(0)
     hidden = projected.size(2) // 3
     p_rz, p_n = (s.unbind(0) for s in projected.split([2 * hidden, hidden], 2))
     a_rz, a_n = (s.unbind(0) for s in rec.split([2 * hidden, hidden], 2))
     r, z = (s.unbind(0) for s in rz.split(hidden, 2))
-    masks = _per_step(mask, steps)
+    masks, keep = _per_step(mask, steps), _per_step(zone, steps)
     for t in range(steps):
         h = hs[t]
         x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
@@ -197,6 +213,8 @@ def gru_forward(projected, w_hh, b_hh, packed, mask, valid, rec, rz, n, hs, h_in
         torch.add(p_rz[t], a_rz[t], out=rz[t]).sigmoid_()
         torch.addcmul(p_n[t], r[t], a_n[t], out=n[t]).tanh_()
         h_new = torch.lerp(n[t], h, z[t], out=hs[t + 1])  # n + z * (h - n), one kernel
+        if zone is not None:
+            h_new.lerp_(h, keep[t])
         if valid is not None:
             torch.where(valid[t], h_new, h, out=h_new)
 
@@ -218,17 +236,20 @@ def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec
     return prev
 
 
-def elman_forward(projected, w_hh, packed, mask, valid, relu, hs, h_in):
+def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
     steps = projected.size(0)
-    p, masks = projected.unbind(0), _per_step(mask, steps)
+    p, masks, keep = projected.unbind(0), _per_step(mask, steps), _per_step(zone, steps)
     for t in range(steps):
         h = hs[t]
         x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
-        h_new = _product_forward(hs[t + 1], x_t, p[t], w_hh, packed)
+        target = hs[t + 1] if zone is None else candidates[t]
+        h_new = _product_forward(target, x_t, p[t], w_hh, packed)
         if relu:
             h_new.relu_()
         else:
             h_new.tanh_()
+        if zone is not None:  # the candidate stays for act' in the backward
+            h_new = torch.lerp(h_new, h, keep[t], out=hs[t + 1])
         if valid is not None:
             torch.where(valid[t], h_new, h, out=h_new)
 
@@ -268,8 +289,8 @@ def stop_at_lengths(valid, coef, to_state, keep):
 
 
 def _per_step(mask, steps):
-    """The mask each step uses: row t of a fresh ``(T, B, H)`` mask, or the one per-sequence
-    ``(1, B, H)`` mask at every step; a list of None when there is no mask."""
+    """The mask (or zoneout factor) each step uses: row t of a fresh ``(T, B, H)`` one, or the
+    one per-sequence ``(1, B, H)`` at every step; a list of None when there is none."""
     if mask is None:
         return [None] * steps
     return mask.unbind(0) if mask.size(0) > 1 else [mask[0]] * steps
