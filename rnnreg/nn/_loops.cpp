@@ -6,21 +6,63 @@
 //
 // Every function fills buffers that recurrence.py allocated and reads tensors it prepared, in
 // the same order as the Python loop it replaces; the equations are documented there.
+//
+// The loops are registered as operators of the namespace ``rnnreg`` (TORCH_LIBRARY at the end),
+// with schemas whose argument names are those of the Python twins, so loops.py calls them by
+// keyword (torch.ops.rnnreg.lstm_forward(projected=..., ...)). Each checks the dtype, shape and
+// contiguity of what it reads or writes through raw pointers before touching memory: a caller's
+// mistake is then one clear error, not a wrong result or a crash.
 
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
+#include <string>
 #include <string_view>
+#include <tuple>
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 namespace {
+
+// --- input checks --------------------------------------------------------------------------
+
+// ``t`` has dtype ``dtype`` and the given sizes (a size of -1 matches 1 or ``steps``: the
+// leading dimension of a fresh or per-sequence mask), and is contiguous when ``dense``.
+void expect(const char* op, const char* name, const Tensor& t, at::ScalarType dtype,
+            std::initializer_list<int64_t> sizes, int64_t steps = 0, bool dense = true) {
+  TORCH_CHECK(t.defined(), "rnnreg.", op, ": ", name, " is missing");
+  TORCH_CHECK(t.scalar_type() == dtype, "rnnreg.", op, ": ", name, " must have dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(sizes.size()), "rnnreg.", op, ": ", name,
+              " must have ", sizes.size(), " dimensions, got shape ", t.sizes());
+  int64_t d = 0;
+  for (int64_t size : sizes) {
+    const int64_t got = t.size(d++);
+    const bool ok = size == -1 ? (got == 1 || got == steps) : got == size;
+    TORCH_CHECK(ok, "rnnreg.", op, ": ", name, " has shape ", t.sizes(), ", dimension ", d - 1,
+                " should be ", size == -1 ? "1 or the number of steps" : std::to_string(size));
+  }
+  TORCH_CHECK(!dense || t.is_contiguous(), "rnnreg.", op, ": ", name, " must be contiguous");
+}
+
+void expect(const char* op, const char* name, const OptTensor& t, at::ScalarType dtype,
+            std::initializer_list<int64_t> sizes, int64_t steps = 0, bool dense = true) {
+  if (t) {
+    expect(op, name, *t, dtype, sizes, steps, dense);
+  }
+}
+
+void expect_float(const char* op, const Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "rnnreg.", op,
+              ": expects floating-point tensors, got ", t.scalar_type());
+}
 
 // oneDNN's linear, X W^T (+ bias), W packed or a plain strided matrix: loops.py decides when
 // it pays (onednn_pays) and recurrence.py passes the packed weight or the oneDNN flag.
@@ -186,12 +228,33 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
                   const OptTensor& mask_opt, const OptTensor& valid_opt,
                   const OptTensor& zone_h_opt, const OptTensor& zone_c_opt, Tensor acts,
                   Tensor cs, Tensor tanh_c, Tensor hs, const OptTensor& h_in) {
+  constexpr const char* op = "lstm_forward";
+  TORCH_CHECK(projected.dim() == 3, "rnnreg.lstm_forward: projected must be (T, B, 4H)");
+  expect_float(op, projected);
+  const auto dt = projected.scalar_type();
   const int64_t steps = projected.size(0), batch = projected.size(1);
   const int64_t hidden = projected.size(2) / 4, rows = batch * hidden;
-  const Tensor mask = mask_opt ? mask_opt->contiguous() : Tensor();
-  const Tensor valid = valid_opt ? valid_opt->contiguous() : Tensor();
-  const Tensor zone_h = zone_h_opt ? zone_h_opt->contiguous() : Tensor();
-  const Tensor zone_c = zone_c_opt ? zone_c_opt->contiguous() : Tensor();
+  expect(op, "projected", projected, dt, {steps, batch, 4 * hidden});
+  expect(op, "w_hh", w_hh, dt, {4 * hidden, hidden}, 0, false);
+  expect(op, "mask", mask_opt, dt, {-1, batch, hidden}, steps);
+  expect(op, "valid", valid_opt, at::kBool, {steps, batch, 1});
+  expect(op, "zone_h", zone_h_opt, dt, {-1, batch, hidden}, steps);
+  expect(op, "zone_c", zone_c_opt, dt, {-1, batch, hidden}, steps);
+  TORCH_CHECK(zone_h_opt.has_value() == zone_c_opt.has_value(),
+              "rnnreg.lstm_forward: zone_h and zone_c come together");
+  TORCH_CHECK(!(zone_h_opt && valid_opt), "rnnreg.lstm_forward: with zoneout, fold valid into "
+              "the zoneout factors");
+  expect(op, "acts", acts, dt, {steps, batch, 4 * hidden});
+  expect(op, "cs", cs, dt, {steps + 1, batch, hidden});
+  expect(op, "tanh_c", tanh_c, dt, {steps, batch, hidden});
+  expect(op, "hs", hs, dt, {steps + 1, batch, hidden});
+  TORCH_CHECK(mask_opt.has_value() == h_in.has_value(),
+              "rnnreg.lstm_forward: h_in is needed exactly when there is a mask");
+  expect(op, "h_in", h_in, dt, {steps, batch, hidden});
+  const Tensor mask = mask_opt ? *mask_opt : Tensor();
+  const Tensor valid = valid_opt ? *valid_opt : Tensor();
+  const Tensor zone_h = zone_h_opt ? *zone_h_opt : Tensor();
+  const Tensor zone_c = zone_c_opt ? *zone_c_opt : Tensor();
   Tensor pre = at::empty({batch, 4 * hidden}, projected.options());
   Tensor pre_g = pre.narrow(1, 2 * hidden, hidden);
   if (mask.defined()) {
@@ -337,14 +400,36 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                                          const OptTensor& zone_h_opt,
                                          const OptTensor& zone_c_opt, bool need_first,
                                          Tensor d_gates, Tensor d_hin) {
+  constexpr const char* op = "lstm_backward";
+  TORCH_CHECK(d_gates.dim() == 3, "rnnreg.lstm_backward: d_gates must be (T, B, 4H)");
+  expect_float(op, d_gates);
+  const auto dt = d_gates.scalar_type();
   const int64_t steps = d_gates.size(0), batch = d_gates.size(1);
   const int64_t hidden = d_gates.size(2) / 4, rows = batch * hidden;
-  const Tensor d_out = d_out_in.contiguous();
-  const Tensor mask = mask_opt ? mask_opt->contiguous() : Tensor();
-  const Tensor valid = valid_opt ? valid_opt->contiguous() : Tensor();  // (T, B, 1)
-  const Tensor passthrough = passthrough_opt ? passthrough_opt->contiguous() : Tensor();
-  const Tensor zone_h = zone_h_opt ? zone_h_opt->contiguous() : Tensor();
-  const Tensor zone_c = zone_c_opt ? zone_c_opt->contiguous() : Tensor();
+  expect(op, "d_gates", d_gates, dt, {steps, batch, 4 * hidden});
+  expect(op, "d_out", d_out_in, dt, {steps, batch, hidden});
+  expect(op, "d_h", d_h, dt, {batch, hidden}, 0, false);
+  expect(op, "d_c", d_c, dt, {batch, hidden}, 0, false);
+  expect(op, "acts", acts, dt, {steps, batch, 4 * hidden});
+  expect(op, "cs", cs, dt, {steps + 1, batch, hidden});
+  expect(op, "tanh_c", tanh_c, dt, {steps, batch, hidden});
+  expect(op, "valid", valid_opt, at::kBool, {steps, batch, 1});
+  expect(op, "w_hh", w_hh, dt, {4 * hidden, hidden}, 0, false);
+  expect(op, "mask", mask_opt, dt, {-1, batch, hidden}, steps);
+  expect(op, "passthrough", passthrough_opt, dt, {steps, batch, 1});
+  expect(op, "zone_h", zone_h_opt, dt, {-1, batch, hidden}, steps);
+  expect(op, "zone_c", zone_c_opt, dt, {-1, batch, hidden}, steps);
+  TORCH_CHECK(zone_h_opt.has_value() == zone_c_opt.has_value(),
+              "rnnreg.lstm_backward: zone_h and zone_c come together");
+  TORCH_CHECK(!(zone_h_opt && (valid_opt || passthrough_opt)), "rnnreg.lstm_backward: with "
+              "zoneout, fold valid into the zoneout factors");
+  expect(op, "d_hin", d_hin, dt, {steps, batch, hidden});
+  const Tensor& d_out = d_out_in;
+  const Tensor mask = mask_opt ? *mask_opt : Tensor();
+  const Tensor valid = valid_opt ? *valid_opt : Tensor();  // (T, B, 1)
+  const Tensor passthrough = passthrough_opt ? *passthrough_opt : Tensor();
+  const Tensor zone_h = zone_h_opt ? *zone_h_opt : Tensor();
+  const Tensor zone_c = zone_c_opt ? *zone_c_opt : Tensor();
   Tensor dh = (d_out.select(0, steps - 1) + d_h).contiguous();
   Tensor dc = d_c.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d_gates.scalar_type(), "lstm", [&] {
@@ -380,8 +465,25 @@ void gru_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& b
                  const OptTensor& packed, const OptTensor& mask, const OptTensor& valid,
                  const OptTensor& zone, Tensor rec, Tensor rz, Tensor n, Tensor hs,
                  const OptTensor& h_in) {
-  const int64_t steps = projected.size(0);
+  constexpr const char* op = "gru_forward";
+  TORCH_CHECK(projected.dim() == 3, "rnnreg.gru_forward: projected must be (T, B, 3H)");
+  expect_float(op, projected);
+  const auto dt = projected.scalar_type();
+  const int64_t steps = projected.size(0), batch = projected.size(1);
   const int64_t hidden = projected.size(2) / 3;
+  expect(op, "projected", projected, dt, {steps, batch, 3 * hidden});
+  expect(op, "w_hh", w_hh, dt, {3 * hidden, hidden}, 0, false);
+  expect(op, "b_hh", b_hh, dt, {3 * hidden}, 0, false);
+  expect(op, "mask", mask, dt, {-1, batch, hidden}, steps, false);
+  expect(op, "valid", valid, at::kBool, {steps, batch, 1}, 0, false);
+  expect(op, "zone", zone, dt, {-1, batch, hidden}, steps, false);
+  expect(op, "rec", rec, dt, {steps, batch, 3 * hidden});
+  expect(op, "rz", rz, dt, {steps, batch, 2 * hidden});
+  expect(op, "n", n, dt, {steps, batch, hidden});
+  expect(op, "hs", hs, dt, {steps + 1, batch, hidden});
+  TORCH_CHECK(mask.has_value() == h_in.has_value(),
+              "rnnreg.gru_forward: h_in is needed exactly when there is a mask");
+  expect(op, "h_in", h_in, dt, {steps, batch, hidden});
   const Tensor bias = b_hh ? *b_hh : Tensor();
   for (int64_t t = 0; t < steps; ++t) {
     Tensor h = hs.select(0, t);
@@ -409,8 +511,21 @@ Tensor gru_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& coef,
                     const Tensor& keep_h, const Tensor& w_hh, bool onednn,
                     const OptTensor& mask, bool need_first, Tensor d_rec, Tensor d_hs,
                     Tensor d_hin) {
+  constexpr const char* op = "gru_backward";
+  TORCH_CHECK(d_rec.dim() == 3, "rnnreg.gru_backward: d_rec must be (T, B, 3H)");
+  expect_float(op, d_rec);
+  const auto dt = d_rec.scalar_type();
   const int64_t steps = d_rec.size(0), batch = d_rec.size(1);
   const int64_t hidden = d_rec.size(2) / 3;
+  expect(op, "d_rec", d_rec, dt, {steps, batch, 3 * hidden});
+  expect(op, "d_out", d_out, dt, {steps, batch, hidden}, 0, false);
+  expect(op, "d_h", d_h, dt, {batch, hidden}, 0, false);
+  expect(op, "coef", coef, dt, {steps, batch, 3, hidden}, 0, false);
+  expect(op, "keep_h", keep_h, dt, {-1, batch, hidden}, steps, false);
+  expect(op, "w_hh", w_hh, dt, {3 * hidden, hidden}, 0, false);
+  expect(op, "mask", mask, dt, {-1, batch, hidden}, steps, false);
+  expect(op, "d_hs", d_hs, dt, {steps, batch, hidden});
+  expect(op, "d_hin", d_hin, dt, {steps, batch, hidden});
   Tensor split = d_rec.view({steps, batch, 3, hidden});
   Tensor last = d_hs.select(0, steps - 1);
   at::add_out(last, d_out.select(0, steps - 1), d_h);
@@ -426,7 +541,7 @@ Tensor gru_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& coef,
     product_backward(d_row, d_rec.select(0, t), w_hh, onednn);
     prev = previous(d_out, d_hin, mask, t, dh, std::nullopt,
                     t > 0 ? OptTensor(d_hs.select(0, t - 1)) : std::nullopt);
-    prev.addcmul_(dh, keep_h.select(0, t));
+    prev.addcmul_(dh, keep_h.select(0, keep_h.size(0) > 1 ? t : 0));
   }
   return prev;
 }
@@ -437,7 +552,24 @@ void elman_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor&
                    const OptTensor& mask, const OptTensor& valid, bool relu,
                    const OptTensor& zone, const OptTensor& candidates, Tensor hs,
                    const OptTensor& h_in) {
-  const int64_t steps = projected.size(0);
+  constexpr const char* op = "elman_forward";
+  TORCH_CHECK(projected.dim() == 3, "rnnreg.elman_forward: projected must be (T, B, H)");
+  expect_float(op, projected);
+  const auto dt = projected.scalar_type();
+  const int64_t steps = projected.size(0), batch = projected.size(1);
+  const int64_t hidden = projected.size(2);
+  expect(op, "projected", projected, dt, {steps, batch, hidden}, 0, false);
+  expect(op, "w_hh", w_hh, dt, {hidden, hidden}, 0, false);
+  expect(op, "mask", mask, dt, {-1, batch, hidden}, steps, false);
+  expect(op, "valid", valid, at::kBool, {steps, batch, 1}, 0, false);
+  expect(op, "zone", zone, dt, {-1, batch, hidden}, steps, false);
+  TORCH_CHECK(zone.has_value() == candidates.has_value(),
+              "rnnreg.elman_forward: candidates are needed exactly with zoneout");
+  expect(op, "candidates", candidates, dt, {steps, batch, hidden});
+  expect(op, "hs", hs, dt, {steps + 1, batch, hidden});
+  TORCH_CHECK(mask.has_value() == h_in.has_value(),
+              "rnnreg.elman_forward: h_in is needed exactly when there is a mask");
+  expect(op, "h_in", h_in, dt, {steps, batch, hidden});
   for (int64_t t = 0; t < steps; ++t) {
     Tensor h = hs.select(0, t);
     Tensor x = masked_state(h, mask, h_in, t);
@@ -462,7 +594,26 @@ Tensor elman_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& slop
                       const Tensor& w_hh, bool onednn, const OptTensor& mask,
                       const OptTensor& passthrough, bool need_first, Tensor d_pre,
                       Tensor d_hin) {
-  const int64_t steps = d_pre.size(0);
+  constexpr const char* op = "elman_backward";
+  TORCH_CHECK(d_pre.dim() == 3, "rnnreg.elman_backward: d_pre must be (T, B, H)");
+  expect_float(op, d_pre);
+  const auto dt = d_pre.scalar_type();
+  const int64_t steps = d_pre.size(0), batch = d_pre.size(1), hidden = d_pre.size(2);
+  expect(op, "d_pre", d_pre, dt, {steps, batch, hidden});
+  expect(op, "d_out", d_out, dt, {steps, batch, hidden}, 0, false);
+  expect(op, "d_h", d_h, dt, {batch, hidden}, 0, false);
+  expect(op, "slope", slope, dt, {steps, batch, hidden}, 0, false);
+  expect(op, "w_hh", w_hh, dt, {hidden, hidden}, 0, false);
+  expect(op, "mask", mask, dt, {-1, batch, hidden}, steps, false);
+  if (passthrough) {  // (T, B, 1) past the sequences' ends, (T, B, H) with zoneout
+    TORCH_CHECK(passthrough->dim() == 3 && passthrough->size(0) == steps &&
+                    passthrough->size(1) == batch &&
+                    (passthrough->size(2) == 1 || passthrough->size(2) == hidden) &&
+                    passthrough->scalar_type() == dt,
+                "rnnreg.elman_backward: passthrough must be (T, B, 1) or (T, B, H) of ", dt,
+                ", got ", passthrough->sizes(), " of ", passthrough->scalar_type());
+  }
+  expect(op, "d_hin", d_hin, dt, {steps, batch, hidden});
   Tensor dh = d_out.select(0, steps - 1) + d_h;
   for (int64_t t = steps - 1; t >= 0; --t) {
     Tensor d_step = d_pre.select(0, t);
@@ -479,11 +630,41 @@ Tensor elman_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& slop
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lstm_forward", &lstm_forward);
-  m.def("lstm_backward", &lstm_backward);
-  m.def("gru_forward", &gru_forward);
-  m.def("gru_backward", &gru_backward);
-  m.def("elman_forward", &elman_forward);
-  m.def("elman_backward", &elman_backward);
+// Schemas: argument names are the Python twins' (loops.py), buffers the loops fill are marked
+// mutable (a!), and the backward loops return fresh tensors (undefined when need_first is
+// false, which the caller then ignores). ``packed`` is oneDNN's blocked W_hh or None.
+TORCH_LIBRARY(rnnreg, m) {
+  m.def("lstm_forward(Tensor projected, Tensor w_hh, Tensor? packed, Tensor? mask, "
+        "Tensor? valid, Tensor? zone_h, Tensor? zone_c, Tensor(a!) acts, Tensor(b!) cs, "
+        "Tensor(c!) tanh_c, Tensor(d!) hs, Tensor(e!)? h_in) -> ()");
+  m.def("lstm_backward(Tensor d_out, Tensor d_h, Tensor d_c, Tensor acts, Tensor cs, "
+        "Tensor tanh_c, Tensor? valid, Tensor w_hh, bool onednn, Tensor? mask, "
+        "Tensor? passthrough, Tensor? zone_h, Tensor? zone_c, bool need_first, "
+        "Tensor(a!) d_gates, Tensor(b!) d_hin) -> (Tensor, Tensor)");
+  m.def("gru_forward(Tensor projected, Tensor w_hh, Tensor? b_hh, Tensor? packed, "
+        "Tensor? mask, Tensor? valid, Tensor? zone, Tensor(a!) rec, Tensor(b!) rz, "
+        "Tensor(c!) n, Tensor(d!) hs, Tensor(e!)? h_in) -> ()");
+  m.def("gru_backward(Tensor d_out, Tensor d_h, Tensor coef, Tensor keep_h, Tensor w_hh, "
+        "bool onednn, Tensor? mask, bool need_first, Tensor(a!) d_rec, Tensor(b!) d_hs, "
+        "Tensor(c!) d_hin) -> Tensor");
+  m.def("elman_forward(Tensor projected, Tensor w_hh, Tensor? packed, Tensor? mask, "
+        "Tensor? valid, bool relu, Tensor? zone, Tensor(a!)? candidates, Tensor(b!) hs, "
+        "Tensor(c!)? h_in) -> ()");
+  m.def("elman_backward(Tensor d_out, Tensor d_h, Tensor slope, Tensor w_hh, bool onednn, "
+        "Tensor? mask, Tensor? passthrough, bool need_first, Tensor(a!) d_pre, "
+        "Tensor(b!) d_hin) -> Tensor");
 }
+
+void register_kernels(torch::Library& m) {
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+  m.impl("elman_forward", &elman_forward);
+  m.impl("elman_backward", &elman_backward);
+}
+
+TORCH_LIBRARY_IMPL(rnnreg, CPU, m) { register_kernels(m); }
+
+// oneDNN's packed W_hh is an MkldnnCPU tensor, which sends the whole call to that key.
+TORCH_LIBRARY_IMPL(rnnreg, MkldnnCPU, m) { register_kernels(m); }

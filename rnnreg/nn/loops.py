@@ -10,13 +10,22 @@ extension builder on first use and cached) and here in Python, which runs on GPU
 C++ build is unavailable (no compiler), or when the environment sets ``RNNREG_NATIVE=0``. The
 tests run both and compare each with independent references.
 
+The C++ loops are operators ``torch.ops.rnnreg.*`` with schemas whose argument names are the
+Python twins' parameter names; they are called by keyword and check their inputs. On first
+use they are compared with the Python twins on tiny inputs (:func:`compiled`); any build,
+schema or result mismatch leaves the Python loops, with a warning, rather than failing (or
+computing wrong gradients) later in training. oneDNN's private linear ops get the same check
+(:func:`onednn_pays`).
+
 The recurrent products go to oneDNN where that pays (:func:`onednn_pays`), as torch's fused
 CPU LSTM does; otherwise to ``torch.addmm``/``torch.mm``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
 import sys
 import types
@@ -38,8 +47,14 @@ _NAME = "rnnreg_loops"
 ONEDNN_MIN_HIDDEN = {"step": 256, "rows": 512}
 
 
+# The engine a self-test is checking, whatever the device (see _running); None otherwise.
+_forced = None
+
+
 def engine(tensor):
     """The loops for ``tensor``'s device: the compiled ones on CPU when they build, else Python."""
+    if _forced is not None:
+        return _forced
     if tensor.device.type == "cpu":
         native = compiled()
         if native is not None:
@@ -49,10 +64,13 @@ def engine(tensor):
 
 @functools.cache
 def compiled():
-    """The C++ loops, built once per machine (under a minute here) and cached by torch.
+    """The C++ loops, built once per machine (under a minute here) and cached by torch, as an
+    engine calling the ops ``torch.ops.rnnreg.*`` by keyword.
 
-    None when ``RNNREG_NATIVE=0`` or when the build fails (no C++ compiler, no headers): then
-    the Python loops run, with the same results, slower on CPU.
+    None when ``RNNREG_NATIVE=0``, when the build fails (no C++ compiler, no headers), or when
+    the ops do not match their Python twins on a first tiny run (a schema that changed, a
+    oneDNN op the C++ calls that changed): then the Python loops run, with the same results,
+    slower on CPU.
     """
     if os.environ.get("RNNREG_NATIVE", "1") == "0":
         return None
@@ -62,12 +80,97 @@ def compiled():
         print("rnnreg: compiling its C++ recurrence loops (once per machine, under a minute)",
               file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"])
+        # Loads the library into the process, which registers the ops (once: loading the same
+        # file again is a no-op).
+        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+        native = _native_engine()
     except Exception as error:  # any build failure leaves the Python loops, which always work
         warnings.warn(f"rnnreg could not compile its C++ loops, so its own recurrence runs "
                       f"the slower Python loops ({type(error).__name__}: {error}). Set "
                       "RNNREG_NATIVE=0 to skip the attempt.", RuntimeWarning, stacklevel=2)
         return None
+    try:
+        # First use may come inside an autograd Function's forward, under no_grad or
+        # inference_mode, or under autocast: the check needs plain float32 autograd.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            _self_test(native)
+    except Exception as error:  # a schema, dispatch or numerical mismatch
+        warnings.warn(f"rnnreg's C++ loops failed their first-use check against the Python "
+                      f"loops, so its own recurrence runs the Python loops "
+                      f"({type(error).__name__}: {error})", RuntimeWarning, stacklevel=2)
+        return None
+    return native
+
+
+def _native_engine():
+    """The ops as an engine with the Python twins' signatures, each called by keyword."""
+    return types.SimpleNamespace(**{name: _by_keyword(getattr(PYTHON, name), name)
+                                    for name in vars(PYTHON)})
+
+
+def _by_keyword(twin, name):
+    op = getattr(torch.ops.rnnreg, name)
+    names = tuple(inspect.signature(twin).parameters)
+
+    def call(*args):
+        arguments = dict(zip(names, args, strict=True))
+        result = op(**arguments)
+        if arguments.get("need_first") is False:  # the twins return None(s) there
+            return (None, None) if isinstance(result, tuple | list) else None
+        return result
+
+    call.__name__ = name
+    return call
+
+
+@contextlib.contextmanager
+def _running(native, onednn):
+    """Make every recurrence run ``native``, and oneDNN at any width if ``onednn``."""
+    global _forced, ONEDNN_MIN_HIDDEN
+    saved = _forced, ONEDNN_MIN_HIDDEN
+    _forced = native
+    if onednn:
+        ONEDNN_MIN_HIDDEN = {"step": 1, "rows": 1}
+    try:
+        yield
+    finally:
+        _forced, ONEDNN_MIN_HIDDEN = saved
+
+
+def _self_test(native):
+    """Run every loop of ``native`` and of the Python twins on tiny inputs (masks, lengths,
+    zoneout; with oneDNN's products where they work) and raise if any result differs."""
+    from rnnreg.nn.recurrence import recurrence  # it imports this module
+
+    gen = torch.Generator().manual_seed(0)
+    steps, batch, features, hidden = 3, 2, 2, 3
+    lengths = torch.tensor([3, 1])
+    for mode, gates in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1), ("RNN_RELU", 1)):
+        weights = [torch.randn(shape, generator=gen) * 0.5 for shape in (
+            (gates * hidden, features), (gates * hidden, hidden), (gates * hidden,),
+            (gates * hidden,))]
+        mask = (torch.rand(steps, batch, hidden, generator=gen) > 0.3).float() / 0.7
+        zone = (torch.rand(1, batch, hidden, generator=gen) > 0.5).float()
+        zoneout = (zone, zone.flip(2) if mode == "LSTM" else None)
+        for case_mask, case_lengths, case_zone in ((None, None, None), (mask, lengths, None),
+                                                   (mask, lengths, zoneout)):
+            x = torch.randn(steps, batch, features, generator=gen)
+            state = [torch.randn(batch, hidden, generator=gen)
+                     for _ in range(2 if mode == "LSTM" else 1)]
+            for onednn in (False, True) if _onednn_works() else (False,):
+                results = []
+                for candidate in (native, PYTHON):
+                    with _running(candidate, onednn):
+                        leaves = [t.clone().requires_grad_() for t in (x, *state, *weights)]
+                        out, final = recurrence(mode, leaves[0], leaves[1:1 + len(state)],
+                                                *leaves[1 + len(state):], case_mask,
+                                                case_lengths, case_zone)
+                        loss = out.sum() + sum((s * s).sum() for s in final)
+                        results.append([out, *final, *torch.autograd.grad(loss, leaves)])
+                for ours, twin in zip(*results):
+                    if not torch.allclose(ours, twin, rtol=1e-4, atol=1e-5):
+                        raise RuntimeError(f"{mode} loops differ from the Python twin "
+                                           f"(oneDNN {'on' if onednn else 'off'})")
 
 
 def _already_built(cpp_extension):
@@ -89,7 +192,33 @@ def onednn_pays(tensor, hidden, products):
     return (tensor.device.type == "cpu" and tensor.dtype == torch.float32
             and hidden >= ONEDNN_MIN_HIDDEN[products]
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and _onednn_works())
+
+
+@functools.cache
+def _onednn_works():
+    """Whether oneDNN's private linear ops exist with the schemas used here and compute
+    ``X W^T (+ b, + other)``: checked once on tiny inputs, since a torch release may change
+    them; if not, the products stay on torch.mm with a warning."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b, other = (torch.randn(shape, generator=gen) for shape in ((2, 3), (4, 3), (4,),
+                                                                          (2, 4)))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+        plain = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        added = torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, None, "add")
+        ok = (torch.allclose(plain, torch.addmm(b, x, w.t()), atol=1e-5)
+              and torch.allclose(added, torch.addmm(other, x, w.t()), atol=1e-5)
+              and torch.allclose(onednn_mm(x, w.t()), x @ w.t(), atol=1e-5))
+    except Exception as error:  # a missing or changed private op
+        warnings.warn(f"rnnreg does not use oneDNN's linear ops on this torch "
+                      f"({type(error).__name__}: {error}); its products run on torch.mm",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    if not ok:
+        warnings.warn("rnnreg does not use oneDNN's linear ops on this torch: they differ from "
+                      "torch.mm on a test product", RuntimeWarning, stacklevel=3)
+    return ok
 
 
 def packed_weight(w_hh, batch):

@@ -71,7 +71,7 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths, zoneout=No
     state = tuple(s.to(dtype) for s in state)
     w_hh = w_hh.to(dtype)
     b_hh = None if b_hh is None else b_hh.to(dtype)
-    mask = None if mask is None else mask.to(dtype)
+    mask = None if mask is None else mask.to(dtype).contiguous()  # the loops read it raw
     if mode not in _MODES:
         raise ValueError(f"unknown mode {mode!r}; choose LSTM, GRU, RNN_TANH or RNN_RELU")
     zone_h, zone_c = _zone_factors(mode, zoneout, valid, state[0], dtype)
@@ -164,7 +164,7 @@ class _LSTM(torch.autograd.Function):
         acts, cs, tanh_c, hs, h_in, w_hh, mask, valid, zone_h, zone_c = ctx.saved_tensors
         steps, batch, gates = acts.shape
         hidden = gates // 4
-        d_out, passthrough = _freeze(d_out, valid)
+        d_out, passthrough = _freeze(d_out.contiguous(), valid)
         if zone_h is not None:  # the frozen steps are zoneout factors of 1
             valid = passthrough = None
         d_gates = acts.new_empty(steps, batch, gates)
