@@ -369,3 +369,40 @@ def test_stack_evaluates_at_the_expectation_like_the_uniform_layer():
     assert not torch.allclose(out, plain)
     masks = stack.sample_masks(T, B)
     assert len(masks.zoneout) == 2 and masks.zoneout[0][1].shape == (T, 1, B, H)
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_torch_compile_traces_the_loops_in_one_graph(cell):
+    """With the ops' fake kernels torch.compile traces the own recurrence, forward and the
+    hand-written backward, without a graph break (fullgraph=True raises on one), and computes
+    what eager mode does. Dynamo refuses torch.nn.LSTM subclasses unless allow_rnn is set.
+    Explicit masks and eval-mode zoneout keep both runs deterministic."""
+    if loops.compiled() is None:
+        pytest.skip("the C++ loops are off (RNNREG_NATIVE=0) or could not be built")
+    module = build(cell, dtype=torch.float32, recurrent_dropout=0.3, **zoneout_rates(cell))
+    x = torch.randn(T, B, F_IN, requires_grad=True)
+    masks = module.sample_masks(T, B)
+
+    def run(fn):
+        results = []
+        for train in (True, False):
+            module.train(train)
+            out, state = fn(x)
+            loss = out.sum() + (state[0] if cell == "LSTM" else state).pow(2).sum()
+            results += [out, *torch.autograd.grad(loss, [x, *module.parameters()])]
+        return results
+
+    def forward(x):
+        if module.training:
+            return module.forward_with_masks(x, None, masks)
+        return module(x)
+
+    with torch._dynamo.config.patch(allow_rnn=True):
+        torch._dynamo.reset()
+        compiled = run(torch.compile(forward, backend="aot_eager", fullgraph=True))
+    for a, b in zip(compiled, run(forward)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -390,7 +390,7 @@ void previous_state(T* __restrict__ dh, const T* __restrict__ d_out_prev,
   }
 }
 
-// Returns (dL/dh0, dL/dc0), undefined when need_first is false.
+// Returns (dL/dh0, dL/dc0); not yet those when need_first is false.
 std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d_h,
                                          const Tensor& d_c, const Tensor& acts,
                                          const Tensor& cs, const Tensor& tanh_c,
@@ -455,10 +455,7 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                      mask_row<scalar_t>(zone_h, t, rows), batch, hidden);
     }
   });
-  if (!need_first) {
-    return {Tensor(), Tensor()};
-  }
-  return {dh, dc};
+  return {dh, dc};  // not yet dL/dh0, dL/dc0 when need_first is false: the caller ignores them
 }
 
 void gru_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& b_hh,
@@ -506,7 +503,7 @@ void gru_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& b
   }
 }
 
-// Returns dL/dh0 (undefined when need_first is false); fills d_rec and d_hs, d_hin.
+// Returns dL/dh0 (a tensor to ignore when need_first is false); fills d_rec and d_hs, d_hin.
 Tensor gru_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& coef,
                     const Tensor& keep_h, const Tensor& w_hh, bool onednn,
                     const OptTensor& mask, bool need_first, Tensor d_rec, Tensor d_hs,
@@ -535,7 +532,7 @@ Tensor gru_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& coef,
     Tensor d_step = split.select(0, t);
     at::mul_out(d_step, dh.unsqueeze(1), coef.select(0, t));
     if (t == 0 && !need_first) {
-      return Tensor();
+      return at::empty_like(d_h);  // ignored by the caller
     }
     Tensor d_row = d_hin.select(0, t);
     product_backward(d_row, d_rec.select(0, t), w_hh, onednn);
@@ -589,7 +586,7 @@ void elman_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor&
   }
 }
 
-// Returns dL/dh0 (undefined when need_first is false); fills d_pre and d_hin.
+// Returns dL/dh0 (a tensor to ignore when need_first is false); fills d_pre and d_hin.
 Tensor elman_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& slope,
                       const Tensor& w_hh, bool onednn, const OptTensor& mask,
                       const OptTensor& passthrough, bool need_first, Tensor d_pre,
@@ -619,7 +616,7 @@ Tensor elman_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& slop
     Tensor d_step = d_pre.select(0, t);
     at::mul_out(d_step, dh, slope.select(0, t));
     if (t == 0 && !need_first) {
-      return Tensor();
+      return dh;  // not yet dL/dh0: ignored by the caller
     }
     Tensor d_row = d_hin.select(0, t);
     product_backward(d_row, d_step, w_hh, onednn);
@@ -631,8 +628,8 @@ Tensor elman_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& slop
 }  // namespace
 
 // Schemas: argument names are the Python twins' (loops.py), buffers the loops fill are marked
-// mutable (a!), and the backward loops return fresh tensors (undefined when need_first is
-// false, which the caller then ignores). ``packed`` is oneDNN's blocked W_hh or None.
+// mutable (a!), and the backward loops return fresh (B, H) tensors: dL/dh0 (and dL/dc0), or,
+// when need_first is false, ones the caller ignores. ``packed`` is oneDNN's blocked W_hh or None.
 TORCH_LIBRARY(rnnreg, m) {
   m.def("lstm_forward(Tensor projected, Tensor w_hh, Tensor? packed, Tensor? mask, "
         "Tensor? valid, Tensor? zone_h, Tensor? zone_c, Tensor(a!) acts, Tensor(b!) cs, "

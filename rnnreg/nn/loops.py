@@ -56,7 +56,7 @@ def engine(tensor):
     if _forced is not None:
         return _forced
     if tensor.device.type == "cpu":
-        native = compiled()
+        native = _resolved[-1] if torch.compiler.is_compiling() and _resolved else compiled()
         if native is not None:
             return native
     return PYTHON
@@ -72,6 +72,17 @@ def compiled():
     oneDNN op the C++ calls that changed): then the Python loops run, with the same results,
     slower on CPU.
     """
+    native = _build_and_check()
+    _resolved[:] = [native]
+    return native
+
+
+# The last answer of compiled(), for engine() while torch.compile traces: the build and the
+# check must not be traced into the graph (dynamo would trace through functools.cache).
+_resolved: list = []
+
+
+def _build_and_check():
     if os.environ.get("RNNREG_NATIVE", "1") == "0":
         return None
     from torch.utils import cpp_extension
@@ -83,6 +94,7 @@ def compiled():
         # Loads the library into the process, which registers the ops (once: loading the same
         # file again is a no-op).
         cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+        _register_fakes()
         native = _native_engine()
     except Exception as error:  # any build failure leaves the Python loops, which always work
         warnings.warn(f"rnnreg could not compile its C++ loops, so its own recurrence runs "
@@ -100,6 +112,27 @@ def compiled():
                       f"({type(error).__name__}: {error})", RuntimeWarning, stacklevel=2)
         return None
     return native
+
+
+@functools.cache
+def _register_fakes():
+    """Fake (meta) kernels, so that torch.compile can trace the ops without running them: the
+    forward loops only fill their buffers, the backward loops return fresh ``(B, H)``s."""
+    def fills_buffers(*args, **kwargs):
+        return None
+
+    for name in ("lstm_forward", "gru_forward", "elman_forward"):
+        torch.library.register_fake(f"rnnreg::{name}", fills_buffers)
+
+    @torch.library.register_fake("rnnreg::lstm_backward")
+    def _(d_out, d_h, d_c, *args):
+        return torch.empty_like(d_h, memory_format=torch.contiguous_format), torch.empty_like(
+            d_c, memory_format=torch.contiguous_format)
+
+    for name in ("gru_backward", "elman_backward"):
+        torch.library.register_fake(
+            f"rnnreg::{name}",
+            lambda d_out, d_h, *args: torch.empty_like(d_h, memory_format=torch.contiguous_format))
 
 
 def _native_engine():
@@ -191,6 +224,8 @@ def onednn_pays(tensor, hidden, products):
     wide enough."""
     return (tensor.device.type == "cpu" and tensor.dtype == torch.float32
             and hidden >= ONEDNN_MIN_HIDDEN[products]
+            # Under torch.compile the products stay on torch.mm, which the compiler knows.
+            and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and _onednn_works())
 

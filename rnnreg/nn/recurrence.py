@@ -229,10 +229,10 @@ class _GRU(torch.autograd.Function):
         a_n = rec[:, :, 2 * hidden:]
         h_prev = hs[:-1]
         to_n = (1 - z) * (1 - n * n)  # dh(t)/d(n's pre-activation)
-        coef = rec.new_empty(steps, batch, 3, hidden)
-        torch.mul(to_n * a_n, r * (1 - r), out=coef[:, :, 0])
-        torch.mul(h_prev - n, z * (1 - z), out=coef[:, :, 1])
-        torch.mul(to_n, r, out=coef[:, :, 2])
+        # Stacked rather than written through out= into strided slices, which torch.compile
+        # cannot trace.
+        coef = torch.stack([to_n * a_n * (r * (1 - r)), (h_prev - n) * (z * (1 - z)),
+                            to_n * r], dim=2)
         d_out, _ = _freeze(d_out, valid)  # z * dh already carries dh through a frozen state
         if zone is None:
             keep_h = loops.stop_at_lengths(valid, coef, to_n, z)
@@ -250,7 +250,7 @@ class _GRU(torch.autograd.Function):
         d_b = d_rec.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[3] else None
         d_mask = _mask_grad(ctx, 4, d_hin, hs, mask)
         # d_rec is no longer needed: reuse it as dp, whose r and z parts are the same.
-        torch.mul(d_hs, to_n, out=d_rec[:, :, 2 * hidden:])
+        d_rec[:, :, 2 * hidden:] = d_hs * to_n
         return d_rec, d_h0, d_w, d_b, d_mask, None, None
 
 
