@@ -115,7 +115,7 @@ def test_training_masks_match_numpy_oracle(cell, variational, bidirectional, pac
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_eval_uses_the_expectation(cell, packed, engine):
-    """In eval mode each factor is the rate itself (Krueger et al. 2017, section 3), and no
+    """In eval mode each factor is the rate itself (Krueger et al. 2017), and no
     dropout acts: the oracle gets the rates as constant factors and no other mask."""
     module = build(cell, num_layers=2, bidirectional=True, recurrent_dropout=0.5,
                    input_dropout=0.5, **zoneout_rates(cell)).eval()

@@ -21,7 +21,7 @@ L+1 times in an L-layer stack (input, L-1 between layers, output), never on h(t-
 Those placements keep torch's fused kernels (cuDNN on GPU). Only ``recurrent_dropout``,
 ``weight_dropout`` and zoneout need a mask *inside* the recurrence; then rnnreg runs its own
 loop, which does all input projections in one matrix product and only the recurrent product and
-gate arithmetic per step. Zoneout (Krueger et al. 2017, section 3) is not dropout: a unit that
+gate arithmetic per step. Zoneout (Krueger et al. 2017) is not dropout: a unit that
 zones out keeps its previous value instead of being zeroed, and evaluation uses the expectation
 (each new state ``z * previous + (1 - z) * new``, z the rate), so it runs the own loop in
 evaluation too.
@@ -162,7 +162,7 @@ class _RegularizedRecurrence:
 
     def _expected_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
         """Evaluation with zoneout: no dropout, and every zoneout factor at its expectation,
-        the rate (Krueger et al. 2017, section 3, as dropout's test-time scaling)."""
+        the rate (Krueger et al. 2017, as dropout's test-time scaling)."""
         shape = (1, self.num_directions, batch_size, self.hidden_size)
 
         def expected(rate):

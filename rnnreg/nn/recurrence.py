@@ -44,7 +44,7 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths, zoneout=No
     its outputs from there on, so the final state is the one at that sequence's end.
 
     ``zoneout`` (None or ``(hidden, cell)``, each None or ``(T|1, B, H)``; ``cell`` only for the
-    LSTM) holds Krueger et al.'s (2017, section 3) keep factors ``d``: each new state is
+    LSTM) holds Krueger et al.'s (2017) keep factors ``d``: each new state is
     ``d * previous + (1 - d) * candidate``, with ``d`` in {0, 1} in training and the rate itself
     (the expectation) in evaluation. ``mask`` acts on h(t-1) inside the product only; zoneout
     mixes in the undropped h(t-1).
@@ -128,7 +128,7 @@ class _LSTM(torch.autograd.Function):
         d o_pre = dh * tanh(c) o (1-o)
         dL/dc(t-1) = dc~ * f,   dL/dh(t-1) = m * (W_hh^T dgates) + dL/dout(t-1)
 
-    With zoneout (Krueger et al. 2017, section 3.1) the step computes the candidate
+    With zoneout (Krueger et al. 2017) the step computes the candidate
     c~ = f * c(t-1) + i * g and h~ = o * tanh(c~) as above, then keeps each unit with factors
     d_c, d_h: c(t) = d_c c(t-1) + (1 - d_c) c~,  h(t) = d_h h(t-1) + (1 - d_h) h~. ``cs`` holds
     the kept states and ``tanh_c`` tanh(c~). The backward runs the equations above with
@@ -198,7 +198,7 @@ class _GRU(torch.autograd.Function):
     elementwise kernels per step; dp's n part is one product over all steps after the loop.
     Past a sequence's length the coefficients are zero and z acts as 1 (the state is copied).
 
-    Zoneout (Krueger et al. 2017, section 3) keeps the new state h~ above only partly:
+    Zoneout (Krueger et al. 2017) keeps the new state h~ above only partly:
     h(t) = d h(t-1) + (1 - d) h~. In the backward that scales every coefficient by (1 - d) and
     carries z (1 - d) + d of dh to h(t-1); a finished sequence is the case d = 1.
     """
@@ -260,7 +260,7 @@ class _Elman(torch.autograd.Function):
     Backward: ``dpre = dh * act'`` (``1 - h^2`` or ``h > 0``, from the saved outputs, as
     torch does), ``dL/dh(t-1) = m * (W_hh^T dpre) + dL/dout(t-1)``.
 
-    Zoneout (Krueger et al. 2017, section 3): h(t) = d h(t-1) + (1 - d) h~ with h~ the step
+    Zoneout (Krueger et al. 2017): h(t) = d h(t-1) + (1 - d) h~ with h~ the step
     above, kept in ``candidates`` for act'; the backward scales the slope by (1 - d) and passes
     d dh straight to h(t-1), as a finished sequence (d = 1) does.
     """
