@@ -501,3 +501,21 @@ def test_first_use_inside_inference_mode_keeps_the_compiled_loops(monkeypatch):
             assert loops.compiled() is not None
     finally:
         loops.compiled.cache_clear()
+
+
+@pytest.mark.parametrize("name", sorted(vars(loops.PYTHON)))
+def test_every_op_refuses_non_float_input(name):
+    """Integer tensors in every tensor argument: one clear error, before any memory is read."""
+    _native()
+    op = getattr(torch.ops.rnnreg, name)
+    arguments = {}
+    for argument in op.default._schema.arguments:
+        kind = str(argument.type)
+        if kind == "bool":
+            arguments[argument.name] = False
+        elif kind == "Tensor":
+            arguments[argument.name] = torch.zeros(2, 2, 2, dtype=torch.int64)
+        else:  # Tensor?
+            arguments[argument.name] = None
+    with pytest.raises(RuntimeError, match=f"rnnreg.{name}: expects floating-point tensors"):
+        op(**arguments)

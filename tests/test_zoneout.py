@@ -406,3 +406,12 @@ def test_torch_compile_traces_the_loops_in_one_graph(cell):
         compiled = run(torch.compile(forward, backend="aot_eager", fullgraph=True))
     for a, b in zip(compiled, run(forward)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_pickled_before_zoneout_still_runs():
+    """A whole-module pickle from before zoneout has no zoneout attributes: it runs as it did."""
+    module = rnnreg.LSTM(F_IN, H, recurrent_dropout=0.2)
+    del module.zoneout_hidden, module.zoneout_cell
+    assert module.sample_masks(T, B).zoneout is None
+    out, _ = module.eval()(torch.randn(T, B, F_IN))
+    assert out.shape == (T, B, H)
