@@ -22,7 +22,12 @@ time):
   the direction *processes* (for the backward direction of a sequence of length n, step k is
   position n-1-k);
 * ``weight``    list, one per layer, ``(D, G*H, H)``;
-* ``output``    ``(T|1, B, D*H)`` multiplies the network output at position t.
+* ``output``    ``(T|1, B, D*H)`` multiplies the network output at position t;
+* ``zoneout``   list, one per layer, of None or a pair ``(hidden, cell)`` of None or
+  ``(T|1, D, B, H)`` factors d, rows indexed like ``recurrent``. Zoneout (Krueger et al. 2017)
+  takes the step above as a candidate (h', c') and keeps d of the previous state:
+  ``c_t = d_c c + (1 - d_c) c'``, ``h_t = d_h h + (1 - d_h) h'``, where h' = sigmoid(o) tanh(c')
+  uses the candidate cell, not the kept one.
 
 Outputs past a sequence's length are zero, and its final state is the one after its last step.
 """
@@ -42,6 +47,7 @@ class Masks(NamedTuple):
     recurrent: tuple | None = None
     weight: tuple | None = None
     output: np.ndarray | None = None
+    zoneout: tuple | None = None
 
 
 class Params(NamedTuple):
@@ -117,6 +123,8 @@ def stacked_forward(mode: str, x: np.ndarray, h0: np.ndarray, c0: np.ndarray | N
             layer_in = np.stack([layer_in[t] * _row(between, t) for t in range(steps)])
         layer_out = np.zeros((steps, batch, dirs * hidden))
         recurrent = None if masks.recurrent is None else masks.recurrent[layer]
+        zone_h, zone_c = (None, None) if masks.zoneout is None or masks.zoneout[layer] is None \
+            else masks.zoneout[layer]
         weight = None if masks.weight is None else masks.weight[layer]
         for d in range(dirs):
             idx = layer * dirs + d
@@ -130,7 +138,14 @@ def stacked_forward(mode: str, x: np.ndarray, h0: np.ndarray, c0: np.ndarray | N
                 for k, pos in enumerate(positions):
                     rec = _row(recurrent, k)
                     rec_mask = None if rec is None else rec[d, b]
-                    h, c = cell(mode, layer_in[pos, b], h, c, p, rec_mask, w_hh)
+                    h_new, c_new = cell(mode, layer_in[pos, b], h, c, p, rec_mask, w_hh)
+                    d_h = _row(zone_h, k)
+                    d_c = _row(zone_c, k)
+                    if d_c is not None:
+                        c_new = d_c[d, b] * c + (1.0 - d_c[d, b]) * c_new
+                    if d_h is not None:
+                        h_new = d_h[d, b] * h + (1.0 - d_h[d, b]) * h_new
+                    h, c = h_new, c_new
                     layer_out[pos, b, d * hidden:(d + 1) * hidden] = h
                 h_n[idx, b] = h
                 if c_n is not None:

@@ -380,3 +380,143 @@ def test_native_off_by_environment(monkeypatch):
         assert loops.engine(torch.empty(1)) is loops.PYTHON
     finally:
         loops.compiled.cache_clear()
+
+
+# --- the compiled loops as registered ops ------------------------------------------------------
+
+
+def _native():
+    native = loops.compiled()
+    if native is None:
+        pytest.skip("the C++ loops are off (RNNREG_NATIVE=0) or could not be built")
+    return native
+
+
+@pytest.mark.parametrize("name", sorted(vars(loops.PYTHON)))
+def test_ops_have_schemas_named_like_the_python_twins(name):
+    """Each loop is torch.ops.rnnreg.NAME, whose schema names its arguments exactly as the
+    Python twin does: the engine calls it by keyword."""
+    import inspect
+
+    _native()
+    schema = getattr(torch.ops.rnnreg, name).default._schema
+    assert [a.name for a in schema.arguments] == list(
+        inspect.signature(getattr(loops.PYTHON, name)).parameters)
+
+
+def _lstm_forward_args(**changes):
+    steps, batch, hidden = 3, 2, 4
+    args = dict(projected=torch.randn(steps, batch, 4 * hidden), w_hh=torch.randn(4 * hidden,
+                                                                                   hidden),
+                packed=None, mask=None, valid=None, zone_h=None, zone_c=None,
+                acts=torch.empty(steps, batch, 4 * hidden), cs=torch.zeros(steps + 1, batch,
+                                                                           hidden),
+                tanh_c=torch.empty(steps, batch, hidden),
+                hs=torch.zeros(steps + 1, batch, hidden), h_in=None)
+    return args | changes
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(w_hh=torch.randn(16, 4, dtype=torch.float64)), "w_hh must have dtype Float"),
+    (dict(acts=torch.empty(3, 16, 2).transpose(1, 2)), "acts must be contiguous"),
+    (dict(mask=torch.ones(2, 2, 4), h_in=torch.empty(3, 2, 4)), "mask has shape"),
+    (dict(mask=torch.ones(1, 2, 4)), "h_in is needed exactly when there is a mask"),
+    (dict(valid=torch.ones(3, 2, 1)), "valid must have dtype Bool"),
+    (dict(hs=torch.zeros(3, 2, 4)), "hs has shape"),
+])
+def test_ops_check_their_inputs(changes, message):
+    _native()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.rnnreg.lstm_forward(**_lstm_forward_args(**changes))
+    torch.ops.rnnreg.lstm_forward(**_lstm_forward_args())  # the unchanged call runs
+
+
+def _first_use(monkeypatch, engine_factory):
+    """compiled() from scratch with ``engine_factory`` in place of the real ops' engine."""
+    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
+    monkeypatch.setattr(loops, "_native_engine", engine_factory)
+    loops.compiled.cache_clear()
+
+
+@pytest.mark.parametrize("fault", ["wrong_result", "schema"])
+def test_first_use_check_falls_back_to_python(monkeypatch, fault):
+    """Ops that disagree with their twins, or whose schema changed under the caller, leave
+    the Python loops with a warning instead of wrong gradients or a failure in training."""
+    _native()
+    real = loops._native_engine
+
+    def faulty():
+        native = real()
+        if fault == "wrong_result":
+            forward = native.gru_forward
+
+            def gru_forward(*args):
+                forward(*args)
+                args[-2].add_(1e-3)  # hs, slightly off
+
+            native.gru_forward = gru_forward
+        else:
+            def lstm_forward(*args):
+                torch.ops.rnnreg.lstm_forward(*args[:-1], hidden_in=args[-1])
+
+            native.lstm_forward = lstm_forward
+        return native
+
+    _first_use(monkeypatch, faulty)
+    try:
+        with pytest.warns(RuntimeWarning, match="first-use check"):
+            assert loops.compiled() is None
+        assert loops.engine(torch.empty(1)) is loops.PYTHON
+    finally:
+        loops.compiled.cache_clear()
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN linear")
+def test_changed_onednn_op_turns_onednn_off(monkeypatch):
+    """A torch release that changes oneDNN's private linear op: the products go back to
+    torch.mm, with a warning, and the results stay right."""
+    def changed(*args, **kwargs):
+        raise RuntimeError("_linear_pointwise() expected at most 5 arguments")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", changed)
+    loops._onednn_works.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="oneDNN"):
+            assert not loops.onednn_pays(torch.empty(1), 10**6, "step")
+        inputs = make_inputs("LSTM", 3, 2, 2, 300, dtype=torch.float32, mask_kind="fresh")
+        ours, _ = run_and_grad(recurrence, "LSTM", inputs, None)
+        ref, _ = run_and_grad(reference, "LSTM", inputs, None)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        loops._onednn_works.cache_clear()
+
+
+def test_first_use_inside_inference_mode_keeps_the_compiled_loops(monkeypatch):
+    """The first call may come from an evaluation under inference_mode (or from inside an
+    autograd Function's forward): the check still runs, and passes."""
+    _native()
+    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
+    loops.compiled.cache_clear()
+    try:
+        with torch.inference_mode():
+            assert loops.compiled() is not None
+    finally:
+        loops.compiled.cache_clear()
+
+
+@pytest.mark.parametrize("name", sorted(vars(loops.PYTHON)))
+def test_every_op_refuses_non_float_input(name):
+    """Integer tensors in every tensor argument: one clear error, before any memory is read."""
+    _native()
+    op = getattr(torch.ops.rnnreg, name)
+    arguments = {}
+    for argument in op.default._schema.arguments:
+        kind = str(argument.type)
+        if kind == "bool":
+            arguments[argument.name] = False
+        elif kind == "Tensor":
+            arguments[argument.name] = torch.zeros(2, 2, 2, dtype=torch.int64)
+        else:  # Tensor?
+            arguments[argument.name] = None
+    with pytest.raises(RuntimeError, match=f"rnnreg.{name}: expects floating-point tensors"):
+        op(**arguments)

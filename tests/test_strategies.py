@@ -30,9 +30,30 @@ BATCH_MASKS = {"variational_batch"}  # every other strategy keeps Gal's per-sequ
 
 
 def test_strategy_names():
-    assert set(rnnreg.STRATEGIES) == set(EXPECTED)
+    assert set(rnnreg.STRATEGIES) == set(EXPECTED) | {"zoneout"}
     for name, entry in rnnreg.STRATEGIES.items():
         assert entry.name == name and entry.description
+
+
+def test_zoneout_strategy_is_krueger_word_level_ptb_at_one_half():
+    """Krueger et al. 2017, word-level PTB: zoneout 0.5 on the cells, 0.05 on the hidden
+    states, no dropout; other rates keep that 10:1 ratio."""
+    settings_ = rnnreg.strategy("zoneout", 0.5)
+    assert settings_ == dict(input_dropout=0.0, dropout=0.0, output_dropout=0.0,
+                             recurrent_dropout=0.0, weight_dropout=0.0, variational=False,
+                             recurrent_mask="sequence", zoneout_cell=0.5, zoneout_hidden=0.05)
+    assert rnnreg.strategy("zoneout", 0.2)["zoneout_hidden"] == pytest.approx(0.02)
+    module = rnnreg.LSTM(3, 4, **settings_)
+    assert (module.zoneout_cell, module.zoneout_hidden) == (0.5, 0.05)
+
+
+def test_zoneout_overrides_on_any_strategy():
+    got = rnnreg.strategy("variational", 0.3, zoneout_hidden=0.1)
+    assert got["zoneout_hidden"] == 0.1 and "zoneout_cell" not in got
+    with pytest.raises(ValueError, match="zoneout_cell"):
+        rnnreg.strategy("zoneout", 1.0)  # a zoneout rate of 1 would never update a unit
+    with pytest.raises(ValueError, match="zoneout_hidden"):
+        rnnreg.strategy("none", 0.5, zoneout_hidden=1.0)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rnnreg.nn.functional import check_probability
+from rnnreg.nn.functional import check_probability, check_zoneout
 from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
 
 __all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "Config"]
@@ -53,6 +53,10 @@ class Config:
     # "sequence" (Gal: one recurrent mask per row) or "batch" (one per call, fused kernel);
     # None = the strategy's. Needs a variational strategy when "batch".
     recurrent_mask: str | None = None
+    # Zoneout rates (Krueger et al. 2017), probabilities below 1; None = follow the strategy
+    # (``zoneout``: cell p, hidden p/10). zoneout_cell exists only for the LSTM.
+    zoneout_hidden: float | None = None
+    zoneout_cell: float | None = None
     embedding_dropout: float = 0.0  # whole-word dropout (Gal & Ghahramani 2016, section 5)
     activation_reg: float = 0.0     # AR, alpha in Merity et al. 2018 eq. 3 (AWD uses 2)
     temporal_activation_reg: float = 0.0  # TAR, beta in Merity et al. 2018 eq. 4 (AWD uses 1)
@@ -103,6 +107,12 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 check_probability(name, value)
+        for name in ("zoneout_hidden", "zoneout_cell"):
+            if getattr(self, name) is not None:
+                check_zoneout(name, getattr(self, name))
+        if self.cell != "lstm" and self.zoneout_cell:
+            raise ValueError(f"zoneout_cell needs a cell state: only the lstm has one, not "
+                             f"the {self.cell}; use zoneout_hidden")
         for name in ("lr", "clip_norm", "init_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -111,6 +121,7 @@ class Config:
                      "train_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.layer_dropout()  # the strategy at its rate, with the overrides: one clear error
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
             last = "" if self.layer_sizes is None else ", the last of layer_sizes"
             raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
@@ -157,7 +168,11 @@ class Config:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
     def layer_dropout(self) -> dict[str, float | bool | str]:
-        """Keyword settings for the recurrent layer: the strategy at rate p, then overrides."""
+        """Keyword settings for the recurrent layer: the strategy at rate p, then overrides.
+
+        A GRU or Elman RNN has no cell state, so the strategy's cell zoneout rate is left out
+        for them (an explicit ``zoneout_cell`` is refused when the config is built).
+        """
         overrides = {
             keyword: value
             for keyword, value in (("input_dropout", self.input_dropout),
@@ -165,10 +180,15 @@ class Config:
                                    ("output_dropout", self.output_dropout),
                                    ("recurrent_dropout", self.recurrent_dropout),
                                    ("weight_dropout", self.weight_dropout),
-                                   ("recurrent_mask", self.recurrent_mask))
+                                   ("recurrent_mask", self.recurrent_mask),
+                                   ("zoneout_hidden", self.zoneout_hidden),
+                                   ("zoneout_cell", self.zoneout_cell))
             if value is not None
         }
-        return strategy(self.strategy, self.dropout, **overrides)
+        settings = strategy(self.strategy, self.dropout, **overrides)
+        if self.cell != "lstm":
+            settings.pop("zoneout_cell", None)
+        return settings
 
     def lr_at(self, epoch: int, done: float = 0.0) -> float:
         """Learning rate of a step in 1-based ``epoch`` when the fraction ``done`` is behind.

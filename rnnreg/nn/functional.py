@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "check_probability",
+    "check_zoneout",
     "dropout",
     "dropout_mask",
     "embedding_dropout",
@@ -35,6 +36,16 @@ def check_probability(name: str, p: float) -> float:
     if math.isnan(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
     return float(p)
+
+
+def check_zoneout(name: str, p: float) -> float:
+    """A zoneout rate: a probability below 1, since at 1 a unit would never take a new value
+    (Krueger et al. 2017: the state would stay at its initial value forever)."""
+    p = check_probability(name, p)
+    if p == 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got 1.0: every unit would "
+                         "keep its initial value forever")
+    return p
 
 
 def dropout_mask(

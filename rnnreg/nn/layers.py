@@ -13,6 +13,8 @@ option                 where the mask acts                                      
 ``weight_dropout``     DropConnect on the hidden-to-hidden weights, one mask per call  AWD
 ``variational``        one mask per sequence, reused at every step, for every placement Gal
 ``recurrent_mask``     ``"sequence"`` (Gal: one per row) or ``"batch"`` (one per call)
+``zoneout_hidden``     each unit of h keeps its previous value with this probability   Krueger
+``zoneout_cell``       the same for the LSTM's cell state c                            Krueger
 =====================  ==============================================================  ========
 
 Zaremba et al. (2014, section 3.1, Figure 2) apply dropout only to non-recurrent connections:
@@ -20,9 +22,9 @@ L+1 times in an L-layer stack (input, L-1 between layers, output), never on h(t-
 Those placements keep torch's fused kernels (cuDNN on GPU). A mask that is the same for every
 row and step of a call is a weight for that call: weight drop runs the fused kernel with
 ``weight_hh * mask``, and so does a batch-shared recurrent mask. Only a mask that differs from
-row to row on h(t-1) needs rnnreg's own loop, which does all input projections in one matrix
-product and only the recurrent product and gate arithmetic per step. :func:`engine_for` is
-where that is decided, and its table says which setting runs where.
+row to row on h(t-1), and zoneout, need rnnreg's own loop, which does all input projections in
+one matrix product and only the recurrent product and gate arithmetic per step.
+:func:`engine_for` is where that is decided, and its table says which setting runs where.
 
 Per-row against batch-shared recurrent masks. Gal & Ghahramani (2016, section 3) draw the mask on
 h(t-1) once per sequence: each row of a batch runs the recurrence with its own thinned copy of
@@ -34,6 +36,10 @@ and it runs on the fused kernel. Each unit keeps its rate and every row its expe
 the rows of a batch are no longer independent samples: one batch sees one weight sample, so its
 gradient averages over fewer masks. It needs ``variational=True``: per-step masks differ by step
 and cannot be one weight.
+
+Zoneout (Krueger et al. 2017) is not dropout: a unit that zones out keeps its previous value
+instead of being zeroed, and evaluation uses the expectation (each new state
+``z * previous + (1 - z) * new``, z the rate), so it runs the own loop in evaluation too.
 
 Axis convention: time-major ``(T, B, F)`` unless ``batch_first``; states are ``(L*D, B, H)``.
 """
@@ -47,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnreg.nn import layout
-from rnnreg.nn.functional import check_probability, dropout, dropout_mask
+from rnnreg.nn.functional import check_probability, check_zoneout, dropout, dropout_mask
 from rnnreg.nn.recurrence import recurrence
 from rnnreg.nn.strategies import check_recurrent_mask
 
@@ -75,6 +81,10 @@ class DropoutMasks:
                 with ``recurrent_mask="batch"`` (one mask shared by every row and step)
     weight:     one per layer, ``(D, G*H, H)`` on ``weight_hh``
     output:     ``(T|1, B, D*H)``
+    zoneout:    None (no zoneout in any layer), or one entry per layer: None or a pair
+                ``(hidden, cell)``, each None or ``(T|1, D, B, H)`` holding the zoneout factor
+                d of every unit (Krueger et al. 2017): 1 keeps the previous value, 0 takes the
+                new one; in {0, 1} when sampled, the rate itself in evaluation. Not scaled.
     """
 
     input: Tensor | None
@@ -82,20 +92,29 @@ class DropoutMasks:
     recurrent: tuple[Tensor | None, ...]
     weight: tuple[Tensor | None, ...]
     output: Tensor | None
+    zoneout: tuple[tuple[Tensor | None, Tensor | None] | None, ...] | None = None
 
 
 class _RegularizedRecurrence:
     """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
 
+    # Class defaults, so that layers pickled before these options existed still run.
+    recurrent_mask = "sequence"
+    zoneout_hidden = 0.0
+    zoneout_cell = 0.0
+
     def _init_regularization(self, *, dropout: float, input_dropout: float,
                              output_dropout: float, recurrent_dropout: float,
                              weight_dropout: float, variational: bool,
-                             recurrent_mask: str) -> None:
+                             recurrent_mask: str = "sequence", zoneout_hidden: float = 0.0,
+                             zoneout_cell: float = 0.0) -> None:
         self.dropout = float(dropout)  # the caller's rate, even where torch was given 0
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
+        self.zoneout_hidden = check_zoneout("zoneout_hidden", zoneout_hidden)
+        self.zoneout_cell = check_zoneout("zoneout_cell", zoneout_cell)
         if not isinstance(variational, bool):
             raise ValueError(f"variational must be True or False, got {variational!r}")
         self.variational = variational
@@ -118,8 +137,13 @@ class _RegularizedRecurrence:
         between-layer dropout) torch's fused stack runs in one call and only the input and
         output get a dropout around it.
         """
+        if self._zoneout():  # its evaluation (the expectation) also runs the own loop
+            return True
         inside = self.recurrent_dropout > 0 or self.weight_dropout > 0
         return self.training and (inside or self.variational or self._faster_between())
+
+    def _zoneout(self) -> bool:
+        return self.zoneout_hidden > 0 or self.zoneout_cell > 0
 
     def _faster_between(self) -> bool:
         """On CPU, layer-by-layer fused calls with rnnreg's masks between them beat torch's
@@ -141,6 +165,11 @@ class _RegularizedRecurrence:
         def sample(shape, p):
             return dropout_mask(shape, p, device=device, dtype=dtype) if p > 0 else None
 
+        def zone(rate):  # a unit keeps its previous value (factor 1) with probability rate
+            if rate == 0:
+                return None
+            return (torch.rand((t, d, batch_size, h), device=device) < rate).to(dtype)
+
         layers = range(self.num_layers)
         recurrent = (1, d, 1, h) if self.recurrent_mask == "batch" else (t, d, batch_size, h)
         return DropoutMasks(
@@ -149,7 +178,23 @@ class _RegularizedRecurrence:
             recurrent=tuple(sample(recurrent, self.recurrent_dropout) for _ in layers),
             weight=tuple(sample((d, gates * h, h), self.weight_dropout) for _ in layers),
             output=sample((t, batch_size, d * h), self.output_dropout),
+            zoneout=tuple((zone(self.zoneout_hidden), zone(self.zoneout_cell))
+                          for _ in layers) if self._zoneout() else None,
         )
+
+    def _expected_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
+        """Evaluation with zoneout: no dropout, and every zoneout factor at its expectation,
+        the rate (Krueger et al. 2017, as dropout's test-time scaling)."""
+        shape = (1, self.num_directions, batch_size, self.hidden_size)
+
+        def expected(rate):
+            return torch.full(shape, rate, device=device, dtype=dtype) if rate > 0 else None
+
+        none = (None,) * self.num_layers
+        pair = (expected(self.zoneout_hidden), expected(self.zoneout_cell))
+        return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
+                            output=None,
+                            zoneout=(pair,) * self.num_layers if self._zoneout() else None)
 
     def forward(self, input, hx=None):
         """Same contract as ``torch.nn.LSTM.forward``: ``(output, h_n)`` or ``(output, (h, c))``."""
@@ -159,7 +204,10 @@ class _RegularizedRecurrence:
             output, state = super().forward(dropped, hx)
             return _dropout_data(output, self.output_dropout, self.training), state
         x, lengths, given = layout.to_time_major(input, self.batch_first)
-        masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
+        if self.training:
+            masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
+        else:
+            masks = self._expected_masks(x.size(1), x.device, x.dtype)
         return self._forward_masked(x, lengths, given, hx, masks)
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
@@ -202,7 +250,8 @@ class _RegularizedRecurrence:
                                 None if per_row is not None else recurrent)
         if engine_for(self, masks, layer=layer) == FUSED:
             return self._fused_layer(x, lengths, layer_states, weights)
-        return self._custom_layer(x, lengths, layer_states, weights, per_row)
+        return self._custom_layer(x, lengths, layer_states, weights, per_row,
+                                  _layer_zoneout(masks, layer))
 
     def _fused_layer(self, x, lengths, states, weights):
         """One layer on torch's fused kernel (cuDNN on GPU, oneDNN on CPU)."""
@@ -225,8 +274,8 @@ class _RegularizedRecurrence:
             PackedSequence(out, packed.batch_sizes, order, unorder), total_length=x.size(0))
         return out, tuple(s.index_select(1, unorder) for s in final)
 
-    def _custom_layer(self, x, lengths, states, weights, recurrent_mask):
-        """One layer on rnnreg's own loop, for masks that differ by row on h(t-1).
+    def _custom_layer(self, x, lengths, states, weights, recurrent_mask, zoneout=None):
+        """One layer on rnnreg's own loop, for masks that differ by row on h(t-1) and zoneout.
 
         ``weights`` already carry the masks that are weights for this call (_call_weights).
         """
@@ -236,7 +285,10 @@ class _RegularizedRecurrence:
             mask = None if recurrent_mask is None else recurrent_mask[:, direction]
             state = tuple(s[direction] for s in states)
             seq = x if direction == 0 else layout.reverse(x, lengths)
-            out, final = recurrence(self.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths)
+            zone = None if zoneout is None else tuple(
+                None if z is None else z[:, direction] for z in zoneout)
+            out, final = recurrence(self.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths,
+                                    zone)
             outputs.append(out if direction == 0 else layout.reverse(out, lengths))
             finals.append(final)
         stacked = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states)))
@@ -244,7 +296,8 @@ class _RegularizedRecurrence:
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr()]
-        for name in ("input_dropout", "output_dropout", "recurrent_dropout", "weight_dropout"):
+        for name in ("input_dropout", "output_dropout", "recurrent_dropout", "weight_dropout",
+                     "zoneout_hidden", "zoneout_cell"):
             if getattr(self, name) > 0:
                 parts.append(f"{name}={getattr(self, name)}")
         if self.variational:
@@ -282,12 +335,21 @@ def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
     :class:`rnnreg.StackedRNN`.
     """
     if masks is None:
-        if not module.training:
-            return FUSED
+        if not module.training:  # evaluation: no dropout, zoneout at its expectation
+            return OWN_LOOP if module.zoneout_hidden > 0 or module.zoneout_cell > 0 else FUSED
         masks = module.sample_masks(1, 2)  # two rows tell a per-row mask from a shared one
     layers = range(len(masks.recurrent)) if layer is None else (layer,)
-    per_row = any(_per_row(masks.recurrent[k]) for k in layers)
-    return OWN_LOOP if per_row else FUSED
+    own = any(_per_row(masks.recurrent[k]) or _layer_zoneout(masks, k) is not None
+              for k in layers)
+    return OWN_LOOP if own else FUSED
+
+
+def _layer_zoneout(masks: DropoutMasks, layer: int):
+    """The ``(hidden, cell)`` zoneout factors of one layer, or None where it has none."""
+    zoneout = None if masks.zoneout is None else masks.zoneout[layer]
+    if zoneout is None or all(z is None for z in zoneout):
+        return None
+    return zoneout
 
 
 def _call_weights(weights, weight_mask, shared_mask):
@@ -377,13 +439,16 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
                  proj_size: int = 0, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, recurrent_mask: str = "sequence", device=None,
+                 variational: bool = False, recurrent_mask: str = "sequence",
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
-        if proj_size and (recurrent_dropout or weight_dropout or variational):
+        if proj_size and (recurrent_dropout or weight_dropout or variational or zoneout_hidden
+                          or zoneout_cell):
             raise ValueError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
-                             "combined with recurrent_dropout, weight_dropout or variational")
+                             "combined with recurrent_dropout, weight_dropout, variational or "
+                             "zoneout")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          _torch_dropout(dropout, num_layers), bidirectional, proj_size,
                          device=device, dtype=dtype)
@@ -391,7 +456,8 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
                                   output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
                                   weight_dropout=weight_dropout, variational=variational,
-                                  recurrent_mask=recurrent_mask)
+                                  recurrent_mask=recurrent_mask, zoneout_hidden=zoneout_hidden,
+                                  zoneout_cell=zoneout_cell)
 
 
 class GRU(_RegularizedRecurrence, nn.GRU):
@@ -401,7 +467,8 @@ class GRU(_RegularizedRecurrence, nn.GRU):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, recurrent_mask: str = "sequence", device=None,
+                 variational: bool = False, recurrent_mask: str = "sequence",
+                 zoneout_hidden: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
@@ -412,7 +479,8 @@ class GRU(_RegularizedRecurrence, nn.GRU):
                                   output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
                                   weight_dropout=weight_dropout, variational=variational,
-                                  recurrent_mask=recurrent_mask)
+                                  recurrent_mask=recurrent_mask,
+                                  zoneout_hidden=zoneout_hidden)
 
 
 class RNN(_RegularizedRecurrence, nn.RNN):
@@ -423,7 +491,8 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                  dropout: float = 0.0, bidirectional: bool = False, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, recurrent_mask: str = "sequence", device=None,
+                 variational: bool = False, recurrent_mask: str = "sequence",
+                 zoneout_hidden: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
@@ -436,4 +505,5 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                                   output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
                                   weight_dropout=weight_dropout, variational=variational,
-                                  recurrent_mask=recurrent_mask)
+                                  recurrent_mask=recurrent_mask,
+                                  zoneout_hidden=zoneout_hidden)

@@ -1,8 +1,9 @@
 """rnnreg's own recurrence: the loop that runs when a dropout mask acts inside the recurrence.
 
 torch's fused kernels (cuDNN, oneDNN) cannot take a mask on h(t-1) or a dropped ``weight_hh``,
-so recurrent dropout (Gal & Ghahramani 2016) and weight drop (Merity et al. 2018) run here.
-Gate order and equations are torch's, so weights load both ways with ``torch.nn``.
+so recurrent dropout (Gal & Ghahramani 2016), weight drop (Merity et al. 2018) and zoneout
+(Krueger et al. 2017) run here. Gate order and equations are torch's, so weights load both
+ways with ``torch.nn``.
 
 Speed comes from doing by hand what plain autograd would do step by step:
 
@@ -32,7 +33,7 @@ from rnnreg.nn import loops
 __all__ = ["recurrence"]
 
 
-def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths):
+def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths, zoneout=None):
     """Run one direction of one layer: ``x (T, B, F)`` -> ``(outputs (T, B, H), final state)``.
 
     ``mode`` is "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"; ``state`` is ``(h,)`` or ``(h, c)``,
@@ -42,8 +43,14 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths):
     (None or a ``(B,)`` LongTensor) freezes each sequence's state after its last step and zeroes
     its outputs from there on, so the final state is the one at that sequence's end.
 
+    ``zoneout`` (None or ``(hidden, cell)``, each None or ``(T|1, B, H)``; ``cell`` only for the
+    LSTM) holds Krueger et al.'s (2017) keep factors ``d``: each new state is
+    ``d * previous + (1 - d) * candidate``, with ``d`` in {0, 1} in training and the rate itself
+    (the expectation) in evaluation. ``mask`` acts on h(t-1) inside the product only; zoneout
+    mixes in the undropped h(t-1).
+
     Everything is differentiable w.r.t. ``x``, ``state``, the weights and biases (which may
-    already carry a DropConnect mask) and ``mask``.
+    already carry a DropConnect mask) and ``mask``; the zoneout factors are constants.
     """
     if x.size(0) == 0:
         raise ValueError("x must have at least one time step, got shape (0, ...)")
@@ -64,18 +71,44 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths):
     state = tuple(s.to(dtype) for s in state)
     w_hh = w_hh.to(dtype)
     b_hh = None if b_hh is None else b_hh.to(dtype)
-    mask = None if mask is None else mask.to(dtype)
+    mask = None if mask is None else mask.to(dtype).contiguous()  # the loops read it raw
+    if mode not in _MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose LSTM, GRU, RNN_TANH or RNN_RELU")
+    zone_h, zone_c = _zone_factors(mode, zoneout, valid, state[0], dtype)
     with torch.autocast(x.device.type, enabled=False):
         if mode == "LSTM":
-            out, h, c = _LSTM.apply(projected, state[0], state[1], w_hh, mask, valid)
+            out, h, c = _LSTM.apply(projected, state[0], state[1], w_hh, mask, valid, zone_h,
+                                    zone_c)
             return out, (h, c)
         if mode == "GRU":
-            out, h = _GRU.apply(projected, state[0], w_hh, b_hh, mask, valid)
-        elif mode in ("RNN_TANH", "RNN_RELU"):
-            out, h = _Elman.apply(projected, state[0], w_hh, mask, valid, mode == "RNN_RELU")
+            out, h = _GRU.apply(projected, state[0], w_hh, b_hh, mask, valid, zone_h)
         else:
-            raise ValueError(f"unknown mode {mode!r}; choose LSTM, GRU, RNN_TANH or RNN_RELU")
+            out, h = _Elman.apply(projected, state[0], w_hh, mask, valid, mode == "RNN_RELU",
+                                  zone_h)
     return out, (h,)
+
+
+_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+def _zone_factors(mode, zoneout, valid, h0, dtype):
+    """The zoneout keep factors ``(hidden, cell)`` the loops use, each None or contiguous
+    ``(T|1, B, H)``; both present for an LSTM with any zoneout, so its loops have one case.
+
+    With ``valid`` the end of each sequence is folded in: past it the factor is 1, which is
+    exactly the frozen state, and the loops then need no separate length handling.
+    """
+    hidden, cell = (None, None) if zoneout is None else zoneout
+    if mode != "LSTM" and cell is not None:
+        raise ValueError(f"{mode} has no cell state: zoneout on the cell is for the LSTM only")
+    if hidden is None and cell is None:
+        return None, None
+    factors = [hidden, cell] if mode == "LSTM" else [hidden]
+    factors = [h0.new_zeros(1, *h0.shape) if f is None else f.to(dtype) for f in factors]
+    if valid is not None:
+        factors = [torch.where(valid, f, 1) for f in factors]
+    factors = [f.contiguous() for f in factors]
+    return factors[0], (factors[1] if mode == "LSTM" else None)
 
 
 class _LSTM(torch.autograd.Function):
@@ -95,6 +128,13 @@ class _LSTM(torch.autograd.Function):
         d o_pre = dh * tanh(c) o (1-o)
         dL/dc(t-1) = dc~ * f,   dL/dh(t-1) = m * (W_hh^T dgates) + dL/dout(t-1)
 
+    With zoneout (Krueger et al. 2017) the step computes the candidate
+    c~ = f * c(t-1) + i * g and h~ = o * tanh(c~) as above, then keeps each unit with factors
+    d_c, d_h: c(t) = d_c c(t-1) + (1 - d_c) c~,  h(t) = d_h h(t-1) + (1 - d_h) h~. ``cs`` holds
+    the kept states and ``tanh_c`` tanh(c~). The backward runs the equations above with
+    dh -> (1 - d_h) dh and dc -> (1 - d_c) dc, and adds d_c dc and d_h dh to dL/dc(t-1) and
+    dL/dh(t-1).
+
     The bracketed coefficients do not depend on dh or dc: the Python loop computes them for all
     steps at once before the loop, which then needs one product and five elementwise kernels per
     step; the compiled loop forms them per step inside one fused pass.
@@ -103,7 +143,7 @@ class _LSTM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, projected, h0, c0, w_hh, mask, valid):
+    def forward(ctx, projected, h0, c0, w_hh, mask, valid, zone_h, zone_c):
         steps, batch, gates = projected.shape
         hidden = gates // 4
         acts = projected.new_empty(steps, batch, gates)  # [i, f, g, o] after their nonlinearity
@@ -111,28 +151,32 @@ class _LSTM(torch.autograd.Function):
         cs = _states(c0, steps)
         tanh_c = projected.new_empty(steps, batch, hidden)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
+        lengths = valid if zone_h is None else None  # else folded into the zoneout factors
         loops.engine(projected).lstm_forward(projected, w_hh, loops.packed_weight(w_hh, batch),
-                                             mask, valid, acts, cs, tanh_c, hs, h_in)
-        ctx.save_for_backward(acts, cs, tanh_c, hs, h_in, w_hh, mask, valid)
+                                             mask, lengths, zone_h, zone_c, acts, cs, tanh_c,
+                                             hs, h_in)
+        ctx.save_for_backward(acts, cs, tanh_c, hs, h_in, w_hh, mask, valid, zone_h, zone_c)
         return _outputs(hs, valid), hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h, d_c):
-        acts, cs, tanh_c, hs, h_in, w_hh, mask, valid = ctx.saved_tensors
+        acts, cs, tanh_c, hs, h_in, w_hh, mask, valid, zone_h, zone_c = ctx.saved_tensors
         steps, batch, gates = acts.shape
         hidden = gates // 4
-        d_out, passthrough = _freeze(d_out, valid)
+        d_out, passthrough = _freeze(d_out.contiguous(), valid)
+        if zone_h is not None:  # the frozen steps are zoneout factors of 1
+            valid = passthrough = None
         d_gates = acts.new_empty(steps, batch, gates)
         d_hin = acts.new_empty(steps, batch, hidden)  # dL/d(m * h(t-1))
         need_first = any(ctx.needs_input_grad[1:3]) or ctx.needs_input_grad[4]
         dh, dc = loops.engine(acts).lstm_backward(
             d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh,
-            loops.onednn_pays(w_hh, hidden, "step"), mask, passthrough, need_first, d_gates,
-            d_hin)
+            loops.onednn_pays(w_hh, hidden, "step"), mask, passthrough, zone_h, zone_c,
+            need_first, d_gates, d_hin)
         return (d_gates, dh, dc,
                 _weight_grad(ctx, 3, d_gates, hs[:-1] if h_in is None else h_in),
-                _mask_grad(ctx, 4, d_hin, hs, mask), None)
+                _mask_grad(ctx, 4, d_hin, hs, mask), None, None, None)
 
 
 class _GRU(torch.autograd.Function):
@@ -153,10 +197,14 @@ class _GRU(torch.autograd.Function):
     The coefficients are computed for all steps at once, so the loop is one product and three
     elementwise kernels per step; dp's n part is one product over all steps after the loop.
     Past a sequence's length the coefficients are zero and z acts as 1 (the state is copied).
+
+    Zoneout (Krueger et al. 2017) keeps the new state h~ above only partly:
+    h(t) = d h(t-1) + (1 - d) h~. In the backward that scales every coefficient by (1 - d) and
+    carries z (1 - d) + d of dh to h(t-1); a finished sequence is the case d = 1.
     """
 
     @staticmethod
-    def forward(ctx, projected, h0, w_hh, b_hh, mask, valid):
+    def forward(ctx, projected, h0, w_hh, b_hh, mask, valid, zone):
         steps, batch, gates = projected.shape
         hidden = gates // 3
         rec = projected.new_empty(steps, batch, gates)  # a(t) = W_hh (m * h(t-1)) + b_hh
@@ -165,27 +213,31 @@ class _GRU(torch.autograd.Function):
         hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
         loops.engine(projected).gru_forward(projected, w_hh, b_hh,
-                                            loops.packed_weight(w_hh, batch), mask, valid,
-                                            rec, rz, n, hs, h_in)
-        ctx.save_for_backward(rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid)
+                                            loops.packed_weight(w_hh, batch), mask,
+                                            valid if zone is None else None, zone, rec, rz, n,
+                                            hs, h_in)
+        ctx.save_for_backward(rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid, zone)
         return _outputs(hs, valid), hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h):
-        rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid = ctx.saved_tensors
+        rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid, zone = ctx.saved_tensors
         steps, batch, gates = rec.shape
         hidden = gates // 3
         r, z = rz.split(hidden, 2)
         a_n = rec[:, :, 2 * hidden:]
         h_prev = hs[:-1]
         to_n = (1 - z) * (1 - n * n)  # dh(t)/d(n's pre-activation)
-        coef = rec.new_empty(steps, batch, 3, hidden)
-        torch.mul(to_n * a_n, r * (1 - r), out=coef[:, :, 0])
-        torch.mul(h_prev - n, z * (1 - z), out=coef[:, :, 1])
-        torch.mul(to_n, r, out=coef[:, :, 2])
+        # Stacked rather than written through out= into strided slices, which torch.compile
+        # cannot trace.
+        coef = torch.stack([to_n * a_n * (r * (1 - r)), (h_prev - n) * (z * (1 - z)),
+                            to_n * r], dim=2)
         d_out, _ = _freeze(d_out, valid)  # z * dh already carries dh through a frozen state
-        keep_h = loops.stop_at_lengths(valid, coef, to_n, z)
+        if zone is None:
+            keep_h = loops.stop_at_lengths(valid, coef, to_n, z)
+        else:
+            keep_h = _zone_out(zone, coef, to_n, z)
 
         d_rec = rec.new_empty(steps, batch, gates)
         d_hs = rec.new_empty(steps, batch, hidden)  # dL/dh(t), all paths; kept for dp_n
@@ -198,8 +250,8 @@ class _GRU(torch.autograd.Function):
         d_b = d_rec.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[3] else None
         d_mask = _mask_grad(ctx, 4, d_hin, hs, mask)
         # d_rec is no longer needed: reuse it as dp, whose r and z parts are the same.
-        torch.mul(d_hs, to_n, out=d_rec[:, :, 2 * hidden:])
-        return d_rec, d_h0, d_w, d_b, d_mask, None
+        d_rec[:, :, 2 * hidden:] = d_hs * to_n
+        return d_rec, d_h0, d_w, d_b, d_mask, None, None
 
 
 class _Elman(torch.autograd.Function):
@@ -207,27 +259,36 @@ class _Elman(torch.autograd.Function):
 
     Backward: ``dpre = dh * act'`` (``1 - h^2`` or ``h > 0``, from the saved outputs, as
     torch does), ``dL/dh(t-1) = m * (W_hh^T dpre) + dL/dout(t-1)``.
+
+    Zoneout (Krueger et al. 2017): h(t) = d h(t-1) + (1 - d) h~ with h~ the step
+    above, kept in ``candidates`` for act'; the backward scales the slope by (1 - d) and passes
+    d dh straight to h(t-1), as a finished sequence (d = 1) does.
     """
 
     @staticmethod
-    def forward(ctx, projected, h0, w_hh, mask, valid, relu):
+    def forward(ctx, projected, h0, w_hh, mask, valid, relu, zone):
         steps, batch, hidden = projected.shape
         hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
+        candidates = None if zone is None else projected.new_empty(steps, batch, hidden)
         loops.engine(projected).elman_forward(projected, w_hh, loops.packed_weight(w_hh, batch),
-                                              mask, valid, relu, hs, h_in)
+                                              mask, valid if zone is None else None, relu,
+                                              zone, candidates, hs, h_in)
         ctx.relu = relu
-        ctx.save_for_backward(hs, h_in, w_hh, mask, valid)
+        ctx.save_for_backward(hs, h_in, w_hh, mask, valid, zone, candidates)
         return _outputs(hs, valid), hs[-1].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_h):
-        hs, h_in, w_hh, mask, valid = ctx.saved_tensors
-        out = hs[1:]
+        hs, h_in, w_hh, mask, valid, zone, candidates = ctx.saved_tensors
+        out = hs[1:] if candidates is None else candidates
         slope = (out > 0).to(hs.dtype) if ctx.relu else 1 - out * out
         d_out, passthrough = _freeze(d_out, valid)
-        if valid is not None:
+        if zone is not None:
+            slope *= 1 - zone
+            passthrough = zone.expand_as(slope)
+        elif valid is not None:
             slope *= valid
         d_pre = torch.empty_like(out)
         d_hin = torch.empty_like(out)
@@ -237,7 +298,7 @@ class _Elman(torch.autograd.Function):
                                              passthrough, need_first, d_pre, d_hin)
         return (d_pre, dh,
                 _weight_grad(ctx, 2, d_pre, hs[:-1] if h_in is None else h_in),
-                _mask_grad(ctx, 3, d_hin, hs, mask), None, None)
+                _mask_grad(ctx, 3, d_hin, hs, mask), None, None, None)
 
 
 class _Projection(torch.autograd.Function):
@@ -286,6 +347,16 @@ def _freeze(d_out, valid):
         return d_out, None
     v = valid.to(d_out.dtype)
     return d_out * v, 1 - v
+
+
+def _zone_out(zone, coef, to_state, keep):
+    """Zoneout in the backward of a one-state cell (GRU): scale the coefficients ``coef
+    (T, B, G, H)`` and ``to_state`` by ``1 - d`` in place and return the factor carrying dL/dh(t)
+    to h(t-1), ``keep (1 - d) + d``."""
+    update = 1 - zone
+    coef *= update.unsqueeze(2)
+    to_state *= update
+    return keep * update + zone
 
 
 def _states(initial, steps):

@@ -7,8 +7,9 @@ keywords of the layers, acting where they do:
 
 * ``input_dropout`` before layer 0, ``dropout`` between layers, ``output_dropout`` after the
   last: applied by the stack, fresh every step or one per sequence (``variational``);
-* ``recurrent_dropout`` (shared as ``recurrent_mask`` says) and ``weight_dropout``: handed to
-  every layer, which applies them inside its recurrence.
+* ``recurrent_dropout`` (shared as ``recurrent_mask`` says), ``weight_dropout`` and zoneout:
+  handed to every layer, which applies them inside its recurrence (zoneout at its expectation
+  in evaluation).
 
 Its masks are a :class:`rnnreg.DropoutMasks` like a layer's (``between`` and the per-layer
 masks simply have each layer's size), so code written for a uniform rnnreg layer, MC-dropout
@@ -43,7 +44,8 @@ class StackedRNN(nn.Module):
     def __init__(self, cell: str, input_size: int, layer_sizes: Sequence[int], *,
                  dropout: float = 0.0, input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, recurrent_mask: str = "sequence", bias: bool = True,
+                 variational: bool = False, recurrent_mask: str = "sequence",
+                 zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0, bias: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
         if cell not in _CELLS:
@@ -67,12 +69,18 @@ class StackedRNN(nn.Module):
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
         self.variational = variational
         self.recurrent_mask = recurrent_mask  # checked by the layers
+        zoneout = {"zoneout_hidden": zoneout_hidden}
+        if zoneout_cell or cell == "lstm":  # a GRU/RNN refuses the keyword, with its reason
+            zoneout["zoneout_cell"] = zoneout_cell
         inputs = (input_size, *sizes[:-1])
         self.layers = nn.ModuleList(
             _CELLS[cell](n_in, n_out, 1, bias=bias, recurrent_dropout=recurrent_dropout,
                          weight_dropout=weight_dropout, variational=variational,
-                         recurrent_mask=recurrent_mask, device=device, dtype=dtype)
+                         recurrent_mask=recurrent_mask, device=device, dtype=dtype,
+                         **zoneout)
             for n_in, n_out in zip(inputs, sizes))
+        self.zoneout_hidden = self.layers[0].zoneout_hidden
+        self.zoneout_cell = self.layers[0].zoneout_cell
 
     @property
     def hidden_size(self) -> int:
@@ -107,6 +115,7 @@ class StackedRNN(nn.Module):
             recurrent=tuple(m.recurrent[0] for m in own),
             weight=tuple(m.weight[0] for m in own),
             output=sample(self.hidden_size, self.output_dropout),
+            zoneout=_per_layer_zoneout(own),
         )
 
     def forward(self, input: Tensor, hx=None):
@@ -116,7 +125,7 @@ class StackedRNN(nn.Module):
             masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
                                       dtype=input.dtype)
         else:
-            masks = self._no_masks()
+            masks = self._no_masks(input.size(1), input.device, input.dtype)
         return self.forward_with_masks(input, hx, masks)
 
     def forward_with_masks(self, input: Tensor, hx, masks: DropoutMasks):
@@ -128,16 +137,19 @@ class StackedRNN(nn.Module):
         for index, layer in enumerate(self.layers):
             if index > 0:
                 x = _apply(x, masks.between[index - 1])
+            zoneout = None if masks.zoneout is None else (masks.zoneout[index],)
             own = DropoutMasks(input=None, between=(), recurrent=(masks.recurrent[index],),
-                               weight=(masks.weight[index],), output=None)
+                               weight=(masks.weight[index],), output=None, zoneout=zoneout)
             x, state = layer.forward_with_masks(x, states[index], own)
             finals.append(state)
         return _apply(x, masks.output), tuple(finals)
 
-    def _no_masks(self) -> DropoutMasks:
+    def _no_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
+        """Evaluation: no dropout; zoneout, if any, at its expectation (see rnnreg.LSTM)."""
         none = (None,) * self.num_layers
+        own = [layer._expected_masks(batch_size, device, dtype) for layer in self.layers]
         return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
-                            output=None)
+                            output=None, zoneout=_per_layer_zoneout(own))
 
     def _check(self, input, hx, masks: DropoutMasks) -> None:
         self._check_input(input, hx)
@@ -163,7 +175,7 @@ class StackedRNN(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"{self.cell}, {self.input_size}, layer_sizes={self.layer_sizes}"]
         for name in ("dropout", "input_dropout", "output_dropout", "recurrent_dropout",
-                     "weight_dropout"):
+                     "weight_dropout", "zoneout_hidden", "zoneout_cell"):
             if getattr(self, name) > 0:
                 parts.append(f"{name}={getattr(self, name)}")
         if self.variational:
@@ -171,6 +183,13 @@ class StackedRNN(nn.Module):
         if self.recurrent_mask != "sequence":
             parts.append(f"recurrent_mask={self.recurrent_mask!r}")
         return ", ".join(parts)
+
+
+def _per_layer_zoneout(own: list[DropoutMasks]):
+    """The stack's ``zoneout`` entry from each single layer's masks: None when none has any."""
+    if all(m.zoneout is None for m in own):
+        return None
+    return tuple(None if m.zoneout is None else m.zoneout[0] for m in own)
 
 
 def _apply(x: Tensor, mask: Tensor | None) -> Tensor:

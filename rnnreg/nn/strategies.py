@@ -3,17 +3,24 @@
 The comparison the paper makes (Zaremba et al. 2014, section 3; Figure 2) and the tutorial's
 "wrong vs right" panels become rows of one table, so a study can sweep them by name and a plot
 can draw each one from the same record the layers are configured from.
+
+Zoneout (Krueger et al. 2017) is not a dropout placement but the same kind of record: its two
+rates are set from the one rate p of every strategy by fixed factors (:attr:`Strategy.zoneout`),
+so that a study sweeping p sweeps zoneout too, and ``strategy("zoneout", 0.5)`` is exactly the
+rates Krueger et al. use for word-level Penn Treebank (0.5 on the LSTM's cells, 0.05 on its
+hidden states, in the paper's word-level experiment and the authors' replication scripts).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from rnnreg.nn.functional import check_probability
+from rnnreg.nn.functional import check_probability, check_zoneout
 
-__all__ = ["PLACEMENTS", "RECURRENT_MASKS", "STRATEGIES", "Strategy", "check_recurrent_mask",
-           "strategy"]
+__all__ = ["PLACEMENTS", "RECURRENT_MASKS", "STRATEGIES", "ZONEOUT", "Strategy",
+           "check_recurrent_mask", "strategy"]
 
 # Placement name -> the keyword of rnnreg.LSTM/GRU/RNN that controls it.
 PLACEMENTS = MappingProxyType({
@@ -28,6 +35,9 @@ PLACEMENTS = MappingProxyType({
 # Ghahramani's one mask per row, "batch" one mask per forward call for every row and step.
 RECURRENT_MASKS = ("sequence", "batch")
 
+# The zoneout rates' keywords (the GRU and Elman RNN have only the hidden one).
+ZONEOUT = ("zoneout_hidden", "zoneout_cell")
+
 
 def check_recurrent_mask(value: str) -> str:
     if value not in RECURRENT_MASKS:
@@ -39,13 +49,18 @@ def check_recurrent_mask(value: str) -> str:
 @dataclass(frozen=True)
 class Strategy:
     """Which placements get the rate ``p``, whether one mask is kept per sequence, and whether
-    the recurrent mask is one per sequence or one for the whole batch (``RECURRENT_MASKS``)."""
+    the recurrent mask is one per sequence or one for the whole batch (``RECURRENT_MASKS``).
+
+    ``zoneout`` maps a zoneout keyword to the multiple of ``p`` it gets; keywords it does not
+    name are left out of the settings (the layers' default, 0).
+    """
 
     name: str
     placements: frozenset[str]
     variational: bool
     description: str
     recurrent_mask: str = "sequence"
+    zoneout: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
 
 STRATEGIES = MappingProxyType({s.name: s for s in (
@@ -63,6 +78,10 @@ STRATEGIES = MappingProxyType({s.name: s for s in (
              "only h(t-1) -> h(t), fresh mask every step: the placement Zaremba et al. avoid"),
     Strategy("awd", frozenset({"input", "between", "output", "weight"}), True,
              "Merity et al. 2018: DropConnect on recurrent weights plus per-sequence masks"),
+    # Krueger et al.'s word-level PTB rates at p = 0.5: z_c = p, z_h = p / 10.
+    Strategy("zoneout", frozenset(), False,
+             "Krueger et al. 2017: units keep their previous value; cell rate p, hidden p/10",
+             zoneout=MappingProxyType({"zoneout_cell": 1.0, "zoneout_hidden": 0.1})),
 )})
 
 
@@ -71,7 +90,9 @@ def strategy(name: str, p: float,
     """Keyword settings for rnnreg.LSTM/GRU/RNN implementing strategy ``name`` at rate ``p``.
 
     ``overrides`` replace single settings by their keyword name, e.g.
-    ``strategy("awd", 0.4, weight_dropout=0.5, input_dropout=0.65)``.
+    ``strategy("awd", 0.4, weight_dropout=0.5, input_dropout=0.65)``; the zoneout rates can be
+    added to any strategy this way (``zoneout_hidden=0.05``). The zoneout keywords appear only
+    where they are set, so the settings of the other strategies suit every cell.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
@@ -83,9 +104,12 @@ def strategy(name: str, p: float,
     }
     settings["variational"] = chosen.variational
     settings["recurrent_mask"] = chosen.recurrent_mask
-    unknown = sorted(set(overrides) - set(settings))
+    for keyword, factor in chosen.zoneout.items():
+        settings[keyword] = check_zoneout(keyword, p * factor)
+    allowed = set(settings) | set(ZONEOUT)
+    unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(settings)}")
+        raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
     for keyword, value in overrides.items():
         if keyword == "variational":
             if not isinstance(value, bool):
@@ -94,5 +118,6 @@ def strategy(name: str, p: float,
         elif keyword == "recurrent_mask":
             settings[keyword] = check_recurrent_mask(value)
         else:
-            settings[keyword] = check_probability(keyword, value)
+            check = check_zoneout if keyword in ZONEOUT else check_probability
+            settings[keyword] = check(keyword, value)
     return settings
