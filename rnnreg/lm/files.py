@@ -48,13 +48,17 @@ class WriteError(RunDirError):
     def __init__(self, path: StrPath, errno_: int | None, detail: str, advice: str = "") -> None:
         self.path, self.errno, self.detail = Path(path), errno_, detail
         cause, self.remedy = _CAUSES.get(errno_, (detail, ""))
-        if cause.lower() != detail.lower():
+        if _letters(cause) != _letters(detail):  # "disk full (No space left on device)"
             cause = f"{cause} ({detail})"
         super().__init__(f"cannot write {path}: {cause}" + (f"; {advice}" if advice else ""))
 
     def advise(self, advice: str) -> WriteError:
         """The same error, with what to do next appended to its one-line message."""
         return WriteError(self.path, self.errno, self.detail, advice)
+
+
+def _letters(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalpha())
 
 
 def _write_error(path: Path, error: OSError) -> WriteError:

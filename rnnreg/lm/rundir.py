@@ -115,7 +115,10 @@ def _exclusive_lock(run_path: Path) -> Iterator[None]:
                                           "started": started}))
         yield
     finally:
-        holder.unlink(missing_ok=True)  # before unlocking, so no finished process is reported
+        # Before unlocking, so no finished process is reported; a directory that has become
+        # read-only keeps it, and the error that says so is the one to report.
+        with contextlib.suppress(OSError):
+            holder.unlink(missing_ok=True)
         lock.release()
 
 

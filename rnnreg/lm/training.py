@@ -99,8 +99,11 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config, resume: b
 
     Also refuses a job the run cannot take, before anything is written.
     """
-    held.enter_context(run.lock())
-    run.check_writable()
+    try:
+        held.enter_context(run.lock())
+        run.check_writable()
+    except WriteError as error:  # refused before any training time is spent
+        raise error.advise(f"{error.remedy or 'fix that'}, or choose another --out") from error
     run.remove_temporaries()  # of writes a killed process left unfinished
     vocab = checkpoint = None
     if resume:
