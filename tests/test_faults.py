@@ -576,3 +576,13 @@ def test_kill_during_a_checkpoint_write(where, tmp_path, module_corpus, referenc
     _assert_same_weights(out, reference)
     _assert_same_weights(out, reference, "best")
     _assert_history_like(out, reference)
+
+
+def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, module_corpus):
+    out = tmp_path / "run"
+    train(CONFIG.replace(epochs=1), out, data_dir=module_corpus, progress=False, verbose=False)
+    before = _scalars(out)
+    train(CONFIG.replace(epochs=1), out, data_dir=module_corpus, resume=True, progress=False,
+          verbose=False)
+    assert _scalars(out) == before and len(before["test_ppl"]) == 1
+    assert [r["event"] for r in RunDir(out).read_metrics()] == ["epoch", "final"]

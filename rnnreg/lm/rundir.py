@@ -203,7 +203,7 @@ class RunDir:
         Only the lock holder may call this: a live writer's temporary file would go too.
         """
         removed = []
-        for directory in (self._path, self.checkpoint_dir):
+        for directory in (self._path, self.checkpoint_dir, self.plots_dir):
             if not directory.is_dir():
                 continue
             for path in directory.iterdir():

@@ -176,8 +176,9 @@ class _Trainer:
         self.optim = NTASGD(self.model, config)
         self.progress = Progress()
         self.hidden = None  # the recurrent state carried from window to window
-        self.writer = None  # TensorBoard, opened by fit() once the purge step is known
-        self._purge_step: int | None = None
+        self._writer: ScalarLog | None = None
+        self._purge_step: int | None = None  # set by restore() or start_over()
+        self._final_logged = False  # a finished run resumed: TensorBoard has its test_ppl
         self.saved_step: int | None = None  # step of the checkpoint `last` on disk, if any
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -213,6 +214,8 @@ class _Trainer:
         self._purge_step = None if progress.finished else progress.epoch
         if not self.world.is_main:
             return
+        self._final_logged = progress.finished and any(
+            r.get("event") == "final" for r in self.run.read_metrics())
         dropped = self.run.truncate_metrics(lambda r: _before_checkpoint(r, progress))
         if dropped and self.verbose:
             tqdm.write(f"resuming at step {progress.step} (epoch {progress.epoch}): dropped "
@@ -243,6 +246,13 @@ class _Trainer:
             tqdm.write(f"{run.path} has no checkpoint to resume: starting over from its saved "
                        f"config; cleared {', '.join(stale)} of the earlier attempt")
 
+    @property
+    def writer(self) -> ScalarLog:
+        """TensorBoard (rank 0), opened at the first scalar, when a resume's purge step is set."""
+        if self._writer is None:
+            self._writer = ScalarLog(self.run.tensorboard_dir, purge_step=self._purge_step)
+        return self._writer
+
     def _save_best(self) -> None:
         """Write `best` after `last`: as a link to it while the weights evaluated are the
         iterates themselves, in full once NT-ASGD evaluates their average instead."""
@@ -255,8 +265,6 @@ class _Trainer:
 
     def fit(self) -> dict:
         self._last_save = time.monotonic()
-        if self.world.is_main:
-            self.writer = ScalarLog(self.run.tensorboard_dir, purge_step=self._purge_step)
         if not self.progress.finished:
             self._log_start()
             with _StopRequests() as stop:
@@ -420,8 +428,9 @@ class _Trainer:
         }
         self.run.truncate_metrics(lambda r: r.get("event") != "final")
         self.run.append_metrics(summary)
-        self.writer.add_scalar("test_ppl", test.perplexity, progress.epoch - 1)
-        self.writer.close()
+        if not self._final_logged:
+            self.writer.add_scalar("test_ppl", test.perplexity, progress.epoch - 1)
+            self.writer.close()
         if self.verbose:
             tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  test ppl {test.perplexity:.2f}"
                        f"  (test scored as one stream in {test.seconds:.1f}s)")
