@@ -21,6 +21,7 @@ import builtins
 import errno
 import json
 import os
+import pickle
 import signal
 import stat
 import subprocess
@@ -258,6 +259,8 @@ def test_a_checkpoint_write_failing_mid_file_is_a_typed_error_and_leaves_the_old
     with pytest.raises(WriteError, match=r"last\.safetensors: disk full") as raised:
         run.save_checkpoint("last", {"step": 2, "w": torch.zeros(3)})
     assert raised.value.errno == errno.ENOSPC and raised.value.path == run.checkpoint_path("last")
+    copy = pickle.loads(pickle.dumps(raised.value))  # as it crosses processes (Ray, torchrun)
+    assert (type(copy), str(copy), copy.errno) == (WriteError, str(raised.value), errno.ENOSPC)
     old = run.load_checkpoint("last")
     assert old["step"] == 1 and torch.equal(old["w"], torch.ones(3))
     assert [p.name for p in run.checkpoint_dir.iterdir()] == ["last.safetensors"]
@@ -505,7 +508,7 @@ def test_resume_without_a_checkpoint_starts_over_on_a_cleared_history(
     train(CONFIG, out, data_dir=module_corpus, progress=False, verbose=False)
     (out / "checkpoints" / "last.safetensors").unlink()  # lost, as on the full disk
     stdout = _resume(capsys, out, module_corpus)
-    assert "no checkpoint to resume: starting over" in stdout
+    assert "no checkpoint to resume: training from the start" in stdout
     assert "cleared 3 metrics event(s), the TensorBoard curves, the best checkpoint" in stdout
     _assert_same_weights(out, reference)
     _assert_same_weights(out, reference, "best")

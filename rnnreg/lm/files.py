@@ -46,7 +46,7 @@ class WriteError(RunDirError):
     """
 
     def __init__(self, path: StrPath, errno_: int | None, detail: str, advice: str = "") -> None:
-        self.path, self.errno, self.detail = Path(path), errno_, detail
+        self.path, self.errno, self.detail, self.advice = Path(path), errno_, detail, advice
         cause, self.remedy = _CAUSES.get(errno_, (detail, ""))
         if _letters(cause) != _letters(detail):  # "disk full (No space left on device)"
             cause = f"{cause} ({detail})"
@@ -55,6 +55,10 @@ class WriteError(RunDirError):
     def advise(self, advice: str) -> WriteError:
         """The same error, with what to do next appended to its one-line message."""
         return WriteError(self.path, self.errno, self.detail, advice)
+
+    def __reduce__(self):
+        # Rebuilt from its fields, not its message, when it crosses processes (torchrun, Ray).
+        return WriteError, (self.path, self.errno, self.detail, self.advice)
 
 
 def _letters(text: str) -> str:

@@ -149,7 +149,7 @@ def _after_write_error(error: WriteError, saved_step: int | None) -> str:
     """What a failed write during training leaves and how to go on, for its one-line message."""
     fix = error.remedy or "fix the cause"
     if saved_step is None:
-        return f"no checkpoint was saved yet: {fix}, then run the same command again"
+        return f"no checkpoint was saved yet: {fix}, then rerun with --resume (it starts over)"
     return f"the last checkpoint (step {saved_step}) is intact: {fix}, then continue with --resume"
 
 
@@ -234,17 +234,18 @@ class _Trainer:
         if not self.world.is_main:
             return
         run, stale = self.run, []
-        if run.metrics_path.exists():
-            stale.append(f"{run.truncate_metrics(lambda r: False)} metrics event(s)")
+        if run.metrics_path.exists() and (dropped := run.truncate_metrics(lambda r: False)):
+            stale.append(f"{dropped} metrics event(s)")
         if any(run.tensorboard_dir.glob("events.out.tfevents.*")):
             self._purge_step = 0
             stale.append("the TensorBoard curves")
         if run.has_checkpoint("best"):
             run.remove_checkpoint("best")
             stale.append("the best checkpoint")
-        if stale and self.verbose:
-            tqdm.write(f"{run.path} has no checkpoint to resume: starting over from its saved "
-                       f"config; cleared {', '.join(stale)} of the earlier attempt")
+        if self.verbose:
+            cleared = f"; cleared {', '.join(stale)} of an earlier attempt" if stale else ""
+            tqdm.write(f"{run.path} has no checkpoint to resume: training from the start with "
+                       f"its saved config{cleared}")
 
     @property
     def writer(self) -> ScalarLog:
