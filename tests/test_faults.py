@@ -468,7 +468,7 @@ def test_an_unwritable_out_is_refused_before_training(tmp_path, module_corpus, c
     trained = _Steps(monkeypatch, 1, lambda: None)
     code, _, err = _cli(capsys, *_train_args(out, module_corpus))
     blocked.switch_off()
-    _assert_one_line_error(code, err, str(out))
+    _assert_one_line_error(code, err, str(out), "or choose another --out")
     assert trained.count == 0 and not list(out.iterdir())
 
 

@@ -30,12 +30,13 @@ class RunDirError(RuntimeError):
 # Causes worth naming in words, and what the user can do about each.
 _CAUSES = {
     errno.ENOSPC: ("disk full", "free space on that filesystem"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
     errno.EFBIG: ("file size limit reached", "raise the file size limit (ulimit -f)"),
     errno.EACCES: ("permission denied", "make it writable"),
     errno.EPERM: ("permission denied", "make it writable"),
     errno.EROFS: ("read-only filesystem", "use a writable filesystem"),
 }
+if hasattr(errno, "EDQUOT"):  # POSIX only
+    _CAUSES[errno.EDQUOT] = ("disk quota exceeded", "free space or raise the quota")
 
 
 class WriteError(RunDirError):
@@ -100,7 +101,8 @@ def replacing(path: Path) -> Iterator[Path]:
         mode = _create(tmp)
         yield tmp
         if os.stat(tmp).st_mode & 0o7777 != mode:
-            os.chmod(tmp, mode)
+            with contextlib.suppress(OSError):  # a filesystem without modes keeps its own
+                os.chmod(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as error:
