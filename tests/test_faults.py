@@ -344,6 +344,19 @@ def test_a_figure_write_failing_mid_file_leaves_the_previous_figure(tmp_path, mo
     assert [p.name for p in path.parent.iterdir()] == ["curve.png"]
 
 
+def test_a_figure_into_a_read_only_directory_is_a_one_line_error(tmp_path, reference, capsys,
+                                                                   monkeypatch):
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    blocked = _ReadOnly(figures, monkeypatch)
+    blocked.switch_on()
+    code, _, err = _cli(capsys, "plot", str(reference), "--out", str(figures / "curves.png"))
+    blocked.switch_off()
+    _assert_one_line_error(code, err, "curves.png",
+                           "permission" if PERMISSION_BITS_BIND else "read-only")
+    assert not list(figures.iterdir())
+
+
 def test_files_follow_the_umask(tmp_path):
     """New files get 0666 minus the umask, checkpoints included (safetensors alone makes them
     0600)."""
