@@ -39,10 +39,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import rnnreg.cli as cli
 from rnnreg.lm.checkpoint import load_tree
+from rnnreg.lm.events import ScalarLog
 from rnnreg.lm.files import WriteError, atomic_write_text
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir import RunDir
-from rnnreg.lm.tensorboard import ScalarLog
 from rnnreg.lm.training import train
 from rnnreg.study import plots
 

@@ -43,13 +43,13 @@ from rnnreg.lm.config import Config
 from rnnreg.lm.data import Corpus, Vocabulary, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
+from rnnreg.lm.events import ScalarLog
 from rnnreg.lm.files import WriteError, atomic_write_text
 from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
 from rnnreg.lm.provenance import describe_machine, package_commit
 from rnnreg.lm.rundir import RunDir, RunDirError
 from rnnreg.lm.runs import read_config, read_vocab
-from rnnreg.lm.tensorboard import ScalarLog
 
 __all__ = ["TrainingDiverged", "train"]
 

@@ -1,4 +1,4 @@
-"""TensorBoard scalars, written synchronously so a failed write is an error, not a lost thread.
+"""TensorBoard event files, written synchronously so a failed write is an error, not a lost thread.
 
 ``torch.utils.tensorboard.SummaryWriter`` writes from a background thread: a full disk there
 prints that thread's traceback, surfaces later as a bare OSError, and may leave a torn record in
