@@ -45,6 +45,8 @@ _LAZY = {
     "Score": "rnnreg.lm.evaluation",
     "score_stream": "rnnreg.lm.evaluation",
     "TrainingDiverged": "rnnreg.lm.training",
+    "RunDirError": "rnnreg.lm.files",
+    "WriteError": "rnnreg.lm.files",
     "load_model": "rnnreg.lm.runs",
     "train": "rnnreg.lm.training",
     "StudyGrid": "rnnreg.study.grid",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from rnnreg.lm import distributed
 from rnnreg.lm.config import CELLS, Config
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ValueError, DataError, RunDirError, TrainingDiverged, OSError,
             distributed.PeerFailed) as error:
-        print(f"rnnreg: error: {error}", file=sys.stderr)
+        # Through tqdm, so a progress bar the error cut short does not share the error's line.
+        tqdm.write(f"rnnreg: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rnnreg: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from rnnreg.lm.checkpoint import load_tree, save_tree
-from rnnreg.lm.files import atomic_write_text
+from rnnreg.lm.files import WriteError, atomic_write_text
 from rnnreg.lm.provenance import describe_machine, git_commit
 from rnnreg.lm.rundir import RunDir, RunDirError, RunLockedError
 
@@ -154,7 +154,7 @@ def test_crash_during_save_keeps_old_checkpoint_and_no_temp_files(
         raise OSError("simulated crash")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(WriteError, match="last.safetensors: simulated crash"):
         run.save_checkpoint("last", {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
 

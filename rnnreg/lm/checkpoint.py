@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -127,7 +129,23 @@ def save_tree(path: StrPath, tree: Tree) -> None:
     metadata = {"format": _TREE_FORMAT, "tree": json.dumps(structure)}
     with replacing(Path(path)) as tmp:
         # Writing straight to the file avoids holding a second in-memory copy of all the weights.
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        except safetensors.SafetensorError as error:
+            raise _os_error(error) from error
+
+
+def _os_error(error: Exception) -> Exception:
+    """The OSError inside a SafetensorError, so that a full disk reads like one.
+
+    safetensors reports I/O failures as its own exception type, with the OS error only in the
+    text ("... No space left on device (os error 28)"); anything else is returned unchanged.
+    """
+    found = re.search(r"os error (\d+)", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def load_tree(path: StrPath, device: str | torch.device = "cpu") -> Tree:
@@ -169,6 +187,7 @@ class Progress:
     train_seconds: float = 0.0     # training time over the whole run (evaluation excluded)
     lr: float = 0.0                # learning rate of the latest step (schedules may be per step)
     best_valid: float = math.inf
+    best_epoch: int = 0            # the epoch whose weights `best` holds (0: none yet)
     valid_history: list[float] = field(default_factory=list)
     averaging: bool = False        # NT-ASGD has switched to averaging
     finished: bool = False

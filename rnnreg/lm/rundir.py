@@ -10,7 +10,8 @@ Layout of a run directory::
     .lock              the writer's OS lock (filelock); .lock.holder says who holds it
 
 Checkpoints are safetensors trees (:mod:`rnnreg.lm.checkpoint`), so loading one never executes
-code; every file is written atomically (:mod:`rnnreg.lm.files`).
+code; every file is written atomically (:mod:`rnnreg.lm.files`), and a write that fails raises
+:class:`~rnnreg.lm.files.WriteError` with the file as it was before.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,9 +31,19 @@ import filelock
 import torch
 
 from rnnreg.lm.checkpoint import Tree, load_tree, save_tree
-from rnnreg.lm.files import RunDirError, StrPath, atomic_write_text
+from rnnreg.lm.files import (
+    RunDirError,
+    StrPath,
+    WriteError,
+    append_bytes,
+    atomic_write_text,
+    check_writable,
+    is_temporary,
+    replacing,
+    writing,
+)
 
-__all__ = ["RunDir", "RunDirError", "RunLockedError"]
+__all__ = ["RunDir", "RunDirError", "RunLockedError", "WriteError"]
 
 # Checkpoint names become file names; keeping them to a safe alphabet rules out path traversal
 # and hidden files (temporary files start with ".").
@@ -91,16 +103,22 @@ def _exclusive_lock(run_path: Path) -> Iterator[None]:
     holder = run_path / ".lock.holder"
     try:
         lock.acquire()
-    except filelock.Timeout:
+    except filelock.Timeout:  # an OSError too, so caught first
         raise RunLockedError(f"run directory {run_path} is in use by {_lock_holder(holder)}; "
                              "wait for it to finish or choose another --out") from None
+    except OSError as error:  # the lock file cannot be created: a read-only or foreign --out
+        raise WriteError(lock.lock_file, error.errno, error.strerror or str(error)) from error
     try:
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                      "started": started}))
+        with writing(holder):
+            holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                          "started": started}))
         yield
     finally:
-        holder.unlink(missing_ok=True)  # before unlocking, so no finished process is reported
+        # Before unlocking, so no finished process is reported; a directory that has become
+        # read-only keeps it, and the error that says so is the one to report.
+        with contextlib.suppress(OSError):
+            holder.unlink(missing_ok=True)
         lock.release()
 
 
@@ -162,8 +180,38 @@ class RunDir:
                 "continue it or choose another --out"
             )
         for directory in (self.checkpoint_dir, self.tensorboard_dir, self.plots_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            with writing(directory):
+                directory.mkdir(parents=True, exist_ok=True)
         return self
+
+    def check_writable(self) -> None:
+        """Raise WriteError unless every part of the run can be written.
+
+        Called before training, so that a read-only or foreign directory is refused at once, not
+        at the first checkpoint after minutes of training.
+        """
+        for directory in (self._path, self.checkpoint_dir, self.tensorboard_dir, self.plots_dir):
+            if directory.is_dir():
+                check_writable(directory)
+        if self.metrics_path.exists():  # appended in place, so the file itself must be writable
+            with writing(self.metrics_path):
+                os.close(os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND))
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files of writes that a killed process left unfinished.
+
+        Only the lock holder may call this: a live writer's temporary file would go too.
+        """
+        removed = []
+        for directory in (self._path, self.checkpoint_dir, self.plots_dir):
+            if not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                if is_temporary(path.name) and path.is_file():
+                    with writing(path):
+                        path.unlink()
+                    removed.append(path)
+        return removed
 
     def exists(self) -> bool:
         """Whether this is a run directory, i.e. its config has been written."""
@@ -180,7 +228,8 @@ class RunDir:
         at one directory.
         Never delete `.lock` while a run is active. Creates the directory if needed.
         """
-        self._path.mkdir(parents=True, exist_ok=True)
+        with writing(self._path):
+            self._path.mkdir(parents=True, exist_ok=True)
         return _exclusive_lock(self._path)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -211,11 +260,7 @@ class RunDir:
         if not isinstance(record, dict):
             raise TypeError(f"a metrics record must be a dict, not {type(record).__name__}")
         line = (json.dumps(record) + "\n").encode("utf-8")
-        with open(self.metrics_path, "a+b") as f:
-            _repair_torn_tail(f)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_bytes(self.metrics_path, line, prepare=_repair_torn_tail)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metrics records in order; [] if none were written.
@@ -266,8 +311,28 @@ class RunDir:
     def save_checkpoint(self, name: str, tree: Tree) -> None:
         """Atomically save `tree` as checkpoint `name`, replacing any previous one of that name."""
         path = self.checkpoint_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
         save_tree(path, tree)
+
+    def copy_checkpoint(self, source: str, name: str) -> None:
+        """Atomically make checkpoint `name` hold what checkpoint `source` holds.
+
+        A hard link where the filesystem has them: the same state is then not on disk twice, and
+        `source` can still be replaced later without touching `name` (a replace makes a new file).
+        """
+        source_path, path = self.checkpoint_path(source), self.checkpoint_path(name)
+        with replacing(path) as tmp:
+            tmp.unlink()
+            try:
+                os.link(source_path, tmp)
+            except OSError:  # no hard links here (FAT, some network filesystems): copy instead
+                shutil.copyfile(source_path, tmp)
+
+    def remove_checkpoint(self, name: str) -> None:
+        path = self.checkpoint_path(name)
+        with writing(path):
+            path.unlink(missing_ok=True)
 
     def load_checkpoint(self, name: str, device: str | torch.device = "cpu") -> Tree:
         path = self.checkpoint_path(name)

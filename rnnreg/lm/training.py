@@ -8,7 +8,10 @@ configuration of the same loop: AR/TAR penalties, variable-length windows, NT-AS
 
 A run directory holds the config, the vocabulary, metrics (JSON lines), TensorBoard scalars
 and checkpoints: ``last`` (weights, optimizer, RNG states, position in the epoch, carried hidden
-state) written atomically each epoch and every few minutes, and ``best`` (weights only).
+state) written atomically each epoch and every few minutes, and ``best`` (the weights of the
+best validation epoch). ``last`` is written first, being what ``--resume`` needs; ``best`` is then
+a hard link to it when they hold the same weights. A resumed run's metrics and TensorBoard
+history are cut back to its checkpoint, so they never hold an epoch twice.
 
 Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.lm.distributed`): each
 rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
@@ -40,7 +43,8 @@ from rnnreg.lm.config import Config
 from rnnreg.lm.data import Corpus, Vocabulary, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
-from rnnreg.lm.files import atomic_write_text
+from rnnreg.lm.events import ScalarLog
+from rnnreg.lm.files import WriteError, atomic_write_text
 from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
 from rnnreg.lm.provenance import describe_machine, package_commit
@@ -77,8 +81,12 @@ def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None
         trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
         if checkpoint is not None:
             trainer.restore(checkpoint)
+        elif resume:
+            trainer.start_over()
         try:
             return trainer.fit()
+        except WriteError as error:
+            raise error.advise(_after_write_error(error, trainer.saved_step)) from error
         finally:
             # Its DDP wrapper holds the process group: release it before launch() tears the
             # group down, the order torch.distributed asks for at shutdown.
@@ -91,7 +99,12 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config, resume: b
 
     Also refuses a job the run cannot take, before anything is written.
     """
-    held.enter_context(run.lock())
+    try:
+        held.enter_context(run.lock())
+        run.check_writable()
+    except WriteError as error:  # refused before any training time is spent
+        raise error.advise(f"{error.remedy or 'fix that'}, or choose another --out") from error
+    run.remove_temporaries()  # of writes a killed process left unfinished
     vocab = checkpoint = None
     if resume:
         if not run.exists():
@@ -129,6 +142,14 @@ def _create_run(run: RunDir, config: Config, vocab: Vocabulary, world_size: int)
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
+def _after_write_error(error: WriteError, saved_step: int | None) -> str:
+    """What a failed write during training leaves and how to go on, for its one-line message."""
+    fix = error.remedy or "fix the cause"
+    if saved_step is None:
+        return f"no checkpoint was saved yet: {fix}, then rerun with --resume (it starts over)"
+    return f"the last checkpoint (step {saved_step}) is intact: {fix}, then continue with --resume"
+
+
 class _Trainer:
     """The loop of one run: windows -> steps -> epochs, checkpoints and the final score."""
 
@@ -152,7 +173,10 @@ class _Trainer:
         self.optim = NTASGD(self.model, config)
         self.progress = Progress()
         self.hidden = None  # the recurrent state carried from window to window
-        self.writer = _tensorboard(run) if world.is_main else None
+        self._writer: ScalarLog | None = None
+        self._purge_step: int | None = None  # set by restore() or start_over()
+        self._final_logged = False  # a finished run resumed: TensorBoard has its test_ppl
+        self.saved_step: int | None = None  # step of the checkpoint `last` on disk, if any
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -171,6 +195,7 @@ class _Trainer:
         }
         if self.world.is_main:
             self.run.save_checkpoint("last", tree)
+        self.saved_step = self.progress.step
         self._last_save = time.monotonic()
 
     def restore(self, tree: dict) -> None:
@@ -181,10 +206,58 @@ class _Trainer:
         hidden = self.world.shard_columns(tree["hidden"])
         self.hidden = map_state(hidden, lambda h: h.to(self.device))
         set_rng_states(rng_per_rank(tree["rng"])[self.world.rank])
-        resumed_epoch = self.progress.epoch
-        if self.world.is_main:
-            self.run.truncate_metrics(lambda r: r.get("epoch", 0) < resumed_epoch
-                                      and r.get("event") == "epoch")
+        progress = self.progress
+        self.saved_step = progress.step
+        self._purge_step = None if progress.finished else progress.epoch
+        if not self.world.is_main:
+            return
+        self._final_logged = progress.finished and any(
+            r.get("event") == "final" for r in self.run.read_metrics())
+        dropped = self.run.truncate_metrics(lambda r: _before_checkpoint(r, progress))
+        if dropped and self.verbose:
+            tqdm.write(f"resuming at step {progress.step} (epoch {progress.epoch}): dropped "
+                       f"{dropped} metrics event(s) logged after that checkpoint")
+        # A kill between the end-of-epoch `last` and its `best` leaves `best` one epoch behind.
+        if (not progress.finished and progress.position == 0 and progress.best_epoch > 0
+                and progress.best_epoch == progress.epoch - 1):
+            self._save_best()
+
+    def start_over(self) -> None:
+        """Resume found a config but no checkpoint: train from the start, with a clean history.
+
+        Whatever an earlier attempt logged (metrics, TensorBoard, a `best` checkpoint) describes
+        training that is now lost, and would otherwise be mixed with the new run's.
+        """
+        if not self.world.is_main:
+            return
+        run, stale = self.run, []
+        if run.metrics_path.exists() and (dropped := run.truncate_metrics(lambda r: False)):
+            stale.append(f"{dropped} metrics event(s)")
+        if any(run.tensorboard_dir.glob("events.out.tfevents.*")):
+            self._purge_step = 0
+            stale.append("the TensorBoard curves")
+        if run.has_checkpoint("best"):
+            run.remove_checkpoint("best")
+            stale.append("the best checkpoint")
+        if self.verbose:
+            cleared = f"; cleared {', '.join(stale)} of an earlier attempt" if stale else ""
+            tqdm.write(f"{run.path} has no checkpoint to resume: training from the start with "
+                       f"its saved config{cleared}")
+
+    @property
+    def writer(self) -> ScalarLog:
+        """TensorBoard (rank 0), opened at the first scalar, when a resume's purge step is set."""
+        if self._writer is None:
+            self._writer = ScalarLog(self.run.tensorboard_dir, purge_step=self._purge_step)
+        return self._writer
+
+    def _save_best(self) -> None:
+        """Write `best` after `last`: as a link to it while the weights evaluated are the
+        iterates themselves, in full once NT-ASGD evaluates their average instead."""
+        if self.optim.averaging:
+            self.run.save_checkpoint("best", {"model": self.optim.eval_weights()})
+        else:
+            self.run.copy_checkpoint("last", "best")
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -311,10 +384,9 @@ class _Trainer:
         }
         if self.world.is_main:
             self._record_epoch(record)
-        if valid.perplexity < progress.best_valid:
-            progress.best_valid = valid.perplexity
-            if self.world.is_main:
-                self.run.save_checkpoint("best", {"model": self.optim.eval_weights()})
+        improved = valid.perplexity < progress.best_valid
+        if improved:
+            progress.best_valid, progress.best_epoch = valid.perplexity, progress.epoch
         progress.averaging = self.optim.averaging or self.optim.observe(
             progress.valid_history, valid.perplexity)
         if self.verbose:
@@ -326,6 +398,8 @@ class _Trainer:
         progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
         self.hidden = None  # each epoch starts the streams from their beginning
         self.save()
+        if improved and self.world.is_main:
+            self._save_best()
 
     def _record_epoch(self, record: dict) -> None:
         self.run.append_metrics(record)
@@ -352,8 +426,9 @@ class _Trainer:
         }
         self.run.truncate_metrics(lambda r: r.get("event") != "final")
         self.run.append_metrics(summary)
-        self.writer.add_scalar("test_ppl", test.perplexity, progress.epoch - 1)
-        self.writer.close()
+        if not self._final_logged:
+            self.writer.add_scalar("test_ppl", test.perplexity, progress.epoch - 1)
+            self.writer.close()
         if self.verbose:
             tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  test ppl {test.perplexity:.2f}"
                        f"  (test scored as one stream in {test.seconds:.1f}s)")
@@ -416,10 +491,19 @@ class _StopRequests:
             signal.signal(signum, handler)
 
 
-def _tensorboard(run: RunDir):
-    from torch.utils.tensorboard import SummaryWriter
+def _before_checkpoint(record: dict, progress: Progress) -> bool:
+    """Whether a metrics record logs training the checkpoint holds (kept on resume).
 
-    return SummaryWriter(log_dir=str(run.tensorboard_dir))
+    An epoch's record counts once that epoch ended in the checkpoint (a checkpoint taken at the
+    last step of an epoch, before the epoch's validation, still ends it again); a final record
+    only if the checkpoint is of the finished run; any other record by its step.
+    """
+    event = record.get("event")
+    if event == "epoch":
+        return record.get("epoch", 0) < progress.epoch
+    if event == "final":
+        return progress.finished
+    return record.get("step", 0) <= progress.step
 
 
 def _seed_everything(seed: int) -> None:

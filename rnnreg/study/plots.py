@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
+from rnnreg.lm.files import replacing, writing
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir import RunDir
 
@@ -57,9 +58,13 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
+    """Write the figure atomically: a full disk leaves the previous figure, not half a PNG."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        # The format from the real name: the temporary one ends in .tmp.
+        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
     return path
 
 
