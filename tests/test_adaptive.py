@@ -264,6 +264,34 @@ def test_adaptive_training_learns_the_corpus(adaptive_run):
     assert summary["test_ppl"] < 8   # unigram perplexity of the tiny corpus is about 17
 
 
+def test_evaluate_and_generate_commands_read_an_adaptive_run(adaptive_run, module_corpus,
+                                                             capsys):
+    out, summary = adaptive_run
+    assert cli.main(["evaluate", str(out), "--data-dir", str(module_corpus), "--weights", "last",
+                     "--device", "cpu", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-9)
+    assert cli.main(["evaluate", str(out), str(out), "--data-dir", str(module_corpus),
+                     "--mc-samples", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out.strip())["perplexity"])
+    assert cli.main(["generate", str(out), "--words", "6", "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.split()) >= 6
+
+
+def test_bfloat16_autocast_trains_through_float32_log_probabilities():
+    model = _model().train()
+    ids, targets = _stream(30).view(6, 5), _stream(30, seed=2).view(6, 5)
+    torch.manual_seed(3)
+    exact = model(ids, targets=targets).target_log_probs
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(ids, targets=targets).target_log_probs
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.05)
+    summed_loss(mixed, targets).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 KILLED_RUN = """
 import json, os, signal, sys
 
