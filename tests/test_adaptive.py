@@ -264,6 +264,22 @@ def test_adaptive_training_learns_the_corpus(adaptive_run):
     assert summary["test_ppl"] < 8   # unigram perplexity of the tiny corpus is about 17
 
 
+def test_a_run_written_before_the_softmax_fields_loads_as_full_softmax(module_corpus, tmp_path):
+    out = tmp_path / "old"
+    full = RUN.replace(softmax="full", adaptive_cutoffs=None, adaptive_div_value=4.0, epochs=1,
+                       checkpoint_steps=0)
+    summary = _quiet_train(full, out, module_corpus)
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("softmax", "adaptive_cutoffs", "adaptive_div_value"):
+        del saved["config"][key]
+    (out / "config.json").write_text(json.dumps(saved))
+    model, vocab, config = load_model(out, weights="last", device="cpu")
+    assert config == full and not model.adaptive
+    ids = Corpus.load(module_corpus, config.level, vocab).test
+    assert score_stream(model, ids, bptt=config.eval_bptt).perplexity == pytest.approx(
+        summary["test_ppl"], rel=1e-9)
+
+
 def test_evaluate_and_generate_commands_read_an_adaptive_run(adaptive_run, module_corpus,
                                                              capsys):
     out, summary = adaptive_run
