@@ -42,6 +42,8 @@ _LAZY = {
     "LanguageModel": "rnnreg.lm.model",
     "PRESETS": "rnnreg.lm.presets",
     "preset_config": "rnnreg.lm.presets",
+    "budget_config": "rnnreg.lm.presets",
+    "AdaptiveSoftmax": "rnnreg.lm.adaptive",
     "Score": "rnnreg.lm.evaluation",
     "score_stream": "rnnreg.lm.evaluation",
     "TrainingDiverged": "rnnreg.lm.training",

@@ -42,6 +42,12 @@ _BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type == "bool"}
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
           "str | None": str}
 _SIZE_LIST_TYPES = {"tuple[int, ...] | None"}
+_LIST_HELP = {
+    "layer_sizes": "one size per layer, e.g. 1150 1150 400 or 1150,1150,400 (sets --num-layers "
+                   "and --hidden-size unless given); 'none' = uniform",
+    "adaptive_cutoffs": "word ids where the adaptive head and each cluster end, e.g. 2000 10000; "
+                        "'none' = 2000 and 10000 below the vocabulary size",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,9 +116,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] =
                                 default=argparse.SUPPRESS)
         elif field.type in _SIZE_LIST_TYPES:
             fields.add_argument(flag, nargs="+", action=_SizesAction, default=argparse.SUPPRESS,
-                                metavar="SIZE", help="one size per layer, e.g. 1150 1150 400 or "
-                                "1150,1150,400 (sets --num-layers and --hidden-size unless "
-                                "given); 'none' = uniform")
+                                metavar="SIZE", help=_LIST_HELP[field.name])
         else:
             fields.add_argument(flag, type=_TYPES[field.type], default=argparse.SUPPRESS,
                                 metavar=field.name.upper())

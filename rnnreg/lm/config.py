@@ -15,12 +15,13 @@ from typing import Any
 from rnnreg.nn.functional import check_probability, check_zoneout
 from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
 
-__all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "Config"]
+__all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config"]
 
 CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("sgd", "asgd")
 LR_SCHEDULES = ("step", "cosine")
 PRECISIONS = ("float32", "bfloat16")
+SOFTMAXES = ("full", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class Config:
     layer_sizes: tuple[int, ...] | None = None
     tie_weights: bool = False       # Press & Wolf 2017 / AWD; the paper does not tie
     init_range: float = 0.1         # uniform(-r, r) for every weight (paper, section 4.1)
+    # "full": one V-way softmax (the paper). "adaptive": Grave et al. 2017 (rnnreg.lm.adaptive),
+    # exact and normalized, several times cheaper at large vocabularies.
+    softmax: str = "full"
+    # Ids where the adaptive head and each cluster end, increasing; None = the 2,000th and
+    # 10,000th most frequent words when the vocabulary is larger (rnnreg.lm.adaptive).
+    adaptive_cutoffs: tuple[int, ...] | None = None
+    adaptive_div_value: float = 4.0  # cluster i projects to hidden_size / div^(i+1) features
 
     # --- regularization ----------------------------------------------------------------
     strategy: str = "none"          # a name in rnnreg.STRATEGIES
@@ -95,6 +103,7 @@ class Config:
         _check_choice("level", self.level, ("word", "char"))
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("softmax", self.softmax, SOFTMAXES)
         for name in ("hidden_size", "num_layers", "batch_size", "bptt", "epochs", "eval_bptt",
                      "valid_batch_size", "asgd_nonmono"):
             _check_positive(name, getattr(self, name))
@@ -102,6 +111,7 @@ class Config:
             _check_positive("embedding_size", self.embedding_size)
         self._check_layer_sizes()
         self._check_recurrent_mask()
+        self._check_adaptive()
         for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
@@ -135,6 +145,28 @@ class Config:
             raise ValueError(f"recurrent_mask='batch' needs a variational strategy (one mask per "
                              f"call, shared by every step); {self.strategy!r} draws fresh masks "
                              "every step")
+
+    def _check_adaptive(self) -> None:
+        """Cutoffs are checked against the vocabulary when the model is built; here their form."""
+        if self.adaptive_cutoffs is not None:
+            cutoffs = self.adaptive_cutoffs
+            if isinstance(cutoffs, str | bytes) or not isinstance(cutoffs, tuple | list):
+                raise ValueError(f"adaptive_cutoffs must be a sequence of increasing positive "
+                                 f"integers, got {cutoffs!r}")
+            object.__setattr__(self, "adaptive_cutoffs", tuple(cutoffs))  # JSON gives lists
+            if (not cutoffs or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                   for c in cutoffs) or list(cutoffs) != sorted(set(cutoffs))):
+                raise ValueError(f"adaptive_cutoffs must be strictly increasing positive "
+                                 f"integers, got {list(cutoffs)}")
+        if not self.adaptive_div_value >= 1:
+            raise ValueError(f"adaptive_div_value must be >= 1, got {self.adaptive_div_value}")
+        if self.softmax == "adaptive" and self.tie_weights:
+            # Baevski & Auli (2019) tie an adaptive softmax to an adaptive *input* embedding,
+            # band by band; rnnreg's embedding is one V x E matrix, so there is nothing to tie
+            # the clusters' reduced-dimension word vectors and projections to.
+            raise ValueError("tie_weights is not available with softmax='adaptive': its "
+                             "clusters have reduced-dimension word vectors that a full "
+                             "embedding cannot share; use --no-tie-weights or --softmax full")
 
     def _check_layer_sizes(self) -> None:
         sizes = self.layer_sizes

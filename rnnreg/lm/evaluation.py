@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rnnreg.lm.data import batchify, windows
-from rnnreg.lm.model import LanguageModel, ModelMasks, detach_state
+from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
 
 __all__ = ["Score", "perplexity", "score_stream"]
 
@@ -95,9 +95,9 @@ def _score_windows(members, streams: Tensor, bptt: int, mc_samples: int, progres
             masks = held[i]
             if mc_samples and masks is None:
                 masks = model.sample_masks(inputs.size(0), inputs.size(1))
-            out = model(inputs, states[i], masks)
+            out = model(inputs, states[i], masks, targets)
             states[i] = detach_state(out.state)
-            log_probs.append(_target_log_probs(out.logits.float(), targets))
+            log_probs.append(_target_log_probs(out, targets))
         total += _mixture_nll(torch.stack(log_probs), mc_samples).double()
         bar.update(inputs.size(0))
     bar.close()
@@ -109,8 +109,15 @@ def _held_masks(model: LanguageModel, samples: int) -> ModelMasks | None:
     return model.sample_masks(1, samples) if model.variational else None
 
 
-def _target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log p(target) per position, ``(T, B)``, without materialising the full log-softmax."""
+def _target_log_probs(out: ModelOutput, targets: Tensor) -> Tensor:
+    """log p(target) per position, ``(T, B)``, without materialising the full log-softmax.
+
+    The adaptive softmax gives them directly (exact: its head and the targets' clusters); the
+    full softmax's come from its logits.
+    """
+    if out.target_log_probs is not None:
+        return out.target_log_probs.float()
+    logits = out.logits.float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 

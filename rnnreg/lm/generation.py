@@ -16,7 +16,9 @@ def sample_text(model: LanguageModel, vocab: Vocabulary, prompt: str, *, words: 
     """Condition on ``prompt`` (may be empty: then on an end of sentence) and sample ``words``.
 
     Sampling from softmax(logits / temperature): below 1 sharpens towards likely words, above
-    1 flattens towards the vocabulary's spread.
+    1 flattens towards the vocabulary's spread. An adaptive softmax's "logits" are its exact
+    log-probabilities over the whole vocabulary, so the same formula samples p^(1/temperature),
+    renormalized; at temperature 1, exactly its distribution.
     """
     model.eval()
     device = next(model.parameters()).device

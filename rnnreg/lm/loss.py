@@ -11,13 +11,18 @@ from rnnreg.lm.model import ModelOutput
 __all__ = ["activation_penalties", "summed_loss"]
 
 
-def summed_loss(logits: Tensor, targets: Tensor) -> Tensor:
+def summed_loss(scores: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy summed over the unrolled steps and averaged over the batch (sec. 4.1).
 
     Zaremba et al. minimise the average negative log probability per word *summed over the
     num_steps unrolled steps*; with plain SGD at lr=1 this scaling is part of the recipe.
+    ``scores`` are logits ``(T, B, V)`` (the full softmax), or the targets' log-probabilities
+    ``(T, B)`` that the adaptive softmax computes without the rest of the distribution
+    (:attr:`rnnreg.lm.model.ModelOutput.scores` gives whichever the model has).
     """
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+    if scores.shape == targets.shape:
+        return -scores.sum() / targets.size(1)
+    total = F.cross_entropy(scores.reshape(-1, scores.size(-1)), targets.reshape(-1),
                             reduction="sum")
     return total / targets.size(1)
 

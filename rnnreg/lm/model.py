@@ -1,9 +1,15 @@
-"""The word (or character) language model: embedding -> rnnreg recurrent stack -> decoder.
+"""The word (or character) language model: embedding -> rnnreg recurrent stack -> softmax.
 
 Zaremba et al. (2014, section 4.1): dropout on the L+1 non-recurrent connections of an L-layer
-LSTM, every weight initialised uniformly in [-r, r]. The output dropout is applied here rather
-than inside the layer so the activation penalties of AWD-LSTM (Merity et al. 2018, section 4.6)
-can see the last layer's output both before (TAR) and after (AR) it is dropped.
+LSTM, every weight initialised uniformly in [-r, r]. The softmax is the paper's full V-way one
+(``decoder``, an ``nn.Linear``) or the adaptive softmax of Grave et al. (2017,
+:mod:`rnnreg.lm.adaptive`); both give exact, normalized probabilities.
+
+The output dropout is the LM's own, not the recurrent layer's ``output_dropout`` keyword: the
+layers follow ``torch.nn.LSTM``'s contract and return only the dropped output, while the
+activation penalties of AWD-LSTM (Merity et al. 2018, section 4.6) need the last layer's output
+both before (TAR) and after (AR) it is dropped. It acts in one place, :meth:`_drop_output`, with
+the same primitives and draws as the layers' own (a fresh mask per step, or one per sequence).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnreg.lm.adaptive import AdaptiveSoftmax
 from rnnreg.lm.config import Config
-from rnnreg.nn.functional import dropout, dropout_mask, embedding_dropout
+from rnnreg.nn.functional import dropout, dropout_mask, embedding_dropout, locked_dropout
 from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 
@@ -34,11 +41,20 @@ class ModelMasks:
 
 @dataclass(frozen=True)
 class ModelOutput:
-    logits: Tensor            # (T, B, V)
+    # (T, B, V) scores whose softmax is the prediction: the full softmax's logits, the adaptive
+    # softmax's exact log-probabilities; None when the adaptive softmax was given targets.
+    logits: Tensor | None
     state: object             # the final recurrent state, to carry into the next window;
                               # per-layer tuple with layer_sizes (see rnnreg.nn.stack)
     hidden: Tensor            # (T, B, H) last layer's output before output dropout (TAR)
     dropped: Tensor           # the same after output dropout (AR)
+    # (T, B) log p(target): what the adaptive softmax gives for targets, without the other words
+    target_log_probs: Tensor | None = None
+
+    @property
+    def scores(self) -> Tensor:
+        """What the loss reads: the logits, or the targets' log-probabilities (adaptive)."""
+        return self.logits if self.target_log_probs is None else self.target_log_probs
 
 
 class LanguageModel(nn.Module):
@@ -60,7 +76,11 @@ class LanguageModel(nn.Module):
             # Uniform sizes: one rnnreg layer, torch's parameter names and fused stack.
             self.rnn = _LAYERS[config.cell](config.embedding_dim, sizes[0], len(sizes),
                                             **settings)
-        self.decoder = nn.Linear(self.rnn.hidden_size, vocab_size)
+        if config.softmax == "adaptive":
+            self.decoder = AdaptiveSoftmax(self.rnn.hidden_size, vocab_size,
+                                           config.adaptive_cutoffs, config.adaptive_div_value)
+        else:
+            self.decoder = nn.Linear(self.rnn.hidden_size, vocab_size)
         self.init_uniform(config.init_range)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight  # Press & Wolf 2017
@@ -71,8 +91,12 @@ class LanguageModel(nn.Module):
             nn.init.uniform_(parameter, -init_range, init_range)
 
     @property
+    def adaptive(self) -> bool:
+        return isinstance(self.decoder, AdaptiveSoftmax)
+
+    @property
     def tied(self) -> bool:
-        return self.decoder.weight is self.embedding.weight
+        return getattr(self.decoder, "weight", None) is self.embedding.weight
 
     def sample_masks(self, steps: int, batch_size: int) -> ModelMasks:
         """Masks for one call; one per sequence (leading dim 1) when the strategy is variational."""
@@ -88,31 +112,40 @@ class LanguageModel(nn.Module):
                                   device=weight.device, dtype=weight.dtype)
         return ModelMasks(words, self.rnn.sample_masks(steps, batch_size), output)
 
-    def forward(self, ids: Tensor, state=None, masks: ModelMasks | None = None) -> ModelOutput:
-        """``ids (T, B)`` -> logits ``(T, B, V)``; ``masks`` forces explicit masks in any mode."""
+    def forward(self, ids: Tensor, state=None, masks: ModelMasks | None = None,
+                targets: Tensor | None = None) -> ModelOutput:
+        """``ids (T, B)`` -> :class:`ModelOutput`; ``masks`` forces explicit masks in any mode.
+
+        ``targets (T, B)`` let the adaptive softmax score only them (``target_log_probs``);
+        the full softmax gives its logits either way (the loss is cross-entropy on them).
+        """
         if ids.dim() != 2:
             raise ValueError(f"ids must be (T, B), got shape {tuple(ids.shape)}")
         if masks is None:
-            return self._forward_sampled(ids, state)
-        embedded = F.embedding(ids, self.embedding.weight)
-        if masks.words is not None:
-            embedded = embedded * masks.words[ids].unsqueeze(-1)
-        hidden, state = self.rnn.forward_with_masks(embedded, state, masks.rnn)
-        dropped = hidden if masks.output is None else hidden * masks.output
-        return ModelOutput(self.decoder(dropped), state, hidden, dropped)
+            embedded = embedding_dropout(ids, self.embedding.weight, self.embedding_dropout,
+                                         self.training)
+            hidden, state = self.rnn(embedded, state)
+        else:
+            embedded = F.embedding(ids, self.embedding.weight)
+            if masks.words is not None:
+                embedded = embedded * masks.words[ids].unsqueeze(-1)
+            hidden, state = self.rnn.forward_with_masks(embedded, state, masks.rnn)
+        dropped = self._drop_output(hidden, masks)
+        if not self.adaptive:
+            return ModelOutput(self.decoder(dropped), state, hidden, dropped)
+        if targets is None:
+            return ModelOutput(self.decoder.log_probs(dropped), state, hidden, dropped)
+        return ModelOutput(None, state, hidden, dropped,
+                           self.decoder.target_log_probs(dropped, targets))
 
-    def _forward_sampled(self, ids: Tensor, state) -> ModelOutput:
-        embedded = embedding_dropout(ids, self.embedding.weight, self.embedding_dropout,
-                                     self.training)
-        hidden, state = self.rnn(embedded, state)
-        dropped = hidden
-        if self.training and self.output_dropout > 0:
-            if self.variational:
-                dropped = hidden * dropout_mask((1, *hidden.shape[1:]), self.output_dropout,
-                                                device=hidden.device, dtype=hidden.dtype)
-            else:
-                dropped = dropout(hidden, self.output_dropout)
-        return ModelOutput(self.decoder(dropped), state, hidden, dropped)
+    def _drop_output(self, hidden: Tensor, masks: ModelMasks | None) -> Tensor:
+        """Output dropout: the given mask, else (training) a fresh or per-sequence one."""
+        if masks is not None:
+            return hidden if masks.output is None else hidden * masks.output
+        if not self.training or self.output_dropout == 0:
+            return hidden
+        drop = locked_dropout if self.variational else dropout
+        return drop(hidden, self.output_dropout)
 
 
 def detach_state(state):

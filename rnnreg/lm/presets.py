@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from rnnreg.lm.adaptive import default_cutoffs
 from rnnreg.lm.config import Config
 
-__all__ = ["PRESETS", "Preset", "preset_config"]
+__all__ = ["BUDGET_RULE", "PRESETS", "Preset", "budget_config", "preset_config"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,61 @@ def preset_config(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name].config()
+
+
+# --- time budgets beyond PTB ---------------------------------------------------------------
+# cpu-30min is tuned for one point: 30 minutes, PTB's 10k words, a 2x400 model. budget_config
+# moves that point along the two axes a new corpus changes. It keeps the number of training
+# tokens the budget buys equal to the reference run's (so the cosine schedule anneals over about
+# as many updates as it was tuned for) by choosing the largest hidden size whose cost per token
+# fits ``minutes / reference_minutes`` times the reference cost, where the cost per token is the
+# multiply-adds of the LSTM (8 H^2 per layer: four gates, input and recurrent products) plus
+# the softmax's (H x its width: V for the full softmax; for the adaptive one the head's entries
+# plus each cluster's words divided by its reduction, as if every token paid every cluster, an
+# upper bound). Vocabularies above ``adaptive_above`` words get the adaptive softmax, untied
+# (rnnreg refuses tying there); smaller ones keep the tuned, tied full softmax. The rule is a
+# design, not a measurement: benchmarks/budget_study.py measures it.
+BUDGET_RULE = MappingProxyType(dict(
+    base="cpu-30min", reference_minutes=30.0, reference_vocab=10_000, reference_hidden=400,
+    adaptive_above=20_000, hidden_step=50, min_hidden=100, max_hidden=1500,
+))
+
+
+def budget_config(minutes: float, vocab_size: int, *, softmax: str | None = None) -> Config:
+    """The cpu-30min recipe resized for a ``minutes`` budget and ``vocab_size`` words.
+
+    ``softmax`` forces the decoder (e.g. to compare full and adaptive at one budget); by
+    default the rule picks it. See :data:`BUDGET_RULE` for the rule and its reasons.
+    """
+    rule = BUDGET_RULE
+    if not minutes > 0:
+        raise ValueError(f"a time budget must be > 0 minutes, got {minutes}")
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+    base = preset_config(rule["base"])
+    if softmax is None:
+        softmax = "adaptive" if vocab_size > rule["adaptive_above"] else "full"
+    width = _softmax_width(softmax, vocab_size, base.adaptive_div_value)
+    budget = (_cost(rule["reference_hidden"], rule["reference_vocab"], base.num_layers)
+              * minutes / rule["reference_minutes"])
+    hidden = rule["min_hidden"]
+    for size in range(rule["min_hidden"], rule["max_hidden"] + 1, rule["hidden_step"]):
+        if _cost(size, width, base.num_layers) <= budget:
+            hidden = size
+    return base.replace(softmax=softmax, tie_weights=softmax == "full", hidden_size=hidden,
+                        max_train_minutes=float(minutes))
+
+
+def _cost(hidden: int, softmax_width: float, layers: int) -> float:
+    """Multiply-adds per token: the LSTM layers and the softmax (see BUDGET_RULE)."""
+    return 8 * layers * hidden ** 2 + hidden * softmax_width
+
+
+def _softmax_width(softmax: str, vocab_size: int, div_value: float) -> float:
+    if softmax == "full":
+        return float(vocab_size)
+    cutoffs = default_cutoffs(vocab_size)
+    bounds = (*cutoffs, vocab_size)
+    clusters = sum((high - low) / div_value ** (i + 1)
+                   for i, (low, high) in enumerate(zip(bounds[:-1], bounds[1:])))
+    return cutoffs[0] + len(cutoffs) + clusters

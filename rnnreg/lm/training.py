@@ -338,8 +338,8 @@ class _Trainer:
         targets = self.streams[position + 1:position + 1 + length]
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=config.precision == "bfloat16"):
-            out = self.trained(inputs, self.hidden)
-        loss = summed_loss(out.logits.float(), targets)
+            out = self.trained(inputs, self.hidden, targets=targets)
+        loss = summed_loss(out.scores.float(), targets)
         # Summed over ranks before the checks, so every rank judges the same number.
         nll, = self.world.sum(float(loss.detach()) * targets.size(1))
         # A loss whose perplexity overflows float64 has diverged as surely as a NaN one.
