@@ -37,15 +37,17 @@ from rnnreg.lm import distributed
 from rnnreg.lm.asgd import NTASGD
 from rnnreg.lm.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus, Vocabulary, batchify, shard_streams
+from rnnreg.lm.data import Corpus, Vocabulary, batchify, ensure_ptb, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
 from rnnreg.lm.files import atomic_write_text
+from rnnreg.lm.logbook import Logbook, strict
 from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
 from rnnreg.lm.provenance import describe_machine, package_commit
 from rnnreg.lm.rundir import RunDir, RunDirError
-from rnnreg.lm.runs import read_config, read_vocab
+from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config, where
+from rnnreg.nn import loops
 
 __all__ = ["TrainingDiverged", "train"]
 
@@ -54,10 +56,18 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
-def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True, verbose: bool = True,
-          on_step: Callable[[int], None] | None = None) -> dict:
+def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None = None,
+          resume: bool = False, download: bool = True, progress: bool = True,
+          verbose: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) the run in ``out``; returns the final summary also written to metrics.
+
+    ``resume=True`` continues the run in ``out`` where it stopped, so one call (and one command
+    line) serves the first launch and every restart: with no run in ``out`` yet it starts one.
+    Nothing passed is ignored: ``config`` must equal the saved config except that ``epochs``
+    and ``max_train_minutes`` may be raised to extend the run (``config=None`` takes the saved
+    one), and ``data_dir`` (default: the corpus recorded in the run) must hold the same files,
+    by MD5, as when the run was trained. ``download`` fetches PTB into the cache when no
+    corpus is given anywhere (no ``data_dir``, no ``$RNNREG_DATA``) and the cache has none.
 
     ``progress`` shows a live bar per epoch; ``verbose`` prints one line per epoch.
     ``on_step`` is called with the global step after every optimizer step (progress hooks and
@@ -67,45 +77,89 @@ def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None
     :mod:`rnnreg.lm.distributed`); only rank 0 needs ``out``, and every rank ``data_dir``.
     """
     run = RunDir(out)
-    with distributed.launch() as world, contextlib.ExitStack() as held:
-        # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
-        config, vocab, checkpoint = world.from_main(
-            lambda: _open_run(run, held, config, resume, world.size))
-        corpus = world.everywhere(lambda: Corpus.load(data_dir, config.level, vocab))
-        if not resume:  # only once the data loaded, so a failed start leaves no half-made run
-            world.from_main(lambda: _create_run(run, config, corpus.vocab, world.size))
-        trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
-        try:
-            return trainer.fit()
-        finally:
-            # Its DDP wrapper holds the process group: release it before launch() tears the
-            # group down, the order torch.distributed asks for at shutdown.
-            del trainer
+    fresh = not run.path.exists()
+    try:
+        with distributed.launch() as world, contextlib.ExitStack() as held:
+            trainer = _start(run, held, world, config, data_dir, resume, download, progress,
+                             verbose, on_step)
+            try:
+                return trainer.fit()
+            finally:
+                # Its DDP wrapper holds the process group: release it before launch() tears the
+                # group down, the order torch.distributed asks for at shutdown.
+                del trainer
+    except BaseException:
+        if fresh:
+            _remove_unstarted(run)
+        raise
 
 
-def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config, resume: bool,
-              world_size: int) -> tuple[Config, Vocabulary | None, dict | None]:
-    """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint.
+def _start(run: RunDir, held: contextlib.ExitStack, world: World, config: Config | None,
+           data_dir, resume: bool, download: bool, progress: bool, verbose: bool,
+           on_step) -> _Trainer:
+    """Open (or create) the run and load its corpus: everything before the first step."""
+    # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
+    config, vocab, checkpoint, recorded = world.from_main(
+        lambda: _open_run(run, held, config, resume, world.size, verbose))
+    if data_dir is None and recorded is not None:
+        data_dir = recorded["data_dir"]
+    elif data_dir is None and download:
+        world.from_main(lambda: ensure_ptb(progress and world.is_main))
+    corpus = world.everywhere(lambda: Corpus.load(
+        data_dir, config.level, vocab, split_fractions=config.split_fractions,
+        max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
+    if vocab is None:  # only once the data loaded, so a failed start leaves no half-made run
+        world.from_main(lambda: _create_run(run, config, corpus, world.size))
+    trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    return trainer
+
+
+def _remove_unstarted(run: RunDir) -> None:
+    """Undo what a start that failed before training left: the directory and its lock files.
+
+    Only for a directory this call created, and only while it holds no run (no config.json):
+    a run that trained, even briefly, is kept for --resume.
+    """
+    if not distributed.is_main() or run.exists():
+        return
+    for name in (".lock", ".lock.holder"):
+        (run.path / name).unlink(missing_ok=True)
+    for directory in (run.checkpoint_dir, run.tensorboard_dir, run.plots_dir, run.path):
+        with contextlib.suppress(OSError):  # not empty, or never made: leave it
+            directory.rmdir()
+
+
+def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
+              world_size: int, verbose: bool
+              ) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
+    """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint
+    and recorded corpus.
 
     Also refuses a job the run cannot take, before anything is written.
     """
     held.enter_context(run.lock())
-    vocab = checkpoint = None
-    if resume:
-        if not run.exists():
-            raise RunDirError(f"nothing to resume in {run.path}: no config.json; "
-                              "start a new run without --resume")
-        config, vocab = read_config(run), read_vocab(run)
+    vocab = checkpoint = recorded = None
+    if resume and run.exists():
+        saved = read_config(run)
+        config = saved if config is None else resumed_config(saved, config)
+        if config != saved:  # extended: later resumes and reports see the new length
+            run.write_config({**run.read_config(), "config": config.to_dict()})
+        vocab, recorded = read_vocab(run), read_corpus(run)
         # With no checkpoint yet, the run restarts from its saved config and vocabulary.
         checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+    elif config is None:
+        raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
+                          "to start a new run")
+    elif resume and verbose and distributed.is_main():
+        tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
     if config.batch_size % world_size:
         raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
                          f"{world_size}: each process trains B / world size whole streams")
     if checkpoint is not None:
         _check_ranks(run, checkpoint, world_size)
-    return config, vocab, checkpoint
+    return config, vocab, checkpoint, recorded
 
 
 def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
@@ -121,13 +175,14 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
                          f"not {world_size}")
 
 
-def _create_run(run: RunDir, config: Config, vocab: Vocabulary, world_size: int) -> None:
+def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
     if run.exists():
         raise RunDirError(f"{run.path} already holds a run; pass --resume to continue it "
                           "or choose another --out")
     run.create(exist_ok=True)
-    atomic_write_text(run.path / "vocab.json", json.dumps(vocab.to_json()))
-    run.write_config({"config": config.to_dict(), "commit": package_commit(),
+    atomic_write_text(run.path / "vocab.json", json.dumps(corpus.vocab.to_json()))
+    run.write_config({"config": config.to_dict(), "corpus": corpus.source,
+                      "commit": package_commit(),
                       "machine": describe_machine(), "processes": world_size,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
@@ -155,7 +210,8 @@ class _Trainer:
         self.optim = NTASGD(self.model, config)
         self.progress = Progress()
         self.hidden = None  # the recurrent state carried from window to window
-        self.writer = _tensorboard(run) if world.is_main else None
+        self.logbook = Logbook(run, enabled=world.is_main, log_every=config.log_every)
+        _build_loops(config, self.device)
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -184,10 +240,11 @@ class _Trainer:
         hidden = self.world.shard_columns(tree["hidden"])
         self.hidden = map_state(hidden, lambda h: h.to(self.device))
         set_rng_states(rng_per_rank(tree["rng"])[self.world.rank])
-        resumed_epoch = self.progress.epoch
-        if self.world.is_main:
-            self.run.truncate_metrics(lambda r: r.get("epoch", 0) < resumed_epoch
-                                      and r.get("event") == "epoch")
+        progress = self.progress
+        # Raised epochs or time budget: a finished run has more to do.
+        if progress.finished and progress.epoch <= self.config.epochs and not self._out_of_time():
+            progress.finished = False
+        self.logbook.rewind(progress.epoch, progress.step)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -204,7 +261,15 @@ class _Trainer:
                     self._end_epoch()
             self.progress.finished = True
             self.save()
+            if self.verbose and self.progress.epoch <= self.config.epochs:
+                tqdm.write(f"time budget of {self.config.max_train_minutes:g} min reached: "
+                           f"{self.saved_line()}")
         return self.world.from_main(self._score_final)
+
+    def saved_line(self) -> str:
+        """What the last checkpoint holds and where, for the line printed at every stop."""
+        return (f"saved {where(self.progress.__dict__)} of {self.streams.size(0) - 1} "
+                f"(step {self.progress.step}) in {self.run.path.resolve()}")
 
     def _train_epoch(self) -> None:
         config, progress = self.config, self.progress
@@ -213,6 +278,13 @@ class _Trainer:
         bar = tqdm(total=rows, initial=progress.position, disable=not self.show_progress,
                    desc=f"epoch {progress.epoch}/{config.epochs}", unit="row", leave=False,
                    mininterval=0.5)
+        try:  # the bar is closed first, so the lines printed at a stop start on their own line
+            self._windows(bar, rows)
+        finally:
+            bar.close()
+
+    def _windows(self, bar, rows: int) -> None:
+        config, progress = self.config, self.progress
         while progress.position < rows and not self._out_of_time():
             lr = progress.lr = config.lr_at(progress.epoch, self._fraction_done())
             started = time.perf_counter()
@@ -233,6 +305,11 @@ class _Trainer:
                                                  self._checkpoint_due())
             progress.epoch_seconds += elapsed
             progress.train_seconds += elapsed
+            self.logbook.window(
+                {"epoch": progress.epoch, "step": progress.step,
+                 "epochs_done": progress.epoch - 1 + progress.position / rows, "lr": lr,
+                 "train_seconds": progress.train_seconds},
+                nll, length * self.streams.size(1) * self.world.size, elapsed)
             bar.update(length)
             bar.set_postfix(
                 ppl=f"{perplexity(progress.epoch_nll, progress.epoch_tokens):.1f}",
@@ -240,11 +317,10 @@ class _Trainer:
                 lr=f"{lr:.3g}", refresh=False)
             if stop:
                 self.save()
-                raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved in "
-                                        f"{self.run.path}: continue with --resume")
+                self.logbook.curve()
+                raise KeyboardInterrupt(f"stopped: {self.saved_line()}; continue with --resume")
             if save:
                 self.save()
-        bar.close()
 
     def _fraction_done(self) -> float:
         """How much of the run is behind: by epochs, or by the time budget if that binds first."""
@@ -305,15 +381,14 @@ class _Trainer:
         valid = self.world.from_main(lambda: self._score(self.corpus.valid,
                                                          config.valid_batch_size))
         record = {
-            "event": "epoch", "epoch": progress.epoch, "lr": progress.lr,
+            "epoch": progress.epoch, "lr": progress.lr,
             "train_ppl": perplexity(progress.epoch_nll, progress.epoch_tokens),
             "valid_ppl": valid.perplexity,
             "tokens_per_s": progress.epoch_tokens / max(progress.epoch_seconds, 1e-9),
             "epoch_seconds": progress.epoch_seconds, "train_seconds": progress.train_seconds,
             "step": progress.step, "averaging": progress.averaging,
         }
-        if self.world.is_main:
-            self._record_epoch(record)
+        self.logbook.epoch(record)
         if valid.perplexity < progress.best_valid:
             progress.best_valid = valid.perplexity
             if self.world.is_main:
@@ -321,20 +396,18 @@ class _Trainer:
         progress.averaging = self.optim.averaging or self.optim.observe(
             progress.valid_history, valid.perplexity)
         if self.verbose:
+            # Scored in B streams, the valid perplexity is approximate (each stream starts from
+            # a zero state); the final line scores one stream, as the paper does.
+            streams = (f" ({config.valid_batch_size} streams, approximate)"
+                       if config.valid_batch_size > 1 else "")
             tqdm.write(f"epoch {progress.epoch:3d}  lr {record['lr']:.4g}  "
                        f"train ppl {record['train_ppl']:8.2f}  valid ppl {valid.perplexity:8.2f}"
-                       f"  {record['tokens_per_s']:7.0f} tok/s")
+                       f"{streams}  {record['tokens_per_s']:7.0f} tok/s")
         progress.epoch += 1
         progress.position = 0
         progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
         self.hidden = None  # each epoch starts the streams from their beginning
         self.save()
-
-    def _record_epoch(self, record: dict) -> None:
-        self.run.append_metrics(record)
-        for key in ("train_ppl", "valid_ppl", "lr", "tokens_per_s"):
-            self.writer.add_scalar(key, record[key], record["epoch"])
-        self.writer.flush()
 
     def _score(self, ids, batch_size: int = 1):
         with self.optim.evaluation_weights():
@@ -342,25 +415,33 @@ class _Trainer:
                                 batch_size=batch_size)
 
     def _score_final(self) -> dict:
-        """The final record, scored and written by rank 0; every rank returns it."""
+        """The final record, scored and written by rank 0; every rank returns it.
+
+        Both splits are scored as one stream with the last weights (NT-ASGD's average once it
+        started), which the line printed says, so it can be told apart from the epoch lines.
+        """
         self.model.load_state_dict(self.optim.eval_weights())
-        valid, test = self._score(self.corpus.valid), self._score(self.corpus.test)
+        valid = self._score(self.corpus.valid)
+        test = None if self.corpus.test is None else self._score(self.corpus.test)
         progress = self.progress
         summary = {
             "event": "final", "epochs_completed": progress.epoch - 1,
             "complete": progress.epoch > self.config.epochs,
-            "valid_ppl": valid.perplexity, "test_ppl": test.perplexity,
+            "valid_ppl": valid.perplexity,
+            "test_ppl": None if test is None else test.perplexity,
             "best_valid_ppl": progress.best_valid, "train_seconds": progress.train_seconds,
-            "test_seconds": test.seconds, "parameters": count_parameters(self.model),
+            "test_seconds": None if test is None else test.seconds,
+            "parameters": count_parameters(self.model),
         }
-        self.run.truncate_metrics(lambda r: r.get("event") != "final")
-        self.run.append_metrics(summary)
-        self.writer.add_scalar("test_ppl", test.perplexity, progress.epoch - 1)
-        self.writer.close()
+        self.logbook.final(summary, progress.epoch - 1)
+        self.logbook.curve()
         if self.verbose:
-            tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  test ppl {test.perplexity:.2f}"
-                       f"  (test scored as one stream in {test.seconds:.1f}s)")
-        return summary
+            tested = ("no test split: test score skipped" if test is None else
+                      f"test ppl {test.perplexity:.2f}")
+            tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
+                       f"{where(progress.__dict__)}; each split scored as one stream)")
+            tqdm.write(f"run directory {self.run.path.resolve()}")
+        return strict(summary)
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -370,7 +451,15 @@ class _Trainer:
             ranks = f" x {world} processes" if self.world.distributed else ""
             tqdm.write(f"{count_parameters(self.model):,} parameters on {self.device}{ranks}; "
                        f"{self.streams.numel() * world:,} training tokens in "
-                       f"{self.streams.size(1) * world} streams; run directory {self.run.path}")
+                       f"{self.streams.size(1) * world} streams; run directory "
+                       f"{self.run.path.resolve()}")
+        elif self.verbose:
+            tqdm.write(f"resuming {self.run.path.resolve()} {where(self.progress.__dict__)} "
+                       f"(step {self.progress.step})")
+        if self.verbose:
+            for note in self.corpus.notes:
+                tqdm.write(note)
+            tqdm.write(self.corpus.describe_unknown())
 
     def _checkpoint_due(self) -> bool:
         config = self.config
@@ -419,10 +508,13 @@ class _StopRequests:
             signal.signal(signum, handler)
 
 
-def _tensorboard(run: RunDir):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(run.tensorboard_dir))
+def _build_loops(config: Config, device: torch.device) -> None:
+    """Build rnnreg's compiled loops now, if this run uses them, so that their first build
+    (tens of seconds, once per machine) is not counted as training time."""
+    dropout = config.layer_dropout()
+    if device.type == "cpu" and (dropout.get("recurrent_dropout") or
+                                 dropout.get("weight_dropout")):
+        loops.compiled()
 
 
 def _seed_everything(seed: int) -> None:
