@@ -224,7 +224,7 @@ def test_scoring_unknown_words_reports_and_warns(cli_run, tmp_path, capsys):
     code, stdout, err = _cli(capsys, "score", str(out), str(text))
     assert code == 0
     # 9 tokens after the first: zebra, zzzz, qqqq are <unk>.
-    assert f"over 9 tokens (33.3% <unk>)" in stdout and "best weights (epoch 1)" in stdout
+    assert "over 9 tokens (33.3% <unk>)" in stdout and "best weights (epoch 1)" in stdout
     assert "warning: 3 of 9 tokens (33.3%)" in err
 
 

@@ -254,17 +254,24 @@ class _Trainer:
             self._log_start()
             with _StopRequests() as stop:
                 self._stop = stop
-                while self.progress.epoch <= self.config.epochs and not self._out_of_time():
-                    self._train_epoch()
-                    if self.progress.position < self.streams.size(0) - 1:
-                        break  # stopped by the time budget mid-epoch
-                    self._end_epoch()
+                try:
+                    self._epochs()
+                except TrainingDiverged:
+                    self.logbook.curve()  # the curve up to the last good step explains it
+                    raise
             self.progress.finished = True
             self.save()
             if self.verbose and self.progress.epoch <= self.config.epochs:
                 tqdm.write(f"time budget of {self.config.max_train_minutes:g} min reached: "
                            f"{self.saved_line()}")
         return self.world.from_main(self._score_final)
+
+    def _epochs(self) -> None:
+        while self.progress.epoch <= self.config.epochs and not self._out_of_time():
+            self._train_epoch()
+            if self.progress.position < self.streams.size(0) - 1:
+                break  # stopped by the time budget mid-epoch
+            self._end_epoch()
 
     def saved_line(self) -> str:
         """What the last checkpoint holds and where, for the line printed at every stop."""
