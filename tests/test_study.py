@@ -180,11 +180,14 @@ def test_interrupted_study_retrains_only_unfinished_runs(study_copy, module_corp
 
     def counting(config, out, **kwargs):
         calls.append((Path(out).name, kwargs["resume"]))
+        assert Path(kwargs["data_dir"]) == Path(module_corpus).resolve()
         return real_train(config, out, **kwargs)
 
     monkeypatch.setattr(study, "train", counting)
+    # Rerun without --data-dir: the study's recorded corpus, not $RNNREG_DATA, is used.
+    monkeypatch.setenv("RNNREG_DATA", str(study_copy / "nowhere"))
     base, grid = _base(study_copy)
-    run_study(base, grid, study_copy, data_dir=module_corpus, progress=False)
+    run_study(base, grid, study_copy, progress=False)
     assert sorted(calls) == [(RUNS[1], False), (RUNS[2], True)]
     assert all(_has_final(study_copy / "runs" / name) for name in RUNS)
 
