@@ -105,7 +105,7 @@ def _add_train(commands) -> None:
         "train", help="train a language model (or --resume one)",
         description="Rerunning the same command with --resume continues the run in --out "
                     "where it stopped, or starts it if there is none yet.")
-    train.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
+    train.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME", default="small",
                        help=f"starting configuration, every flag below overrides it; one of "
                             f"{', '.join(sorted(PRESETS))} (default: small)")
     train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
@@ -255,12 +255,13 @@ def _train(args: argparse.Namespace) -> int:
     overrides = _config_overrides(args)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-    out = args.out or f"runs/{args.preset or 'small'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.resume and args.preset is None and RunDir(out).exists():
+    out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    named_preset = any(arg.split("=", 1)[0] == "--preset" for arg in args.argv)
+    if args.resume and not named_preset and RunDir(out).exists():
         # Without --preset the command names only its flags: they are what must match.
         config = read_config(RunDir(out)).replace(**overrides)
     else:
-        config = preset_config(args.preset or "small").replace(**overrides)
+        config = preset_config(args.preset).replace(**overrides)
     try:
         summary = train(config, out, data_dir=args.data_dir, resume=args.resume,
                         download=not args.no_download, progress=not args.no_progress)

@@ -251,7 +251,7 @@ class _Trainer:
     def fit(self) -> dict:
         self._last_save = time.monotonic()
         if not self.progress.finished:
-            self._log_start()
+            _announce_start(self)
             with _StopRequests() as stop:
                 self._stop = stop
                 try:
@@ -263,7 +263,7 @@ class _Trainer:
             self.save()
             if self.verbose and self.progress.epoch <= self.config.epochs:
                 tqdm.write(f"time budget of {self.config.max_train_minutes:g} min reached: "
-                           f"{self.saved_line()}")
+                           f"{_saved_line(self)}")
         return self.world.from_main(self._score_final)
 
     def _epochs(self) -> None:
@@ -272,11 +272,6 @@ class _Trainer:
             if self.progress.position < self.streams.size(0) - 1:
                 break  # stopped by the time budget mid-epoch
             self._end_epoch()
-
-    def saved_line(self) -> str:
-        """What the last checkpoint holds and where, for the line printed at every stop."""
-        return (f"saved {where(self.progress.__dict__)} of {self.streams.size(0) - 1} "
-                f"(step {self.progress.step}) in {self.run.path.resolve()}")
 
     def _train_epoch(self) -> None:
         config, progress = self.config, self.progress
@@ -325,7 +320,7 @@ class _Trainer:
             if stop:
                 self.save()
                 self.logbook.curve()
-                raise KeyboardInterrupt(f"stopped: {self.saved_line()}; continue with --resume")
+                raise KeyboardInterrupt(f"stopped: {_saved_line(self)}; continue with --resume")
             if save:
                 self.save()
 
@@ -403,13 +398,7 @@ class _Trainer:
         progress.averaging = self.optim.averaging or self.optim.observe(
             progress.valid_history, valid.perplexity)
         if self.verbose:
-            # Scored in B streams, the valid perplexity is approximate (each stream starts from
-            # a zero state); the final line scores one stream, as the paper does.
-            streams = (f" ({config.valid_batch_size} streams, approximate)"
-                       if config.valid_batch_size > 1 else "")
-            tqdm.write(f"epoch {progress.epoch:3d}  lr {record['lr']:.4g}  "
-                       f"train ppl {record['train_ppl']:8.2f}  valid ppl {valid.perplexity:8.2f}"
-                       f"{streams}  {record['tokens_per_s']:7.0f} tok/s")
+            tqdm.write(_epoch_line(config, record))
         progress.epoch += 1
         progress.position = 0
         progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
@@ -443,30 +432,10 @@ class _Trainer:
         self.logbook.final(summary, progress.epoch - 1)
         self.logbook.curve()
         if self.verbose:
-            tested = ("no test split: test score skipped" if test is None else
-                      f"test ppl {test.perplexity:.2f}")
-            tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
-                       f"{where(progress.__dict__)}; each split scored as one stream)")
-            tqdm.write(f"run directory {self.run.path.resolve()}")
+            _announce_final(self, valid, test)
         return strict(summary)
 
     # --- bookkeeping -----------------------------------------------------------------------
-
-    def _log_start(self) -> None:
-        if self.verbose and self.progress.step == 0:
-            world = self.world.size
-            ranks = f" x {world} processes" if self.world.distributed else ""
-            tqdm.write(f"{count_parameters(self.model):,} parameters on {self.device}{ranks}; "
-                       f"{self.streams.numel() * world:,} training tokens in "
-                       f"{self.streams.size(1) * world} streams; run directory "
-                       f"{self.run.path.resolve()}")
-        elif self.verbose:
-            tqdm.write(f"resuming {self.run.path.resolve()} {where(self.progress.__dict__)} "
-                       f"(step {self.progress.step})")
-        if self.verbose:
-            for note in self.corpus.notes:
-                tqdm.write(note)
-            tqdm.write(self.corpus.describe_unknown())
 
     def _checkpoint_due(self) -> bool:
         config = self.config
@@ -478,6 +447,50 @@ class _Trainer:
     def _out_of_time(self) -> bool:
         limit = self.config.max_train_minutes
         return limit > 0 and self.progress.train_seconds >= limit * 60
+
+
+def _announce_start(trainer: _Trainer) -> None:
+    """The lines a run prints as it (re)starts: size, absolute run directory, corpus notes."""
+    if not trainer.verbose:
+        return
+    world, progress = trainer.world, trainer.progress
+    if progress.step == 0:
+        ranks = f" x {world.size} processes" if world.distributed else ""
+        tqdm.write(f"{count_parameters(trainer.model):,} parameters on {trainer.device}{ranks}; "
+                   f"{trainer.streams.numel() * world.size:,} training tokens in "
+                   f"{trainer.streams.size(1) * world.size} streams; run directory "
+                   f"{trainer.run.path.resolve()}")
+    else:
+        tqdm.write(f"resuming {trainer.run.path.resolve()} {where(progress.__dict__)} "
+                   f"(step {progress.step})")
+    for note in trainer.corpus.notes:
+        tqdm.write(note)
+    tqdm.write(trainer.corpus.describe_unknown())
+
+
+def _saved_line(trainer: _Trainer) -> str:
+    """What the last checkpoint holds and where, for the line printed at every stop."""
+    progress = trainer.progress
+    return (f"saved {where(progress.__dict__)} of {trainer.streams.size(0) - 1} "
+            f"(step {progress.step}) in {trainer.run.path.resolve()}")
+
+
+def _epoch_line(config: Config, record: dict) -> str:
+    # Scored in B streams, the valid perplexity is approximate (each stream starts from a zero
+    # state); the final line scores one stream, as the paper does, and so may differ.
+    streams = (f" ({config.valid_batch_size} streams, approximate)"
+               if config.valid_batch_size > 1 else "")
+    return (f"epoch {record['epoch']:3d}  lr {record['lr']:.4g}  "
+            f"train ppl {record['train_ppl']:8.2f}  valid ppl {record['valid_ppl']:8.2f}"
+            f"{streams}  {record['tokens_per_s']:7.0f} tok/s")
+
+
+def _announce_final(trainer: _Trainer, valid, test) -> None:
+    tested = ("no test split: test score skipped" if test is None else
+              f"test ppl {test.perplexity:.2f}")
+    tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
+               f"{where(trainer.progress.__dict__)}; each split scored as one stream)")
+    tqdm.write(f"run directory {trainer.run.path.resolve()}")
 
 
 def _window_length(config: Config, remaining: int) -> int:
