@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_strict_json
 
 from rnnreg import cli
 from rnnreg.lm.config import Config
@@ -110,6 +111,8 @@ def test_compare_rejects_malformed_numbers(tmp_path, capsys):
 
 
 def test_compare_writes_report_tables_and_figures(finished_study, capsys):
+    # study.json, and each of the four runs' config.json, vocab.json and metrics.jsonl
+    assert assert_strict_json(finished_study) >= 1 + 4 * 3
     markdown = (finished_study / "report.md").read_text()
     page = (finished_study / "report.html").read_text()
     for strategy in ("none", "variational"):

@@ -109,6 +109,8 @@ def test_the_same_command_launches_and_after_kill_9_resumes_bit_for_bit(tmp_path
     code, stdout, err = _cli(capsys, *killed)  # the identical command line, rerun
     assert code == 0, err
     assert f"resuming {(tmp_path / 'killed').resolve()} in epoch 1" in stdout
+    # --no-progress: no bar, so each step record is also a line (a job's log is not empty).
+    assert "step      9  epoch 0.4" in stdout
     _assert_same_weights(_weights(tmp_path / "killed"), _weights(tmp_path / "reference"))
     # The step records continue where the checkpoint was: none twice, none lost.
     timing = {"tokens_per_s", "train_seconds"}

@@ -67,17 +67,18 @@ class Logbook:
 
         self.run.truncate_metrics(keep)
 
-    def window(self, record: dict, nll: float, tokens: int, seconds: float) -> None:
+    def window(self, record: dict, nll: float, tokens: int, seconds: float) -> dict | None:
         """Count one window; every ``log_every`` windows (or ~30 s) write a ``step`` record.
 
         ``record`` holds the step's coordinates (epoch, step, epochs_done, lr, train_seconds);
         loss, perplexity and tokens/s are over the windows since the previous step record.
+        Returns the record written, if one was.
         """
         self._since_nll += nll
         self._since_tokens += tokens
         self._since_seconds += seconds
         if not self.enabled or not self._due(record["step"]):
-            return
+            return None
         loss = self._since_nll / max(self._since_tokens, 1)
         record = {"event": "step", **record, "train_loss": loss,
                   "train_ppl": math.exp(loss) if loss < 709 else math.inf,
@@ -88,6 +89,7 @@ class Logbook:
         self._writer.flush()
         self._since_nll, self._since_tokens, self._since_seconds = 0.0, 0, 0.0
         self._last = time.monotonic()
+        return record
 
     def _due(self, step: int) -> bool:
         if self.log_every:

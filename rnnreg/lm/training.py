@@ -307,11 +307,13 @@ class _Trainer:
                                                  self._checkpoint_due())
             progress.epoch_seconds += elapsed
             progress.train_seconds += elapsed
-            self.logbook.window(
+            logged = self.logbook.window(
                 {"epoch": progress.epoch, "step": progress.step,
                  "epochs_done": progress.epoch - 1 + progress.position / rows, "lr": lr,
                  "train_seconds": progress.train_seconds},
                 nll, length * self.streams.size(1) * self.world.size, elapsed)
+            if logged and self.verbose and not self.show_progress:  # a log needs lines, no bar
+                tqdm.write(_step_line(logged))
             bar.update(length)
             bar.set_postfix(
                 ppl=f"{perplexity(progress.epoch_nll, progress.epoch_tokens):.1f}",
@@ -473,6 +475,12 @@ def _saved_line(trainer: _Trainer) -> str:
     progress = trainer.progress
     return (f"saved {where(progress.__dict__)} of {trainer.streams.size(0) - 1} "
             f"(step {progress.step}) in {trainer.run.path.resolve()}")
+
+
+def _step_line(record: dict) -> str:
+    return (f"step {record['step']:6d}  epoch {record['epochs_done']:.2f}  "
+            f"lr {record['lr']:.4g}  train ppl {record['train_ppl']:8.2f}  "
+            f"{record['tokens_per_s']:7.0f} tok/s")
 
 
 def _epoch_line(config: Config, record: dict) -> str:
