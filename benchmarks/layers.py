@@ -11,12 +11,16 @@ drifts in machine load hit all three alike:
 
 One iteration is a forward and a backward pass over a ``(steps, batch, hidden)`` input (the
 input size equals the hidden size, as for a language model whose embedding matches the LSTM);
-tokens = steps * batch. Reported throughput uses the median per-iteration time; a ratio is the
+tokens = steps * batch. The engine column names where the strategy's recurrence ran
+(``rnnreg.nn.layers.engine_for``): weight drop (``awd``) and the batch-shared recurrent mask
+(``variational_batch``) run on torch's fused kernel, per-sequence recurrent masks on rnnreg's
+own loop. Reported throughput uses the median per-iteration time; a ratio is the
 median over rounds of the per-round time ratio (robust to the machine slowing down), and a ratio
 above 1 means rnnreg is faster than that baseline.
 
-    python benchmarks/layers.py                        # both paper shapes, CPU
+    python benchmarks/layers.py                        # medium and small, CPU
     python benchmarks/layers.py --shapes small --repeats 5 --threads 2 --markdown
+    python benchmarks/layers.py --device cuda --shapes small,medium,large --markdown
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 import rnnreg
+from rnnreg.nn.layers import engine_for
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,13 @@ class Shape:
     layers: int
 
 
-# Zaremba et al. (2014), section 4.1: medium and small Penn Treebank models.
+# Zaremba et al. (2014), section 4.1: the small, medium and large Penn Treebank models; "tiny"
+# only exercises the plumbing (benchmarks/device_check.py --quick), its times mean nothing.
 SHAPES = {
     "medium": Shape(batch=20, steps=35, hidden=650, layers=2),
     "small": Shape(batch=20, steps=20, hidden=200, layers=2),
+    "large": Shape(batch=20, steps=35, hidden=1500, layers=2),
+    "tiny": Shape(batch=4, steps=5, hidden=16, layers=2),
 }
 
 
@@ -120,6 +128,7 @@ def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: i
         rows.append({
             "shape": name,
             "strategy": strategy,
+            "engine": engine_for(candidate),
             "tokens_per_s": tokens / ours,
             "ms": 1e3 * ours,
             "vs_same_between": median_ratio(times["same_between"], times["candidate"]),
@@ -129,12 +138,13 @@ def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: i
     return rows
 
 
-HEADERS = ("shape", "strategy", "tokens/s", "ms/iter", "vs nn.LSTM(dropout)",
+HEADERS = ("shape", "strategy", "engine", "tokens/s", "ms/iter", "vs nn.LSTM(dropout)",
            "vs hand-rolled Zaremba")
 
 
 def format_row(row: dict[str, object]) -> tuple[str, ...]:
-    return (str(row["shape"]), str(row["strategy"]), f"{row['tokens_per_s']:,.0f}",
+    return (str(row["shape"]), str(row["strategy"]), str(row["engine"]),
+            f"{row['tokens_per_s']:,.0f}",
             f"{row['ms']:.1f}", f"{row['vs_same_between']:.2f}x", f"{row['vs_zaremba']:.2f}x")
 
 
@@ -142,7 +152,7 @@ def print_table(rows: list[dict[str, object]], markdown: bool) -> None:
     cells = [format_row(row) for row in rows]
     if markdown:
         print("| " + " | ".join(HEADERS) + " |")
-        print("|" + "|".join(["---", "---", "---:", "---:", "---:", "---:"]) + "|")
+        print("|" + "|".join(["---", "---", "---", "---:", "---:", "---:", "---:"]) + "|")
         for line in cells:
             print("| " + " | ".join(line) + " |")
         return
@@ -150,7 +160,7 @@ def print_table(rows: list[dict[str, object]], markdown: bool) -> None:
     print("  ".join(h.ljust(w) for h, w in zip(HEADERS, widths)))
     print("  ".join("-" * w for w in widths))
     for line in cells:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(line, widths))))
 
 
@@ -187,7 +197,13 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = "cpu"
+    if device.type == "cuda":
+        # cuDNN may run float32 RNNs on TF32 tensor cores while torch.mm (the own recurrence's
+        # products) does not by default: the flags belong next to every ratio.
+        name = (f"{torch.cuda.get_device_name(device)} (cudnn.allow_tf32="
+                f"{torch.backends.cudnn.allow_tf32}, matmul.allow_tf32="
+                f"{torch.backends.cuda.matmul.allow_tf32})")
     header = (f"rnnreg {rnnreg.__version__}, torch {torch.__version__}, device {name}, "
               f"threads {torch.get_num_threads()}, p={args.p}, "
               f"{args.repeats} interleaved rounds (warm-up {args.warmup}), forward+backward; "

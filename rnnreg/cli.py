@@ -37,7 +37,7 @@ from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir import RunDir, RunDirError
 from rnnreg.lm.runs import load_model, read_config, read_corpus, weights_description
 from rnnreg.lm.training import TrainingDiverged, train
-from rnnreg.nn.strategies import STRATEGIES
+from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES
 
 __all__ = ["main"]
 
@@ -143,6 +143,8 @@ _FIELD_HELP = {
     "output_dropout": "dropout rate before the decoder; none = the strategy's",
     "recurrent_dropout": "dropout rate on h(t-1); none = the strategy's",
     "weight_dropout": "DropConnect rate on W_hh; none = the strategy's",
+    "recurrent_mask": "sequence: one recurrent mask per row (Gal); batch: one per call, on the "
+                      "fused kernel (variational strategies only); none = the strategy's",
     "embedding_dropout": "whole-word dropout rate (Gal & Ghahramani 2016)",
     "activation_reg": "AR penalty alpha (Merity et al. 2018 eq. 3)",
     "temporal_activation_reg": "TAR penalty beta (Merity et al. 2018 eq. 4)",
@@ -174,7 +176,7 @@ _FIELD_HELP = {
 }
 _FIELD_CHOICES = {"level": LEVELS, "cell": CELLS, "strategy": tuple(STRATEGIES),
                   "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
-                  "precision": PRECISIONS}
+                  "precision": PRECISIONS, "recurrent_mask": RECURRENT_MASKS}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()):
@@ -198,6 +200,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] =
             fields.add_argument(flag, nargs="+", action=_TupleAction,
                                 item=typing.get_args(kind)[0], optional=optional,
                                 metavar=typing.get_args(kind)[0].__name__.upper(), **options)
+        elif field.name in _FIELD_CHOICES and optional:
+            allowed = _FIELD_CHOICES[field.name]
+            fields.add_argument(flag, type=_none_or(kind), choices=(*allowed, None),
+                                metavar="{" + ",".join((*allowed, "none")) + "}", **options)
         elif field.name in _FIELD_CHOICES:
             fields.add_argument(flag, choices=_FIELD_CHOICES[field.name], **options)
         else:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import contextlib
+import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 import rnnreg.lm.training as train_module
 from rnnreg.lm.config import Config
+from rnnreg.lm.data import Corpus
 from rnnreg.lm.evaluation import Score
 from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters
+from rnnreg.lm.rundir import RunDir
 from rnnreg.lm.training import train
 
 BASE = Config(hidden_size=12, num_layers=2, bptt=6, batch_size=4, epochs=1, init_range=0.2,
@@ -80,50 +84,66 @@ def test_activation_penalties_match_their_equations_and_touch_only_the_recurrent
     assert not torch.allclose(ours["rnn.weight_hh_l1"], plain["rnn.weight_hh_l1"])
 
 
-def test_variable_bptt_varies_window_lengths_and_covers_the_epoch(tiny_corpus, tmp_path,
-                                                                 monkeypatch):
-    lengths = []
-    original = train_module._Trainer._step
+@contextlib.contextmanager
+def _training_windows() -> Iterator[list[int]]:
+    """Lengths of the windows a LanguageModel is trained on (training mode), in order.
 
-    def recording_step(self, position, length, lr):
-        lengths.append(length)
-        return original(self, position, length, lr)
+    Seen through torch's global forward pre-hook, so nothing inside the trainer is replaced;
+    scoring runs in eval mode and is not counted.
+    """
+    lengths: list[int] = []
 
-    monkeypatch.setattr(train_module._Trainer, "_step", recording_step)
+    def record(module, args):
+        if isinstance(module, LanguageModel) and module.training:
+            lengths.append(args[0].size(0))
+
+    handle = register_module_forward_pre_hook(record)
+    try:
+        yield lengths
+    finally:
+        handle.remove()
+
+
+@pytest.mark.slow
+def test_variable_bptt_varies_window_lengths_and_covers_the_epoch(tiny_corpus, tmp_path):
     config = BASE.replace(variable_bptt=True, bptt=8)
-    train(config, tmp_path / "run", data_dir=tiny_corpus, progress=False, verbose=False)
+    steps: list[int] = []
+    with _training_windows() as lengths:
+        train(config, tmp_path / "run", data_dir=tiny_corpus, progress=False, verbose=False,
+              on_step=steps.append)
+    assert len(lengths) == len(steps)  # one window per optimizer step
     assert len(set(lengths)) > 3
     rows = sum(lengths)
-    fixed = []
-    monkeypatch.setattr(train_module._Trainer, "_step",
-                        lambda self, p, n, lr: fixed.append(n) or original(self, p, n, lr))
-    train(config.replace(variable_bptt=False), tmp_path / "fixed", data_dir=tiny_corpus,
-          progress=False, verbose=False)
+    with _training_windows() as fixed:
+        train(config.replace(variable_bptt=False), tmp_path / "fixed", data_dir=tiny_corpus,
+              progress=False, verbose=False)
     assert rows == sum(fixed)  # every training row visited once either way
     assert set(fixed[:-1]) == {8}
 
 
+@pytest.mark.slow
 def test_nt_asgd_starts_averaging_only_after_validation_stalls(tiny_corpus, tmp_path,
                                                               monkeypatch):
     rising = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9, 5.0])
+    valid_ids = Corpus.load(tiny_corpus).valid
     original = train_module.score_stream
 
     def fake_valid(model, ids, **kwargs):
+        """The valid split (told by its tokens, not its size) scores the next fixed perplexity."""
         score = original(model, ids, **kwargs)
-        if kwargs.get("batch_size", 1) == BASE.valid_batch_size and ids.numel() < 1000:
-            return Score(score.tokens * torch.log(torch.tensor(next(rising))).item(),
-                                      score.tokens, score.seconds)
+        if torch.equal(ids.cpu(), valid_ids):
+            return Score(score.tokens * math.log(next(rising)), score.tokens, score.seconds)
         return score
 
     monkeypatch.setattr(train_module, "score_stream", fake_valid)
     config = BASE.replace(optimizer="asgd", asgd_nonmono=1, epochs=5)
     train(config, tmp_path / "run", data_dir=tiny_corpus, progress=False, verbose=False)
-    records = [json.loads(line) for line in Path(tmp_path / "run/metrics.jsonl").read_text()
-               .splitlines()]
-    averaging = [r["averaging"] for r in records if r["event"] == "epoch"]
+    records = RunDir(tmp_path / "run").read_metrics()
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["valid_ppl"] for r in epochs] == pytest.approx([5.0, 4.0, 4.5, 4.6, 4.7])
     # Epoch 3: 4.5 is not worse than the best before the last epoch (5). Epoch 4: 4.6 is worse
     # than min(5, 4), so averaging starts after epoch 4 and epoch 5 trains with ASGD.
-    assert averaging == [False, False, False, False, True]
-    last = train_module.RunDir(tmp_path / "run").load_checkpoint("last")
+    assert [r["averaging"] for r in epochs] == [False, False, False, False, True]
+    last = RunDir(tmp_path / "run").load_checkpoint("last")
     states = last["optimizer"]["state"].values()
     assert states and all("ax" in state for state in states)  # ASGD's running averages

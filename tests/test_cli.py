@@ -60,6 +60,7 @@ def cli_run(tmp_path_factory, module_corpus) -> tuple[Path, dict]:
 # --------------------------------------------------------------------------- entry point
 
 
+@pytest.mark.slow
 def test_module_entry_point_prints_help():
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-m", "rnnreg", "--help"], cwd=REPO_ROOT,
@@ -93,6 +94,7 @@ def test_presets_lists_the_paper_numbers(capsys):
 # --------------------------------------------------------------------------- a trained run
 
 
+@pytest.mark.slow
 def test_train_prints_a_json_summary_and_applies_flags_over_the_preset(cli_run):
     out, summary = cli_run
     assert summary["event"] == "final" and summary["epochs_completed"] == 1
@@ -104,6 +106,7 @@ def test_train_prints_a_json_summary_and_applies_flags_over_the_preset(cli_run):
             saved.decay_after, saved.init_range) == (20, 2, "none", 0.5, 4, 0.1)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_final_test_perplexity(cli_run, module_corpus, capsys):
     out, summary = cli_run
     code, stdout, _ = _cli(capsys, "evaluate", str(out), "--split", "test",
@@ -121,6 +124,7 @@ def test_evaluate_reproduces_the_final_test_perplexity(cli_run, module_corpus, c
     assert _last_json(stdout)["perplexity"] == pytest.approx(summary["valid_ppl"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_an_ensemble_of_a_run_with_itself(cli_run, module_corpus, capsys):
     out, summary = cli_run
     code, stdout, _ = _cli(capsys, "evaluate", str(out), str(out), "--data-dir",
@@ -129,6 +133,7 @@ def test_evaluate_an_ensemble_of_a_run_with_itself(cli_run, module_corpus, capsy
     assert _last_json(stdout)["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_score_a_file(cli_run, module_corpus, capsys, tmp_path):
     out, summary = cli_run
     code, stdout, _ = _cli(capsys, "score", str(out), str(module_corpus / "test.txt"), "--json")
@@ -144,6 +149,7 @@ def test_score_a_file(cli_run, module_corpus, capsys, tmp_path):
     assert result["perplexity"] > 1
 
 
+@pytest.mark.slow
 def test_generate_continues_the_prompt(cli_run, capsys):
     out, _ = cli_run
     args = ("generate", str(out), "--prompt", "the cat", "--words", "5", "--temperature", "0.8")
@@ -160,6 +166,7 @@ def test_generate_continues_the_prompt(cli_run, capsys):
     assert _cli(capsys, *args)[1] == stdout
 
 
+@pytest.mark.slow
 def test_resume_of_the_finished_run_prints_the_same_summary(cli_run, module_corpus, capsys):
     out, summary = cli_run
     code, stdout, _ = _cli(capsys, "train", "--resume", "--out", str(out), "--data-dir",
@@ -179,6 +186,7 @@ def test_missing_data_dir_is_a_one_line_error(tmp_path, capsys):
     _assert_one_line_error(code, err, "nowhere", "does not exist", "download ptb")
 
 
+@pytest.mark.slow
 def test_a_failed_start_does_not_block_the_corrected_retry(tmp_path, module_corpus, capsys):
     out = tmp_path / "run"
     code, _, _ = _cli(capsys, "train", "--data-dir", str(tmp_path / "nowhere"), "--out",
@@ -208,6 +216,7 @@ def test_resume_without_out_is_a_one_line_error(capsys):
     _assert_one_line_error(code, err, "--resume needs --out")
 
 
+@pytest.mark.slow
 def test_resume_with_a_differing_flag_is_refused_naming_it(cli_run, capsys):
     out, _ = cli_run
     before = (out / "metrics.jsonl").read_bytes()
@@ -217,6 +226,7 @@ def test_resume_with_a_differing_flag_is_refused_naming_it(cli_run, capsys):
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_scoring_unknown_words_reports_and_warns(cli_run, tmp_path, capsys):
     out, _ = cli_run
     text = tmp_path / "text.txt"
@@ -228,6 +238,7 @@ def test_scoring_unknown_words_reports_and_warns(cli_run, tmp_path, capsys):
     assert "warning: 3 of 9 tokens (33.3%)" in err
 
 
+@pytest.mark.slow
 def test_scoring_unknown_words_without_unk_is_a_one_line_error(cli_run, tmp_path, capsys):
     out, _ = cli_run
     vocab = out.parent / "no-unk"
@@ -241,6 +252,7 @@ def test_scoring_unknown_words_without_unk_is_a_one_line_error(cli_run, tmp_path
     _assert_one_line_error(code, err, "'zebra'", "<unk>")
 
 
+@pytest.mark.slow
 def test_ensemble_of_runs_with_different_vocabularies_is_refused(cli_run, module_corpus,
                                                                  tmp_path, capsys):
     out, _ = cli_run
@@ -253,6 +265,7 @@ def test_ensemble_of_runs_with_different_vocabularies_is_refused(cli_run, module
     _assert_one_line_error(code, err, "different vocabulary")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,fragment", [
     (("generate", "RUN", "--words", "0"), "--words"),
     (("generate", "RUN", "--temperature", "0"), "--temperature"),
@@ -270,6 +283,7 @@ def test_evaluate_of_a_directory_that_is_no_run_is_a_one_line_error(tmp_path, ca
     _assert_one_line_error(code, err, "config.json")
 
 
+@pytest.mark.slow
 def test_diverged_training_is_a_one_line_error(tmp_path, module_corpus, capsys, monkeypatch):
     original = train_module.summed_loss
     monkeypatch.setattr(train_module, "summed_loss",

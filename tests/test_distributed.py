@@ -157,6 +157,7 @@ def test_a_single_process_world_changes_nothing():
 # --------------------------------------------------------------------------- equal to one process
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(corpus, tmp_path):
     """Through torchrun itself, dropout off: the masks are the one thing ranks draw apart."""
     single, double = tmp_path / "single", tmp_path / "double"
@@ -181,6 +182,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(corpus, tmp_pat
 # --------------------------------------------------------------------------- stop, kill, resume
 
 
+@pytest.mark.slow
 def test_each_rank_draws_its_own_dropout_masks(reference):
     rng = load_tree(reference / "checkpoints" / "last.safetensors")["rng"]
     assert len(rng) == 2  # one RNG state per rank, and each rank draws its own masks
@@ -188,6 +190,7 @@ def test_each_rank_draws_its_own_dropout_masks(reference):
     assert rng[0]["python"] == rng[1]["python"]  # window lengths are drawn alike
 
 
+@pytest.mark.slow
 def test_stopped_then_killed_job_resumes_to_the_uninterrupted_weights(reference, corpus,
                                                                       tmp_path):
     argv = ["train", "--data-dir", str(corpus), *FLAGS, *DROPOUT]
@@ -213,6 +216,7 @@ def test_stopped_then_killed_job_resumes_to_the_uninterrupted_weights(reference,
         assert [r[key] for r in _epochs(job)] == [r[key] for r in _epochs(reference)], key
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_is_refused(reference, corpus, capsys):
     before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
     code = cli.main(["train", "--resume", "--out", str(reference), "--data-dir", str(corpus)])
@@ -222,6 +226,7 @@ def test_resume_with_another_process_count_is_refused(reference, corpus, capsys)
     assert after == {p: data for p, data in before.items() if p.name != ".lock"}
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_is_refused_on_every_rank(corpus, tmp_path):
     ranks = _launch(["train", "--data-dir", str(corpus), "--out", str(tmp_path / "run"),
                      *FLAGS, "--batch-size", "5"])
@@ -253,6 +258,7 @@ SLOW_TRAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_killed_writers_lock_recovered(corpus, tmp_path,
                                                                         capsys):
     out = tmp_path / "run"

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import REPO_ROOT
 
+from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel, count_parameters
 from rnnreg.lm.presets import PRESETS, preset_config
-from rnnreg.nn.strategies import STRATEGIES
 
 TINY_VOCAB = 50
 
@@ -27,10 +28,10 @@ def _lstm_parameters(vocab: int, config: Config) -> int:
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_a_config_and_a_model(name):
-    config = PRESETS[name].config()
-    assert isinstance(config, Config)
-    assert config == preset_config(name)
-    assert config.strategy in STRATEGIES
+    config = preset_config(name)
+    # What a run directory stores: strict JSON (no NaN/Infinity) that rebuilds the same config.
+    saved = json.dumps(config.to_dict(), allow_nan=False)
+    assert Config.from_dict(json.loads(saved)) == config
     torch.manual_seed(0)
     with torch.no_grad():
         model = LanguageModel(TINY_VOCAB, config)
@@ -43,15 +44,56 @@ def test_every_preset_builds_a_config_and_a_model(name):
 
 def test_the_paper_presets_are_present():
     assert {"small", "medium", "large"} <= set(PRESETS)
-    for name, preset in PRESETS.items():
-        assert preset.name == name
-        assert preset.source
+    assert all(preset.source for preset in PRESETS.values())
 
 
-@pytest.mark.parametrize("name,valid,test", [
-    ("small", 120.7, 114.5), ("medium", 86.2, 82.7), ("large", 82.2, 78.4)])
-def test_published_perplexities(name, valid, test):
-    assert PRESETS[name].paper == {"valid": valid, "test": test}
+def test_the_listing_names_each_preset_as_it_is_selected(capsys):
+    """``rnnreg presets`` shows every preset under the name ``--preset`` takes, with its recipe."""
+    assert cli.main(["presets"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    listed = [line.split()[0] for line in lines]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    choices = re.search(r"--preset \{([^}]*)\}", capsys.readouterr().out).group(1)
+    assert sorted(listed) == choices.split(",")
+    for name, line in zip(listed, lines):
+        config = preset_config(name)
+        assert f" {config.strategy} p={config.dropout} bptt={config.bptt} " in line, name
+
+
+# The published perplexities (valid, test; MC dropout where reported): Zaremba et al. 2014
+# Table 1; Gal & Ghahramani 2016 Table 1 (untied, medium and large); Merity et al. 2018
+# Table 1 (AWD-LSTM with fine-tuning).
+PUBLISHED = {
+    "small": {"valid": 120.7, "test": 114.5},
+    "medium": {"valid": 86.2, "test": 82.7},
+    "large": {"valid": 82.2, "test": 78.4},
+    "variational-medium": {"valid": 81.9, "test": 79.7, "test_mc": 78.6},
+    "variational-large": {"valid": 77.9, "test": 75.2, "test_mc": 73.4},
+    "awd": {"valid": 60.0, "test": 57.3},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_perplexities_are_shown_where_users_read_them(name, capsys):
+    assert PRESETS[name].paper == PUBLISHED[name]
+    assert cli.main(["presets"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines()
+               if line.split()[0] == name]
+    shown = ", ".join(f"{key} {value}" for key, value in PUBLISHED[name].items())
+    assert f"paper: {shown} " in line
+
+
+# Model sizes on PTB's 10k words as Merity et al. 2018, Table 1 reports them (millions).
+PUBLISHED_MILLIONS = {"medium": 20, "variational-medium": 20, "large": 66,
+                      "variational-large": 66, "awd": 24}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MILLIONS))
+def test_presets_have_the_published_model_size(name):
+    with torch.device("meta"):  # shapes only: the large models need no memory
+        model = LanguageModel(10_000, preset_config(name))
+    assert round(count_parameters(model) / 1e6) == PUBLISHED_MILLIONS[name]
 
 
 # Zaremba et al. 2014, section 4.1, one row per model size.
@@ -106,9 +148,23 @@ def test_unknown_preset_names_the_choices():
         preset_config("huge")
 
 
-def test_presets_are_read_only():
-    with pytest.raises(TypeError):
-        PRESETS["tiny"] = PRESETS["small"]  # type: ignore[index]
+def test_no_caller_can_change_a_preset():
+    """Presets are data shared by every run in the process: each way to edit one is refused."""
+    before = {name: preset_config(name) for name in PRESETS}
+    small = PRESETS["small"]
+    edits = [
+        lambda: PRESETS.__setitem__("tiny", small),
+        lambda: PRESETS.pop("small"),
+        lambda: setattr(small, "name", "tiny"),
+        lambda: small.overrides.__setitem__("hidden_size", 1),
+        lambda: small.overrides.pop("hidden_size"),
+        lambda: small.paper.__setitem__("test", 1.0),
+    ]
+    for edit in edits:
+        with pytest.raises((TypeError, AttributeError)):
+            edit()
+    assert {name: preset_config(name) for name in PRESETS} == before
+    assert preset_config("small").hidden_size == 200
 
 
 def test_cpu_30min_preset_is_the_recorded_run():

@@ -27,6 +27,7 @@ GRID = StudyGrid(strategies=("none", "zaremba"), rates=(0.5,), cells=("lstm",), 
 RUNS = ["lstm-none-p0-s1", "lstm-zaremba-p0.5-s1"]
 
 
+@pytest.mark.slow
 def test_importing_rnnreg_does_not_import_ray():
     code = ("import sys, rnnreg, rnnreg.cli, rnnreg.study.grid, rnnreg.lm.training, "
             "rnnreg.lm.distributed; "
@@ -72,6 +73,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_ray_sweep_gives_the_local_backends_report(local_ray, module_corpus, tmp_path,
                                                       monkeypatch):

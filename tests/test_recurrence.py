@@ -325,6 +325,7 @@ def test_matches_torch_nn(mode, with_lengths, engine):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_matches_cpu(mode):

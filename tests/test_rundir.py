@@ -259,6 +259,7 @@ with RunDir(sys.argv[2]).lock():
 """
 
 
+@pytest.mark.slow
 def test_lock_of_killed_process_is_recovered(tmp_path: Path) -> None:
     run_path = tmp_path / "run"
     child = subprocess.Popen(

@@ -56,6 +56,7 @@ def test_unknown_schedule_and_precision_are_rejected():
         Config(precision="float16")
 
 
+@pytest.mark.slow
 def test_cosine_run_anneals_over_its_epochs(tmp_path, tiny_corpus):
     out = tmp_path / "run"
     train(TINY.replace(lr_schedule="cosine", epochs=3), out, data_dir=tiny_corpus,
@@ -66,6 +67,7 @@ def test_cosine_run_anneals_over_its_epochs(tmp_path, tiny_corpus):
     assert rates[1] == pytest.approx(TINY.lr * 0.5 * (1 + math.cos(math.pi * 2 / 3)), rel=0.05)
 
 
+@pytest.mark.slow
 def test_time_budget_drives_the_cosine_when_it_binds_first(tmp_path, tiny_corpus, monkeypatch):
     """Every step 'takes' 3 s: a 1-minute budget is 20 steps, whatever the epoch count says."""
     import time
@@ -104,6 +106,7 @@ def test_bfloat16_forward_tracks_float32(tiny_corpus):
     assert float(loss16.detach()) == pytest.approx(float(loss32.detach()), rel=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["zaremba", "variational", "awd"])
 def test_bfloat16_training_learns_and_stores_float32(tmp_path, tiny_corpus, strategy):
     out = tmp_path / strategy
@@ -164,6 +167,7 @@ def test_cpu_between_dropout_applies_the_masks_sample_masks_draws(cls):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_carried_state_is_checkpointed_in_float32(tmp_path, tiny_corpus):
     def interrupt(step: int) -> None:
         if step == 4:

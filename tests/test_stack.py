@@ -240,6 +240,7 @@ def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:
     return train(config, out, data_dir=data_dir, progress=False, verbose=False, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_stacked_model_trains_and_resumes_exactly(cell, tmp_path, tiny_corpus):
     config = Config(cell=cell, hidden_size=8, num_layers=2, layer_sizes=(16, 8),
@@ -311,13 +312,19 @@ def test_awd_preset_is_the_published_recipe_with_24m_parameters():
     (["--layer-sizes", "12,10,6"], (12, 10, 6), 3, 6),
     (["--preset", "awd", "--layer-sizes", "none"], None, 3, 400),
 ])
-def test_layer_sizes_flag(flags, sizes, layers, hidden):
-    args = cli._parser().parse_args(["train", *flags])
-    config = preset_config(args.preset).replace(**cli._config_overrides(args))
+def test_layer_sizes_flag(flags, sizes, layers, hidden, tmp_path, monkeypatch):
+    """The config ``rnnreg train FLAGS`` hands to ``rnnreg.train`` (replaced: nothing trains)."""
+    handed = []
+    monkeypatch.setattr(cli, "train", lambda config, out, **_: handed.append(config) or {})
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *flags]) == 0
+    (config,) = handed
     assert (config.layer_sizes, config.num_layers, config.hidden_size) == (sizes, layers, hidden)
+    preset = "awd" if "awd" in flags else "small"
+    assert config.replace(layer_sizes=None, num_layers=layers, hidden_size=hidden) == (
+        preset_config(preset).replace(layer_sizes=None, num_layers=layers, hidden_size=hidden))
 
 
 def test_layer_sizes_flag_rejects_non_integers(capsys):
     with pytest.raises(SystemExit):
-        cli._parser().parse_args(["train", "--layer-sizes", "16", "big"])
+        cli.main(["train", "--layer-sizes", "16", "big"])
     assert "--layer-sizes" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import rnnreg
 
 KEYWORDS = {"dropout", "input_dropout", "output_dropout", "recurrent_dropout", "weight_dropout",
-            "variational"}
+            "variational", "recurrent_mask"}
 
 # Written from the papers, not from the library's table:
 # (input, between, output, recurrent, weight) placements at rate p, and per-sequence masks.
@@ -20,11 +20,13 @@ EXPECTED = {
     "none": ((0, 0, 0, 0, 0), False),
     "zaremba": ((1, 1, 1, 0, 0), False),          # Zaremba et al. 2014: non-recurrent only
     "variational": ((1, 1, 1, 1, 0), True),       # Gal & Ghahramani 2016
+    "variational_batch": ((1, 1, 1, 1, 0), True),  # the same, one recurrent mask per batch
     "naive": ((1, 1, 1, 1, 0), False),            # recurrent too, fresh masks
     "recurrent_only": ((0, 0, 0, 1, 0), False),
     "awd": ((1, 1, 1, 0, 1), True),               # Merity et al. 2018
 }
 ORDER = ("input_dropout", "dropout", "output_dropout", "recurrent_dropout", "weight_dropout")
+BATCH_MASKS = {"variational_batch"}  # every other strategy keeps Gal's per-sequence masks
 
 
 def test_strategy_names():
@@ -42,12 +44,14 @@ def test_strategy_settings(name):
     for keyword, flag in zip(ORDER, on):
         assert settings_[keyword] == (p if flag else 0.0), keyword
     assert settings_["variational"] is variational
+    assert settings_["recurrent_mask"] == ("batch" if name in BATCH_MASKS else "sequence")
 
 
 def test_strategy_overrides():
     got = rnnreg.strategy("awd", 0.4, weight_dropout=0.5, input_dropout=0.65, variational=False)
     assert got == dict(input_dropout=0.65, dropout=0.4, output_dropout=0.4, recurrent_dropout=0.0,
-                       weight_dropout=0.5, variational=False)
+                       weight_dropout=0.5, variational=False, recurrent_mask="sequence")
+    assert rnnreg.strategy("variational", 0.3, recurrent_mask="batch")["recurrent_mask"] == "batch"
     assert rnnreg.strategy("none", 0.9, recurrent_dropout=0.2)["recurrent_dropout"] == 0.2
 
 
@@ -65,6 +69,7 @@ def test_strategy_does_not_share_state_between_calls():
     (lambda: rnnreg.strategy("zaremba", float("nan")), "p"),
     (lambda: rnnreg.strategy("zaremba", 0.5, input_dropout=-0.1), "input_dropout"),
     (lambda: rnnreg.strategy("zaremba", 0.5, weight_dropout=True), "weight_dropout"),
+    (lambda: rnnreg.strategy("variational", 0.5, recurrent_mask="row"), "recurrent_mask"),
 ])
 def test_strategy_errors(call, word):
     with pytest.raises(ValueError, match=word):

@@ -65,6 +65,7 @@ def recipe_run(tmp_path_factory, module_corpus):
 # --------------------------------------------------------------------------- one run
 
 
+@pytest.mark.slow
 def test_paper_recipe_lowers_train_and_valid_perplexity(recipe_run):
     out, summary = recipe_run
     epochs = _epochs(out)
@@ -78,6 +79,7 @@ def test_paper_recipe_lowers_train_and_valid_perplexity(recipe_run):
     assert summary["best_valid_ppl"] == pytest.approx(min(valid_ppl), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_metrics_have_one_record_per_epoch_and_a_final_record(recipe_run):
     out, summary = recipe_run
     epochs = _epochs(out)
@@ -95,6 +97,7 @@ def test_metrics_have_one_record_per_epoch_and_a_final_record(recipe_run):
     assert math.isfinite(summary["test_ppl"])
 
 
+@pytest.mark.slow
 def test_final_test_perplexity_is_the_last_weights_on_the_whole_test_split(recipe_run,
                                                                             module_corpus):
     out, summary = recipe_run
@@ -106,6 +109,7 @@ def test_final_test_perplexity_is_the_last_weights_on_the_whole_test_split(recip
     assert summary["test_ppl"] == pytest.approx(math.exp(nll / (ids.numel() - 1)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_vocab_checkpoints_and_tensorboard(recipe_run,
                                                                       module_corpus):
     out, _ = recipe_run
@@ -122,6 +126,7 @@ def test_run_directory_holds_config_vocab_checkpoints_and_tensorboard(recipe_run
     _assert_same_weights(_weights(out, "best"), last["model"])
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(recipe_run, module_corpus, tmp_path):
     out, _ = recipe_run
     _quiet_train(RECIPE, tmp_path / "again", module_corpus)
@@ -130,6 +135,7 @@ def test_same_seed_gives_identical_weights(recipe_run, module_corpus, tmp_path):
         r["valid_ppl"] for r in _epochs(out)]
 
 
+@pytest.mark.slow
 def test_different_seed_gives_different_weights(recipe_run, module_corpus, tmp_path):
     out, _ = recipe_run
     _quiet_train(RECIPE.replace(seed=4, epochs=1), tmp_path / "other", module_corpus)
@@ -137,14 +143,16 @@ def test_different_seed_gives_different_weights(recipe_run, module_corpus, tmp_p
     assert not torch.equal(other["decoder.weight"], ours["decoder.weight"])
 
 
+@pytest.mark.slow
 def test_training_into_an_existing_run_without_resume_is_refused(recipe_run, module_corpus):
     out, _ = recipe_run
     before = (out / "metrics.jsonl").read_bytes()
-    with pytest.raises(RunDirError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run.*pass --resume"):
         _quiet_train(RECIPE, out, module_corpus)
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_returns_the_same_summary(recipe_run, module_corpus):
     out, summary = recipe_run
     weights = _weights(out)
@@ -156,6 +164,7 @@ def test_resuming_a_finished_run_returns_the_same_summary(recipe_run, module_cor
     assert len(_epochs(out)) == 3 and len(_finals(out)) == 1
 
 
+@pytest.mark.slow
 def test_resume_of_an_empty_out_trains_from_scratch(recipe_run, module_corpus, tmp_path,
                                                     capsys):
     out, _ = recipe_run
@@ -170,6 +179,7 @@ def test_resume_without_a_config_of_a_missing_run_is_refused(tmp_path, module_co
     assert not (tmp_path / "never").exists()  # a failed start leaves nothing behind
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_naming_each(recipe_run, module_corpus):
     out, _ = recipe_run
     changed = RECIPE.replace(hidden_size=17, bptt=6, epochs=2)
@@ -182,6 +192,7 @@ def test_resume_with_other_settings_is_refused_naming_each(recipe_run, module_co
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_raising_epochs_extends_a_finished_run_as_if_uninterrupted(tmp_path, module_corpus):
     _quiet_train(RECIPE.replace(epochs=2), tmp_path / "two", module_corpus)
     _quiet_train(RECIPE.replace(epochs=1), tmp_path / "grown", module_corpus)
@@ -199,6 +210,7 @@ def test_raising_epochs_extends_a_finished_run_as_if_uninterrupted(tmp_path, mod
 # --------------------------------------------------------------------------- schedule
 
 
+@pytest.mark.slow
 def test_learning_rate_follows_lr_at(tmp_path, tiny_corpus, monkeypatch):
     config = RECIPE.replace(batch_size=10, bptt=10, decay_after=1, lr_decay=0.5)
     assert [config.lr_at(e) for e in (1, 2, 3)] == [1.0, 0.5, 0.25]
@@ -259,6 +271,7 @@ def _run_killed(config: Config, out: Path, data_dir: Path, kill_after: int) -> N
     assert result.returncode == -signal.SIGKILL, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [
     RESUMABLE,
     RESUMABLE.replace(strategy="variational", variable_bptt=True, seed=8),
@@ -286,6 +299,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(config, tmp_path, tin
     assert summary["test_ppl"] == _finals(reference)[0]["test_ppl"]
 
 
+@pytest.mark.slow
 def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, tiny_corpus):
     config = RESUMABLE.replace(checkpoint_steps=0, epochs=1)
     _quiet_train(config, tmp_path / "reference", tiny_corpus)
@@ -305,6 +319,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, tin
 # --------------------------------------------------------------------------- failures
 
 
+@pytest.mark.slow
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path, tiny_corpus,
                                                             monkeypatch):
     config = RECIPE.replace(batch_size=10, bptt=10, checkpoint_steps=1, epochs=1)
@@ -332,6 +347,7 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path, tiny_corpu
     assert summary["complete"] is True and math.isfinite(summary["test_ppl"])
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_diverges_with_a_clear_message(tmp_path, tiny_corpus):
     config = RECIPE.replace(batch_size=10, bptt=10, lr=1e30, clip_norm=1e30, epochs=1)
     diverged = r"(loss|perplexity|gradient norm) became (nan|inf).*Lower --lr"
@@ -339,6 +355,7 @@ def test_huge_learning_rate_diverges_with_a_clear_message(tmp_path, tiny_corpus)
         _quiet_train(config, tmp_path / "run", tiny_corpus)
 
 
+@pytest.mark.slow
 def test_time_budget_stops_early_and_marks_the_run_incomplete(tmp_path, tiny_corpus):
     config = RECIPE.replace(max_train_minutes=1e-7)
     summary = _quiet_train(config, tmp_path / "run", tiny_corpus)
@@ -351,6 +368,7 @@ def test_time_budget_stops_early_and_marks_the_run_incomplete(tmp_path, tiny_cor
     assert progress["step"] < 102
 
 
+@pytest.mark.slow
 def test_words_training_never_saw_are_unk_and_their_share_is_reported(tmp_path, capsys):
     data = write_corpus(tmp_path / "corpus")
     (data / "valid.txt").write_text("the zebra sat\n", encoding="utf-8")

@@ -87,6 +87,7 @@ KILLED_CLI = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_same_command_launches_and_after_kill_9_resumes_bit_for_bit(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     command = ["train", "--data-dir", str(corpus), "--resume", *FLAGS]
@@ -125,6 +126,7 @@ def test_the_same_command_launches_and_after_kill_9_resumes_bit_for_bit(tmp_path
     assert assert_strict_json(tmp_path / "killed") >= 3
 
 
+@pytest.mark.slow
 def test_a_rerun_with_the_preset_and_a_differing_flag_is_refused(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
@@ -141,6 +143,7 @@ def test_a_rerun_with_the_preset_and_a_differing_flag_is_refused(tmp_path, capsy
 # --------------------------------------------------------------------------- stops
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_what_was_saved_and_the_command_that_resumes(tmp_path, capsys,
                                                                    monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
@@ -171,6 +174,7 @@ def test_ctrl_c_prints_what_was_saved_and_the_command_that_resumes(tmp_path, cap
     assert f"run directory {run}" in stdout
 
 
+@pytest.mark.slow
 def test_a_run_stopped_before_its_first_epoch_writes_strict_json(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
@@ -204,6 +208,7 @@ def trained(tmp_path_factory):
     return out, corpus
 
 
+@pytest.mark.slow
 def test_evaluate_defaults_to_the_recorded_corpus_and_says_what_it_scored(trained, capsys):
     out, corpus = trained
     saved = json.loads((out / "config.json").read_text())["corpus"]
@@ -223,6 +228,7 @@ def test_evaluate_defaults_to_the_recorded_corpus_and_says_what_it_scored(traine
     assert "tokens (0.0% <unk>) in" in line and f"best weights (epoch 1) of {out}" in line
 
 
+@pytest.mark.slow
 def test_an_edited_split_file_is_named_by_evaluate_and_resume(trained, capsys):
     out, corpus = trained
     original = (corpus / "test.txt").read_text()
@@ -237,6 +243,7 @@ def test_an_edited_split_file_is_named_by_evaluate_and_resume(trained, capsys):
         (corpus / "test.txt").write_text(original)
 
 
+@pytest.mark.slow
 def test_one_text_file_at_char_level_trains_evaluates_and_resumes(tmp_path, capsys,
                                                                   monkeypatch):
     text = "".join(f"{line}\n" for line in ("first citizen speak", "we are all resolved",
@@ -275,6 +282,7 @@ def test_one_text_file_at_char_level_trains_evaluates_and_resumes(tmp_path, caps
     assert result["tokens"] == tokens - round(tokens * 0.9) - 1
 
 
+@pytest.mark.slow
 def test_a_directory_without_a_test_file_trains_and_skips_the_test_score(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     (corpus / "test.txt").unlink()
@@ -325,6 +333,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_nothing_given_downloads_ptb_and_trains(mirror, tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = _cli(capsys, "train", "--no-download", "--out", str(out), *FLAGS)
@@ -341,6 +350,7 @@ def test_nothing_given_downloads_ptb_and_trains(mirror, tmp_path, capsys):
     assert corpus["files"]["train"]["md5"] == data.PTB_MD5["ptb.train.txt"]
 
 
+@pytest.mark.slow
 def test_a_download_with_a_wrong_md5_leaves_no_half_written_corpus(mirror, tmp_path, capsys,
                                                                    monkeypatch):
     monkeypatch.setitem(data.PTB_MD5, "ptb.test.txt", "0" * 32)
@@ -354,6 +364,7 @@ def test_a_download_with_a_wrong_md5_leaves_no_half_written_corpus(mirror, tmp_p
 # --------------------------------------------------------------------------- curves
 
 
+@pytest.mark.slow
 def test_step_records_reach_metrics_tensorboard_and_the_plot(trained, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

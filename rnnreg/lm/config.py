@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from rnnreg.nn.functional import check_probability
-from rnnreg.nn.strategies import STRATEGIES, strategy
+from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
 
 __all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "Config"]
 
@@ -58,6 +58,9 @@ class Config:
     output_dropout: float | None = None
     recurrent_dropout: float | None = None
     weight_dropout: float | None = None
+    # "sequence" (Gal: one recurrent mask per row) or "batch" (one per call, fused kernel);
+    # None = the strategy's. Needs a variational strategy when "batch".
+    recurrent_mask: str | None = None
     embedding_dropout: float = 0.0  # whole-word dropout (Gal & Ghahramani 2016, section 5)
     activation_reg: float = 0.0     # AR, alpha in Merity et al. 2018 eq. 3 (AWD uses 2)
     temporal_activation_reg: float = 0.0  # TAR, beta in Merity et al. 2018 eq. 4 (AWD uses 1)
@@ -109,6 +112,7 @@ class Config:
         if self.max_vocab is not None:
             _check_positive("max_vocab", self.max_vocab)
         _check_positive("min_count", self.min_count)
+        self._check_recurrent_mask()
         for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
@@ -127,6 +131,15 @@ class Config:
             raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
                              f"({self.hidden_size}), or unset; got {self.embedding_size}")
 
+    def _check_recurrent_mask(self) -> None:
+        if self.recurrent_mask is None:
+            return
+        check_recurrent_mask(self.recurrent_mask)
+        if self.recurrent_mask == "batch" and not STRATEGIES[self.strategy].variational:
+            raise ValueError(f"recurrent_mask='batch' needs a variational strategy (one mask per "
+                             f"call, shared by every step); {self.strategy!r} draws fresh masks "
+                             "every step")
+
     def _check_layer_sizes(self) -> None:
         sizes = self.layer_sizes
         if sizes is None:
@@ -136,9 +149,8 @@ class Config:
                              f"got {sizes!r}")
         # JSON gives lists back: store a tuple so the frozen config stays hashable and equal.
         object.__setattr__(self, "layer_sizes", tuple(sizes))
-        for size in self.layer_sizes:
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
+        if not all(map(_is_positive_int, self.layer_sizes)):
+            raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
         if len(self.layer_sizes) != self.num_layers:
             raise ValueError(f"layer_sizes {self.layer_sizes} has {len(self.layer_sizes)} "
                              f"entries but num_layers={self.num_layers}: give one size per "
@@ -170,7 +182,7 @@ class Config:
     def embedding_dim(self) -> int:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
-    def layer_dropout(self) -> dict[str, float | bool]:
+    def layer_dropout(self) -> dict[str, float | bool | str]:
         """Keyword settings for the recurrent layer: the strategy at rate p, then overrides."""
         overrides = {
             keyword: value
@@ -178,7 +190,8 @@ class Config:
                                    ("dropout", self.between_dropout),
                                    ("output_dropout", self.output_dropout),
                                    ("recurrent_dropout", self.recurrent_dropout),
-                                   ("weight_dropout", self.weight_dropout))
+                                   ("weight_dropout", self.weight_dropout),
+                                   ("recurrent_mask", self.recurrent_mask))
             if value is not None
         }
         return strategy(self.strategy, self.dropout, **overrides)
@@ -219,5 +232,10 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_positive_int(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _is_positive_int(value: object) -> bool:
+    # bool is an int subclass, but True is no size
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

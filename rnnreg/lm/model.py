@@ -48,8 +48,6 @@ class LanguageModel(nn.Module):
             raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
         self.vocab_size = vocab_size
         settings = config.layer_dropout()
-        if config.num_layers == 1:
-            settings["dropout"] = 0.0  # no layer boundary to drop: torch would warn
         self.output_dropout = float(settings.pop("output_dropout"))
         self.variational = bool(settings["variational"])
         self.embedding_dropout = config.embedding_dropout

@@ -6,6 +6,7 @@ every preset runs through the same model and trainer, and a test builds every on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -18,10 +19,16 @@ __all__ = ["PRESETS", "Preset", "preset_config"]
 @dataclass(frozen=True)
 class Preset:
     name: str
-    overrides: dict[str, Any]
+    overrides: Mapping[str, Any]
     source: str                                   # where the recipe and numbers come from
-    paper: dict[str, float] = field(default_factory=dict)  # published perplexities
+    paper: Mapping[str, float] = field(default_factory=dict)  # published perplexities
     note: str = ""
+
+    def __post_init__(self) -> None:
+        # Frozen fields alone would leave the dicts inside writable: one caller's edit of a
+        # recipe would silently change every later run of that preset in the process.
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+        object.__setattr__(self, "paper", MappingProxyType(dict(self.paper)))
 
     def config(self) -> Config:
         return Config().replace(**self.overrides)

@@ -158,8 +158,8 @@ class RunDir:
         """
         if not exist_ok and self.exists():
             raise RunDirError(
-                f"{self._path} already holds a run (config.json exists); resume it or choose "
-                "another --out"
+                f"{self._path} already holds a run (config.json exists); pass --resume to "
+                "continue it or choose another --out"
             )
         # plots/ is made by whatever draws into it, so it never stands empty.
         for directory in (self.checkpoint_dir, self.tensorboard_dir):

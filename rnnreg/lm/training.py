@@ -176,10 +176,7 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
 
 
 def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
-    if run.exists():
-        raise RunDirError(f"{run.path} already holds a run; pass --resume to continue it "
-                          "or choose another --out")
-    run.create(exist_ok=True)
+    run.create(exist_ok=False)  # refuses a directory that already holds a run
     atomic_write_text(run.path / "vocab.json", json.dumps(corpus.vocab.to_json()))
     run.write_config({"config": config.to_dict(), "corpus": corpus.source,
                       "commit": package_commit(),

@@ -6,11 +6,22 @@ dropout primitives (:mod:`rnnreg.nn.functional`, :class:`LockedDropout`,
 that runs masks acting inside the time loop. Nothing here knows about language models.
 """
 
+import torch
+
 from rnnreg.nn import functional
 from rnnreg.nn.dropout import EmbeddingDropout, LockedDropout, WeightDrop
 from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
+
+# A whole model saved with torch.save loads with torch.load's default weights_only=True only if
+# the unpickler knows every class in it. These modules hold only numbers, bools, strings,
+# tuples and tensors, so allowing them is as safe as allowing torch.nn.LSTM: any script that can
+# load a model holding nn.LSTM can load the same model holding rnnreg.LSTM. torch's own classes
+# stay the caller's choice, as for any model: StackedRNN holds an nn.ModuleList, WeightDrop the
+# module it wraps.
+torch.serialization.add_safe_globals([GRU, LSTM, RNN, StackedRNN, LockedDropout, EmbeddingDropout,
+                                      WeightDrop])
 
 __all__ = ["GRU", "LSTM", "PLACEMENTS", "RNN", "STRATEGIES", "DropoutMasks", "EmbeddingDropout",
            "LockedDropout", "StackedRNN", "Strategy", "WeightDrop", "functional", "strategy"]

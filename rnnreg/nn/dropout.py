@@ -58,7 +58,7 @@ class WeightDrop(nn.Module):
     chosen parameters, so the module's own parameters are never deleted, replaced or patched
     (the parameter surgery that broke awd-lstm-lm on several PyTorch releases). One mask per
     forward call. For rnnreg's recurrent layers prefer their ``weight_dropout=`` option, which
-    drops the hidden-to-hidden weights inside rnnreg's own recurrence.
+    drops the hidden-to-hidden weights and runs torch's fused kernel on them.
     """
 
     def __init__(self, module: nn.Module, weights: Iterable[str], p: float = 0.5) -> None:

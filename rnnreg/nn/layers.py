@@ -12,14 +12,28 @@ option                 where the mask acts                                      
 ``recurrent_dropout``  h(t-1) where it enters the recurrent matrix product               Gal
 ``weight_dropout``     DropConnect on the hidden-to-hidden weights, one mask per call  AWD
 ``variational``        one mask per sequence, reused at every step, for every placement Gal
+``recurrent_mask``     ``"sequence"`` (Gal: one per row) or ``"batch"`` (one per call)
 =====================  ==============================================================  ========
 
 Zaremba et al. (2014, section 3.1, Figure 2) apply dropout only to non-recurrent connections:
 L+1 times in an L-layer stack (input, L-1 between layers, output), never on h(t-1) -> h(t).
-Those placements keep torch's fused kernels (cuDNN on GPU). Only ``recurrent_dropout`` and
-``weight_dropout`` need a mask *inside* the recurrence; then rnnreg runs its own loop, which does
-all input projections in one matrix product and only the recurrent product and gate arithmetic
-per step.
+Those placements keep torch's fused kernels (cuDNN on GPU). A mask that is the same for every
+row and step of a call is a weight for that call: weight drop runs the fused kernel with
+``weight_hh * mask``, and so does a batch-shared recurrent mask. Only a mask that differs from
+row to row on h(t-1) needs rnnreg's own loop, which does all input projections in one matrix
+product and only the recurrent product and gate arithmetic per step. :func:`engine_for` is
+where that is decided, and its table says which setting runs where.
+
+Per-row against batch-shared recurrent masks. Gal & Ghahramani (2016, section 3) draw the mask on
+h(t-1) once per sequence: each row of a batch runs the recurrence with its own thinned copy of
+the recurrent weights, so one batch averages the gradient over B weight samples of the
+approximate posterior. ``recurrent_mask="batch"`` draws one mask on the units of h(t-1) per
+forward call and shares it by every row and step; ``W_hh (m * h) = (W_hh diag(m)) h``, so that is
+``weight_hh`` with the columns of the dropped units zeroed, i.e. DropConnect on whole columns,
+and it runs on the fused kernel. Each unit keeps its rate and every row its expected value, but
+the rows of a batch are no longer independent samples: one batch sees one weight sample, so its
+gradient averages over fewer masks. It needs ``variational=True``: per-step masks differ by step
+and cannot be one weight.
 
 Axis convention: time-major ``(T, B, F)`` unless ``batch_first``; states are ``(L*D, B, H)``.
 """
@@ -32,10 +46,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from rnnreg.nn import layout
 from rnnreg.nn.functional import check_probability, dropout, dropout_mask
 from rnnreg.nn.recurrence import recurrence
+from rnnreg.nn.strategies import check_recurrent_mask
 
-__all__ = ["GRU", "LSTM", "RNN", "DropoutMasks"]
+__all__ = ["FUSED", "GRU", "LSTM", "OWN_LOOP", "RNN", "DropoutMasks", "engine_for"]
+
+# The two engines a layer's recurrence can run on (engine_for).
+FUSED, OWN_LOOP = "fused", "own loop"
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _KERNELS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh,
@@ -52,7 +71,8 @@ class DropoutMasks:
 
     input:      ``(T|1, B, input_size)``
     between:    one per layer boundary, ``(T|1, B, D*H)``
-    recurrent:  one per layer, ``(T|1, D, B, H)``: independent per direction
+    recurrent:  one per layer, ``(T|1, D, B, H)``: independent per direction; ``(1, D, 1, H)``
+                with ``recurrent_mask="batch"`` (one mask shared by every row and step)
     weight:     one per layer, ``(D, G*H, H)`` on ``weight_hh``
     output:     ``(T|1, B, D*H)``
     """
@@ -64,21 +84,14 @@ class DropoutMasks:
     output: Tensor | None
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """How the caller's input was laid out, so the output can be returned the same way."""
-
-    batch_first: bool
-    unbatched: bool
-    packed: PackedSequence | None
-
-
 class _RegularizedRecurrence:
     """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
 
-    def _init_regularization(self, *, input_dropout: float, output_dropout: float,
-                             recurrent_dropout: float, weight_dropout: float,
-                             variational: bool) -> None:
+    def _init_regularization(self, *, dropout: float, input_dropout: float,
+                             output_dropout: float, recurrent_dropout: float,
+                             weight_dropout: float, variational: bool,
+                             recurrent_mask: str) -> None:
+        self.dropout = float(dropout)  # the caller's rate, even where torch was given 0
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
@@ -86,6 +99,11 @@ class _RegularizedRecurrence:
         if not isinstance(variational, bool):
             raise ValueError(f"variational must be True or False, got {variational!r}")
         self.variational = variational
+        self.recurrent_mask = check_recurrent_mask(recurrent_mask)
+        if recurrent_mask == "batch" and not variational:
+            raise ValueError("recurrent_mask='batch' shares one mask by every row and step of a "
+                             "call, which needs variational=True: per-step masks (variational="
+                             "False) differ by step and cannot be one weight")
 
     @property
     def num_directions(self) -> int:
@@ -94,7 +112,8 @@ class _RegularizedRecurrence:
     def _needs_own_masks(self) -> bool:
         """True when rnnreg samples the masks itself and runs the stack layer by layer.
 
-        That is needed when a mask outlives one step or acts inside the recurrence, and pays on
+        That is needed when a mask outlives one step or acts on the recurrence (on h(t-1) or on
+        ``weight_hh``; :func:`engine_for` says which engine then runs each layer), and pays on
         CPU for fresh between-layer masks. Otherwise (Zaremba's placements on GPU, or without
         between-layer dropout) torch's fused stack runs in one call and only the input and
         output get a dropout around it.
@@ -123,36 +142,37 @@ class _RegularizedRecurrence:
             return dropout_mask(shape, p, device=device, dtype=dtype) if p > 0 else None
 
         layers = range(self.num_layers)
+        recurrent = (1, d, 1, h) if self.recurrent_mask == "batch" else (t, d, batch_size, h)
         return DropoutMasks(
             input=sample((t, batch_size, self.input_size), self.input_dropout),
             between=tuple(sample((t, batch_size, d * h), self.dropout) for _ in layers[1:]),
-            recurrent=tuple(sample((t, d, batch_size, h), self.recurrent_dropout) for _ in layers),
+            recurrent=tuple(sample(recurrent, self.recurrent_dropout) for _ in layers),
             weight=tuple(sample((d, gates * h, h), self.weight_dropout) for _ in layers),
             output=sample((t, batch_size, d * h), self.output_dropout),
         )
 
     def forward(self, input, hx=None):
         """Same contract as ``torch.nn.LSTM.forward``: ``(output, h_n)`` or ``(output, (h, c))``."""
-        self._check_input(input, hx)
+        layout.check_input(self, input, hx)
         if not self._needs_own_masks():
             dropped = _dropout_data(input, self.input_dropout, self.training)
             output, state = super().forward(dropped, hx)
             return _dropout_data(output, self.output_dropout, self.training), state
-        x, lengths, layout = self._to_time_major(input)
+        x, lengths, given = layout.to_time_major(input, self.batch_first)
         masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
-        return self._forward_masked(x, lengths, layout, hx, masks)
+        return self._forward_masked(x, lengths, given, hx, masks)
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
-        self._check_input(input, hx)
-        return self._forward_masked(*self._to_time_major(input), hx, masks)
+        layout.check_input(self, input, hx)
+        return self._forward_masked(*layout.to_time_major(input, self.batch_first), hx, masks)
 
-    def _forward_masked(self, x: Tensor, lengths: Tensor | None, layout: _Layout, hx,
+    def _forward_masked(self, x: Tensor, lengths: Tensor | None, given: layout.Layout, hx,
                         masks: DropoutMasks):
         """The stack layer by layer on time-major ``x``, every mask given (checked input)."""
         if self.proj_size:
             raise ValueError("explicit masks need rnnreg's per-layer path, which has no proj_size")
-        states = self._initial_states(hx, x, layout.unbatched)
+        states = layout.initial_states(self, hx, x, given.unbatched)
         x = _apply(x, masks.input)
         finals = []
         for layer in range(self.num_layers):
@@ -162,82 +182,8 @@ class _RegularizedRecurrence:
             finals.append(layer_states)
         x = _apply(x, masks.output)
         final = tuple(torch.cat([s[i] for s in finals]) for i in range(len(states)))
-        return self._restore_layout(x, lengths, layout), self._pack_states(final, layout.unbatched)
-
-    # --- layout --------------------------------------------------------------------------
-
-    def _check_input(self, input, hx) -> None:
-        """Fail at the boundary with the expected shape rather than deep inside a kernel."""
-        if isinstance(input, PackedSequence):
-            data, batch = input.data, int(input.batch_sizes[0])
-            if data.dim() != 2:
-                raise ValueError(f"packed input data must be 2-D, got shape {tuple(data.shape)}")
-            unbatched = False
-        elif isinstance(input, Tensor):
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"input must be 3-D ({'B, T' if self.batch_first else 'T, B'}, input_size) "
-                    f"or 2-D (T, input_size) unbatched, got shape {tuple(input.shape)}")
-            data, unbatched = input, input.dim() == 2
-            batch = 1 if unbatched else input.size(0 if self.batch_first else 1)
-        else:
-            raise ValueError(
-                f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
-        if data.size(-1) != self.input_size:
-            raise ValueError(
-                f"input has {data.size(-1)} features but input_size={self.input_size}")
-        self._check_states(hx, batch, unbatched)
-
-    def _check_states(self, hx, batch: int, unbatched: bool) -> None:
-        if hx is None:
-            return
-        tensors = hx if self.mode == "LSTM" else (hx,)
-        if self.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
-            raise ValueError("hx for an LSTM must be a tuple (h_0, c_0)")
-        lead = self.num_layers * self.num_directions
-        sizes = (self.proj_size or self.hidden_size, self.hidden_size)  # h is projected, c not
-        for name, tensor, size in zip(("h_0", "c_0"), tensors, sizes):
-            expected = (lead, size) if unbatched else (lead, batch, size)
-            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
-                got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-                raise ValueError(f"{name} must have shape {expected} "
-                                 f"(num_layers*num_directions, batch, hidden_size), got {got}")
-
-    def _to_time_major(self, input) -> tuple[Tensor, Tensor | None, _Layout]:
-        if isinstance(input, PackedSequence):
-            padded, lengths = pad_packed_sequence(input)
-            return padded, lengths, _Layout(False, False, input)
-        unbatched = input.dim() == 2
-        if unbatched:
-            return input.unsqueeze(1), None, _Layout(self.batch_first, True, None)
-        x = input.transpose(0, 1) if self.batch_first else input
-        return x, None, _Layout(self.batch_first, False, None)
-
-    def _restore_layout(self, x: Tensor, lengths: Tensor | None, layout: _Layout):
-        if layout.packed is not None:
-            order = layout.packed.sorted_indices
-            if order is not None:
-                x, lengths = x.index_select(1, order), lengths.index_select(0, order.cpu())
-            repacked = pack_padded_sequence(x, lengths, enforce_sorted=True)
-            return PackedSequence(repacked.data, repacked.batch_sizes, order,
-                                  layout.packed.unsorted_indices)
-        if layout.unbatched:
-            return x.squeeze(1)
-        return x.transpose(0, 1) if layout.batch_first else x
-
-    def _initial_states(self, hx, x: Tensor, unbatched: bool) -> tuple[Tensor, ...]:
-        """States as a tuple (h,) or (h, c), each ``(L*D, B, H)``."""
-        count = 2 if self.mode == "LSTM" else 1
-        if hx is None:
-            shape = (self.num_layers * self.num_directions, x.size(1), self.hidden_size)
-            return tuple(x.new_zeros(shape) for _ in range(count))
-        states = hx if count == 2 else (hx,)
-        return tuple(s.unsqueeze(1) if unbatched else s for s in states)
-
-    def _pack_states(self, states: tuple[Tensor, ...], unbatched: bool):
-        if unbatched:
-            states = tuple(s.squeeze(1) for s in states)
-        return states if self.mode == "LSTM" else states[0]
+        return (layout.restore_layout(x, lengths, given),
+                layout.pack_states(final, given.unbatched, self.mode == "LSTM"))
 
     # --- one layer -----------------------------------------------------------------------
 
@@ -246,16 +192,24 @@ class _RegularizedRecurrence:
         d = self.num_directions
         rows = slice(layer * d, (layer + 1) * d)
         layer_states = tuple(s[rows] for s in states)
-        weights = self.all_weights[rows]
-        recurrent, weight = masks.recurrent[layer], masks.weight[layer]
-        if recurrent is None and weight is None:
+        recurrent = masks.recurrent[layer]
+        per_row = recurrent if _per_row(recurrent) else None  # else a weight, or None
+        if per_row is not None and per_row.size(2) != x.size(1):
+            # e.g. (T, D, 1, H), shared by the rows but not the steps: the loops read one mask
+            # row per batch row
+            per_row = per_row.expand(-1, -1, x.size(1), -1)
+        weights = _call_weights(self.all_weights[rows], masks.weight[layer],
+                                None if per_row is not None else recurrent)
+        if engine_for(self, masks, layer=layer) == FUSED:
             return self._fused_layer(x, lengths, layer_states, weights)
-        return self._custom_layer(x, lengths, layer_states, weights, recurrent, weight)
+        return self._custom_layer(x, lengths, layer_states, weights, per_row)
 
     def _fused_layer(self, x, lengths, states, weights):
-        """One layer on torch's fused kernel (cuDNN on GPU): no mask acts inside the recurrence."""
+        """One layer on torch's fused kernel (cuDNN on GPU, oneDNN on CPU)."""
         kernel = _KERNELS[self.mode]
         flat = [w for direction in weights for w in direction]
+        if x.is_cuda:
+            flat = _one_buffer(flat)
         hx = states if self.mode == "LSTM" else states[0]
         if lengths is None:
             out, *final = kernel(x, hx, flat, self.bias, 1, 0.0, self.training,
@@ -271,18 +225,19 @@ class _RegularizedRecurrence:
             PackedSequence(out, packed.batch_sizes, order, unorder), total_length=x.size(0))
         return out, tuple(s.index_select(1, unorder) for s in final)
 
-    def _custom_layer(self, x, lengths, states, weights, recurrent_mask, weight_mask):
-        """One layer on rnnreg's own loop, used when a mask acts inside the recurrence."""
+    def _custom_layer(self, x, lengths, states, weights, recurrent_mask):
+        """One layer on rnnreg's own loop, for masks that differ by row on h(t-1).
+
+        ``weights`` already carry the masks that are weights for this call (_call_weights).
+        """
         outputs, finals = [], []
         for direction, params in enumerate(weights):
             w_ih, w_hh, b_ih, b_hh = params if self.bias else (*params, None, None)
-            if weight_mask is not None:
-                w_hh = w_hh * weight_mask[direction]
             mask = None if recurrent_mask is None else recurrent_mask[:, direction]
             state = tuple(s[direction] for s in states)
-            seq = x if direction == 0 else _reverse(x, lengths)
+            seq = x if direction == 0 else layout.reverse(x, lengths)
             out, final = recurrence(self.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths)
-            outputs.append(out if direction == 0 else _reverse(out, lengths))
+            outputs.append(out if direction == 0 else layout.reverse(out, lengths))
             finals.append(final)
         stacked = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states)))
         return torch.cat(outputs, dim=2), stacked
@@ -294,7 +249,84 @@ class _RegularizedRecurrence:
                 parts.append(f"{name}={getattr(self, name)}")
         if self.variational:
             parts.append("variational=True")
+        if self.recurrent_mask != "sequence":
+            parts.append(f"recurrent_mask={self.recurrent_mask!r}")
         return ", ".join(parts)
+
+
+def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
+               layer: int | None = None) -> str:
+    """The engine that runs the recurrence: :data:`FUSED` (torch's kernel: cuDNN on GPU, oneDNN
+    on CPU) or :data:`OWN_LOOP` (:func:`rnnreg.nn.recurrence.recurrence`).
+
+    torch's kernels take weights and states, nothing per row inside the loop, so a mask may stay
+    on them only when it is the same for every row and step of the call: then it is folded into
+    ``weight_hh`` for that call.
+
+    ==========================================================  ==========  ===================
+    placement                                                   engine      how
+    ==========================================================  ==========  ===================
+    none, or eval mode                                          fused       torch's call
+    ``input_dropout``, ``dropout``, ``output_dropout``          fused       masks outside
+    ``weight_dropout``                                          fused       ``weight_hh * M``
+    ``recurrent_dropout``, ``recurrent_mask="batch"``           fused       columns of W_hh
+    ``recurrent_dropout``, ``recurrent_mask="sequence"``        own loop    mask on h(t-1)
+    zoneout (Krueger et al. 2017)                               own loop    keeps h(t-1) per row
+    ==========================================================  ==========  ===================
+
+    Placements combine: a layer runs its own loop if any of its masks needs it.
+
+    ``masks``: those of one call (as :meth:`forward_with_masks` takes them); None = the masks
+    a forward of ``module`` in its present mode would sample. ``layer``: one layer's engine;
+    None = the stack's (the own loop if any layer runs it). ``module`` is an rnnreg layer or
+    :class:`rnnreg.StackedRNN`.
+    """
+    if masks is None:
+        if not module.training:
+            return FUSED
+        masks = module.sample_masks(1, 2)  # two rows tell a per-row mask from a shared one
+    layers = range(len(masks.recurrent)) if layer is None else (layer,)
+    per_row = any(_per_row(masks.recurrent[k]) for k in layers)
+    return OWN_LOOP if per_row else FUSED
+
+
+def _call_weights(weights, weight_mask, shared_mask):
+    """The layer's weights for one call: ``weight_hh`` times the weight-drop mask and, on
+    its columns, a recurrent mask shared by every row and step (``W (m * h) = (W m) h``).
+
+    Gradients reach the raw ``weight_hh`` (and the masks) through the products, as in the
+    own loop. Without masks the parameters themselves are returned.
+    """
+    if weight_mask is None and shared_mask is None:
+        return weights
+    dropped = []
+    for direction, params in enumerate(weights):
+        w_hh = params[1]
+        if weight_mask is not None:
+            w_hh = w_hh * weight_mask[direction]
+        if shared_mask is not None:
+            w_hh = w_hh * shared_mask[0, direction]  # (1, H): broadcast over the G*H rows
+        dropped.append((params[0], w_hh, *params[2:]))
+    return dropped
+
+
+def _per_row(mask: Tensor | None) -> bool:
+    """Whether a ``(T|1, D, B|1, H)`` recurrent mask differs by step or row (not a weight)."""
+    return mask is not None and (mask.size(0) > 1 or mask.size(2) > 1)
+
+
+def _one_buffer(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors as views into one fresh contiguous buffer, in the order given.
+
+    cuDNN runs on weights laid out back to back in its order (w_ih, w_hh, b_ih, b_hh per
+    direction, which is the order given) and otherwise warns that they "are not part of single
+    contiguous chunk of memory" and compacts them itself at every call. A layer's slice of the
+    module's flattened weights or a masked ``weight_hh`` is not such a chunk; one ``cat`` makes
+    it one, differentiably.
+    """
+    buffer = torch.cat([t.reshape(-1) for t in tensors])
+    pieces = buffer.split([t.numel() for t in tensors])
+    return [piece.view_as(t) for piece, t in zip(pieces, tensors)]
 
 
 def mask_placement(module: nn.Module, device, dtype) -> tuple:
@@ -317,14 +349,14 @@ def _apply(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x * mask
 
 
-def _reverse(x: Tensor, lengths: Tensor | None) -> Tensor:
-    """Reverse each sequence in time within its own length; padding stays where it is."""
-    if lengths is None:
-        return x.flip(0)
-    steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)
-    lens = lengths.to(x.device).unsqueeze(0)
-    index = torch.where(steps < lens, lens - 1 - steps, steps)
-    return x.gather(0, index.unsqueeze(2).expand_as(x))
+def _torch_dropout(dropout: float, num_layers: int) -> float:
+    """The between-layer rate to give torch's constructor.
+
+    With one layer there is no layer boundary, so between-layer dropout is a no-op, for torch as
+    for rnnreg; torch warns about it, though a strategy applied to a one-layer model is a normal
+    setting. torch is given 0 there and the layer keeps the caller's rate.
+    """
+    return dropout if num_layers > 1 else 0.0
 
 
 def _check_sizes(**sizes: int) -> None:
@@ -345,17 +377,21 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
                  proj_size: int = 0, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, device=None, dtype=None) -> None:
+                 variational: bool = False, recurrent_mask: str = "sequence", device=None,
+                 dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
         if proj_size and (recurrent_dropout or weight_dropout or variational):
             raise ValueError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
                              "combined with recurrent_dropout, weight_dropout or variational")
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, device=device, dtype=dtype)
-        self._init_regularization(input_dropout=input_dropout, output_dropout=output_dropout,
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
+                         _torch_dropout(dropout, num_layers), bidirectional, proj_size,
+                         device=device, dtype=dtype)
+        self._init_regularization(dropout=dropout, input_dropout=input_dropout,
+                                  output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational)
+                                  weight_dropout=weight_dropout, variational=variational,
+                                  recurrent_mask=recurrent_mask)
 
 
 class GRU(_RegularizedRecurrence, nn.GRU):
@@ -365,14 +401,18 @@ class GRU(_RegularizedRecurrence, nn.GRU):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, device=None, dtype=None) -> None:
+                 variational: bool = False, recurrent_mask: str = "sequence", device=None,
+                 dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device=device, dtype=dtype)
-        self._init_regularization(input_dropout=input_dropout, output_dropout=output_dropout,
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
+                         _torch_dropout(dropout, num_layers), bidirectional, device=device,
+                         dtype=dtype)
+        self._init_regularization(dropout=dropout, input_dropout=input_dropout,
+                                  output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational)
+                                  weight_dropout=weight_dropout, variational=variational,
+                                  recurrent_mask=recurrent_mask)
 
 
 class RNN(_RegularizedRecurrence, nn.RNN):
@@ -383,13 +423,17 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                  dropout: float = 0.0, bidirectional: bool = False, *,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, device=None, dtype=None) -> None:
+                 variational: bool = False, recurrent_mask: str = "sequence", device=None,
+                 dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_probability("dropout", dropout)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
-                         dropout, bidirectional, device=device, dtype=dtype)
-        self._init_regularization(input_dropout=input_dropout, output_dropout=output_dropout,
+                         _torch_dropout(dropout, num_layers), bidirectional, device=device,
+                         dtype=dtype)
+        self._init_regularization(dropout=dropout, input_dropout=input_dropout,
+                                  output_dropout=output_dropout,
                                   recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational)
+                                  weight_dropout=weight_dropout, variational=variational,
+                                  recurrent_mask=recurrent_mask)

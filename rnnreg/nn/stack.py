@@ -7,8 +7,8 @@ keywords of the layers, acting where they do:
 
 * ``input_dropout`` before layer 0, ``dropout`` between layers, ``output_dropout`` after the
   last: applied by the stack, fresh every step or one per sequence (``variational``);
-* ``recurrent_dropout`` and ``weight_dropout``: handed to every layer, which applies them inside
-  its own recurrence.
+* ``recurrent_dropout`` (shared as ``recurrent_mask`` says) and ``weight_dropout``: handed to
+  every layer, which applies them inside its recurrence.
 
 Its masks are a :class:`rnnreg.DropoutMasks` like a layer's (``between`` and the per-layer
 masks simply have each layer's size), so code written for a uniform rnnreg layer, MC-dropout
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rnnreg.nn.functional import check_probability, dropout_mask
 from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks, mask_placement
+from rnnreg.nn.layout import check_placement
 
 __all__ = ["StackedRNN"]
 
@@ -42,8 +43,8 @@ class StackedRNN(nn.Module):
     def __init__(self, cell: str, input_size: int, layer_sizes: Sequence[int], *,
                  dropout: float = 0.0, input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 variational: bool = False, bias: bool = True, device=None,
-                 dtype=None) -> None:
+                 variational: bool = False, recurrent_mask: str = "sequence", bias: bool = True,
+                 device=None, dtype=None) -> None:
         super().__init__()
         if cell not in _CELLS:
             raise ValueError(f"cell must be one of {', '.join(_CELLS)}; got {cell!r}")
@@ -65,11 +66,12 @@ class StackedRNN(nn.Module):
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
         self.variational = variational
+        self.recurrent_mask = recurrent_mask  # checked by the layers
         inputs = (input_size, *sizes[:-1])
         self.layers = nn.ModuleList(
             _CELLS[cell](n_in, n_out, 1, bias=bias, recurrent_dropout=recurrent_dropout,
                          weight_dropout=weight_dropout, variational=variational,
-                         device=device, dtype=dtype)
+                         recurrent_mask=recurrent_mask, device=device, dtype=dtype)
             for n_in, n_out in zip(inputs, sizes))
 
     @property
@@ -109,6 +111,7 @@ class StackedRNN(nn.Module):
 
     def forward(self, input: Tensor, hx=None):
         """``input (T, B, input_size)`` -> ``(output (T, B, H_last), per-layer states)``."""
+        self._check_input(input, hx)  # before masks are drawn in the input's dtype
         if self.training:
             masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
                                       dtype=input.dtype)
@@ -137,18 +140,25 @@ class StackedRNN(nn.Module):
                             output=None)
 
     def _check(self, input, hx, masks: DropoutMasks) -> None:
-        if not isinstance(input, Tensor) or input.dim() != 3:
-            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"StackedRNN takes time-major input (T, B, {self.input_size}), "
-                             f"got {got}")
-        if hx is not None and (not isinstance(hx, tuple | list) or len(hx) != self.num_layers):
-            raise ValueError(f"hx must be a tuple of {self.num_layers} per-layer states "
-                             f"(one per entry of layer_sizes {self.layer_sizes})")
+        self._check_input(input, hx)
         for name, count in (("between", self.num_layers - 1), ("recurrent", self.num_layers),
                             ("weight", self.num_layers)):
             if len(getattr(masks, name)) != count:
                 raise ValueError(f"masks.{name} must have {count} entries for "
                                  f"{self.num_layers} layers, got {len(getattr(masks, name))}")
+
+    def _check_input(self, input, hx) -> None:
+        """The stack's own boundary: its masks act before the first layer sees the input, so
+        shape, dtype and device are checked here (each layer checks its state)."""
+        if (not isinstance(input, Tensor) or input.dim() != 3
+                or input.size(-1) != self.input_size):
+            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"StackedRNN takes time-major input (T, B, {self.input_size}), "
+                             f"got {got}")
+        check_placement(self.layers[0], [("input", input)])
+        if hx is not None and (not isinstance(hx, tuple | list) or len(hx) != self.num_layers):
+            raise ValueError(f"hx must be a tuple of {self.num_layers} per-layer states "
+                             f"(one per entry of layer_sizes {self.layer_sizes})")
 
     def extra_repr(self) -> str:
         parts = [f"{self.cell}, {self.input_size}, layer_sizes={self.layer_sizes}"]
@@ -158,6 +168,8 @@ class StackedRNN(nn.Module):
                 parts.append(f"{name}={getattr(self, name)}")
         if self.variational:
             parts.append("variational=True")
+        if self.recurrent_mask != "sequence":
+            parts.append(f"recurrent_mask={self.recurrent_mask!r}")
         return ", ".join(parts)
 
 

@@ -12,7 +12,8 @@ from types import MappingProxyType
 
 from rnnreg.nn.functional import check_probability
 
-__all__ = ["PLACEMENTS", "STRATEGIES", "Strategy", "strategy"]
+__all__ = ["PLACEMENTS", "RECURRENT_MASKS", "STRATEGIES", "Strategy", "check_recurrent_mask",
+           "strategy"]
 
 # Placement name -> the keyword of rnnreg.LSTM/GRU/RNN that controls it.
 PLACEMENTS = MappingProxyType({
@@ -23,15 +24,28 @@ PLACEMENTS = MappingProxyType({
     "weight": "weight_dropout",
 })
 
+# How the recurrent masks are shared (rnnreg.LSTM's ``recurrent_mask``): "sequence" is Gal &
+# Ghahramani's one mask per row, "batch" one mask per forward call for every row and step.
+RECURRENT_MASKS = ("sequence", "batch")
+
+
+def check_recurrent_mask(value: str) -> str:
+    if value not in RECURRENT_MASKS:
+        raise ValueError(f"recurrent_mask must be one of {', '.join(map(repr, RECURRENT_MASKS))}; "
+                         f"got {value!r}")
+    return value
+
 
 @dataclass(frozen=True)
 class Strategy:
-    """Which placements get the rate ``p``, and whether one mask is kept per sequence."""
+    """Which placements get the rate ``p``, whether one mask is kept per sequence, and whether
+    the recurrent mask is one per sequence or one for the whole batch (``RECURRENT_MASKS``)."""
 
     name: str
     placements: frozenset[str]
     variational: bool
     description: str
+    recurrent_mask: str = "sequence"
 
 
 STRATEGIES = MappingProxyType({s.name: s for s in (
@@ -40,6 +54,9 @@ STRATEGIES = MappingProxyType({s.name: s for s in (
              "Zaremba et al. 2014: non-recurrent connections only, fresh mask every step"),
     Strategy("variational", frozenset({"input", "between", "output", "recurrent"}), True,
              "Gal & Ghahramani 2016: also the recurrence, one mask per sequence"),
+    Strategy("variational_batch", frozenset({"input", "between", "output", "recurrent"}), True,
+             "variational, but one recurrent mask for the whole batch: runs on the fused kernel",
+             recurrent_mask="batch"),
     Strategy("naive", frozenset({"input", "between", "output", "recurrent"}), False,
              "everywhere including the recurrence, fresh mask every step"),
     Strategy("recurrent_only", frozenset({"recurrent"}), False,
@@ -49,7 +66,8 @@ STRATEGIES = MappingProxyType({s.name: s for s in (
 )})
 
 
-def strategy(name: str, p: float, **overrides: float | bool) -> dict[str, float | bool]:
+def strategy(name: str, p: float,
+             **overrides: float | bool | str) -> dict[str, float | bool | str]:
     """Keyword settings for rnnreg.LSTM/GRU/RNN implementing strategy ``name`` at rate ``p``.
 
     ``overrides`` replace single settings by their keyword name, e.g.
@@ -59,16 +77,22 @@ def strategy(name: str, p: float, **overrides: float | bool) -> dict[str, float 
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     check_probability("p", p)
     chosen = STRATEGIES[name]
-    settings: dict[str, float | bool] = {
+    settings: dict[str, float | bool | str] = {
         keyword: (p if placement in chosen.placements else 0.0)
         for placement, keyword in PLACEMENTS.items()
     }
     settings["variational"] = chosen.variational
+    settings["recurrent_mask"] = chosen.recurrent_mask
     unknown = sorted(set(overrides) - set(settings))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(settings)}")
     for keyword, value in overrides.items():
-        if keyword == "variational" and not isinstance(value, bool):
-            raise ValueError(f"variational must be True or False, got {value!r}")
-        settings[keyword] = value if keyword == "variational" else check_probability(keyword, value)
+        if keyword == "variational":
+            if not isinstance(value, bool):
+                raise ValueError(f"variational must be True or False, got {value!r}")
+            settings[keyword] = value
+        elif keyword == "recurrent_mask":
+            settings[keyword] = check_recurrent_mask(value)
+        else:
+            settings[keyword] = check_probability(keyword, value)
     return settings

@@ -1,0 +1,183 @@
+"""Is the own recurrence launch-bound? Kernels per step and device busy time against cuDNN.
+
+rnnreg's own recurrence (recurrent dropout, weight drop) runs a Python loop over time on GPUs:
+one recurrent product and a few elementwise kernels per step and direction, forward and
+backward, each launched separately. cuDNN runs the whole layer in a handful of launches. When
+each launch does only microseconds of work, the GPU idles between launches and the loop is
+bound by launch overhead, not by arithmetic; the remedies are fewer kernels per step or a CUDA
+graph over the time loop. This script measures the symptom, side by side in one process:
+
+- ``ms/iter``: forward+backward wall time (median, synchronized), as benchmarks/layers.py;
+- ``us/step``: that time per time step and layer (what one step of the loop costs);
+- ``ops/iter``: device operations one iteration runs (CUDA kernels, copies and memsets on a GPU;
+  aten operators on CPU), read from ``torch.profiler``;
+- ``busy``: the fraction of the iteration's wall time in which at least one such operation ran.
+  Far below 1 with many ops per step means launch-bound.
+
+On a GPU a third row times the same own-loop layer captured whole in CUDA graphs
+(``torch.cuda.make_graphed_callables``, forward and backward replayed without per-kernel
+launches): how close that comes to cuDNN bounds what removing the launch overhead can buy,
+before anything in rnnreg changes. A capture that fails is reported as such.
+
+    python benchmarks/launch_bound.py --device cuda --shapes small,medium,large
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from layers import SHAPES, Shape
+from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import rnnreg
+
+
+def models(shape: Shape, p: float, device: torch.device) -> dict[str, nn.Module]:
+    """The fused baseline and the own recurrence (variational: a mask inside the recurrence)."""
+    torch.manual_seed(0)
+    h, n = shape.hidden, shape.layers
+    return {
+        "nn.LSTM(dropout) (cuDNN on GPU)": nn.LSTM(h, h, n, dropout=p).to(device),
+        "rnnreg variational (own loop)": rnnreg.LSTM(
+            h, h, n, **rnnreg.strategy("variational", p)).to(device),
+    }
+
+
+class OutputOnly(nn.Module):
+    """The layer's output alone: what a graphed callable returns (the state is unused)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)[0]
+
+
+class WithState(nn.Module):
+    """Back to the ``(output, state)`` contract that :func:`iteration` expects."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x), None
+
+
+def graphed(model: nn.Module, shape: Shape, device: torch.device) -> nn.Module:
+    """``model`` captured in CUDA graphs for its forward and backward (dropout masks included:
+    the CUDA generator advances inside a captured graph)."""
+    model.train()
+    sample = torch.randn(shape.steps, shape.batch, shape.hidden, device=device,
+                         requires_grad=True)
+    return WithState(torch.cuda.make_graphed_callables(OutputOnly(model), (sample,)))
+
+
+def iteration(model: nn.Module, x: torch.Tensor, sync) -> float:
+    model.zero_grad(set_to_none=True)
+    sync()
+    start = time.perf_counter()
+    out, _ = model(x)
+    out.sum().backward()
+    sync()
+    return time.perf_counter() - start
+
+
+def busy_fraction(events, device_type) -> tuple[int, float]:
+    """Count of ``device_type`` events and the share of their span covered by at least one."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == device_type)
+    if not spans:
+        return 0, 0.0
+    covered, (start, end) = 0.0, spans[0]
+    first = start
+    for s, e in spans[1:]:
+        if s > end:
+            covered += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    covered += end - start
+    total = max(e for _, e in spans) - first
+    return len(spans), covered / total if total > 0 else 1.0
+
+
+def measure(model: nn.Module, shape: Shape, device: torch.device, warmup: int,
+            repeats: int) -> dict[str, float]:
+    x = torch.randn(shape.steps, shape.batch, shape.hidden, device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model.train()
+    for _ in range(warmup):
+        iteration(model, x, sync)
+    seconds = statistics.median(iteration(model, x, sync) for _ in range(repeats))
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        iteration(model, x, sync)
+    ops, busy = busy_fraction(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)
+    if cuda and ops == 0:  # a profiler that reports kernels only alongside CPU activity
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            iteration(model, x, sync)
+        ops, busy = busy_fraction(prof.events(), DeviceType.CUDA)
+    return {"ms": 1e3 * seconds, "us_step": 1e6 * seconds / (shape.steps * shape.layers),
+            "ops": ops, "ops_step": ops / (shape.steps * shape.layers), "busy": busy}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="small,medium,large",
+                        help=f"comma-separated, from {', '.join(SHAPES)} (default: %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--p", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if not shapes or any(s not in SHAPES for s in shapes):
+        parser.error(f"--shapes: choose from {', '.join(SHAPES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    what = "CUDA kernels, copies, memsets" if device.type == "cuda" else "aten operators"
+    print(f"*torch {torch.__version__}, {name}; forward+backward, median of {args.repeats} "
+          f"after {args.warmup} warm-up; ops = {what} per iteration (torch.profiler); busy = "
+          "share of the iteration's span in which one of them ran*\n")
+    print("| shape | model | ms/iter | us/step/layer | ops/iter | ops/step/layer | busy |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        candidates = models(shape, args.p, device)
+        if device.type == "cuda":
+            label = "rnnreg variational (own loop, whole layer in CUDA graphs)"
+            try:
+                candidates[label] = graphed(candidates["rnnreg variational (own loop)"],
+                                            shape, device)
+            except Exception as error:  # an experiment: report it, keep the other rows
+                print(f"| {shape_name} | {label} | capture failed: {type(error).__name__} "
+                      "| | | | |", flush=True)
+                print(f"  capture failed: {error!r}", file=sys.stderr, flush=True)
+        for label, model in candidates.items():
+            try:
+                r = measure(model, shape, device, args.warmup, args.repeats)
+            except Exception as error:
+                if "CUDA graphs" not in label:
+                    raise
+                print(f"| {shape_name} | {label} | replay failed: {type(error).__name__} "
+                      "| | | | |", flush=True)
+                print(f"  replay failed: {error!r}", file=sys.stderr, flush=True)
+                continue
+            print(f"| {shape_name} | {label} | {r['ms']:.2f} | {r['us_step']:.0f} | "
+                  f"{r['ops']:.0f} | {r['ops_step']:.1f} | {r['busy']:.0%} |", flush=True)
+            print(f"  {shape_name} {label} done", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
