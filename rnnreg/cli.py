@@ -105,9 +105,9 @@ def _add_train(commands) -> None:
         "train", help="train a language model (or --resume one)",
         description="Rerunning the same command with --resume continues the run in --out "
                     "where it stopped, or starts it if there is none yet.")
-    train.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME", default="small",
-                       help=f"starting configuration, every flag below overrides it; one of "
-                            f"{', '.join(sorted(PRESETS))} (default: small)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                       help="starting configuration, every flag below overrides it "
+                            "(default: small)")
     train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out exactly where it stopped (start it if "
@@ -278,7 +278,7 @@ def _train(args: argparse.Namespace) -> int:
                 print(_resume_command(args.argv, out), file=sys.stderr)
         return 130
     if distributed.is_main():  # under torchrun every rank returns it; one copy is enough
-        if not summary["complete"] and config.max_train_minutes:
+        if summary.get("complete") is False and config.max_train_minutes:
             print("to continue, raise the time budget:\n" + _resume_command(
                 args.argv, out, max_train_minutes=2 * config.max_train_minutes),
                 file=sys.stderr)
