@@ -108,12 +108,21 @@ def _start(run: RunDir, held: contextlib.ExitStack, world: World, config: Config
     corpus = world.everywhere(lambda: Corpus.load(
         data_dir, config.level, vocab, split_fractions=config.split_fractions,
         max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
-    if vocab is None:  # only once the data loaded, so a failed start leaves no half-made run
+    # Only once the data loaded, so a failed start leaves no half-made or half-extended run.
+    if vocab is None:
         world.from_main(lambda: _create_run(run, config, corpus, world.size))
+    else:
+        world.from_main(lambda: _record_extension(run, config))
     trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
     if checkpoint is not None:
         trainer.restore(checkpoint)
     return trainer
+
+
+def _record_extension(run: RunDir, config: Config) -> None:
+    """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
+    if read_config(run) != config:
+        run.write_config({**run.read_config(), "config": config.to_dict()})
 
 
 def _remove_unstarted(run: RunDir) -> None:
@@ -144,8 +153,6 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
     if resume and run.exists():
         saved = read_config(run)
         config = saved if config is None else resumed_config(saved, config)
-        if config != saved:  # extended: later resumes and reports see the new length
-            run.write_config({**run.read_config(), "config": config.to_dict()})
         vocab, recorded = read_vocab(run), read_corpus(run)
         # With no checkpoint yet, the run restarts from its saved config and vocabulary.
         checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
