@@ -10,16 +10,28 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from rnnreg.lm import distributed
-from rnnreg.lm.config import CELLS, Config
+from rnnreg.lm.config import (
+    CELLS,
+    LEVELS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SOFTMAXES,
+    Config,
+)
 from rnnreg.lm.data import (
+    UNK,
     Corpus,
     DataError,
     default_data_dir,
@@ -31,28 +43,21 @@ from rnnreg.lm.data import (
 from rnnreg.lm.evaluation import score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.presets import PRESETS, preset_config
-from rnnreg.lm.rundir import RunDirError
-from rnnreg.lm.runs import load_model
+from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.runs import load_model, read_config, read_corpus, weights_description
 from rnnreg.lm.training import TrainingDiverged, train
-from rnnreg.nn.strategies import STRATEGIES
+from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES
 
 __all__ = ["main"]
 
-_BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type == "bool"}
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
-          "str | None": str}
-_SIZE_LIST_TYPES = {"tuple[int, ...] | None"}
-_LIST_HELP = {
-    "layer_sizes": "one size per layer, e.g. 1150 1150 400 or 1150,1150,400 (sets --num-layers "
-                   "and --hidden-size unless given); 'none' = uniform",
-    "adaptive_cutoffs": "word ids where the adaptive head and each cluster end, e.g. 2000 10000; "
-                        "'none' = 2000 and 10000 below the vocabulary size",
-}
+# Above this share of <unk> a perplexity says little about the text: `score` warns.
+_UNK_WARNING = 0.05
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except (ValueError, DataError, RunDirError, TrainingDiverged, OSError,
@@ -65,8 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message (choices included), not the whole usage.
+
+    The usage of ``train`` runs to forty lines; the line that matters would scroll away.
+    Subcommand parsers inherit the class, so every command behaves the same.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"rnnreg: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rnnreg", description="Regularized RNN language models (Zaremba et al. 2014).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(commands)
@@ -81,61 +97,173 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("corpus", choices=["ptb"], help="Mikolov's Penn Treebank (10k words)")
     download.add_argument("--data-dir", help=f"target directory (default: $RNNREG_DATA or "
                                              f"{default_data_dir()})")
+    download.add_argument("--no-progress", action="store_true", help="no progress bar")
     download.set_defaults(handler=_download)
     return parser
 
 
-def _add_data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="corpus directory with {ptb.,}{train,valid,test}.txt "
-                                           "(default: $RNNREG_DATA, else the user cache)")
+def _add_data_dir(parser: argparse.ArgumentParser, recorded: bool = False) -> None:
+    default = ("the corpus the run was trained on" if recorded else
+               "$RNNREG_DATA, else the user cache")
+    parser.add_argument("--data-dir", metavar="DIR_OR_FILE", help=(
+        "corpus: a directory with {ptb.,}{train,valid,test}.txt (test optional), or one text "
+        f"file cut by --split-fractions (default: {default})"))
 
 
 def _add_train(commands) -> None:
-    train = commands.add_parser("train", help="train a language model (or --resume one)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = commands.add_parser(
+        "train", help="train a language model (or --resume one)",
+        description="Rerunning the same command with --resume continues the run in --out "
+                    "where it stopped, or starts it if there is none yet.")
     train.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                       help="starting configuration; every flag below overrides it")
+                       help="starting configuration, every flag below overrides it "
+                            "(default: small)")
     train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out exactly where it stopped")
+                       help="continue the run in --out exactly where it stopped (start it if "
+                            "--out holds none); flags must match the run's, except --epochs "
+                            "and --max-train-minutes, which may be raised")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--no-download", action="store_true",
+                       help="never download PTB when no corpus is given")
     _add_data_dir(train)
     _add_config_flags(train)
     train.set_defaults(handler=_train)
 
 
+# One line per Config field: what it does, in the words of config.py's comments.
+_FIELD_HELP = {
+    "level": "tokens: words, or characters with _ between words",
+    "split_fractions": "train,valid,test fractions when the corpus is one text file",
+    "max_vocab": "keep the N most frequent training words (<eos>, <unk> included), fold the "
+                 "rest into <unk>; none = all",
+    "min_count": "fold training words seen fewer than K times into <unk>",
+    "cell": "recurrent cell",
+    "hidden_size": "hidden units per layer (the top layer's with --layer-sizes)",
+    "num_layers": "recurrent layers",
+    "embedding_size": "embedding width; none = --hidden-size",
+    "layer_sizes": "one size per layer, e.g. 1150 1150 400 or 1150,1150,400 (sets "
+                   "--num-layers and --hidden-size unless given); none = uniform",
+    "tie_weights": "share the embedding and decoder weights (Press & Wolf 2017)",
+    "softmax": "full: one V-way softmax (the paper); adaptive: Grave et al. 2017's exact "
+               "clustered softmax, several times faster at 30k+ words",
+    "adaptive_cutoffs": "word ids where the adaptive head and each cluster end, e.g. 2000 "
+                        "10000; none = 2000 and 10000 below the vocabulary size",
+    "adaptive_div_value": "each adaptive cluster projects to hidden_size / div^(i+1) features",
+    "init_range": "weights start uniform in (-r, r)",
+    "strategy": "dropout strategy (where masks act, whether per step or per sequence)",
+    "dropout": "the strategy's dropout rate p",
+    "input_dropout": "dropout rate on the embedding output; none = the strategy's",
+    "between_dropout": "dropout rate between layers; none = the strategy's",
+    "output_dropout": "dropout rate before the decoder; none = the strategy's",
+    "recurrent_dropout": "dropout rate on h(t-1); none = the strategy's",
+    "weight_dropout": "DropConnect rate on W_hh; none = the strategy's",
+    "recurrent_mask": "sequence: one recurrent mask per row (Gal); batch: one per call, on the "
+                      "fused kernel (variational strategies only); none = the strategy's",
+    "zoneout_hidden": "zoneout rate on h (Krueger et al. 2017), in [0, 1); none = the "
+                      "strategy's",
+    "zoneout_cell": "zoneout rate on the LSTM's c, in [0, 1); none = the strategy's",
+    "embedding_dropout": "whole-word dropout rate (Gal & Ghahramani 2016)",
+    "activation_reg": "AR penalty alpha (Merity et al. 2018 eq. 3)",
+    "temporal_activation_reg": "TAR penalty beta (Merity et al. 2018 eq. 4)",
+    "weight_decay": "L2 penalty through the optimizer",
+    "train_tokens": "train on the first N tokens only; 0 = all",
+    "batch_size": "parallel streams",
+    "bptt": "unrolled steps per window",
+    "variable_bptt": "AWD's random window lengths around --bptt",
+    "epochs": "passes over the training split (may be raised on --resume)",
+    "lr": "learning rate",
+    "lr_schedule": "step: decay each epoch after --decay-after; cosine: anneal to 0 over the run",
+    "lr_decay": "factor the step schedule multiplies the lr by each epoch",
+    "decay_after": "epochs at the full learning rate (step schedule)",
+    "clip_norm": "gradient-norm clipping threshold",
+    "optimizer": "sgd, or asgd (AWD's non-monotonically triggered averaging)",
+    "asgd_nonmono": "epochs without improvement before ASGD starts averaging",
+    "seed": "random seed",
+    "device": "auto, cpu, cuda or cuda:N",
+    "precision": "training forward precision (evaluation is always float32)",
+    "eval_bptt": "window length when scoring a split as one stream",
+    "valid_batch_size": "streams for the per-epoch valid score; 1 = exact, larger = faster, "
+                        "approximate",
+    "checkpoint_minutes": "checkpoint mid-epoch this often; 0 = only at epoch ends",
+    "checkpoint_steps": "also checkpoint every N steps; 0 = off",
+    "max_train_minutes": "stop after this much training time; 0 = no limit (may be raised "
+                         "on --resume)",
+    "log_every": "write a step record (loss, ppl, tokens/s, lr) every N windows; 0 = about "
+                 "every 30 s",
+}
+_FIELD_CHOICES = {"level": LEVELS, "cell": CELLS, "strategy": tuple(STRATEGIES),
+                  "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
+                  "precision": PRECISIONS, "recurrent_mask": RECURRENT_MASKS,
+                  "softmax": SOFTMAXES}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()):
-    """One flag per Config field (``hidden_size`` -> ``--hidden-size``), none by default."""
-    fields = parser.add_argument_group("configuration (defaults come from the preset)")
+    """One flag per Config field (``hidden_size`` -> ``--hidden-size``), none by default.
+
+    Flags are built from the fields' resolved types (``typing.get_type_hints``), so any
+    annotation works, ``str | None`` included; ``none`` sets an optional field to None.
+    """
+    fields = parser.add_argument_group(
+        "configuration", "defaults come from --preset (see `rnnreg presets`)")
+    hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
         if field.name in exclude:
             continue
         flag = "--" + field.name.replace("_", "-")
-        if field.name in _BOOL_FIELDS:
-            fields.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS)
-        elif field.type in _SIZE_LIST_TYPES:
-            fields.add_argument(flag, nargs="+", action=_SizesAction, default=argparse.SUPPRESS,
-                                metavar="SIZE", help=_LIST_HELP[field.name])
+        kind, optional = _unwrap_optional(hints[field.name])
+        options = {"default": argparse.SUPPRESS, "help": _FIELD_HELP[field.name]}
+        if kind is bool:
+            fields.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        elif typing.get_origin(kind) is tuple:
+            fields.add_argument(flag, nargs="+", action=_TupleAction,
+                                item=typing.get_args(kind)[0], optional=optional,
+                                metavar=typing.get_args(kind)[0].__name__.upper(), **options)
+        elif field.name in _FIELD_CHOICES and optional:
+            allowed = _FIELD_CHOICES[field.name]
+            fields.add_argument(flag, type=_none_or(kind), choices=(*allowed, None),
+                                metavar="{" + ",".join((*allowed, "none")) + "}", **options)
+        elif field.name in _FIELD_CHOICES:
+            fields.add_argument(flag, choices=_FIELD_CHOICES[field.name], **options)
         else:
-            fields.add_argument(flag, type=_TYPES[field.type], default=argparse.SUPPRESS,
-                                metavar=field.name.upper())
+            fields.add_argument(flag, type=_none_or(kind) if optional else kind,
+                                metavar=field.name.upper(), **options)
 
 
-class _SizesAction(argparse.Action):
+def _unwrap_optional(hint) -> tuple[type, bool]:
+    """``X | None`` -> (X, True); any other annotation -> (itself, False)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def _none_or(kind: type):
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+class _TupleAction(argparse.Action):
     """``--layer-sizes 1150 1150 400`` (or ``1150,1150,400``) -> a tuple; ``none`` -> None."""
 
+    def __init__(self, *args, item: type, optional: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.item, self.optional = item, optional
+
     def __call__(self, parser, namespace, values, option_string=None):
-        if [v.strip().lower() for v in values] == ["none"]:
+        if self.optional and [v.strip().lower() for v in values] == ["none"]:
             setattr(namespace, self.dest, None)
             return
-        items = [item.strip() for value in values for item in value.split(",")]
+        items = [item.strip() for value in values for item in value.split(",") if item.strip()]
         try:
-            sizes = tuple(int(item) for item in items)
+            setattr(namespace, self.dest, tuple(self.item(item) for item in items))
         except ValueError:
-            parser.error(f"{option_string} takes integers (one per layer) or 'none', "
+            none = " or 'none'" if self.optional else ""
+            parser.error(f"{option_string} takes {self.item.__name__}s{none}, "
                          f"got {' '.join(values)!r}")
-        setattr(namespace, self.dest, sizes)
 
 
 def _config_overrides(args: argparse.Namespace) -> dict:
@@ -150,20 +278,54 @@ def _config_overrides(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace) -> int:
     overrides = _config_overrides(args)
-    if args.resume:
-        if not args.out:
-            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-        if overrides:
-            raise ValueError(f"a resumed run keeps its saved config; drop {sorted(overrides)}")
-        config = Config()
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    named_preset = any(arg.split("=", 1)[0] == "--preset" for arg in args.argv)
+    if args.resume and not named_preset and RunDir(out).exists():
+        # Without --preset the command names only its flags: they are what must match.
+        config = read_config(RunDir(out)).replace(**overrides)
     else:
         config = preset_config(args.preset).replace(**overrides)
-    out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = train(config, out, data_dir=args.data_dir, resume=args.resume,
-                    progress=not args.no_progress)
+    try:
+        summary = train(config, out, data_dir=args.data_dir, resume=args.resume,
+                        download=not args.no_download, progress=not args.no_progress)
+    except KeyboardInterrupt as stopped:
+        if distributed.is_main():
+            print(f"rnnreg: {stopped or 'interrupted'}", file=sys.stderr)
+            if RunDir(out).exists():
+                print(_resume_command(args.argv, out), file=sys.stderr)
+        return 130
     if distributed.is_main():  # under torchrun every rank returns it; one copy is enough
+        if summary.get("complete") is False and config.max_train_minutes:
+            print("to continue, raise the time budget:\n" + _resume_command(
+                args.argv, out, max_train_minutes=2 * config.max_train_minutes),
+                file=sys.stderr)
         print(json.dumps(summary))
     return 0
+
+
+def _resume_command(argv: list[str], out: str, **raised: float) -> str:
+    """The command that continues the run: the one given, with --out (absolute) and --resume.
+
+    ``raised`` replaces flags (a longer time budget). Without --out the original command
+    would start a new timestamped run, so the absolute run directory is always spelled out.
+    """
+    replace = {"--out": str(Path(out).resolve()),
+               **{"--" + k.replace("_", "-"): f"{v:g}" for k, v in raised.items()}}
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in replace:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    extra = [item for flag, value in replace.items() for item in (flag, value)]
+    resume = [] if "--resume" in kept else ["--resume"]
+    return "rnnreg " + shlex.join([*kept, *extra, *resume])
 
 
 def _add_evaluate(commands) -> None:
@@ -171,14 +333,18 @@ def _add_evaluate(commands) -> None:
         "evaluate", help="perplexity of one run, or of an ensemble of runs, on a split")
     evaluate.add_argument("runs", nargs="+", metavar="RUN",
                           help="run directories; several = ensemble (probabilities averaged)")
-    evaluate.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    evaluate.add_argument("--split", choices=["train", "valid", "test"], default="test",
+                          help="split to score (default: test)")
     evaluate.add_argument("--mc-samples", type=int, default=0,
-                          help="MC-dropout passes averaged (0 = deterministic dropout off)")
-    evaluate.add_argument("--weights", choices=["best", "last"], default="best")
-    evaluate.add_argument("--seed", type=int, default=1, help="seed for MC-dropout masks")
-    evaluate.add_argument("--device", default="auto")
+                          help="MC-dropout passes averaged (default: 0 = dropout off)")
+    evaluate.add_argument("--weights", choices=["best", "last"], default="best",
+                          help="best valid epoch, or the last checkpoint (default: best)")
+    evaluate.add_argument("--seed", type=int, default=1,
+                          help="seed for MC-dropout masks (default: 1)")
+    evaluate.add_argument("--device", default="auto", help="default: auto")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_data_dir(evaluate)
+    evaluate.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    _add_data_dir(evaluate, recorded=True)
     evaluate.set_defaults(handler=_evaluate)
 
 
@@ -196,32 +362,72 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.mc_samples < 0:
         raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
     models, vocab, config = _load_members(args.runs, args.weights, args.device)
-    corpus = Corpus.load(args.data_dir, config.level, vocab)
+    recorded = read_corpus(RunDir(args.runs[0]))
+    data_dir = args.data_dir
+    if data_dir is None and recorded is not None:
+        data_dir = recorded["data_dir"]
+    corpus = Corpus.load(data_dir, config.level, vocab, split_fractions=config.split_fractions,
+                         recorded=recorded if args.data_dir is None else None)
+    ids = corpus.split(args.split)
     torch.manual_seed(args.seed)
-    score = score_stream(models, corpus.split(args.split), bptt=config.eval_bptt,
+    score = score_stream(models, ids, bptt=config.eval_bptt,
                          mc_samples=args.mc_samples, progress=not args.no_progress)
-    print(json.dumps({"split": args.split, "runs": args.runs, "mc_samples": args.mc_samples,
-                      "perplexity": score.perplexity, "tokens": score.tokens,
-                      "seconds": round(score.seconds, 2)}))
+    weights = [weights_description(run, args.weights) for run in args.runs]
+    unknown = _unknown(ids, vocab)
+    if args.json:
+        print(json.dumps({"split": args.split, "runs": args.runs, "mc_samples": args.mc_samples,
+                          "perplexity": score.perplexity, "tokens": score.tokens,
+                          "seconds": round(score.seconds, 2), "weights": weights,
+                          **unknown}))
+        return 0
+    how = f"; MC dropout, {args.mc_samples} passes" if args.mc_samples else ""
+    scored = (f"{weights[0]} of {args.runs[0]}" if len(args.runs) == 1 else
+              f"ensemble of {len(args.runs)} runs: " + "; ".join(
+                  f"{w} of {r}" for w, r in zip(weights, args.runs)))
+    print(f"{_score_line(args.split, score, unknown)}{how}  [{scored}]")
     return 0
+
+
+def _unknown(ids: torch.Tensor, vocab) -> dict:
+    """How many of the predicted tokens (all but the first) are <unk>, and their share."""
+    unk = vocab.unk_id
+    count = 0 if unk is None else int((ids[1:] == unk).sum())
+    return {"unk_tokens": count, "unk_share": count / max(ids.numel() - 1, 1)}
+
+
+def _score_line(what: str, score, unknown: dict) -> str:
+    return (f"{what} perplexity {score.perplexity:.2f} over {score.tokens:,} tokens "
+            f"({unknown['unk_share']:.1%} {UNK}) in {score.seconds:.1f} s")
 
 
 def _add_score(commands) -> None:
     score = commands.add_parser("score", help="perplexity of a text file under a trained model")
     score.add_argument("run", metavar="RUN")
     score.add_argument("file", metavar="FILE")
-    score.add_argument("--device", default="auto")
+    score.add_argument("--weights", choices=["best", "last"], default="best",
+                       help="best valid epoch, or the last checkpoint (default: best)")
+    score.add_argument("--device", default="auto", help="default: auto")
+    score.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     score.set_defaults(handler=_score)
 
 
 def _score(args: argparse.Namespace) -> int:
-    model, vocab, config = load_model(args.run, device=args.device)
+    model, vocab, config = load_model(args.run, weights=args.weights, device=args.device)
     ids = vocab.encode(tokenize(read_text(args.file), config.level))
     if ids.numel() < 2:
         raise DataError(f"{args.file} has fewer than two tokens: nothing to score")
     result = score_stream(model, ids, bptt=config.eval_bptt)
-    print(json.dumps({"file": args.file, "perplexity": result.perplexity,
-                      "tokens": result.tokens}))
+    unknown = _unknown(ids, vocab)
+    weights = weights_description(args.run, args.weights)
+    if unknown["unk_share"] > _UNK_WARNING:
+        print(f"rnnreg: warning: {unknown['unk_tokens']:,} of {result.tokens:,} tokens "
+              f"({unknown['unk_share']:.1%}) are not in the run's vocabulary and were scored "
+              f"as {UNK}: the perplexity says little about this text", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"file": args.file, "perplexity": result.perplexity,
+                          "tokens": result.tokens, "weights": weights, **unknown}))
+    else:
+        print(f"{_score_line(args.file, result, unknown)}  [{weights} of {args.run}]")
     return 0
 
 
@@ -261,7 +467,7 @@ def _presets(_: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    target = download_ptb(resolve_data_dir(args.data_dir))
+    target = download_ptb(resolve_data_dir(args.data_dir), progress=not args.no_progress)
     print(f"Penn Treebank ready in {Path(target)}")
     return 0
 
@@ -291,34 +497,37 @@ def _comma_list(convert, kind: str):
 def _add_compare(commands) -> None:
     compare = commands.add_parser(
         "compare", help="train a grid of dropout strategies x rates x cells x seeds and report",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Each grid cell is an ordinary run in OUT/runs; rerunning the same command "
                     "resumes an interrupted study. Writes OUT/report.md and OUT/report.html "
                     "and prints the report's path.")
     compare.add_argument("--out", required=True, help="study directory")
     compare.add_argument("--strategies", type=_comma_list(str, "strategy names"),
                          default=_DEFAULT_STRATEGIES, metavar="NAME,...",
-                         help=f"strategies to compare, of: {', '.join(STRATEGIES)}")
+                         help=f"strategies to compare, of: {', '.join(STRATEGIES)} (default: "
+                              "all)")
     compare.add_argument("--rates", type=_comma_list(float, "numbers in [0, 1]"),
-                         default=_DEFAULT_RATES, metavar="P,...", help="dropout rates")
+                         default=_DEFAULT_RATES, metavar="P,...",
+                         help="dropout rates (default: "
+                              f"{','.join(map(str, _DEFAULT_RATES))})")
     compare.add_argument("--cells", type=_comma_list(str, "cell names"), metavar="CELL,...",
                          help=f"recurrent cells, of: {', '.join(CELLS)} (default: the preset's)")
     compare.add_argument("--seeds", type=_comma_list(int, "integers"), metavar="SEED,...",
                          help="seeds (default: the preset's)")
     compare.add_argument("--jobs", type=int, default=1,
-                         help="runs trained in parallel (local backend)")
+                         help="runs trained in parallel (local backend; default: 1)")
     compare.add_argument("--backend", choices=["local", "ray"], default="local",
                          help="where runs train: this machine, or Ray Tune trials (needs "
-                              "pip install 'rnnreg[ray]')")
+                              "pip install 'rnnreg[ray]'; default: local)")
     compare.add_argument("--address", metavar="ADDR",
                          help="Ray cluster to join: 'auto', or ray://HOST:10001 (default: a "
                               "local Ray instance); only with --backend ray")
     compare.add_argument("--preset", choices=sorted(PRESETS), default="study-small",
-                         help="base configuration; every configuration flag overrides it")
+                         help="base configuration; every configuration flag overrides it "
+                              "(default: study-small)")
     compare.add_argument("--report-only", action="store_true",
                          help="only regenerate the report from the runs already in --out")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_data_dir(compare)
+    _add_data_dir(compare, recorded=True)
     _add_config_flags(compare, exclude=_GRID_FIELDS)
     compare.set_defaults(handler=_compare)
 

@@ -50,3 +50,27 @@ def tiny_corpus(tmp_path: Path) -> Path:
 def module_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny corpus, shared by the tests of one module."""
     return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON (jq and JSON.parse reject it)")
+
+
+def assert_strict_json(directory: Path) -> int:
+    """Parse every .json and .jsonl file under ``directory`` as strict JSON; return how many.
+
+    Python's json module reads and writes NaN and Infinity, which no other JSON reader accepts,
+    so the check refuses them explicitly.
+    """
+    import json
+
+    checked = 0
+    for path in sorted(Path(directory).rglob("*.json*")):
+        if path.suffix not in (".json", ".jsonl"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines() if path.suffix == ".jsonl" else [text]
+        for line in filter(str.strip, lines):
+            json.loads(line, parse_constant=_no_constants)
+        checked += 1
+    return checked

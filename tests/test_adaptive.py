@@ -250,7 +250,7 @@ def test_training_loss_evaluation_and_score_agree_on_the_same_text(adaptive_run,
     evaluated = score_stream(model, ids, bptt=config.eval_bptt)
     assert evaluated.nll == pytest.approx(by_hand, rel=1e-5)
     assert summary["test_ppl"] == pytest.approx(evaluated.perplexity, rel=1e-9)
-    assert cli.main(["score", str(out), str(text), "--device", "cpu"]) == 0
+    assert cli.main(["score", str(out), str(text), "--device", "cpu", "--json"]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["tokens"] == ids.numel() - 1
     assert scored["perplexity"] == pytest.approx(math.exp(by_hand / (ids.numel() - 1)),
@@ -284,11 +284,11 @@ def test_evaluate_and_generate_commands_read_an_adaptive_run(adaptive_run, modul
                                                              capsys):
     out, summary = adaptive_run
     assert cli.main(["evaluate", str(out), "--data-dir", str(module_corpus), "--weights", "last",
-                     "--device", "cpu", "--no-progress"]) == 0
+                     "--device", "cpu", "--no-progress", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-9)
     assert cli.main(["evaluate", str(out), str(out), "--data-dir", str(module_corpus),
-                     "--mc-samples", "2", "--device", "cpu", "--no-progress"]) == 0
+                     "--mc-samples", "2", "--device", "cpu", "--no-progress", "--json"]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out.strip())["perplexity"])
     assert cli.main(["generate", str(out), "--words", "6", "--device", "cpu"]) == 0
     assert len(capsys.readouterr().out.split()) >= 6

@@ -24,7 +24,10 @@ TRAIN_FLAGS = ("--epochs", "1", "--hidden-size", "8", "--bptt", "5", "--no-progr
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exited:  # argparse's own errors (a bad choice) exit
+        code = exited.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -107,7 +110,7 @@ def test_train_prints_a_json_summary_and_applies_flags_over_the_preset(cli_run):
 def test_evaluate_reproduces_the_final_test_perplexity(cli_run, module_corpus, capsys):
     out, summary = cli_run
     code, stdout, _ = _cli(capsys, "evaluate", str(out), "--split", "test",
-                           "--data-dir", str(module_corpus))
+                           "--data-dir", str(module_corpus), "--json")
     assert code == 0
     result = _last_json(stdout)
     # One epoch: the best weights are the last ones, which the final evaluation used.
@@ -116,7 +119,7 @@ def test_evaluate_reproduces_the_final_test_perplexity(cli_run, module_corpus, c
     assert result["split"] == "test"
 
     code, stdout, _ = _cli(capsys, "evaluate", str(out), "--split", "valid",
-                           "--data-dir", str(module_corpus))
+                           "--data-dir", str(module_corpus), "--json")
     assert code == 0
     assert _last_json(stdout)["perplexity"] == pytest.approx(summary["valid_ppl"], rel=1e-6)
 
@@ -125,7 +128,7 @@ def test_evaluate_reproduces_the_final_test_perplexity(cli_run, module_corpus, c
 def test_evaluate_an_ensemble_of_a_run_with_itself(cli_run, module_corpus, capsys):
     out, summary = cli_run
     code, stdout, _ = _cli(capsys, "evaluate", str(out), str(out), "--data-dir",
-                           str(module_corpus))
+                           str(module_corpus), "--json")
     assert code == 0
     assert _last_json(stdout)["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
 
@@ -133,13 +136,13 @@ def test_evaluate_an_ensemble_of_a_run_with_itself(cli_run, module_corpus, capsy
 @pytest.mark.slow
 def test_score_a_file(cli_run, module_corpus, capsys, tmp_path):
     out, summary = cli_run
-    code, stdout, _ = _cli(capsys, "score", str(out), str(module_corpus / "test.txt"))
+    code, stdout, _ = _cli(capsys, "score", str(out), str(module_corpus / "test.txt"), "--json")
     assert code == 0
     assert _last_json(stdout)["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
 
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat\na dog ran\n", encoding="utf-8")
-    code, stdout, _ = _cli(capsys, "score", str(out), str(text))
+    code, stdout, _ = _cli(capsys, "score", str(out), str(text), "--json")
     assert code == 0
     result = _last_json(stdout)
     assert result["tokens"] == 6 + 1 + 3 + 1 - 1  # words and <eos> of each line, less one
@@ -214,18 +217,38 @@ def test_resume_without_out_is_a_one_line_error(capsys):
 
 
 @pytest.mark.slow
-def test_resume_with_config_flags_is_refused(cli_run, capsys):
+def test_resume_with_a_differing_flag_is_refused_naming_it(cli_run, capsys):
     out, _ = cli_run
-    code, _, err = _cli(capsys, "train", "--resume", "--out", str(out), "--epochs", "3")
-    _assert_one_line_error(code, err, "epochs")
+    before = (out / "metrics.jsonl").read_bytes()
+    code, _, err = _cli(capsys, "train", "--resume", "--out", str(out), "--hidden-size", "9",
+                        "--no-progress")
+    _assert_one_line_error(code, err, "--hidden-size: run has 8, command says 9")
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_scoring_unknown_words_reports_and_warns(cli_run, tmp_path, capsys):
+    out, _ = cli_run
+    text = tmp_path / "text.txt"
+    text.write_text("the zebra sat on the mat\nzzzz qqqq\n", encoding="utf-8")
+    code, stdout, err = _cli(capsys, "score", str(out), str(text))
+    assert code == 0
+    # 9 tokens after the first: zebra, zzzz, qqqq are <unk>.
+    assert "over 9 tokens (33.3% <unk>)" in stdout and "best weights (epoch 1)" in stdout
+    assert "warning: 3 of 9 tokens (33.3%)" in err
 
 
 @pytest.mark.slow
 def test_scoring_unknown_words_without_unk_is_a_one_line_error(cli_run, tmp_path, capsys):
     out, _ = cli_run
+    vocab = out.parent / "no-unk"
+    import shutil
+    shutil.copytree(out, vocab)
+    words = [w for w in json.loads((vocab / "vocab.json").read_text()) if w != "<unk>"]
+    (vocab / "vocab.json").write_text(json.dumps(words + ["<pad>"]))  # an older run's shape
     text = tmp_path / "text.txt"
     text.write_text("the zebra sat on the mat\n", encoding="utf-8")
-    code, _, err = _cli(capsys, "score", str(out), str(text))
+    code, _, err = _cli(capsys, "score", str(vocab), str(text))
     _assert_one_line_error(code, err, "'zebra'", "<unk>")
 
 
@@ -276,7 +299,7 @@ def test_diverged_training_is_a_one_line_error(tmp_path, module_corpus, capsys, 
 def test_download_ptb_calls_the_downloader(tmp_path, capsys, monkeypatch):
     calls: list[Path] = []
 
-    def fake_download(directory):
+    def fake_download(directory, **options):
         calls.append(Path(directory))
         return Path(directory)
 
@@ -292,7 +315,7 @@ def test_download_ptb_calls_the_downloader(tmp_path, capsys, monkeypatch):
 
 
 def test_download_failure_is_a_one_line_error(capsys, monkeypatch, tmp_path):
-    def failing_download(directory):
+    def failing_download(directory, **options):
         raise DataError("could not download ptb.train.txt (offline): check the network")
 
     monkeypatch.setattr(cli, "download_ptb", failing_download)

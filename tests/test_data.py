@@ -17,6 +17,7 @@ from rnnreg.lm.data import (
     DataError,
     Vocabulary,
     batchify,
+    build_vocabulary,
     download_ptb,
     num_windows,
     read_text,
@@ -116,8 +117,8 @@ def test_verify_ptb_detects_corrupt_file(tmp_path):
     with pytest.raises(DataError) as err:
         verify_ptb(tmp_path, md5s=md5s)
     message = str(err.value)
-    assert "ptb.valid.txt" in message and "corrupt" in message
-    assert md5s["ptb.valid.txt"] in message
+    assert "ptb.valid.txt" in message and "corrupt download" in message
+    assert md5s["ptb.valid.txt"] in message and "delete" not in message
     assert f"rnnreg download ptb --data-dir {tmp_path}" in message
 
 
@@ -141,7 +142,7 @@ def test_download_ptb_fetches_and_verifies(tmp_path):
     url, md5s = _source(tmp_path)
     target = tmp_path / "new" / "dir"
     assert download_ptb(target, url_template=url, md5s=md5s, progress=False) == target
-    assert sorted(p.name for p in target.iterdir()) == sorted(md5s)
+    assert sorted(p.name for p in target.iterdir()) == sorted([*md5s, data.DOWNLOAD_MARKER])
     assert (target / "ptb.train.txt").read_text() == TRAIN
     verify_ptb(target, md5s=md5s)
 
@@ -166,8 +167,9 @@ def test_download_ptb_md5_mismatch_leaves_nothing_behind(tmp_path):
     message = str(err.value)
     assert url.format(name="ptb.valid.txt") in message
     assert "0" * 32 in message and _md5(VALID.encode()) in message
-    # train came first and verified; the corrupt valid left neither file nor temporary file.
-    assert sorted(p.name for p in target.iterdir()) == ["ptb.train.txt"]
+    # train came first and verified, but a half corpus is no corpus: it is removed again, and
+    # the corrupt valid left neither file nor temporary file.
+    assert list(target.iterdir()) == []
 
 
 def test_download_ptb_unreachable_url_raises_data_error(tmp_path):
@@ -291,11 +293,81 @@ def test_corpus_char_level(tmp_path):
     assert corpus.vocab.decode(corpus.train) == ["a", "b", "_", "a", EOS]
 
 
-def test_corpus_unknown_word_without_unk_names_the_split(tmp_path):
-    directory = _write_corpus(tmp_path, train="the cat\n")
-    with pytest.raises(DataError) as err:
+def test_raw_text_gets_an_unk_for_words_training_never_saw(tmp_path):
+    directory = _write_corpus(tmp_path, train="the cat\nthe cat\n", valid="the dog ran\n",
+                              test="a cat\n")
+    corpus = Corpus.load(directory)
+    assert UNK in corpus.vocab
+    assert corpus.vocab.decode(corpus.valid) == ["the", UNK, UNK, EOS]
+    # Each split's share of <unk>, counted from the text: 0 of 6, 2 of 4, 1 of 3.
+    assert corpus.unknown_share() == {"train": (0, 6), "valid": (2, 4), "test": (1, 3)}
+    assert corpus.describe_unknown() == f"{UNK} share: train 0.0%, valid 50.0%, test 33.3%"
+
+
+def test_a_corpus_with_unk_keeps_its_vocabulary_exactly(tmp_path):
+    directory = _write_corpus(tmp_path)
+    assert Corpus.load(directory).vocab == Vocabulary.from_tokens(
+        data.tokenize((directory / "train.txt").read_text(), "word"))
+
+
+def test_min_count_and_max_vocab_fold_rare_words_into_unk():
+    tokens = "a a a b b c d".split() + [EOS] * 2
+    # c and d fold into <unk> (count 2); ties of 2 sort by name, "<" before "b".
+    assert build_vocabulary(tokens, min_count=2).words == ("a", EOS, UNK, "b")
+    # max_vocab counts <eos> and <unk>: room for two words, a and b.
+    assert build_vocabulary(tokens, max_vocab=4).words == ("a", EOS, UNK, "b")
+    assert build_vocabulary(tokens, max_vocab=3).words == (UNK, "a", EOS)  # b, c, d: 4
+    with pytest.raises(DataError, match="max-vocab"):
+        build_vocabulary(tokens, max_vocab=2)
+
+
+def test_one_text_file_is_cut_into_contiguous_parts_by_the_fractions(tmp_path):
+    text = "".join(f"line {i} has words\n" for i in range(200))
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    for given in (tmp_path, tmp_path / "input.txt"):
+        for level in ("word", "char"):
+            corpus = Corpus.load(given, level, split_fractions=(0.8, 0.1, 0.1))
+            tokens = data.tokenize(text, level)
+            parts = [corpus.vocab.decode(getattr(corpus, s)) for s in data.SPLITS]
+            assert [len(p) for p in parts] == [round(len(tokens) * 0.8),
+                                               round(len(tokens) * 0.9) - round(
+                                                   len(tokens) * 0.8),
+                                               len(tokens) - round(len(tokens) * 0.9)]
+            # Contiguous and disjoint: read in order they are the file, <unk> where unseen.
+            joined = [t for part in parts for t in part]
+            assert len(joined) == len(tokens)
+            assert all(a == b or a == UNK for a, b in zip(joined, tokens))
+            assert corpus.source["files"]["text"]["md5"] == data.md5sum(tmp_path / "input.txt")
+            assert corpus.source["split_fractions"] == [0.8, 0.1, 0.1]
+            assert any("input.txt: one text file, cut" in note for note in corpus.notes)
+
+
+def test_a_directory_without_test_loads_with_a_note(tmp_path):
+    directory = _write_corpus(tmp_path)
+    (directory / "test.txt").unlink()
+    corpus = Corpus.load(directory)
+    assert corpus.test is None and "no test split" in " ".join(corpus.notes)
+    with pytest.raises(DataError, match="no test split"):
+        corpus.split("test")
+
+
+def test_ptb_named_files_outside_a_download_are_a_custom_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    directory = _write_corpus(tmp_path / "mine", prefix="ptb.")
+    corpus = Corpus.load(directory)  # no MD5 error: rnnreg did not download these
+    assert any("custom corpus" in note for note in corpus.notes)
+    (directory / data.DOWNLOAD_MARKER).write_text("")
+    with pytest.raises(DataError, match="corrupt download"):
         Corpus.load(directory)
-    assert "split 'valid'" in str(err.value) and "'ran'" in str(err.value)
+
+
+def test_a_recorded_corpus_that_changed_is_refused_naming_the_file(tmp_path):
+    directory = _write_corpus(tmp_path)
+    recorded = Corpus.load(directory).source
+    Corpus.load(directory, recorded=recorded)  # unchanged: fine
+    (directory / "valid.txt").write_text("the dog sat\n")
+    with pytest.raises(DataError, match=r"valid.txt changed since the run was trained"):
+        Corpus.load(directory, recorded=recorded)
 
 
 def test_corpus_rejects_empty_split(tmp_path):

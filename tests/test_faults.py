@@ -319,7 +319,7 @@ def test_writes_past_a_file_size_limit_leave_each_file_as_it_was(tmp_path):
     assert run.metrics_path.read_bytes() == metrics
     assert run.config_path.read_text() == "{}\n"
     assert sorted(p.name for p in run.path.iterdir()) == [
-        "checkpoints", "config.json", "metrics.jsonl", "plots", "tensorboard"]
+        "checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
 
 
 def test_a_figure_write_failing_mid_file_leaves_the_previous_figure(tmp_path, monkeypatch):

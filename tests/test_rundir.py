@@ -179,7 +179,8 @@ def test_run_dir_layout_config_and_checkpoints(tmp_path: Path) -> None:
         run.read_config()
 
     run.create(exist_ok=False)
-    assert run.checkpoint_dir.is_dir() and run.tensorboard_dir.is_dir() and run.plots_dir.is_dir()
+    assert run.checkpoint_dir.is_dir() and run.tensorboard_dir.is_dir()
+    assert not run.plots_dir.exists()  # made by whatever draws into it, never empty
     run.write_config({"b": 1, "a": {"lr": 20.0}})
     assert run.exists()
     assert run.read_config() == {"a": {"lr": 20.0}, "b": 1}

@@ -164,9 +164,47 @@ def test_resuming_a_finished_run_returns_the_same_summary(recipe_run, module_cor
     assert len(_epochs(out)) == 3 and len(_finals(out)) == 1
 
 
-def test_resume_of_a_missing_run_is_refused(tmp_path, module_corpus):
+@pytest.mark.slow
+def test_resume_of_an_empty_out_trains_from_scratch(recipe_run, module_corpus, tmp_path,
+                                                    capsys):
+    out, _ = recipe_run
+    train(RECIPE, tmp_path / "new", data_dir=module_corpus, resume=True, progress=False)
+    assert "yet: starting a new one" in capsys.readouterr().out
+    _assert_same_weights(_weights(tmp_path / "new"), _weights(out))
+
+
+def test_resume_without_a_config_of_a_missing_run_is_refused(tmp_path, module_corpus):
     with pytest.raises(RunDirError, match="nothing to resume"):
-        _quiet_train(RECIPE, tmp_path / "never", module_corpus, resume=True)
+        _quiet_train(None, tmp_path / "never", module_corpus, resume=True)
+    assert not (tmp_path / "never").exists()  # a failed start leaves nothing behind
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_is_refused_naming_each(recipe_run, module_corpus):
+    out, _ = recipe_run
+    changed = RECIPE.replace(hidden_size=17, bptt=6, epochs=2)
+    with pytest.raises(ValueError) as refused:
+        _quiet_train(changed, out, module_corpus, resume=True)
+    message = str(refused.value)
+    assert "--hidden-size: run has 16, command says 17" in message
+    assert "--bptt: run has 5, command says 6" in message
+    assert "--epochs: run has 3, command says 2 (it may only be raised)" in message
+    assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_raising_epochs_extends_a_finished_run_as_if_uninterrupted(tmp_path, module_corpus):
+    _quiet_train(RECIPE.replace(epochs=2), tmp_path / "two", module_corpus)
+    _quiet_train(RECIPE.replace(epochs=1), tmp_path / "grown", module_corpus)
+    summary = _quiet_train(RECIPE.replace(epochs=2), tmp_path / "grown", module_corpus,
+                           resume=True)
+    assert summary["epochs_completed"] == 2 and summary["complete"] is True
+    _assert_same_weights(_weights(tmp_path / "grown"), _weights(tmp_path / "two"))
+    assert [r["valid_ppl"] for r in _epochs(tmp_path / "grown")] == [
+        r["valid_ppl"] for r in _epochs(tmp_path / "two")]
+    assert len(_finals(tmp_path / "grown")) == 1
+    saved = json.loads((tmp_path / "grown" / "config.json").read_text())["config"]
+    assert saved["epochs"] == 2
 
 
 # --------------------------------------------------------------------------- schedule
@@ -330,8 +368,10 @@ def test_time_budget_stops_early_and_marks_the_run_incomplete(tmp_path, tiny_cor
     assert progress["step"] < 102
 
 
-def test_a_vocabulary_without_the_split_words_is_reported(tmp_path):
+@pytest.mark.slow
+def test_words_training_never_saw_are_unk_and_their_share_is_reported(tmp_path, capsys):
     data = write_corpus(tmp_path / "corpus")
     (data / "valid.txt").write_text("the zebra sat\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="zebra"):
-        _quiet_train(RECIPE, tmp_path / "run", data)
+    train(RECIPE.replace(epochs=1), tmp_path / "run", data_dir=data, progress=False)
+    # "the zebra sat <eos>": one token in four was never seen in training.
+    assert "<unk> share: train 0.0%, valid 25.0%, test 0.0%" in capsys.readouterr().out

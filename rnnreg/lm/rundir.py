@@ -179,7 +179,8 @@ class RunDir:
                 f"{self._path} already holds a run (config.json exists); pass --resume to "
                 "continue it or choose another --out"
             )
-        for directory in (self.checkpoint_dir, self.tensorboard_dir, self.plots_dir):
+        # plots/ is made by whatever draws into it, so it never stands empty.
+        for directory in (self.checkpoint_dir, self.tensorboard_dir):
             with writing(directory):
                 directory.mkdir(parents=True, exist_ok=True)
         return self

@@ -40,16 +40,17 @@ from rnnreg.lm import distributed
 from rnnreg.lm.asgd import NTASGD
 from rnnreg.lm.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus, Vocabulary, batchify, shard_streams
+from rnnreg.lm.data import Corpus, Vocabulary, batchify, ensure_ptb, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
-from rnnreg.lm.events import ScalarLog
 from rnnreg.lm.files import WriteError, atomic_write_text
+from rnnreg.lm.logbook import Logbook, strict
 from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
 from rnnreg.lm.provenance import describe_machine, package_commit
 from rnnreg.lm.rundir import RunDir, RunDirError
-from rnnreg.lm.runs import read_config, read_vocab
+from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config, where
+from rnnreg.nn import loops
 
 __all__ = ["TrainingDiverged", "train"]
 
@@ -58,10 +59,18 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
-def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True, verbose: bool = True,
-          on_step: Callable[[int], None] | None = None) -> dict:
+def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None = None,
+          resume: bool = False, download: bool = True, progress: bool = True,
+          verbose: bool = True, on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) the run in ``out``; returns the final summary also written to metrics.
+
+    ``resume=True`` continues the run in ``out`` where it stopped, so one call (and one command
+    line) serves the first launch and every restart: with no run in ``out`` yet it starts one.
+    Nothing passed is ignored: ``config`` must equal the saved config except that ``epochs``
+    and ``max_train_minutes`` may be raised to extend the run (``config=None`` takes the saved
+    one), and ``data_dir`` (default: the corpus recorded in the run) must hold the same files,
+    by MD5, as when the run was trained. ``download`` fetches PTB into the cache when no
+    corpus is given anywhere (no ``data_dir``, no ``$RNNREG_DATA``) and the cache has none.
 
     ``progress`` shows a live bar per epoch; ``verbose`` prints one line per epoch.
     ``on_step`` is called with the global step after every optimizer step (progress hooks and
@@ -71,31 +80,78 @@ def train(config: Config, out: str | Path, *, data_dir: str | Path | None = None
     :mod:`rnnreg.lm.distributed`); only rank 0 needs ``out``, and every rank ``data_dir``.
     """
     run = RunDir(out)
-    with distributed.launch() as world, contextlib.ExitStack() as held:
-        # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
-        config, vocab, checkpoint = world.from_main(
-            lambda: _open_run(run, held, config, resume, world.size))
-        corpus = world.everywhere(lambda: Corpus.load(data_dir, config.level, vocab))
-        if not resume:  # only once the data loaded, so a failed start leaves no half-made run
-            world.from_main(lambda: _create_run(run, config, corpus.vocab, world.size))
-        trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
-        elif resume:
-            trainer.start_over()
-        try:
-            return trainer.fit()
-        except WriteError as error:
-            raise error.advise(_after_write_error(error, trainer.saved_step)) from error
-        finally:
-            # Its DDP wrapper holds the process group: release it before launch() tears the
-            # group down, the order torch.distributed asks for at shutdown.
-            del trainer
+    fresh = not run.path.exists()
+    try:
+        with distributed.launch() as world, contextlib.ExitStack() as held:
+            trainer = _start(run, held, world, config, data_dir, resume, download, progress,
+                             verbose, on_step)
+            try:
+                return trainer.fit()
+            except WriteError as error:
+                raise error.advise(_after_write_error(error, trainer.saved_step)) from error
+            finally:
+                # Its DDP wrapper holds the process group: release it before launch() tears the
+                # group down, the order torch.distributed asks for at shutdown.
+                del trainer
+    except BaseException:
+        if fresh:
+            _remove_unstarted(run)
+        raise
 
 
-def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config, resume: bool,
-              world_size: int) -> tuple[Config, Vocabulary | None, dict | None]:
-    """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint.
+def _start(run: RunDir, held: contextlib.ExitStack, world: World, config: Config | None,
+           data_dir, resume: bool, download: bool, progress: bool, verbose: bool,
+           on_step) -> _Trainer:
+    """Open (or create) the run and load its corpus: everything before the first step."""
+    # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
+    config, vocab, checkpoint, recorded = world.from_main(
+        lambda: _open_run(run, held, config, resume, world.size, verbose))
+    if data_dir is None and recorded is not None:
+        data_dir = recorded["data_dir"]
+    elif data_dir is None and download:
+        world.from_main(lambda: ensure_ptb(progress and world.is_main))
+    corpus = world.everywhere(lambda: Corpus.load(
+        data_dir, config.level, vocab, split_fractions=config.split_fractions,
+        max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
+    # Only once the data loaded, so a failed start leaves no half-made or half-extended run.
+    if vocab is None:
+        world.from_main(lambda: _create_run(run, config, corpus, world.size))
+    else:
+        world.from_main(lambda: _record_extension(run, config))
+    trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    elif vocab is not None:  # a resume of a run that left no checkpoint
+        trainer.start_over()
+    return trainer
+
+
+def _record_extension(run: RunDir, config: Config) -> None:
+    """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
+    if read_config(run) != config:
+        run.write_config({**run.read_config(), "config": config.to_dict()})
+
+
+def _remove_unstarted(run: RunDir) -> None:
+    """Undo what a start that failed before training left: the directory and its lock files.
+
+    Only for a directory this call created, and only while it holds no run (no config.json):
+    a run that trained, even briefly, is kept for --resume.
+    """
+    if not distributed.is_main() or run.exists():
+        return
+    for name in (".lock", ".lock.holder"):
+        (run.path / name).unlink(missing_ok=True)
+    for directory in (run.checkpoint_dir, run.tensorboard_dir, run.plots_dir, run.path):
+        with contextlib.suppress(OSError):  # not empty, or never made: leave it
+            directory.rmdir()
+
+
+def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
+              world_size: int, verbose: bool
+              ) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
+    """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint
+    and recorded corpus.
 
     Also refuses a job the run cannot take, before anything is written.
     """
@@ -105,20 +161,24 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config, resume: b
     except WriteError as error:  # refused before any training time is spent
         raise error.advise(f"{error.remedy or 'fix that'}, or choose another --out") from error
     run.remove_temporaries()  # of writes a killed process left unfinished
-    vocab = checkpoint = None
-    if resume:
-        if not run.exists():
-            raise RunDirError(f"nothing to resume in {run.path}: no config.json; "
-                              "start a new run without --resume")
-        config, vocab = read_config(run), read_vocab(run)
+    vocab = checkpoint = recorded = None
+    if resume and run.exists():
+        saved = read_config(run)
+        config = saved if config is None else resumed_config(saved, config)
+        vocab, recorded = read_vocab(run), read_corpus(run)
         # With no checkpoint yet, the run restarts from its saved config and vocabulary.
         checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+    elif config is None:
+        raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
+                          "to start a new run")
+    elif resume and verbose and distributed.is_main():
+        tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
     if config.batch_size % world_size:
         raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
                          f"{world_size}: each process trains B / world size whole streams")
     if checkpoint is not None:
         _check_ranks(run, checkpoint, world_size)
-    return config, vocab, checkpoint
+    return config, vocab, checkpoint, recorded
 
 
 def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
@@ -134,10 +194,11 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
                          f"not {world_size}")
 
 
-def _create_run(run: RunDir, config: Config, vocab: Vocabulary, world_size: int) -> None:
+def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
     run.create(exist_ok=False)  # refuses a directory that already holds a run
-    atomic_write_text(run.path / "vocab.json", json.dumps(vocab.to_json()))
-    run.write_config({"config": config.to_dict(), "commit": package_commit(),
+    atomic_write_text(run.path / "vocab.json", json.dumps(corpus.vocab.to_json()))
+    run.write_config({"config": config.to_dict(), "corpus": corpus.source,
+                      "commit": package_commit(),
                       "machine": describe_machine(), "processes": world_size,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
@@ -173,10 +234,9 @@ class _Trainer:
         self.optim = NTASGD(self.model, config)
         self.progress = Progress()
         self.hidden = None  # the recurrent state carried from window to window
-        self._writer: ScalarLog | None = None
-        self._purge_step: int | None = None  # set by restore() or start_over()
-        self._final_logged = False  # a finished run resumed: TensorBoard has its test_ppl
+        self.logbook = Logbook(run, enabled=world.is_main, log_every=config.log_every)
         self.saved_step: int | None = None  # step of the checkpoint `last` on disk, if any
+        _build_loops(config, self.device)
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -208,18 +268,16 @@ class _Trainer:
         set_rng_states(rng_per_rank(tree["rng"])[self.world.rank])
         progress = self.progress
         self.saved_step = progress.step
-        self._purge_step = None if progress.finished else progress.epoch
-        if not self.world.is_main:
-            return
-        self._final_logged = progress.finished and any(
-            r.get("event") == "final" for r in self.run.read_metrics())
-        dropped = self.run.truncate_metrics(lambda r: _before_checkpoint(r, progress))
+        # Raised epochs or time budget: a finished run has more to do.
+        if progress.finished and progress.epoch <= self.config.epochs and not self._out_of_time():
+            progress.finished = False
+        dropped = self.logbook.rewind(progress)
         if dropped and self.verbose:
             tqdm.write(f"resuming at step {progress.step} (epoch {progress.epoch}): dropped "
                        f"{dropped} metrics event(s) logged after that checkpoint")
         # A kill between the end-of-epoch `last` and its `best` leaves `best` one epoch behind.
-        if (not progress.finished and progress.position == 0 and progress.best_epoch > 0
-                and progress.best_epoch == progress.epoch - 1):
+        if (self.world.is_main and not progress.finished and progress.position == 0
+                and progress.best_epoch > 0 and progress.best_epoch == progress.epoch - 1):
             self._save_best()
 
     def start_over(self) -> None:
@@ -230,26 +288,14 @@ class _Trainer:
         """
         if not self.world.is_main:
             return
-        run, stale = self.run, []
-        if run.metrics_path.exists() and (dropped := run.truncate_metrics(lambda r: False)):
-            stale.append(f"{dropped} metrics event(s)")
-        if any(run.tensorboard_dir.glob("events.out.tfevents.*")):
-            self._purge_step = 0
-            stale.append("the TensorBoard curves")
-        if run.has_checkpoint("best"):
-            run.remove_checkpoint("best")
+        stale = self.logbook.clear()
+        if self.run.has_checkpoint("best"):
+            self.run.remove_checkpoint("best")
             stale.append("the best checkpoint")
         if self.verbose:
             cleared = f"; cleared {', '.join(stale)} of an earlier attempt" if stale else ""
-            tqdm.write(f"{run.path} has no checkpoint to resume: training from the start with "
-                       f"its saved config{cleared}")
-
-    @property
-    def writer(self) -> ScalarLog:
-        """TensorBoard (rank 0), opened at the first scalar, when a resume's purge step is set."""
-        if self._writer is None:
-            self._writer = ScalarLog(self.run.tensorboard_dir, purge_step=self._purge_step)
-        return self._writer
+            tqdm.write(f"{self.run.path} has no checkpoint to resume: training from the start "
+                       f"with its saved config{cleared}")
 
     def _save_best(self) -> None:
         """Write `best` after `last`: as a link to it while the weights evaluated are the
@@ -264,17 +310,27 @@ class _Trainer:
     def fit(self) -> dict:
         self._last_save = time.monotonic()
         if not self.progress.finished:
-            self._log_start()
+            _announce_start(self)
             with _StopRequests() as stop:
                 self._stop = stop
-                while self.progress.epoch <= self.config.epochs and not self._out_of_time():
-                    self._train_epoch()
-                    if self.progress.position < self.streams.size(0) - 1:
-                        break  # stopped by the time budget mid-epoch
-                    self._end_epoch()
+                try:
+                    self._epochs()
+                except TrainingDiverged:
+                    self.logbook.curve()  # the curve up to the last good step explains it
+                    raise
             self.progress.finished = True
             self.save()
+            if self.verbose and self.progress.epoch <= self.config.epochs:
+                tqdm.write(f"time budget of {self.config.max_train_minutes:g} min reached: "
+                           f"{_saved_line(self)}")
         return self.world.from_main(self._score_final)
+
+    def _epochs(self) -> None:
+        while self.progress.epoch <= self.config.epochs and not self._out_of_time():
+            self._train_epoch()
+            if self.progress.position < self.streams.size(0) - 1:
+                break  # stopped by the time budget mid-epoch
+            self._end_epoch()
 
     def _train_epoch(self) -> None:
         config, progress = self.config, self.progress
@@ -283,6 +339,13 @@ class _Trainer:
         bar = tqdm(total=rows, initial=progress.position, disable=not self.show_progress,
                    desc=f"epoch {progress.epoch}/{config.epochs}", unit="row", leave=False,
                    mininterval=0.5)
+        try:  # the bar is closed first, so the lines printed at a stop start on their own line
+            self._windows(bar, rows)
+        finally:
+            bar.close()
+
+    def _windows(self, bar, rows: int) -> None:
+        config, progress = self.config, self.progress
         while progress.position < rows and not self._out_of_time():
             lr = progress.lr = config.lr_at(progress.epoch, self._fraction_done())
             started = time.perf_counter()
@@ -303,6 +366,13 @@ class _Trainer:
                                                  self._checkpoint_due())
             progress.epoch_seconds += elapsed
             progress.train_seconds += elapsed
+            logged = self.logbook.window(
+                {"epoch": progress.epoch, "step": progress.step,
+                 "epochs_done": progress.epoch - 1 + progress.position / rows, "lr": lr,
+                 "train_seconds": progress.train_seconds},
+                nll, length * self.streams.size(1) * self.world.size, elapsed)
+            if logged and self.verbose and not self.show_progress:  # a log needs lines, no bar
+                tqdm.write(_step_line(logged))
             bar.update(length)
             bar.set_postfix(
                 ppl=f"{perplexity(progress.epoch_nll, progress.epoch_tokens):.1f}",
@@ -310,11 +380,10 @@ class _Trainer:
                 lr=f"{lr:.3g}", refresh=False)
             if stop:
                 self.save()
-                raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved in "
-                                        f"{self.run.path}: continue with --resume")
+                self.logbook.curve()
+                raise KeyboardInterrupt(f"stopped: {_saved_line(self)}; continue with --resume")
             if save:
                 self.save()
-        bar.close()
 
     def _fraction_done(self) -> float:
         """How much of the run is behind: by epochs, or by the time budget if that binds first."""
@@ -375,24 +444,21 @@ class _Trainer:
         valid = self.world.from_main(lambda: self._score(self.corpus.valid,
                                                          config.valid_batch_size))
         record = {
-            "event": "epoch", "epoch": progress.epoch, "lr": progress.lr,
+            "epoch": progress.epoch, "lr": progress.lr,
             "train_ppl": perplexity(progress.epoch_nll, progress.epoch_tokens),
             "valid_ppl": valid.perplexity,
             "tokens_per_s": progress.epoch_tokens / max(progress.epoch_seconds, 1e-9),
             "epoch_seconds": progress.epoch_seconds, "train_seconds": progress.train_seconds,
             "step": progress.step, "averaging": progress.averaging,
         }
-        if self.world.is_main:
-            self._record_epoch(record)
+        self.logbook.epoch(record)
         improved = valid.perplexity < progress.best_valid
         if improved:
             progress.best_valid, progress.best_epoch = valid.perplexity, progress.epoch
         progress.averaging = self.optim.averaging or self.optim.observe(
             progress.valid_history, valid.perplexity)
         if self.verbose:
-            tqdm.write(f"epoch {progress.epoch:3d}  lr {record['lr']:.4g}  "
-                       f"train ppl {record['train_ppl']:8.2f}  valid ppl {valid.perplexity:8.2f}"
-                       f"  {record['tokens_per_s']:7.0f} tok/s")
+            tqdm.write(_epoch_line(config, record))
         progress.epoch += 1
         progress.position = 0
         progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
@@ -401,48 +467,37 @@ class _Trainer:
         if improved and self.world.is_main:
             self._save_best()
 
-    def _record_epoch(self, record: dict) -> None:
-        self.run.append_metrics(record)
-        for key in ("train_ppl", "valid_ppl", "lr", "tokens_per_s"):
-            self.writer.add_scalar(key, record[key], record["epoch"])
-        self.writer.flush()
-
     def _score(self, ids, batch_size: int = 1):
         with self.optim.evaluation_weights():
             return score_stream(self.model, ids, bptt=self.config.eval_bptt,
                                 batch_size=batch_size)
 
     def _score_final(self) -> dict:
-        """The final record, scored and written by rank 0; every rank returns it."""
+        """The final record, scored and written by rank 0; every rank returns it.
+
+        Both splits are scored as one stream with the last weights (NT-ASGD's average once it
+        started), which the line printed says, so it can be told apart from the epoch lines.
+        """
         self.model.load_state_dict(self.optim.eval_weights())
-        valid, test = self._score(self.corpus.valid), self._score(self.corpus.test)
+        valid = self._score(self.corpus.valid)
+        test = None if self.corpus.test is None else self._score(self.corpus.test)
         progress = self.progress
         summary = {
             "event": "final", "epochs_completed": progress.epoch - 1,
             "complete": progress.epoch > self.config.epochs,
-            "valid_ppl": valid.perplexity, "test_ppl": test.perplexity,
+            "valid_ppl": valid.perplexity,
+            "test_ppl": None if test is None else test.perplexity,
             "best_valid_ppl": progress.best_valid, "train_seconds": progress.train_seconds,
-            "test_seconds": test.seconds, "parameters": count_parameters(self.model),
+            "test_seconds": None if test is None else test.seconds,
+            "parameters": count_parameters(self.model),
         }
-        self.run.truncate_metrics(lambda r: r.get("event") != "final")
-        self.run.append_metrics(summary)
-        if not self._final_logged:
-            self.writer.add_scalar("test_ppl", test.perplexity, progress.epoch - 1)
-            self.writer.close()
+        self.logbook.final(summary, progress.epoch - 1)
+        self.logbook.curve()
         if self.verbose:
-            tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  test ppl {test.perplexity:.2f}"
-                       f"  (test scored as one stream in {test.seconds:.1f}s)")
-        return summary
+            _announce_final(self, valid, test)
+        return strict(summary)
 
     # --- bookkeeping -----------------------------------------------------------------------
-
-    def _log_start(self) -> None:
-        if self.verbose and self.progress.step == 0:
-            world = self.world.size
-            ranks = f" x {world} processes" if self.world.distributed else ""
-            tqdm.write(f"{count_parameters(self.model):,} parameters on {self.device}{ranks}; "
-                       f"{self.streams.numel() * world:,} training tokens in "
-                       f"{self.streams.size(1) * world} streams; run directory {self.run.path}")
 
     def _checkpoint_due(self) -> bool:
         config = self.config
@@ -454,6 +509,56 @@ class _Trainer:
     def _out_of_time(self) -> bool:
         limit = self.config.max_train_minutes
         return limit > 0 and self.progress.train_seconds >= limit * 60
+
+
+def _announce_start(trainer: _Trainer) -> None:
+    """The lines a run prints as it (re)starts: size, absolute run directory, corpus notes."""
+    if not trainer.verbose:
+        return
+    world, progress = trainer.world, trainer.progress
+    if progress.step == 0:
+        ranks = f" x {world.size} processes" if world.distributed else ""
+        tqdm.write(f"{count_parameters(trainer.model):,} parameters on {trainer.device}{ranks}; "
+                   f"{trainer.streams.numel() * world.size:,} training tokens in "
+                   f"{trainer.streams.size(1) * world.size} streams; run directory "
+                   f"{trainer.run.path.resolve()}")
+    else:
+        tqdm.write(f"resuming {trainer.run.path.resolve()} {where(progress.__dict__)} "
+                   f"(step {progress.step})")
+    for note in trainer.corpus.notes:
+        tqdm.write(note)
+    tqdm.write(trainer.corpus.describe_unknown())
+
+
+def _saved_line(trainer: _Trainer) -> str:
+    """What the last checkpoint holds and where, for the line printed at every stop."""
+    progress = trainer.progress
+    return (f"saved {where(progress.__dict__)} of {trainer.streams.size(0) - 1} "
+            f"(step {progress.step}) in {trainer.run.path.resolve()}")
+
+
+def _step_line(record: dict) -> str:
+    return (f"step {record['step']:6d}  epoch {record['epochs_done']:.2f}  "
+            f"lr {record['lr']:.4g}  train ppl {record['train_ppl']:8.2f}  "
+            f"{record['tokens_per_s']:7.0f} tok/s")
+
+
+def _epoch_line(config: Config, record: dict) -> str:
+    # Scored in B streams, the valid perplexity is approximate (each stream starts from a zero
+    # state); the final line scores one stream, as the paper does, and so may differ.
+    streams = (f" ({config.valid_batch_size} streams, approximate)"
+               if config.valid_batch_size > 1 else "")
+    return (f"epoch {record['epoch']:3d}  lr {record['lr']:.4g}  "
+            f"train ppl {record['train_ppl']:8.2f}  valid ppl {record['valid_ppl']:8.2f}"
+            f"{streams}  {record['tokens_per_s']:7.0f} tok/s")
+
+
+def _announce_final(trainer: _Trainer, valid, test) -> None:
+    tested = ("no test split: test score skipped" if test is None else
+              f"test ppl {test.perplexity:.2f}")
+    tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
+               f"{where(trainer.progress.__dict__)}; each split scored as one stream)")
+    tqdm.write(f"run directory {trainer.run.path.resolve()}")
 
 
 def _window_length(config: Config, remaining: int) -> int:
@@ -491,19 +596,13 @@ class _StopRequests:
             signal.signal(signum, handler)
 
 
-def _before_checkpoint(record: dict, progress: Progress) -> bool:
-    """Whether a metrics record logs training the checkpoint holds (kept on resume).
-
-    An epoch's record counts once that epoch ended in the checkpoint (a checkpoint taken at the
-    last step of an epoch, before the epoch's validation, still ends it again); a final record
-    only if the checkpoint is of the finished run; any other record by its step.
-    """
-    event = record.get("event")
-    if event == "epoch":
-        return record.get("epoch", 0) < progress.epoch
-    if event == "final":
-        return progress.finished
-    return record.get("step", 0) <= progress.step
+def _build_loops(config: Config, device: torch.device) -> None:
+    """Build rnnreg's compiled loops now, if this run uses them, so that their first build
+    (tens of seconds, once per machine) is not counted as training time."""
+    dropout = config.layer_dropout()
+    if device.type == "cpu" and (dropout.get("recurrent_dropout") or
+                                 dropout.get("weight_dropout")):
+        loops.compiled()
 
 
 def _seed_everything(seed: int) -> None:

@@ -274,12 +274,13 @@ def run_study(base: Config, grid: StudyGrid, out: str | Path, *,
 
     A run with a "final" metrics record is done and skipped; a run with a saved config is
     resumed from its checkpoint; the others start. Writes ``out/study.json`` (grid, base config,
-    data directory) and returns ``out``. ``backend`` replaces the local one (``jobs`` is then
-    ignored).
+    data directory) and returns ``out``. Resuming a study without ``data_dir`` uses the one
+    ``study.json`` recorded (each resumed run also checks its files' MD5s). ``backend``
+    replaces the local one (``jobs`` is then ignored).
     """
     out = Path(out)
     runs = grid_runs(base, grid)
-    data = resolve_data_dir(data_dir).resolve()
+    data = resolve_data_dir(data_dir or _recorded_data_dir(out)).resolve()
     # Planned before anything is written, so a clash with an earlier study changes nothing.
     pending = [job for job in (_job(out, name, config, data) for name, config in runs)
                if job is not None]
@@ -301,6 +302,14 @@ def run_study(base: Config, grid: StudyGrid, out: str | Path, *,
     finally:
         bar.close()
     return out
+
+
+def _recorded_data_dir(out: Path) -> str | None:
+    """The data directory an earlier launch of this study recorded, if any."""
+    try:
+        return json.loads((out / "study.json").read_text(encoding="utf-8")).get("data_dir")
+    except (OSError, ValueError):
+        return None
 
 
 def _job(out: Path, name: str, config: Config, data_dir: Path) -> Job | None:

@@ -14,17 +14,16 @@ also told by line style, marker or label.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
-from rnnreg.lm.files import replacing, writing
+from rnnreg.lm.curves import PALETTE, learning_curves
+from rnnreg.lm.curves import figure as _figure
+from rnnreg.lm.curves import save as _save
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir import RunDir
 
@@ -39,100 +38,12 @@ __all__ = [
     "rate_curve",
 ]
 
-# Okabe & Ito (2008), "Color Universal Design": distinguishable under protanopia,
-# deuteranopia and tritanopia. Black is left out of the cycle; it draws structure.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442")
-_TRAIN, _VALID = "#E69F00", "#0072B2"
 _DROPPED, _WEIGHT, _PLAIN = "#D55E00", "#0072B2", "#777777"
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _HEATMAP = "PuOr"  # diverging, colour-blind safe: hidden units are signed
 
 
-# --------------------------------------------------------------------------- canvas
-
-
-def _figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)  # Agg without matplotlib.use(): the global backend stays untouched
-    return figure
-
-
-def _save(figure: Figure, path: str | Path) -> Path:
-    """Write the figure atomically: a full disk leaves the previous figure, not half a PNG."""
-    path = Path(path)
-    with writing(path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
-        # The format from the real name: the temporary one ends in .tmp.
-        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
-    return path
-
-
-def _grid(figure: Figure, panels: int, *, sharey: bool = True):
-    """Axes for ``panels`` small multiples, at most four a row; spare axes are hidden."""
-    columns = min(panels, 4)
-    rows = math.ceil(panels / columns)
-    axes = figure.subplots(rows, columns, sharey=sharey, squeeze=False).ravel()
-    for spare in axes[panels:]:
-        spare.set_visible(False)
-    return axes[:panels]
-
-
 # --------------------------------------------------------------------------- curves
-
-
-def learning_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, *,
-                    title: str | None = None, x: str = "epoch") -> Path:
-    """Train and valid perplexity per epoch, one panel per run, side by side on a shared axis.
-
-    Overfitting is the valid curve turning up while the train curve keeps falling, which is what
-    dropout is meant to stop (Zaremba et al. 2014, section 4.1). ``runs`` maps a label to its
-    records as in metrics.jsonl: epoch records (``epoch``, ``train_ppl``, ``valid_ppl``,
-    ``train_seconds``) and optionally the final one. The train perplexity is the trainer's
-    running average over the epoch with dropout active. ``x="minutes"`` puts training time on
-    the x axis (evaluation excluded), the axis of a time-to-quality comparison, and adds the
-    final valid and test perplexities where a budget stopped the run mid-epoch.
-    """
-    if not runs:
-        raise ValueError("learning_curves needs at least one run")
-    if x not in _X_AXES:
-        raise ValueError(f"x must be one of {', '.join(_X_AXES)}; got {x!r}")
-    figure = _figure(3.2 * min(len(runs), 4), 2.8 * math.ceil(len(runs) / 4) + 0.4)
-    # Shared y: the gap between panels is part of the comparison.
-    for ax, (label, records) in zip(_grid(figure, len(runs)), runs.items()):
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel(_X_AXES[x])
-        epochs = [r for r in records if r.get("event", "epoch") == "epoch"]
-        final = next((r for r in records if r.get("event") == "final"), None)
-        if not epochs and final is None:
-            ax.text(0.5, 0.5, "no finished epoch", ha="center", va="center",
-                    transform=ax.transAxes, color=_PLAIN)
-            continue
-        xs = [_x_value(r, x) for r in epochs]
-        ax.plot(xs, [r["train_ppl"] for r in epochs], color=_TRAIN, linestyle="--",
-                marker="o", markersize=3, label="train (dropout on)")
-        valid = [r["valid_ppl"] for r in epochs]
-        if x == "minutes" and final is not None:
-            xs, valid = [*xs, _x_value(final, x)], [*valid, final["valid_ppl"]]
-            ax.plot(xs[-1], final["test_ppl"], color=_PLAIN, marker="*", markersize=8,
-                    linestyle="none", label=f"test {final['test_ppl']:.1f}")
-        ax.plot(xs, valid, color=_VALID, linestyle="-", marker="s", markersize=3,
-                label="valid")
-        if x == "epoch":
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.axes[0].set_ylabel("perplexity")
-    if title:
-        figure.suptitle(title)
-    return _save(figure, path)
-
-
-_X_AXES = {"epoch": "epoch", "minutes": "training minutes (evaluation excluded)"}
-
-
-def _x_value(record: Mapping, x: str) -> float:
-    return record["epoch"] if x == "epoch" else record["train_seconds"] / 60
 
 
 def rate_curve(series: Mapping[str, Sequence[Mapping]], path: str | Path, *,
@@ -182,7 +93,8 @@ def plot_runs(run_dirs: Sequence[str | Path], path: str | Path, *, x: str = "epo
         run = RunDir(run_dir)
         run.read_config()  # fails with a clear message when this is not a run directory
         label = run.path.resolve().name
-        runs[label] = [r for r in run.read_metrics() if r.get("event") in ("epoch", "final")]
+        runs[label] = [r for r in run.read_metrics()
+                       if r.get("event") in ("epoch", "final", "step")]
     return learning_curves(runs, path, x=x)
 
 

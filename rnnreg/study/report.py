@@ -410,7 +410,8 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
                                        r.config.strategy == "zaremba", r.name))
     model, vocab, config = load_model(run.path, device="cpu")
     try:
-        corpus = Corpus.load(data_dir, config.level, vocab)
+        corpus = Corpus.load(data_dir, config.level, vocab,
+                             split_fractions=config.split_fractions)
     except DataError as error:
         return [*blocks, _Paragraph(f"Skipped: the valid split could not be read ({error}).")]
     ids = corpus.valid[:HEATMAP_TOKENS].unsqueeze(1)

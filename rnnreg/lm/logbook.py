@@ -1,0 +1,164 @@
+"""What a run records as it trains: metrics.jsonl, TensorBoard scalars, the learning curve.
+
+One object holds all three so the trainer only says *what* happened (a step, an epoch, the
+end) and never how it is written. Only the writing rank has a real logbook; the others get one
+that is switched off, so the trainer calls it unconditionally.
+
+The history always agrees with the checkpoint a run continues from: a resume cuts
+metrics.jsonl back to it and starts TensorBoard with a purge step, so the records read as if
+the run had never been interrupted. Epoch scalars live in ``tensorboard/`` (x = epoch) and step
+scalars in ``tensorboard/steps/`` (x = global step), because one purge step serves one axis.
+
+Every record is strict JSON: a perplexity that overflowed (or a best valid perplexity that does
+not exist yet) is written as ``null``, because jq and JavaScript's ``JSON.parse`` reject the
+``Infinity`` and ``NaN`` Python would write.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from rnnreg.lm.checkpoint import Progress
+from rnnreg.lm.events import ScalarLog
+from rnnreg.lm.rundir import RunDir
+
+__all__ = ["STEP_SECONDS", "Logbook", "strict"]
+
+# Without --log-every, a step record about this often: curves within a minute of the start,
+# and a file that stays small over a day-long run.
+STEP_SECONDS = 30.0
+CURVE_NAME = "learning_curve.png"
+
+
+def strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively (JSON's null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict(item) for item in value]
+    return value
+
+
+class Logbook:
+    """The run's records; ``enabled=False`` (ranks other than 0) makes every call a no-op."""
+
+    def __init__(self, run: RunDir, *, enabled: bool, log_every: int) -> None:
+        self.run, self.enabled, self.log_every = run, enabled, log_every
+        self._logs: dict[str, ScalarLog] = {}  # opened at their first scalar
+        self._purge: dict[str, int | None] = {"epoch": None, "step": None}
+        self._final_logged = False  # a finished run resumed: TensorBoard has its test_ppl
+        self._since_nll, self._since_tokens, self._since_seconds = 0.0, 0, 0.0
+        self._last = time.monotonic()
+
+    def rewind(self, progress: Progress) -> int:
+        """Drop what was written after the checkpoint a resume continues from; returns how
+        many metrics records went.
+
+        The replayed windows are logged again, so their records must not appear twice, and
+        TensorBoard drops its points from the purge steps on.
+        """
+        if not self.enabled:
+            return 0
+        if not progress.finished:
+            self._purge = {"epoch": progress.epoch, "step": progress.step + 1}
+        self._final_logged = progress.finished and any(
+            r.get("event") == "final" for r in self.run.read_metrics())
+        return self.run.truncate_metrics(lambda r: _before_checkpoint(r, progress))
+
+    def clear(self) -> list[str]:
+        """Forget an earlier attempt that left no checkpoint (a resume that starts over);
+        returns what was cleared, for the line that says so."""
+        if not self.enabled:
+            return []
+        run, stale = self.run, []
+        if run.metrics_path.exists() and (dropped := run.truncate_metrics(lambda r: False)):
+            stale.append(f"{dropped} metrics event(s)")
+        if any(run.tensorboard_dir.rglob("events.out.tfevents.*")):
+            self._purge = {"epoch": 0, "step": 0}
+            stale.append("the TensorBoard curves")
+        return stale
+
+    def window(self, record: dict, nll: float, tokens: int, seconds: float) -> dict | None:
+        """Count one window; every ``log_every`` windows (or ~30 s) write a ``step`` record.
+
+        ``record`` holds the step's coordinates (epoch, step, epochs_done, lr, train_seconds);
+        loss, perplexity and tokens/s are over the windows since the previous step record.
+        Returns the record written, if one was.
+        """
+        self._since_nll += nll
+        self._since_tokens += tokens
+        self._since_seconds += seconds
+        if not self.enabled or not self._due(record["step"]):
+            return None
+        loss = self._since_nll / max(self._since_tokens, 1)
+        record = {"event": "step", **record, "train_loss": loss,
+                  "train_ppl": math.exp(loss) if loss < 709 else math.inf,
+                  "tokens_per_s": self._since_tokens / max(self._since_seconds, 1e-9)}
+        self._append(record)
+        for key in ("train_loss", "train_ppl", "tokens_per_s", "lr"):
+            self._scalar("step", f"step/{key}", record[key], record["step"])
+        self._since_nll, self._since_tokens, self._since_seconds = 0.0, 0, 0.0
+        self._last = time.monotonic()
+        return record
+
+    def _due(self, step: int) -> bool:
+        if self.log_every:
+            return step % self.log_every == 0
+        return time.monotonic() - self._last >= STEP_SECONDS
+
+    def epoch(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._append({"event": "epoch", **record})
+        for key in ("train_ppl", "valid_ppl", "lr", "tokens_per_s"):
+            self._scalar("epoch", key, record[key], record["epoch"])
+
+    def final(self, summary: dict, epoch: int) -> None:
+        """The run's one final record (replacing an earlier one) and its test scalar."""
+        if not self.enabled:
+            return
+        self.run.truncate_metrics(lambda r: r.get("event") != "final")
+        self._append(summary)
+        if summary.get("test_ppl") is not None and not self._final_logged:
+            self._scalar("epoch", "test_ppl", summary["test_ppl"], epoch)
+
+    def curve(self) -> None:
+        """Draw the run's learning curve into plots/ (at the end and at every stop)."""
+        if not self.enabled:
+            return
+        from rnnreg.lm.curves import learning_curves
+
+        records = [r for r in self.run.read_metrics()
+                   if r.get("event") in ("epoch", "step", "final")]
+        learning_curves({self.run.path.resolve().name: records},
+                        self.run.plots_dir / CURVE_NAME)
+
+    def _append(self, record: dict) -> None:
+        self.run.append_metrics(strict(record))
+
+    def _scalar(self, axis: str, key: str, value: float | None, step: int) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        if axis not in self._logs:
+            directory = self.run.tensorboard_dir / ("steps" if axis == "step" else "")
+            self._logs[axis] = ScalarLog(directory, purge_step=self._purge[axis])
+        self._logs[axis].add_scalar(key, value, step)
+
+
+def _before_checkpoint(record: dict, progress: Progress) -> bool:
+    """Whether a metrics record logs training the checkpoint holds (kept on resume).
+
+    An epoch's record counts once that epoch ended in the checkpoint (a checkpoint taken at the
+    last step of an epoch, before the epoch's validation, still ends it again); a final record
+    only if the checkpoint is of the finished run; any other record by its step.
+    """
+    event = record.get("event")
+    if event == "epoch":
+        return record.get("epoch", 0) < progress.epoch
+    if event == "final":
+        return progress.finished
+    return record.get("step", 0) <= progress.step
