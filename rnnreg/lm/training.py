@@ -40,7 +40,7 @@ from rnnreg.lm import distributed
 from rnnreg.lm.asgd import NTASGD
 from rnnreg.lm.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus, Vocabulary, batchify, ensure_ptb, shard_streams
+from rnnreg.lm.data import Corpus, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
 from rnnreg.lm.files import WriteError, atomic_write_text
@@ -50,6 +50,8 @@ from rnnreg.lm.model import LanguageModel, count_parameters, map_state
 from rnnreg.lm.provenance import describe_machine, package_commit
 from rnnreg.lm.rundir import RunDir, RunDirError
 from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config, where
+from rnnreg.lm.sources import ensure_ptb
+from rnnreg.lm.vocab import Vocabulary
 from rnnreg.nn import loops
 
 __all__ = ["TrainingDiverged", "train"]
