@@ -115,7 +115,7 @@ def corpus_files(data_dir: PathArg) -> dict[str, Path]:
 
     One file is the layout of char-rnn and nanoGPT (Tiny Shakespeare's ``input.txt``): either
     ``data_dir`` names it, or it is a directory that holds no split file but exactly one
-    ``*.txt`` file. :meth:`Corpus.load` then cuts it into contiguous parts.
+    ``*.txt`` file. :meth:`rnnreg.lm.data.Corpus.load` then cuts it into contiguous parts.
     """
     path = Path(data_dir)
     if path.is_file():
