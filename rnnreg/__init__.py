@@ -37,8 +37,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Config": "rnnreg.lm.config",
     "Corpus": "rnnreg.lm.data",
-    "DataError": "rnnreg.lm.data",
-    "Vocabulary": "rnnreg.lm.data",
+    "DataError": "rnnreg.lm.sources",
+    "Vocabulary": "rnnreg.lm.vocab",
     "LanguageModel": "rnnreg.lm.model",
     "PRESETS": "rnnreg.lm.presets",
     "preset_config": "rnnreg.lm.presets",

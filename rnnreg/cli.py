@@ -30,22 +30,21 @@ from rnnreg.lm.config import (
     SOFTMAXES,
     Config,
 )
-from rnnreg.lm.data import (
-    UNK,
-    Corpus,
-    DataError,
-    default_data_dir,
-    download_ptb,
-    read_text,
-    resolve_data_dir,
-    tokenize,
-)
+from rnnreg.lm.data import Corpus
 from rnnreg.lm.evaluation import score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir import RunDir, RunDirError
 from rnnreg.lm.runs import load_model, read_config, read_corpus, weights_description
+from rnnreg.lm.sources import (
+    DataError,
+    default_data_dir,
+    download_ptb,
+    read_text,
+    resolve_data_dir,
+)
 from rnnreg.lm.training import TrainingDiverged, train
+from rnnreg.lm.vocab import UNK, tokenize
 from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES
 
 __all__ = ["main"]

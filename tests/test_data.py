@@ -1,4 +1,4 @@
-"""Tests for rnnreg.lm.data: expectations computed independently, on tiny corpora written here."""
+"""Tests for rnnreg.lm.sources, .vocab and .data: independent expectations, tiny corpora."""
 
 from __future__ import annotations
 
@@ -9,25 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnreg.lm import data
-from rnnreg.lm.data import (
-    EOS,
-    UNK,
-    Corpus,
+from rnnreg.lm import sources
+from rnnreg.lm.data import Corpus, batchify, num_windows, shard_streams, windows
+from rnnreg.lm.sources import (
     DataError,
-    Vocabulary,
-    batchify,
-    build_vocabulary,
     download_ptb,
-    num_windows,
     read_text,
     resolve_data_dir,
-    shard_streams,
     split_files,
-    tokenize,
     verify_ptb,
-    windows,
 )
+from rnnreg.lm.vocab import EOS, UNK, Vocabulary, build_vocabulary, tokenize
 
 REAL_PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 
@@ -57,17 +49,17 @@ def _write_corpus(directory: Path, prefix: str = "", **texts: str) -> Path:
 
 def test_resolve_data_dir_prefers_argument_then_env_then_default(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(sources.DATA_ENV, str(tmp_path / "env"))
     assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
     assert resolve_data_dir(None) == tmp_path / "env"
-    monkeypatch.delenv(data.DATA_ENV)
+    monkeypatch.delenv(sources.DATA_ENV)
     assert resolve_data_dir(None) == tmp_path / "cache" / "rnnreg" / "ptb"
 
 
 def test_default_data_dir_falls_back_to_home_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.default_data_dir() == tmp_path / ".cache" / "rnnreg" / "ptb"
+    assert sources.default_data_dir() == tmp_path / ".cache" / "rnnreg" / "ptb"
 
 
 def test_split_files_prefers_ptb_names_and_accepts_plain_names(tmp_path):
@@ -86,7 +78,7 @@ def test_split_files_missing_directory_says_how_to_get_data(tmp_path):
         split_files(tmp_path / "nowhere")
     message = str(err.value)
     assert str(tmp_path / "nowhere") in message
-    assert "rnnreg download ptb" in message and data.DATA_ENV in message
+    assert "rnnreg download ptb" in message and sources.DATA_ENV in message
 
 
 def test_split_files_missing_split_names_expected_files(tmp_path):
@@ -106,12 +98,12 @@ def test_split_files_missing_split_names_expected_files(tmp_path):
 def test_md5sum_matches_hashlib(tmp_path):
     content = bytes(range(256)) * 5000  # over 1 MiB, so more than one read chunk
     (tmp_path / "f").write_bytes(content)
-    assert data.md5sum(tmp_path / "f") == _md5(content)
+    assert sources.md5sum(tmp_path / "f") == _md5(content)
 
 
 def test_verify_ptb_detects_corrupt_file(tmp_path):
     _write_corpus(tmp_path, prefix="ptb.")
-    md5s = {f"ptb.{s}.txt": data.md5sum(tmp_path / f"ptb.{s}.txt") for s in data.SPLITS}
+    md5s = {f"ptb.{s}.txt": sources.md5sum(tmp_path / f"ptb.{s}.txt") for s in sources.SPLITS}
     verify_ptb(tmp_path, md5s=md5s)  # untouched files pass
     (tmp_path / "ptb.valid.txt").write_text("the cat sat down\n")
     with pytest.raises(DataError) as err:
@@ -124,7 +116,7 @@ def test_verify_ptb_detects_corrupt_file(tmp_path):
 
 def test_verify_ptb_uses_module_constant_and_ignores_user_corpora(monkeypatch, tmp_path):
     _write_corpus(tmp_path)
-    monkeypatch.setattr(data, "PTB_MD5", {f"ptb.{s}.txt": "0" * 32 for s in data.SPLITS})
+    monkeypatch.setattr(sources, "PTB_MD5", {f"ptb.{s}.txt": "0" * 32 for s in sources.SPLITS})
     verify_ptb(tmp_path)  # train.txt etc. are the user's own corpus: not checked
     (tmp_path / "ptb.valid.txt").write_text(VALID)
     with pytest.raises(DataError, match="ptb.valid.txt"):
@@ -134,7 +126,7 @@ def test_verify_ptb_uses_module_constant_and_ignores_user_corpora(monkeypatch, t
 def _source(tmp_path: Path) -> tuple[str, dict[str, str]]:
     """A file:// mirror of three tiny PTB files and their checksums."""
     source = _write_corpus(tmp_path / "mirror", prefix="ptb.")
-    md5s = {f"ptb.{s}.txt": data.md5sum(source / f"ptb.{s}.txt") for s in data.SPLITS}
+    md5s = {f"ptb.{s}.txt": sources.md5sum(source / f"ptb.{s}.txt") for s in sources.SPLITS}
     return source.as_uri() + "/{name}", md5s
 
 
@@ -142,7 +134,7 @@ def test_download_ptb_fetches_and_verifies(tmp_path):
     url, md5s = _source(tmp_path)
     target = tmp_path / "new" / "dir"
     assert download_ptb(target, url_template=url, md5s=md5s, progress=False) == target
-    assert sorted(p.name for p in target.iterdir()) == sorted([*md5s, data.DOWNLOAD_MARKER])
+    assert sorted(p.name for p in target.iterdir()) == sorted([*md5s, sources.DOWNLOAD_MARKER])
     assert (target / "ptb.train.txt").read_text() == TRAIN
     verify_ptb(target, md5s=md5s)
 
@@ -307,7 +299,7 @@ def test_raw_text_gets_an_unk_for_words_training_never_saw(tmp_path):
 def test_a_corpus_with_unk_keeps_its_vocabulary_exactly(tmp_path):
     directory = _write_corpus(tmp_path)
     assert Corpus.load(directory).vocab == Vocabulary.from_tokens(
-        data.tokenize((directory / "train.txt").read_text(), "word"))
+        tokenize((directory / "train.txt").read_text(), "word"))
 
 
 def test_min_count_and_max_vocab_fold_rare_words_into_unk():
@@ -327,8 +319,8 @@ def test_one_text_file_is_cut_into_contiguous_parts_by_the_fractions(tmp_path):
     for given in (tmp_path, tmp_path / "input.txt"):
         for level in ("word", "char"):
             corpus = Corpus.load(given, level, split_fractions=(0.8, 0.1, 0.1))
-            tokens = data.tokenize(text, level)
-            parts = [corpus.vocab.decode(getattr(corpus, s)) for s in data.SPLITS]
+            tokens = tokenize(text, level)
+            parts = [corpus.vocab.decode(getattr(corpus, s)) for s in sources.SPLITS]
             assert [len(p) for p in parts] == [round(len(tokens) * 0.8),
                                                round(len(tokens) * 0.9) - round(
                                                    len(tokens) * 0.8),
@@ -337,7 +329,7 @@ def test_one_text_file_is_cut_into_contiguous_parts_by_the_fractions(tmp_path):
             joined = [t for part in parts for t in part]
             assert len(joined) == len(tokens)
             assert all(a == b or a == UNK for a, b in zip(joined, tokens))
-            assert corpus.source["files"]["text"]["md5"] == data.md5sum(tmp_path / "input.txt")
+            assert corpus.source["files"]["text"]["md5"] == sources.md5sum(tmp_path / "input.txt")
             assert corpus.source["split_fractions"] == [0.8, 0.1, 0.1]
             assert any("input.txt: one text file, cut" in note for note in corpus.notes)
 
@@ -356,7 +348,7 @@ def test_ptb_named_files_outside_a_download_are_a_custom_corpus(tmp_path, monkey
     directory = _write_corpus(tmp_path / "mine", prefix="ptb.")
     corpus = Corpus.load(directory)  # no MD5 error: rnnreg did not download these
     assert any("custom corpus" in note for note in corpus.notes)
-    (directory / data.DOWNLOAD_MARKER).write_text("")
+    (directory / sources.DOWNLOAD_MARKER).write_text("")
     with pytest.raises(DataError, match="corrupt download"):
         Corpus.load(directory)
 
@@ -386,7 +378,7 @@ def test_corpus_rejects_non_utf8_split(tmp_path):
 
 
 def test_corpus_resolves_directory_from_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(data.DATA_ENV, str(_write_corpus(tmp_path)))
+    monkeypatch.setenv(sources.DATA_ENV, str(_write_corpus(tmp_path)))
     assert Corpus.load(None).valid.numel() == 4
 
 

@@ -21,10 +21,11 @@ import torch
 from conftest import REPO_ROOT, TEST_THREADS, assert_strict_json, write_corpus
 
 import rnnreg.cli as cli
-from rnnreg.lm import data
+from rnnreg.lm import sources
 from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
 from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.vocab import tokenize
 
 # A run small enough for the suite that still trains several windows per epoch with dropout,
 # checkpoints every three steps and writes a step record every three windows.
@@ -215,7 +216,7 @@ def test_evaluate_defaults_to_the_recorded_corpus_and_says_what_it_scored(traine
     assert saved["data_dir"] == str(corpus.resolve())
     assert saved["files"]["valid"] == {"name": "valid.txt",
                                        "bytes": (corpus / "valid.txt").stat().st_size,
-                                       "md5": data.md5sum(corpus / "valid.txt")}
+                                       "md5": sources.md5sum(corpus / "valid.txt")}
     given = _last_json(_cli(capsys, "evaluate", str(out), "--data-dir", str(corpus),
                             "--json")[1])
     code, stdout, _ = _cli(capsys, "evaluate", str(out), "--json")
@@ -272,13 +273,13 @@ def test_one_text_file_at_char_level_trains_evaluates_and_resumes(tmp_path, caps
     summary = _last_json(stdout)
     saved = json.loads((out / "config.json").read_text())
     assert saved["corpus"]["split_fractions"] == [0.8, 0.1, 0.1]
-    assert saved["corpus"]["files"]["text"]["md5"] == data.md5sum(
+    assert saved["corpus"]["files"]["text"]["md5"] == sources.md5sum(
         tmp_path / "shakespeare" / "input.txt")
     code, stdout, _ = _cli(capsys, "evaluate", str(out), "--weights", "last", "--json")
     assert code == 0
     result = _last_json(stdout)
     assert result["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
-    tokens = len(data.tokenize(text, "char"))
+    tokens = len(tokenize(text, "char"))
     assert result["tokens"] == tokens - round(tokens * 0.9) - 1
 
 
@@ -312,17 +313,17 @@ def mirror(tmp_path, monkeypatch):
     given" holds; no test touches the internet.
     """
     served = write_corpus(tmp_path / "served")
-    for split in data.SPLITS:
+    for split in sources.SPLITS:
         (served / f"{split}.txt").rename(served / f"ptb.{split}.txt")
     handler = functools.partial(QuietHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setattr(data, "PTB_URL", f"http://127.0.0.1:{server.server_port}/{{name}}")
-    monkeypatch.setattr(data, "PTB_MD5", {f"ptb.{s}.txt": data.md5sum(served / f"ptb.{s}.txt")
-                                          for s in data.SPLITS})
+    monkeypatch.setattr(sources, "PTB_URL", f"http://127.0.0.1:{server.server_port}/{{name}}")
+    monkeypatch.setattr(sources, "PTB_MD5", {
+        f"ptb.{s}.txt": sources.md5sum(served / f"ptb.{s}.txt") for s in sources.SPLITS})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.delenv(sources.DATA_ENV, raising=False)
     yield tmp_path / "cache" / "rnnreg" / "ptb"
     server.shutdown()
     server.server_close()
@@ -344,16 +345,16 @@ def test_nothing_given_downloads_ptb_and_trains(mirror, tmp_path, capsys):
     assert code == 0, err
     assert "downloading Penn Treebank" in err
     assert sorted(p.name for p in mirror.iterdir()) == sorted(
-        [*data.PTB_MD5, data.DOWNLOAD_MARKER])
+        [*sources.PTB_MD5, sources.DOWNLOAD_MARKER])
     corpus = json.loads((out / "config.json").read_text())["corpus"]
     assert corpus["data_dir"] == str(mirror.resolve())
-    assert corpus["files"]["train"]["md5"] == data.PTB_MD5["ptb.train.txt"]
+    assert corpus["files"]["train"]["md5"] == sources.PTB_MD5["ptb.train.txt"]
 
 
 @pytest.mark.slow
 def test_a_download_with_a_wrong_md5_leaves_no_half_written_corpus(mirror, tmp_path, capsys,
                                                                    monkeypatch):
-    monkeypatch.setitem(data.PTB_MD5, "ptb.test.txt", "0" * 32)
+    monkeypatch.setitem(sources.PTB_MD5, "ptb.test.txt", "0" * 32)
     code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), *FLAGS)
     assert code == 2 and len(err.strip().splitlines()) == 2  # the announcement, the error
     assert "ptb.test.txt is corrupt" in err and "nothing was saved" in err

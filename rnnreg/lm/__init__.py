@@ -1,6 +1,7 @@
 """rnnreg.lm: the language-modeling toolkit built on :mod:`rnnreg.nn`.
 
-Data flows one way: corpus (:mod:`~rnnreg.lm.data`) -> batches -> model
+Data flows one way: corpus files (:mod:`~rnnreg.lm.sources`) -> tokens and vocabulary
+(:mod:`~rnnreg.lm.vocab`) -> encoded corpus and batches (:mod:`~rnnreg.lm.data`) -> model
 (:mod:`~rnnreg.lm.model`) -> loss -> metrics, driven by one trainer
 (:mod:`~rnnreg.lm.training`) that writes a run directory (:mod:`~rnnreg.lm.rundir`) every
 other command can re-read (:mod:`~rnnreg.lm.evaluation`, :mod:`~rnnreg.lm.generation`).

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Vocabulary
 from rnnreg.lm.distributed import resolve_device
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.vocab import Vocabulary
 
 __all__ = ["EXTENDABLE", "load_model", "read_config", "read_corpus", "read_vocab",
            "resumed_config", "weights_description"]

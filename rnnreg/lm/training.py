@@ -11,7 +11,8 @@ and checkpoints: ``last`` (weights, optimizer, RNG states, position in the epoch
 state) written atomically each epoch and every few minutes, and ``best`` (the weights of the
 best validation epoch). ``last`` is written first, being what ``--resume`` needs; ``best`` is then
 a hard link to it when they hold the same weights. A resumed run's metrics and TensorBoard
-history are cut back to its checkpoint, so they never hold an epoch twice.
+history are cut back to its checkpoint, so they never hold an epoch twice. Everything before
+the first step (locking, checking, creating or resuming the run) is :mod:`rnnreg.lm.start`.
 
 Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.lm.distributed`): each
 rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
@@ -22,7 +23,6 @@ the run follows the single-process run step for step. Rank 0 alone writes the ru
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -40,16 +40,16 @@ from rnnreg.lm import distributed
 from rnnreg.lm.asgd import NTASGD
 from rnnreg.lm.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus, Vocabulary, batchify, ensure_ptb, shard_streams
+from rnnreg.lm.data import Corpus, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
-from rnnreg.lm.files import WriteError, atomic_write_text
+from rnnreg.lm.files import WriteError
 from rnnreg.lm.logbook import Logbook, strict
 from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
-from rnnreg.lm.provenance import describe_machine, package_commit
-from rnnreg.lm.rundir import RunDir, RunDirError
-from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config, where
+from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.runs import where
+from rnnreg.lm.start import Start, after_write_error, remove_unstarted, start_run
 from rnnreg.nn import loops
 
 __all__ = ["TrainingDiverged", "train"]
@@ -83,132 +83,32 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
     fresh = not run.path.exists()
     try:
         with distributed.launch() as world, contextlib.ExitStack() as held:
-            trainer = _start(run, held, world, config, data_dir, resume, download, progress,
-                             verbose, on_step)
+            start = start_run(run, held, world, config, data_dir, resume=resume,
+                              download=download, progress=progress, verbose=verbose)
+            trainer = _trainer(start, run, world, progress, on_step, verbose)
             try:
                 return trainer.fit()
             except WriteError as error:
-                raise error.advise(_after_write_error(error, trainer.saved_step)) from error
+                raise error.advise(after_write_error(error, trainer.saved_step)) from error
             finally:
                 # Its DDP wrapper holds the process group: release it before launch() tears the
                 # group down, the order torch.distributed asks for at shutdown.
                 del trainer
     except BaseException:
         if fresh:
-            _remove_unstarted(run)
+            remove_unstarted(run)
         raise
 
 
-def _start(run: RunDir, held: contextlib.ExitStack, world: World, config: Config | None,
-           data_dir, resume: bool, download: bool, progress: bool, verbose: bool,
-           on_step) -> _Trainer:
-    """Open (or create) the run and load its corpus: everything before the first step."""
-    # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
-    config, vocab, checkpoint, recorded = world.from_main(
-        lambda: _open_run(run, held, config, resume, world.size, verbose))
-    if data_dir is None and recorded is not None:
-        data_dir = recorded["data_dir"]
-    elif data_dir is None and download:
-        world.from_main(lambda: ensure_ptb(progress and world.is_main))
-    corpus = world.everywhere(lambda: Corpus.load(
-        data_dir, config.level, vocab, split_fractions=config.split_fractions,
-        max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
-    # Only once the data loaded, so a failed start leaves no half-made or half-extended run.
-    if vocab is None:
-        world.from_main(lambda: _create_run(run, config, corpus, world.size))
-    else:
-        world.from_main(lambda: _record_extension(run, config))
-    trainer = _Trainer(config, corpus, run, world, progress, on_step, verbose)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-    elif vocab is not None:  # a resume of a run that left no checkpoint
+def _trainer(start: Start, run: RunDir, world: World, progress: bool,
+             on_step: Callable[[int], None] | None, verbose: bool) -> _Trainer:
+    """The trainer of the run :func:`start_run` opened, restored from its checkpoint if any."""
+    trainer = _Trainer(start.config, start.corpus, run, world, progress, on_step, verbose)
+    if start.checkpoint is not None:
+        trainer.restore(start.checkpoint)
+    elif start.start_over:
         trainer.start_over()
     return trainer
-
-
-def _record_extension(run: RunDir, config: Config) -> None:
-    """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
-    if read_config(run) != config:
-        run.write_config({**run.read_config(), "config": config.to_dict()})
-
-
-def _remove_unstarted(run: RunDir) -> None:
-    """Undo what a start that failed before training left: the directory and its lock files.
-
-    Only for a directory this call created, and only while it holds no run (no config.json):
-    a run that trained, even briefly, is kept for --resume.
-    """
-    if not distributed.is_main() or run.exists():
-        return
-    for name in (".lock", ".lock.holder"):
-        (run.path / name).unlink(missing_ok=True)
-    for directory in (run.checkpoint_dir, run.tensorboard_dir, run.plots_dir, run.path):
-        with contextlib.suppress(OSError):  # not empty, or never made: leave it
-            directory.rmdir()
-
-
-def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
-              world_size: int, verbose: bool
-              ) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
-    """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint
-    and recorded corpus.
-
-    Also refuses a job the run cannot take, before anything is written.
-    """
-    try:
-        held.enter_context(run.lock())
-        run.check_writable()
-    except WriteError as error:  # refused before any training time is spent
-        raise error.advise(f"{error.remedy or 'fix that'}, or choose another --out") from error
-    run.remove_temporaries()  # of writes a killed process left unfinished
-    vocab = checkpoint = recorded = None
-    if resume and run.exists():
-        saved = read_config(run)
-        config = saved if config is None else resumed_config(saved, config)
-        vocab, recorded = read_vocab(run), read_corpus(run)
-        # With no checkpoint yet, the run restarts from its saved config and vocabulary.
-        checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
-    elif config is None:
-        raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
-                          "to start a new run")
-    elif resume and verbose and distributed.is_main():
-        tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
-    if config.batch_size % world_size:
-        raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
-                         f"{world_size}: each process trains B / world size whole streams")
-    if checkpoint is not None:
-        _check_ranks(run, checkpoint, world_size)
-    return config, vocab, checkpoint, recorded
-
-
-def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
-    """Refuse to resume with another process count than the checkpoint was written by.
-
-    Each rank's dropout stream continues from its own saved state; with another rank count
-    there is no such state, and the run would silently stop being reproducible.
-    """
-    saved = len(rng_per_rank(checkpoint["rng"]))
-    if saved != world_size:
-        raise ValueError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
-                         f"the same number (torchrun --nproc-per-node {saved}), "
-                         f"not {world_size}")
-
-
-def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
-    run.create(exist_ok=False)  # refuses a directory that already holds a run
-    atomic_write_text(run.path / "vocab.json", json.dumps(corpus.vocab.to_json()))
-    run.write_config({"config": config.to_dict(), "corpus": corpus.source,
-                      "commit": package_commit(),
-                      "machine": describe_machine(), "processes": world_size,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-def _after_write_error(error: WriteError, saved_step: int | None) -> str:
-    """What a failed write during training leaves and how to go on, for its one-line message."""
-    fix = error.remedy or "fix the cause"
-    if saved_step is None:
-        return f"no checkpoint was saved yet: {fix}, then rerun with --resume (it starts over)"
-    return f"the last checkpoint (step {saved_step}) is intact: {fix}, then continue with --resume"
 
 
 class _Trainer:

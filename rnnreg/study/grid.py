@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from rnnreg.lm.config import CELLS, Config
-from rnnreg.lm.data import resolve_data_dir
 from rnnreg.lm.files import atomic_write_text
 from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.sources import resolve_data_dir
 from rnnreg.lm.training import TrainingDiverged, train
 from rnnreg.nn.functional import check_probability
 from rnnreg.nn.strategies import STRATEGIES

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from rnnreg.lm.config import CELLS, Config
-from rnnreg.lm.data import Corpus, DataError
+from rnnreg.lm.data import Corpus
 from rnnreg.lm.files import atomic_write_text
 from rnnreg.lm.model import LanguageModel, ModelMasks
 from rnnreg.lm.rundir import RunDir, RunDirError
 from rnnreg.lm.runs import load_model
+from rnnreg.lm.sources import DataError
 from rnnreg.nn.layers import DropoutMasks
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots

@@ -1,0 +1,153 @@
+"""Opening a run: locking, checking, creating or resuming it; everything before the first step.
+
+:func:`start_run` locks the run directory, reads what a resume continues from (config,
+vocabulary, checkpoint, the corpus it was trained on), refuses a job the run cannot take, and
+loads the corpus; only then does it create the run (or record a resume's raised budget), so a
+start that fails leaves the directory as it was, and :func:`remove_unstarted` removes one it
+made. It returns what the trainer starts from and never builds the trainer itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import NamedTuple
+
+from tqdm.auto import tqdm
+
+from rnnreg.lm import distributed
+from rnnreg.lm.checkpoint import rng_per_rank
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import Corpus
+from rnnreg.lm.distributed import World
+from rnnreg.lm.files import WriteError, atomic_write_text
+from rnnreg.lm.provenance import describe_machine, package_commit
+from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config
+from rnnreg.lm.sources import ensure_ptb
+from rnnreg.lm.vocab import Vocabulary
+
+__all__ = ["Start", "after_write_error", "remove_unstarted", "start_run"]
+
+
+class Start(NamedTuple):
+    """What the first step starts from.
+
+    ``checkpoint`` is the ``last`` checkpoint of a resumed run, to restore; ``start_over`` is
+    True for a resume of a run that left no checkpoint, which trains from the start with a
+    clean history.
+    """
+
+    config: Config
+    corpus: Corpus
+    checkpoint: dict | None
+    start_over: bool
+
+
+def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Config | None,
+              data_dir, *, resume: bool, download: bool, progress: bool,
+              verbose: bool) -> Start:
+    """Open (or create) the run and load its corpus: everything before the first step."""
+    # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
+    config, vocab, checkpoint, recorded = world.from_main(
+        lambda: _open_run(run, held, config, resume, world.size, verbose))
+    if data_dir is None and recorded is not None:
+        data_dir = recorded["data_dir"]
+    elif data_dir is None and download:
+        world.from_main(lambda: ensure_ptb(progress and world.is_main))
+    corpus = world.everywhere(lambda: Corpus.load(
+        data_dir, config.level, vocab, split_fractions=config.split_fractions,
+        max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
+    # Only once the data loaded, so a failed start leaves no half-made or half-extended run.
+    if vocab is None:
+        world.from_main(lambda: _create_run(run, config, corpus, world.size))
+    else:
+        world.from_main(lambda: _record_extension(run, config))
+    return Start(config, corpus, checkpoint,
+                 start_over=checkpoint is None and vocab is not None)
+
+
+def _record_extension(run: RunDir, config: Config) -> None:
+    """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
+    if read_config(run) != config:
+        run.write_config({**run.read_config(), "config": config.to_dict()})
+
+
+def remove_unstarted(run: RunDir) -> None:
+    """Undo what a start that failed before training left: the directory and its lock files.
+
+    Only for a directory this call created, and only while it holds no run (no config.json):
+    a run that trained, even briefly, is kept for --resume.
+    """
+    if not distributed.is_main() or run.exists():
+        return
+    for name in (".lock", ".lock.holder"):
+        (run.path / name).unlink(missing_ok=True)
+    for directory in (run.checkpoint_dir, run.tensorboard_dir, run.plots_dir, run.path):
+        with contextlib.suppress(OSError):  # not empty, or never made: leave it
+            directory.rmdir()
+
+
+def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
+              world_size: int, verbose: bool
+              ) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
+    """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint
+    and recorded corpus.
+
+    Also refuses a job the run cannot take, before anything is written.
+    """
+    try:
+        held.enter_context(run.lock())
+        run.check_writable()
+    except WriteError as error:  # refused before any training time is spent
+        raise error.advise(f"{error.remedy or 'fix that'}, or choose another --out") from error
+    run.remove_temporaries()  # of writes a killed process left unfinished
+    vocab = checkpoint = recorded = None
+    if resume and run.exists():
+        saved = read_config(run)
+        config = saved if config is None else resumed_config(saved, config)
+        vocab, recorded = read_vocab(run), read_corpus(run)
+        # With no checkpoint yet, the run restarts from its saved config and vocabulary.
+        checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+    elif config is None:
+        raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
+                          "to start a new run")
+    elif resume and verbose and distributed.is_main():
+        tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
+    if config.batch_size % world_size:
+        raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
+                         f"{world_size}: each process trains B / world size whole streams")
+    if checkpoint is not None:
+        _check_ranks(run, checkpoint, world_size)
+    return config, vocab, checkpoint, recorded
+
+
+def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
+    """Refuse to resume with another process count than the checkpoint was written by.
+
+    Each rank's dropout stream continues from its own saved state; with another rank count
+    there is no such state, and the run would silently stop being reproducible.
+    """
+    saved = len(rng_per_rank(checkpoint["rng"]))
+    if saved != world_size:
+        raise ValueError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
+                         f"the same number (torchrun --nproc-per-node {saved}), "
+                         f"not {world_size}")
+
+
+def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
+    run.create(exist_ok=False)  # refuses a directory that already holds a run
+    atomic_write_text(run.path / "vocab.json", json.dumps(corpus.vocab.to_json()))
+    run.write_config({"config": config.to_dict(), "corpus": corpus.source,
+                      "commit": package_commit(),
+                      "machine": describe_machine(), "processes": world_size,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def after_write_error(error: WriteError, saved_step: int | None) -> str:
+    """What a failed write during training leaves and how to go on, for its one-line message."""
+    fix = error.remedy or "fix the cause"
+    if saved_step is None:
+        return f"no checkpoint was saved yet: {fix}, then rerun with --resume (it starts over)"
+    return f"the last checkpoint (step {saved_step}) is intact: {fix}, then continue with --resume"
