@@ -191,6 +191,20 @@ def strategy_ids():
     return list(rnnreg.STRATEGIES)
 
 
+def settings_for(cell: str, name: str) -> dict:
+    """The strategy's layer settings; a GRU or RNN has no cell state to zone out."""
+    settings = rnnreg.strategy(name, P)
+    if cell != "LSTM":
+        settings.pop("zoneout_cell", None)
+    return settings
+
+
+def oracle_models(name: str) -> bool:
+    """Whether the torch.nn oracle models every placement of the strategy (not zoneout)."""
+    chosen = rnnreg.STRATEGIES[name]
+    return chosen.placements <= KNOWN_PLACEMENTS and not chosen.zoneout
+
+
 # --- 1. every strategy and cell against torch.nn --------------------------------------------
 
 
@@ -199,12 +213,12 @@ def strategy_ids():
 def test_layer_matches_torch_nn_for_every_strategy(cell, name):
     """Output, final states and gradients (input, states, every weight) on the device."""
     torch.manual_seed(0)
-    module = CELLS[cell][0](F_IN, H, 2, **rnnreg.strategy(name, P)).to(DEVICE).train()
+    module = CELLS[cell][0](F_IN, H, 2, **settings_for(cell, name)).to(DEVICE).train()
     x, hx, leaves = inputs(cell, module)
     masks = module.sample_masks(T, B)
     out, state = module.forward_with_masks(x, hx, masks)
     grads = random_loss_grads(out, state, [*leaves, *module.parameters()])
-    if rnnreg.STRATEGIES[name].placements <= KNOWN_PLACEMENTS:
+    if oracle_models(name):
         ref_out, ref_state = oracle(cell, module, x, hx, masks)
         assert_same([out, *flat_states(state)], [ref_out, *flat_states(ref_state)])
         assert_same(grads, random_loss_grads(ref_out, ref_state,
@@ -223,7 +237,7 @@ def test_layer_matches_torch_nn_for_every_strategy(cell, name):
 
 def assert_matches_cpu(cell, name, module, x, hx, masks, out, state, grads):
     """The same layer, weights and masks on the CPU (where the suite tests it) as the oracle."""
-    cpu = CELLS[cell][0](F_IN, H, 2, **rnnreg.strategy(name, P)).train()
+    cpu = CELLS[cell][0](F_IN, H, 2, **settings_for(cell, name)).train()
     cpu.load_state_dict({k: v.cpu() for k, v in module.state_dict().items()})
 
     def moved(value):
@@ -260,7 +274,7 @@ def test_fused_training_forward_drops_the_output_at_rate_p(cell):
 def test_stacked_rnn_matches_torch_nn_for_every_strategy(name):
     """AWD's per-layer sizes (here 5 -> 8 -> 6) through the same torch.nn oracle."""
     settings = rnnreg.strategy(name, P)
-    if not rnnreg.STRATEGIES[name].placements <= KNOWN_PLACEMENTS:
+    if not oracle_models(name):
         pytest.skip(f"{name}: a placement the torch.nn oracle does not model")
     torch.manual_seed(0)
     module = rnnreg.StackedRNN("lstm", F_IN, (5, 8, 6), **settings).to(DEVICE).train()
