@@ -33,13 +33,14 @@ from rnnreg.lm.config import (
 from rnnreg.lm.data import Corpus
 from rnnreg.lm.evaluation import score_stream
 from rnnreg.lm.generation import sample_text
-from rnnreg.lm.presets import PRESETS, preset_config
+from rnnreg.lm.presets import PRESETS, budget_config, preset_config
 from rnnreg.lm.rundir import RunDir, RunDirError
 from rnnreg.lm.runs import load_model, read_config, read_corpus, weights_description
 from rnnreg.lm.sources import (
     DataError,
     default_data_dir,
     download_ptb,
+    ensure_ptb,
     read_text,
     resolve_data_dir,
 )
@@ -125,6 +126,10 @@ def _add_train(commands) -> None:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--no-download", action="store_true",
                        help="never download PTB when no corpus is given")
+    train.add_argument("--budget-minutes", type=float, metavar="M",
+                       help="train for M minutes with cpu-30min resized for M and this "
+                            "corpus's vocabulary (size, softmax, tying: rnnreg.budget_config); "
+                            "instead of --preset, and flags below still override it")
     _add_data_dir(train)
     _add_config_flags(train)
     train.set_defaults(handler=_train)
@@ -279,9 +284,17 @@ def _train(args: argparse.Namespace) -> int:
     overrides = _config_overrides(args)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-    out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.preset if args.budget_minutes is None else f"budget-{args.budget_minutes:g}min"
+    out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     named_preset = any(arg.split("=", 1)[0] == "--preset" for arg in args.argv)
-    if args.resume and not named_preset and RunDir(out).exists():
+    if args.budget_minutes is not None:
+        if named_preset:
+            raise ValueError("--budget-minutes chooses the configuration itself (cpu-30min "
+                             "resized); drop --preset, or drop --budget-minutes")
+        if args.data_dir is None and not args.no_download:
+            ensure_ptb(not args.no_progress)  # the vocabulary is needed before training
+        config = _budget_config(args.budget_minutes, args.data_dir, overrides)
+    elif args.resume and not named_preset and RunDir(out).exists():
         # Without --preset the command names only its flags: they are what must match.
         config = read_config(RunDir(out)).replace(**overrides)
     else:
@@ -302,6 +315,15 @@ def _train(args: argparse.Namespace) -> int:
                 file=sys.stderr)
         print(json.dumps(summary))
     return 0
+
+
+def _budget_config(minutes: float, data_dir, overrides: dict):
+    """The budget rule for this corpus: its vocabulary size (as the run will build it, so with
+    the --max-vocab/--min-count given) picks the model size and softmax."""
+    reading = budget_config(minutes, 2).replace(**overrides)  # only the corpus settings count
+    corpus = Corpus.load(data_dir, reading.level, split_fractions=reading.split_fractions,
+                         max_vocab=reading.max_vocab, min_count=reading.min_count)
+    return budget_config(minutes, len(corpus.vocab)).replace(**overrides)
 
 
 def _resume_command(argv: list[str], out: str, **raised: float) -> str:

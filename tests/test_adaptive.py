@@ -400,3 +400,20 @@ def test_budget_rule_reproduces_its_reference_and_moves_the_right_way():
     assert large.max_train_minutes == 12 and large.lr_schedule == "cosine"
     with pytest.raises(ValueError, match="budget"):
         budget_config(0, 10_000)
+
+
+def test_budget_minutes_sizes_the_recipe_for_the_corpus(module_corpus, tmp_path, monkeypatch,
+                                                        capsys):
+    """``rnnreg train --budget-minutes M`` hands rnnreg.train the budget rule's config for this
+    corpus's vocabulary (as it will be built), with the flags given on top."""
+    handed = []
+    monkeypatch.setattr(cli, "train", lambda config, out, **_: handed.append(config) or {})
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(module_corpus),
+                     "--budget-minutes", "3", "--seed", "7"]) == 0
+    (config,) = handed
+    vocab = len(Corpus.load(module_corpus).vocab)
+    assert config == budget_config(3, vocab).replace(seed=7)
+    assert config.max_train_minutes == 3
+    assert cli.main(["train", "--preset", "small", "--budget-minutes", "3",
+                     "--data-dir", str(module_corpus)]) == 2
+    assert "drop --preset" in capsys.readouterr().err
