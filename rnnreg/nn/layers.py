@@ -295,16 +295,24 @@ class _RegularizedRecurrence:
         return torch.cat(outputs, dim=2), stacked
 
     def extra_repr(self) -> str:
-        parts = [super().extra_repr()]
-        for name in ("input_dropout", "output_dropout", "recurrent_dropout", "weight_dropout",
-                     "zoneout_hidden", "zoneout_cell"):
-            if getattr(self, name) > 0:
-                parts.append(f"{name}={getattr(self, name)}")
-        if self.variational:
-            parts.append("variational=True")
-        if self.recurrent_mask != "sequence":
-            parts.append(f"recurrent_mask={self.recurrent_mask!r}")
-        return ", ".join(parts)
+        return regularization_repr(self, super().extra_repr(), RATE_OPTIONS)
+
+
+# The keyword rates a layer shows in its repr when non-zero (torch shows its own dropout).
+RATE_OPTIONS = ("input_dropout", "output_dropout", "recurrent_dropout", "weight_dropout",
+               "zoneout_hidden", "zoneout_cell")
+
+
+def regularization_repr(module: nn.Module, head: str, rates: tuple[str, ...]) -> str:
+    """``head`` and the module's regularization that is on: the non-zero ``rates``, per-sequence
+    masks, and a recurrent mask shared by the batch (rnnreg's layers and StackedRNN)."""
+    parts = [head, *(f"{name}={getattr(module, name)}" for name in rates
+                     if getattr(module, name) > 0)]
+    if module.variational:
+        parts.append("variational=True")
+    if module.recurrent_mask != "sequence":
+        parts.append(f"recurrent_mask={module.recurrent_mask!r}")
+    return ", ".join(parts)
 
 
 def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,

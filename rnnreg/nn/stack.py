@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from rnnreg.nn.functional import check_probability, dropout_mask
-from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks, mask_placement
+from rnnreg.nn.layers import (
+    GRU,
+    LSTM,
+    RATE_OPTIONS,
+    RNN,
+    DropoutMasks,
+    mask_placement,
+    regularization_repr,
+)
 from rnnreg.nn.layout import check_placement
 
 __all__ = ["StackedRNN"]
@@ -173,16 +181,9 @@ class StackedRNN(nn.Module):
                              f"(one per entry of layer_sizes {self.layer_sizes})")
 
     def extra_repr(self) -> str:
-        parts = [f"{self.cell}, {self.input_size}, layer_sizes={self.layer_sizes}"]
-        for name in ("dropout", "input_dropout", "output_dropout", "recurrent_dropout",
-                     "weight_dropout", "zoneout_hidden", "zoneout_cell"):
-            if getattr(self, name) > 0:
-                parts.append(f"{name}={getattr(self, name)}")
-        if self.variational:
-            parts.append("variational=True")
-        if self.recurrent_mask != "sequence":
-            parts.append(f"recurrent_mask={self.recurrent_mask!r}")
-        return ", ".join(parts)
+        return regularization_repr(
+            self, f"{self.cell}, {self.input_size}, layer_sizes={self.layer_sizes}",
+            ("dropout", *RATE_OPTIONS))
 
 
 def _per_layer_zoneout(own: list[DropoutMasks]):
