@@ -25,16 +25,9 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from rnnreg.nn.functional import check_probability, dropout_mask
-from rnnreg.nn.layers import (
-    GRU,
-    LSTM,
-    RATE_OPTIONS,
-    RNN,
-    DropoutMasks,
-    mask_placement,
-    regularization_repr,
-)
+from rnnreg.nn.layers import GRU, LSTM, RATE_OPTIONS, RNN, regularization_repr
 from rnnreg.nn.layout import check_placement
+from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
 
 __all__ = ["StackedRNN"]
 
@@ -140,17 +133,17 @@ class StackedRNN(nn.Module):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
         self._check(input, hx, masks)
         states = (None,) * self.num_layers if hx is None else tuple(hx)
-        x = _apply(input, masks.input)
+        x = apply_mask(input, masks.input)
         finals = []
         for index, layer in enumerate(self.layers):
             if index > 0:
-                x = _apply(x, masks.between[index - 1])
+                x = apply_mask(x, masks.between[index - 1])
             zoneout = None if masks.zoneout is None else (masks.zoneout[index],)
             own = DropoutMasks(input=None, between=(), recurrent=(masks.recurrent[index],),
                                weight=(masks.weight[index],), output=None, zoneout=zoneout)
             x, state = layer.forward_with_masks(x, states[index], own)
             finals.append(state)
-        return _apply(x, masks.output), tuple(finals)
+        return apply_mask(x, masks.output), tuple(finals)
 
     def _no_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
         """Evaluation: no dropout; zoneout, if any, at its expectation (see rnnreg.LSTM)."""
@@ -191,7 +184,3 @@ def _per_layer_zoneout(own: list[DropoutMasks]):
     if all(m.zoneout is None for m in own):
         return None
     return tuple(None if m.zoneout is None else m.zoneout[0] for m in own)
-
-
-def _apply(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x if mask is None else x * mask
