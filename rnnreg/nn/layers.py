@@ -61,13 +61,20 @@ from rnnreg.nn.engines import (
     own_loop_layer,
     per_row,
 )
-from rnnreg.nn.functional import check_probability, check_zoneout, dropout, dropout_mask
+from rnnreg.nn.functional import (
+    check_bool,
+    check_positive_int,
+    check_probability,
+    check_zoneout,
+    dropout,
+    dropout_mask,
+)
 from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
 from rnnreg.nn.strategies import check_recurrent_mask
 
 # FUSED, OWN_LOOP, engine_for (rnnreg.nn.engines) and DropoutMasks (rnnreg.nn.masks) are named
 # here too: this is where users, the README and the tests have found them.
-__all__ = ["FUSED", "GRU", "LSTM", "OWN_LOOP", "RNN", "DropoutMasks", "engine_for"]
+__all__ = ["FUSED", "GRU", "LAYERS", "LSTM", "OWN_LOOP", "RNN", "DropoutMasks", "engine_for"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -92,9 +99,7 @@ class _RegularizedRecurrence:
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
         self.zoneout_hidden = check_zoneout("zoneout_hidden", zoneout_hidden)
         self.zoneout_cell = check_zoneout("zoneout_cell", zoneout_cell)
-        if not isinstance(variational, bool):
-            raise ValueError(f"variational must be True or False, got {variational!r}")
-        self.variational = variational
+        self.variational = check_bool("variational", variational)
         self.recurrent_mask = check_recurrent_mask(recurrent_mask)
         if recurrent_mask == "batch" and not variational:
             raise ValueError("recurrent_mask='batch' shares one mask by every row and step of a "
@@ -272,8 +277,7 @@ def _torch_dropout(dropout: float, num_layers: int) -> float:
 
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, value)
 
 
 class LSTM(_RegularizedRecurrence, nn.LSTM):
@@ -356,3 +360,7 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                                   weight_dropout=weight_dropout, variational=variational,
                                   recurrent_mask=recurrent_mask,
                                   zoneout_hidden=zoneout_hidden)
+
+
+# The layers by cell name: how StackedRNN, rnnreg.lm's Config and its model name them.
+LAYERS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
