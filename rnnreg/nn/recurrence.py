@@ -31,6 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rnnreg.nn import loops, products
+from rnnreg.nn.products import project
 from rnnreg.nn.python_loops import PYTHON, stop_at_lengths
 
 __all__ = ["recurrence"]
@@ -62,7 +63,7 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths, zoneout=No
     bias = b_ih
     if mode != "GRU" and b_hh is not None:
         bias = b_hh if b_ih is None else b_ih + b_hh
-    projected = products.project(x, w_ih, bias, w_hh.size(1))
+    projected = project(x, w_ih, bias, w_hh.size(1))
     valid = None
     if lengths is not None:
         steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)
