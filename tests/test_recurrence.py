@@ -491,6 +491,21 @@ def test_changed_onednn_op_turns_onednn_off(monkeypatch):
         products.onednn_works.cache_clear()
 
 
+def test_no_registered_check_leaves_the_python_loops(monkeypatch):
+    """The check lives beside recurrence(), which registers it with the loops; were none
+    registered, the C++ loops would not be handed out unchecked: Python runs, with the warning."""
+    _native()
+    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
+    monkeypatch.setattr(loops, "_first_use_check", None)
+    loops.compiled.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="first-use check.*no first-use check"):
+            assert loops.compiled() is None
+        assert loops.engine(torch.empty(1)) is loops.PYTHON
+    finally:
+        loops.compiled.cache_clear()
+
+
 def test_first_use_inside_inference_mode_keeps_the_compiled_loops(monkeypatch):
     """The first call may come from an evaluation under inference_mode (or from inside an
     autograd Function's forward): the check still runs, and passes."""
