@@ -5,9 +5,10 @@ A layer on the own loop runs six kinds of product per window: the T thin per-ste
 projection, its backward, the weight gradients). oneDNN, the library behind torch's fused CPU
 LSTM, beats ``torch.addmm``/``torch.mm`` on them from some width on (:data:`ONEDNN_MIN_HIDDEN`),
 through private ops that a torch release may change, so they are checked once on tiny inputs
-(:func:`onednn_works`) and otherwise left for torch.mm with a warning. Separate from the loops
-(``rnnreg.nn.loops``, ``rnnreg.nn.python_loops``): both engines and the recurrence's
-whole-window products call these, whichever loop runs.
+(:func:`onednn_works`) and otherwise left for torch.mm with a warning. Apart from the loops,
+since the choice holds whichever loop runs: the recurrence makes it (:func:`onednn_pays`,
+:func:`packed_weight`) and hands it to the C++ or the Python loops, and the Python ones run
+their per-step products here (:func:`product_forward`, :func:`product_backward`).
 """
 
 from __future__ import annotations
