@@ -5,7 +5,7 @@ window; this times each with plain PyTorch (``torch.addmm``/``torch.mm``, MKL on
 with oneDNN's linear (what torch's fused CPU LSTM uses), side by side in one process, for a
 range of hidden sizes at batch 20. A ratio above 1 means oneDNN is faster. The per-step forward
 product includes packing ``W_hh`` once per window of ``--steps`` steps, as rnnreg does.
-``rnnreg.nn.loops.ONEDNN_MIN_HIDDEN`` is set from this table.
+``rnnreg.nn.products.ONEDNN_MIN_HIDDEN`` is set from this table.
 
     python benchmarks/matmul.py --markdown
 """

@@ -46,6 +46,27 @@ def test_check_probability_accepts_and_returns_float(value):
     assert isinstance(got, float) and got == value
 
 
+# --- check_positive_int / check_bool: the one definition behind layers, StackedRNN and Config ---
+
+
+@pytest.mark.parametrize("value", [0, -3, True, False, 2.0, "4", None])
+def test_check_positive_int_rejects_naming_the_option(value):
+    assert not RF.is_positive_int(value)
+    with pytest.raises(ValueError, match=f"^my_size must be a positive integer, got {value!r}$"):
+        RF.check_positive_int("my_size", value)
+
+
+def test_check_positive_int_returns_the_size():
+    assert RF.is_positive_int(1) and RF.check_positive_int("n", 7) == 7
+
+
+@pytest.mark.parametrize("value", [0, 1, "True", None])
+def test_check_bool_rejects_all_but_true_and_false(value):
+    with pytest.raises(ValueError, match=f"^my_switch must be True or False, got {value!r}$"):
+        RF.check_bool("my_switch", value)
+    assert RF.check_bool("my_switch", True) is True and RF.check_bool("s", False) is False
+
+
 # --- dropout_mask / dropout -------------------------------------------------------------------
 
 

@@ -170,7 +170,7 @@ def test_equals_torch(cell, num_layers, bidirectional, batch_first, with_hx, pac
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 def test_own_loop_equals_torch_at_a_wide_size(cell, packed):
     """At 512 units the own recurrence runs its default CPU engine end to end: compiled loops,
-    oneDNN for the per-step and the whole-window products (rnnreg.nn.loops.ONEDNN_MIN_HIDDEN)."""
+    oneDNN for the per-step and the whole-window products (rnnreg.nn.products.ONEDNN_MIN_HIDDEN)."""
     shape = arch(2, bidirectional=cell == "GRU")
     ours = build(cell, input_size=40, hidden=512, dropout=0.5, **ALL_RATES, **shape)
     ref = reference(cell, ours, **shape)

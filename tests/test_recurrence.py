@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnreg.nn import loops
+from rnnreg.nn import loops, products
 from rnnreg.nn.recurrence import recurrence
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 MASKS = ["none", "fresh", "per_sequence"]
-ONEDNN = loops.onednn_pays(torch.empty(1), 10**6, "rows")
+ONEDNN = products.onednn_pays(torch.empty(1), 10**6, "rows")
 
 
 @pytest.fixture(params=["python", "python+onednn", "compiled", "compiled+onednn"])
@@ -34,7 +34,7 @@ def engine(request, monkeypatch):
     if request.param.endswith("onednn"):
         if not ONEDNN:
             pytest.skip("this torch build has no oneDNN linear")
-        monkeypatch.setattr(loops, "ONEDNN_MIN_HIDDEN", {"step": 1, "rows": 1})
+        monkeypatch.setattr(products, "ONEDNN_MIN_HIDDEN", {"step": 1, "rows": 1})
     return request.param
 
 
@@ -249,7 +249,7 @@ def engine_ops(mode, hidden):
 def test_engine_follows_the_hidden_size_and_the_flag(mode):
     """oneDNN from 256 units on (packing the weight pays), torch.mm below, and never when
     the user turns oneDNN off."""
-    wide = loops.ONEDNN_MIN_HIDDEN["step"]
+    wide = products.ONEDNN_MIN_HIDDEN["step"]
     assert engine_ops(mode, wide) == {"mkldnn::_linear_pointwise",
                                       "mkldnn::_reorder_linear_weight"}
     assert engine_ops(mode, wide - 1) == set()
@@ -260,10 +260,10 @@ def test_engine_follows_the_hidden_size_and_the_flag(mode):
 def test_onednn_thresholds_per_kind_of_product():
     """Per-step products switch to oneDNN at 256 units, whole-window products at 512."""
     x = torch.empty(1)
-    assert [loops.onednn_pays(x, h, "step") for h in (255, 256)] == [False, ONEDNN]
-    assert [loops.onednn_pays(x, h, "rows") for h in (511, 512)] == [False, ONEDNN]
-    assert not loops.onednn_pays(x.double(), 10**6, "step")
-    assert not loops.onednn_pays(x.bfloat16(), 10**6, "rows")
+    assert [products.onednn_pays(x, h, "step") for h in (255, 256)] == [False, ONEDNN]
+    assert [products.onednn_pays(x, h, "rows") for h in (511, 512)] == [False, ONEDNN]
+    assert not products.onednn_pays(x.double(), 10**6, "step")
+    assert not products.onednn_pays(x.bfloat16(), 10**6, "rows")
 
 
 def test_unknown_mode_and_empty_input():
@@ -479,16 +479,31 @@ def test_changed_onednn_op_turns_onednn_off(monkeypatch):
         raise RuntimeError("_linear_pointwise() expected at most 5 arguments")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", changed)
-    loops._onednn_works.cache_clear()
+    products.onednn_works.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="oneDNN"):
-            assert not loops.onednn_pays(torch.empty(1), 10**6, "step")
+            assert not products.onednn_pays(torch.empty(1), 10**6, "step")
         inputs = make_inputs("LSTM", 3, 2, 2, 300, dtype=torch.float32, mask_kind="fresh")
         ours, _ = run_and_grad(recurrence, "LSTM", inputs, None)
         ref, _ = run_and_grad(reference, "LSTM", inputs, None)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     finally:
-        loops._onednn_works.cache_clear()
+        products.onednn_works.cache_clear()
+
+
+def test_no_registered_check_leaves_the_python_loops(monkeypatch):
+    """The check lives beside recurrence(), which registers it with the loops; were none
+    registered, the C++ loops would not be handed out unchecked: Python runs, with the warning."""
+    _native()
+    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
+    monkeypatch.setattr(loops, "_first_use_check", None)
+    loops.compiled.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="first-use check.*no first-use check"):
+            assert loops.compiled() is None
+        assert loops.engine(torch.empty(1)) is loops.PYTHON
+    finally:
+        loops.compiled.cache_clear()
 
 
 def test_first_use_inside_inference_mode_keeps_the_compiled_loops(monkeypatch):

@@ -12,12 +12,18 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rnnreg.nn.functional import check_probability, check_zoneout
+from rnnreg.nn.functional import (
+    check_positive_int,
+    check_probability,
+    check_zoneout,
+    is_positive_int,
+)
+from rnnreg.nn.layers import LAYERS
 from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
 
 __all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config"]
 
-CELLS = ("lstm", "gru", "rnn")
+CELLS = tuple(LAYERS)  # "lstm", "gru", "rnn"
 LEVELS = ("word", "char")
 OPTIMIZERS = ("sgd", "asgd")
 LR_SCHEDULES = ("step", "cosine")
@@ -117,14 +123,14 @@ class Config:
         _check_choice("softmax", self.softmax, SOFTMAXES)
         for name in ("hidden_size", "num_layers", "batch_size", "bptt", "epochs", "eval_bptt",
                      "valid_batch_size", "asgd_nonmono"):
-            _check_positive(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.embedding_size is not None:
-            _check_positive("embedding_size", self.embedding_size)
+            check_positive_int("embedding_size", self.embedding_size)
         self._check_layer_sizes()
         self._check_split_fractions()
         if self.max_vocab is not None:
-            _check_positive("max_vocab", self.max_vocab)
-        _check_positive("min_count", self.min_count)
+            check_positive_int("max_vocab", self.max_vocab)
+        check_positive_int("min_count", self.min_count)
         self._check_recurrent_mask()
         self._check_adaptive()
         for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
@@ -169,8 +175,8 @@ class Config:
                 raise ValueError(f"adaptive_cutoffs must be a sequence of increasing positive "
                                  f"integers, got {cutoffs!r}")
             object.__setattr__(self, "adaptive_cutoffs", tuple(cutoffs))  # JSON gives lists
-            if (not cutoffs or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
-                                   for c in cutoffs) or list(cutoffs) != sorted(set(cutoffs))):
+            if (not cutoffs or not all(map(is_positive_int, cutoffs))
+                    or list(cutoffs) != sorted(set(cutoffs))):
                 raise ValueError(f"adaptive_cutoffs must be strictly increasing positive "
                                  f"integers, got {list(cutoffs)}")
         if not self.adaptive_div_value >= 1:
@@ -192,7 +198,7 @@ class Config:
                              f"got {sizes!r}")
         # JSON gives lists back: store a tuple so the frozen config stays hashable and equal.
         object.__setattr__(self, "layer_sizes", tuple(sizes))
-        if not all(map(_is_positive_int, self.layer_sizes)):
+        if not all(map(is_positive_int, self.layer_sizes)):
             raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
         if len(self.layer_sizes) != self.num_layers:
             raise ValueError(f"layer_sizes {self.layer_sizes} has {len(self.layer_sizes)} "
@@ -282,12 +288,3 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
-
-def _check_positive(name: str, value: int) -> None:
-    if not _is_positive_int(value):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _is_positive_int(value: object) -> bool:
-    # bool is an int subclass, but True is no size
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0

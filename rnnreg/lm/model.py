@@ -22,12 +22,11 @@ from torch import Tensor, nn
 from rnnreg.lm.adaptive import AdaptiveSoftmax
 from rnnreg.lm.config import Config
 from rnnreg.nn.functional import dropout, dropout_mask, embedding_dropout, locked_dropout
-from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks
+from rnnreg.nn.layers import LAYERS
+from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 
 __all__ = ["LanguageModel", "ModelMasks", "ModelOutput"]
-
-_LAYERS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,8 @@ class LanguageModel(nn.Module):
             self.rnn = StackedRNN(config.cell, config.embedding_dim, sizes, **settings)
         else:
             # Uniform sizes: one rnnreg layer, torch's parameter names and fused stack.
-            self.rnn = _LAYERS[config.cell](config.embedding_dim, sizes[0], len(sizes),
-                                            **settings)
+            self.rnn = LAYERS[config.cell](config.embedding_dim, sizes[0], len(sizes),
+                                           **settings)
         if config.softmax == "adaptive":
             self.decoder = AdaptiveSoftmax(self.rnn.hidden_size, vocab_size,
                                            config.adaptive_cutoffs, config.adaptive_div_value)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rnnreg.lm.config import LEVELS
 from rnnreg.lm.sources import DataError
 
-LEVELS = ("word", "char")
 EOS = "<eos>"
 UNK = "<unk>"
 # Char-level streams need a visible word boundary; "_" is the convention of the common

@@ -10,7 +10,8 @@ import torch
 
 from rnnreg.nn import functional
 from rnnreg.nn.dropout import EmbeddingDropout, LockedDropout, WeightDrop
-from rnnreg.nn.layers import GRU, LSTM, RNN, DropoutMasks
+from rnnreg.nn.layers import GRU, LSTM, RNN
+from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
 

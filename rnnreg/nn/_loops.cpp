@@ -1,8 +1,9 @@
-// rnnreg's per-step loops in C++, twins of the Python loops in loops.py without the interpreter
-// between the calls. At the paper's small shape a step is a 20x200 by 200x800 product and a
-// handful of elementwise kernels of a few microseconds each, so the interpreter's few
-// microseconds per call were a third of the loop's time. The GRU and Elman loops make the same
-// ATen calls as their Python twins; the LSTM's fuses its plain arithmetic (see below).
+// rnnreg's per-step loops in C++, twins of the Python loops in python_loops.py without the
+// interpreter between the calls. At the paper's small shape a step is a 20x200 by 200x800
+// product and a handful of elementwise kernels of a few microseconds each, so the
+// interpreter's few microseconds per call were a third of the loop's time. The GRU and Elman
+// loops make the same ATen calls as their Python twins; the LSTM's fuses its plain arithmetic
+// (see below).
 //
 // Every function fills buffers that recurrence.py allocated and reads tensors it prepared, in
 // the same order as the Python loop it replaces; the equations are documented there.
@@ -64,8 +65,8 @@ void expect_float(const char* op, const Tensor& t) {
               ": expects floating-point tensors, got ", t.scalar_type());
 }
 
-// oneDNN's linear, X W^T (+ bias), W packed or a plain strided matrix: loops.py decides when
-// it pays (onednn_pays) and recurrence.py passes the packed weight or the oneDNN flag.
+// oneDNN's linear, X W^T (+ bias), W packed or a plain strided matrix: products.py decides
+// when it pays (onednn_pays) and recurrence.py passes the packed weight or the oneDNN flag.
 Tensor onednn_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -124,7 +125,7 @@ Tensor masked_state(const Tensor& h, const OptTensor& mask, const OptTensor& h_i
   return at::mul_out(row, h, mask_at(mask, t));
 }
 
-// dL/dh(t-1) from step t (loops.py's _previous): through the masked product, plus the
+// dL/dh(t-1) from step t (python_loops.py's _previous): through the masked product, plus the
 // gradient of output t-1, plus dh copied through a frozen state where the sequence has ended.
 Tensor previous(const Tensor& d_out, const Tensor& d_hin, const OptTensor& mask, int64_t t,
                 const Tensor& dh, const OptTensor& passthrough, OptTensor out) {
@@ -627,9 +628,10 @@ Tensor elman_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& slop
 
 }  // namespace
 
-// Schemas: argument names are the Python twins' (loops.py), buffers the loops fill are marked
-// mutable (a!), and the backward loops return fresh (B, H) tensors: dL/dh0 (and dL/dc0), or,
-// when need_first is false, ones the caller ignores. ``packed`` is oneDNN's blocked W_hh or None.
+// Schemas: argument names are the Python twins' (python_loops.py), buffers the loops fill are
+// marked mutable (a!), and the backward loops return fresh (B, H) tensors: dL/dh0 (and
+// dL/dc0), or, when need_first is false, ones the caller ignores. ``packed`` is oneDNN's
+// blocked W_hh or None.
 TORCH_LIBRARY(rnnreg, m) {
   m.def("lstm_forward(Tensor projected, Tensor w_hh, Tensor? packed, Tensor? mask, "
         "Tensor? valid, Tensor? zone_h, Tensor? zone_c, Tensor(a!) acts, Tensor(b!) cs, "

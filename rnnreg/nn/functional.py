@@ -1,4 +1,5 @@
-"""Dropout primitives: the building blocks every placement in rnnreg is made of.
+"""Dropout primitives: the building blocks every placement in rnnreg is made of, and the checks
+every rate, size and switch given to them, to the layers or to a config goes through.
 
 All of them are *inverted* dropout: kept units are scaled by 1/(1-p) during training so the
 expected activation is unchanged and evaluation needs no rescaling (Srivastava et al. 2014;
@@ -17,11 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "check_bool",
+    "check_positive_int",
     "check_probability",
     "check_zoneout",
     "dropout",
     "dropout_mask",
     "embedding_dropout",
+    "is_positive_int",
     "locked_dropout",
 ]
 
@@ -46,6 +50,26 @@ def check_zoneout(name: str, p: float) -> float:
         raise ValueError(f"{name} must be a probability in [0, 1), got 1.0: every unit would "
                          "keep its initial value forever")
     return p
+
+
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is a size: an int above 0 (bool is an int subclass, but True is no
+    size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_positive_int(name: str, value: int) -> int:
+    """A size (layer width, layer count, batch size, ...), or one ValueError naming the option."""
+    if not is_positive_int(value):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: bool) -> bool:
+    """A switch: True or False only, so that a 0/1 or "yes" from a config does not pass."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def dropout_mask(

@@ -46,53 +46,37 @@ Axis convention: time-major ``(T, B, F)`` unless ``batch_first``; states are ``(
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from rnnreg.nn import layout
-from rnnreg.nn.functional import check_probability, check_zoneout, dropout, dropout_mask
-from rnnreg.nn.recurrence import recurrence
+from rnnreg.nn.engines import (
+    FUSED,
+    OWN_LOOP,
+    call_weights,
+    engine_for,
+    fused_layer,
+    layer_zoneout,
+    own_loop_layer,
+    per_row,
+)
+from rnnreg.nn.functional import (
+    check_bool,
+    check_positive_int,
+    check_probability,
+    check_zoneout,
+    dropout,
+    dropout_mask,
+)
+from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
 from rnnreg.nn.strategies import check_recurrent_mask
 
-__all__ = ["FUSED", "GRU", "LSTM", "OWN_LOOP", "RNN", "DropoutMasks", "engine_for"]
-
-# The two engines a layer's recurrence can run on (engine_for).
-FUSED, OWN_LOOP = "fused", "own loop"
+# FUSED, OWN_LOOP, engine_for (rnnreg.nn.engines) and DropoutMasks (rnnreg.nn.masks) are named
+# here too: this is where users, the README and the tests have found them.
+__all__ = ["FUSED", "GRU", "LAYERS", "LSTM", "OWN_LOOP", "RNN", "DropoutMasks", "engine_for"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-_KERNELS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh,
-            "RNN_RELU": torch.rnn_relu}
-
-
-@dataclass(frozen=True)
-class DropoutMasks:
-    """Every mask one forward call applies, already scaled (entries 0 or 1/(1-p)); None = off.
-
-    Leading dimension is ``T`` for fresh per-step masks or 1 for one mask per sequence.
-    Keeping the masks explicit lets a caller reuse them, e.g. fixed over a whole stream for
-    MC-dropout evaluation (Gal & Ghahramani 2016, section 4), or inject them in tests.
-
-    input:      ``(T|1, B, input_size)``
-    between:    one per layer boundary, ``(T|1, B, D*H)``
-    recurrent:  one per layer, ``(T|1, D, B, H)``: independent per direction; ``(1, D, 1, H)``
-                with ``recurrent_mask="batch"`` (one mask shared by every row and step)
-    weight:     one per layer, ``(D, G*H, H)`` on ``weight_hh``
-    output:     ``(T|1, B, D*H)``
-    zoneout:    None (no zoneout in any layer), or one entry per layer: None or a pair
-                ``(hidden, cell)``, each None or ``(T|1, D, B, H)`` holding the zoneout factor
-                d of every unit (Krueger et al. 2017): 1 keeps the previous value, 0 takes the
-                new one; in {0, 1} when sampled, the rate itself in evaluation. Not scaled.
-    """
-
-    input: Tensor | None
-    between: tuple[Tensor | None, ...]
-    recurrent: tuple[Tensor | None, ...]
-    weight: tuple[Tensor | None, ...]
-    output: Tensor | None
-    zoneout: tuple[tuple[Tensor | None, Tensor | None] | None, ...] | None = None
 
 
 class _RegularizedRecurrence:
@@ -115,9 +99,7 @@ class _RegularizedRecurrence:
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
         self.zoneout_hidden = check_zoneout("zoneout_hidden", zoneout_hidden)
         self.zoneout_cell = check_zoneout("zoneout_cell", zoneout_cell)
-        if not isinstance(variational, bool):
-            raise ValueError(f"variational must be True or False, got {variational!r}")
-        self.variational = variational
+        self.variational = check_bool("variational", variational)
         self.recurrent_mask = check_recurrent_mask(recurrent_mask)
         if recurrent_mask == "batch" and not variational:
             raise ValueError("recurrent_mask='batch' shares one mask by every row and step of a "
@@ -221,14 +203,14 @@ class _RegularizedRecurrence:
         if self.proj_size:
             raise ValueError("explicit masks need rnnreg's per-layer path, which has no proj_size")
         states = layout.initial_states(self, hx, x, given.unbatched)
-        x = _apply(x, masks.input)
+        x = apply_mask(x, masks.input)
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
-                x = _apply(x, masks.between[layer - 1])
+                x = apply_mask(x, masks.between[layer - 1])
             x, layer_states = self._run_layer(layer, x, lengths, states, masks)
             finals.append(layer_states)
-        x = _apply(x, masks.output)
+        x = apply_mask(x, masks.output)
         final = tuple(torch.cat([s[i] for s in finals]) for i in range(len(states)))
         return (layout.restore_layout(x, lengths, given),
                 layout.pack_states(final, given.unbatched, self.mode == "LSTM"))
@@ -241,58 +223,17 @@ class _RegularizedRecurrence:
         rows = slice(layer * d, (layer + 1) * d)
         layer_states = tuple(s[rows] for s in states)
         recurrent = masks.recurrent[layer]
-        per_row = recurrent if _per_row(recurrent) else None  # else a weight, or None
-        if per_row is not None and per_row.size(2) != x.size(1):
+        row_mask = recurrent if per_row(recurrent) else None  # else a weight, or None
+        if row_mask is not None and row_mask.size(2) != x.size(1):
             # e.g. (T, D, 1, H), shared by the rows but not the steps: the loops read one mask
             # row per batch row
-            per_row = per_row.expand(-1, -1, x.size(1), -1)
-        weights = _call_weights(self.all_weights[rows], masks.weight[layer],
-                                None if per_row is not None else recurrent)
+            row_mask = row_mask.expand(-1, -1, x.size(1), -1)
+        weights = call_weights(self.all_weights[rows], masks.weight[layer],
+                               None if row_mask is not None else recurrent)
         if engine_for(self, masks, layer=layer) == FUSED:
-            return self._fused_layer(x, lengths, layer_states, weights)
-        return self._custom_layer(x, lengths, layer_states, weights, per_row,
-                                  _layer_zoneout(masks, layer))
-
-    def _fused_layer(self, x, lengths, states, weights):
-        """One layer on torch's fused kernel (cuDNN on GPU, oneDNN on CPU)."""
-        kernel = _KERNELS[self.mode]
-        flat = [w for direction in weights for w in direction]
-        if x.is_cuda:
-            flat = _one_buffer(flat)
-        hx = states if self.mode == "LSTM" else states[0]
-        if lengths is None:
-            out, *final = kernel(x, hx, flat, self.bias, 1, 0.0, self.training,
-                                 self.bidirectional, False)
-            return out, tuple(final)
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-        order, unorder = packed.sorted_indices, packed.unsorted_indices
-        hx = tuple(s.index_select(1, order) for s in states)
-        out, *final = kernel(packed.data, packed.batch_sizes,
-                             hx if self.mode == "LSTM" else hx[0], flat, self.bias, 1, 0.0,
-                             self.training, self.bidirectional)
-        out, _ = pad_packed_sequence(
-            PackedSequence(out, packed.batch_sizes, order, unorder), total_length=x.size(0))
-        return out, tuple(s.index_select(1, unorder) for s in final)
-
-    def _custom_layer(self, x, lengths, states, weights, recurrent_mask, zoneout=None):
-        """One layer on rnnreg's own loop, for masks that differ by row on h(t-1) and zoneout.
-
-        ``weights`` already carry the masks that are weights for this call (_call_weights).
-        """
-        outputs, finals = [], []
-        for direction, params in enumerate(weights):
-            w_ih, w_hh, b_ih, b_hh = params if self.bias else (*params, None, None)
-            mask = None if recurrent_mask is None else recurrent_mask[:, direction]
-            state = tuple(s[direction] for s in states)
-            seq = x if direction == 0 else layout.reverse(x, lengths)
-            zone = None if zoneout is None else tuple(
-                None if z is None else z[:, direction] for z in zoneout)
-            out, final = recurrence(self.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths,
-                                    zone)
-            outputs.append(out if direction == 0 else layout.reverse(out, lengths))
-            finals.append(final)
-        stacked = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states)))
-        return torch.cat(outputs, dim=2), stacked
+            return fused_layer(self, x, lengths, layer_states, weights)
+        return own_loop_layer(self, x, lengths, layer_states, weights, row_mask,
+                              layer_zoneout(masks, layer))
 
     def extra_repr(self) -> str:
         return regularization_repr(self, super().extra_repr(), RATE_OPTIONS)
@@ -315,97 +256,6 @@ def regularization_repr(module: nn.Module, head: str, rates: tuple[str, ...]) ->
     return ", ".join(parts)
 
 
-def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
-               layer: int | None = None) -> str:
-    """The engine that runs the recurrence: :data:`FUSED` (torch's kernel: cuDNN on GPU, oneDNN
-    on CPU) or :data:`OWN_LOOP` (:func:`rnnreg.nn.recurrence.recurrence`).
-
-    torch's kernels take weights and states, nothing per row inside the loop, so a mask may stay
-    on them only when it is the same for every row and step of the call: then it is folded into
-    ``weight_hh`` for that call.
-
-    ==========================================================  ==========  ===================
-    placement                                                   engine      how
-    ==========================================================  ==========  ===================
-    none, or eval mode                                          fused       torch's call
-    ``input_dropout``, ``dropout``, ``output_dropout``          fused       masks outside
-    ``weight_dropout``                                          fused       ``weight_hh * M``
-    ``recurrent_dropout``, ``recurrent_mask="batch"``           fused       columns of W_hh
-    ``recurrent_dropout``, ``recurrent_mask="sequence"``        own loop    mask on h(t-1)
-    zoneout (Krueger et al. 2017)                               own loop    keeps h(t-1) per row
-    ==========================================================  ==========  ===================
-
-    Placements combine: a layer runs its own loop if any of its masks needs it.
-
-    ``masks``: those of one call (as :meth:`forward_with_masks` takes them); None = the masks
-    a forward of ``module`` in its present mode would sample. ``layer``: one layer's engine;
-    None = the stack's (the own loop if any layer runs it). ``module`` is an rnnreg layer or
-    :class:`rnnreg.StackedRNN`.
-    """
-    if masks is None:
-        if not module.training:  # evaluation: no dropout, zoneout at its expectation
-            return OWN_LOOP if module.zoneout_hidden > 0 or module.zoneout_cell > 0 else FUSED
-        masks = module.sample_masks(1, 2)  # two rows tell a per-row mask from a shared one
-    layers = range(len(masks.recurrent)) if layer is None else (layer,)
-    own = any(_per_row(masks.recurrent[k]) or _layer_zoneout(masks, k) is not None
-              for k in layers)
-    return OWN_LOOP if own else FUSED
-
-
-def _layer_zoneout(masks: DropoutMasks, layer: int):
-    """The ``(hidden, cell)`` zoneout factors of one layer, or None where it has none."""
-    zoneout = None if masks.zoneout is None else masks.zoneout[layer]
-    if zoneout is None or all(z is None for z in zoneout):
-        return None
-    return zoneout
-
-
-def _call_weights(weights, weight_mask, shared_mask):
-    """The layer's weights for one call: ``weight_hh`` times the weight-drop mask and, on
-    its columns, a recurrent mask shared by every row and step (``W (m * h) = (W m) h``).
-
-    Gradients reach the raw ``weight_hh`` (and the masks) through the products, as in the
-    own loop. Without masks the parameters themselves are returned.
-    """
-    if weight_mask is None and shared_mask is None:
-        return weights
-    dropped = []
-    for direction, params in enumerate(weights):
-        w_hh = params[1]
-        if weight_mask is not None:
-            w_hh = w_hh * weight_mask[direction]
-        if shared_mask is not None:
-            w_hh = w_hh * shared_mask[0, direction]  # (1, H): broadcast over the G*H rows
-        dropped.append((params[0], w_hh, *params[2:]))
-    return dropped
-
-
-def _per_row(mask: Tensor | None) -> bool:
-    """Whether a ``(T|1, D, B|1, H)`` recurrent mask differs by step or row (not a weight)."""
-    return mask is not None and (mask.size(0) > 1 or mask.size(2) > 1)
-
-
-def _one_buffer(tensors: list[Tensor]) -> list[Tensor]:
-    """The tensors as views into one fresh contiguous buffer, in the order given.
-
-    cuDNN runs on weights laid out back to back in its order (w_ih, w_hh, b_ih, b_hh per
-    direction, which is the order given) and otherwise warns that they "are not part of single
-    contiguous chunk of memory" and compacts them itself at every call. A layer's slice of the
-    module's flattened weights or a masked ``weight_hh`` is not such a chunk; one ``cat`` makes
-    it one, differentiably.
-    """
-    buffer = torch.cat([t.reshape(-1) for t in tensors])
-    pieces = buffer.split([t.numel() for t in tensors])
-    return [piece.view_as(t) for piece, t in zip(pieces, tensors)]
-
-
-def mask_placement(module: nn.Module, device, dtype) -> tuple:
-    """Device and dtype for a module's masks: the given ones, else those of its parameters."""
-    first = next(module.parameters())
-    return (first.device if device is None else device,
-            first.dtype if dtype is None else dtype)
-
-
 def _dropout_data(seq, p: float, training: bool):
     """Fresh-mask dropout on a tensor or on the data of a PackedSequence."""
     if not training or p == 0:
@@ -413,10 +263,6 @@ def _dropout_data(seq, p: float, training: bool):
     if isinstance(seq, PackedSequence):
         return seq._replace(data=dropout(seq.data, p))
     return dropout(seq, p)
-
-
-def _apply(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x if mask is None else x * mask
 
 
 def _torch_dropout(dropout: float, num_layers: int) -> float:
@@ -431,8 +277,7 @@ def _torch_dropout(dropout: float, num_layers: int) -> float:
 
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, value)
 
 
 class LSTM(_RegularizedRecurrence, nn.LSTM):
@@ -515,3 +360,7 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                                   weight_dropout=weight_dropout, variational=variational,
                                   recurrent_mask=recurrent_mask,
                                   zoneout_hidden=zoneout_hidden)
+
+
+# The layers by cell name: how StackedRNN, rnnreg.lm's Config and its model name them.
+LAYERS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}

@@ -17,7 +17,10 @@ Speed comes from doing by hand what plain autograd would do step by step:
 * dW_hh = sum_t dgates(t)^T h_in(t) is ONE product over all ``T*B`` rows after the loop instead
   of ``T`` small products each accumulated into a ``(G*H, H)`` gradient.
 * The loops themselves (``rnnreg.nn.loops``) run compiled on CPU, and the products go to oneDNN,
-  the library behind torch's own CPU LSTM, at the widths where it is faster than ``torch.mm``.
+  the library behind torch's own CPU LSTM, at the widths where it is faster than ``torch.mm``
+  (``rnnreg.nn.products``). The check of the compiled loops against the Python ones on first
+  use is here, since it runs :func:`recurrence` on both; this module registers it with the
+  loops (``rnnreg.nn.loops.check_on_first_use``), which do not import it back.
 
 Double backward is not supported (the backward is ``once_differentiable``).
 """
@@ -25,10 +28,11 @@ Double backward is not supported (the backward is ``once_differentiable``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from rnnreg.nn import loops
+from rnnreg.nn import loops, products
+from rnnreg.nn.products import project
+from rnnreg.nn.python_loops import PYTHON, stop_at_lengths
 
 __all__ = ["recurrence"]
 
@@ -59,7 +63,7 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths, zoneout=No
     bias = b_ih
     if mode != "GRU" and b_hh is not None:
         bias = b_hh if b_ih is None else b_ih + b_hh
-    projected = _project(x, w_ih, bias, w_hh.size(1))
+    projected = project(x, w_ih, bias, w_hh.size(1))
     valid = None
     if lengths is not None:
         steps = torch.arange(x.size(0), device=x.device).unsqueeze(1)
@@ -152,9 +156,9 @@ class _LSTM(torch.autograd.Function):
         tanh_c = projected.new_empty(steps, batch, hidden)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
         lengths = valid if zone_h is None else None  # else folded into the zoneout factors
-        loops.engine(projected).lstm_forward(projected, w_hh, loops.packed_weight(w_hh, batch),
-                                             mask, lengths, zone_h, zone_c, acts, cs, tanh_c,
-                                             hs, h_in)
+        loops.engine(projected).lstm_forward(projected, w_hh,
+                                             products.packed_weight(w_hh, batch), mask, lengths,
+                                             zone_h, zone_c, acts, cs, tanh_c, hs, h_in)
         ctx.save_for_backward(acts, cs, tanh_c, hs, h_in, w_hh, mask, valid, zone_h, zone_c)
         return _outputs(hs, valid), hs[-1].clone(), cs[-1].clone()
 
@@ -172,7 +176,7 @@ class _LSTM(torch.autograd.Function):
         need_first = any(ctx.needs_input_grad[1:3]) or ctx.needs_input_grad[4]
         dh, dc = loops.engine(acts).lstm_backward(
             d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh,
-            loops.onednn_pays(w_hh, hidden, "step"), mask, passthrough, zone_h, zone_c,
+            products.onednn_pays(w_hh, hidden, "step"), mask, passthrough, zone_h, zone_c,
             need_first, d_gates, d_hin)
         return (d_gates, dh, dc,
                 _weight_grad(ctx, 3, d_gates, hs[:-1] if h_in is None else h_in),
@@ -213,7 +217,7 @@ class _GRU(torch.autograd.Function):
         hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
         loops.engine(projected).gru_forward(projected, w_hh, b_hh,
-                                            loops.packed_weight(w_hh, batch), mask,
+                                            products.packed_weight(w_hh, batch), mask,
                                             valid if zone is None else None, zone, rec, rz, n,
                                             hs, h_in)
         ctx.save_for_backward(rec, rz, n, hs, h_in, w_hh, b_hh, mask, valid, zone)
@@ -235,7 +239,7 @@ class _GRU(torch.autograd.Function):
                             to_n * r], dim=2)
         d_out, _ = _freeze(d_out, valid)  # z * dh already carries dh through a frozen state
         if zone is None:
-            keep_h = loops.stop_at_lengths(valid, coef, to_n, z)
+            keep_h = stop_at_lengths(valid, coef, to_n, z)
         else:
             keep_h = _zone_out(zone, coef, to_n, z)
 
@@ -244,7 +248,7 @@ class _GRU(torch.autograd.Function):
         d_hin = rec.new_empty(steps, batch, hidden)
         need_first = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
         d_h0 = loops.engine(rec).gru_backward(d_out, d_h, coef, keep_h, w_hh,
-                                              loops.onednn_pays(w_hh, hidden, "step"), mask,
+                                              products.onednn_pays(w_hh, hidden, "step"), mask,
                                               need_first, d_rec, d_hs, d_hin)
         d_w = _weight_grad(ctx, 2, d_rec, h_prev if h_in is None else h_in)
         d_b = d_rec.sum((0, 1)) if b_hh is not None and ctx.needs_input_grad[3] else None
@@ -271,9 +275,10 @@ class _Elman(torch.autograd.Function):
         hs = _states(h0, steps)
         h_in = None if mask is None else projected.new_empty(steps, batch, hidden)
         candidates = None if zone is None else projected.new_empty(steps, batch, hidden)
-        loops.engine(projected).elman_forward(projected, w_hh, loops.packed_weight(w_hh, batch),
-                                              mask, valid if zone is None else None, relu,
-                                              zone, candidates, hs, h_in)
+        loops.engine(projected).elman_forward(projected, w_hh,
+                                              products.packed_weight(w_hh, batch), mask,
+                                              valid if zone is None else None, relu, zone,
+                                              candidates, hs, h_in)
         ctx.relu = relu
         ctx.save_for_backward(hs, h_in, w_hh, mask, valid, zone, candidates)
         return _outputs(hs, valid), hs[-1].clone()
@@ -294,47 +299,11 @@ class _Elman(torch.autograd.Function):
         d_hin = torch.empty_like(out)
         need_first = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         dh = loops.engine(hs).elman_backward(d_out, d_h, slope, w_hh,
-                                             loops.onednn_pays(w_hh, hs.size(2), "step"), mask,
-                                             passthrough, need_first, d_pre, d_hin)
+                                             products.onednn_pays(w_hh, hs.size(2), "step"),
+                                             mask, passthrough, need_first, d_pre, d_hin)
         return (d_pre, dh,
                 _weight_grad(ctx, 2, d_pre, hs[:-1] if h_in is None else h_in),
                 _mask_grad(ctx, 3, d_hin, hs, mask), None, None, None)
-
-
-class _Projection(torch.autograd.Function):
-    """``x W^T + b`` for every step at once, on oneDNN (:func:`rnnreg.nn.loops.onednn_pays`).
-
-    Three of the six big products of a layer's forward and backward (``x W_ih^T``, ``dP W_ih``
-    and ``dP^T x``) are this one's; oneDNN runs them about a quarter faster than torch.mm at
-    the paper's medium shape. Used only where it pays; otherwise ``F.linear``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        rows = x.reshape(-1, x.size(-1))
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows.size(0))
-        out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
-        return out.view(*x.shape[:-1], weight.size(0))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out):
-        x, weight = ctx.saved_tensors
-        d_rows = d_out.reshape(-1, d_out.size(-1))
-        rows = x.reshape(-1, x.size(-1))
-        d_x = loops.onednn_mm(d_rows, weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        d_w = loops.onednn_mm(d_rows.t(), rows) if ctx.needs_input_grad[1] else None
-        d_b = d_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return d_x, d_w, d_b
-
-
-def _project(x, weight, bias, hidden):
-    """The input projection of every step, ``x W_ih^T + b``, on oneDNN where that pays."""
-    if loops.onednn_pays(weight, hidden, "rows") and not torch.is_autocast_enabled(x.device.type):
-        return _Projection.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def _freeze(d_out, valid):
@@ -378,8 +347,8 @@ def _weight_grad(ctx, index, d_pre, h_in):
     if not ctx.needs_input_grad[index]:
         return None
     d_rows, h_rows = d_pre.view(-1, d_pre.size(2)), h_in.view(-1, h_in.size(2))
-    if loops.onednn_pays(h_in, h_in.size(2), "rows"):
-        return loops.onednn_mm(d_rows.t(), h_rows)
+    if products.onednn_pays(h_in, h_in.size(2), "rows"):
+        return products.onednn_mm(d_rows.t(), h_rows)
     # Formed as (h_in^T dpre)^T: at the paper's sizes MKL runs this orientation faster.
     return h_rows.t().mm(d_rows).t()
 
@@ -389,3 +358,41 @@ def _mask_grad(ctx, index, d_hin, hs, mask):
     if mask is None or not ctx.needs_input_grad[index]:
         return None
     return (d_hin * hs[:-1]).sum_to_size(mask.shape)
+
+
+def _self_test(native):
+    """The compiled loops' first-use check (``rnnreg.nn.loops.compiled``): run every loop of
+    ``native`` and of the Python twins on tiny inputs (masks, lengths, zoneout; with oneDNN's
+    products where they work) and raise if any result differs."""
+    gen = torch.Generator().manual_seed(0)
+    steps, batch, features, hidden = 3, 2, 2, 3
+    lengths = torch.tensor([3, 1])
+    for mode, gates in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1), ("RNN_RELU", 1)):
+        weights = [torch.randn(shape, generator=gen) * 0.5 for shape in (
+            (gates * hidden, features), (gates * hidden, hidden), (gates * hidden,),
+            (gates * hidden,))]
+        mask = (torch.rand(steps, batch, hidden, generator=gen) > 0.3).float() / 0.7
+        zone = (torch.rand(1, batch, hidden, generator=gen) > 0.5).float()
+        zoneout = (zone, zone.flip(2) if mode == "LSTM" else None)
+        for case_mask, case_lengths, case_zone in ((None, None, None), (mask, lengths, None),
+                                                   (mask, lengths, zoneout)):
+            x = torch.randn(steps, batch, features, generator=gen)
+            state = [torch.randn(batch, hidden, generator=gen)
+                     for _ in range(2 if mode == "LSTM" else 1)]
+            for onednn in (False, True) if products.onednn_works() else (False,):
+                results = []
+                for candidate in (native, PYTHON):
+                    with loops.running(candidate, onednn):
+                        leaves = [t.clone().requires_grad_() for t in (x, *state, *weights)]
+                        out, final = recurrence(mode, leaves[0], leaves[1:1 + len(state)],
+                                                *leaves[1 + len(state):], case_mask,
+                                                case_lengths, case_zone)
+                        loss = out.sum() + sum((s * s).sum() for s in final)
+                        results.append([out, *final, *torch.autograd.grad(loss, leaves)])
+                for ours, twin in zip(*results):
+                    if not torch.allclose(ours, twin, rtol=1e-4, atol=1e-5):
+                        raise RuntimeError(f"{mode} loops differ from the Python twin "
+                                           f"(oneDNN {'on' if onednn else 'off'})")
+
+
+loops.check_on_first_use(_self_test)

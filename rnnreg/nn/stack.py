@@ -24,21 +24,18 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from rnnreg.nn.functional import check_probability, dropout_mask
-from rnnreg.nn.layers import (
-    GRU,
-    LSTM,
-    RATE_OPTIONS,
-    RNN,
-    DropoutMasks,
-    mask_placement,
-    regularization_repr,
+from rnnreg.nn.functional import (
+    check_bool,
+    check_positive_int,
+    check_probability,
+    dropout_mask,
+    is_positive_int,
 )
+from rnnreg.nn.layers import LAYERS, RATE_OPTIONS, regularization_repr
 from rnnreg.nn.layout import check_placement
+from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
 
 __all__ = ["StackedRNN"]
-
-_CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
 class StackedRNN(nn.Module):
@@ -56,33 +53,28 @@ class StackedRNN(nn.Module):
                  zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0, bias: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if cell not in _CELLS:
-            raise ValueError(f"cell must be one of {', '.join(_CELLS)}; got {cell!r}")
+        if cell not in LAYERS:
+            raise ValueError(f"cell must be one of {', '.join(LAYERS)}; got {cell!r}")
         sizes = tuple(layer_sizes) if isinstance(layer_sizes, Sequence) else ()
-        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0
-                            for s in sizes):
+        if not sizes or not all(map(is_positive_int, sizes)):
             raise ValueError(f"layer_sizes must be a non-empty sequence of positive integers, "
                              f"got {layer_sizes!r}")
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
-            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
-        if not isinstance(variational, bool):
-            raise ValueError(f"variational must be True or False, got {variational!r}")
         self.cell = cell
-        self.input_size = input_size
+        self.input_size = check_positive_int("input_size", input_size)
+        self.variational = check_bool("variational", variational)
         self.layer_sizes = sizes
         self.dropout = check_probability("dropout", dropout)
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
         self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
         self.weight_dropout = check_probability("weight_dropout", weight_dropout)
-        self.variational = variational
         self.recurrent_mask = recurrent_mask  # checked by the layers
         zoneout = {"zoneout_hidden": zoneout_hidden}
         if zoneout_cell or cell == "lstm":  # a GRU/RNN refuses the keyword, with its reason
             zoneout["zoneout_cell"] = zoneout_cell
         inputs = (input_size, *sizes[:-1])
         self.layers = nn.ModuleList(
-            _CELLS[cell](n_in, n_out, 1, bias=bias, recurrent_dropout=recurrent_dropout,
+            LAYERS[cell](n_in, n_out, 1, bias=bias, recurrent_dropout=recurrent_dropout,
                          weight_dropout=weight_dropout, variational=variational,
                          recurrent_mask=recurrent_mask, device=device, dtype=dtype,
                          **zoneout)
@@ -140,17 +132,17 @@ class StackedRNN(nn.Module):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
         self._check(input, hx, masks)
         states = (None,) * self.num_layers if hx is None else tuple(hx)
-        x = _apply(input, masks.input)
+        x = apply_mask(input, masks.input)
         finals = []
         for index, layer in enumerate(self.layers):
             if index > 0:
-                x = _apply(x, masks.between[index - 1])
+                x = apply_mask(x, masks.between[index - 1])
             zoneout = None if masks.zoneout is None else (masks.zoneout[index],)
             own = DropoutMasks(input=None, between=(), recurrent=(masks.recurrent[index],),
                                weight=(masks.weight[index],), output=None, zoneout=zoneout)
             x, state = layer.forward_with_masks(x, states[index], own)
             finals.append(state)
-        return _apply(x, masks.output), tuple(finals)
+        return apply_mask(x, masks.output), tuple(finals)
 
     def _no_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
         """Evaluation: no dropout; zoneout, if any, at its expectation (see rnnreg.LSTM)."""
@@ -191,7 +183,3 @@ def _per_layer_zoneout(own: list[DropoutMasks]):
     if all(m.zoneout is None for m in own):
         return None
     return tuple(None if m.zoneout is None else m.zoneout[0] for m in own)
-
-
-def _apply(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x if mask is None else x * mask

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from rnnreg.nn.functional import check_probability, check_zoneout
+from rnnreg.nn.functional import check_bool, check_probability, check_zoneout
 
 __all__ = ["PLACEMENTS", "RECURRENT_MASKS", "STRATEGIES", "ZONEOUT", "Strategy",
            "check_recurrent_mask", "strategy"]
@@ -112,9 +112,7 @@ def strategy(name: str, p: float,
         raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
     for keyword, value in overrides.items():
         if keyword == "variational":
-            if not isinstance(value, bool):
-                raise ValueError(f"variational must be True or False, got {value!r}")
-            settings[keyword] = value
+            settings[keyword] = check_bool(keyword, value)
         elif keyword == "recurrent_mask":
             settings[keyword] = check_recurrent_mask(value)
         else:

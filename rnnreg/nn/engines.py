@@ -1,0 +1,156 @@
+"""Which engine runs one layer's recurrence, and how each engine is called.
+
+A layer's recurrence runs on torch's fused kernel (:data:`FUSED`: cuDNN on GPU, oneDNN on CPU)
+or on rnnreg's own loop (:data:`OWN_LOOP`, ``rnnreg.nn.recurrence``). The fused kernels take
+weights and states, nothing per row inside the loop, so a mask that is the same for every row
+and step of a call is folded into the weights for that call (:func:`call_weights`) and keeps
+the fused kernel; a mask that differs by row on h(t-1), and zoneout, need the own loop.
+:func:`engine_for` decides that; the layers (``rnnreg.nn.layers``) only ask it and call the
+engine, so the choice and its table live here, apart from the layers' options and masks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnreg.nn import layout
+from rnnreg.nn.masks import DropoutMasks
+from rnnreg.nn.recurrence import recurrence
+
+__all__ = ["FUSED", "OWN_LOOP", "call_weights", "engine_for", "fused_layer", "layer_zoneout",
+           "own_loop_layer", "per_row"]
+
+# The two engines a layer's recurrence can run on (engine_for).
+FUSED, OWN_LOOP = "fused", "own loop"
+
+_KERNELS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh,
+            "RNN_RELU": torch.rnn_relu}
+
+
+def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
+               layer: int | None = None) -> str:
+    """The engine that runs the recurrence: :data:`FUSED` (torch's kernel: cuDNN on GPU, oneDNN
+    on CPU) or :data:`OWN_LOOP` (:func:`rnnreg.nn.recurrence.recurrence`).
+
+    torch's kernels take weights and states, nothing per row inside the loop, so a mask may stay
+    on them only when it is the same for every row and step of the call: then it is folded into
+    ``weight_hh`` for that call.
+
+    ==========================================================  ==========  ===================
+    placement                                                   engine      how
+    ==========================================================  ==========  ===================
+    none, or eval mode                                          fused       torch's call
+    ``input_dropout``, ``dropout``, ``output_dropout``          fused       masks outside
+    ``weight_dropout``                                          fused       ``weight_hh * M``
+    ``recurrent_dropout``, ``recurrent_mask="batch"``           fused       columns of W_hh
+    ``recurrent_dropout``, ``recurrent_mask="sequence"``        own loop    mask on h(t-1)
+    zoneout (Krueger et al. 2017)                               own loop    keeps h(t-1) per row
+    ==========================================================  ==========  ===================
+
+    Placements combine: a layer runs its own loop if any of its masks needs it.
+
+    ``masks``: those of one call (as a layer's ``forward_with_masks`` takes them); None = the masks
+    a forward of ``module`` in its present mode would sample. ``layer``: one layer's engine;
+    None = the stack's (the own loop if any layer runs it). ``module`` is an rnnreg layer or
+    :class:`rnnreg.StackedRNN`.
+    """
+    if masks is None:
+        if not module.training:  # evaluation: no dropout, zoneout at its expectation
+            return OWN_LOOP if module.zoneout_hidden > 0 or module.zoneout_cell > 0 else FUSED
+        masks = module.sample_masks(1, 2)  # two rows tell a per-row mask from a shared one
+    layers = range(len(masks.recurrent)) if layer is None else (layer,)
+    own = any(per_row(masks.recurrent[k]) or layer_zoneout(masks, k) is not None
+              for k in layers)
+    return OWN_LOOP if own else FUSED
+
+
+def layer_zoneout(masks: DropoutMasks, layer: int):
+    """The ``(hidden, cell)`` zoneout factors of one layer, or None where it has none."""
+    zoneout = None if masks.zoneout is None else masks.zoneout[layer]
+    if zoneout is None or all(z is None for z in zoneout):
+        return None
+    return zoneout
+
+
+def call_weights(weights, weight_mask, shared_mask):
+    """The layer's weights for one call: ``weight_hh`` times the weight-drop mask and, on
+    its columns, a recurrent mask shared by every row and step (``W (m * h) = (W m) h``).
+
+    Gradients reach the raw ``weight_hh`` (and the masks) through the products, as in the
+    own loop. Without masks the parameters themselves are returned.
+    """
+    if weight_mask is None and shared_mask is None:
+        return weights
+    dropped = []
+    for direction, params in enumerate(weights):
+        w_hh = params[1]
+        if weight_mask is not None:
+            w_hh = w_hh * weight_mask[direction]
+        if shared_mask is not None:
+            w_hh = w_hh * shared_mask[0, direction]  # (1, H): broadcast over the G*H rows
+        dropped.append((params[0], w_hh, *params[2:]))
+    return dropped
+
+
+def per_row(mask: Tensor | None) -> bool:
+    """Whether a ``(T|1, D, B|1, H)`` recurrent mask differs by step or row (not a weight)."""
+    return mask is not None and (mask.size(0) > 1 or mask.size(2) > 1)
+
+
+def _one_buffer(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors as views into one fresh contiguous buffer, in the order given.
+
+    cuDNN runs on weights laid out back to back in its order (w_ih, w_hh, b_ih, b_hh per
+    direction, which is the order given) and otherwise warns that they "are not part of single
+    contiguous chunk of memory" and compacts them itself at every call. A layer's slice of the
+    module's flattened weights or a masked ``weight_hh`` is not such a chunk; one ``cat`` makes
+    it one, differentiably.
+    """
+    buffer = torch.cat([t.reshape(-1) for t in tensors])
+    pieces = buffer.split([t.numel() for t in tensors])
+    return [piece.view_as(t) for piece, t in zip(pieces, tensors)]
+
+
+def fused_layer(module, x, lengths, states, weights):
+    """One layer on torch's fused kernel (cuDNN on GPU, oneDNN on CPU)."""
+    kernel = _KERNELS[module.mode]
+    flat = [w for direction in weights for w in direction]
+    if x.is_cuda:
+        flat = _one_buffer(flat)
+    hx = states if module.mode == "LSTM" else states[0]
+    if lengths is None:
+        out, *final = kernel(x, hx, flat, module.bias, 1, 0.0, module.training,
+                             module.bidirectional, False)
+        return out, tuple(final)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    order, unorder = packed.sorted_indices, packed.unsorted_indices
+    hx = tuple(s.index_select(1, order) for s in states)
+    out, *final = kernel(packed.data, packed.batch_sizes,
+                         hx if module.mode == "LSTM" else hx[0], flat, module.bias, 1, 0.0,
+                         module.training, module.bidirectional)
+    out, _ = pad_packed_sequence(
+        PackedSequence(out, packed.batch_sizes, order, unorder), total_length=x.size(0))
+    return out, tuple(s.index_select(1, unorder) for s in final)
+
+
+def own_loop_layer(module, x, lengths, states, weights, recurrent_mask, zoneout=None):
+    """One layer on rnnreg's own loop, for masks that differ by row on h(t-1) and zoneout.
+
+    ``weights`` already carry the masks that are weights for this call (:func:`call_weights`).
+    """
+    outputs, finals = [], []
+    for direction, params in enumerate(weights):
+        w_ih, w_hh, b_ih, b_hh = params if module.bias else (*params, None, None)
+        mask = None if recurrent_mask is None else recurrent_mask[:, direction]
+        state = tuple(s[direction] for s in states)
+        seq = x if direction == 0 else layout.reverse(x, lengths)
+        zone = None if zoneout is None else tuple(
+            None if z is None else z[:, direction] for z in zoneout)
+        out, final = recurrence(module.mode, seq, state, w_ih, w_hh, b_ih, b_hh, mask, lengths,
+                                zone)
+        outputs.append(out if direction == 0 else layout.reverse(out, lengths))
+        finals.append(final)
+    stacked = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states)))
+    return torch.cat(outputs, dim=2), stacked

@@ -1,0 +1,203 @@
+"""The per-step loops of rnnreg's own recurrence, in Python: the twins of ``_loops.cpp``.
+
+``rnnreg.nn.recurrence`` prepares everything that does not depend on the previous step; what
+is left is a loop over time of one recurrent product and a few elementwise kernels, written
+here (equations in ``rnnreg.nn.recurrence``) and, with the same signatures, in C++. These run
+on GPUs, where the C++ build is unavailable, or with ``RNNREG_NATIVE=0``; they are also the
+reference the compiled loops are checked against on first use. Which of the two runs is
+``rnnreg.nn.loops``' choice; this module holds only the loops themselves.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from rnnreg.nn.products import product_backward, product_forward
+
+__all__ = ["PYTHON", "stop_at_lengths"]
+
+
+def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs, tanh_c, hs,
+                 h_in):
+    steps, batch, gates = projected.shape
+    hidden = gates // 4
+    pre = projected.new_empty(batch, gates)
+    pre_g = pre[:, 2 * hidden:3 * hidden]
+    # Per-step views made once: indexing inside the loop costs more than the small kernels.
+    i, f, g, o = (a.unbind(0) for a in acts.view(steps, batch, 4, hidden).unbind(2))
+    p, masks = projected.unbind(0), _per_step(mask, steps)
+    keep_h, keep_c = _per_step(zone_h, steps), _per_step(zone_c, steps)
+    for t in range(steps):
+        h = hs[t]
+        x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
+        product_forward(pre, x_t, p[t], w_hh, packed)
+        # One sigmoid over all four gates (g's is overwritten next) beats three sigmoids
+        # on slices: at these sizes a kernel launch costs more than the extra quarter.
+        torch.sigmoid(pre, out=acts[t])
+        torch.tanh(pre_g, out=g[t])
+        c = torch.mul(f[t], cs[t], out=cs[t + 1]).addcmul_(i[t], g[t])
+        torch.tanh(c, out=tanh_c[t])
+        h_new = torch.mul(o[t], tanh_c[t], out=hs[t + 1])
+        if zone_h is not None:  # zoneout: d * previous + (1 - d) * new, from the new values
+            c.lerp_(cs[t], keep_c[t])
+            h_new.lerp_(h, keep_h[t])
+        if valid is not None:  # freeze finished sequences (out= may alias its own input)
+            torch.where(valid[t], c, cs[t], out=c)
+            torch.where(valid[t], h_new, h, out=h_new)
+
+
+def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, passthrough,
+                  zone_h, zone_c, need_first, d_gates, d_hin):
+    steps, batch, gates = d_gates.shape
+    hidden = gates // 4
+    # The gate-derivative coefficients of every step at once (equations in recurrence._LSTM).
+    i, f, g, o = acts.view(steps, batch, 4, hidden).unbind(2)
+    coef = acts.new_empty(steps, batch, 4, hidden)
+    torch.mul(g, i * (1 - i), out=coef[:, :, 0])
+    torch.mul(cs[:-1], f * (1 - f), out=coef[:, :, 1])
+    torch.mul(i, 1 - g * g, out=coef[:, :, 2])
+    torch.mul(tanh_c, o * (1 - o), out=coef[:, :, 3])
+    to_cell = o * (1 - tanh_c * tanh_c)  # dh(t)/dc(t)
+    keep_c = stop_at_lengths(valid, coef, to_cell, f)
+    if zone_h is not None:  # the gradient reaching the new h~ is (1 - d_h) dh: fold it in
+        update_h = 1 - zone_h
+        to_cell *= update_h
+        coef[:, :, 3] *= update_h
+        passthrough = zone_h.expand_as(to_cell)  # d_h dh goes straight to h(t-1)
+    d_ifg = d_gates.view(steps, batch, 4, hidden)[:, :, :3].unbind(0)
+    d_o = d_gates[:, :, 3 * hidden:].unbind(0)
+    k_ifg, k_o = coef[:, :, :3].unbind(0), coef[:, :, 3].unbind(0)
+    d_step, to_cell, keep_c = d_gates.unbind(0), to_cell.unbind(0), keep_c.unbind(0)
+    masks, zones = _per_step(mask, steps), _per_step(zone_c, steps)
+    dh, dc = d_out[-1] + d_h, d_c
+    for t in range(steps - 1, -1, -1):
+        if zones[t] is None:
+            dcc = torch.addcmul(dc, dh, to_cell[t])
+        else:  # zoneout: (1 - d_c) dc reaches the new cell c~, d_c dc goes to c(t-1)
+            dcc = torch.addcmul(dc * (1 - zones[t]), dh, to_cell[t])
+        torch.mul(dcc.unsqueeze(1), k_ifg[t], out=d_ifg[t])
+        torch.mul(dh, k_o[t], out=d_o[t])
+        if t == 0 and not need_first:
+            return None, None
+        if zones[t] is None:
+            dc = dcc.mul_(keep_c[t])
+        else:
+            dc = torch.addcmul(dc * zones[t], dcc, keep_c[t])
+        product_backward(d_hin[t], d_step[t], w_hh, onednn)
+        dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
+    return dh, dc
+
+
+def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
+    steps = projected.size(0)
+    hidden = projected.size(2) // 3
+    p_rz, p_n = (s.unbind(0) for s in projected.split([2 * hidden, hidden], 2))
+    a_rz, a_n = (s.unbind(0) for s in rec.split([2 * hidden, hidden], 2))
+    r, z = (s.unbind(0) for s in rz.split(hidden, 2))
+    masks, keep = _per_step(mask, steps), _per_step(zone, steps)
+    for t in range(steps):
+        h = hs[t]
+        x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
+        product_forward(rec[t], x_t, b_hh, w_hh, packed)
+        torch.add(p_rz[t], a_rz[t], out=rz[t]).sigmoid_()
+        torch.addcmul(p_n[t], r[t], a_n[t], out=n[t]).tanh_()
+        h_new = torch.lerp(n[t], h, z[t], out=hs[t + 1])  # n + z * (h - n), one kernel
+        if zone is not None:
+            h_new.lerp_(h, keep[t])
+        if valid is not None:
+            torch.where(valid[t], h_new, h, out=h_new)
+
+
+def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec, d_hs, d_hin):
+    steps, batch, gates = d_rec.shape
+    d_rec_split = d_rec.view(steps, batch, 3, gates // 3)
+    masks = _per_step(mask, steps)
+    torch.add(d_out[-1], d_h, out=d_hs[-1])
+    prev = None
+    for t in range(steps - 1, -1, -1):
+        dh = d_hs[t]
+        torch.mul(dh.unsqueeze(1), coef[t], out=d_rec_split[t])
+        if t == 0 and not need_first:
+            return None
+        product_backward(d_hin[t], d_rec[t], w_hh, onednn)
+        prev = _previous(d_out, d_hin, masks, t, out=d_hs[t - 1] if t > 0 else None)
+        prev.addcmul_(dh, keep_h[t])
+    return prev
+
+
+def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
+    steps = projected.size(0)
+    p, masks, keep = projected.unbind(0), _per_step(mask, steps), _per_step(zone, steps)
+    for t in range(steps):
+        h = hs[t]
+        x_t = h if mask is None else torch.mul(h, masks[t], out=h_in[t])
+        target = hs[t + 1] if zone is None else candidates[t]
+        h_new = product_forward(target, x_t, p[t], w_hh, packed)
+        if relu:
+            h_new.relu_()
+        else:
+            h_new.tanh_()
+        if zone is not None:  # the candidate stays for act' in the backward
+            h_new = torch.lerp(h_new, h, keep[t], out=hs[t + 1])
+        if valid is not None:
+            torch.where(valid[t], h_new, h, out=h_new)
+
+
+def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_first, d_pre,
+                   d_hin):
+    steps = d_pre.size(0)
+    masks = _per_step(mask, steps)
+    dh = d_out[-1] + d_h
+    for t in range(steps - 1, -1, -1):
+        torch.mul(dh, slope[t], out=d_pre[t])
+        if t == 0 and not need_first:
+            return None
+        product_backward(d_hin[t], d_pre[t], w_hh, onednn)
+        dh = _previous(d_out, d_hin, masks, t, dh, passthrough)
+    return dh
+
+
+PYTHON = types.SimpleNamespace(
+    lstm_forward=lstm_forward, lstm_backward=lstm_backward, gru_forward=gru_forward,
+    gru_backward=gru_backward, elman_forward=elman_forward, elman_backward=elman_backward)
+
+
+def stop_at_lengths(valid, coef, to_state, keep):
+    """Make every step past a sequence's length the identity in the backward pass.
+
+    Zeroes (in place) the gate coefficients ``coef (T, B, G, H)`` and the path into the new
+    state ``to_state (T, B, H)`` there, and returns the factor that carries the state's
+    gradient to the previous step: ``keep`` inside the sequence, 1 past its end.
+    """
+    if valid is None:
+        return keep
+    v = valid.to(coef.dtype)
+    coef *= v.unsqueeze(3)
+    to_state *= v
+    return torch.where(valid, keep, 1)
+
+
+def _per_step(mask, steps):
+    """The mask (or zoneout factor) each step uses: row t of a fresh ``(T, B, H)`` one, or the
+    one per-sequence ``(1, B, H)`` at every step; a list of None when there is none."""
+    if mask is None:
+        return [None] * steps
+    return mask.unbind(0) if mask.size(0) > 1 else [mask[0]] * steps
+
+
+def _previous(d_out, d_hin, masks, t, dh=None, passthrough=None, out=None):
+    """dL/dh(t-1) from step t: through the masked recurrent product, plus the gradient of
+    output t-1, plus (where the sequence has ended) dL/dh(t) copied through the frozen state."""
+    m = masks[t]
+    if t > 0:
+        if m is None:
+            prev = torch.add(d_out[t - 1], d_hin[t], out=out)
+        else:
+            prev = torch.addcmul(d_out[t - 1], d_hin[t], m, out=out)
+    else:
+        prev = d_hin[0].clone() if m is None else d_hin[0] * m
+    if passthrough is not None:
+        prev.addcmul_(dh, passthrough[t])
+    return prev
