@@ -21,6 +21,7 @@ from conftest import REPO_ROOT, TEST_THREADS
 
 import rnnreg
 from rnnreg import cli
+from rnnreg.cli import training as cli_training
 from rnnreg.lm.adaptive import AdaptiveSoftmax, default_cutoffs
 from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
@@ -407,7 +408,7 @@ def test_budget_minutes_sizes_the_recipe_for_the_corpus(module_corpus, tmp_path,
     """``rnnreg train --budget-minutes M`` hands rnnreg.train the budget rule's config for this
     corpus's vocabulary (as it will be built), with the flags given on top."""
     handed = []
-    monkeypatch.setattr(cli, "train", lambda config, out, **_: handed.append(config) or {})
+    monkeypatch.setattr(cli_training, "train", lambda config, out, **_: handed.append(config) or {})
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(module_corpus),
                      "--budget-minutes", "3", "--seed", "7"]) == 0
     (config,) = handed

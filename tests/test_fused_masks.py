@@ -524,12 +524,13 @@ def test_config_json_round_trips_and_old_configs_without_the_key_still_load():
 
 def test_recurrent_mask_flag_reaches_the_model_layers():
     from rnnreg import cli
+    from rnnreg.cli.flags import config_overrides
     from rnnreg.lm.model import LanguageModel
     from rnnreg.lm.presets import preset_config
 
     args = cli._parser().parse_args(["train", "--strategy", "variational", "--dropout", "0.3",
                                      "--recurrent-mask", "batch"])
-    config = preset_config(args.preset).replace(**cli._config_overrides(args))
+    config = preset_config(args.preset).replace(**config_overrides(args))
     assert config.recurrent_mask == "batch"
     for sizes in (None, (12, 8)):
         changed = config.replace(hidden_size=8, num_layers=2, layer_sizes=sizes)

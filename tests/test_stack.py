@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rnnreg import cli
+from rnnreg.cli import training as cli_training
 from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
 from rnnreg.lm.distributed import World
@@ -315,7 +316,7 @@ def test_awd_preset_is_the_published_recipe_with_24m_parameters():
 def test_layer_sizes_flag(flags, sizes, layers, hidden, tmp_path, monkeypatch):
     """The config ``rnnreg train FLAGS`` hands to ``rnnreg.train`` (replaced: nothing trains)."""
     handed = []
-    monkeypatch.setattr(cli, "train", lambda config, out, **_: handed.append(config) or {})
+    monkeypatch.setattr(cli_training, "train", lambda config, out, **_: handed.append(config) or {})
     assert cli.main(["train", "--out", str(tmp_path / "run"), *flags]) == 0
     (config,) = handed
     assert (config.layer_sizes, config.num_layers, config.hidden_size) == (sizes, layers, hidden)

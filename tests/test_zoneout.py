@@ -330,12 +330,13 @@ def test_config_refuses_bad_zoneout(changes, word):
 
 def test_old_config_json_loads_and_cli_has_the_flags():
     from rnnreg import cli
+    from rnnreg.cli.flags import config_overrides
     from rnnreg.lm.config import Config
 
     old = {k: v for k, v in Config().to_dict().items() if not k.startswith("zoneout")}
     assert Config.from_dict(old) == Config()
     args = cli._parser().parse_args(["train", "--zoneout-hidden", "0.1", "--zoneout-cell", "0.3"])
-    assert cli._config_overrides(args) == {"zoneout_hidden": 0.1, "zoneout_cell": 0.3}
+    assert config_overrides(args) == {"zoneout_hidden": 0.1, "zoneout_cell": 0.3}
     args = cli._parser().parse_args(["compare", "--out", "x", "--strategies", "zaremba,zoneout"])
     assert "zoneout" in args.strategies
 

@@ -2,6 +2,8 @@
 
 Split from :mod:`rnnreg.study.grid` so that scheduling runs and describing them stay separate ideas:
 the report reads only run directories, so it works on any study however its runs were trained.
+Reading and grouping them is :mod:`rnnreg.study.results`; this module is the document (its
+sections, findings, tables and figures). ``read_runs`` is still importable from here.
 """
 
 from __future__ import annotations
@@ -9,155 +11,29 @@ from __future__ import annotations
 import base64
 import html
 import json
-import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rnnreg.lm.config import CELLS, Config
+from rnnreg.lm.config import Config
 from rnnreg.lm.data import Corpus
 from rnnreg.lm.files import atomic_write_text
 from rnnreg.lm.model import LanguageModel, ModelMasks
-from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.rundir import RunDirError
 from rnnreg.lm.runs import load_model
 from rnnreg.lm.sources import DataError
 from rnnreg.nn.layers import DropoutMasks
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots
+from rnnreg.study.results import Group, group_runs, read_runs
 
 __all__ = ["read_runs", "write_report"]
 
 # Tokens of the valid split drawn in the hidden-state heatmaps: enough to see masks persist
 # across steps, few enough that every token can be labelled.
 HEATMAP_TOKENS = 40
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What one run directory recorded."""
-
-    name: str
-    path: Path
-    config: Config
-    epochs: tuple[dict, ...]
-    final: dict | None
-
-    @property
-    def rate(self) -> float:
-        return 0.0 if self.config.strategy == "none" else self.config.dropout
-
-
-def read_runs(out: str | Path) -> list[RunResult]:
-    """Every run directory under ``out/runs``, finished or not, in name order."""
-    root = Path(out) / "runs"
-    if not root.is_dir():
-        raise RunDirError(f"{Path(out)} holds no study (no runs/ directory); run "
-                          "`rnnreg compare` first")
-    results = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir()):
-        run = RunDir(path)
-        if not run.exists():
-            continue  # created but never configured: nothing to report
-        records = run.read_metrics()
-        finals = [r for r in records if r.get("event") == "final"]
-        results.append(RunResult(
-            path.name, path, Config.from_dict(run.read_config()["config"]),
-            tuple(r for r in records if r.get("event") == "epoch"),
-            finals[-1] if finals else None))
-    return results
-
-
-@dataclass(frozen=True)
-class Stat:
-    mean: float
-    std: float | None  # None for a single seed: one value has no spread to report
-
-    @classmethod
-    def of(cls, values: Sequence[float | None]) -> Stat | None:
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        return cls(statistics.fmean(values),
-                   statistics.stdev(values) if len(values) > 1 else None)
-
-    def text(self, digits: int = 1) -> str:
-        if self.std is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
-
-@dataclass(frozen=True)
-class Group:
-    """The runs of one (cell, strategy, rate): the seeds of one table row."""
-
-    cell: str
-    strategy: str
-    rate: float
-    runs: tuple[RunResult, ...]
-
-    @property
-    def label(self) -> str:
-        return "none" if self.strategy == "none" else f"{self.strategy} p={self.rate:g}"
-
-    @property
-    def finished(self) -> tuple[RunResult, ...]:
-        return tuple(r for r in self.runs if r.final is not None)
-
-    def stat(self, measure: str) -> Stat | None:
-        return Stat.of([_MEASURES[measure](run) for run in self.finished])
-
-    def curve(self) -> list[dict]:
-        """Epoch records averaged over seeds, epoch by epoch, from every run that reached it."""
-        by_epoch: dict[int, list[dict]] = {}
-        for run in self.runs:
-            for record in run.epochs:
-                by_epoch.setdefault(record["epoch"], []).append(record)
-        return [{"epoch": epoch,
-                 "train_ppl": statistics.fmean(r["train_ppl"] for r in records),
-                 "valid_ppl": statistics.fmean(r["valid_ppl"] for r in records)}
-                for epoch, records in sorted(by_epoch.items())]
-
-
-def _last_epoch(run: RunResult, key: str) -> float | None:
-    return run.epochs[-1][key] if run.epochs else None
-
-
-def _gap(run: RunResult) -> float | None:
-    if not run.epochs:
-        return None
-    return run.epochs[-1]["valid_ppl"] - run.epochs[-1]["train_ppl"]
-
-
-def _tokens_per_s(run: RunResult) -> float | None:
-    speeds = [r["tokens_per_s"] for r in run.epochs]
-    return statistics.fmean(speeds) if speeds else None
-
-
-_MEASURES: dict[str, Callable[[RunResult], float | None]] = {
-    "train": lambda run: _last_epoch(run, "train_ppl"),
-    "valid": lambda run: run.final["valid_ppl"],
-    "test": lambda run: run.final["test_ppl"],
-    "gap": _gap,
-    "tokens_per_s": _tokens_per_s,
-}
-
-
-def group_runs(results: Sequence[RunResult]) -> list[Group]:
-    """Runs grouped by (cell, strategy, rate), in the order of CELLS, STRATEGIES, then rate."""
-    keyed: dict[tuple[str, str, float], list[RunResult]] = {}
-    for run in results:
-        keyed.setdefault((run.config.cell, run.config.strategy, run.rate), []).append(run)
-    order = {name: i for i, name in enumerate(STRATEGIES)}
-    keys = sorted(keyed, key=lambda k: (CELLS.index(k[0]), order[k[1]], k[2]))
-    return [Group(*key, tuple(keyed[key])) for key in keys]
-
-
-# --------------------------------------------------------------------------- the report
 
 
 @dataclass(frozen=True)

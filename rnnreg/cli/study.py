@@ -1,0 +1,137 @@
+"""The study commands: ``compare`` (a grid of runs and its report) and ``plot`` (their curves).
+
+They front ``rnnreg.study``, which is imported only when one of them runs: the other commands
+never load the grid's, the report's or matplotlib's modules (nor Ray's).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rnnreg.cli.flags import add_config_flags, add_data_dir, config_overrides
+from rnnreg.lm.config import CELLS, Config
+from rnnreg.lm.presets import PRESETS, preset_config
+from rnnreg.nn.strategies import STRATEGIES
+
+__all__ = ["add_commands"]
+
+
+def add_commands(commands) -> None:
+    _add_compare(commands)
+    _add_plot(commands)
+
+
+# The axes of a study: given as lists by compare's own flags, so the single-run flags for the
+# same fields would be ambiguous there.
+_GRID_FIELDS = frozenset({"strategy", "dropout", "cell", "seed"})
+# The default study: every strategy at the tutorial's low and high ends of the useful range.
+_DEFAULT_STRATEGIES = tuple(STRATEGIES)
+_DEFAULT_RATES = (0.25, 0.5)
+
+
+def _comma_list(convert, kind: str):
+    """An argparse type for ``a,b,c`` lists whose items are ``convert``-ed."""
+    def parse(text: str) -> tuple:
+        items = [item.strip() for item in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"empty item in the list {text!r}")
+        try:
+            return tuple(convert(item) for item in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind}, got {text!r}") from None
+    return parse
+
+
+def _add_compare(commands) -> None:
+    compare = commands.add_parser(
+        "compare", help="train a grid of dropout strategies x rates x cells x seeds and report",
+        description="Each grid cell is an ordinary run in OUT/runs; rerunning the same command "
+                    "resumes an interrupted study. Writes OUT/report.md and OUT/report.html "
+                    "and prints the report's path.")
+    compare.add_argument("--out", required=True, help="study directory")
+    compare.add_argument("--strategies", type=_comma_list(str, "strategy names"),
+                         default=_DEFAULT_STRATEGIES, metavar="NAME,...",
+                         help=f"strategies to compare, of: {', '.join(STRATEGIES)} (default: "
+                              "all)")
+    compare.add_argument("--rates", type=_comma_list(float, "numbers in [0, 1]"),
+                         default=_DEFAULT_RATES, metavar="P,...",
+                         help="dropout rates (default: "
+                              f"{','.join(map(str, _DEFAULT_RATES))})")
+    compare.add_argument("--cells", type=_comma_list(str, "cell names"), metavar="CELL,...",
+                         help=f"recurrent cells, of: {', '.join(CELLS)} (default: the preset's)")
+    compare.add_argument("--seeds", type=_comma_list(int, "integers"), metavar="SEED,...",
+                         help="seeds (default: the preset's)")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="runs trained in parallel (local backend; default: 1)")
+    compare.add_argument("--backend", choices=["local", "ray"], default="local",
+                         help="where runs train: this machine, or Ray Tune trials (needs "
+                              "pip install 'rnnreg[ray]'; default: local)")
+    compare.add_argument("--address", metavar="ADDR",
+                         help="Ray cluster to join: 'auto', or ray://HOST:10001 (default: a "
+                              "local Ray instance); only with --backend ray")
+    compare.add_argument("--preset", choices=sorted(PRESETS), default="study-small",
+                         help="base configuration; every configuration flag overrides it "
+                              "(default: study-small)")
+    compare.add_argument("--report-only", action="store_true",
+                         help="only regenerate the report from the runs already in --out")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_dir(compare, recorded=True)
+    add_config_flags(compare, exclude=_GRID_FIELDS)
+    compare.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rnnreg.study.grid import StudyGrid, run_study
+    from rnnreg.study.report import write_report
+
+    if args.report_only:
+        given = sorted(set(config_overrides(args)) | {
+            name for name in ("cells", "seeds") if getattr(args, name) is not None}
+            | ({"rates"} if args.rates != _DEFAULT_RATES else set()))
+        if given:
+            raise ValueError(f"--report-only reads the runs as they are; drop {given}")
+        print(write_report(args.out, data_dir=args.data_dir))
+        return 0
+    base = preset_config(args.preset).replace(**config_overrides(args))
+    grid = StudyGrid(strategies=args.strategies, rates=args.rates,
+                     cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
+    out = run_study(base, grid, args.out, data_dir=args.data_dir, jobs=args.jobs,
+                    progress=not args.no_progress, backend=_study_backend(args, base))
+    print(write_report(out))
+    return 0
+
+
+def _study_backend(args: argparse.Namespace, base: Config):
+    """None for the local backend (run_study's default); a Ray backend for --backend ray."""
+    from rnnreg.study.grid import ray_backend
+
+    if args.backend == "local":
+        if args.address is not None:
+            raise ValueError("--address names a Ray cluster: use it with --backend ray")
+        return None
+    try:
+        # A run that asks for CUDA gets a GPU reserved, so Ray places it on a node with one.
+        gpus = 1.0 if base.device.startswith("cuda") else 0.0
+        return ray_backend(args.address, gpus_per_trial=gpus,
+                           storage=Path(args.out).resolve() / "ray",
+                           progress=not args.no_progress)
+    except ImportError as error:  # the one-line message says which extra to install
+        raise ValueError(str(error)) from None
+
+
+def _add_plot(commands) -> None:
+    plot = commands.add_parser("plot", help="learning curves of runs side by side")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    plot.add_argument("--out", required=True, metavar="FILE.png", help="figure to write")
+    plot.add_argument("--x", choices=("epoch", "minutes"), default="epoch",
+                      help="x axis: epochs, or training minutes (time-to-quality)")
+    plot.set_defaults(handler=_plot)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from rnnreg.study.plots import plot_runs
+
+    print(plot_runs(args.runs, args.out, x=args.x))
+    return 0
