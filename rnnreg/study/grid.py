@@ -33,7 +33,7 @@ from rnnreg.lm.files import atomic_write_text
 from rnnreg.lm.rundir import RunDir, RunDirError
 from rnnreg.lm.sources import resolve_data_dir
 from rnnreg.lm.training import TrainingDiverged, train
-from rnnreg.nn.functional import check_probability
+from rnnreg.nn.functional import check_positive_int, check_probability
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["Backend", "Job", "StudyGrid", "grid_runs", "local_backend", "ray_backend",
@@ -146,8 +146,7 @@ def local_backend(jobs: int = 1, *, progress: bool = True) -> Backend:
     Workers are spawned, not forked (a forked torch with live threads can deadlock), and split
     the cores between them: ``jobs`` runs each with all cores would only contend for them.
     """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    check_positive_int("jobs", jobs)
 
     def run(pending: Sequence[Job], done: Callable[[Job, str], None]) -> None:
         if jobs == 1 or len(pending) <= 1:
