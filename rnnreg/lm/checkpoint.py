@@ -192,6 +192,10 @@ class Progress:
     averaging: bool = False        # NT-ASGD has switched to averaging
     finished: bool = False
 
+    def out_of_time(self, max_train_minutes: float) -> bool:
+        """Whether the time budget (0: none) is spent; evaluation time does not count."""
+        return max_train_minutes > 0 and self.train_seconds >= max_train_minutes * 60
+
 
 def rng_states() -> dict:
     """Every generator a training step draws from: torch (masks), Python (AWD's window

@@ -12,7 +12,8 @@ state) written atomically each epoch and every few minutes, and ``best`` (the we
 best validation epoch). ``last`` is written first, being what ``--resume`` needs; ``best`` is then
 a hard link to it when they hold the same weights. A resumed run's metrics and TensorBoard
 history are cut back to its checkpoint, so they never hold an epoch twice. Everything before
-the first step (locking, checking, creating or resuming the run) is :mod:`rnnreg.lm.start`.
+the first step (locking, checking, creating or resuming the run) is :mod:`rnnreg.lm.start`;
+what goes to and comes back from the checkpoints, :mod:`rnnreg.lm.resume`.
 
 Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.lm.distributed`): each
 rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
@@ -25,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from rnnreg.lm import distributed
 from rnnreg.lm.asgd import NTASGD
-from rnnreg.lm.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
+from rnnreg.lm.checkpoint import Progress
 from rnnreg.lm.config import Config
 from rnnreg.lm.data import Corpus, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
@@ -47,6 +46,7 @@ from rnnreg.lm.files import WriteError
 from rnnreg.lm.logbook import Logbook, strict
 from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
+from rnnreg.lm.resume import Checkpoints, StopRequests
 from rnnreg.lm.rundir import RunDir
 from rnnreg.lm.runs import where
 from rnnreg.lm.start import Start, after_write_error, remove_unstarted, start_run
@@ -105,9 +105,10 @@ def _trainer(start: Start, run: RunDir, world: World, progress: bool,
     """The trainer of the run :func:`start_run` opened, restored from its checkpoint if any."""
     trainer = _Trainer(start.config, start.corpus, run, world, progress, on_step, verbose)
     if start.checkpoint is not None:
-        trainer.restore(start.checkpoint)
+        trainer.progress, trainer.optim, trainer.hidden = trainer.checkpoints.restore(
+            start.checkpoint, trainer.model, trainer.device)
     elif start.start_over:
-        trainer.start_over()
+        trainer.checkpoints.start_over()
     return trainer
 
 
@@ -135,84 +136,23 @@ class _Trainer:
         self.progress = Progress()
         self.hidden = None  # the recurrent state carried from window to window
         self.logbook = Logbook(run, enabled=world.is_main, log_every=config.log_every)
-        self.saved_step: int | None = None  # step of the checkpoint `last` on disk, if any
+        self.checkpoints = Checkpoints(run, world, config, self.logbook, self.verbose)
         _build_loops(config, self.device)
 
-    # --- checkpoints -----------------------------------------------------------------------
+    @property
+    def saved_step(self) -> int | None:
+        """The step of the checkpoint `last` on disk, if any: what a failed write leaves."""
+        return self.checkpoints.saved_step
 
     def save(self) -> None:
-        """Checkpoint everything a resume needs; every rank must take part.
-
-        The carried state is stored as the full batch and the RNG states as a list indexed by
-        rank, so the file is the same shape whichever rank count wrote it.
-        """
-        tree = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optim.optimizer.state_dict(),
-            "progress": self.progress.__dict__.copy(),
-            "hidden": self.world.gather_columns(self.hidden),
-            "rng": self.world.gather_objects(rng_states()),
-        }
-        if self.world.is_main:
-            self.run.save_checkpoint("last", tree)
-        self.saved_step = self.progress.step
-        self._last_save = time.monotonic()
-
-    def restore(self, tree: dict) -> None:
-        self.progress = Progress(**tree["progress"])
-        self.model.load_state_dict(tree["model"])
-        self.optim = NTASGD(self.model, self.config, averaging=self.progress.averaging)
-        self.optim.optimizer.load_state_dict(tree["optimizer"])
-        hidden = self.world.shard_columns(tree["hidden"])
-        self.hidden = map_state(hidden, lambda h: h.to(self.device))
-        set_rng_states(rng_per_rank(tree["rng"])[self.world.rank])
-        progress = self.progress
-        self.saved_step = progress.step
-        # Raised epochs or time budget: a finished run has more to do.
-        if progress.finished and progress.epoch <= self.config.epochs and not self._out_of_time():
-            progress.finished = False
-        dropped = self.logbook.rewind(progress)
-        if dropped and self.verbose:
-            tqdm.write(f"resuming at step {progress.step} (epoch {progress.epoch}): dropped "
-                       f"{dropped} metrics event(s) logged after that checkpoint")
-        # A kill between the end-of-epoch `last` and its `best` leaves `best` one epoch behind.
-        if (self.world.is_main and not progress.finished and progress.position == 0
-                and progress.best_epoch > 0 and progress.best_epoch == progress.epoch - 1):
-            self._save_best()
-
-    def start_over(self) -> None:
-        """Resume found a config but no checkpoint: train from the start, with a clean history.
-
-        Whatever an earlier attempt logged (metrics, TensorBoard, a `best` checkpoint) describes
-        training that is now lost, and would otherwise be mixed with the new run's.
-        """
-        if not self.world.is_main:
-            return
-        stale = self.logbook.clear()
-        if self.run.has_checkpoint("best"):
-            self.run.remove_checkpoint("best")
-            stale.append("the best checkpoint")
-        if self.verbose:
-            cleared = f"; cleared {', '.join(stale)} of an earlier attempt" if stale else ""
-            tqdm.write(f"{self.run.path} has no checkpoint to resume: training from the start "
-                       f"with its saved config{cleared}")
-
-    def _save_best(self) -> None:
-        """Write `best` after `last`: as a link to it while the weights evaluated are the
-        iterates themselves, in full once NT-ASGD evaluates their average instead."""
-        if self.optim.averaging:
-            self.run.save_checkpoint("best", {"model": self.optim.eval_weights()})
-        else:
-            self.run.copy_checkpoint("last", "best")
-
-    # --- the loop --------------------------------------------------------------------------
+        """Checkpoint the run as it stands into `last`; every rank must take part."""
+        self.checkpoints.save(self.model, self.optim, self.progress, self.hidden)
 
     def fit(self) -> dict:
-        self._last_save = time.monotonic()
+        self.checkpoints.start_clock()
         if not self.progress.finished:
             _announce_start(self)
-            with _StopRequests() as stop:
-                self._stop = stop
+            with StopRequests() as self._stop:
                 try:
                     self._epochs()
                 except TrainingDiverged:
@@ -226,9 +166,10 @@ class _Trainer:
         return self.world.from_main(self._score_final)
 
     def _epochs(self) -> None:
-        while self.progress.epoch <= self.config.epochs and not self._out_of_time():
+        epochs, minutes, progress = self.config.epochs, self.config.max_train_minutes, self.progress
+        while progress.epoch <= epochs and not progress.out_of_time(minutes):
             self._train_epoch()
-            if self.progress.position < self.streams.size(0) - 1:
+            if progress.position < self.streams.size(0) - 1:
                 break  # stopped by the time budget mid-epoch
             self._end_epoch()
 
@@ -245,8 +186,8 @@ class _Trainer:
             bar.close()
 
     def _windows(self, bar, rows: int) -> None:
-        config, progress = self.config, self.progress
-        while progress.position < rows and not self._out_of_time():
+        config, progress, due = self.config, self.progress, self.checkpoints.due
+        while progress.position < rows and not progress.out_of_time(config.max_train_minutes):
             lr = progress.lr = config.lr_at(progress.epoch, self._fraction_done())
             started = time.perf_counter()
             length = _window_length(config, rows - progress.position)
@@ -262,8 +203,7 @@ class _Trainer:
             # others at the next collective: a stop asked of any rank stops all, a checkpoint
             # due on any rank is due on all, and the slowest rank's time is the step's time
             # (it is what the time budget counts).
-            elapsed, stop, save = self.world.max(elapsed, self._stop.requested,
-                                                 self._checkpoint_due())
+            elapsed, stop, save = self.world.max(elapsed, self._stop.requested, due(progress.step))
             progress.epoch_seconds += elapsed
             progress.train_seconds += elapsed
             logged = self.logbook.window(
@@ -365,7 +305,7 @@ class _Trainer:
         self.hidden = None  # each epoch starts the streams from their beginning
         self.save()
         if improved and self.world.is_main:
-            self._save_best()
+            self.checkpoints.save_best(self.optim)
 
     def _score(self, ids, batch_size: int = 1):
         with self.optim.evaluation_weights():
@@ -396,19 +336,6 @@ class _Trainer:
         if self.verbose:
             _announce_final(self, valid, test)
         return strict(summary)
-
-    # --- bookkeeping -----------------------------------------------------------------------
-
-    def _checkpoint_due(self) -> bool:
-        config = self.config
-        if config.checkpoint_steps and self.progress.step % config.checkpoint_steps == 0:
-            return True
-        minutes = (time.monotonic() - self._last_save) / 60
-        return config.checkpoint_minutes > 0 and minutes >= config.checkpoint_minutes
-
-    def _out_of_time(self) -> bool:
-        limit = self.config.max_train_minutes
-        return limit > 0 and self.progress.train_seconds >= limit * 60
 
 
 def _announce_start(trainer: _Trainer) -> None:
@@ -467,33 +394,6 @@ def _window_length(config: Config, remaining: int) -> int:
         return min(config.bptt, remaining)
     base = config.bptt if random.random() < 0.95 else config.bptt / 2
     return max(1, min(int(random.gauss(base, 5)), remaining, config.bptt + 20))
-
-
-class _StopRequests:
-    """Turn Ctrl-C and SIGTERM into a request honoured at the next window boundary.
-
-    Stopping mid-step would checkpoint weights that do not match the saved position; a second
-    Ctrl-C still interrupts at once.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def _request(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def _build_loops(config: Config, device: torch.device) -> None:
