@@ -13,7 +13,8 @@ best validation epoch). ``last`` is written first, being what ``--resume`` needs
 a hard link to it when they hold the same weights. A resumed run's metrics and TensorBoard
 history are cut back to its checkpoint, so they never hold an epoch twice. Everything before
 the first step (locking, checking, creating or resuming the run) is :mod:`rnnreg.lm.start`;
-what goes to and comes back from the checkpoints, :mod:`rnnreg.lm.resume`.
+what goes to and comes back from the checkpoints, :mod:`rnnreg.lm.resume`; the lines the loop
+prints, :mod:`rnnreg.lm.console`.
 
 Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.lm.distributed`): each
 rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rnnreg.lm import distributed
+from rnnreg.lm import console, distributed
 from rnnreg.lm.asgd import NTASGD
 from rnnreg.lm.checkpoint import Progress
 from rnnreg.lm.config import Config
@@ -48,7 +49,6 @@ from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
 from rnnreg.lm.resume import Checkpoints, StopRequests
 from rnnreg.lm.rundir import RunDir
-from rnnreg.lm.runs import where
 from rnnreg.lm.start import Start, after_write_error, remove_unstarted, start_run
 from rnnreg.nn import loops
 
@@ -124,6 +124,7 @@ class _Trainer:
         train_ids = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
         self.streams = shard_streams(batchify(train_ids, config.batch_size), world.rank,
                                      world.size).to(self.device)
+        self.rows = self.streams.size(0) - 1  # an epoch's inputs; the last row is only a target
         _seed_everything(config.seed)
         self.model = LanguageModel(len(corpus.vocab), config).to(self.device)
         if world.distributed:
@@ -151,7 +152,9 @@ class _Trainer:
     def fit(self) -> dict:
         self.checkpoints.start_clock()
         if not self.progress.finished:
-            _announce_start(self)
+            if self.verbose:
+                console.announce_start(self.run.path, self.corpus, self.world, self.progress,
+                                       self.model, self.streams, self.device)
             with StopRequests() as self._stop:
                 try:
                     self._epochs()
@@ -162,26 +165,22 @@ class _Trainer:
             self.save()
             if self.verbose and self.progress.epoch <= self.config.epochs:
                 tqdm.write(f"time budget of {self.config.max_train_minutes:g} min reached: "
-                           f"{_saved_line(self)}")
+                           f"{console.saved_line(self.progress, self.rows, self.run.path)}")
         return self.world.from_main(self._score_final)
 
     def _epochs(self) -> None:
         epochs, minutes, progress = self.config.epochs, self.config.max_train_minutes, self.progress
         while progress.epoch <= epochs and not progress.out_of_time(minutes):
             self._train_epoch()
-            if progress.position < self.streams.size(0) - 1:
+            if progress.position < self.rows:
                 break  # stopped by the time budget mid-epoch
             self._end_epoch()
 
     def _train_epoch(self) -> None:
-        config, progress = self.config, self.progress
         self.trained.train()
-        rows = self.streams.size(0) - 1
-        bar = tqdm(total=rows, initial=progress.position, disable=not self.show_progress,
-                   desc=f"epoch {progress.epoch}/{config.epochs}", unit="row", leave=False,
-                   mininterval=0.5)
+        bar = console.epoch_bar(self.progress, self.config.epochs, self.rows, self.show_progress)
         try:  # the bar is closed first, so the lines printed at a stop start on their own line
-            self._windows(bar, rows)
+            self._windows(bar, self.rows)
         finally:
             bar.close()
 
@@ -212,16 +211,12 @@ class _Trainer:
                  "train_seconds": progress.train_seconds},
                 nll, length * self.streams.size(1) * self.world.size, elapsed)
             if logged and self.verbose and not self.show_progress:  # a log needs lines, no bar
-                tqdm.write(_step_line(logged))
-            bar.update(length)
-            bar.set_postfix(
-                ppl=f"{perplexity(progress.epoch_nll, progress.epoch_tokens):.1f}",
-                tok_s=f"{progress.epoch_tokens / max(progress.epoch_seconds, 1e-9):.0f}",
-                lr=f"{lr:.3g}", refresh=False)
+                tqdm.write(console.step_line(logged))
+            console.show_window(bar, progress, length, lr)
             if stop:
                 self.save()
                 self.logbook.curve()
-                raise KeyboardInterrupt(f"stopped: {_saved_line(self)}; continue with --resume")
+                raise KeyboardInterrupt(console.stopped_line(progress, rows, self.run.path))
             if save:
                 self.save()
 
@@ -298,7 +293,7 @@ class _Trainer:
         progress.averaging = self.optim.averaging or self.optim.observe(
             progress.valid_history, valid.perplexity)
         if self.verbose:
-            tqdm.write(_epoch_line(config, record))
+            tqdm.write(console.epoch_line(config, record))
         progress.epoch += 1
         progress.position = 0
         progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
@@ -334,58 +329,8 @@ class _Trainer:
         self.logbook.final(summary, progress.epoch - 1)
         self.logbook.curve()
         if self.verbose:
-            _announce_final(self, valid, test)
+            console.announce_final(valid, test, progress, self.run.path)
         return strict(summary)
-
-
-def _announce_start(trainer: _Trainer) -> None:
-    """The lines a run prints as it (re)starts: size, absolute run directory, corpus notes."""
-    if not trainer.verbose:
-        return
-    world, progress = trainer.world, trainer.progress
-    if progress.step == 0:
-        ranks = f" x {world.size} processes" if world.distributed else ""
-        tqdm.write(f"{count_parameters(trainer.model):,} parameters on {trainer.device}{ranks}; "
-                   f"{trainer.streams.numel() * world.size:,} training tokens in "
-                   f"{trainer.streams.size(1) * world.size} streams; run directory "
-                   f"{trainer.run.path.resolve()}")
-    else:
-        tqdm.write(f"resuming {trainer.run.path.resolve()} {where(progress.__dict__)} "
-                   f"(step {progress.step})")
-    for note in trainer.corpus.notes:
-        tqdm.write(note)
-    tqdm.write(trainer.corpus.describe_unknown())
-
-
-def _saved_line(trainer: _Trainer) -> str:
-    """What the last checkpoint holds and where, for the line printed at every stop."""
-    progress = trainer.progress
-    return (f"saved {where(progress.__dict__)} of {trainer.streams.size(0) - 1} "
-            f"(step {progress.step}) in {trainer.run.path.resolve()}")
-
-
-def _step_line(record: dict) -> str:
-    return (f"step {record['step']:6d}  epoch {record['epochs_done']:.2f}  "
-            f"lr {record['lr']:.4g}  train ppl {record['train_ppl']:8.2f}  "
-            f"{record['tokens_per_s']:7.0f} tok/s")
-
-
-def _epoch_line(config: Config, record: dict) -> str:
-    # Scored in B streams, the valid perplexity is approximate (each stream starts from a zero
-    # state); the final line scores one stream, as the paper does, and so may differ.
-    streams = (f" ({config.valid_batch_size} streams, approximate)"
-               if config.valid_batch_size > 1 else "")
-    return (f"epoch {record['epoch']:3d}  lr {record['lr']:.4g}  "
-            f"train ppl {record['train_ppl']:8.2f}  valid ppl {record['valid_ppl']:8.2f}"
-            f"{streams}  {record['tokens_per_s']:7.0f} tok/s")
-
-
-def _announce_final(trainer: _Trainer, valid, test) -> None:
-    tested = ("no test split: test score skipped" if test is None else
-              f"test ppl {test.perplexity:.2f}")
-    tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
-               f"{where(trainer.progress.__dict__)}; each split scored as one stream)")
-    tqdm.write(f"run directory {trainer.run.path.resolve()}")
 
 
 def _window_length(config: Config, remaining: int) -> int:

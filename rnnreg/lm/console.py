@@ -1,0 +1,99 @@
+"""What a training run prints: the lines at its start, per step and epoch, at a stop, at the end,
+and each epoch's progress bar.
+
+Apart from the loop (:mod:`rnnreg.lm.training`) so that the loop reads as windows, steps and
+epochs, and the wording of its lines lives in one place. Nothing here decides anything: the
+trainer says when to print, and only the writing rank does. Lines go through
+``tqdm.write`` so that they never break a live bar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rnnreg.lm.checkpoint import Progress
+from rnnreg.lm.config import Config
+from rnnreg.lm.data import Corpus
+from rnnreg.lm.distributed import World
+from rnnreg.lm.evaluation import perplexity
+from rnnreg.lm.model import count_parameters
+from rnnreg.lm.runs import where
+
+__all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "saved_line",
+           "show_window", "step_line", "stopped_line"]
+
+
+def announce_start(run_path: Path, corpus: Corpus, world: World, progress: Progress,
+                   model: nn.Module, streams: torch.Tensor, device: torch.device) -> None:
+    """The lines a run prints as it (re)starts: size, absolute run directory, corpus notes.
+
+    ``streams`` is this rank's share of the training streams.
+    """
+    if progress.step == 0:
+        ranks = f" x {world.size} processes" if world.distributed else ""
+        tqdm.write(f"{count_parameters(model):,} parameters on {device}{ranks}; "
+                   f"{streams.numel() * world.size:,} training tokens in "
+                   f"{streams.size(1) * world.size} streams; run directory "
+                   f"{run_path.resolve()}")
+    else:
+        tqdm.write(f"resuming {run_path.resolve()} {where(progress.__dict__)} "
+                   f"(step {progress.step})")
+    for note in corpus.notes:
+        tqdm.write(note)
+    tqdm.write(corpus.describe_unknown())
+
+
+def epoch_bar(progress: Progress, epochs: int, rows: int, show: bool) -> tqdm:
+    """The epoch's live bar, in rows of the training streams (``show=False``: a silent one)."""
+    return tqdm(total=rows, initial=progress.position, disable=not show,
+                desc=f"epoch {progress.epoch}/{epochs}", unit="row", leave=False,
+                mininterval=0.5)
+
+
+def show_window(bar: tqdm, progress: Progress, length: int, lr: float) -> None:
+    """Advance the epoch's bar past a window; its postfix is the epoch so far."""
+    bar.update(length)
+    bar.set_postfix(
+        ppl=f"{perplexity(progress.epoch_nll, progress.epoch_tokens):.1f}",
+        tok_s=f"{progress.epoch_tokens / max(progress.epoch_seconds, 1e-9):.0f}",
+        lr=f"{lr:.3g}", refresh=False)
+
+
+def saved_line(progress: Progress, rows: int, run_path: Path) -> str:
+    """What the last checkpoint holds and where, for the line printed at every stop."""
+    return (f"saved {where(progress.__dict__)} of {rows} "
+            f"(step {progress.step}) in {run_path.resolve()}")
+
+
+def stopped_line(progress: Progress, rows: int, run_path: Path) -> str:
+    """The message of the KeyboardInterrupt a requested stop ends with."""
+    return f"stopped: {saved_line(progress, rows, run_path)}; continue with --resume"
+
+
+def step_line(record: dict) -> str:
+    return (f"step {record['step']:6d}  epoch {record['epochs_done']:.2f}  "
+            f"lr {record['lr']:.4g}  train ppl {record['train_ppl']:8.2f}  "
+            f"{record['tokens_per_s']:7.0f} tok/s")
+
+
+def epoch_line(config: Config, record: dict) -> str:
+    # Scored in B streams, the valid perplexity is approximate (each stream starts from a zero
+    # state); the final line scores one stream, as the paper does, and so may differ.
+    streams = (f" ({config.valid_batch_size} streams, approximate)"
+               if config.valid_batch_size > 1 else "")
+    return (f"epoch {record['epoch']:3d}  lr {record['lr']:.4g}  "
+            f"train ppl {record['train_ppl']:8.2f}  valid ppl {record['valid_ppl']:8.2f}"
+            f"{streams}  {record['tokens_per_s']:7.0f} tok/s")
+
+
+def announce_final(valid, test, progress: Progress, run_path: Path) -> None:
+    """The final score's line: last weights, each split as one stream (not an epoch line)."""
+    tested = ("no test split: test score skipped" if test is None else
+              f"test ppl {test.perplexity:.2f}")
+    tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
+               f"{where(progress.__dict__)}; each split scored as one stream)")
+    tqdm.write(f"run directory {run_path.resolve()}")
