@@ -4,8 +4,8 @@ Loading a checkpoint never executes code (no pickle). Any nested structure of di
 tuples, scalars, strings, None and tensors (a "tree": model and optimizer state dicts, RNG
 states, counters) is stored as one file: tensors as entries, the structure as JSON in the file's
 metadata. Besides the codec this module holds the two things a resume needs beyond the weights:
-the trainer's :class:`Progress` and the random generators' states, so that a resumed run draws
-the same dropout masks as an uninterrupted one.
+the trainer's :class:`Progress` and the random generators' states (and their common seed), so
+that a resumed run draws the same dropout masks as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from rnnreg.lm.files import RunDirError, StrPath, replacing
 
 __all__ = ["Progress", "Tree", "load_tree", "rng_per_rank", "rng_states", "save_tree",
-           "set_rng_states"]
+           "seed_everything", "set_rng_states"]
 
 Tree: TypeAlias = Any
 """Nested dict (str or int keys) / list / tuple / int / float / bool / str / None / Tensor."""
@@ -195,6 +195,13 @@ class Progress:
     def out_of_time(self, max_train_minutes: float) -> bool:
         """Whether the time budget (0: none) is spent; evaluation time does not count."""
         return max_train_minutes > 0 and self.train_seconds >= max_train_minutes * 60
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator :func:`rng_states` saves (torch's seeds CUDA's too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_states() -> dict:

@@ -31,14 +31,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from rnnreg.lm import console, distributed
 from rnnreg.lm.asgd import NTASGD
-from rnnreg.lm.checkpoint import Progress
+from rnnreg.lm.checkpoint import Progress, seed_everything
 from rnnreg.lm.config import Config
 from rnnreg.lm.data import Corpus, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
@@ -121,18 +120,9 @@ class _Trainer:
         self.show_progress, self.on_step = progress and world.is_main, on_step
         self.verbose = verbose and world.is_main
         self.device = world.device(resolve_device(config.device))
-        train_ids = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
-        self.streams = shard_streams(batchify(train_ids, config.batch_size), world.rank,
-                                     world.size).to(self.device)
+        self.streams = _training_streams(config, corpus, world).to(self.device)
         self.rows = self.streams.size(0) - 1  # an epoch's inputs; the last row is only a target
-        _seed_everything(config.seed)
-        self.model = LanguageModel(len(corpus.vocab), config).to(self.device)
-        if world.distributed:
-            # Same weights on every rank (the common seed above), but each rank's columns need
-            # their own dropout masks: reseed only torch, because Python's generator draws the
-            # variable window lengths, which every rank must agree on.
-            torch.manual_seed(config.seed + world.rank)
-        self.trained = world.wrap(self.model)
+        self.model, self.trained = _seeded_model(config, len(corpus.vocab), world, self.device)
         self.optim = NTASGD(self.model, config)
         self.progress = Progress()
         self.hidden = None  # the recurrent state carried from window to window
@@ -185,32 +175,28 @@ class _Trainer:
             bar.close()
 
     def _windows(self, bar, rows: int) -> None:
-        config, progress, due = self.config, self.progress, self.checkpoints.due
+        config, progress, world = self.config, self.progress, self.world
+        columns = self.streams.size(1) * world.size  # tokens per row, over all ranks
+        due, print_steps = self.checkpoints.due, self.verbose and not self.show_progress
         while progress.position < rows and not progress.out_of_time(config.max_train_minutes):
-            lr = progress.lr = config.lr_at(progress.epoch, self._fraction_done())
+            lr = progress.lr = config.lr_at(progress.epoch, _fraction_done(config, progress, rows))
             started = time.perf_counter()
             length = _window_length(config, rows - progress.position)
             nll = self._step(progress.position, length, lr)
             elapsed = time.perf_counter() - started
-            progress.position += length
-            progress.step += 1
-            progress.epoch_nll += nll
-            progress.epoch_tokens += length * self.streams.size(1) * self.world.size
+            tokens = length * columns
+            _count_window(progress, length, nll, tokens)
             if self.on_step is not None:
                 self.on_step(progress.step)
             # Every rank must take the same branch below, or some would wait forever for the
             # others at the next collective: a stop asked of any rank stops all, a checkpoint
             # due on any rank is due on all, and the slowest rank's time is the step's time
             # (it is what the time budget counts).
-            elapsed, stop, save = self.world.max(elapsed, self._stop.requested, due(progress.step))
+            elapsed, stop, save = world.max(elapsed, self._stop.requested, due(progress.step))
             progress.epoch_seconds += elapsed
             progress.train_seconds += elapsed
-            logged = self.logbook.window(
-                {"epoch": progress.epoch, "step": progress.step,
-                 "epochs_done": progress.epoch - 1 + progress.position / rows, "lr": lr,
-                 "train_seconds": progress.train_seconds},
-                nll, length * self.streams.size(1) * self.world.size, elapsed)
-            if logged and self.verbose and not self.show_progress:  # a log needs lines, no bar
+            logged = self.logbook.window(_window_record(progress, rows, lr), nll, tokens, elapsed)
+            if logged and print_steps:  # a log needs lines, no bar
                 tqdm.write(console.step_line(logged))
             console.show_window(bar, progress, length, lr)
             if stop:
@@ -219,14 +205,6 @@ class _Trainer:
                 raise KeyboardInterrupt(console.stopped_line(progress, rows, self.run.path))
             if save:
                 self.save()
-
-    def _fraction_done(self) -> float:
-        """How much of the run is behind: by epochs, or by the time budget if that binds first."""
-        config, progress = self.config, self.progress
-        rows = self.streams.size(0) - 1
-        by_tokens = ((progress.epoch - 1) * rows + progress.position) / (config.epochs * rows)
-        limit = config.max_train_minutes * 60
-        return max(by_tokens, progress.train_seconds / limit if limit else 0.0)
 
     def _step(self, position: int, length: int, lr: float) -> float:
         """One truncated-BPTT window; returns its summed NLL over all ranks (for perplexity).
@@ -247,9 +225,9 @@ class _Trainer:
         # Summed over ranks before the checks, so every rank judges the same number.
         nll, = self.world.sum(float(loss.detach()) * targets.size(1))
         # A loss whose perplexity overflows float64 has diverged as surely as a NaN one.
-        self._check_finite("loss", nll, lr)
-        self._check_finite("perplexity", perplexity(nll, targets.numel() * self.world.size),
-                           lr)
+        _check_finite("loss", nll, lr, self.progress, self.run)
+        _check_finite("perplexity", perplexity(nll, targets.numel() * self.world.size), lr,
+                      self.progress, self.run)
         loss = loss + activation_penalties(out, config, length)
         # AWD scales the step with the window length so short windows do not dominate.
         scale = length / config.bptt if config.variable_bptt else 1.0
@@ -258,45 +236,25 @@ class _Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
-        self._check_finite("gradient norm", float(norm), lr)  # before the step spoils weights
+        # Checked before the step spoils the weights.
+        _check_finite("gradient norm", float(norm), lr, self.progress, self.run)
         optimizer.step()
         # Detached (truncated BPTT carries values, not gradients) and float32 whatever the
         # forward's precision: checkpoints and evaluation expect it.
         self.hidden = map_state(out.state, lambda s: s.detach().float())
         return nll
 
-    def _check_finite(self, what: str, value: float, lr: float) -> None:
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"{what} became {value} at epoch {self.progress.epoch}, step "
-                f"{self.progress.step + 1} (lr {lr:.3g}); the last good checkpoint in "
-                f"{self.run.checkpoint_dir} is intact. Lower --lr or the clip norm, then resume "
-                "or restart.")
-
     def _end_epoch(self) -> None:
         progress, config = self.progress, self.config
         # Scored on rank 0 and shared: every rank then takes NT-ASGD's decision on one number.
         valid = self.world.from_main(lambda: self._score(self.corpus.valid,
                                                          config.valid_batch_size))
-        record = {
-            "epoch": progress.epoch, "lr": progress.lr,
-            "train_ppl": perplexity(progress.epoch_nll, progress.epoch_tokens),
-            "valid_ppl": valid.perplexity,
-            "tokens_per_s": progress.epoch_tokens / max(progress.epoch_seconds, 1e-9),
-            "epoch_seconds": progress.epoch_seconds, "train_seconds": progress.train_seconds,
-            "step": progress.step, "averaging": progress.averaging,
-        }
+        record = _epoch_record(progress, valid.perplexity)
         self.logbook.epoch(record)
-        improved = valid.perplexity < progress.best_valid
-        if improved:
-            progress.best_valid, progress.best_epoch = valid.perplexity, progress.epoch
-        progress.averaging = self.optim.averaging or self.optim.observe(
-            progress.valid_history, valid.perplexity)
+        improved = _judge_epoch(progress, self.optim, valid.perplexity)
         if self.verbose:
             tqdm.write(console.epoch_line(config, record))
-        progress.epoch += 1
-        progress.position = 0
-        progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
+        _next_epoch(progress)
         self.hidden = None  # each epoch starts the streams from their beginning
         self.save()
         if improved and self.world.is_main:
@@ -316,29 +274,34 @@ class _Trainer:
         self.model.load_state_dict(self.optim.eval_weights())
         valid = self._score(self.corpus.valid)
         test = None if self.corpus.test is None else self._score(self.corpus.test)
-        progress = self.progress
-        summary = {
-            "event": "final", "epochs_completed": progress.epoch - 1,
-            "complete": progress.epoch > self.config.epochs,
-            "valid_ppl": valid.perplexity,
-            "test_ppl": None if test is None else test.perplexity,
-            "best_valid_ppl": progress.best_valid, "train_seconds": progress.train_seconds,
-            "test_seconds": None if test is None else test.seconds,
-            "parameters": count_parameters(self.model),
-        }
-        self.logbook.final(summary, progress.epoch - 1)
+        summary = _final_record(self.config, self.progress, valid, test, self.model)
+        self.logbook.final(summary, self.progress.epoch - 1)
         self.logbook.curve()
         if self.verbose:
-            console.announce_final(valid, test, progress, self.run.path)
+            console.announce_final(valid, test, self.progress, self.run.path)
         return strict(summary)
 
 
-def _window_length(config: Config, remaining: int) -> int:
-    """Fixed bptt, or AWD's variable length: bptt (95%) or bptt/2, jittered (sec. 4.1)."""
-    if not config.variable_bptt:
-        return min(config.bptt, remaining)
-    base = config.bptt if random.random() < 0.95 else config.bptt / 2
-    return max(1, min(int(random.gauss(base, 5)), remaining, config.bptt + 20))
+# --- the loop's parts that need no trainer: its setup, each window, each epoch, the end ---
+
+
+def _training_streams(config: Config, corpus: Corpus, world: World) -> torch.Tensor:
+    """This rank's columns of the training streams (rows: time, columns: streams)."""
+    train_ids = corpus.train[:config.train_tokens] if config.train_tokens else corpus.train
+    return shard_streams(batchify(train_ids, config.batch_size), world.rank, world.size)
+
+
+def _seeded_model(config: Config, vocab_size: int, world: World,
+                  device: torch.device) -> tuple[LanguageModel, nn.Module]:
+    """The model and the module that trains it (DDP's wrapper under torchrun)."""
+    seed_everything(config.seed)
+    model = LanguageModel(vocab_size, config).to(device)
+    if world.distributed:
+        # Same weights on every rank (the common seed above), but each rank's columns need
+        # their own dropout masks: reseed only torch, because Python's generator draws the
+        # variable window lengths, which every rank must agree on.
+        torch.manual_seed(config.seed + world.rank)
+    return model, world.wrap(model)
 
 
 def _build_loops(config: Config, device: torch.device) -> None:
@@ -350,7 +313,83 @@ def _build_loops(config: Config, device: torch.device) -> None:
         loops.compiled()
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def _fraction_done(config: Config, progress: Progress, rows: int) -> float:
+    """How much of the run is behind: by epochs, or by the time budget if that binds first."""
+    by_tokens = ((progress.epoch - 1) * rows + progress.position) / (config.epochs * rows)
+    limit = config.max_train_minutes * 60
+    return max(by_tokens, progress.train_seconds / limit if limit else 0.0)
+
+
+def _window_length(config: Config, remaining: int) -> int:
+    """Fixed bptt, or AWD's variable length: bptt (95%) or bptt/2, jittered (sec. 4.1)."""
+    if not config.variable_bptt:
+        return min(config.bptt, remaining)
+    base = config.bptt if random.random() < 0.95 else config.bptt / 2
+    return max(1, min(int(random.gauss(base, 5)), remaining, config.bptt + 20))
+
+
+def _check_finite(what: str, value: float, lr: float, progress: Progress, run: RunDir) -> None:
+    """Stop at a number that is not finite, before it reaches the weights or `last`."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"{what} became {value} at epoch {progress.epoch}, step "
+            f"{progress.step + 1} (lr {lr:.3g}); the last good checkpoint in "
+            f"{run.checkpoint_dir} is intact. Lower --lr or the clip norm, then resume "
+            "or restart.")
+
+
+def _count_window(progress: Progress, length: int, nll: float, tokens: int) -> None:
+    """Move past a trained window (its time is added once the ranks agree on it)."""
+    progress.position += length
+    progress.step += 1
+    progress.epoch_nll += nll
+    progress.epoch_tokens += tokens
+
+
+def _window_record(progress: Progress, rows: int, lr: float) -> dict:
+    """Where a window left the run, for the logbook's step records."""
+    return {"epoch": progress.epoch, "step": progress.step,
+            "epochs_done": progress.epoch - 1 + progress.position / rows, "lr": lr,
+            "train_seconds": progress.train_seconds}
+
+
+def _epoch_record(progress: Progress, valid_ppl: float) -> dict:
+    """The record of the epoch just trained, before it is counted as done."""
+    return {
+        "epoch": progress.epoch, "lr": progress.lr,
+        "train_ppl": perplexity(progress.epoch_nll, progress.epoch_tokens),
+        "valid_ppl": valid_ppl,
+        "tokens_per_s": progress.epoch_tokens / max(progress.epoch_seconds, 1e-9),
+        "epoch_seconds": progress.epoch_seconds, "train_seconds": progress.train_seconds,
+        "step": progress.step, "averaging": progress.averaging,
+    }
+
+
+def _judge_epoch(progress: Progress, optim: NTASGD, valid_ppl: float) -> bool:
+    """Take in the epoch's validation score: a new best (then True: `best` is due) and
+    NT-ASGD's non-monotonic trigger."""
+    improved = valid_ppl < progress.best_valid
+    if improved:
+        progress.best_valid, progress.best_epoch = valid_ppl, progress.epoch
+    progress.averaging = optim.averaging or optim.observe(progress.valid_history, valid_ppl)
+    return improved
+
+
+def _next_epoch(progress: Progress) -> None:
+    """Count the epoch as done: the next one starts at row 0 with its sums at zero."""
+    progress.epoch += 1
+    progress.position = 0
+    progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
+
+
+def _final_record(config: Config, progress: Progress, valid, test, model: nn.Module) -> dict:
+    """The run's final record: both splits scored as one stream, and how far it trained."""
+    return {
+        "event": "final", "epochs_completed": progress.epoch - 1,
+        "complete": progress.epoch > config.epochs,
+        "valid_ppl": valid.perplexity,
+        "test_ppl": None if test is None else test.perplexity,
+        "best_valid_ppl": progress.best_valid, "train_seconds": progress.train_seconds,
+        "test_seconds": None if test is None else test.seconds,
+        "parameters": count_parameters(model),
+    }
