@@ -494,13 +494,13 @@ def test_bare_rnnreg_modules_load_with_torch_defaults():
 def test_config_recurrent_mask_follows_the_strategy_unless_given():
     from rnnreg.lm.config import Config
 
-    assert Config(strategy="variational", dropout=0.3).layer_dropout()["recurrent_mask"] == (
+    assert Config(strategy="variational", dropout=0.3).layer_options()["recurrent_mask"] == (
         "sequence")
-    assert Config(strategy="variational_batch", dropout=0.3).layer_dropout()[
+    assert Config(strategy="variational_batch", dropout=0.3).layer_options()[
         "recurrent_mask"] == "batch"
     given = Config(strategy="variational", dropout=0.3, recurrent_mask="batch")
-    assert given.layer_dropout()["recurrent_mask"] == "batch"
-    assert Config(strategy="variational_batch", recurrent_mask="sequence").layer_dropout()[
+    assert given.layer_options()["recurrent_mask"] == "batch"
+    assert Config(strategy="variational_batch", recurrent_mask="sequence").layer_options()[
         "recurrent_mask"] == "sequence"
     with pytest.raises(ValueError, match="variational strategy"):
         Config(strategy="zaremba", recurrent_mask="batch")
@@ -519,7 +519,7 @@ def test_config_json_round_trips_and_old_configs_without_the_key_still_load():
     del old["recurrent_mask"]  # written before the field existed
     loaded = Config.from_dict(old)
     assert loaded.recurrent_mask is None
-    assert loaded.layer_dropout()["recurrent_mask"] == "sequence"
+    assert loaded.layer_options()["recurrent_mask"] == "sequence"
 
 
 def test_recurrent_mask_flag_reaches_the_model_layers():

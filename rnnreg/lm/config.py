@@ -152,7 +152,7 @@ class Config:
                      "train_tokens", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.layer_dropout()  # the strategy at its rate, with the overrides: one clear error
+        self.layer_options()  # the strategy at its rate, with the overrides: one clear error
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
             last = "" if self.layer_sizes is None else ", the last of layer_sizes"
             raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
@@ -231,8 +231,11 @@ class Config:
     def embedding_dim(self) -> int:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
-    def layer_dropout(self) -> dict[str, float | bool | str]:
-        """Keyword settings for the recurrent layer: the strategy at rate p, then overrides.
+    def layer_options(self) -> dict[str, float | bool | str]:
+        """The recurrent layer's keyword options: the strategy at rate p, then the overrides.
+
+        Every regularization keyword the layer takes (rates, ``variational``, the mask
+        sharing), not only dropout rates: hence options.
 
         A GRU or Elman RNN has no cell state, so the strategy's cell zoneout rate is left out
         for them (an explicit ``zoneout_cell`` is refused when the config is built).

@@ -62,7 +62,7 @@ class LanguageModel(nn.Module):
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
         self.vocab_size = vocab_size
-        settings = config.layer_dropout()
+        settings = config.layer_options()
         self.output_dropout = float(settings.pop("output_dropout"))
         self.variational = bool(settings["variational"])
         self.embedding_dropout = config.embedding_dropout

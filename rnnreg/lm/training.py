@@ -307,9 +307,9 @@ def _seeded_model(config: Config, vocab_size: int, world: World,
 def _build_loops(config: Config, device: torch.device) -> None:
     """Build rnnreg's compiled loops now, if this run uses them, so that their first build
     (tens of seconds, once per machine) is not counted as training time."""
-    dropout = config.layer_dropout()
-    if device.type == "cpu" and (dropout.get("recurrent_dropout") or
-                                 dropout.get("weight_dropout")):
+    options = config.layer_options()
+    inside = ("recurrent_dropout", "weight_dropout", "zoneout_hidden", "zoneout_cell")
+    if device.type == "cpu" and any(options.get(name) for name in inside):
         loops.compiled()
 
 

@@ -283,7 +283,7 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
     if not finished:
         return [*blocks, _Paragraph("No finished run to draw.")]
     # The largest output rate shows masking most plainly; the paper's placement breaks ties.
-    run = max(finished, key=lambda r: (r.config.layer_dropout()["output_dropout"],
+    run = max(finished, key=lambda r: (r.config.layer_options()["output_dropout"],
                                        r.config.strategy == "zaremba", r.name))
     model, vocab, config = load_model(run.path, device="cpu")
     try:
