@@ -37,6 +37,7 @@ def check(tmp_path):
     device_check.shutil.rmtree(made.work, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts a process and waits for its limit
 def test_a_stage_past_its_limit_is_stopped_and_the_rest_still_runs(check):
     started = time.monotonic()
     slow = check.run("layers", [sys.executable, "-c", "import time; time.sleep(60)"], limit=3)

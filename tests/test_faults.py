@@ -301,6 +301,7 @@ LIMITED_WRITES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess
 def test_writes_past_a_file_size_limit_leave_each_file_as_it_was(tmp_path):
     run = RunDir(tmp_path / "run").create(exist_ok=False)
     run.append_metrics({"event": "epoch", "epoch": 1})
@@ -419,6 +420,7 @@ LIMITED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_full_disk_at_the_end_of_an_epoch(tmp_path, module_corpus, reference, capsys):
     """The issue's case: the epoch's record is written, its checkpoint is not. The error says
     so in one line; the resume drops the record and trains the epoch again."""
@@ -566,6 +568,7 @@ KILLED_WRITE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("where", ["inside the write of last", "between last and best"])
 def test_kill_during_a_checkpoint_write(where, tmp_path, module_corpus, reference):
     """A checkpoint every step, and a SIGKILL inside one of them: in the middle of writing
