@@ -418,3 +418,19 @@ def test_budget_minutes_sizes_the_recipe_for_the_corpus(module_corpus, tmp_path,
     assert cli.main(["train", "--preset", "small", "--budget-minutes", "3",
                      "--data-dir", str(module_corpus)]) == 2
     assert "drop --preset" in capsys.readouterr().err
+
+
+def test_budget_minutes_with_a_softmax_sizes_the_model_for_that_softmax(module_corpus, tmp_path,
+                                                                        monkeypatch):
+    """``--budget-minutes M --softmax adaptive`` on a small vocabulary: the rule's adaptive
+    config (its width, untied), not the full softmax's tied config with the decoder swapped,
+    which Config refuses (adaptive softmax cannot be tied)."""
+    handed = []
+    monkeypatch.setattr(cli_training, "train", lambda config, out, **_: handed.append(config) or {})
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(module_corpus),
+                     "--budget-minutes", "12", "--softmax", "adaptive"]) == 0
+    (config,) = handed
+    vocab = len(Corpus.load(module_corpus).vocab)
+    assert config == budget_config(12, vocab, softmax="adaptive")
+    assert config.softmax == "adaptive" and not config.tie_weights
+    assert budget_config(12, vocab).softmax == "full"  # the rule alone keeps the full softmax

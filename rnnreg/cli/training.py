@@ -91,11 +91,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _budget_config(minutes: float, data_dir, overrides: dict):
     """The budget rule for this corpus: its vocabulary size (as the run will build it, so with
-    the --max-vocab/--min-count given) picks the model size and softmax."""
-    reading = budget_config(minutes, 2).replace(**overrides)  # only the corpus settings count
+    the --max-vocab/--min-count given) picks the model size and softmax.
+
+    A --softmax given goes into the rule rather than on top of it, so the model is sized for
+    that decoder (and untied for the adaptive one) instead of refusing to tie or keeping the
+    other decoder's width.
+    """
+    softmax = overrides.get("softmax")
+    # Only the corpus settings of this first config count.
+    reading = budget_config(minutes, 2, softmax=softmax).replace(**overrides)
     corpus = Corpus.load(data_dir, reading.level, split_fractions=reading.split_fractions,
                          max_vocab=reading.max_vocab, min_count=reading.min_count)
-    return budget_config(minutes, len(corpus.vocab)).replace(**overrides)
+    return budget_config(minutes, len(corpus.vocab), softmax=softmax).replace(**overrides)
 
 
 def _resume_command(argv: list[str], out: str, **raised: float) -> str:
