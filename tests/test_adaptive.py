@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, TEST_THREADS
+from steps import train_killed
 
 import rnnreg
 from rnnreg import cli
@@ -309,29 +309,6 @@ def test_bfloat16_autocast_trains_through_float32_log_probabilities():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-KILLED_RUN = """
-import json, os, signal, sys
-
-import torch
-
-torch.set_num_threads(int(sys.argv[5]))
-from rnnreg.lm.config import Config
-from rnnreg.lm.training import train
-
-original_step, steps = torch.optim.SGD.step, 0
-
-def step(self, *args, **kwargs):
-    global steps
-    result = original_step(self, *args, **kwargs)
-    steps += 1
-    if steps == int(sys.argv[4]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return result
-
-torch.optim.SGD.step = step
-train(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2], data_dir=sys.argv[3],
-      progress=False, verbose=False)
-"""
 
 
 @pytest.mark.slow
@@ -339,12 +316,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(adaptive_run, module_
                                                            tmp_path):
     reference, _ = adaptive_run
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, json.dumps(RUN.to_dict()), str(killed),
-         str(module_corpus), "8", str(TEST_THREADS)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr
+    train_killed(RUN, killed, module_corpus, at=8, threads=TEST_THREADS)
     checkpoint = load_tree(killed / "checkpoints" / "last.safetensors")
     assert checkpoint["progress"]["step"] == 6 and checkpoint["progress"]["position"] > 0
     _quiet_train(RUN, killed, module_corpus, resume=True)
@@ -406,7 +378,8 @@ def test_budget_rule_reproduces_its_reference_and_moves_the_right_way():
 def test_budget_minutes_sizes_the_recipe_for_the_corpus(module_corpus, tmp_path, monkeypatch,
                                                         capsys):
     """``rnnreg train --budget-minutes M`` hands rnnreg.train the budget rule's config for this
-    corpus's vocabulary (as it will be built), with the flags given on top."""
+    corpus's vocabulary (as it will be built), with the flags given on top; a --softmax given
+    sizes the model for that softmax."""
     handed = []
     monkeypatch.setattr(cli_training, "train", lambda config, out, **_: handed.append(config) or {})
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(module_corpus),
@@ -419,18 +392,13 @@ def test_budget_minutes_sizes_the_recipe_for_the_corpus(module_corpus, tmp_path,
                      "--data-dir", str(module_corpus)]) == 2
     assert "drop --preset" in capsys.readouterr().err
 
-
-def test_budget_minutes_with_a_softmax_sizes_the_model_for_that_softmax(module_corpus, tmp_path,
-                                                                        monkeypatch):
-    """``--budget-minutes M --softmax adaptive`` on a small vocabulary: the rule's adaptive
-    config (its width, untied), not the full softmax's tied config with the decoder swapped,
-    which Config refuses (adaptive softmax cannot be tied)."""
-    handed = []
-    monkeypatch.setattr(cli_training, "train", lambda config, out, **_: handed.append(config) or {})
+    # A --softmax given goes into the rule: the adaptive config (its width, untied) on this
+    # small vocabulary, not the full softmax's tied config with the decoder swapped, which
+    # Config refuses (an adaptive softmax cannot be tied).
+    handed.clear()
     assert cli.main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(module_corpus),
                      "--budget-minutes", "12", "--softmax", "adaptive"]) == 0
     (config,) = handed
-    vocab = len(Corpus.load(module_corpus).vocab)
     assert config == budget_config(12, vocab, softmax="adaptive")
     assert config.softmax == "adaptive" and not config.tie_weights
     assert budget_config(12, vocab).softmax == "full"  # the rule alone keeps the full softmax

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, write_corpus
+from steps import SCRIPT_PATH
 
 from rnnreg import cli
 from rnnreg.lm.checkpoint import load_tree
@@ -36,26 +37,15 @@ JOB_TIMEOUT = 120
 # One rank of a job, started by hand: after ``stop_after`` optimizer steps it asks itself to
 # stop (SIGTERM, as torchrun forwards it), after ``kill_after`` it is killed (SIGKILL).
 RANK_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
+    import signal, sys
 
     import torch
 
     torch.set_num_threads(1)
-    stop_after, kill_after = int(sys.argv[1]), int(sys.argv[2])
-    original_step = torch.optim.SGD.step
-    steps = 0
+    from steps import AfterStep, signal_self
 
-    def step(self, *args, **kwargs):
-        global steps
-        result = original_step(self, *args, **kwargs)
-        steps += 1
-        if steps == stop_after:
-            os.kill(os.getpid(), signal.SIGTERM)
-        if steps == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    torch.optim.SGD.step = step
+    AfterStep(int(sys.argv[1]), signal_self(signal.SIGTERM))
+    AfterStep(int(sys.argv[2]), signal_self(signal.SIGKILL))
     from rnnreg.cli import main
 
     sys.exit(main(sys.argv[3:]))
@@ -70,7 +60,7 @@ def _free_port() -> int:
 
 def _environment() -> dict[str, str]:
     # One thread per rank: the machine is shared, and results must not depend on the count.
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": SCRIPT_PATH, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
     return env

@@ -35,6 +35,7 @@ import safetensors.torch
 import torch
 from conftest import REPO_ROOT, TEST_THREADS
 from matplotlib.figure import Figure
+from steps import SCRIPT_PATH, AfterStep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rnnreg.cli as cli
@@ -133,22 +134,6 @@ def _resume(capsys, out: Path, data: Path) -> str:
                              str(data), "--no-progress")
     assert code == 0, err
     return stdout
-
-
-class _Steps:
-    """Calls `action` after optimizer step `at` (counted over the whole process)."""
-
-    def __init__(self, monkeypatch, at: int, action) -> None:
-        self.count, original = 0, torch.optim.SGD.step
-
-        def step(optimizer, *args, **kwargs):
-            result = original(optimizer, *args, **kwargs)
-            self.count += 1
-            if self.count == at:
-                action()
-            return result
-
-        monkeypatch.setattr(torch.optim.SGD, "step", step)
 
 
 def _permission_bits_bind() -> bool:
@@ -401,21 +386,16 @@ LIMITED_RUN = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[1]))
     from rnnreg.cli import main
 
+    from steps import AfterStep
+
     fault_at, limit = int(sys.argv[2]), int(sys.argv[3])
-    original_step = torch.optim.SGD.step
-    steps = 0
 
-    def step(self, *args, **kwargs):
-        global steps
-        result = original_step(self, *args, **kwargs)
-        steps += 1
-        if steps == fault_at:  # from here on no file may grow past `limit` bytes
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-        return result
+    def limit_files():  # from here on no file may grow past `limit` bytes
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 
-    torch.optim.SGD.step = step
+    AfterStep(fault_at, limit_files)
     sys.exit(main(sys.argv[4:]))
 """)
 
@@ -428,7 +408,7 @@ def test_a_full_disk_at_the_end_of_an_epoch(tmp_path, module_corpus, reference, 
     result = subprocess.run(
         [sys.executable, "-c", LIMITED_RUN, str(TEST_THREADS), str(FAULT_AT), "4096",
          *_train_args(out, module_corpus)], cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": SCRIPT_PATH}, capture_output=True, text=True,
         timeout=300)
     _assert_one_line_error(result.returncode, result.stderr, "last.safetensors",
                            "file size limit", f"last checkpoint (step {STEPS_PER_EPOCH}) is "
@@ -449,7 +429,7 @@ def test_a_fault_during_training(fault, tmp_path, module_corpus, reference, caps
     out = tmp_path / "run"
     if fault == "read-only":
         blocked = _ReadOnly(out, monkeypatch)
-        _Steps(monkeypatch, FAULT_AT, blocked.switch_on)
+        AfterStep(FAULT_AT, blocked.switch_on, monkeypatch.setattr)
         file, cause = "metrics.jsonl", ("permission" if PERMISSION_BITS_BIND else "read-only")
     else:
         faulty = {"on": False}
@@ -460,7 +440,7 @@ def test_a_fault_during_training(fault, tmp_path, module_corpus, reference, caps
             return writer(tensors, filename, metadata=metadata)
 
         monkeypatch.setattr(safetensors.torch, "save_file", save)
-        _Steps(monkeypatch, FAULT_AT, lambda: faulty.update(on=True))
+        AfterStep(FAULT_AT, lambda: faulty.update(on=True), monkeypatch.setattr)
         file, cause = "last.safetensors", "disk full"
     code, _, err = _cli(capsys, *_train_args(out, module_corpus))
     _assert_one_line_error(code, err, file, cause, f"(step {STEPS_PER_EPOCH}) is intact")
@@ -480,11 +460,11 @@ def test_an_unwritable_out_is_refused_before_training(tmp_path, module_corpus, c
     out.mkdir()
     blocked = _ReadOnly(out, monkeypatch)
     blocked.switch_on()
-    trained = _Steps(monkeypatch, 1, lambda: None)
+    trained = AfterStep(1, lambda: None, monkeypatch.setattr)
     code, _, err = _cli(capsys, *_train_args(out, module_corpus))
     blocked.switch_off()
     _assert_one_line_error(code, err, str(out), "or choose another --out")
-    assert trained.count == 0 and not list(out.iterdir())
+    assert trained.taken == 0 and not list(out.iterdir())
 
 
 def test_resume_into_a_read_only_run_is_refused_before_training(tmp_path, module_corpus,
@@ -494,12 +474,12 @@ def test_resume_into_a_read_only_run_is_refused_before_training(tmp_path, module
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     blocked = _ReadOnly(out, monkeypatch)
     blocked.switch_on()
-    trained = _Steps(monkeypatch, 1, lambda: None)
+    trained = AfterStep(1, lambda: None, monkeypatch.setattr)
     code, _, err = _cli(capsys, "train", "--resume", "--out", str(out), "--data-dir",
                         str(module_corpus), "--no-progress")
     blocked.switch_off()
     _assert_one_line_error(code, err, str(out))
-    assert trained.count == 0
+    assert trained.taken == 0
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 

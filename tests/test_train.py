@@ -6,14 +6,12 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TEST_THREADS, write_corpus
+from conftest import TEST_THREADS, write_corpus
+from steps import train_killed
 
 import rnnreg.lm.training as train_module
 from rnnreg.lm.checkpoint import load_tree
@@ -232,43 +230,9 @@ def test_learning_rate_follows_lr_at(tmp_path, tiny_corpus, monkeypatch):
 # --------------------------------------------------------------------------- exact resume
 
 
-KILLED_RUN = textwrap.dedent("""
-    import json, os, signal, sys
-
-    import torch
-
-    torch.set_num_threads(int(sys.argv[5]))
-    from rnnreg.lm.config import Config
-    from rnnreg.lm.training import train
-
-    kill_after = int(sys.argv[4])
-    original_step = torch.optim.SGD.step
-    steps = 0
-
-    def step(self, *args, **kwargs):
-        global steps
-        result = original_step(self, *args, **kwargs)
-        steps += 1
-        if steps == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    torch.optim.SGD.step = step
-    config = Config.from_dict(json.loads(sys.argv[1]))
-    train(config, sys.argv[2], data_dir=sys.argv[3], progress=False, verbose=False)
-""")
 
 RESUMABLE = RECIPE.replace(batch_size=10, bptt=10, epochs=2, checkpoint_steps=3,
                            strategy="zaremba", dropout=0.3, seed=7)
-
-
-def _run_killed(config: Config, out: Path, data_dir: Path, kill_after: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, json.dumps(config.to_dict()), str(out),
-         str(data_dir), str(kill_after), str(TEST_THREADS)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr
 
 
 @pytest.mark.slow
@@ -284,7 +248,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(config, tmp_path, tin
     assert steps_per_epoch >= 15  # so step 8 is mid-epoch
 
     killed = tmp_path / "killed"
-    _run_killed(config, killed, tiny_corpus, kill_after=8)
+    train_killed(config, killed, tiny_corpus, at=8, threads=TEST_THREADS)
     checkpoint = load_tree(killed / "checkpoints" / "last.safetensors")
     assert checkpoint["progress"]["step"] == 6      # the mid-epoch checkpoint before the kill
     assert checkpoint["progress"]["epoch"] == 1 and checkpoint["progress"]["position"] > 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, TEST_THREADS, assert_strict_json, write_corpus
+from steps import SCRIPT_PATH, AfterStep, signal_self
 
 import rnnreg.cli as cli
 from rnnreg.lm import sources
@@ -65,25 +66,15 @@ def _last_json(out: str) -> dict:
 # --------------------------------------------------------------------------- one command line
 
 KILLED_CLI = textwrap.dedent("""
-    import json, os, signal, sys
+    import json, signal, sys
 
     import torch
 
     torch.set_num_threads(int(sys.argv[2]))
     import rnnreg.cli
+    from steps import AfterStep, signal_self
 
-    kill_after, steps = int(sys.argv[3]), 0
-    original_step = torch.optim.SGD.step
-
-    def step(self, *args, **kwargs):
-        global steps
-        result = original_step(self, *args, **kwargs)
-        steps += 1
-        if steps == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    torch.optim.SGD.step = step
+    AfterStep(int(sys.argv[3]), signal_self(signal.SIGKILL))
     rnnreg.cli.main(json.loads(sys.argv[1]))
 """)
 
@@ -99,7 +90,7 @@ def test_the_same_command_launches_and_after_kill_9_resumes_bit_for_bit(tmp_path
     assert steps_per_epoch >= 15  # so the kill at step 8 is mid-epoch
 
     killed = [*command, "--out", str(tmp_path / "killed")]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": SCRIPT_PATH, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "-c", KILLED_CLI, json.dumps(killed),
                              str(TEST_THREADS), "8"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -149,16 +140,9 @@ def test_ctrl_c_prints_what_was_saved_and_the_command_that_resumes(tmp_path, cap
                                                                    monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
     monkeypatch.chdir(tmp_path)
-    original, steps = torch.optim.SGD.step, []
-
-    def step(self, *args, **kwargs):
-        steps.append(1)
-        if len(steps) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
-    code, stdout, err = _cli(capsys, "train", "--data-dir", str(corpus), *FLAGS)
+    with monkeypatch.context() as patched:  # Ctrl-C after step 5, for this command only
+        AfterStep(5, signal_self(signal.SIGINT), patched.setattr)
+        code, stdout, err = _cli(capsys, "train", "--data-dir", str(corpus), *FLAGS)
     assert code == 130
     run = next((tmp_path / "runs").iterdir()).resolve()  # the default runs/small-TIMESTAMP
     assert f"run directory {run}" in stdout
@@ -168,7 +152,6 @@ def test_ctrl_c_prints_what_was_saved_and_the_command_that_resumes(tmp_path, cap
     assert command.startswith("rnnreg train ") and command.endswith(f"--out {run} --resume")
     assert (run / "plots" / "learning_curve.png").is_file()
 
-    monkeypatch.setattr(torch.optim.SGD, "step", original)
     code, stdout, err = _cli(capsys, *shlex.split(command)[1:])  # exactly as printed
     assert code == 0, err
     assert _last_json(stdout)["epochs_completed"] == 2
@@ -252,22 +235,14 @@ def test_one_text_file_at_char_level_trains_evaluates_and_resumes(tmp_path, caps
     (tmp_path / "shakespeare").mkdir()
     (tmp_path / "shakespeare" / "input.txt").write_text(text, encoding="utf-8")
     out = tmp_path / "run"
-    original, steps = torch.optim.SGD.step, []
-
-    def step(self, *args, **kwargs):
-        steps.append(1)
-        if len(steps) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
     flags = ("--data-dir", str(tmp_path / "shakespeare"), "--out", str(out), "--level", "char",
              "--split-fractions", "0.8,0.1,0.1", *FLAGS)
-    code, stdout, _ = _cli(capsys, "train", *flags)
+    with monkeypatch.context() as patched:  # Ctrl-C after step 4, for this command only
+        AfterStep(4, signal_self(signal.SIGINT), patched.setattr)
+        code, stdout, _ = _cli(capsys, "train", *flags)
     assert code == 130
     assert "input.txt: one text file, cut into contiguous train/valid/test parts by " \
            "0.8/0.1/0.1" in stdout
-    monkeypatch.setattr(torch.optim.SGD, "step", original)
     code, stdout, err = _cli(capsys, "train", "--resume", "--out", str(out), "--no-progress")
     assert code == 0, err
     summary = _last_json(stdout)
