@@ -39,10 +39,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.corpus.sources import DataError, resolve_data_dir
 from rnnreg.lm.presets import BUDGET_RULE, budget_config, preset_config
-from rnnreg.lm.rundir import RunDir
-from rnnreg.lm.sources import DataError, resolve_data_dir
+from rnnreg.lm.rundir.layout import RunDir
 
 _TOKEN = re.compile(r"[a-z]+(?:'[a-z]+)?|[0-9]+|[^\sa-z0-9]")
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from rnnreg.lm.config import Config
-from rnnreg.lm.loss import summed_loss
 from rnnreg.lm.model import LanguageModel, detach_state
 from rnnreg.lm.presets import preset_config
+from rnnreg.lm.training.loss import summed_loss
 
 VOCAB = 10_000
 

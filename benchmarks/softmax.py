@@ -30,8 +30,8 @@ from torch import nn
 
 import rnnreg
 from rnnreg.lm.config import Config
-from rnnreg.lm.loss import summed_loss
 from rnnreg.lm.model import LanguageModel
+from rnnreg.lm.training.loss import summed_loss
 
 VOCABULARIES = (10_000, 33_278, 100_000)    # PTB, WikiText-2, a large-vocabulary corpus
 QUICK_VOCABULARIES = (200, 3_000)

@@ -1,8 +1,8 @@
 """Trainer throughput against a plain PyTorch training loop, side by side in one process.
 
-The candidate is ``rnnreg.lm.training.train`` itself (one epoch on a synthetic 10k-word corpus; the
-tokens/s it logs counts training steps only, evaluation excluded). The baseline is the loop a
-practitioner would write: ``nn.Embedding`` -> ``nn.Dropout`` -> ``nn.LSTM(dropout=p)`` ->
+The candidate is ``rnnreg.lm.training.loop.train`` itself (one epoch on a synthetic 10k-word
+corpus; the tokens/s it logs counts training steps only, evaluation excluded). The baseline is the
+loop a practitioner would write: ``nn.Embedding`` -> ``nn.Dropout`` -> ``nn.LSTM(dropout=p)`` ->
 ``nn.Dropout`` -> ``nn.Linear``, the same summed loss, clipping and SGD step. Runs alternate
 (baseline, candidate, baseline, ...) so drifts in machine load hit both; medians are reported.
 
@@ -24,9 +24,9 @@ from torch import nn
 
 from rnnreg.lm.config import Config
 from rnnreg.lm.presets import PRESETS, preset_config
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.runs import read_vocab
-from rnnreg.lm.training import train
+from rnnreg.lm.training.loop import train
 
 VOCAB = 10_000  # PTB's
 # The paper's presets by name, plus "tiny", which only exercises the plumbing

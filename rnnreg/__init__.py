@@ -36,9 +36,9 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it; loaded by __getattr__ on first access.
 _LAZY = {
     "Config": "rnnreg.lm.config",
-    "Corpus": "rnnreg.lm.data",
-    "DataError": "rnnreg.lm.sources",
-    "Vocabulary": "rnnreg.lm.vocab",
+    "Corpus": "rnnreg.lm.corpus.batches",
+    "DataError": "rnnreg.lm.corpus.sources",
+    "Vocabulary": "rnnreg.lm.corpus.vocab",
     "LanguageModel": "rnnreg.lm.model",
     "PRESETS": "rnnreg.lm.presets",
     "preset_config": "rnnreg.lm.presets",
@@ -46,11 +46,11 @@ _LAZY = {
     "AdaptiveSoftmax": "rnnreg.lm.adaptive",
     "Score": "rnnreg.lm.evaluation",
     "score_stream": "rnnreg.lm.evaluation",
-    "TrainingDiverged": "rnnreg.lm.training",
-    "RunDirError": "rnnreg.lm.files",
-    "WriteError": "rnnreg.lm.files",
+    "TrainingDiverged": "rnnreg.lm.training.loop",
+    "RunDirError": "rnnreg.lm.rundir.files",
+    "WriteError": "rnnreg.lm.rundir.files",
     "load_model": "rnnreg.lm.runs",
-    "train": "rnnreg.lm.training",
+    "train": "rnnreg.lm.training.loop",
     "StudyGrid": "rnnreg.study.grid",
     "run_study": "rnnreg.study.grid",
 }

@@ -57,7 +57,7 @@ _KILLED_TRAIN = textwrap.dedent("""
 
     torch.set_num_threads(int(sys.argv[5]))
     from rnnreg.lm.config import Config
-    from rnnreg.lm.training import train
+    from rnnreg.lm.training.loop import train
     from steps import AfterStep, signal_self
 
     AfterStep(int(sys.argv[4]), signal_self(signal.SIGKILL))

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-import rnnreg.lm.training as train_module
+import rnnreg.lm.training.loop as train_module
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.evaluation import Score
-from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters
-from rnnreg.lm.rundir import RunDir
-from rnnreg.lm.training import train
+from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.training.loop import train
+from rnnreg.lm.training.loss import activation_penalties, summed_loss
 
 BASE = Config(hidden_size=12, num_layers=2, bptt=6, batch_size=4, epochs=1, init_range=0.2,
               checkpoint_minutes=0, eval_bptt=50)

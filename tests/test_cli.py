@@ -15,11 +15,11 @@ import pytest
 from conftest import REPO_ROOT, write_corpus
 
 import rnnreg.cli as cli
-import rnnreg.lm.training as train_module
+import rnnreg.lm.training.loop as train_module
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
-from rnnreg.lm.sources import DataError
-from rnnreg.lm.training import train
+from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.corpus.sources import DataError
+from rnnreg.lm.training.loop import train
 
 TRAIN_FLAGS = ("--epochs", "1", "--hidden-size", "8", "--bptt", "5", "--no-progress")
 

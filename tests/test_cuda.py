@@ -29,15 +29,15 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnreg
-from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.evaluation import score_stream
-from rnnreg.lm.loss import summed_loss
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.checkpoint import load_tree
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.runs import load_model
-from rnnreg.lm.training import train
+from rnnreg.lm.training.loop import train
+from rnnreg.lm.training.loss import summed_loss
 from rnnreg.nn.layers import OWN_LOOP, engine_for
 from rnnreg.nn.recurrence import recurrence
 

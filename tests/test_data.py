@@ -1,4 +1,4 @@
-"""Tests for rnnreg.lm.sources, .vocab and .data: independent expectations, tiny corpora."""
+"""Tests for rnnreg.lm.corpus.sources, .vocab and .data: independent expectations, tiny corpora."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnreg.lm import sources
-from rnnreg.lm.data import Corpus, batchify, num_windows, shard_streams, windows
-from rnnreg.lm.sources import (
+from rnnreg.lm.corpus import sources
+from rnnreg.lm.corpus.batches import Corpus, batchify, num_windows, shard_streams, windows
+from rnnreg.lm.corpus.sources import (
     DataError,
     download_ptb,
     read_text,
@@ -19,7 +19,7 @@ from rnnreg.lm.sources import (
     split_files,
     verify_ptb,
 )
-from rnnreg.lm.vocab import EOS, UNK, Vocabulary, build_vocabulary, tokenize
+from rnnreg.lm.corpus.vocab import EOS, UNK, Vocabulary, build_vocabulary, tokenize
 
 REAL_PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 

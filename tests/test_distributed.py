@@ -22,10 +22,10 @@ from conftest import REPO_ROOT, write_corpus
 from steps import SCRIPT_PATH
 
 from rnnreg import cli
-from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
 from rnnreg.lm.distributed import World, detect
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.checkpoint import load_tree
+from rnnreg.lm.rundir.layout import RunDir
 
 # 400 tokens in 4 streams: 20 windows of 5 per epoch, about a second of training per job.
 FLAGS = ["--preset", "small", "--hidden-size", "16", "--batch-size", "4", "--bptt", "5",

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.corpus.vocab import EOS
 from rnnreg.lm.evaluation import score_stream
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.vocab import EOS
 
 VOCAB = 19
 

@@ -39,12 +39,12 @@ from steps import SCRIPT_PATH, AfterStep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rnnreg.cli as cli
-from rnnreg.lm.checkpoint import load_tree
-from rnnreg.lm.events import ScalarLog
-from rnnreg.lm.files import WriteError, atomic_write_text
 from rnnreg.lm.presets import preset_config
-from rnnreg.lm.rundir import RunDir
-from rnnreg.lm.training import train
+from rnnreg.lm.rundir.checkpoint import load_tree
+from rnnreg.lm.rundir.events import ScalarLog
+from rnnreg.lm.rundir.files import WriteError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.training.loop import train
 from rnnreg.study import plots
 
 FLAGS = {"hidden_size": 16, "batch_size": 10, "bptt": 10, "epochs": 2, "init_range": 0.3,
@@ -270,8 +270,8 @@ def test_a_failed_append_is_cut_back(tmp_path, monkeypatch):
 
 LIMITED_WRITES = textwrap.dedent("""
     import resource, signal, sys
-    from rnnreg.lm.files import WriteError, atomic_write_text
-    from rnnreg.lm.rundir import RunDir
+    from rnnreg.lm.rundir.files import WriteError, atomic_write_text
+    from rnnreg.lm.rundir.layout import RunDir
 
     run = RunDir(sys.argv[1])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -521,8 +521,8 @@ KILLED_WRITE = textwrap.dedent("""
 
     torch.set_num_threads(int(sys.argv[1]))
     from rnnreg.lm.config import Config
-    from rnnreg.lm.rundir import RunDir
-    from rnnreg.lm.training import train
+    from rnnreg.lm.rundir.layout import RunDir
+    from rnnreg.lm.training.loop import train
 
     where, kill_at = sys.argv[2], int(sys.argv[3])
     save_file, saves = safetensors.torch.save_file, 0

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from rnnreg.lm.config import Config
-from rnnreg.lm.loss import summed_loss
 from rnnreg.lm.model import LanguageModel, ModelMasks, count_parameters
+from rnnreg.lm.training.loss import summed_loss
 from rnnreg.nn.layers import DropoutMasks
 
 VOCAB = 23

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.rundir.layout import RunDir, RunDirError
 from rnnreg.study.plots import (
     PALETTE,
     hidden_heatmaps,

@@ -16,7 +16,7 @@ from conftest import REPO_ROOT
 
 from rnnreg import cli
 from rnnreg.lm.config import Config
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.study import grid as study
 from rnnreg.study.grid import StudyGrid, ray_backend, run_study
 from rnnreg.study.report import write_report
@@ -29,7 +29,7 @@ RUNS = ["lstm-none-p0-s1", "lstm-zaremba-p0.5-s1"]
 
 @pytest.mark.slow
 def test_importing_rnnreg_does_not_import_ray():
-    code = ("import sys, rnnreg, rnnreg.cli, rnnreg.study.grid, rnnreg.lm.training, "
+    code = ("import sys, rnnreg, rnnreg.cli, rnnreg.study.grid, rnnreg.lm.training.loop, "
             "rnnreg.lm.distributed; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0

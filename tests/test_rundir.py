@@ -16,10 +16,10 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rnnreg.lm.checkpoint import load_tree, save_tree
-from rnnreg.lm.files import WriteError, atomic_write_text
-from rnnreg.lm.provenance import describe_machine, git_commit
-from rnnreg.lm.rundir import RunDir, RunDirError, RunLockedError
+from rnnreg.lm.rundir.checkpoint import load_tree, save_tree
+from rnnreg.lm.rundir.files import WriteError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir, RunDirError, RunLockedError
+from rnnreg.lm.rundir.provenance import describe_machine, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,7 +252,7 @@ def test_second_lock_is_refused_until_released(tmp_path: Path) -> None:
 _CHILD = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.layout import RunDir
 with RunDir(sys.argv[2]).lock():
     print("locked", flush=True)
     time.sleep(120)

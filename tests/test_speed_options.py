@@ -17,15 +17,15 @@ import torch
 
 import rnnreg
 from rnnreg import functional as RF
-from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.evaluation import score_stream
-from rnnreg.lm.loss import summed_loss
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.checkpoint import load_tree
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.runs import load_model
-from rnnreg.lm.training import train
+from rnnreg.lm.training.loop import train
+from rnnreg.lm.training.loss import summed_loss
 
 TINY = Config(hidden_size=16, batch_size=4, bptt=5, epochs=2, init_range=0.3, eval_bptt=50,
               checkpoint_minutes=0.0, seed=3, device="cpu", strategy="zaremba", dropout=0.2)
@@ -73,7 +73,7 @@ def test_time_budget_drives_the_cosine_when_it_binds_first(tmp_path, tiny_corpus
     import time
     from types import SimpleNamespace
 
-    import rnnreg.lm.training as train_module
+    import rnnreg.lm.training.loop as train_module
 
     clock = iter(range(0, 10_000, 3))  # successive readings 3 s apart
     fake = SimpleNamespace(perf_counter=lambda: float(next(clock)), monotonic=time.monotonic,

@@ -13,14 +13,14 @@ import torch
 from conftest import TEST_THREADS, write_corpus
 from steps import train_killed
 
-import rnnreg.lm.training as train_module
-from rnnreg.lm.checkpoint import load_tree
+import rnnreg.lm.training.loop as train_module
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.presets import preset_config
-from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.rundir.checkpoint import load_tree
+from rnnreg.lm.rundir.layout import RunDir, RunDirError
 from rnnreg.lm.runs import load_model
-from rnnreg.lm.training import TrainingDiverged, train
+from rnnreg.lm.training.loop import TrainingDiverged, train
 
 
 def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:

@@ -22,11 +22,11 @@ from conftest import REPO_ROOT, TEST_THREADS, assert_strict_json, write_corpus
 from steps import SCRIPT_PATH, AfterStep, signal_self
 
 import rnnreg.cli as cli
-from rnnreg.lm import sources
-from rnnreg.lm.checkpoint import load_tree
 from rnnreg.lm.config import Config
-from rnnreg.lm.rundir import RunDir
-from rnnreg.lm.vocab import tokenize
+from rnnreg.lm.corpus import sources
+from rnnreg.lm.corpus.vocab import tokenize
+from rnnreg.lm.rundir.checkpoint import load_tree
+from rnnreg.lm.rundir.layout import RunDir
 
 # A run small enough for the suite that still trains several windows per epoch with dropout,
 # checkpoints every three steps and writes a step record every three windows.

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from rnnreg.lm.presets import PRESETS
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.layout import RunDir
 
 
 def epoch_table(records: list[dict]) -> str:

@@ -15,13 +15,13 @@ import sys
 import torch
 
 from rnnreg.cli.flags import add_data_dir
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.corpus.sources import DataError, read_text
+from rnnreg.lm.corpus.vocab import UNK, tokenize
 from rnnreg.lm.evaluation import score_stream
 from rnnreg.lm.generation import sample_text
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.runs import load_model, read_corpus, weights_description
-from rnnreg.lm.sources import DataError, read_text
-from rnnreg.lm.vocab import UNK, tokenize
 
 __all__ = ["add_commands"]
 

@@ -3,7 +3,7 @@
 Held apart from the scoring and study commands because it alone decides where a run's
 configuration comes from (``--preset``, ``--budget-minutes``, or the run being resumed) and what
 to tell the user when training stops early (the command that continues it). The training
-itself is ``rnnreg.lm.training.train``; nothing here runs per step.
+itself is ``rnnreg.lm.training.loop.train``; nothing here runs per step.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 
 from rnnreg.cli.flags import add_config_flags, add_data_dir, config_overrides
 from rnnreg.lm import distributed
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.corpus.sources import ensure_ptb
 from rnnreg.lm.presets import PRESETS, budget_config, preset_config
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.runs import read_config
-from rnnreg.lm.sources import ensure_ptb
-from rnnreg.lm.training import train
+from rnnreg.lm.training.loop import train
 
 __all__ = ["add_commands"]
 

@@ -1,6 +1,6 @@
 """The adaptive softmax (Grave et al. 2017, "Efficient softmax approximation for GPUs").
 
-Word ids are ordered by descending frequency (:meth:`rnnreg.lm.vocab.Vocabulary.from_tokens`;
+Word ids are ordered by descending frequency (:meth:`rnnreg.lm.corpus.vocab.Vocabulary.from_tokens`;
 a run's ``vocab.json`` lists the words in that id order, so a reloaded run keeps its clusters),
 so ``cutoffs`` split the vocabulary into contiguous ranges: the ``cutoffs[0]`` most frequent
 words form the *head* together with one entry per *cluster* of rarer words; cluster ``i`` holds

@@ -2,10 +2,10 @@
 
 A job started by ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK`` and the ``MASTER_ADDR``/``MASTER_PORT`` rendezvous) trains one model on several
-processes. Each rank owns a block of the B parallel streams (:func:`rnnreg.lm.data.shard_streams`),
-so the ranks together see exactly the single-process batch. :class:`World` is what the trainer
-asks of the other ranks; in a single process every method is the identity, so the one training
-loop serves both without branching.
+processes. Each rank owns a block of the B parallel streams
+(:func:`rnnreg.lm.corpus.batches.shard_streams`), so the ranks together see exactly the
+single-process batch. :class:`World` is what the trainer asks of the other ranks; in a single
+process every method is the identity, so the one training loop serves both without branching.
 
 The process group pairs gloo with CPU tensors and NCCL with CUDA tensors (``cpu:gloo,cuda:nccl``
 where CUDA exists), so each collective takes the backend of the device its tensors live on:
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rnnreg.lm.data import shard_streams
+from rnnreg.lm.corpus.batches import shard_streams
 
 __all__ = ["PeerFailed", "World", "detect", "is_main", "launch", "resolve_device"]
 
@@ -208,7 +208,7 @@ def launch() -> Iterator[World]:
     """Join the job's process group for the duration of the block; tear it down afterwards.
 
     A group the caller already initialised is used and left alone, so a program that manages
-    its own group can call :func:`rnnreg.lm.training.train` inside it.
+    its own group can call :func:`rnnreg.lm.training.loop.train` inside it.
     """
     world = detect()
     if not world.distributed or dist.is_initialized():

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rnnreg.lm.data import batchify, windows
+from rnnreg.lm.corpus.batches import batchify, windows
 from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
 
 __all__ = ["Score", "perplexity", "score_stream"]

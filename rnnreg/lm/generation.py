@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rnnreg.lm.corpus.vocab import EOS, Vocabulary, tokenize
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.vocab import EOS, Vocabulary, tokenize
 
 __all__ = ["sample_text"]
 

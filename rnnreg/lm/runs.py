@@ -1,7 +1,7 @@
 """Reading a run back: its config, vocabulary and weights as live objects.
 
 Everything a command needs to re-score, sample from or resume a run comes from its directory
-alone (:mod:`rnnreg.lm.rundir`); no pickled Python objects are involved.
+alone (:mod:`rnnreg.lm.rundir.layout`); no pickled Python objects are involved.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from rnnreg.lm.config import Config
+from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import resolve_device
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.rundir import RunDir, RunDirError
-from rnnreg.lm.vocab import Vocabulary
+from rnnreg.lm.rundir.layout import RunDir, RunDirError
 
 __all__ = ["EXTENDABLE", "load_model", "read_config", "read_corpus", "read_vocab",
            "resumed_config", "weights_description"]

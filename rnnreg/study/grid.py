@@ -7,7 +7,7 @@ and the seed, and holds every other setting of one base :class:`~rnnreg.lm.confi
 so differences in the report come from dropout alone.
 
 Every grid cell is an ordinary run directory ``out/runs/NAME`` trained by
-:func:`rnnreg.lm.training.train`, so ``rnnreg evaluate`` and ``plot`` work on it, and a study
+:func:`rnnreg.lm.training.loop.train`, so ``rnnreg evaluate`` and ``plot`` work on it, and a study
 interrupted at any point resumes run by run. Scheduling sits behind :data:`Backend`, a function
 given the pending :class:`Job` list: :func:`local_backend` trains on this machine,
 :func:`ray_backend` as Ray Tune trials on a local Ray instance or a cluster; the grid and the
@@ -29,10 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rnnreg.lm.config import CELLS, Config
-from rnnreg.lm.files import atomic_write_text
-from rnnreg.lm.rundir import RunDir, RunDirError
-from rnnreg.lm.sources import resolve_data_dir
-from rnnreg.lm.training import TrainingDiverged, train
+from rnnreg.lm.corpus.sources import resolve_data_dir
+from rnnreg.lm.rundir.files import atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.training.loop import TrainingDiverged, train
 from rnnreg.nn.functional import check_positive_int, check_probability
 from rnnreg.nn.strategies import STRATEGIES
 
@@ -191,8 +191,8 @@ def ray_backend(address: str | None = None, *, cpus_per_trial: float = 1.0,
     ``address`` is passed to ``ray.init``: None starts a local Ray instance, ``"auto"`` joins
     the cluster this machine belongs to, ``"ray://HOST:10001"`` connects through Ray Client.
     A Ray already initialised by the caller is used as it is. Each trial trains an ordinary
-    run directory with :func:`rnnreg.lm.training.train`, so on a cluster the study directory and
-    the data must be on a filesystem every node mounts at the same path, and rnnreg must be
+    run directory with :func:`rnnreg.lm.training.loop.train`, so on a cluster the study directory
+    and the data must be on a filesystem every node mounts at the same path, and rnnreg must be
     installed on every node. Resuming needs nothing from Tune: :func:`run_study` submits only
     the runs that have not finished. ``storage`` is where Tune keeps its own experiment
     records (default: Tune's, ``~/ray_results``).

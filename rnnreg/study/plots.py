@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.patches import FancyBboxPatch
 
-from rnnreg.lm.curves import PALETTE, learning_curves
-from rnnreg.lm.curves import figure as _figure
-from rnnreg.lm.curves import save as _save
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.curves import PALETTE, learning_curves
+from rnnreg.lm.rundir.curves import figure as _figure
+from rnnreg.lm.rundir.curves import save as _save
+from rnnreg.lm.rundir.layout import RunDir
 
 __all__ = [
     "PALETTE",

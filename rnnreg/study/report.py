@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
-from rnnreg.lm.files import atomic_write_text
+from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.model import LanguageModel, ModelMasks
-from rnnreg.lm.rundir import RunDirError
+from rnnreg.lm.rundir.files import atomic_write_text
+from rnnreg.lm.rundir.layout import RunDirError
 from rnnreg.lm.runs import load_model
-from rnnreg.lm.sources import DataError
 from rnnreg.nn.layers import DropoutMasks
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnnreg.lm.config import CELLS, Config
-from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.rundir.layout import RunDir, RunDirError
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["Group", "RunResult", "Stat", "group_runs", "read_runs"]

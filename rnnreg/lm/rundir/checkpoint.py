@@ -24,7 +24,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rnnreg.lm.files import RunDirError, StrPath, replacing
+from rnnreg.lm.rundir.files import RunDirError, StrPath, replacing
 
 __all__ = ["Progress", "Tree", "load_tree", "rng_per_rank", "rng_states", "save_tree",
            "seed_everything", "set_rng_states"]

@@ -20,9 +20,9 @@ import math
 import time
 from typing import Any
 
-from rnnreg.lm.checkpoint import Progress
-from rnnreg.lm.events import ScalarLog
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.checkpoint import Progress
+from rnnreg.lm.rundir.events import ScalarLog
+from rnnreg.lm.rundir.layout import RunDir
 
 __all__ = ["STEP_SECONDS", "Logbook", "strict"]
 
@@ -130,7 +130,7 @@ class Logbook:
         """Draw the run's learning curve into plots/ (at the end and at every stop)."""
         if not self.enabled:
             return
-        from rnnreg.lm.curves import learning_curves
+        from rnnreg.lm.rundir.curves import learning_curves
 
         records = [r for r in self.run.read_metrics()
                    if r.get("event") in ("epoch", "step", "final")]

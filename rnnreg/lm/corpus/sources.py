@@ -1,8 +1,8 @@
 """Where corpus files come from: finding, verifying and downloading them, reading their text.
 
 A corpus is a directory of split files (``ptb.{split}.txt`` or ``{split}.txt``) or one text file
-that :class:`rnnreg.lm.data.Corpus` cuts into splits. When nothing names one, PTB is downloaded
-into the per-user cache and MD5-checked against the sums below.
+that :class:`rnnreg.lm.corpus.batches.Corpus` cuts into splits. When nothing names one, PTB is
+downloaded into the per-user cache and MD5-checked against the sums below.
 
 Every problem a user can cause (wrong directory, missing or corrupt file, bad encoding,
 unknown words) raises :class:`DataError` with a message that says both what is wrong and
@@ -115,7 +115,7 @@ def corpus_files(data_dir: PathArg) -> dict[str, Path]:
 
     One file is the layout of char-rnn and nanoGPT (Tiny Shakespeare's ``input.txt``): either
     ``data_dir`` names it, or it is a directory that holds no split file but exactly one
-    ``*.txt`` file. :meth:`rnnreg.lm.data.Corpus.load` then cuts it into contiguous parts.
+    ``*.txt`` file. :meth:`rnnreg.lm.corpus.batches.Corpus.load` then cuts it into contiguous parts.
     """
     path = Path(data_dir)
     if path.is_file():

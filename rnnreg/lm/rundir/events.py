@@ -4,8 +4,8 @@
 prints that thread's traceback, surfaces later as a bare OSError, and may leave a torn record in
 the event file. The trainer logs a few scalars per epoch, so it writes each event itself, in
 the same TFRecord framing and Event protos TensorBoard reads, through
-:func:`rnnreg.lm.files.append_bytes`: an event lands whole or the file is cut back, and a failure
-is a :class:`~rnnreg.lm.files.WriteError` naming the event file.
+:func:`rnnreg.lm.rundir.files.append_bytes`: an event lands whole or the file is cut back, and a
+failure is a :class:`~rnnreg.lm.rundir.files.WriteError` naming the event file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from rnnreg.lm.files import append_bytes, writing
+from rnnreg.lm.rundir.files import append_bytes, writing
 
 __all__ = ["ScalarLog"]
 

@@ -12,9 +12,9 @@ state) written atomically each epoch and every few minutes, and ``best`` (the we
 best validation epoch). ``last`` is written first, being what ``--resume`` needs; ``best`` is then
 a hard link to it when they hold the same weights. A resumed run's metrics and TensorBoard
 history are cut back to its checkpoint, so they never hold an epoch twice. Everything before
-the first step (locking, checking, creating or resuming the run) is :mod:`rnnreg.lm.start`;
-what goes to and comes back from the checkpoints, :mod:`rnnreg.lm.resume`; the lines the loop
-prints, :mod:`rnnreg.lm.console`.
+the first step (locking, checking, creating or resuming the run) is :mod:`rnnreg.lm.training.start`;
+what goes to and comes back from the checkpoints, :mod:`rnnreg.lm.training.resume`; the lines the
+loop prints, :mod:`rnnreg.lm.training.console`.
 
 Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.lm.distributed`): each
 rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
@@ -35,20 +35,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rnnreg.lm import console, distributed
-from rnnreg.lm.asgd import NTASGD
-from rnnreg.lm.checkpoint import Progress, seed_everything
+from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus, batchify, shard_streams
+from rnnreg.lm.corpus.batches import Corpus, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
-from rnnreg.lm.files import WriteError
-from rnnreg.lm.logbook import Logbook, strict
-from rnnreg.lm.loss import activation_penalties, summed_loss
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
-from rnnreg.lm.resume import Checkpoints, StopRequests
-from rnnreg.lm.rundir import RunDir
-from rnnreg.lm.start import Start, after_write_error, remove_unstarted, start_run
+from rnnreg.lm.rundir.checkpoint import Progress, seed_everything
+from rnnreg.lm.rundir.files import WriteError
+from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import Logbook, strict
+from rnnreg.lm.training import console
+from rnnreg.lm.training.asgd import NTASGD
+from rnnreg.lm.training.loss import activation_penalties, summed_loss
+from rnnreg.lm.training.resume import Checkpoints, StopRequests
+from rnnreg.lm.training.start import Start, after_write_error, remove_unstarted, start_run
 from rnnreg.nn import loops
 
 __all__ = ["TrainingDiverged", "train"]

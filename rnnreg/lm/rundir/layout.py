@@ -9,9 +9,9 @@ Layout of a run directory::
     plots/             figures
     .lock              the writer's OS lock (filelock); .lock.holder says who holds it
 
-Checkpoints are safetensors trees (:mod:`rnnreg.lm.checkpoint`), so loading one never executes
-code; every file is written atomically (:mod:`rnnreg.lm.files`), and a write that fails raises
-:class:`~rnnreg.lm.files.WriteError` with the file as it was before.
+Checkpoints are safetensors trees (:mod:`rnnreg.lm.rundir.checkpoint`), so loading one never
+executes code; every file is written atomically (:mod:`rnnreg.lm.rundir.files`), and a write that
+fails raises :class:`~rnnreg.lm.rundir.files.WriteError` with the file as it was before.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 import filelock
 import torch
 
-from rnnreg.lm.checkpoint import Tree, load_tree, save_tree
-from rnnreg.lm.files import (
+from rnnreg.lm.rundir.checkpoint import Tree, load_tree, save_tree
+from rnnreg.lm.rundir.files import (
     RunDirError,
     StrPath,
     WriteError,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rnnreg.lm.files import StrPath
+from rnnreg.lm.rundir.files import StrPath
 
 __all__ = ["describe_machine", "git_commit", "package_commit"]
 

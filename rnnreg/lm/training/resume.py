@@ -9,10 +9,10 @@ the best validation epoch, written after ``last`` (a hard link to it while they 
 weights). Restoring also cuts the run's history back to the checkpoint, and a resume that found
 no checkpoint clears what an earlier attempt left.
 
-Not part of :mod:`rnnreg.lm.checkpoint`: that module is the file format and the values stored
+Not part of :mod:`rnnreg.lm.rundir.checkpoint`: that module is the file format and the values stored
 (:class:`Progress`, the RNG states), below the run directory and the logbook, which import it.
 Writing and restoring a run's checkpoints needs the run directory, the logbook, the optimizer
-and the ranks, so it sits above them, beside the loop of :mod:`rnnreg.lm.training` that calls
+and the ranks, so it sits above them, beside the loop of :mod:`rnnreg.lm.training.loop` that calls
 it, and the loop keeps only the calls.
 """
 
@@ -25,13 +25,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from rnnreg.lm.asgd import NTASGD
-from rnnreg.lm.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
 from rnnreg.lm.config import Config
 from rnnreg.lm.distributed import World
-from rnnreg.lm.logbook import Logbook
 from rnnreg.lm.model import LanguageModel, map_state
-from rnnreg.lm.rundir import RunDir
+from rnnreg.lm.rundir.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
+from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import Logbook
+from rnnreg.lm.training.asgd import NTASGD
 
 __all__ = ["Checkpoints", "StopRequests"]
 

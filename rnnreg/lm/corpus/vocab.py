@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from rnnreg.lm.config import LEVELS
-from rnnreg.lm.sources import DataError
+from rnnreg.lm.corpus.sources import DataError
 
 EOS = "<eos>"
 UNK = "<unk>"

@@ -1,7 +1,7 @@
 """What a training run prints: the lines at its start, per step and epoch, at a stop, at the end,
 and each epoch's progress bar.
 
-Apart from the loop (:mod:`rnnreg.lm.training`) so that the loop reads as windows, steps and
+Apart from the loop (:mod:`rnnreg.lm.training.loop`) so that the loop reads as windows, steps and
 epochs, and the wording of its lines lives in one place. Nothing here decides anything: the
 trainer says when to print, and only the writing rank does. Lines go through
 ``tqdm.write`` so that they never break a live bar.
@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rnnreg.lm.checkpoint import Progress
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.distributed import World
 from rnnreg.lm.evaluation import perplexity
 from rnnreg.lm.model import count_parameters
+from rnnreg.lm.rundir.checkpoint import Progress
 from rnnreg.lm.runs import where
 
 __all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "saved_line",

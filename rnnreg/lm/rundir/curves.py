@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rnnreg.lm.files import replacing, writing
+from rnnreg.lm.rundir.files import replacing, writing
 
 __all__ = ["PALETTE", "figure", "grid", "learning_curves", "save"]
 

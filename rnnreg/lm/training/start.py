@@ -17,16 +17,16 @@ from typing import NamedTuple
 from tqdm.auto import tqdm
 
 from rnnreg.lm import distributed
-from rnnreg.lm.checkpoint import rng_per_rank
 from rnnreg.lm.config import Config
-from rnnreg.lm.data import Corpus
+from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.corpus.sources import ensure_ptb
+from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import World
-from rnnreg.lm.files import WriteError, atomic_write_text
-from rnnreg.lm.provenance import describe_machine, package_commit
-from rnnreg.lm.rundir import RunDir, RunDirError
+from rnnreg.lm.rundir.checkpoint import rng_per_rank
+from rnnreg.lm.rundir.files import WriteError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.provenance import describe_machine, package_commit
 from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config
-from rnnreg.lm.sources import ensure_ptb
-from rnnreg.lm.vocab import Vocabulary
 
 __all__ = ["Start", "after_write_error", "remove_unstarted", "start_run"]
 

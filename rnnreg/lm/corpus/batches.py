@@ -5,9 +5,9 @@ Data flows in one direction::
     corpus files (sources) -> tokens -> Vocabulary (vocab) -> Corpus: 1-D LongTensor per split
         -> batchify -> (T, B) time-major streams -> windows -> (input, target) pairs
 
-:mod:`rnnreg.lm.sources` finds and checks the files, :mod:`rnnreg.lm.vocab` turns their text
-into ids; :class:`Corpus` ties the two together and records where the corpus came from, so a
-resumed or evaluated run can tell when its files changed.
+:mod:`rnnreg.lm.corpus.sources` finds and checks the files, :mod:`rnnreg.lm.corpus.vocab` turns
+their text into ids; :class:`Corpus` ties the two together and records where the corpus came from,
+so a resumed or evaluated run can tell when its files changed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from rnnreg.lm.sources import (
+from rnnreg.lm.corpus.sources import (
     SPLITS,
     DataError,
     PathArg,
@@ -28,7 +28,7 @@ from rnnreg.lm.sources import (
     read_text,
     resolve_data_dir,
 )
-from rnnreg.lm.vocab import EOS, UNK, Vocabulary, build_vocabulary, check_level, tokenize
+from rnnreg.lm.corpus.vocab import EOS, UNK, Vocabulary, build_vocabulary, check_level, tokenize
 
 # --------------------------------------------------------------------------- corpus
 
