@@ -95,11 +95,14 @@ def render_html(document: Document, root: str | Path) -> str:
                                            embed=lambda path: _data_uri(root / path))
 
 
-# Characters CommonMark reads as markup wherever they stand: backslash escapes, code spans,
-# emphasis, links and images, raw HTML and autolinks, table cells, headings' closing marks, GFM
-# strikethrough. ``_`` only at a word's edge (inside a word it is never emphasis), ``&`` only
-# where it would start an entity, so ordinary names and prose read unchanged in the source.
-_INLINE = re.compile(r"[\\`*\[\]<|#~]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])|&(?=#?[0-9A-Za-z]+;)")
+# Characters Markdown reads as markup wherever they stand, each with its literal spelling: a
+# backslash for backslash escapes, code spans, emphasis, links and images, table cells and
+# headings' closing marks; an entity where a backslash is not understood by every renderer
+# (raw HTML and autolinks, entities themselves, GFM's strikethrough). ``_`` only at a word's edge
+# (inside a word it is never emphasis) and ``&`` only where it would start an entity, so that
+# ordinary names and prose read unchanged in the Markdown source.
+_INLINE = re.compile(r"[\\`*\[\]|#<~]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])|&(?=#?[0-9A-Za-z]+;)")
+_ENTITIES = {"<": "&lt;", "&": "&amp;", "~": "&#126;"}
 # What would open a block (quote, list item) at the start of a paragraph or list item.
 _BLOCK_START = re.compile(r"^(>|[+-](?=\s|$)|\d+(?=[.)](\s|$)))")
 
@@ -110,11 +113,15 @@ def markdown_text(text: str, *, block_start: bool = False) -> str:
     ``block_start``: the text opens a paragraph or list item, where a leading ``>``, ``-``, ``+``
     or ``1.`` would start a quote or a list.
     """
-    text = _INLINE.sub(lambda match: "\\" + match.group(), " ".join(text.splitlines()))
+    text = _INLINE.sub(_literal, " ".join(text.splitlines()))
     if block_start:
         text = _BLOCK_START.sub(lambda match: match.group() + "\\" if match.group().isdigit()
                                 else "\\" + match.group(), text)
     return text
+
+
+def _literal(match: re.Match) -> str:
+    return _ENTITIES.get(match.group(), "\\" + match.group())
 
 
 def _data_uri(path: Path) -> str:
