@@ -1,4 +1,4 @@
-"""The report's document model and what it says each strategy samples.
+"""The report's document model, what it says each strategy samples, and whole reports.
 
 Markdown is checked against an independent renderer (Python-Markdown, installed with
 TensorBoard): both files are read back as HTML with html.parser and must carry the same text.
@@ -8,6 +8,7 @@ the report reads it from the shapes of the masks the model draws.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from matplotlib.figure import Figure as MatplotlibFigure
+from test_study import TINY_FLAGS
 
+from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel
+from rnnreg.lm.rundir import RunDir
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study.document import (
     Bullets,
@@ -30,6 +34,7 @@ from rnnreg.study.document import (
     render_html,
     render_markdown,
 )
+from rnnreg.study.report import write_report
 from rnnreg.study.sampling import (
     FRESH,
     SEQUENCE,
@@ -252,3 +257,66 @@ def test_a_new_placement_appears_without_naming_it():
 def test_a_record_of_something_else_is_refused():
     with pytest.raises(TypeError, match="holds list"):
         list(masks(_Record(None, [torch.ones(1)], ())))
+
+
+# --------------------------------------------------------------------------- a whole report
+
+
+@pytest.fixture(scope="module")
+def zoneout_study(tmp_path_factory, module_corpus) -> Path:
+    """A real study of zaremba and zoneout, plus an unfinished run whose name is markup."""
+    out = tmp_path_factory.mktemp("study") / "study"
+    assert cli.main(["compare", "--strategies", "zaremba,zoneout", "--rates", "0.5",
+                     "--cells", "lstm", "--seeds", "1", "--data-dir", str(module_corpus),
+                     "--out", str(out), *TINY_FLAGS]) == 0
+    odd = out / "runs" / ODD_NAME
+    shutil.copytree(out / "runs" / "lstm-zaremba-p0.5-s1", odd)
+    RunDir(odd).truncate_metrics(lambda record: record.get("event") != "final")
+    write_report(out, data_dir=module_corpus)
+    return out
+
+
+ODD_NAME = "lstm-<b>|x & y"
+
+
+def _tables(blocks: list[tuple[str, str]]) -> list[list[list[str]]]:
+    """The cells of every table, row by row, from a page's blocks: a run of header cells
+    opens a table, its length is the row length of the body cells after it."""
+    tables: list[list[list[str]]] = []
+    previous = None
+    for kind, text in blocks:
+        if kind == "th":
+            if previous != "th":
+                tables.append([[]])
+            tables[-1][0].append(text)
+        elif kind == "td":
+            rows = tables[-1]
+            if len(rows) == 1 or len(rows[-1]) == len(rows[0]):
+                rows.append([])
+            rows[-1].append(text)
+        previous = kind
+    return tables
+
+
+@pytest.mark.slow
+def test_report_files_carry_the_same_content(zoneout_study):
+    markdown = (zoneout_study / "report.md").read_text(encoding="utf-8")
+    page = (zoneout_study / "report.html").read_text(encoding="utf-8")
+    blocks = _blocks(page)
+    assert blocks == _blocks(_markdown_as_html(markdown))
+    assert ("p", f"No final record (still running, interrupted or diverged): {ODD_NAME}.") \
+        in blocks
+    assert "lstm-&lt;b&gt;|x &amp; y" in page and "lstm-&lt;b>\\|x & y" in markdown
+    assert [kind for kind, _ in blocks].count("img") == page.count("data:image/png;base64,")
+
+
+@pytest.mark.slow
+def test_report_says_what_zoneout_samples(zoneout_study):
+    tables = _tables(_blocks((zoneout_study / "report.html").read_text(encoding="utf-8")))
+    (sampled,) = [table for table in tables if table[0][0] == "mask"]
+    assert sampled == [["mask", "zaremba", "zoneout"],
+                       ["input", FRESH, "–"],
+                       ["between", FRESH, "–"],
+                       ["zoneout hidden", "–", FRESH],
+                       ["zoneout cell", "–", FRESH],
+                       ["output", FRESH, "–"]]
