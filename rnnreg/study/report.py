@@ -77,8 +77,8 @@ def _overview(study: dict, groups: Sequence[Group]) -> list:
     runs = [run for group in groups for run in group.runs]
     unfinished = [run.name for run in runs if run.final is None]
     blocks = [Paragraph(f"{len(runs)} runs, {len(runs) - len(unfinished)} finished. Each row "
-                         "below is the mean ± standard deviation over seeds (no deviation for "
-                         "a single seed).")]
+                        "below is the mean ± standard deviation over seeds (no deviation for "
+                        "a single seed).")]
     if "base" in study:
         base = Config.from_dict(study["base"])
         blocks.append(Paragraph(
@@ -88,7 +88,7 @@ def _overview(study: dict, groups: Sequence[Group]) -> list:
             f"data from {study.get('data_dir')}."))
     if unfinished:
         blocks.append(Paragraph("No final record (still running, interrupted or diverged): "
-                                 + ", ".join(unfinished) + "."))
+                                + ", ".join(unfinished) + "."))
     return blocks
 
 
@@ -241,12 +241,14 @@ def _hidden_panels(model: LanguageModel, ids: torch.Tensor) -> dict[str, torch.T
 
     Both schemes come from ``model.sample_masks`` at the model's own placements and rates: one
     draw is held for the whole sequence (Gal & Ghahramani 2016), or a new draw is taken at
-    every step (Zaremba et al. 2014), whichever the model was trained with. A fixed seed in a
-    forked RNG makes the figure reproducible without disturbing the caller's random state.
+    every step (Zaremba et al. 2014), whichever the model was trained with. Every mask of the
+    model's record is redrawn per step, zoneout's included, except those the model draws once
+    per window (DropConnect on W_hh, whole-word masks, a batch-shared recurrent mask): they are
+    the same in both schemes. A fixed seed in a forked RNG makes the figure reproducible
+    without disturbing the caller's random state.
     """
     model.eval()
     steps = ids.size(0)
-    # Masks drawn once per window have no step to redraw at: the fresh panel keeps them too.
     per_window = {mask.path for mask, schedule in schedules(model) if schedule == WINDOW}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
