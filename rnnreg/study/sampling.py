@@ -41,14 +41,14 @@ _SMALL, _LARGE = (3, 2), (4, 5)
 # (hidden, cell), the order of the zoneout rates' keywords.
 _MEMBERS = {"zoneout": tuple(keyword.replace("_", " ") for keyword in ZONEOUT)}
 
-Path = tuple[str | int, ...]
+MaskPath = tuple[str | int, ...]
 
 
 class Mask(NamedTuple):
     """One mask tensor of a record: where it is (field names, layer and member indices), its
     position in the record's field order, and the tensor."""
 
-    path: Path
+    path: MaskPath
     order: tuple[int, ...]
     tensor: Tensor
 
@@ -70,7 +70,7 @@ def masks(record: object) -> Iterator[Mask]:
     yield from _walk(record, (), ())
 
 
-def _walk(record: object, path: Path, order: tuple[int, ...]) -> Iterator[Mask]:
+def _walk(record: object, path: MaskPath, order: tuple[int, ...]) -> Iterator[Mask]:
     if record is None:
         return
     if isinstance(record, Tensor):
@@ -86,7 +86,7 @@ def _walk(record: object, path: Path, order: tuple[int, ...]) -> Iterator[Mask]:
                         f"{type(record).__name__}")
 
 
-def _rebuild(record: object, path: Path, make: Callable[[Path, Tensor], Tensor]) -> object:
+def _rebuild(record: object, path: MaskPath, make: Callable[[MaskPath, Tensor], Tensor]) -> object:
     """``record`` with every mask tensor replaced by ``make(path, tensor)``."""
     if record is None:
         return None
@@ -129,7 +129,7 @@ def named_schedules(model) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (order, "; ".join(texts)) for name, (order, texts) in named.items()}
 
 
-def stack_steps(draws: Sequence[object], keep: Collection[Path]) -> object:
+def stack_steps(draws: Sequence[object], keep: Collection[MaskPath]) -> object:
     """Single-step draws of one record stacked along time into masks redrawn at every step.
 
     The masks at the paths in ``keep`` (those :func:`schedules` finds WINDOW) have no step
@@ -137,7 +137,7 @@ def stack_steps(draws: Sequence[object], keep: Collection[Path]) -> object:
     """
     tables = [{mask.path: mask.tensor for mask in masks(draw)} for draw in draws]
 
-    def make(path: Path, first: Tensor) -> Tensor:
+    def make(path: MaskPath, first: Tensor) -> Tensor:
         return first if path in keep else torch.cat([table[path] for table in tables])
 
     return _rebuild(draws[0], (), make)
