@@ -8,11 +8,8 @@ sections, findings, tables and figures). ``read_runs`` is still importable from 
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,10 +21,20 @@ from rnnreg.lm.model import LanguageModel, ModelMasks
 from rnnreg.lm.rundir.files import atomic_write_text
 from rnnreg.lm.rundir.layout import RunDirError
 from rnnreg.lm.runs import load_model
-from rnnreg.nn.layers import DropoutMasks
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots
-from rnnreg.study.results import Group, group_runs, read_runs
+from rnnreg.study.document import (
+    Bullets,
+    Document,
+    Figure,
+    Heading,
+    Paragraph,
+    Table,
+    render_html,
+    render_markdown,
+)
+from rnnreg.study.results import Group, RunResult, group_runs, read_runs
+from rnnreg.study.sampling import WINDOW, named_schedules, schedules, stack_steps
 
 __all__ = ["read_runs", "write_report"]
 
@@ -35,77 +42,7 @@ __all__ = ["read_runs", "write_report"]
 # across steps, few enough that every token can be labelled.
 HEATMAP_TOKENS = 40
 
-
-@dataclass(frozen=True)
-class _Heading:
-    text: str
-    level: int = 2
-
-    def markdown(self) -> str:
-        return f"{'#' * self.level} {self.text}"
-
-    def html(self, out: Path) -> str:
-        return f"<h{self.level}>{html.escape(self.text)}</h{self.level}>"
-
-
-@dataclass(frozen=True)
-class _Paragraph:
-    text: str
-
-    def markdown(self) -> str:
-        return self.text
-
-    def html(self, out: Path) -> str:
-        return f"<p>{html.escape(self.text)}</p>"
-
-
-@dataclass(frozen=True)
-class _Bullets:
-    items: tuple[str, ...]
-
-    def markdown(self) -> str:
-        return "\n".join(f"- {item}" for item in self.items)
-
-    def html(self, out: Path) -> str:
-        items = "".join(f"<li>{html.escape(item)}</li>" for item in self.items)
-        return f"<ul>{items}</ul>"
-
-
-@dataclass(frozen=True)
-class _Table:
-    header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-    def markdown(self) -> str:
-        lines = [self.header, tuple("---" for _ in self.header), *self.rows]
-        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-    def html(self, out: Path) -> str:
-        head = "".join(f"<th>{html.escape(cell)}</th>" for cell in self.header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                       for row in self.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-@dataclass(frozen=True)
-class _Image:
-    path: Path     # relative to the study directory, so report.md works wherever it is moved
-    caption: str
-
-    def markdown(self) -> str:
-        return f"![{self.path.stem}]({self.path.as_posix()})\n\n*{self.caption}*"
-
-    def html(self, out: Path) -> str:
-        # Embedded, so report.html is one self-contained file that can be mailed or archived.
-        data = base64.b64encode((out / self.path).read_bytes()).decode("ascii")
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{self.path.stem}">'
-                f"<figcaption>{html.escape(self.caption)}</figcaption></figure>")
-
-
-_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-          "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;"
-          "padding:.25em .6em;text-align:right}img{max-width:100%}"
-          "figcaption{font-style:italic;color:#444}")
+_TITLE = "Dropout-strategy study"
 
 
 def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path:
@@ -121,17 +58,13 @@ def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path
     study = _read_study(out)
     data = data_dir if data_dir is not None else study.get("data_dir")
     figures = out / "figures"
-    blocks = [_Heading("Dropout-strategy study", 1), *_overview(study, groups),
-              _Heading("What the numbers say"), _Bullets(tuple(_findings(groups))),
-              *_tables(groups), *_curves(out, figures, groups), *_rates(out, figures, groups),
-              *_heatmaps(out, figures, groups, data), *_placements(out, figures, groups)]
-    markdown = "\n\n".join(block.markdown() for block in blocks) + "\n"
-    body = "\n".join(block.html(out) for block in blocks)
-    atomic_write_text(out / "report.md", markdown)
-    atomic_write_text(out / "report.html", (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Dropout-strategy study</title><style>{_STYLE}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"))
+    document = Document(_TITLE, (
+        Heading(_TITLE, 1), *_overview(study, groups),
+        Heading("What the numbers say"), Bullets(tuple(_findings(groups))),
+        *_tables(groups), *_curves(out, figures, groups), *_rates(out, figures, groups),
+        *_heatmaps(out, figures, groups, data), *_placements(out, figures, groups)))
+    atomic_write_text(out / "report.md", render_markdown(document))
+    atomic_write_text(out / "report.html", render_html(document, out))
     return out / "report.md"
 
 
@@ -143,19 +76,19 @@ def _read_study(out: Path) -> dict:
 def _overview(study: dict, groups: Sequence[Group]) -> list:
     runs = [run for group in groups for run in group.runs]
     unfinished = [run.name for run in runs if run.final is None]
-    blocks = [_Paragraph(f"{len(runs)} runs, {len(runs) - len(unfinished)} finished. Each row "
-                         "below is the mean ± standard deviation over seeds (no deviation for "
-                         "a single seed).")]
+    blocks = [Paragraph(f"{len(runs)} runs, {len(runs) - len(unfinished)} finished. Each row "
+                        "below is the mean ± standard deviation over seeds (no deviation for "
+                        "a single seed).")]
     if "base" in study:
         base = Config.from_dict(study["base"])
-        blocks.append(_Paragraph(
+        blocks.append(Paragraph(
             f"Held equal in every run: {base.num_layers} layers of {base.hidden_size} units, "
             f"{base.epochs} epochs, batch {base.batch_size}, bptt {base.bptt}, lr {base.lr:g} "
             f"decayed by {base.lr_decay:g} after epoch {base.decay_after}; "
             f"data from {study.get('data_dir')}."))
     if unfinished:
-        blocks.append(_Paragraph("No final record (still running, interrupted or diverged): "
-                                 + ", ".join(unfinished) + "."))
+        blocks.append(Paragraph("No final record (still running, interrupted or diverged): "
+                                + ", ".join(unfinished) + "."))
     return blocks
 
 
@@ -225,15 +158,15 @@ _COLUMNS = ("cell", "p", "seeds", "train ppl", "valid ppl", "test ppl", "gap (va
 
 
 def _tables(groups: Sequence[Group]) -> list:
-    blocks = [_Heading("Perplexity by strategy"), _Paragraph(
+    blocks = [Heading("Perplexity by strategy"), Paragraph(
         "train: the last epoch's training perplexity, averaged over its windows with dropout "
         "active, as the trainer logs it; valid and test: the final model scored as one stream; "
         "gap: valid − train of the last epoch record; tokens/s: training speed averaged over "
         "epochs, which depends on how many runs shared the machine.")]
     for name in dict.fromkeys(g.strategy for g in groups):
         rows = tuple(_row(g) for g in groups if g.strategy == name and g.finished)
-        blocks.append(_Heading(f"{name}: {STRATEGIES[name].description}", 3))
-        blocks.append(_Table(_COLUMNS, rows) if rows else _Paragraph("No finished run."))
+        blocks.append(Heading(f"{name}: {STRATEGIES[name].description}", 3))
+        blocks.append(Table(_COLUMNS, rows) if rows else Paragraph("No finished run."))
     return blocks
 
 
@@ -247,19 +180,19 @@ def _row(group: Group) -> tuple[str, ...]:
 
 
 def _curves(out: Path, figures: Path, groups: Sequence[Group]) -> list:
-    blocks = [_Heading("Learning curves"), _Paragraph(
+    blocks = [Heading("Learning curves"), Paragraph(
         "Mean over seeds. A valid curve that turns up while the train curve keeps falling is "
         "overfitting, the failure dropout is meant to prevent.")]
     for cell in dict.fromkeys(g.cell for g in groups):
         path = plots.learning_curves({g.label: g.curve() for g in groups if g.cell == cell},
                                      figures / f"curves-{cell}.png",
                                      title=f"{cell}: train and valid perplexity per epoch")
-        blocks.append(_Image(path.relative_to(out), f"Learning curves, {cell}"))
+        blocks.append(Figure(path.relative_to(out), f"Learning curves, {cell}"))
     return blocks
 
 
 def _rates(out: Path, figures: Path, groups: Sequence[Group]) -> list:
-    blocks = [_Heading("Perplexity against dropout rate")]
+    blocks = [Heading("Perplexity against dropout rate")]
     for cell in dict.fromkeys(g.cell for g in groups):
         series: dict[str, list[dict]] = {}
         for group in groups:
@@ -271,17 +204,17 @@ def _rates(out: Path, figures: Path, groups: Sequence[Group]) -> list:
         if series:
             path = plots.rate_curve(series, figures / f"rates-{cell}.png",
                                     title=f"{cell}: final perplexity (mean ± std over seeds)")
-            blocks.append(_Image(path.relative_to(out), f"Perplexity against rate, {cell}; "
+            blocks.append(Figure(path.relative_to(out), f"Perplexity against rate, {cell}; "
                                  "a strategy with a single rate is a dotted reference line"))
     return blocks
 
 
 def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
               data_dir: str | Path | None) -> list:
-    blocks = [_Heading("Hidden states on real text")]
+    blocks = [Heading("Hidden states on real text")]
     finished = [run for group in groups for run in group.finished]
     if not finished:
-        return [*blocks, _Paragraph("No finished run to draw.")]
+        return [*blocks, Paragraph("No finished run to draw.")]
     # The largest output rate shows masking most plainly; the paper's placement breaks ties.
     run = max(finished, key=lambda r: (r.config.layer_options()["output_dropout"],
                                        r.config.strategy == "zaremba", r.name))
@@ -290,12 +223,12 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
         corpus = Corpus.load(data_dir, config.level, vocab,
                              split_fractions=config.split_fractions)
     except DataError as error:
-        return [*blocks, _Paragraph(f"Skipped: the valid split could not be read ({error}).")]
+        return [*blocks, Paragraph(f"Skipped: the valid split could not be read ({error}).")]
     ids = corpus.valid[:HEATMAP_TOKENS].unsqueeze(1)
     path = plots.hidden_heatmaps(_hidden_panels(model, ids), figures / "hidden-states.png",
                                  tokens=vocab.decode(ids[:, 0]),
                                  title=f"{run.name}: last layer's output after output dropout")
-    blocks.append(_Image(path.relative_to(out), (
+    blocks.append(Figure(path.relative_to(out), (
         f"Trained weights of {run.name} on the first {ids.size(0)} tokens of the valid split. "
         "Same weights, placements and rates in every panel; only how often the masks are "
         "redrawn differs. One mask per sequence blanks the same units at every step.")))
@@ -308,49 +241,63 @@ def _hidden_panels(model: LanguageModel, ids: torch.Tensor) -> dict[str, torch.T
 
     Both schemes come from ``model.sample_masks`` at the model's own placements and rates: one
     draw is held for the whole sequence (Gal & Ghahramani 2016), or a new draw is taken at
-    every step (Zaremba et al. 2014), whichever the model was trained with. A fixed seed in a
-    forked RNG makes the figure reproducible without disturbing the caller's random state.
+    every step (Zaremba et al. 2014), whichever the model was trained with. Every mask of the
+    model's record is redrawn per step, zoneout's included, except those the model draws once
+    per window (DropConnect on W_hh, whole-word masks, a batch-shared recurrent mask): they are
+    the same in both schemes. A fixed seed in a forked RNG makes the figure reproducible
+    without disturbing the caller's random state.
     """
     model.eval()
     steps = ids.size(0)
+    per_window = {mask.path for mask, schedule in schedules(model) if schedule == WINDOW}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         draws = [model.sample_masks(1, ids.size(1)) for _ in range(steps)]
+    fresh: ModelMasks = stack_steps(draws, per_window)
     return {
         "no dropout": model(ids).dropped[:, 0],
-        "fresh mask each step": model(ids, None, _per_step(draws)).dropped[:, 0],
+        "fresh mask each step": model(ids, None, fresh).dropped[:, 0],
         "one mask per sequence": model(ids, None, draws[0]).dropped[:, 0],
     }
 
 
-def _per_step(draws: Sequence[ModelMasks]) -> ModelMasks:
-    """Stack single-step draws along time; weight and word masks are per call, so keep one."""
-    def stack(masks):
-        return None if masks[0] is None else torch.cat(masks)
-
-    rnn = [d.rnn for d in draws]
-    first = draws[0]
-    return ModelMasks(first.words, DropoutMasks(
-        input=stack([m.input for m in rnn]),
-        between=tuple(stack(list(layer)) for layer in zip(*(m.between for m in rnn))),
-        recurrent=tuple(stack(list(layer)) for layer in zip(*(m.recurrent for m in rnn))),
-        weight=first.rnn.weight,
-        output=stack([m.output for m in rnn]),
-    ), stack([d.output for d in draws]))
-
-
 def _placements(out: Path, figures: Path, groups: Sequence[Group]) -> list:
-    blocks = [_Heading("Where each strategy drops"), _Paragraph(
+    models = {name: _strategy_model(groups, name)
+              for name in dict.fromkeys(g.strategy for g in groups)}
+    blocks = [Heading("Where each strategy drops"), Paragraph(
         "Drawn from the dropout settings held by a model built from each strategy's run "
         "config (at its highest rate), not from a table, so they cannot disagree with the "
-        "code. Other rates place dropout identically.")]
-    for name in dict.fromkeys(g.strategy for g in groups):
-        run = max((r for g in groups if g.strategy == name for r in g.runs),
-                  key=lambda r: (r.rate, r.name))
-        # The vocabulary size does not affect where dropout acts; 2 keeps the model tiny.
-        model = LanguageModel(2, run.config)
+        "code. Other rates place dropout identically."), *_sampling(models)]
+    for name, (run, model) in models.items():
         title = name if name == "none" else f"{name}, p={run.rate:g}"
         path = plots.placement_diagram(model, figures / f"placement-{name}.png", title=title)
-        blocks.append(_Image(path.relative_to(out),
+        blocks.append(Figure(path.relative_to(out),
                              f"{name}: {STRATEGIES[name].description}"))
     return blocks
+
+
+def _strategy_model(groups: Sequence[Group], name: str) -> tuple[RunResult, LanguageModel]:
+    """The run of strategy ``name`` at its highest rate, and an untrained model of its config."""
+    run = max((r for g in groups if g.strategy == name for r in g.runs),
+              key=lambda r: (r.rate, r.name))
+    # The vocabulary size does not affect where or how often masks are drawn; 2 keeps it tiny.
+    return run, LanguageModel(2, run.config)
+
+
+def _sampling(models: dict[str, tuple[RunResult, LanguageModel]]) -> list:
+    """What each strategy samples, one row per mask its model draws (its own record's names)."""
+    found = {name: named_schedules(model) for name, (_, model) in models.items()}
+    orders: dict[str, tuple[int, ...]] = {}
+    for named in found.values():
+        for mask, (order, _) in named.items():
+            orders[mask] = min(order, orders.get(mask, order))
+    rows = tuple((mask, *(named[mask][1] if mask in named else "–" for named in found.values()))
+                 for mask in sorted(orders, key=orders.__getitem__))
+    text = Paragraph(
+        "What each strategy samples when it trains, read from the masks that the same models "
+        "draw for one window: a new mask at every step (fresh each step), one mask per row of "
+        "the batch held over the window (one per sequence), or one mask for every row and step "
+        "(one per window); – where it draws none.")
+    if not rows:
+        return [text, Paragraph("No strategy in this study draws a mask.")]
+    return [text, Table(("mask", *found), rows)]
