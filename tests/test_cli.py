@@ -83,7 +83,7 @@ def test_every_config_field_is_a_train_flag(capsys):
 def test_presets_lists_the_paper_numbers(capsys):
     code, out, _ = _cli(capsys, "presets")
     assert code == 0
-    lines = {line.split()[0]: line for line in out.strip().splitlines()}
+    lines = {line.split()[0]: line for line in out.strip().splitlines() if line}
     assert {"small", "medium", "large"} <= set(lines)
     for name, valid, test in (("small", "120.7", "114.5"), ("medium", "86.2", "82.7"),
                               ("large", "82.2", "78.4")):

@@ -47,18 +47,68 @@ def test_the_paper_presets_are_present():
     assert all(preset.source for preset in PRESETS.values())
 
 
+WIDTH = 100  # the listing must not wrap in a 100-column terminal
+
+
+def _listing(capsys, *name: str) -> list[str]:
+    assert cli.main(["presets", *name]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(len(line) <= WIDTH for line in lines), max(lines, key=len)
+    return lines
+
+
+def _table(capsys) -> dict[str, dict[str, str]]:
+    """The listing's rows by preset name, each a mapping header -> cell (cells hold no spaces)."""
+    header, *rows = _listing(capsys)
+    columns = header.split()
+    table = {}
+    for line in rows[:rows.index("")]:  # a blank line separates the rows from the key below
+        cells = line.split()
+        assert len(cells) == len(columns), line
+        assert cells[0] not in table, f"{cells[0]} listed twice"
+        table[cells[0]] = dict(zip(columns, cells))
+    return table
+
+
 def test_the_listing_names_each_preset_as_it_is_selected(capsys):
     """``rnnreg presets`` shows every preset under the name ``--preset`` takes, with its recipe."""
-    assert cli.main(["presets"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    listed = [line.split()[0] for line in lines]
+    table = _table(capsys)
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     choices = re.search(r"--preset \{([^}]*)\}", capsys.readouterr().out).group(1)
-    assert sorted(listed) == choices.split(",")
-    for name, line in zip(listed, lines):
+    assert sorted(table) == sorted(PRESETS) == choices.split(",")
+    for name, row in table.items():
         config = preset_config(name)
-        assert f" {config.strategy} p={config.dropout} bptt={config.bptt} " in line, name
+        sizes = config.layer_sizes or (config.hidden_size,) * config.num_layers
+        layers = (f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1
+                  else "-".join(str(size) for size in sizes))
+        assert row["cell"] == config.cell and row["layers"] == layers, name
+        assert row["strategy"] == config.strategy and float(row["p"]) == config.dropout, name
+        assert int(row["bptt"]) == config.bptt and int(row["epochs"]) == config.epochs, name
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_one_preset_in_full_is_its_config_field_for_field(name, capsys):
+    """``rnnreg presets NAME`` carries what the table leaves out: the note, the source and
+    every Config field, each value as JSON so that the listing rebuilds the Config."""
+    preset = PRESETS[name]
+    lines = _listing(capsys, name)
+    split = lines.index("config:")
+    prose = " ".join(line.strip() for line in lines[:split])
+    assert prose.startswith(f"{name}: ")
+    assert " ".join(preset.note.split()) in prose and " ".join(preset.source.split()) in prose
+    fields = dict(line.strip().split(" = ", 1) for line in lines[split + 1:])
+    shown = {key: json.loads(value) for key, value in fields.items()}
+    assert shown == json.loads(json.dumps(preset_config(name).to_dict()))  # tuples as lists
+    assert Config.from_dict(shown) == preset_config(name)
+
+
+def test_an_unknown_preset_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["presets", "huge"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "huge" in error and all(name in error for name in PRESETS)
 
 
 # The published perplexities (valid, test; MC dropout where reported): Zaremba et al. 2014
@@ -77,11 +127,11 @@ PUBLISHED = {
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_perplexities_are_shown_where_users_read_them(name, capsys):
     assert PRESETS[name].paper == PUBLISHED[name]
-    assert cli.main(["presets"]) == 0
-    (line,) = [line for line in capsys.readouterr().out.splitlines()
-               if line.split()[0] == name]
-    shown = ", ".join(f"{key} {value}" for key, value in PUBLISHED[name].items())
-    assert f"paper: {shown} " in line
+    row = _table(capsys)[name]
+    for key in ("valid", "test", "test_mc"):
+        assert row[key] == str(PUBLISHED[name].get(key, "-")), key
+    assert f"paper: {', '.join(f'{k} {v}' for k, v in PUBLISHED[name].items())}" in _listing(
+        capsys, name)
 
 
 # Model sizes on PTB's 10k words as Merity et al. 2018, Table 1 reports them (millions).

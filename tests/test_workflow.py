@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import math
 import os
 import shlex
 import signal
@@ -351,7 +352,7 @@ def test_step_records_reach_metrics_tensorboard_and_the_plot(trained, tmp_path, 
     for record in steps:
         assert record["train_ppl"] > 1 and record["tokens_per_s"] > 0
         assert record["lr"] == 1.0 and 0 < record["epochs_done"] <= 1
-        assert record["train_loss"] == pytest.approx(torch.tensor(record["train_ppl"]).log())
+        assert record["train_loss"] == pytest.approx(math.log(record["train_ppl"]))
     events = EventAccumulator(str(out / "tensorboard" / "steps"))  # x = global step there
     events.Reload()
     logged = events.Scalars("step/train_ppl")

@@ -403,7 +403,7 @@ def test_torch_compile_traces_the_loops_in_one_graph(cell):
         return module(x)
 
     with torch._dynamo.config.patch(allow_rnn=True):
-        torch._dynamo.reset()
+        torch.compiler.reset()
         compiled = run(torch.compile(forward, backend="aot_eager", fullgraph=True))
     for a, b in zip(compiled, run(forward)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

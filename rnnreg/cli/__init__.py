@@ -13,7 +13,9 @@ one-line errors, and the two commands (presets, download) too small for a module
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import textwrap
 import typing
 from pathlib import Path
 
@@ -21,8 +23,9 @@ from tqdm.auto import tqdm
 
 from rnnreg.cli import scoring, study, training
 from rnnreg.lm import distributed
+from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.sources import DataError, default_data_dir, download_ptb, resolve_data_dir
-from rnnreg.lm.presets import PRESETS
+from rnnreg.lm.presets import PRESETS, Preset
 from rnnreg.lm.rundir.layout import RunDirError
 from rnnreg.lm.training.loop import TrainingDiverged
 
@@ -63,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     training.add_commands(commands)
     scoring.add_commands(commands)
     study.add_commands(commands)
-    presets = commands.add_parser("presets", help="list the presets and their published numbers")
+    presets = commands.add_parser(
+        "presets", help="list the presets and their published numbers, or show one in full")
+    presets.add_argument("name", nargs="?", choices=list(PRESETS), metavar="NAME",
+                         help=f"show this preset's every setting ({', '.join(PRESETS)})")
     presets.set_defaults(handler=_presets)
     download = commands.add_parser("download", help="download a corpus and verify its MD5 sums")
     download.add_argument("corpus", choices=["ptb"], help="Mikolov's Penn Treebank (10k words)")
@@ -74,16 +80,53 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _presets(_: argparse.Namespace) -> int:
+def _presets(args: argparse.Namespace) -> int:
+    """A table that fits a 100-column terminal, or one preset's full recipe.
+
+    The table keeps what tells presets apart (shape, regularizer, the published perplexities);
+    the source, the notes and every Config field are in ``rnnreg presets NAME``.
+    """
+    if args.name is None:
+        print(_preset_table())
+    else:
+        print(_preset_detail(PRESETS[args.name]))
+    return 0
+
+
+def _preset_table() -> str:
+    """One row per preset, columns padded to their widest cell, numbers right-aligned."""
+    paper_keys = list(dict.fromkeys(key for p in PRESETS.values() for key in p.paper))
+    header = ["name", "cell", "layers", "strategy", "p", "bptt", "epochs", *paper_keys]
+    rows = [header]
     for preset in PRESETS.values():
         config = preset.config()
-        paper = ", ".join(f"{k} {v}" for k, v in preset.paper.items()) or "no published numbers"
-        shape = (f"{config.num_layers}x{config.hidden_size}" if len(set(config.sizes)) == 1
-                 else "-".join(map(str, config.sizes)))
-        print(f"{preset.name:14s} {config.cell} {shape} "
-              f"{config.strategy} p={config.dropout} bptt={config.bptt} "
-              f"epochs={config.epochs}  | paper: {paper}  ({preset.note}; {preset.source})")
-    return 0
+        rows.append([preset.name, config.cell, _preset_shape(config), config.strategy,
+                     str(config.dropout), str(config.bptt), str(config.epochs),
+                     *(str(preset.paper.get(key, "-")) for key in paper_keys)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    numbers = range(header.index("p"), len(header))
+    lines = ["  ".join(cell.rjust(width) if i in numbers else cell.ljust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
+    return "\n".join([*lines, "", f"{', '.join(paper_keys)}: published PTB perplexities; "
+                       "`rnnreg presets NAME` shows one preset in full."])
+
+
+def _preset_shape(config: Config) -> str:
+    """``layers x hidden`` (``2x650``), or each layer's size where they differ."""
+    if len(set(config.sizes)) == 1:
+        return f"{config.num_layers}x{config.hidden_size}"
+    return "-".join(map(str, config.sizes))
+
+
+def _preset_detail(preset: Preset) -> str:
+    """Name, note, source, published numbers, then every Config field as ``field = JSON``."""
+    paper = ", ".join(f"{k} {v}" for k, v in preset.paper.items()) or "no published numbers"
+    prose = [f"{preset.name}: {preset.note}", f"source: {preset.source}", f"paper: {paper}"]
+    fields = [f"  {key} = {json.dumps(value)}"
+              for key, value in preset.config().to_dict().items()]
+    return "\n".join([*(textwrap.fill(line, 100, subsequent_indent="    ", break_on_hyphens=False)
+                        for line in prose), "config:", *fields])
 
 
 def _download(args: argparse.Namespace) -> int:
