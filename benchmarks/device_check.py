@@ -527,7 +527,7 @@ class Check:
         """The rows that get a CPU core per process on a GPU (a training process drives its
         kernels from one core; sharing cores would slow every row); the rest are skipped.
         The CPU rehearsal shares its cores anyway, so all its rows run."""
-        rows, cores, used = [], self.machine.get("cpus") or os.cpu_count() or 1, 0
+        rows, cores, used = [], os.cpu_count() or 1, 0
         for row in self.profile.rows:
             if self.profile.device == "cuda" and used + row.processes > cores:
                 self.record(Stage(row.name, "skipped", 0.0, f"needs {row.processes} more "
@@ -727,7 +727,9 @@ def _run_result(out: Path, minutes: float, stopped: bool = False) -> RunResult:
     planned = "?"
     with contextlib.suppress(OSError, ValueError, KeyError):
         planned = json.loads((out / "config.json").read_text())["config"]["epochs"]
-    speed = (epochs or steps or [{}])[-1].get("tokens_per_s")
+    rates = [r["tokens_per_s"] for r in records if r.get("event") in ("epoch", "step")
+             and r.get("tokens_per_s") is not None]
+    speed = rates[-1] if rates else None  # the latest: an epoch's mean, or a step record's
     done = max([float(len(epochs))] + [s.get("epochs_done", 0.0) for s in steps])
     if final is not None and final.get("complete"):
         return RunResult("complete", "", f"{final['epochs_completed']} of {planned}",
