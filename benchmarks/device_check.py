@@ -311,13 +311,15 @@ class Check:
         """
         grace, pending = self.profile.grace, list(running)
         try:
-            while pending:
+            while True:
                 now = time.monotonic()
                 for item in pending:
                     item.enforce(now, grace)
                 for item in [i for i in pending if i.done()]:
                     pending.remove(item)
                     self._finish(item)
+                if not pending:
+                    break
                 time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
             for item in pending:
