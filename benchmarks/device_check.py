@@ -266,6 +266,7 @@ class Check:
         self.commit = _commit()
         self.row_commands: dict[str, str] = {}
         self.row_results: dict[str, list[tuple[str, RunResult]]] = {}
+        self.live: list[Running] = []  # started and not yet finished
 
     # --- running stages -------------------------------------------------------------------
 
@@ -300,14 +301,15 @@ class Check:
                                        stdout=table if stdout else err, stderr=err,
                                        start_new_session=True)
         stage = Stage(name, "running", 0.0, began=began - self.started)
-        return Running(stage, process, log, began + max(limit - self.profile.grace, 1),
-                       describe)
+        self.live.append(Running(stage, process, log,
+                                 began + max(limit - self.profile.grace, 1), describe))
+        return self.live[-1]
 
     def supervise(self, running: list[Running]) -> None:
         """Hold every stage to its limit until all have ended; record each as it ends.
 
         On Ctrl-C or SIGTERM (a KeyboardInterrupt here) every group still running is stopped
-        the same way, recorded as interrupted, and the interrupt goes on to the caller.
+        (:meth:`stop_live`) and the interrupt goes on to the caller.
         """
         grace, pending = self.profile.grace, list(running)
         try:
@@ -322,14 +324,21 @@ class Check:
                     break
                 time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
-            for item in pending:
-                item.interrupted = True
-            _stop_groups(pending, grace)
-            for item in pending:
-                self._finish(item)
+            self.stop_live()
             raise
 
+    def stop_live(self) -> None:
+        """Stop every stage started and not finished, each group the same way (SIGTERM,
+        SIGKILL after the grace period), and record it as interrupted."""
+        live = list(self.live)
+        for item in live:
+            item.interrupted = True
+        _stop_groups(live, self.profile.grace)
+        for item in live:
+            self._finish(item)
+
     def _finish(self, item: Running) -> None:
+        self.live.remove(item)
         item.process.wait()
         stage = item.stage
         stage.status = item.status()
@@ -822,6 +831,7 @@ def main(argv=None) -> int:
             check.training(data)
     except KeyboardInterrupt:
         interrupted = True
+        check.stop_live()  # any started outside supervise(), a moment before the signal
         print("\ninterrupted: the stages still running were stopped", flush=True)
     finally:
         check.publish()

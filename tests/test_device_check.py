@@ -349,6 +349,40 @@ def test_sigterm_stops_the_running_stage_group_and_still_writes_results(tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.md"]
 
 
+STOPPED_ROWS = """
+import signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import device_check
+check = device_check.Check(Path(sys.argv[2]), device_check.QUICK, quick=True)
+signal.signal(signal.SIGTERM, device_check._interrupt_once)
+sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+rows = [check.start(name, sleeper, 100) for name in ("medium", "large")]
+print(*(row.process.pid for row in rows), flush=True)
+try:
+    check.supervise(rows)
+except KeyboardInterrupt:
+    sys.exit(130)
+finally:
+    device_check.shutil.rmtree(check.work)
+"""
+
+
+@pytest.mark.slow  # starts rows, then stops the check that runs them with SIGTERM
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_every_running_row_and_records_it(tmp_path):
+    (tmp_path / "out").mkdir()
+    check = subprocess.Popen([sys.executable, "-c", STOPPED_ROWS, str(REPO_ROOT / "benchmarks"),
+                              str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    groups = [int(pid) for pid in check.stdout.readline().split()]
+    assert len(groups) == 2 and all(_processes(2, group) for group in groups)
+    check.send_signal(signal.SIGTERM)
+    assert check.wait(timeout=30) == 130
+    assert all(_gone(lambda group=group: _processes(2, group)) for group in groups)
+    table = _table((tmp_path / "out" / "summary.md").read_text())
+    assert table["medium"][0] == table["large"][0] == "interrupted"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("RNNREG_REHEARSAL") != "1", reason=(
     "the whole CPU rehearsal is far longer than the suite's other tests; "
