@@ -15,7 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from rnnreg.cli.flags import add_config_flags, add_data_dir, config_overrides
+from rnnreg.cli.flags import (
+    HelpFormatter,
+    add_config_flags,
+    add_data_dir,
+    config_overrides,
+    flag_groups,
+)
 from rnnreg.lm import distributed
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb
@@ -29,26 +35,29 @@ __all__ = ["add_commands"]
 
 def add_commands(commands) -> None:
     train = commands.add_parser(
-        "train", help="train a language model (or --resume one)",
+        "train", help="train a language model (or --resume one)", formatter_class=HelpFormatter,
+        usage="%(prog)s [--preset NAME | --budget-minutes M] [--out DIR] [--resume] [FLAG ...]",
         description="Rerunning the same command with --resume continues the run in --out "
                     "where it stopped, or starts it if there is none yet.")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                       help="starting configuration, every flag below overrides it "
-                            "(default: small)")
-    train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out exactly where it stopped (start it if "
-                            "--out holds none); flags must match the run's, except --epochs "
-                            "and --max-train-minutes, which may be raised")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--no-download", action="store_true",
-                       help="never download PTB when no corpus is given")
-    train.add_argument("--budget-minutes", type=float, metavar="M",
-                       help="train for M minutes with cpu-30min resized for M and this "
-                            "corpus's vocabulary (size, softmax, tying: rnnreg.budget_config); "
-                            "instead of --preset, and flags below still override it")
-    add_data_dir(train)
-    add_config_flags(train)
+    start = train.add_argument_group(
+        "starting configuration", "a preset (`rnnreg presets` lists them) or a time budget; "
+        "every flag below overrides it")
+    # No default here: whether --preset was given decides where a resume's config comes from.
+    start.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                       metavar="NAME", help="configuration to start from (default: small)")
+    start.add_argument("--budget-minutes", type=float, metavar="M",
+                       help="cpu-30min resized for M minutes and the corpus")
+    groups = flag_groups(train, {"device": "more processes: torchrun --nproc-per-node N -m "
+                                           "rnnreg train ...; each trains B/N streams"})
+    add_data_dir(groups["data"])
+    groups["data"].add_argument("--no-download", action="store_true",
+                                help="never download PTB when no corpus is given")
+    run = groups["run"]
+    run.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET-TIME)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out where it stopped")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(groups)
     train.set_defaults(handler=_train)
 
 
@@ -56,9 +65,10 @@ def _train(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-    name = args.preset if args.budget_minutes is None else f"budget-{args.budget_minutes:g}min"
+    named_preset = "preset" in args
+    preset = args.preset if named_preset else "small"
+    name = preset if args.budget_minutes is None else f"budget-{args.budget_minutes:g}min"
     out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    named_preset = any(arg.split("=", 1)[0] == "--preset" for arg in args.argv)
     if args.budget_minutes is not None:
         if named_preset:
             raise ValueError("--budget-minutes chooses the configuration itself (cpu-30min "
@@ -70,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
         # Without --preset the command names only its flags: they are what must match.
         config = read_config(RunDir(out)).replace(**overrides)
     else:
-        config = preset_config(args.preset).replace(**overrides)
+        config = preset_config(preset).replace(**overrides)
     try:
         summary = train(config, out, data_dir=args.data_dir, resume=args.resume,
                         download=not args.no_download, progress=not args.no_progress)
