@@ -19,6 +19,7 @@ import rnnreg.cli as cli
 import rnnreg.lm.training.loop as train_module
 from rnnreg.cli.flags import GROUPS
 from rnnreg.lm.config import Config
+from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.training.loop import train
@@ -251,6 +252,49 @@ def test_invalid_config_flags_are_one_line_errors(flags, fragment, tmp_path, mod
                         str(tmp_path / "run"), *TRAIN_FLAGS, *flags)
     _assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.fixture
+def bare_user(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A new user's empty working directory and empty cache, with no $RNNREG_DATA set."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("RNNREG_DATA", raising=False)
+    return work, cache
+
+
+def test_a_start_without_a_corpus_leaves_no_folder(bare_user, capsys):
+    work, cache = bare_user
+    code, _, err = _cli(capsys, "train", "--no-download", *TRAIN_FLAGS)
+    _assert_one_line_error(code, err, "does not exist", "download ptb")
+    assert list(work.iterdir()) == [] and not cache.exists()
+
+
+def test_a_start_without_network_leaves_no_folder(bare_user, capsys, monkeypatch):
+    work, cache = bare_user
+    cache.mkdir()  # the user's cache exists; rnnreg's folder in it does not
+    # Nothing listens on port 9 (discard) of the loopback: the connection is refused at once.
+    monkeypatch.setattr(sources, "PTB_URL", "http://127.0.0.1:9/{name}")
+    code, _, err = _cli(capsys, "train", *TRAIN_FLAGS)
+    downloading, error = err.strip().splitlines()  # the line that says what it fetches
+    _assert_one_line_error(code, error, "could not download")
+    assert list(work.iterdir()) == [] and list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [
+    ("--hidden-size", "0"),                                # refused by the config
+    ("--cell", "transformer"),                             # refused by argparse
+    ("--softmax", "adaptive", "--adaptive-cutoffs", "5000"),  # refused by the model, after
+])                                                         # the run directory was written
+def test_a_start_with_a_bad_flag_leaves_no_folder(flags, bare_user, module_corpus, capsys):
+    work, cache = bare_user
+    (work / "runs" / "other").mkdir(parents=True)  # another run's folder stays
+    code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), *TRAIN_FLAGS, *flags)
+    assert code == 2 and err.startswith("rnnreg: error: ")
+    assert [p.relative_to(work) for p in work.rglob("*")] == [Path("runs"), Path("runs/other")]
+    assert not cache.exists()
 
 
 def test_resume_without_out_is_a_one_line_error(capsys):

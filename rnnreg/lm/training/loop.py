@@ -50,7 +50,7 @@ from rnnreg.lm.training import console
 from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.loss import activation_penalties, summed_loss
 from rnnreg.lm.training.resume import Checkpoints, StopRequests
-from rnnreg.lm.training.start import Start, after_write_error, remove_unstarted, start_run
+from rnnreg.lm.training.start import Start, after_write_error, start_run
 from rnnreg.nn import loops
 
 __all__ = ["TrainingDiverged", "train"]
@@ -81,24 +81,18 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
     :mod:`rnnreg.lm.distributed`); only rank 0 needs ``out``, and every rank ``data_dir``.
     """
     run = RunDir(out)
-    fresh = not run.path.exists()
-    try:
-        with distributed.launch() as world, contextlib.ExitStack() as held:
-            start = start_run(run, held, world, config, data_dir, resume=resume,
-                              download=download, progress=progress, verbose=verbose)
-            trainer = _trainer(start, run, world, progress, on_step, verbose)
-            try:
-                return trainer.fit()
-            except WriteError as error:
-                raise error.advise(after_write_error(error, trainer.saved_step)) from error
-            finally:
-                # Its DDP wrapper holds the process group: release it before launch() tears the
-                # group down, the order torch.distributed asks for at shutdown.
-                del trainer
-    except BaseException:
-        if fresh:
-            remove_unstarted(run)
-        raise
+    with distributed.launch() as world, contextlib.ExitStack() as held:
+        start = start_run(run, held, world, config, data_dir, resume=resume,
+                          download=download, progress=progress, verbose=verbose)
+        trainer = _trainer(start, run, world, progress, on_step, verbose)
+        try:
+            return trainer.fit()
+        except WriteError as error:
+            raise error.advise(after_write_error(error, trainer.saved_step)) from error
+        finally:
+            # Its DDP wrapper holds the process group: release it before launch() tears the
+            # group down, the order torch.distributed asks for at shutdown.
+            del trainer
 
 
 def _trainer(start: Start, run: RunDir, world: World, progress: bool,
