@@ -297,11 +297,6 @@ def test_a_start_with_a_bad_flag_leaves_no_folder(flags, bare_user, module_corpu
     assert not cache.exists()
 
 
-def test_resume_without_out_is_a_one_line_error(capsys):
-    code, _, err = _cli(capsys, "train", "--resume")
-    _assert_one_line_error(code, err, "--resume needs --out")
-
-
 @pytest.mark.slow
 def test_resume_with_a_differing_flag_is_refused_naming_it(cli_run, capsys):
     out, _ = cli_run

@@ -32,7 +32,6 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except (ValueError, DataError, RunDirError, TrainingDiverged, OSError,

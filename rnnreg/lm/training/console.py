@@ -22,8 +22,8 @@ from rnnreg.lm.model import count_parameters
 from rnnreg.lm.rundir.checkpoint import Progress
 from rnnreg.lm.runs import where
 
-__all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "saved_line",
-           "show_window", "step_line", "stopped_line", "window_postfix"]
+__all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "finished_line",
+           "saved_line", "show_window", "step_line", "stopped_line", "window_postfix"]
 
 
 def announce_start(run_path: Path, corpus: Corpus, world: World, progress: Progress,
@@ -82,6 +82,13 @@ def saved_line(progress: Progress, rows: int, run_path: Path) -> str:
 def stopped_line(progress: Progress, rows: int, run_path: Path) -> str:
     """The message of the KeyboardInterrupt a requested stop ends with."""
     return f"stopped: {saved_line(progress, rows, run_path)}; continue with --resume"
+
+
+def finished_line(progress: Progress, run_path: Path) -> str:
+    """What a rerun of a finished run says before it scores the run again."""
+    return (f"{run_path.resolve()} holds a finished run ({where(progress.__dict__)}): scoring "
+            "it again; raise --epochs or --max-train-minutes to train on, or choose another "
+            "--out for a new run")
 
 
 def step_line(record: dict) -> str:

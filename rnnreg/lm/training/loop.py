@@ -157,6 +157,8 @@ class _Trainer:
             if self.verbose and self.progress.epoch <= self.config.epochs:
                 tqdm.write(f"time budget of {self.config.max_train_minutes:g} min reached: "
                            f"{console.saved_line(self.progress, self.rows, self.run.path)}")
+        elif self.verbose:
+            tqdm.write(console.finished_line(self.progress, self.run.path))
         return self.world.from_main(self._score_final)
 
     def _epochs(self) -> None:
