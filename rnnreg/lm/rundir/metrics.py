@@ -25,8 +25,8 @@ from rnnreg.lm.rundir.layout import RunDir
 
 __all__ = ["STEP_SECONDS", "Logbook", "strict"]
 
-# Without --log-every, a step record about this often: curves within a minute of the start,
-# and a file that stays small over a day-long run.
+# Without --log-every, a step record after about this many seconds of training: curves within
+# a minute of the start, and a file that stays small over a day-long run.
 STEP_SECONDS = 30.0
 CURVE_NAME = "learning_curve.png"
 
