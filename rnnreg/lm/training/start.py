@@ -103,7 +103,8 @@ def _undo_unstarted(run: RunDir, made: list[Path]):
     runs while the lock is still held and no other process can be writing there.
     """
     def on_exit(kind, error, traceback) -> None:
-        if kind is None or not made or not _holds_only_a_start(run.path):
+        if (kind is None or not made or not run.path.is_dir()
+                or not _holds_only_a_start(run.path)):
             return
         for name in _STARTED_FILES:
             (run.path / name).unlink(missing_ok=True)
