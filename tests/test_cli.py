@@ -111,6 +111,7 @@ def test_train_help_groups_the_flags_the_way_a_user_looks_for_them(capsys, monke
     assert headings == ["options", "starting configuration", *GROUPS.values()]
     usage = text.split("\n\n")[0]
     assert usage.count("\n") == 0, usage  # one usage line, not every flag again
+    assert max(map(len, text.splitlines())) <= 80
     section = text[text.index("\nregularization:"):text.index("\noptimization:")]
     assert "--dropout P " in section and "--zoneout-hidden P " in section
     assert "--lr LR " in text[text.index("\noptimization:"):text.index("\nschedule:")]

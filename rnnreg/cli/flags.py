@@ -89,8 +89,8 @@ def _add_flag(group, field: dataclasses.Field, hint) -> None:
         allowed = meta["choices"]
         group.add_argument(flag, type=_none_or(kind), choices=(*allowed, None),
                            metavar="{" + ",".join((*allowed, "none")) + "}", **options)
-    elif meta["choices"]:
-        group.add_argument(flag, choices=meta["choices"], **options)
+    elif meta["choices"]:  # argparse lists the choices unless the field names its value
+        group.add_argument(flag, choices=meta["choices"], metavar=meta["metavar"], **options)
     else:
         group.add_argument(flag, type=_none_or(kind) if optional else kind,
                            metavar=meta["metavar"], **options)

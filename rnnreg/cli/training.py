@@ -34,6 +34,7 @@ from rnnreg.lm.presets import PRESETS, budget_config, preset_config
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.runs import read_config
 from rnnreg.lm.training.loop import train
+from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["add_commands"]
 
@@ -43,7 +44,7 @@ _DEFAULT_PRESET = "small"
 def add_commands(commands) -> None:
     train = commands.add_parser(
         "train", help="train a language model (or --resume one)", formatter_class=HelpFormatter,
-        usage="%(prog)s [--preset NAME | --budget-minutes M] [--out DIR] [--resume] [FLAG ...]",
+        usage="%(prog)s [--preset NAME | --budget-minutes M] [--out DIR] [FLAG ...]",
         description="Trains into --out, runs/PRESET (or runs/budget-Mmin) when not given. "
                     "Rerunning the same command continues that run where it stopped (a "
                     "finished run is scored again); a run with other settings there is "
@@ -56,8 +57,11 @@ def add_commands(commands) -> None:
                        metavar="NAME", help="configuration to start from (default: small)")
     start.add_argument("--budget-minutes", type=float, metavar="M",
                        help="cpu-30min resized for M minutes and the corpus")
-    groups = flag_groups(train, {"device": "more processes: torchrun --nproc-per-node N -m "
-                                           "rnnreg train ...; each trains B/N streams"})
+    groups = flag_groups(train, {
+        "regularization": f"strategies: {', '.join(STRATEGIES)}; a placement's own rate "
+                          "overrides the strategy's P there",
+        "device": "more processes: torchrun --nproc-per-node N -m rnnreg train ...; each "
+                  "trains B/N streams"})
     add_data_dir(groups["data"])
     groups["data"].add_argument("--no-download", action="store_true",
                                 help="never download PTB when no corpus is given")

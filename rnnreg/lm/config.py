@@ -98,7 +98,7 @@ class Config:
 
     # --- regularization ----------------------------------------------------------------
     strategy: str = _option("none", "regularization",
-                            "dropout strategy: where masks act, how often",
+                            "strategy NAME: where masks act, how often", "NAME",
                             choices=tuple(STRATEGIES))
     # Paper: 0 small, 0.5 medium, 0.65 large.
     dropout: float = _option(0.0, "regularization", "the strategy's dropout rate P", "P")
