@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ from conftest import REPO_ROOT, write_corpus
 
 import rnnreg.cli as cli
 import rnnreg.lm.training.loop as train_module
+from rnnreg.cli.flags import GROUPS
 from rnnreg.lm.config import Config
+from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.training.loop import train
@@ -71,13 +74,53 @@ def test_module_entry_point_prints_help():
         assert command in result.stdout
 
 
-def test_every_config_field_is_a_train_flag(capsys):
+def _train_help(capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
     with pytest.raises(SystemExit) as exited:
         cli.main(["train", "--help"])
     assert exited.value.code == 0
-    text = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_every_config_field_is_a_train_flag_with_one_line_of_help(capsys, monkeypatch):
+    lines = _train_help(capsys, monkeypatch).splitlines()
     for field in dataclasses.fields(Config):
-        assert "--" + field.name.replace("_", "-") in text, field.name
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata["help"]
+        assert help_text and field.metadata["group"] in GROUPS, field.name
+        # The flag is listed, and its help is printed whole on one line (not wrapped).
+        assert any(line.lstrip().startswith(flag) for line in lines), flag
+        assert any(line.strip().endswith(help_text) for line in lines), (flag, help_text)
+
+
+def test_value_names_in_the_help_are_the_ones_its_words_use(capsys, monkeypatch):
+    text = _train_help(capsys, monkeypatch)
+    for field in dataclasses.fields(Config):
+        metavar = field.metadata["metavar"]
+        if metavar is not None:
+            # As a word of its own: "N hidden units", "(-R, R)", not inside --layer-sizes.
+            assert re.search(rf"(?<![\w-]){metavar}(?!\w)|\(-{metavar}",
+                             field.metadata["help"]), field.name
+            assert f"--{field.name.replace('_', '-')} {metavar}" in text, field.name
+
+
+def test_train_help_groups_the_flags_the_way_a_user_looks_for_them(capsys, monkeypatch):
+    text = _train_help(capsys, monkeypatch)
+    headings = [line[:-1] for line in text.splitlines() if line and line.endswith(":")
+                and not line.startswith(" ")]
+    assert headings == ["options", "starting configuration", *GROUPS.values()]
+    usage = text.split("\n\n")[0]
+    assert usage.count("\n") == 0, usage  # one usage line, not every flag again
+    assert max(map(len, text.splitlines())) <= 80
+    section = text[text.index("\nregularization:"):text.index("\noptimization:")]
+    assert "--dropout P " in section and "--zoneout-hidden P " in section
+    assert "--lr LR " in text[text.index("\noptimization:"):text.index("\nschedule:")]
+
+
+def test_preset_abbreviated_is_the_preset(capsys):
+    # argparse accepts --pres for --preset: it must count as naming a preset everywhere.
+    code, _, err = _cli(capsys, "train", "--budget-minutes", "1", "--pres", "small")
+    _assert_one_line_error(code, err, "drop --preset")
 
 
 def test_presets_lists_the_paper_numbers(capsys):
@@ -212,9 +255,47 @@ def test_invalid_config_flags_are_one_line_errors(flags, fragment, tmp_path, mod
     assert not (tmp_path / "run" / "config.json").exists()
 
 
-def test_resume_without_out_is_a_one_line_error(capsys):
-    code, _, err = _cli(capsys, "train", "--resume")
-    _assert_one_line_error(code, err, "--resume needs --out")
+@pytest.fixture
+def bare_user(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A new user's empty working directory and empty cache, with no $RNNREG_DATA set."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("RNNREG_DATA", raising=False)
+    return work, cache
+
+
+def test_a_start_without_a_corpus_leaves_no_folder(bare_user, capsys):
+    work, cache = bare_user
+    code, _, err = _cli(capsys, "train", "--no-download", *TRAIN_FLAGS)
+    _assert_one_line_error(code, err, "does not exist", "download ptb")
+    assert list(work.iterdir()) == [] and not cache.exists()
+
+
+def test_a_start_without_network_leaves_no_folder(bare_user, capsys, monkeypatch):
+    work, cache = bare_user
+    cache.mkdir()  # the user's cache exists; rnnreg's folder in it does not
+    # Nothing listens on port 9 (discard) of the loopback: the connection is refused at once.
+    monkeypatch.setattr(sources, "PTB_URL", "http://127.0.0.1:9/{name}")
+    code, _, err = _cli(capsys, "train", *TRAIN_FLAGS)
+    downloading, error = err.strip().splitlines()  # the line that says what it fetches
+    _assert_one_line_error(code, error, "could not download")
+    assert list(work.iterdir()) == [] and list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [
+    ("--hidden-size", "0"),                                # refused by the config
+    ("--cell", "transformer"),                             # refused by argparse
+    ("--softmax", "adaptive", "--adaptive-cutoffs", "5000"),  # refused by the model, after
+])                                                         # the run directory was written
+def test_a_start_with_a_bad_flag_leaves_no_folder(flags, bare_user, module_corpus, capsys):
+    work, cache = bare_user
+    (work / "runs" / "other").mkdir(parents=True)  # another run's folder stays
+    code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), *TRAIN_FLAGS, *flags)
+    assert code == 2 and err.startswith("rnnreg: error: ")
+    assert [p.relative_to(work) for p in work.rglob("*")] == [Path("runs"), Path("runs/other")]
+    assert not cache.exists()
 
 
 @pytest.mark.slow

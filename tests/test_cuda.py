@@ -523,3 +523,33 @@ def test_train_interrupt_and_resume_on_device(name, resumed_runs):
 def test_zaremba_resume_on_device_is_exact(resumed_runs):
     base, _, reference, summary = resumed_runs("zaremba")
     _assert_resume_was_exact(base, reference, summary)
+
+
+@pytest.mark.parametrize("name", ["variational", "zaremba"])
+def test_training_windows_between_log_points_never_wait_for_the_device(name, tmp_path):
+    """The trainer reads losses off the GPU only at log points and epoch ends: with CUDA's
+    sync debug mode set to raise, every window between them trains. (On the CPU there is no
+    device to wait for; test_train counts the host reads there instead.)"""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA's sync debug mode needs CUDA; test_train covers the CPU")
+    data = write_corpus(tmp_path / "corpus")
+    config = TINY.replace(strategy=name, epochs=1, log_every=10_000)
+    rows = Corpus.load(data).train.numel() // config.batch_size - 1
+    windows = math.ceil(rows / config.bptt)  # the last one reads the epoch's losses
+
+    def watch(step: int) -> None:
+        # From after window 2 (the first windows may allocate and build) to after the
+        # next-to-last: windows 3 to windows - 1 run under the mode, whole.
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        elif step == windows - 1:
+            torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        summary = _train(config, tmp_path / "run", data, on_step=watch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert summary["complete"] is True and math.isfinite(summary["test_ppl"])
+    steps = [r["step"] for r in RunDir(tmp_path / "run").read_metrics()
+             if r.get("event") == "epoch"]
+    assert steps == [windows] and windows > 4

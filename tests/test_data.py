@@ -159,15 +159,16 @@ def test_download_ptb_md5_mismatch_leaves_nothing_behind(tmp_path):
     message = str(err.value)
     assert url.format(name="ptb.valid.txt") in message
     assert "0" * 32 in message and _md5(VALID.encode()) in message
-    # train came first and verified, but a half corpus is no corpus: it is removed again, and
-    # the corrupt valid left neither file nor temporary file.
-    assert list(target.iterdir()) == []
+    # train came first and verified, but a half corpus is no corpus: it is removed again, the
+    # corrupt valid left neither file nor temporary file, and the directory made for them went.
+    assert not target.exists() and list(tmp_path.iterdir()) == [tmp_path / "mirror"]
 
 
 def test_download_ptb_unreachable_url_raises_data_error(tmp_path):
     url, md5s = _source(tmp_path)
     (tmp_path / "mirror" / "ptb.train.txt").unlink()
     target = tmp_path / "data"
+    target.mkdir()  # the user's directory: emptied of what the download wrote, not removed
     with pytest.raises(DataError, match="could not download .*ptb.train.txt"):
         download_ptb(target, url_template=url, md5s=md5s, progress=False)
     assert list(target.iterdir()) == []

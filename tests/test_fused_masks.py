@@ -530,7 +530,8 @@ def test_recurrent_mask_flag_reaches_the_model_layers():
 
     args = cli._parser().parse_args(["train", "--strategy", "variational", "--dropout", "0.3",
                                      "--recurrent-mask", "batch"])
-    config = preset_config(args.preset).replace(**config_overrides(args))
+    # "small": the preset train uses when none is named.
+    config = preset_config("small").replace(**config_overrides(args))
     assert config.recurrent_mask == "batch"
     for sizes in (None, (12, 8)):
         changed = config.replace(hidden_size=8, num_layers=2, layer_sizes=sizes)

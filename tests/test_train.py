@@ -20,6 +20,7 @@ from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir, RunDirError
 from rnnreg.lm.runs import load_model
+from rnnreg.lm.training import console
 from rnnreg.lm.training.loop import TrainingDiverged, train
 
 
@@ -339,3 +340,102 @@ def test_words_training_never_saw_are_unk_and_their_share_is_reported(tmp_path, 
     train(RECIPE.replace(epochs=1), tmp_path / "run", data_dir=data, progress=False)
     # "the zebra sat <eos>": one token in four was never seen in training.
     assert "<unk> share: train 0.0%, valid 25.0%, test 0.0%" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _recorded_losses(monkeypatch) -> list[torch.Tensor]:
+    """Each window's loss as the loop computed it, kept on its device (reading it here would
+    be a host read of its own)."""
+    losses, original = [], train_module.summed_loss
+
+    def recording(scores, targets):
+        loss = original(scores, targets)
+        losses.append(loss.detach().clone())
+        return loss
+
+    monkeypatch.setattr(train_module, "summed_loss", recording)
+    return losses
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Every read of a tensor's value into Python from now on, by name."""
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+@pytest.mark.slow
+def test_windows_between_log_points_read_nothing_and_the_sums_are_per_window_reads(
+        tmp_path, tiny_corpus, monkeypatch):
+    config = RECIPE.replace(epochs=2, log_every=4)
+    losses = _recorded_losses(monkeypatch)
+    reads = _count_host_reads(monkeypatch)
+    at_step: list[int] = []
+    _quiet_train(config, tmp_path / "run", tiny_corpus, on_step=lambda step: at_step.append(
+        len(reads)))
+    monkeypatch.undo()
+    rows = _epochs(tmp_path / "run")[0]["step"]  # windows per epoch
+    # From the end of one window's step to the end of the next: only log points and the
+    # epoch's last window (where the loop reads the windows' losses) read anything, and the
+    # first window of an epoch, whose interval holds the previous epoch's validation.
+    for step in range(2, len(at_step) + 1):
+        if step % config.log_every and step % rows and (step - 1) % rows:
+            assert at_step[step - 1] == at_step[step - 2], f"window {step} read the device"
+    assert at_step[3] > at_step[2]  # the reads at log points are counted (the check can fail)
+
+    # The oracle: each window's loss read on its own, times its columns, summed in float64 in
+    # window order, as a per-window read would sum them.
+    nlls = [float(loss) * config.batch_size for loss in losses]
+    tokens = config.bptt * config.batch_size
+    records = [r for r in RunDir(tmp_path / "run").read_metrics() if r.get("event") == "step"]
+    assert [r["step"] for r in records] == list(range(4, len(at_step) + 1, 4))
+    previous = 0
+    for record in records:
+        total = 0.0
+        for nll in nlls[previous:record["step"]]:
+            total += nll
+        assert record["train_loss"] == total / (tokens * (record["step"] - previous))
+        previous = record["step"]
+    for epoch in _epochs(tmp_path / "run"):
+        total = 0.0
+        for nll in nlls[epoch["step"] - rows:epoch["step"]]:
+            total += nll
+        assert epoch["train_ppl"] == math.exp(total / (tokens * rows))
+
+
+@pytest.mark.slow
+def test_the_progress_bar_counts_tokens_and_shows_the_step_records(tmp_path, tiny_corpus,
+                                                                   monkeypatch):
+    config = RECIPE.replace(epochs=2, log_every=5)
+    shown, original = [], console.show_window
+
+    def spy(bar, tokens, record):
+        original(bar, tokens, record)
+        shown.append((bar.n, bar.total, bar.postfix, str(bar)))
+
+    monkeypatch.setattr(console, "show_window", spy)
+    train(config, tmp_path / "run", data_dir=tiny_corpus, progress=True, verbose=False)
+    windows = _epochs(tmp_path / "run")[0]["step"]  # per epoch, each of bptt whole rows
+    per_window = config.bptt * config.batch_size
+    for step, (n, total, _, _) in enumerate(shown, start=1):
+        assert total == windows * per_window and n == ((step - 1) % windows + 1) * per_window
+    records = [r for r in RunDir(tmp_path / "run").read_metrics() if r.get("event") == "step"]
+    assert records
+    for record in records:
+        _, _, postfix, line = shown[record["step"] - 1]
+        # The same perplexity and speed metrics.jsonl holds for the window just logged.
+        assert postfix == console.window_postfix(record)
+        assert f"train ppl {record['train_ppl']:.1f}, " in line
+        assert f"{record['tokens_per_s']:,.0f} tok/s" in line and " tokens [" in line
+        later = shown[record["step"]:record["step"] + config.log_every - 1]
+        assert all(shown_postfix == postfix for _, _, shown_postfix, _ in later)
+    assert shown[0][2] is None  # nothing to show before the first record

@@ -133,6 +133,43 @@ def test_a_rerun_with_the_preset_and_a_differing_flag_is_refused(tmp_path, capsy
         "says 0.5" in err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("out", [None, "elsewhere/run"], ids=["default_out", "out"])
+def test_the_same_command_without_resume_continues_its_run(out, tmp_path, capsys,
+                                                           monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    command = ["train", "--data-dir", str(corpus), *FLAGS, *(("--out", out) if out else ())]
+    run = (tmp_path / (out or "runs/small")).resolve()  # without --out: named after the preset
+    with monkeypatch.context() as patched:  # Ctrl-C after step 5, for this command only
+        AfterStep(5, signal_self(signal.SIGINT), patched.setattr)
+        assert _cli(capsys, *command)[0] == 130
+    assert load_tree(run / "checkpoints" / "last.safetensors")["progress"]["step"] == 5
+
+    code, stdout, err = _cli(capsys, *command)  # the very same command, once more
+    assert code == 0, err
+    assert f"resuming {run} in epoch 1" in stdout
+    summary = _last_json(stdout)
+    assert summary["epochs_completed"] == 2 and summary["complete"] is True
+    assert [p.name for p in run.parent.iterdir()] == [run.name]  # no second run beside it
+
+    # And again: the run is finished; the command says so and scores it again.
+    code, stdout, err = _cli(capsys, *command)
+    assert code == 0, err
+    assert f"{run} holds a finished run (after epoch 2)" in stdout
+    assert _last_json(stdout)["test_ppl"] == summary["test_ppl"]
+    if out is None:  # --resume alone continues the preset's run with its own settings
+        code, stdout, err = _cli(capsys, "train", "--resume", "--no-progress")
+        assert code == 0 and f"{run} holds a finished run" in stdout, err
+
+    # Other settings into the same directory are refused, naming them; the run is untouched.
+    before = (run / "metrics.jsonl").read_bytes()
+    code, _, err = _cli(capsys, *command, "--hidden-size", "8")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--hidden-size: run has 16, command says 8" in err and "another --out" in err
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
 # --------------------------------------------------------------------------- stops
 
 
@@ -145,7 +182,7 @@ def test_ctrl_c_prints_what_was_saved_and_the_command_that_resumes(tmp_path, cap
         AfterStep(5, signal_self(signal.SIGINT), patched.setattr)
         code, stdout, err = _cli(capsys, "train", "--data-dir", str(corpus), *FLAGS)
     assert code == 130
-    run = next((tmp_path / "runs").iterdir()).resolve()  # the default runs/small-TIMESTAMP
+    run = (tmp_path / "runs" / "small").resolve()  # the default: named after the preset
     assert f"run directory {run}" in stdout
     saved, command = err.strip().splitlines()[-2:]
     assert saved == f"rnnreg: stopped: saved in epoch 1, row 50 of 203 (step 5) in {run}; " \
@@ -334,7 +371,7 @@ def test_a_download_with_a_wrong_md5_leaves_no_half_written_corpus(mirror, tmp_p
     code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), *FLAGS)
     assert code == 2 and len(err.strip().splitlines()) == 2  # the announcement, the error
     assert "ptb.test.txt is corrupt" in err and "nothing was saved" in err
-    assert [p.name for p in mirror.iterdir()] == []  # train and valid were removed again
+    assert not mirror.exists()  # train and valid were removed again, and the folder made
     assert not (tmp_path / "run").exists()
 
 

@@ -35,7 +35,6 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except (ValueError, DataError, RunDirError, TrainingDiverged, OSError,
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the message (choices included), not the whole usage.
 
-    The usage of ``train`` runs to forty lines; the line that matters would scroll away.
+    A usage listing every flag would push the line that matters out of sight.
     Subcommand parsers inherit the class, so every command behaves the same.
     """
 

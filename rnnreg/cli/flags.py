@@ -1,10 +1,12 @@
 """Config -> flags: every Config field is a command-line flag of the same name.
 
 ``hidden_size`` is ``--hidden-size``, so one concept has one name in code, config.json, flags and
-docs. The flags are built from the dataclass's resolved type hints rather than listed by hand,
-so a new Config field is a new flag (with one line of help here) and nothing else. A module of
-its own because two commands (``train``, ``compare``) build on it and neither owns it; the
-``--data-dir`` option that every corpus-reading command shares lives here for the same reason.
+docs. The flags are built from the dataclass itself: each field's resolved type hint gives the
+flag's kind, and the field's metadata (``rnnreg.lm.config``) its one line of help, its group and
+the name of its value, so a new Config field is a new flag and its help is written once. A
+module of its own because two commands (``train``, ``compare``) build on it and neither owns
+it; the ``--data-dir`` option that every corpus-reading command shares lives here for the same
+reason.
 """
 
 from __future__ import annotations
@@ -14,21 +16,44 @@ import dataclasses
 import types
 import typing
 
-from rnnreg.lm.config import (
-    CELLS,
-    LEVELS,
-    LR_SCHEDULES,
-    OPTIMIZERS,
-    PRECISIONS,
-    SOFTMAXES,
-    Config,
-)
-from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES
+from rnnreg.lm.config import Config
 
-__all__ = ["add_config_flags", "add_data_dir", "config_overrides"]
+__all__ = ["GROUPS", "HelpFormatter", "add_config_flags", "add_data_dir", "config_overrides",
+           "flag_groups"]
+
+# The groups of a command's --help, in the order a user meets them: what to train on, the
+# model, how it is regularized, how it is optimized and for how long, how it is scored, where
+# the run goes, and on what hardware. Config fields name their group by its key.
+GROUPS = {
+    "data": "data",
+    "model": "model",
+    "regularization": "regularization",
+    "optimization": "optimization",
+    "schedule": "schedule",
+    "evaluation": "evaluation",
+    "run": "run and checkpoints",
+    "device": "device and distributed training",
+}
 
 
-def add_data_dir(parser: argparse.ArgumentParser, recorded: bool = False) -> None:
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout with help from column 32: most flags and their value name fit before
+    it, so at 80 columns each flag's help stays one line beside it."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def flag_groups(parser: argparse.ArgumentParser,
+                notes: typing.Mapping[str, str] | None = None) -> dict[str, typing.Any]:
+    """The parser's argument groups of :data:`GROUPS`, keyed alike; ``notes`` gives a group
+    the line printed under its title. A group left empty is not printed."""
+    notes = notes or {}
+    return {key: parser.add_argument_group(title, notes.get(key))
+            for key, title in GROUPS.items()}
+
+
+def add_data_dir(parser, recorded: bool = False) -> None:
     default = ("the corpus the run was trained on" if recorded else
                "$RNNREG_DATA, else the user cache")
     parser.add_argument("--data-dir", metavar="DIR_OR_FILE", help=(
@@ -36,103 +61,39 @@ def add_data_dir(parser: argparse.ArgumentParser, recorded: bool = False) -> Non
         f"file cut by --split-fractions (default: {default})"))
 
 
-# One line per Config field: what it does, in the words of config.py's comments.
-_FIELD_HELP = {
-    "level": "tokens: words, or characters with _ between words",
-    "split_fractions": "train,valid,test fractions when the corpus is one text file",
-    "max_vocab": "keep the N most frequent training words (<eos>, <unk> included), fold the "
-                 "rest into <unk>; none = all",
-    "min_count": "fold training words seen fewer than K times into <unk>",
-    "cell": "recurrent cell",
-    "hidden_size": "hidden units per layer (the top layer's with --layer-sizes)",
-    "num_layers": "recurrent layers",
-    "embedding_size": "embedding width; none = --hidden-size",
-    "layer_sizes": "one size per layer, e.g. 1150 1150 400 or 1150,1150,400 (sets "
-                   "--num-layers and --hidden-size unless given); none = uniform",
-    "tie_weights": "share the embedding and decoder weights (Press & Wolf 2017)",
-    "softmax": "full: one V-way softmax (the paper); adaptive: Grave et al. 2017's exact "
-               "clustered softmax, several times faster at 30k+ words",
-    "adaptive_cutoffs": "word ids where the adaptive head and each cluster end, e.g. 2000 "
-                        "10000; none = 2000 and 10000 below the vocabulary size",
-    "adaptive_div_value": "each adaptive cluster projects to hidden_size / div^(i+1) features",
-    "init_range": "weights start uniform in (-r, r)",
-    "strategy": "dropout strategy (where masks act, whether per step or per sequence)",
-    "dropout": "the strategy's dropout rate p",
-    "input_dropout": "dropout rate on the embedding output; none = the strategy's",
-    "between_dropout": "dropout rate between layers; none = the strategy's",
-    "output_dropout": "dropout rate before the decoder; none = the strategy's",
-    "recurrent_dropout": "dropout rate on h(t-1); none = the strategy's",
-    "weight_dropout": "DropConnect rate on W_hh; none = the strategy's",
-    "recurrent_mask": "sequence: one recurrent mask per row (Gal); batch: one per call, on the "
-                      "fused kernel (variational strategies only); none = the strategy's",
-    "zoneout_hidden": "zoneout rate on h (Krueger et al. 2017), in [0, 1); none = the "
-                      "strategy's",
-    "zoneout_cell": "zoneout rate on the LSTM's c, in [0, 1); none = the strategy's",
-    "embedding_dropout": "whole-word dropout rate (Gal & Ghahramani 2016)",
-    "activation_reg": "AR penalty alpha (Merity et al. 2018 eq. 3)",
-    "temporal_activation_reg": "TAR penalty beta (Merity et al. 2018 eq. 4)",
-    "weight_decay": "L2 penalty through the optimizer",
-    "train_tokens": "train on the first N tokens only; 0 = all",
-    "batch_size": "parallel streams",
-    "bptt": "unrolled steps per window",
-    "variable_bptt": "AWD's random window lengths around --bptt",
-    "epochs": "passes over the training split (may be raised on --resume)",
-    "lr": "learning rate",
-    "lr_schedule": "step: decay each epoch after --decay-after; cosine: anneal to 0 over the run",
-    "lr_decay": "factor the step schedule multiplies the lr by each epoch",
-    "decay_after": "epochs at the full learning rate (step schedule)",
-    "clip_norm": "gradient-norm clipping threshold",
-    "optimizer": "sgd, or asgd (AWD's non-monotonically triggered averaging)",
-    "asgd_nonmono": "epochs without improvement before ASGD starts averaging",
-    "seed": "random seed",
-    "device": "auto, cpu, cuda or cuda:N",
-    "precision": "training forward precision (evaluation is always float32)",
-    "eval_bptt": "window length when scoring a split as one stream",
-    "valid_batch_size": "streams for the per-epoch valid score; 1 = exact, larger = faster, "
-                        "approximate",
-    "checkpoint_minutes": "checkpoint mid-epoch this often; 0 = only at epoch ends",
-    "checkpoint_steps": "also checkpoint every N steps; 0 = off",
-    "max_train_minutes": "stop after this much training time; 0 = no limit (may be raised "
-                         "on --resume)",
-    "log_every": "write a step record (loss, ppl, tokens/s, lr) every N windows; 0 = about "
-                 "every 30 s",
-}
-_FIELD_CHOICES = {"level": LEVELS, "cell": CELLS, "strategy": tuple(STRATEGIES),
-                  "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
-                  "precision": PRECISIONS, "recurrent_mask": RECURRENT_MASKS,
-                  "softmax": SOFTMAXES}
-
-
-def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()):
-    """One flag per Config field (``hidden_size`` -> ``--hidden-size``), none by default.
+def add_config_flags(groups: dict[str, typing.Any],
+                     exclude: frozenset[str] = frozenset()) -> None:
+    """One flag per Config field (``hidden_size`` -> ``--hidden-size``) in the group its
+    metadata names, none by default: a flag not given leaves the preset's value.
 
     Flags are built from the fields' resolved types (``typing.get_type_hints``), so any
     annotation works, ``str | None`` included; ``none`` sets an optional field to None.
     """
-    fields = parser.add_argument_group(
-        "configuration", "defaults come from --preset (see `rnnreg presets`)")
     hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
-        if field.name in exclude:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kind, optional = _unwrap_optional(hints[field.name])
-        options = {"default": argparse.SUPPRESS, "help": _FIELD_HELP[field.name]}
-        if kind is bool:
-            fields.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
-        elif typing.get_origin(kind) is tuple:
-            fields.add_argument(flag, nargs="+", action=_TupleAction,
-                                item=typing.get_args(kind)[0], optional=optional,
-                                metavar=typing.get_args(kind)[0].__name__.upper(), **options)
-        elif field.name in _FIELD_CHOICES and optional:
-            allowed = _FIELD_CHOICES[field.name]
-            fields.add_argument(flag, type=_none_or(kind), choices=(*allowed, None),
-                                metavar="{" + ",".join((*allowed, "none")) + "}", **options)
-        elif field.name in _FIELD_CHOICES:
-            fields.add_argument(flag, choices=_FIELD_CHOICES[field.name], **options)
-        else:
-            fields.add_argument(flag, type=_none_or(kind) if optional else kind,
-                                metavar=field.name.upper(), **options)
+        if field.name not in exclude:
+            _add_flag(groups[field.metadata["group"]], field, hints[field.name])
+
+
+def _add_flag(group, field: dataclasses.Field, hint) -> None:
+    flag = "--" + field.name.replace("_", "-")
+    kind, optional = _unwrap_optional(hint)
+    meta = field.metadata
+    options = {"default": argparse.SUPPRESS, "help": meta["help"]}
+    if kind is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+    elif typing.get_origin(kind) is tuple:
+        group.add_argument(flag, nargs="+", action=_TupleAction, item=typing.get_args(kind)[0],
+                           optional=optional, metavar=meta["metavar"], **options)
+    elif meta["choices"] and optional:
+        allowed = meta["choices"]
+        group.add_argument(flag, type=_none_or(kind), choices=(*allowed, None),
+                           metavar="{" + ",".join((*allowed, "none")) + "}", **options)
+    elif meta["choices"]:  # argparse lists the choices unless the field names its value
+        group.add_argument(flag, choices=meta["choices"], metavar=meta["metavar"], **options)
+    else:
+        group.add_argument(flag, type=_none_or(kind) if optional else kind,
+                           metavar=meta["metavar"], **options)
 
 
 def _unwrap_optional(hint) -> tuple[type, bool]:

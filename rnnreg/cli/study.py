@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rnnreg.cli.flags import add_config_flags, add_data_dir, config_overrides
+from rnnreg.cli.flags import (
+    add_config_flags,
+    add_data_dir,
+    config_overrides,
+    flag_groups,
+)
 from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.nn.strategies import STRATEGIES
@@ -77,8 +82,9 @@ def _add_compare(commands) -> None:
     compare.add_argument("--report-only", action="store_true",
                          help="only regenerate the report from the runs already in --out")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_data_dir(compare, recorded=True)
-    add_config_flags(compare, exclude=_GRID_FIELDS)
+    groups = flag_groups(compare)
+    add_data_dir(groups["data"], recorded=True)
+    add_config_flags(groups, exclude=_GRID_FIELDS)
     compare.set_defaults(handler=_compare)
 
 

@@ -1,9 +1,15 @@
 """The ``train`` command: one run from a preset, a time budget or a run to resume.
 
 Held apart from the scoring and study commands because it alone decides where a run's
-configuration comes from (``--preset``, ``--budget-minutes``, or the run being resumed) and what
-to tell the user when training stops early (the command that continues it). The training
-itself is ``rnnreg.lm.training.loop.train``; nothing here runs per step.
+configuration comes from (``--preset``, ``--budget-minutes``, or the run being resumed), where
+the run goes, and what to tell the user when training stops early (the command that continues
+it). The training itself is ``rnnreg.lm.training.loop.train``; nothing here runs per step.
+
+The same command continues its run: the default run directory is named after the preset
+(``runs/small``) or the budget (``runs/budget-12min``), not the time, and a directory that
+already holds a run with the command's settings is resumed (one with other settings is
+refused, every difference named), as a rerun of fairseq or Keras' BackupAndRestore picks up
+from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -12,10 +18,15 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
-from rnnreg.cli.flags import add_config_flags, add_data_dir, config_overrides
+from rnnreg.cli.flags import (
+    HelpFormatter,
+    add_config_flags,
+    add_data_dir,
+    config_overrides,
+    flag_groups,
+)
 from rnnreg.lm import distributed
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb
@@ -23,46 +34,54 @@ from rnnreg.lm.presets import PRESETS, budget_config, preset_config
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.runs import read_config
 from rnnreg.lm.training.loop import train
+from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["add_commands"]
+
+_DEFAULT_PRESET = "small"
 
 
 def add_commands(commands) -> None:
     train = commands.add_parser(
-        "train", help="train a language model (or --resume one)",
-        description="Rerunning the same command with --resume continues the run in --out "
-                    "where it stopped, or starts it if there is none yet.")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                       help="starting configuration, every flag below overrides it "
-                            "(default: small)")
-    train.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out exactly where it stopped (start it if "
-                            "--out holds none); flags must match the run's, except --epochs "
-                            "and --max-train-minutes, which may be raised")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--no-download", action="store_true",
-                       help="never download PTB when no corpus is given")
-    train.add_argument("--budget-minutes", type=float, metavar="M",
-                       help="train for M minutes with cpu-30min resized for M and this "
-                            "corpus's vocabulary (size, softmax, tying: rnnreg.budget_config); "
-                            "instead of --preset, and flags below still override it")
-    add_data_dir(train)
-    add_config_flags(train)
+        "train", help="train a language model (or --resume one)", formatter_class=HelpFormatter,
+        usage="%(prog)s [--preset NAME | --budget-minutes M] [--out DIR] [FLAG ...]",
+        description="Trains into --out, runs/PRESET (or runs/budget-Mmin) when not given. "
+                    "Rerunning the same command continues that run where it stopped (a "
+                    "finished run is scored again); a run with other settings there is "
+                    "refused: choose another --out for a new run.")
+    start = train.add_argument_group(
+        "starting configuration", "a preset (`rnnreg presets` lists them) or a time budget; "
+        "every flag below overrides it")
+    # No default here: whether --preset was given decides where a resume's config comes from.
+    start.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                       metavar="NAME", help="configuration to start from (default: small)")
+    start.add_argument("--budget-minutes", type=float, metavar="M",
+                       help="cpu-30min resized for M minutes and the corpus")
+    groups = flag_groups(train, {
+        "regularization": f"strategies: {', '.join(STRATEGIES)}; a placement's own rate "
+                          "overrides the strategy's P there",
+        "device": "more processes: torchrun --nproc-per-node N -m rnnreg train ...; each "
+                  "trains B/N streams"})
+    add_data_dir(groups["data"])
+    groups["data"].add_argument("--no-download", action="store_true",
+                                help="never download PTB when no corpus is given")
+    run = groups["run"]
+    run.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue DIR's run with its own settings")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(groups)
     train.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
-    if args.resume and not args.out:
-        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-    name = args.preset if args.budget_minutes is None else f"budget-{args.budget_minutes:g}min"
-    out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    named_preset = any(arg.split("=", 1)[0] == "--preset" for arg in args.argv)
+    named_preset = "preset" in args
+    if args.budget_minutes is not None and named_preset:
+        raise ValueError("--budget-minutes chooses the configuration itself (cpu-30min "
+                         "resized); drop --preset, or drop --budget-minutes")
+    out = args.out or _default_out(args)
     if args.budget_minutes is not None:
-        if named_preset:
-            raise ValueError("--budget-minutes chooses the configuration itself (cpu-30min "
-                             "resized); drop --preset, or drop --budget-minutes")
         if args.data_dir is None and not args.no_download:
             ensure_ptb(not args.no_progress)  # the vocabulary is needed before training
         config = _budget_config(args.budget_minutes, args.data_dir, overrides)
@@ -70,23 +89,31 @@ def _train(args: argparse.Namespace) -> int:
         # Without --preset the command names only its flags: they are what must match.
         config = read_config(RunDir(out)).replace(**overrides)
     else:
-        config = preset_config(args.preset).replace(**overrides)
+        config = preset_config(getattr(args, "preset", _DEFAULT_PRESET)).replace(**overrides)
     try:
-        summary = train(config, out, data_dir=args.data_dir, resume=args.resume,
+        # Always resume: a rerun of the command continues its run, a first one starts it.
+        summary = train(config, out, data_dir=args.data_dir, resume=True,
                         download=not args.no_download, progress=not args.no_progress)
     except KeyboardInterrupt as stopped:
         if distributed.is_main():
             print(f"rnnreg: {stopped or 'interrupted'}", file=sys.stderr)
             if RunDir(out).exists():
-                print(_resume_command(args.argv, out), file=sys.stderr)
+                print(_resume_command(out), file=sys.stderr)
         return 130
     if distributed.is_main():  # under torchrun every rank returns it; one copy is enough
         if summary.get("complete") is False and config.max_train_minutes:
             print("to continue, raise the time budget:\n" + _resume_command(
-                args.argv, out, max_train_minutes=2 * config.max_train_minutes),
-                file=sys.stderr)
+                out, max_train_minutes=2 * config.max_train_minutes), file=sys.stderr)
         print(json.dumps(summary))
     return 0
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    """The run directory of a command without --out: named after what it trains, so that the
+    same command finds its run again (``runs/small``, ``runs/budget-12min``)."""
+    if args.budget_minutes is not None:
+        return f"runs/budget-{args.budget_minutes:g}min"
+    return f"runs/{getattr(args, 'preset', _DEFAULT_PRESET)}"
 
 
 def _budget_config(minutes: float, data_dir, overrides: dict):
@@ -105,24 +132,10 @@ def _budget_config(minutes: float, data_dir, overrides: dict):
     return budget_config(minutes, len(corpus.vocab), softmax=softmax).replace(**overrides)
 
 
-def _resume_command(argv: list[str], out: str, **raised: float) -> str:
-    """The command that continues the run: the one given, with --out (absolute) and --resume.
-
-    ``raised`` replaces flags (a longer time budget). Without --out the original command
-    would start a new timestamped run, so the absolute run directory is always spelled out.
-    """
-    replace = {"--out": str(Path(out).resolve()),
-               **{"--" + k.replace("_", "-"): f"{v:g}" for k, v in raised.items()}}
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in replace:
-            skip = "=" not in arg
-            continue
-        kept.append(arg)
-    extra = [item for flag, value in replace.items() for item in (flag, value)]
-    resume = [] if "--resume" in kept else ["--resume"]
-    return "rnnreg " + shlex.join([*kept, *extra, *resume])
+def _resume_command(out: str, **raised: float) -> str:
+    """A command that continues the run from any directory: its absolute --out and --resume
+    (the settings come from the run), with ``raised`` flags (a longer time budget)."""
+    flags = [item for name, value in raised.items()
+             for item in ("--" + name.replace("_", "-"), f"{value:g}")]
+    return "rnnreg " + shlex.join(["train", "--out", str(Path(out).resolve()), *flags,
+                                   "--resume"])

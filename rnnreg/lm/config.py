@@ -19,7 +19,12 @@ from rnnreg.nn.functional import (
     is_positive_int,
 )
 from rnnreg.nn.layers import LAYERS
-from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
+from rnnreg.nn.strategies import (
+    RECURRENT_MASKS,
+    STRATEGIES,
+    check_recurrent_mask,
+    strategy,
+)
 
 __all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config"]
 
@@ -31,87 +36,152 @@ PRECISIONS = ("float32", "bfloat16")
 SOFTMAXES = ("full", "adaptive")
 
 
+def _option(default: Any, group: str, help: str, metavar: str | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A field's default and its command-line flag: the flag's one line of help, its group in
+    ``rnnreg train --help`` (a key of ``rnnreg.cli.flags.GROUPS``), the name its value has in
+    that help (``metavar``) and the values it takes.
+
+    Held by the field itself, so the flag (:mod:`rnnreg.cli.flags`) cannot drift from the field.
+    """
+    return dataclasses.field(default=default, metadata={
+        "group": group, "help": help, "metavar": metavar, "choices": choices})
+
+
 @dataclass(frozen=True)
 class Config:
     # --- data ---------------------------------------------------------------------------
-    level: str = "word"             # "word" (PTB as in the paper) or "char"
+    # "word" is PTB as in the paper.
+    level: str = _option("word", "data", "word tokens, or characters (_ between words)",
+                         choices=LEVELS)
     # A corpus given as one text file is cut into contiguous train/valid/test parts by these
     # fractions of its tokens (char-rnn and nanoGPT ship Tiny Shakespeare as one input.txt).
-    split_fractions: tuple[float, ...] = (0.9, 0.05, 0.05)
+    split_fractions: tuple[float, ...] = _option(
+        (0.9, 0.05, 0.05), "data", "F for train, valid, test of a one-file corpus", "F")
     # Raw text has no <unk>: one is added, and training words rarer than min_count, or beyond
     # the max_vocab most frequent, are folded into it (as Mikolov did for PTB's 10k words).
-    max_vocab: int | None = None
-    min_count: int = 1
+    max_vocab: int | None = _option(None, "data", "keep the N most frequent words; none = all",
+                                    "N")
+    min_count: int = _option(1, "data", "fold words seen < K times into <unk>", "K")
 
     # --- model --------------------------------------------------------------------------
-    cell: str = "lstm"              # the paper's cell; "gru" and "rnn" for the comparisons
-    hidden_size: int = 200          # paper's small model (the top layer's size with layer_sizes)
-    num_layers: int = 2             # paper: 2 layers for every size
-    embedding_size: int | None = None  # None = hidden_size, as in the paper
+    # The paper's cell; "gru" and "rnn" for the comparisons.
+    cell: str = _option("lstm", "model", "recurrent cell", choices=CELLS)
+    # The paper's small model; the top layer's size when layer_sizes is given.
+    hidden_size: int = _option(200, "model", "N units per layer (top one with --layer-sizes)",
+                               "N")
+    num_layers: int = _option(2, "model", "N recurrent layers", "N")  # paper: 2 for every size
+    # None = hidden_size, as in the paper.
+    embedding_size: int | None = _option(None, "model", "embedding width N; none = --hidden-size",
+                                         "N")
     # Hidden size of each recurrent layer, bottom to top; None = num_layers layers of
     # hidden_size. When given it must have num_layers entries and end with hidden_size, so
     # those two fields keep describing the model (depth, and the size the decoder and a tied
     # embedding see): AWD-LSTM is layer_sizes=(1150, 1150, 400), num_layers=3, hidden_size=400.
-    layer_sizes: tuple[int, ...] | None = None
-    tie_weights: bool = False       # Press & Wolf 2017 / AWD; the paper does not tie
-    init_range: float = 0.1         # uniform(-r, r) for every weight (paper, section 4.1)
+    # On the command line it sets --num-layers and --hidden-size unless they are given.
+    layer_sizes: tuple[int, ...] | None = _option(
+        None, "model", "N per layer, bottom to top; none = uniform", "N")
+    # Press & Wolf 2017 / AWD; the paper does not tie.
+    tie_weights: bool = _option(False, "model", "tie embedding and decoder (Press & Wolf 2017)")
+    # Every weight (paper, section 4.1).
+    init_range: float = _option(0.1, "model", "weights start uniform in (-R, R)", "R")
     # "full": one V-way softmax (the paper). "adaptive": Grave et al. 2017 (rnnreg.lm.adaptive),
     # exact and normalized, several times cheaper at large vocabularies.
-    softmax: str = "full"
+    softmax: str = _option("full", "model", "full (the paper's), or adaptive (Grave et al.)",
+                           choices=SOFTMAXES)
     # Ids where the adaptive head and each cluster end, increasing; None = the 2,000th and
     # 10,000th most frequent words when the vocabulary is larger (rnnreg.lm.adaptive).
-    adaptive_cutoffs: tuple[int, ...] | None = None
-    adaptive_div_value: float = 4.0  # cluster i projects to hidden_size / div^(i+1) features
+    adaptive_cutoffs: tuple[int, ...] | None = _option(
+        None, "model", "word ID where the head and each cluster end", "ID")
+    adaptive_div_value: float = _option(
+        4.0, "model", "cluster i gets hidden_size / D^(i+1) features", "D")
 
     # --- regularization ----------------------------------------------------------------
-    strategy: str = "none"          # a name in rnnreg.STRATEGIES
-    dropout: float = 0.0            # the strategy's rate p (paper: 0 small, 0.5 medium, 0.65 large)
+    strategy: str = _option("none", "regularization",
+                            "strategy NAME: where masks act, how often", "NAME",
+                            choices=tuple(STRATEGIES))
+    # Paper: 0 small, 0.5 medium, 0.65 large.
+    dropout: float = _option(0.0, "regularization", "the strategy's dropout rate P", "P")
     # Per-placement overrides of p; None = follow the strategy.
-    input_dropout: float | None = None
-    between_dropout: float | None = None
-    output_dropout: float | None = None
-    recurrent_dropout: float | None = None
-    weight_dropout: float | None = None
+    input_dropout: float | None = _option(
+        None, "regularization", "P on the embedding; none = the strategy's", "P")
+    between_dropout: float | None = _option(
+        None, "regularization", "P between layers; none = the strategy's", "P")
+    output_dropout: float | None = _option(
+        None, "regularization", "P before the decoder; none = the strategy's", "P")
+    recurrent_dropout: float | None = _option(
+        None, "regularization", "P on h(t-1); none = the strategy's", "P")
+    weight_dropout: float | None = _option(
+        None, "regularization", "DropConnect P on W_hh; none = the strategy's", "P")
     # "sequence" (Gal: one recurrent mask per row) or "batch" (one per call, fused kernel);
     # None = the strategy's. Needs a variational strategy when "batch".
-    recurrent_mask: str | None = None
+    recurrent_mask: str | None = _option(
+        None, "regularization", "per sequence (Gal) or batch; none = strategy's",
+        choices=RECURRENT_MASKS)
     # Zoneout rates (Krueger et al. 2017), probabilities below 1; None = follow the strategy
     # (``zoneout``: cell p, hidden p/10). zoneout_cell exists only for the LSTM.
-    zoneout_hidden: float | None = None
-    zoneout_cell: float | None = None
-    embedding_dropout: float = 0.0  # whole-word dropout (Gal & Ghahramani 2016, section 5)
-    activation_reg: float = 0.0     # AR, alpha in Merity et al. 2018 eq. 3 (AWD uses 2)
-    temporal_activation_reg: float = 0.0  # TAR, beta in Merity et al. 2018 eq. 4 (AWD uses 1)
-    weight_decay: float = 0.0       # L2 through the optimizer (Gal uses it; Zaremba does not)
+    zoneout_hidden: float | None = _option(
+        None, "regularization", "zoneout P on h; none = the strategy's", "P")
+    zoneout_cell: float | None = _option(
+        None, "regularization", "zoneout P on LSTM's c; none = the strategy's", "P")
+    # Gal & Ghahramani 2016, section 5.
+    embedding_dropout: float = _option(
+        0.0, "regularization", "whole-word dropout P (Gal & Ghahramani 2016)", "P")
+    # AWD uses alpha 2 and beta 1.
+    activation_reg: float = _option(
+        0.0, "regularization", "AR penalty ALPHA (Merity et al. 2018, eq. 3)", "ALPHA")
+    temporal_activation_reg: float = _option(
+        0.0, "regularization", "TAR penalty BETA (Merity et al. 2018, eq. 4)", "BETA")
+    # Gal uses it; Zaremba does not.
+    weight_decay: float = _option(0.0, "regularization", "L2 weight penalty through the optimizer",
+                                  "L2")
 
     # --- training -----------------------------------------------------------------------
-    train_tokens: int = 0           # train on the first N tokens only (0 = all): budget studies
-    batch_size: int = 20            # parallel streams (paper: 20)
-    bptt: int = 20                  # unrolled steps (paper: 20 small, 35 medium and large)
-    variable_bptt: bool = False     # AWD: window length drawn around bptt each step
-    epochs: int = 13                # paper's small model
-    lr: float = 1.0                 # plain SGD, paper's learning rate
-    lr_schedule: str = "step"       # "step": the paper's per-epoch decay; "cosine": see lr_at
-    lr_decay: float = 0.5           # multiply lr by this each epoch after decay_after
-    decay_after: int = 4            # epochs at the full learning rate
-    clip_norm: float = 5.0          # global gradient-norm clipping (paper: 5; large: 10)
-    optimizer: str = "sgd"          # "sgd" (paper) or "asgd" (AWD's non-monotonic trigger)
-    asgd_nonmono: int = 5           # AWD: epochs without improvement before averaging starts
-    seed: int = 1
-    device: str = "auto"            # "auto" = cuda when available, else cpu
+    # For budget studies.
+    train_tokens: int = _option(0, "data", "train on the first N tokens only; 0 = all", "N")
+    batch_size: int = _option(20, "optimization", "B parallel streams", "B")  # paper: 20
+    # Paper: 20 small, 35 medium and large.
+    bptt: int = _option(20, "optimization", "T unrolled steps per window", "T")
+    # AWD: the window length is drawn around bptt each step.
+    variable_bptt: bool = _option(False, "optimization", "random window lengths around T (AWD)")
+    epochs: int = _option(13, "schedule", "N passes over the training split", "N")  # paper: small
+    lr: float = _option(1.0, "optimization", "learning rate LR", "LR")  # the paper's plain SGD
+    # "step": the paper's per-epoch decay; "cosine": see lr_at.
+    lr_schedule: str = _option("step", "schedule", "step: decay per epoch; cosine: anneal to 0",
+                               choices=LR_SCHEDULES)
+    lr_decay: float = _option(0.5, "schedule", "step: multiply the lr by F each epoch", "F")
+    decay_after: int = _option(4, "schedule", "step: N epochs at the full lr", "N")
+    # Global gradient-norm clipping (paper: 5; large: 10).
+    clip_norm: float = _option(5.0, "optimization", "clip the gradient norm at MAX", "MAX")
+    # "sgd" (the paper) or "asgd" (AWD's non-monotonic trigger).
+    optimizer: str = _option("sgd", "optimization", "sgd, or asgd (AWD's triggered averaging)",
+                             choices=OPTIMIZERS)
+    asgd_nonmono: int = _option(5, "optimization", "asgd averages after N epochs without gain",
+                                "N")
+    seed: int = _option(1, "optimization", "random seed N", "N")
+    # "auto" = cuda when available, else cpu.
+    device: str = _option("auto", "device", "DEVICE: auto, cpu, cuda or cuda:N", "DEVICE")
     # "bfloat16" runs the training forward under autocast (mixed precision: float32 weights,
     # optimizer and loss); evaluation always runs in float32, so perplexities stay exact.
-    precision: str = "float32"
+    precision: str = _option("float32", "optimization",
+                             "training forward precision (evaluation: fp32)", choices=PRECISIONS)
 
     # --- evaluation and bookkeeping ----------------------------------------------------
-    eval_bptt: int = 100            # window length when scoring a split as one stream
-    valid_batch_size: int = 1       # 1 = the split as one stream; larger is faster, approximate
-    checkpoint_minutes: float = 5.0  # also checkpoint mid-epoch this often
-    checkpoint_steps: int = 0       # and/or every N steps (0 = off); used by the resume tests
-    max_train_minutes: float = 0.0  # stop training after this much wall time (0 = no limit)
-    # A "step" record (train loss, tokens/s, lr) every log_every windows; 0 = about every 30 s,
-    # so curves exist long before the first epoch ends.
-    log_every: int = 0
+    # The window length when a split is scored as one stream.
+    eval_bptt: int = _option(100, "evaluation", "T steps per window when scoring one stream",
+                             "T")
+    # 1 = the split as one stream; larger is faster, approximate.
+    valid_batch_size: int = _option(1, "evaluation",
+                                    "valid in B streams: 1 = exact, more = faster", "B")
+    checkpoint_minutes: float = _option(5.0, "run", "checkpoint every M minutes; 0 = epoch ends",
+                                        "M")
+    # Used by the resume tests.
+    checkpoint_steps: int = _option(0, "run", "also checkpoint every N steps; 0 = off", "N")
+    max_train_minutes: float = _option(
+        0.0, "schedule", "stop after M minutes of training; 0 = never", "M")
+    # A "step" record (train loss, tokens/s, lr) every log_every windows; 0 = about every 30 s
+    # of training, so curves exist long before the first epoch ends.
+    log_every: int = _option(0, "run", "metrics record every N windows; 0 = ~30 s", "N")
 
     def __post_init__(self) -> None:
         _check_choice("cell", self.cell, CELLS)

@@ -66,6 +66,25 @@ def default_data_dir() -> Path:
     return Path(cache) / "rnnreg" / "ptb"
 
 
+def missing_directories(path: PathArg) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what a
+    ``mkdir(parents=True)`` would create, so that a failure can remove them again."""
+    missing, path = [], Path(path)
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove each of ``directories`` (deepest first) that is empty; leave the others."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (someone else's files), or already gone
+            continue
+
+
 def resolve_data_dir(data_dir: PathArg | None) -> Path:
     """Pick the data directory: the explicit argument, else ``$RNNREG_DATA``, else the default.
 
@@ -200,6 +219,7 @@ def download_ptb(
     never leaves a half-written corpus that a later run would read.
     """
     directory = Path(data_dir)
+    made = missing_directories(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -224,6 +244,7 @@ def download_ptb(
     except BaseException:
         for target in placed:
             target.unlink(missing_ok=True)
+        remove_empty(made)  # a failed first download leaves no empty cache behind
         raise
     return directory
 

@@ -17,7 +17,6 @@ not exist yet) is written as ``null``, because jq and JavaScript's ``JSON.parse`
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from rnnreg.lm.rundir.checkpoint import Progress
@@ -26,8 +25,8 @@ from rnnreg.lm.rundir.layout import RunDir
 
 __all__ = ["STEP_SECONDS", "Logbook", "strict"]
 
-# Without --log-every, a step record about this often: curves within a minute of the start,
-# and a file that stays small over a day-long run.
+# Without --log-every, a step record after about this many seconds of training: curves within
+# a minute of the start, and a file that stays small over a day-long run.
 STEP_SECONDS = 30.0
 CURVE_NAME = "learning_curve.png"
 
@@ -48,11 +47,12 @@ class Logbook:
 
     def __init__(self, run: RunDir, *, enabled: bool, log_every: int) -> None:
         self.run, self.enabled, self.log_every = run, enabled, log_every
+        self.latest: dict | None = None  # the last step record written, for the progress bar
         self._logs: dict[str, ScalarLog] = {}  # opened at their first scalar
         self._purge: dict[str, int | None] = {"epoch": None, "step": None}
         self._final_logged = False  # a finished run resumed: TensorBoard has its test_ppl
         self._since_nll, self._since_tokens, self._since_seconds = 0.0, 0, 0.0
-        self._last = time.monotonic()
+        self._last_seconds = 0.0  # the training time at the last step record
 
     def rewind(self, progress: Progress) -> int:
         """Drop what was written after the checkpoint a resume continues from; returns how
@@ -61,6 +61,7 @@ class Logbook:
         The replayed windows are logged again, so their records must not appear twice, and
         TensorBoard drops its points from the purge steps on.
         """
+        self._last_seconds = progress.train_seconds
         if not self.enabled:
             return 0
         if not progress.finished:
@@ -82,33 +83,48 @@ class Logbook:
             stale.append("the TensorBoard curves")
         return stale
 
-    def window(self, record: dict, nll: float, tokens: int, seconds: float) -> dict | None:
-        """Count one window; every ``log_every`` windows (or ~30 s) write a ``step`` record.
+    def due(self, step: int, train_seconds: float) -> bool:
+        """Whether the window that took ``step`` gets a step record: every ``log_every``
+        windows, or once ``STEP_SECONDS`` of training time (``train_seconds`` before that
+        window) have passed since the last record.
+
+        Step and training time are the same on every rank, so every rank, writing or not,
+        answers the same: the trainer reads its losses off the device at these points only.
+        """
+        if self.log_every:
+            return step % self.log_every == 0
+        return train_seconds - self._last_seconds >= STEP_SECONDS
+
+    def losses(self, nlls: list[float]) -> None:
+        """Add the summed NLL of windows, in the order they were trained, to the next record."""
+        for nll in nlls:
+            self._since_nll += nll
+
+    def window(self, record: dict, tokens: int, seconds: float, *, due: bool) -> dict | None:
+        """Count one window; when ``due`` (:meth:`due`), write a ``step`` record.
 
         ``record`` holds the step's coordinates (epoch, step, epochs_done, lr, train_seconds);
-        loss, perplexity and tokens/s are over the windows since the previous step record.
-        Returns the record written, if one was.
+        loss, perplexity and tokens/s are over the windows since the previous step record,
+        whose losses :meth:`losses` must have added by then. Returns the record written, if
+        one was.
         """
-        self._since_nll += nll
         self._since_tokens += tokens
         self._since_seconds += seconds
-        if not self.enabled or not self._due(record["step"]):
+        if not due:
             return None
+        self._last_seconds = record["train_seconds"]
         loss = self._since_nll / max(self._since_tokens, 1)
         record = {"event": "step", **record, "train_loss": loss,
                   "train_ppl": math.exp(loss) if loss < 709 else math.inf,
                   "tokens_per_s": self._since_tokens / max(self._since_seconds, 1e-9)}
+        self._since_nll, self._since_tokens, self._since_seconds = 0.0, 0, 0.0
+        if not self.enabled:
+            return None
         self._append(record)
         for key in ("train_loss", "train_ppl", "tokens_per_s", "lr"):
             self._scalar("step", f"step/{key}", record[key], record["step"])
-        self._since_nll, self._since_tokens, self._since_seconds = 0.0, 0, 0.0
-        self._last = time.monotonic()
+        self.latest = record
         return record
-
-    def _due(self, step: int) -> bool:
-        if self.log_every:
-            return step % self.log_every == 0
-        return time.monotonic() - self._last >= STEP_SECONDS
 
     def epoch(self, record: dict) -> None:
         if not self.enabled:

@@ -18,13 +18,12 @@ from tqdm.auto import tqdm
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.distributed import World
-from rnnreg.lm.evaluation import perplexity
 from rnnreg.lm.model import count_parameters
 from rnnreg.lm.rundir.checkpoint import Progress
 from rnnreg.lm.runs import where
 
-__all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "saved_line",
-           "show_window", "step_line", "stopped_line"]
+__all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "finished_line",
+           "saved_line", "show_window", "step_line", "stopped_line", "window_postfix"]
 
 
 def announce_start(run_path: Path, corpus: Corpus, world: World, progress: Progress,
@@ -47,20 +46,31 @@ def announce_start(run_path: Path, corpus: Corpus, world: World, progress: Progr
     tqdm.write(corpus.describe_unknown())
 
 
-def epoch_bar(progress: Progress, epochs: int, rows: int, show: bool) -> tqdm:
-    """The epoch's live bar, in rows of the training streams (``show=False``: a silent one)."""
-    return tqdm(total=rows, initial=progress.position, disable=not show,
-                desc=f"epoch {progress.epoch}/{epochs}", unit="row", leave=False,
-                mininterval=0.5)
+# tqdm's own rate is left out: the speed shown is the step record's, the one metrics.jsonl holds.
+_BAR_FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens "
+               "[{elapsed}<{remaining}{postfix}]")
 
 
-def show_window(bar: tqdm, progress: Progress, length: int, lr: float) -> None:
-    """Advance the epoch's bar past a window; its postfix is the epoch so far."""
-    bar.update(length)
-    bar.set_postfix(
-        ppl=f"{perplexity(progress.epoch_nll, progress.epoch_tokens):.1f}",
-        tok_s=f"{progress.epoch_tokens / max(progress.epoch_seconds, 1e-9):.0f}",
-        lr=f"{lr:.3g}", refresh=False)
+def epoch_bar(progress: Progress, epochs: int, rows: int, columns: int, show: bool) -> tqdm:
+    """The epoch's live bar, in training tokens (``rows`` of ``columns`` streams, over all
+    ranks); ``show=False`` gives a silent one."""
+    return tqdm(total=rows * columns, initial=progress.position * columns, disable=not show,
+                desc=f"epoch {progress.epoch}/{epochs}", unit="tok", unit_scale=True,
+                bar_format=_BAR_FORMAT, leave=False, mininterval=0.5)
+
+
+def show_window(bar: tqdm, tokens: int, record: dict | None) -> None:
+    """Advance the epoch's bar past a window of ``tokens``; its postfix is the latest step
+    record (``None`` before the first), so the bar and metrics.jsonl never disagree."""
+    bar.update(tokens)
+    if record is not None:
+        bar.set_postfix_str(window_postfix(record), refresh=False)
+
+
+def window_postfix(record: dict) -> str:
+    """A step record as the bar shows it: the perplexity and speed since the record before."""
+    return (f"train ppl {record['train_ppl']:.1f}, {record['tokens_per_s']:,.0f} tok/s, "
+            f"lr {record['lr']:.3g}")
 
 
 def saved_line(progress: Progress, rows: int, run_path: Path) -> str:
@@ -72,6 +82,13 @@ def saved_line(progress: Progress, rows: int, run_path: Path) -> str:
 def stopped_line(progress: Progress, rows: int, run_path: Path) -> str:
     """The message of the KeyboardInterrupt a requested stop ends with."""
     return f"stopped: {saved_line(progress, rows, run_path)}; continue with --resume"
+
+
+def finished_line(progress: Progress, run_path: Path) -> str:
+    """What a rerun of a finished run says before it scores the run again."""
+    return (f"{run_path.resolve()} holds a finished run ({where(progress.__dict__)}): scoring "
+            "it again; raise --epochs or --max-train-minutes to train on, or choose another "
+            "--out for a new run")
 
 
 def step_line(record: dict) -> str:

@@ -29,6 +29,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ from rnnreg.lm.training import console
 from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.loss import activation_penalties, summed_loss
 from rnnreg.lm.training.resume import Checkpoints, StopRequests
-from rnnreg.lm.training.start import Start, after_write_error, remove_unstarted, start_run
+from rnnreg.lm.training.start import Start, after_write_error, start_run
 from rnnreg.nn import loops
 
 __all__ = ["TrainingDiverged", "train"]
@@ -80,24 +81,18 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
     :mod:`rnnreg.lm.distributed`); only rank 0 needs ``out``, and every rank ``data_dir``.
     """
     run = RunDir(out)
-    fresh = not run.path.exists()
-    try:
-        with distributed.launch() as world, contextlib.ExitStack() as held:
-            start = start_run(run, held, world, config, data_dir, resume=resume,
-                              download=download, progress=progress, verbose=verbose)
-            trainer = _trainer(start, run, world, progress, on_step, verbose)
-            try:
-                return trainer.fit()
-            except WriteError as error:
-                raise error.advise(after_write_error(error, trainer.saved_step)) from error
-            finally:
-                # Its DDP wrapper holds the process group: release it before launch() tears the
-                # group down, the order torch.distributed asks for at shutdown.
-                del trainer
-    except BaseException:
-        if fresh:
-            remove_unstarted(run)
-        raise
+    with distributed.launch() as world, contextlib.ExitStack() as held:
+        start = start_run(run, held, world, config, data_dir, resume=resume,
+                          download=download, progress=progress, verbose=verbose)
+        trainer = _trainer(start, run, world, progress, on_step, verbose)
+        try:
+            return trainer.fit()
+        except WriteError as error:
+            raise error.advise(after_write_error(error, trainer.saved_step)) from error
+        finally:
+            # Its DDP wrapper holds the process group: release it before launch() tears the
+            # group down, the order torch.distributed asks for at shutdown.
+            del trainer
 
 
 def _trainer(start: Start, run: RunDir, world: World, progress: bool,
@@ -127,6 +122,7 @@ class _Trainer:
         self.optim = NTASGD(self.model, config)
         self.progress = Progress()
         self.hidden = None  # the recurrent state carried from window to window
+        self._unsettled: list[_Window] = []  # trained windows whose losses are not read yet
         self.logbook = Logbook(run, enabled=world.is_main, log_every=config.log_every)
         self.checkpoints = Checkpoints(run, world, config, self.logbook, self.verbose)
         _build_loops(config, self.device)
@@ -137,7 +133,11 @@ class _Trainer:
         return self.checkpoints.saved_step
 
     def save(self) -> None:
-        """Checkpoint the run as it stands into `last`; every rank must take part."""
+        """Checkpoint the run as it stands into `last`; every rank must take part.
+
+        The windows not yet read are settled first: a diverged one raises before it is saved.
+        """
+        self._settle()
         self.checkpoints.save(self.model, self.optim, self.progress, self.hidden)
 
     def fit(self) -> dict:
@@ -157,6 +157,8 @@ class _Trainer:
             if self.verbose and self.progress.epoch <= self.config.epochs:
                 tqdm.write(f"time budget of {self.config.max_train_minutes:g} min reached: "
                            f"{console.saved_line(self.progress, self.rows, self.run.path)}")
+        elif self.verbose:
+            tqdm.write(console.finished_line(self.progress, self.run.path))
         return self.world.from_main(self._score_final)
 
     def _epochs(self) -> None:
@@ -169,7 +171,8 @@ class _Trainer:
 
     def _train_epoch(self) -> None:
         self.trained.train()
-        bar = console.epoch_bar(self.progress, self.config.epochs, self.rows, self.show_progress)
+        bar = console.epoch_bar(self.progress, self.config.epochs, self.rows,
+                                self.streams.size(1) * self.world.size, self.show_progress)
         try:  # the bar is closed first, so the lines printed at a stop start on their own line
             self._windows(bar, self.rows)
         finally:
@@ -183,10 +186,16 @@ class _Trainer:
             lr = progress.lr = config.lr_at(progress.epoch, _fraction_done(config, progress, rows))
             started = time.perf_counter()
             length = _window_length(config, rows - progress.position)
-            nll = self._step(progress.position, length, lr)
-            elapsed = time.perf_counter() - started
+            self._step(progress.position, length, lr)
             tokens = length * columns
-            _count_window(progress, length, nll, tokens)
+            _count_window(progress, length, tokens)
+            # Decided from what every rank agrees on (the step, the training time so far), so
+            # all ranks settle together; inside the timed window, so on a GPU the time the
+            # device still owed is counted.
+            log = self.logbook.due(progress.step, progress.train_seconds)
+            if log or progress.position >= rows:
+                self._settle()
+            elapsed = time.perf_counter() - started
             if self.on_step is not None:
                 self.on_step(progress.step)
             # Every rank must take the same branch below, or some would wait forever for the
@@ -196,10 +205,11 @@ class _Trainer:
             elapsed, stop, save = world.max(elapsed, self._stop.requested, due(progress.step))
             progress.epoch_seconds += elapsed
             progress.train_seconds += elapsed
-            logged = self.logbook.window(_window_record(progress, rows, lr), nll, tokens, elapsed)
+            logged = self.logbook.window(_window_record(progress, rows, lr), tokens, elapsed,
+                                         due=log)
             if logged and print_steps:  # a log needs lines, no bar
                 tqdm.write(console.step_line(logged))
-            console.show_window(bar, progress, length, lr)
+            console.show_window(bar, tokens, self.logbook.latest)
             if stop:
                 self.save()
                 self.logbook.curve()
@@ -207,8 +217,9 @@ class _Trainer:
             if save:
                 self.save()
 
-    def _step(self, position: int, length: int, lr: float) -> float:
-        """One truncated-BPTT window; returns its summed NLL over all ranks (for perplexity).
+    def _step(self, position: int, length: int, lr: float) -> None:
+        """One truncated-BPTT window; its loss and gradient norm wait on the device, unread,
+        until :meth:`_settle`.
 
         Each rank's loss is the paper's loss over its own columns: summed over steps, averaged
         over its B/N columns. DDP averages the ranks' gradients, and the mean over N ranks of
@@ -223,12 +234,8 @@ class _Trainer:
                             enabled=config.precision == "bfloat16"):
             out = self.trained(inputs, self.hidden, targets=targets)
         loss = summed_loss(out.scores.float(), targets)
-        # Summed over ranks before the checks, so every rank judges the same number.
-        nll, = self.world.sum(float(loss.detach()) * targets.size(1))
-        # A loss whose perplexity overflows float64 has diverged as surely as a NaN one.
-        _check_finite("loss", nll, lr, self.progress, self.run)
-        _check_finite("perplexity", perplexity(nll, targets.numel() * self.world.size), lr,
-                      self.progress, self.run)
+        self._unsettled.append(_Window(self.progress.epoch, self.progress.step + 1, lr,
+                                       targets.size(1), targets.numel(), loss.detach()))
         loss = loss + activation_penalties(out, config, length)
         # AWD scales the step with the window length so short windows do not dominate.
         scale = length / config.bptt if config.variable_bptt else 1.0
@@ -236,14 +243,41 @@ class _Trainer:
             group["lr"] = lr * scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_norm)
-        # Checked before the step spoils the weights.
-        _check_finite("gradient norm", float(norm), lr, self.progress, self.run)
+        self._unsettled[-1].norm = nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                             config.clip_norm)
         optimizer.step()
         # Detached (truncated BPTT carries values, not gradients) and float32 whatever the
         # forward's precision: checkpoints and evaluation expect it.
         self.hidden = map_state(out.state, lambda s: s.detach().float())
-        return nll
+
+    def _settle(self) -> None:
+        """Read the losses and gradient norms of the windows trained since the last settle
+        (one copy from the device), check them, and add them to the epoch's and the log's sums.
+
+        Reading a number off a GPU waits for all the work queued before it, so the loop reads
+        only here: at log points, at the end of each epoch and before every checkpoint, never
+        per window. Divergence is therefore caught there, not at the window it happened in;
+        the error still names that window, and nothing is checkpointed before the check, so
+        the last checkpoint is always a good one. Each window's NLL is its float32 loss times
+        its columns, summed over ranks and added in window order in float64: the sums a
+        per-window read would give.
+        """
+        windows, self._unsettled = self._unsettled, []
+        if not windows:
+            return
+        losses = torch.stack([window.loss for window in windows]).tolist()
+        norms = torch.stack([window.norm for window in windows]).tolist()
+        # Summed over ranks before the checks, so every rank judges the same numbers.
+        nlls = self.world.sum(*(loss * window.columns for loss, window in zip(losses, windows)))
+        for window, nll, norm in zip(windows, nlls, norms):
+            # A loss whose perplexity overflows float64 has diverged as surely as a NaN one;
+            # a gradient norm that is not finite has spoiled the weights of that step.
+            _check_finite("loss", nll, window, self.run)
+            _check_finite("perplexity", perplexity(nll, window.tokens * self.world.size),
+                          window, self.run)
+            _check_finite("gradient norm", norm, window, self.run)
+            self.progress.epoch_nll += nll
+        self.logbook.losses(nlls)
 
     def _end_epoch(self) -> None:
         progress, config = self.progress, self.config
@@ -329,21 +363,34 @@ def _window_length(config: Config, remaining: int) -> int:
     return max(1, min(int(random.gauss(base, 5)), remaining, config.bptt + 20))
 
 
-def _check_finite(what: str, value: float, lr: float, progress: Progress, run: RunDir) -> None:
-    """Stop at a number that is not finite, before it reaches the weights or `last`."""
+@dataclass
+class _Window:
+    """A trained window as :meth:`_Trainer._settle` needs it: where it was, and its loss and
+    gradient norm still on the device."""
+
+    epoch: int
+    step: int                        # the global step this window took (1-based)
+    lr: float
+    columns: int                     # this rank's streams: the loss is averaged over them
+    tokens: int                      # this rank's targets
+    loss: torch.Tensor
+    norm: torch.Tensor | None = None
+
+
+def _check_finite(what: str, value: float, window: _Window, run: RunDir) -> None:
+    """Stop at a number that is not finite, before it reaches `last`."""
     if not math.isfinite(value):
         raise TrainingDiverged(
-            f"{what} became {value} at epoch {progress.epoch}, step "
-            f"{progress.step + 1} (lr {lr:.3g}); the last good checkpoint in "
-            f"{run.checkpoint_dir} is intact. Lower --lr or the clip norm, then resume "
-            "or restart.")
+            f"{what} became {value} at epoch {window.epoch}, step {window.step} "
+            f"(lr {window.lr:.3g}); the last good checkpoint in {run.checkpoint_dir} is "
+            "intact. Lower --lr or the clip norm, then resume or restart.")
 
 
-def _count_window(progress: Progress, length: int, nll: float, tokens: int) -> None:
-    """Move past a trained window (its time is added once the ranks agree on it)."""
+def _count_window(progress: Progress, length: int, tokens: int) -> None:
+    """Move past a trained window (its loss is added when settled, its time once the ranks
+    agree on it)."""
     progress.position += length
     progress.step += 1
-    progress.epoch_nll += nll
     progress.epoch_tokens += tokens
 
 

@@ -3,8 +3,9 @@
 :func:`start_run` locks the run directory, reads what a resume continues from (config,
 vocabulary, checkpoint, the corpus it was trained on), refuses a job the run cannot take, and
 loads the corpus; only then does it create the run (or record a resume's raised budget), so a
-start that fails leaves the directory as it was, and :func:`remove_unstarted` removes one it
-made. It returns what the trainer starts from and never builds the trainer itself.
+start that fails leaves the directory as it was, and a directory it made is removed again
+(with the parents it made) when anything fails before training wrote into it. It returns what
+the trainer starts from and never builds the trainer itself.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 from tqdm.auto import tqdm
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.corpus.sources import ensure_ptb
+from rnnreg.lm.corpus.sources import ensure_ptb, missing_directories, remove_empty
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import World
 from rnnreg.lm.rundir.checkpoint import rng_per_rank
@@ -28,7 +30,7 @@ from rnnreg.lm.rundir.layout import RunDir, RunDirError
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
 from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config
 
-__all__ = ["Start", "after_write_error", "remove_unstarted", "start_run"]
+__all__ = ["Start", "after_write_error", "start_run"]
 
 
 class Start(NamedTuple):
@@ -74,19 +76,52 @@ def _record_extension(run: RunDir, config: Config) -> None:
         run.write_config({**run.read_config(), "config": config.to_dict()})
 
 
-def remove_unstarted(run: RunDir) -> None:
-    """Undo what a start that failed before training left: the directory and its lock files.
+# What a start writes before the first step; a directory holding nothing else never trained.
+_STARTED_FILES = ("config.json", "vocab.json", ".lock", ".lock.holder")
+_STARTED_DIRECTORIES = ("checkpoints", "tensorboard", "plots")
 
-    Only for a directory this call created, and only while it holds no run (no config.json):
-    a run that trained, even briefly, is kept for --resume.
+
+def _lock(run: RunDir, held: contextlib.ExitStack) -> None:
+    """Hold the run's lock until ``held`` closes; the directories it makes for the run are
+    removed again if the start fails (:func:`_undo_unstarted`)."""
+    made = missing_directories(run.path)
+    try:
+        held.enter_context(run.lock())
+    except BaseException:
+        remove_empty(made)  # made for a lock that was not taken
+        raise
+    held.push(_undo_unstarted(run, made))
+
+
+def _undo_unstarted(run: RunDir, made: list[Path]):
+    """An exit callback for the run's ExitStack: if the block fails, remove what this start
+    made, so a failed start (no corpus, no network, a bad flag) leaves no folder behind.
+
+    Only ``made``, the directories this call created (deepest first), and only while the run
+    holds nothing a start does not write (no checkpoint, no metrics, no plot): a run that
+    trained, even briefly, is kept for a rerun to resume. Pushed after the lock is taken, so it
+    runs while the lock is still held and no other process can be writing there.
     """
-    if not distributed.is_main() or run.exists():
-        return
-    for name in (".lock", ".lock.holder"):
-        (run.path / name).unlink(missing_ok=True)
-    for directory in (run.checkpoint_dir, run.tensorboard_dir, run.plots_dir, run.path):
-        with contextlib.suppress(OSError):  # not empty, or never made: leave it
-            directory.rmdir()
+    def on_exit(kind, error, traceback) -> None:
+        if (kind is None or not made or not run.path.is_dir()
+                or not _holds_only_a_start(run.path)):
+            return
+        for name in _STARTED_FILES:
+            (run.path / name).unlink(missing_ok=True)
+        remove_empty([run.path / name for name in _STARTED_DIRECTORIES] + made)
+
+    return on_exit
+
+
+def _holds_only_a_start(path: Path) -> bool:
+    """Whether the directory holds only what a start writes, its directories empty."""
+    for entry in path.iterdir():
+        if entry.name in _STARTED_DIRECTORIES and entry.is_dir():
+            if any(entry.iterdir()):
+                return False
+        elif entry.name not in _STARTED_FILES:
+            return False
+    return True
 
 
 def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
@@ -98,7 +133,7 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
     Also refuses a job the run cannot take, before anything is written.
     """
     try:
-        held.enter_context(run.lock())
+        _lock(run, held)
         run.check_writable()
     except WriteError as error:  # refused before any training time is spent
         raise error.advise(f"{error.remedy or 'fix that'}, or choose another --out") from error
