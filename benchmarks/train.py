@@ -25,7 +25,6 @@ from torch import nn
 from rnnreg.lm.config import Config
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import read_vocab
 from rnnreg.lm.training.loop import train
 
 VOCAB = 10_000  # PTB's
@@ -103,7 +102,7 @@ def trainer_tokens_per_s(config: Config, data_dir: Path, workdir: Path,
     out = workdir / f"run-{time.monotonic_ns()}"
     summary = train(config, out, data_dir=data_dir, progress=False, verbose=False)
     assert summary["complete"]
-    words = len(read_vocab(RunDir(out)))
+    words = len(RunDir(out).read_vocab())
     if words != vocab:  # the comparison holds only at the same softmax size
         raise RuntimeError(f"the trainer's vocabulary has {words} words, the baseline {vocab}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

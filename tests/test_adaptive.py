@@ -25,13 +25,12 @@ from rnnreg.cli import training as cli_training
 from rnnreg.lm.adaptive import AdaptiveSoftmax, default_cutoffs
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.presets import budget_config, preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
 

@@ -31,11 +31,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnreg
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
 from rnnreg.nn.layers import OWN_LOOP, engine_for

@@ -39,6 +39,7 @@ from steps import SCRIPT_PATH, AfterStep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rnnreg.cli as cli
+from rnnreg.lm.config import Config
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.events import ScalarLog
@@ -351,7 +352,7 @@ def test_files_follow_the_umask(tmp_path):
         run = RunDir(tmp_path / "run").create(exist_ok=False)
         run.save_checkpoint("last", {"w": torch.ones(2)})
         run.copy_checkpoint("last", "best")
-        run.write_config({"a": 1})
+        run.write_config(Config())
         run.append_metrics({"event": "epoch"})
         ScalarLog(run.tensorboard_dir).add_scalar("x", 1.0, 1)
     finally:

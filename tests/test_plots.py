@@ -240,7 +240,7 @@ def test_no_pyplot_state_is_left_behind(tmp_path):
 
 def _fake_run(path: Path, train_ppls: list[float], final: bool = False) -> Path:
     run = RunDir(path).create(exist_ok=False)
-    run.write_config({"config": Config().to_dict()})
+    run.write_config(Config())
     for epoch, ppl in enumerate(train_ppls, 1):
         run.append_metrics({"event": "epoch", "epoch": epoch, "train_ppl": ppl,
                             "valid_ppl": ppl + 10, "tokens_per_s": 1.0,

@@ -16,6 +16,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from rnnreg.lm.config import Config
+from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.rundir.checkpoint import load_tree, save_tree
 from rnnreg.lm.rundir.files import WriteError, atomic_write_text
 from rnnreg.lm.rundir.layout import RunDir, RunDirError, RunLockedError
@@ -181,10 +183,15 @@ def test_run_dir_layout_config_and_checkpoints(tmp_path: Path) -> None:
     run.create(exist_ok=False)
     assert run.checkpoint_dir.is_dir() and run.tensorboard_dir.is_dir()
     assert not run.plots_dir.exists()  # made by whatever draws into it, never empty
-    run.write_config({"b": 1, "a": {"lr": 20.0}})
+    run.write_config(Config(lr=20.0), corpus={"data_dir": "c"}, processes=1)
     assert run.exists()
-    assert run.read_config() == {"a": {"lr": 20.0}, "b": 1}
-    assert run.config_path.read_text().startswith('{\n  "a"')
+    assert run.read_config() == Config(lr=20.0)
+    assert run.read_corpus() == {"data_dir": "c"}
+    assert run.config_path.read_text().startswith('{\n  "config": {\n    "activation_reg"')
+    run.replace_config(Config(lr=20.0, epochs=20))  # a resume's raised budget keeps the record
+    assert run.read_config() == Config(lr=20.0, epochs=20)
+    assert json.loads(run.config_path.read_text())["processes"] == 1
+    assert run.read_corpus() == {"data_dir": "c"}
     with pytest.raises(RunDirError, match="already holds a run"):
         RunDir(run.path).create(exist_ok=False)
     RunDir(run.path).create(exist_ok=True)
@@ -198,6 +205,34 @@ def test_run_dir_layout_config_and_checkpoints(tmp_path: Path) -> None:
     assert run.load_checkpoint("best") == {"epoch": 3}
     with pytest.raises(ValueError, match="invalid checkpoint name"):
         run.checkpoint_path("../escape")
+
+
+def test_run_dir_vocabulary_round_trips(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run").create(exist_ok=False)
+    with pytest.raises(RunDirError, match="no vocab.json"):
+        run.read_vocab()
+    vocab = Vocabulary(("<eos>", "the", "cat"))
+    run.write_vocab(vocab)
+    assert run.vocab_path == run.path / "vocab.json"
+    assert json.loads(run.vocab_path.read_text()) == ["<eos>", "the", "cat"]
+    assert run.read_vocab().words == vocab.words
+
+
+def test_remove_unstarted_removes_only_a_run_that_never_started(tmp_path: Path) -> None:
+    unstarted = RunDir(tmp_path / "unstarted").create(exist_ok=False)
+    with unstarted.lock():
+        pass
+    assert (unstarted.path / ".lock").exists()
+    unstarted.remove_unstarted()
+    assert not unstarted.path.exists()
+
+    started = RunDir(tmp_path / "started").create(exist_ok=False)
+    started.write_config(Config())
+    with started.lock():
+        pass
+    started.remove_unstarted()
+    assert sorted(p.name for p in started.path.iterdir()) == [
+        ".lock", "checkpoints", "config.json", "tensorboard"]
 
 
 def test_metrics_tolerate_torn_last_line_only(tmp_path: Path) -> None:

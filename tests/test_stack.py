@@ -17,12 +17,11 @@ from rnnreg.cli import training as cli_training
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.vocab import EOS, Vocabulary
 from rnnreg.lm.distributed import World
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.model import LanguageModel, count_parameters, detach_state, map_state
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import train
 from rnnreg.nn.layers import LSTM, DropoutMasks
 from rnnreg.nn.stack import StackedRNN

@@ -16,10 +16,10 @@ from steps import train_killed
 import rnnreg.lm.training.loop as train_module
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir, RunDirError
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import TrainingDiverged, train
 
 

@@ -316,7 +316,7 @@ def _job(out: Path, name: str, config: Config, data_dir: Path) -> Job | None:
     run = RunDir(out / "runs" / name)
     if not run.exists():
         return Job(name, config, run.path, data_dir, resume=False)
-    saved = Config.from_dict(run.read_config()["config"])
+    saved = run.read_config()
     if saved != config:
         changed = sorted(f.name for f in fields(Config)
                          if getattr(saved, f.name) != getattr(config, f.name))

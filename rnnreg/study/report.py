@@ -20,10 +20,10 @@ import torch
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
+from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.model import LanguageModel, ModelMasks
 from rnnreg.lm.rundir.files import atomic_write_text
 from rnnreg.lm.rundir.layout import RunDirError
-from rnnreg.lm.runs import load_model
 from rnnreg.nn.layers import DropoutMasks
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots

@@ -48,7 +48,7 @@ def read_runs(out: str | Path) -> list[RunResult]:
         records = run.read_metrics()
         finals = [r for r in records if r.get("event") == "final"]
         results.append(RunResult(
-            path.name, path, Config.from_dict(run.read_config()["config"]),
+            path.name, path, run.read_config(),
             tuple(r for r in records if r.get("event") == "epoch"),
             finals[-1] if finals else None))
     return results

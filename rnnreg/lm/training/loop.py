@@ -41,14 +41,13 @@ from rnnreg.lm.corpus.batches import Corpus, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
-from rnnreg.lm.rundir.checkpoint import Progress, seed_everything
 from rnnreg.lm.rundir.files import WriteError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.metrics import Logbook, strict
 from rnnreg.lm.training import console
 from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.loss import activation_penalties, summed_loss
-from rnnreg.lm.training.resume import Checkpoints, StopRequests
+from rnnreg.lm.training.resume import Checkpoints, Progress, StopRequests, seed_everything
 from rnnreg.lm.training.start import Start, after_write_error, remove_unstarted, start_run
 from rnnreg.nn import loops
 

@@ -10,7 +10,6 @@ made. It returns what the trainer starts from and never builds the trainer itsel
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from typing import NamedTuple
 
@@ -22,11 +21,10 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import World
-from rnnreg.lm.rundir.checkpoint import rng_per_rank
-from rnnreg.lm.rundir.files import WriteError, atomic_write_text
+from rnnreg.lm.rundir.files import WriteError
 from rnnreg.lm.rundir.layout import RunDir, RunDirError
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
-from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config
+from rnnreg.lm.training.resume import resumed_config, rng_per_rank
 
 __all__ = ["Start", "after_write_error", "remove_unstarted", "start_run"]
 
@@ -70,8 +68,8 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
 
 def _record_extension(run: RunDir, config: Config) -> None:
     """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
-    if read_config(run) != config:
-        run.write_config({**run.read_config(), "config": config.to_dict()})
+    if run.read_config() != config:
+        run.replace_config(config)
 
 
 def remove_unstarted(run: RunDir) -> None:
@@ -80,13 +78,8 @@ def remove_unstarted(run: RunDir) -> None:
     Only for a directory this call created, and only while it holds no run (no config.json):
     a run that trained, even briefly, is kept for --resume.
     """
-    if not distributed.is_main() or run.exists():
-        return
-    for name in (".lock", ".lock.holder"):
-        (run.path / name).unlink(missing_ok=True)
-    for directory in (run.checkpoint_dir, run.tensorboard_dir, run.plots_dir, run.path):
-        with contextlib.suppress(OSError):  # not empty, or never made: leave it
-            directory.rmdir()
+    if distributed.is_main():
+        run.remove_unstarted()
 
 
 def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
@@ -105,9 +98,9 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
     run.remove_temporaries()  # of writes a killed process left unfinished
     vocab = checkpoint = recorded = None
     if resume and run.exists():
-        saved = read_config(run)
+        saved = run.read_config()
         config = saved if config is None else resumed_config(saved, config)
-        vocab, recorded = read_vocab(run), read_corpus(run)
+        vocab, recorded = run.read_vocab(), run.read_corpus()
         # With no checkpoint yet, the run restarts from its saved config and vocabulary.
         checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
     elif config is None:
@@ -138,11 +131,10 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
 
 def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
     run.create(exist_ok=False)  # refuses a directory that already holds a run
-    atomic_write_text(run.path / "vocab.json", json.dumps(corpus.vocab.to_json()))
-    run.write_config({"config": config.to_dict(), "corpus": corpus.source,
-                      "commit": package_commit(),
-                      "machine": describe_machine(), "processes": world_size,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    run.write_vocab(corpus.vocab)
+    run.write_config(config, corpus=corpus.source, commit=package_commit(),
+                     machine=describe_machine(), processes=world_size,
+                     started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def after_write_error(error: WriteError, saved_step: int | None) -> str:
