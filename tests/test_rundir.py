@@ -190,7 +190,7 @@ def test_run_dir_layout_config_and_checkpoints(tmp_path: Path) -> None:
     assert run.config_path.read_text().startswith('{\n  "config": {\n    "activation_reg"')
     run.replace_config(Config(lr=20.0, epochs=20))  # a resume's raised budget keeps the record
     assert run.read_config() == Config(lr=20.0, epochs=20)
-    assert json.loads(run.config_path.read_text())["processes"] == 1
+    assert run.read_record() == {"corpus": {"data_dir": "c"}, "processes": 1}
     assert run.read_corpus() == {"data_dir": "c"}
     with pytest.raises(RunDirError, match="already holds a run"):
         RunDir(run.path).create(exist_ok=False)

@@ -272,10 +272,15 @@ class RunDir:
         """The run's :class:`~rnnreg.lm.config.Config`, as it trains."""
         return Config.from_dict(self._read_json()["config"])
 
+    def read_record(self) -> dict[str, Any]:
+        """Where the run came from, as :meth:`write_config` recorded it beside the config:
+        corpus, commit, machine, processes, start time."""
+        return {key: value for key, value in self._read_json().items() if key != "config"}
+
     def read_corpus(self) -> dict | None:
         """The corpus the run was trained on (path, files' sizes and MD5s); None if not
         recorded."""
-        return self._read_json().get("corpus")
+        return self.read_record().get("corpus")
 
     def _write_json(self, content: dict[str, Any]) -> None:
         atomic_write_text(self.config_path, json.dumps(content, indent=2, sort_keys=True) + "\n")
