@@ -16,7 +16,8 @@ from conftest import REPO_ROOT, write_corpus
 
 import rnnreg.cli as cli
 import rnnreg.lm.training.loop as train_module
-from rnnreg.lm.config import Config
+from rnnreg.cli.flags import config_overrides
+from rnnreg.lm.config import Config, flag
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.training.loop import train
@@ -77,7 +78,11 @@ def test_every_config_field_is_a_train_flag(capsys):
     assert exited.value.code == 0
     text = capsys.readouterr().out
     for field in dataclasses.fields(Config):
-        assert "--" + field.name.replace("_", "-") in text, field.name
+        assert flag(field.name) in text, field.name
+    # The strategy's rate p keeps the flag users know; no layer's dropout is meant.
+    assert flag("strategy_p") == "--dropout" and "--strategy-p" not in text
+    args = cli._parser().parse_args(["train", "--dropout", "0.3"])
+    assert config_overrides(args) == {"strategy_p": 0.3}
 
 
 def test_presets_lists_the_paper_numbers(capsys):

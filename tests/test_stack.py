@@ -196,7 +196,7 @@ def test_uniform_sizes_keep_the_single_torch_layer_and_its_keys():
 
 def test_stacked_model_ties_its_last_layer_to_the_embedding():
     model = LanguageModel(20, Config(hidden_size=8, num_layers=2, layer_sizes=(16, 8),
-                                     tie_weights=True, strategy="awd", dropout=0.3))
+                                     tie_weights=True, strategy="awd", strategy_p=0.3))
     assert isinstance(model.rnn, StackedRNN) and model.tied
     assert model.decoder.in_features == 8 and model.embedding.embedding_dim == 8
     ids = torch.randint(0, 20, (5, 2))
@@ -219,7 +219,7 @@ def test_nested_state_helpers_keep_the_nesting():
 def test_mc_dropout_and_generation_run_on_a_stacked_model():
     torch.manual_seed(0)
     config = Config(hidden_size=6, num_layers=3, layer_sizes=(10, 12, 6), strategy="awd",
-                    dropout=0.3, embedding_dropout=0.1)
+                    strategy_p=0.3, embedding_dropout=0.1)
     model = LanguageModel(15, config)
     ids = torch.randint(0, 15, (60,), generator=torch.Generator().manual_seed(5))
     mc = score_stream(model, ids, bptt=7, mc_samples=3)
@@ -244,7 +244,7 @@ def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_stacked_model_trains_and_resumes_exactly(cell, tmp_path, tiny_corpus):
     config = Config(cell=cell, hidden_size=8, num_layers=2, layer_sizes=(16, 8),
-                    tie_weights=True, strategy="awd", dropout=0.2, weight_dropout=0.3,
+                    tie_weights=True, strategy="awd", strategy_p=0.2, weight_dropout=0.3,
                     batch_size=4, bptt=5, epochs=1, train_tokens=400, init_range=0.2,
                     eval_bptt=50, checkpoint_minutes=0.0, device="cpu", seed=5)
     reference = tmp_path / "reference"

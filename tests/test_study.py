@@ -60,7 +60,7 @@ def _has_final(run_dir: Path) -> bool:
 
 
 def test_grid_runs_vary_only_the_grid_axes():
-    base = Config(hidden_size=32, epochs=3, bptt=7, lr=0.7, strategy="awd", dropout=0.1,
+    base = Config(hidden_size=32, epochs=3, bptt=7, lr=0.7, strategy="awd", strategy_p=0.1,
                   cell="rnn", seed=9)
     grid = StudyGrid(("none", "zaremba", "variational"), (0.2, 0.5), ("lstm", "gru"), (1, 2))
     runs = grid_runs(base, grid)
@@ -68,12 +68,12 @@ def test_grid_runs_vary_only_the_grid_axes():
     assert len(runs) == 2 * 2 * (1 + 2 * 2)
     assert len({name for name, _ in runs}) == len(runs)
     for name, config in runs:
-        assert config.replace(strategy=base.strategy, dropout=base.dropout, cell=base.cell,
+        assert config.replace(strategy=base.strategy, strategy_p=base.strategy_p, cell=base.cell,
                               seed=base.seed) == base
         assert name == study.run_name(config)
     names = dict(runs)
-    assert names["lstm-zaremba-p0.5-s1"].dropout == 0.5
-    assert names["gru-none-p0-s2"].dropout == 0.0
+    assert names["lstm-zaremba-p0.5-s1"].strategy_p == 0.5
+    assert names["gru-none-p0-s2"].strategy_p == 0.0
     assert not any("none-p0.2" in name for name in names)
 
 

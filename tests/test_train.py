@@ -232,7 +232,7 @@ def test_learning_rate_follows_lr_at(tmp_path, tiny_corpus, monkeypatch):
 
 
 RESUMABLE = RECIPE.replace(batch_size=10, bptt=10, epochs=2, checkpoint_steps=3,
-                           strategy="zaremba", dropout=0.3, seed=7)
+                           strategy="zaremba", strategy_p=0.3, seed=7)
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def assert_matches(cell, out, state, expected, tol=1e-10):
 def test_training_masks_match_numpy_oracle(cell, variational, bidirectional, packed, engine):
     """Sampled zoneout factors with recurrent dropout on h(t-1): two layers, explicit masks."""
     module = build(cell, num_layers=2, bidirectional=bidirectional, variational=variational,
-                   recurrent_dropout=0.3, dropout=0.2, **zoneout_rates(cell))
+                   recurrent_dropout=0.3, strategy_p=0.2, **zoneout_rates(cell))
     x, hx = inputs(cell, module)
     masks = module.sample_masks(T, B)
     assert len(masks.zoneout) == 2
@@ -306,10 +306,10 @@ def test_config_strategy_reaches_the_model():
     from rnnreg.lm.config import Config
     from rnnreg.lm.model import LanguageModel
 
-    lstm = LanguageModel(10, Config(hidden_size=8, strategy="zoneout", dropout=0.5)).rnn
+    lstm = LanguageModel(10, Config(hidden_size=8, strategy="zoneout", strategy_p=0.5)).rnn
     assert (lstm.zoneout_cell, lstm.zoneout_hidden) == (0.5, 0.05)
     gru = LanguageModel(10, Config(hidden_size=8, cell="gru", strategy="zoneout",
-                                   dropout=0.5)).rnn
+                                   strategy_p=0.5)).rnn
     assert (gru.zoneout_cell, gru.zoneout_hidden) == (0.0, 0.05)
     stack = LanguageModel(10, Config(hidden_size=8, layer_sizes=(12, 8), zoneout_hidden=0.2,
                                      zoneout_cell=0.3)).rnn
@@ -319,7 +319,7 @@ def test_config_strategy_reaches_the_model():
 @pytest.mark.parametrize("changes, word", [
     (dict(cell="gru", zoneout_cell=0.3), "zoneout_cell"),
     (dict(zoneout_hidden=1.0), "zoneout_hidden"),
-    (dict(strategy="zoneout", dropout=1.0), "zoneout_cell"),
+    (dict(strategy="zoneout", strategy_p=1.0), "zoneout_cell"),
 ])
 def test_config_refuses_bad_zoneout(changes, word):
     from rnnreg.lm.config import Config

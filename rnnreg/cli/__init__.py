@@ -81,7 +81,7 @@ def _presets(_: argparse.Namespace) -> int:
         shape = (f"{config.num_layers}x{config.hidden_size}" if len(set(config.sizes)) == 1
                  else "-".join(map(str, config.sizes)))
         print(f"{preset.name:14s} {config.cell} {shape} "
-              f"{config.strategy} p={config.dropout} bptt={config.bptt} "
+              f"{config.strategy} p={config.strategy_p} bptt={config.bptt} "
               f"epochs={config.epochs}  | paper: {paper}  ({preset.note}; {preset.source})")
     return 0
 

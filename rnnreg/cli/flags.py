@@ -22,6 +22,7 @@ from rnnreg.lm.config import (
     PRECISIONS,
     SOFTMAXES,
     Config,
+    flag,
 )
 from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES
 
@@ -57,7 +58,7 @@ _FIELD_HELP = {
     "adaptive_div_value": "each adaptive cluster projects to hidden_size / div^(i+1) features",
     "init_range": "weights start uniform in (-r, r)",
     "strategy": "dropout strategy (where masks act, whether per step or per sequence)",
-    "dropout": "the strategy's dropout rate p",
+    "strategy_p": "the strategy's rate p (each placement it names gets p)",
     "input_dropout": "dropout rate on the embedding output; none = the strategy's",
     "between_dropout": "dropout rate between layers; none = the strategy's",
     "output_dropout": "dropout rate before the decoder; none = the strategy's",
@@ -115,24 +116,25 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: frozenset[str] = 
     for field in dataclasses.fields(Config):
         if field.name in exclude:
             continue
-        flag = "--" + field.name.replace("_", "-")
+        name = flag(field.name)
         kind, optional = _unwrap_optional(hints[field.name])
-        options = {"default": argparse.SUPPRESS, "help": _FIELD_HELP[field.name]}
+        options = {"default": argparse.SUPPRESS, "help": _FIELD_HELP[field.name],
+                   "dest": field.name}
         if kind is bool:
-            fields.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            fields.add_argument(name, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(kind) is tuple:
-            fields.add_argument(flag, nargs="+", action=_TupleAction,
+            fields.add_argument(name, nargs="+", action=_TupleAction,
                                 item=typing.get_args(kind)[0], optional=optional,
                                 metavar=typing.get_args(kind)[0].__name__.upper(), **options)
         elif field.name in _FIELD_CHOICES and optional:
             allowed = _FIELD_CHOICES[field.name]
-            fields.add_argument(flag, type=_none_or(kind), choices=(*allowed, None),
+            fields.add_argument(name, type=_none_or(kind), choices=(*allowed, None),
                                 metavar="{" + ",".join((*allowed, "none")) + "}", **options)
         elif field.name in _FIELD_CHOICES:
-            fields.add_argument(flag, choices=_FIELD_CHOICES[field.name], **options)
+            fields.add_argument(name, choices=_FIELD_CHOICES[field.name], **options)
         else:
-            fields.add_argument(flag, type=_none_or(kind) if optional else kind,
-                                metavar=field.name.upper(), **options)
+            fields.add_argument(name, type=_none_or(kind) if optional else kind,
+                                metavar=name[2:].replace("-", "_").upper(), **options)
 
 
 def _unwrap_optional(hint) -> tuple[type, bool]:

@@ -21,7 +21,8 @@ from rnnreg.nn.functional import (
 from rnnreg.nn.layers import LAYERS
 from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
 
-__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config"]
+__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config",
+           "flag"]
 
 CELLS = tuple(LAYERS)  # "lstm", "gru", "rnn"
 LEVELS = ("word", "char")
@@ -65,7 +66,9 @@ class Config:
 
     # --- regularization ----------------------------------------------------------------
     strategy: str = "none"          # a name in rnnreg.STRATEGIES
-    dropout: float = 0.0            # the strategy's rate p (paper: 0 small, 0.5 medium, 0.65 large)
+    # The strategy's rate p (paper: 0 small, 0.5 medium, 0.65 large); the flag is --dropout.
+    # Not a layer's ``dropout``, which is torch's between-layer rate (between_dropout here).
+    strategy_p: float = 0.0
     # Per-placement overrides of p; None = follow the strategy.
     input_dropout: float | None = None
     between_dropout: float | None = None
@@ -133,7 +136,8 @@ class Config:
         check_positive_int("min_count", self.min_count)
         self._check_recurrent_mask()
         self._check_adaptive()
-        for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
+        check_probability(f"strategy_p ({flag('strategy_p')})", self.strategy_p)
+        for name in ("embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
             if value is not None:
@@ -252,7 +256,7 @@ class Config:
                                    ("zoneout_cell", self.zoneout_cell))
             if value is not None
         }
-        settings = strategy(self.strategy, self.dropout, **overrides)
+        settings = strategy(self.strategy, self.strategy_p, **overrides)
         if self.cell != "lstm":
             settings.pop("zoneout_cell", None)
         return settings
@@ -285,6 +289,16 @@ class Config:
         if unknown:
             raise ValueError(f"config has unknown field(s) {unknown}; written by a newer rnnreg?")
         return cls(**data)
+
+
+# Fields whose command-line flag is not their own name: the strategy's rate keeps the --dropout
+# that users of the paper's code know.
+_FLAG_NAMES = {"strategy_p": "dropout"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of Config field ``name``: ``hidden_size`` -> ``--hidden-size``."""
+    return "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

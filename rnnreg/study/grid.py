@@ -94,7 +94,7 @@ def grid_runs(base: Config, grid: StudyGrid) -> list[tuple[str, Config]]:
             rates = (0.0,) if name == "none" else grid.rates
             for rate in rates:
                 for seed in grid.seeds:
-                    config = base.replace(strategy=name, dropout=float(rate), cell=cell,
+                    config = base.replace(strategy=name, strategy_p=float(rate), cell=cell,
                                           seed=seed)
                     runs.append((run_name(config), config))
     return runs
@@ -103,7 +103,7 @@ def grid_runs(base: Config, grid: StudyGrid) -> list[tuple[str, Config]]:
 def run_name(config: Config) -> str:
     # repr() is the shortest text that reads back as the same float, so distinct rates never
     # share a directory; ".0" is dropped only to keep the common names short.
-    rate = repr(float(config.dropout)).removesuffix(".0")
+    rate = repr(float(config.strategy_p)).removesuffix(".0")
     return f"{config.cell}-{config.strategy}-p{rate}-s{config.seed}"
 
 

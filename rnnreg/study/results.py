@@ -31,7 +31,7 @@ class RunResult:
 
     @property
     def rate(self) -> float:
-        return 0.0 if self.config.strategy == "none" else self.config.dropout
+        return 0.0 if self.config.strategy == "none" else self.config.strategy_p
 
 
 def read_runs(out: str | Path) -> list[RunResult]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rnnreg.lm.config import Config
+from rnnreg.lm.config import Config, flag
 from rnnreg.lm.distributed import World
 from rnnreg.lm.model import LanguageModel, map_state
 from rnnreg.lm.rundir.layout import RunDir
@@ -120,9 +120,9 @@ def resumed_config(saved: Config, wanted: Config) -> Config:
         have, want = getattr(saved, name), getattr(wanted, name)
         if have == want or (name in EXTENDABLE and _raised(name, have, want)):
             continue
-        flag = "--" + name.replace("_", "-")
         note = " (it may only be raised)" if name in EXTENDABLE else ""
-        differences.append(f"{flag}: run has {_shown(have)}, command says {_shown(want)}{note}")
+        differences.append(f"{flag(name)}: run has {_shown(have)}, "
+                           f"command says {_shown(want)}{note}")
     if differences:
         raise ValueError("the run was started with other settings: " + "; ".join(differences)
                          + " (a resumed run keeps them; use another --out for a new run)")
