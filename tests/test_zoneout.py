@@ -95,7 +95,7 @@ def assert_matches(cell, out, state, expected, tol=1e-10):
 def test_training_masks_match_numpy_oracle(cell, variational, bidirectional, packed, engine):
     """Sampled zoneout factors with recurrent dropout on h(t-1): two layers, explicit masks."""
     module = build(cell, num_layers=2, bidirectional=bidirectional, variational=variational,
-                   recurrent_dropout=0.3, strategy_p=0.2, **zoneout_rates(cell))
+                   recurrent_dropout=0.3, dropout=0.2, **zoneout_rates(cell))
     x, hx = inputs(cell, module)
     masks = module.sample_masks(T, B)
     assert len(masks.zoneout) == 2
