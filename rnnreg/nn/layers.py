@@ -164,7 +164,7 @@ class _RegularizedRecurrence:
                           for _ in layers) if self._zoneout() else None,
         )
 
-    def _expected_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
+    def _evaluation_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
         """Evaluation with zoneout: no dropout, and every zoneout factor at its expectation,
         the rate (Krueger et al. 2017, as dropout's test-time scaling)."""
         shape = (1, self.num_directions, batch_size, self.hidden_size)
@@ -189,7 +189,7 @@ class _RegularizedRecurrence:
         if self.training:
             masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
         else:
-            masks = self._expected_masks(x.size(1), x.device, x.dtype)
+            masks = self._evaluation_masks(x.size(1), x.device, x.dtype)
         return self._forward_masked(x, lengths, given, hx, masks)
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):

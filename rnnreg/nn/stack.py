@@ -125,7 +125,7 @@ class StackedRNN(nn.Module):
             masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
                                       dtype=input.dtype)
         else:
-            masks = self._no_masks(input.size(1), input.device, input.dtype)
+            masks = self._evaluation_masks(input.size(1), input.device, input.dtype)
         return self.forward_with_masks(input, hx, masks)
 
     def forward_with_masks(self, input: Tensor, hx, masks: DropoutMasks):
@@ -144,10 +144,10 @@ class StackedRNN(nn.Module):
             finals.append(state)
         return apply_mask(x, masks.output), tuple(finals)
 
-    def _no_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
+    def _evaluation_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
         """Evaluation: no dropout; zoneout, if any, at its expectation (see rnnreg.LSTM)."""
         none = (None,) * self.num_layers
-        own = [layer._expected_masks(batch_size, device, dtype) for layer in self.layers]
+        own = [layer._evaluation_masks(batch_size, device, dtype) for layer in self.layers]
         return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
                             output=None, zoneout=_per_layer_zoneout(own))
 

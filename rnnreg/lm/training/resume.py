@@ -188,7 +188,7 @@ class Checkpoints:
         """Write `best` after `last`: as a link to it while the weights evaluated are the
         iterates themselves, in full once NT-ASGD evaluates their average instead."""
         if optim.averaging:
-            self.run.save_checkpoint("best", {"model": optim.eval_weights()})
+            self.run.save_checkpoint("best", {"model": optim.evaluated_state()})
         else:
             self.run.copy_checkpoint("last", "best")
 

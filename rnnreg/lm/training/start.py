@@ -44,7 +44,7 @@ class Start(NamedTuple):
 
 
 def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Config | None,
-              data_dir, *, resume: bool, download: bool, progress: bool,
+              data_dir, *, resume: bool, download: bool, show_progress: bool,
               verbose: bool) -> Start:
     """Open (or create) the run and load its corpus: everything before the first step."""
     # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
@@ -53,7 +53,7 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
     if data_dir is None and recorded is not None:
         data_dir = recorded["data_dir"]
     elif data_dir is None and download:
-        world.from_main(lambda: ensure_ptb(progress and world.is_main))
+        world.from_main(lambda: ensure_ptb(show_progress and world.is_main))
     corpus = world.everywhere(lambda: Corpus.load(
         data_dir, config.level, vocab, split_fractions=config.split_fractions,
         max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
