@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rnnreg
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel, ModelMasks, count_parameters
 from rnnreg.lm.training.loss import summed_loss
@@ -261,3 +262,35 @@ def test_none_strategy_is_deterministic_in_training_mode():
     model = _model(strategy="none").train()
     ids = _ids(6, 2)
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_layer_options_are_computed_once_per_config(monkeypatch):
+    """A config computes its layer options when it is built; the model (and the trainer) take
+    them from it, and a caller that edits the dict it got does not change the config's."""
+    from rnnreg.nn.strategies import Strategy
+
+    calls = []
+    original = Strategy.settings
+    monkeypatch.setattr(Strategy, "settings",
+                        lambda self, *a, **k: calls.append(self.name) or original(self, *a, **k))
+    config = Config(hidden_size=8, strategy="variational", strategy_p=0.3,
+                    recurrent_dropout=0.2)
+    assert calls == ["variational"]
+    model = LanguageModel(10, config)
+    options = config.layer_options()
+    options["recurrent_dropout"] = 0.9
+    assert calls == ["variational"]
+    assert config.layer_options()["recurrent_dropout"] == 0.2 == model.rnn.recurrent_dropout
+    assert config.layer_options() == rnnreg.strategy("variational", 0.3, recurrent_dropout=0.2)
+
+
+@pytest.mark.parametrize("changes, word", [
+    (dict(strategy_p=1.5), "strategy_p .--dropout."),
+    (dict(between_dropout=-0.2), "between_dropout"),
+    (dict(recurrent_dropout=2.0), "recurrent_dropout"),
+    (dict(zoneout_hidden=1.0), "zoneout_hidden"),
+    (dict(strategy="zoneout", strategy_p=1.0), "zoneout_cell"),  # derived: p * 1
+])
+def test_a_config_names_the_field_of_a_bad_rate(changes, word):
+    with pytest.raises(ValueError, match=word):
+        Config(**changes)

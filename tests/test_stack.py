@@ -163,6 +163,31 @@ def test_bad_arguments_are_clear_errors():
         _stack()(torch.randn(2, INPUT))
 
 
+@pytest.mark.parametrize("keyword, value", [
+    ("dropout", 1.5), ("input_dropout", -0.1), ("output_dropout", float("nan")),
+    ("recurrent_dropout", 2.0), ("weight_dropout", -1.0), ("zoneout_hidden", 1.0),
+    ("recurrent_mask", "row"),
+])
+def test_every_rate_is_refused_by_name_once_checked_where_it_acts(keyword, value):
+    """The stack checks the rates it applies; the ones inside the recurrence are checked by its
+    layers as they are built, with the same message a layer built directly gives."""
+    with pytest.raises(ValueError, match=keyword) as from_stack:
+        StackedRNN("lstm", 4, (8, 4), **{keyword: value})
+    if keyword not in ("input_dropout", "output_dropout"):  # a layer's own keywords too
+        with pytest.raises(ValueError) as from_layer:
+            LSTM(4, 8, 2, **{keyword: value})
+        assert str(from_stack.value) == str(from_layer.value)
+
+
+def test_the_stack_reports_the_rates_its_layers_apply():
+    stack = StackedRNN("lstm", 4, (8, 4), recurrent_dropout=0.2, weight_dropout=0.3,
+                       variational=True, recurrent_mask="batch", zoneout_hidden=0.1)
+    assert (stack.recurrent_dropout, stack.weight_dropout, stack.recurrent_mask,
+            stack.zoneout_hidden, stack.zoneout_cell) == (0.2, 0.3, "batch", 0.1, 0.0)
+    assert all((layer.recurrent_dropout, layer.weight_dropout) == (0.2, 0.3)
+               for layer in stack.layers)
+
+
 # --------------------------------------------------------------------------- config and model
 
 

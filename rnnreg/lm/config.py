@@ -19,7 +19,7 @@ from rnnreg.nn.functional import (
     is_positive_int,
 )
 from rnnreg.nn.layers import LAYERS
-from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask, strategy
+from rnnreg.nn.strategies import STRATEGIES, check_recurrent_mask
 
 __all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config",
            "flag"]
@@ -156,7 +156,9 @@ class Config:
                      "train_tokens", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.layer_options()  # the strategy at its rate, with the overrides: one clear error
+        # Computed once, from fields checked above (the zoneout rates derived from p are
+        # checked as they are made); every layer built from this config takes these.
+        object.__setattr__(self, "_layer_options", self._strategy_settings())
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
             last = "" if self.layer_sizes is None else ", the last of layer_sizes"
             raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
@@ -239,7 +241,13 @@ class Config:
         """The recurrent layer's keyword options: the strategy at rate p, then the overrides.
 
         Every regularization keyword the layer takes (rates, ``variational``, the mask
-        sharing), not only dropout rates: hence options.
+        sharing), not only dropout rates: hence options. A fresh dict each call, so a caller
+        may take entries out of it.
+        """
+        return dict(self._layer_options)
+
+    def _strategy_settings(self) -> dict[str, float | bool | str]:
+        """The options, from the strategy's record (:meth:`rnnreg.Strategy.settings`).
 
         A GRU or Elman RNN has no cell state, so the strategy's cell zoneout rate is left out
         for them (an explicit ``zoneout_cell`` is refused when the config is built).
@@ -256,7 +264,7 @@ class Config:
                                    ("zoneout_cell", self.zoneout_cell))
             if value is not None
         }
-        settings = strategy(self.strategy, self.strategy_p, **overrides)
+        settings = STRATEGIES[self.strategy].settings(self.strategy_p, **overrides)
         if self.cell != "lstm":
             settings.pop("zoneout_cell", None)
         return settings

@@ -266,12 +266,14 @@ def _dropout_data(seq, p: float, training: bool):
 
 
 def _torch_dropout(dropout: float, num_layers: int) -> float:
-    """The between-layer rate to give torch's constructor.
+    """The between-layer rate to give torch's constructor, once checked (with rnnreg's message,
+    before torch's own check sees it).
 
     With one layer there is no layer boundary, so between-layer dropout is a no-op, for torch as
     for rnnreg; torch warns about it, though a strategy applied to a one-layer model is a normal
     setting. torch is given 0 there and the layer keeps the caller's rate.
     """
+    check_probability("dropout", dropout)
     return dropout if num_layers > 1 else 0.0
 
 
@@ -296,7 +298,6 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
                  zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        check_probability("dropout", dropout)
         if proj_size and (recurrent_dropout or weight_dropout or variational or zoneout_hidden
                           or zoneout_cell):
             raise ValueError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
@@ -324,7 +325,6 @@ class GRU(_RegularizedRecurrence, nn.GRU):
                  zoneout_hidden: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        check_probability("dropout", dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          _torch_dropout(dropout, num_layers), bidirectional, device=device,
                          dtype=dtype)
@@ -348,7 +348,6 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                  zoneout_hidden: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        check_probability("dropout", dropout)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
