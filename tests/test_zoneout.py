@@ -409,15 +409,6 @@ def test_torch_compile_traces_the_loops_in_one_graph(cell):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_layer_pickled_before_zoneout_still_runs():
-    """A whole-module pickle from before zoneout has no zoneout attributes: it runs as it did."""
-    module = rnnreg.LSTM(F_IN, H, recurrent_dropout=0.2)
-    del module.zoneout_hidden, module.zoneout_cell
-    assert module.sample_masks(T, B).zoneout is None
-    out, _ = module.eval()(torch.randn(T, B, F_IN))
-    assert out.shape == (T, B, H)
-
-
 @pytest.mark.parametrize("training", [True, False])
 def test_zoneout_runs_the_own_loop_in_training_and_evaluation(training):
     """The routing function names the engine zoneout needs: its expectation in evaluation is

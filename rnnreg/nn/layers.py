@@ -82,11 +82,6 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 class _RegularizedRecurrence:
     """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
 
-    # Class defaults, so that layers pickled before these options existed still run.
-    recurrent_mask = "sequence"
-    zoneout_hidden = 0.0
-    zoneout_cell = 0.0
-
     def _init_regularization(self, *, dropout: float, input_dropout: float,
                              output_dropout: float, recurrent_dropout: float,
                              weight_dropout: float, variational: bool,

@@ -39,7 +39,7 @@ from rnnreg.lm.rundir.metrics import Logbook
 from rnnreg.lm.training.asgd import NTASGD
 
 __all__ = ["EXTENDABLE", "Checkpoints", "Progress", "StopRequests", "resumed_config",
-           "rng_per_rank", "seed_everything"]
+           "seed_everything"]
 
 # The fields a resume may raise to extend a run; every other field must equal the saved one.
 EXTENDABLE = ("epochs", "max_train_minutes")
@@ -89,11 +89,6 @@ def _numpy_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def rng_per_rank(saved) -> list[dict]:
-    """Per-rank RNG states; checkpoints before data-parallel training held one dict."""
-    return [saved] if isinstance(saved, dict) else list(saved)
 
 
 def _set_rng_states(states: dict) -> None:
@@ -202,7 +197,7 @@ class Checkpoints:
         optim.optimizer.load_state_dict(tree["optimizer"])
         hidden = self.world.shard_columns(tree["hidden"])
         hidden = map_state(hidden, lambda h: h.to(device))
-        _set_rng_states(rng_per_rank(tree["rng"])[self.world.rank])
+        _set_rng_states(tree["rng"][self.world.rank])
         self.saved_step = progress.step
         # Raised epochs or time budget: a finished run has more to do.
         if (progress.finished and progress.epoch <= self.config.epochs

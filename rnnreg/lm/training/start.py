@@ -24,7 +24,7 @@ from rnnreg.lm.distributed import World
 from rnnreg.lm.rundir.files import WriteError
 from rnnreg.lm.rundir.layout import RunDir, RunDirError
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
-from rnnreg.lm.training.resume import resumed_config, rng_per_rank
+from rnnreg.lm.training.resume import resumed_config
 
 __all__ = ["Start", "after_write_error", "remove_unstarted", "start_run"]
 
@@ -122,7 +122,7 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
     Each rank's dropout stream continues from its own saved state; with another rank count
     there is no such state, and the run would silently stop being reproducible.
     """
-    saved = len(rng_per_rank(checkpoint["rng"]))
+    saved = len(checkpoint["rng"])  # one generator state per rank
     if saved != world_size:
         raise ValueError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
                          f"the same number (torchrun --nproc-per-node {saved}), "
