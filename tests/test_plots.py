@@ -20,11 +20,11 @@ from matplotlib.figure import Figure
 from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.curves import PALETTE, learning_curves
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.study.plots import (
-    PALETTE,
     hidden_heatmaps,
-    learning_curves,
     placement_diagram,
     placements_of,
     plot_runs,

@@ -19,8 +19,8 @@ import torch
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.rundir.checkpoint import load_tree, save_tree
-from rnnreg.lm.rundir.files import WriteError, atomic_write_text
-from rnnreg.lm.rundir.layout import RunDir, RunDirError, RunLockedError
+from rnnreg.lm.rundir.files import RunDirError, WriteError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir, RunLockedError
 from rnnreg.lm.rundir.provenance import describe_machine, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

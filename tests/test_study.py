@@ -17,7 +17,8 @@ from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.evaluation import load_model
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.study import grid as study
 from rnnreg.study.grid import StudyGrid, grid_runs, run_study
 from rnnreg.study.report import write_report

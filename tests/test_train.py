@@ -19,7 +19,8 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import TrainingDiverged, train
 
 

@@ -23,7 +23,7 @@ from rnnreg.cli import scoring, study, training
 from rnnreg.lm import distributed
 from rnnreg.lm.corpus.sources import DataError, default_data_dir, download_ptb, resolve_data_dir
 from rnnreg.lm.presets import PRESETS
-from rnnreg.lm.rundir.layout import RunDirError
+from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.training.loop import TrainingDiverged
 
 __all__ = ["main"]

@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 
 from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.corpus.sources import resolve_data_dir
-from rnnreg.lm.rundir.files import atomic_write_text
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import TrainingDiverged, train
 from rnnreg.nn.functional import check_positive_int, check_probability
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["Backend", "Job", "StudyGrid", "grid_runs", "local_backend", "ray_backend",
-           "run_study"]
+           "run_job", "run_name", "run_study"]
 
 
 
@@ -180,7 +180,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-RAY_MISSING = "the Ray backend needs Ray Tune, an optional extra: pip install 'rnnreg[ray]'"
+_RAY_MISSING = "the Ray backend needs Ray Tune, an optional extra: pip install 'rnnreg[ray]'"
 
 
 def ray_backend(address: str | None = None, *, cpus_per_trial: float = 1.0,
@@ -204,7 +204,7 @@ def ray_backend(address: str | None = None, *, cpus_per_trial: float = 1.0,
         import ray
         from ray import tune
     except ImportError as error:
-        raise ImportError(f"{RAY_MISSING} ({error})") from error
+        raise ImportError(f"{_RAY_MISSING} ({error})") from error
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
 
     def run(pending: Sequence[Job], done: Callable[[Job, str], None]) -> None:

@@ -22,8 +22,7 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.model import LanguageModel, ModelMasks
-from rnnreg.lm.rundir.files import atomic_write_text
-from rnnreg.lm.rundir.layout import RunDirError
+from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
 from rnnreg.nn.layers import DropoutMasks
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnnreg.lm.config import CELLS, Config
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["Group", "RunResult", "Stat", "group_runs", "read_runs"]

@@ -49,7 +49,7 @@ from rnnreg.lm.rundir.files import (
     writing,
 )
 
-__all__ = ["RunDir", "RunDirError", "RunLockedError", "WriteError"]
+__all__ = ["RunDir", "RunLockedError"]
 
 # Checkpoint names become file names; keeping them to a safe alphabet rules out path traversal
 # and hidden files (temporary files start with ".").

@@ -28,7 +28,7 @@ __all__ = ["STEP_SECONDS", "Logbook", "strict"]
 # Without --log-every, a step record about this often: curves within a minute of the start,
 # and a file that stays small over a day-long run.
 STEP_SECONDS = 30.0
-CURVE_NAME = "learning_curve.png"
+_CURVE_NAME = "learning_curve.png"
 
 
 def strict(value: Any) -> Any:
@@ -135,7 +135,7 @@ class Logbook:
         records = [r for r in self.run.read_metrics()
                    if r.get("event") in ("epoch", "step", "final")]
         learning_curves({self.run.path.resolve().name: records},
-                        self.run.plots_dir / CURVE_NAME)
+                        self.run.plots_dir / _CURVE_NAME)
 
     def _append(self, record: dict) -> None:
         self.run.append_metrics(strict(record))

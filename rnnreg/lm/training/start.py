@@ -21,8 +21,8 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import World
-from rnnreg.lm.rundir.files import WriteError
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError, WriteError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
 from rnnreg.lm.training.resume import resumed_config
 
