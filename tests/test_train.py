@@ -22,6 +22,7 @@ from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import TrainingDiverged, train
+from rnnreg.lm.training.resume import resumed_config
 
 
 def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:
@@ -189,6 +190,13 @@ def test_resume_with_other_settings_is_refused_naming_each(recipe_run, module_co
     assert "--bptt: run has 5, command says 6" in message
     assert "--epochs: run has 3, command says 2 (it may only be raised)" in message
     assert "\n" not in message
+
+
+def test_a_resume_names_the_strategy_rate_by_the_flag_users_give():
+    saved = Config(strategy="zaremba", strategy_p=0.3)
+    with pytest.raises(ValueError, match="--dropout: run has 0.3, command says 0.5"):
+        resumed_config(saved, saved.replace(strategy_p=0.5))
+    assert resumed_config(saved, saved.replace(epochs=20)) == saved.replace(epochs=20)
 
 
 @pytest.mark.slow
