@@ -299,8 +299,8 @@ class Config:
         return cls(**data)
 
 
-# Fields whose command-line flag is not their own name: the strategy's rate keeps the --dropout
-# that users of the paper's code know.
+# Fields whose command-line flag is not their own name: the strategy's rate p keeps the flag
+# --dropout, the name users give it on the command line.
 _FLAG_NAMES = {"strategy_p": "dropout"}
 
 
