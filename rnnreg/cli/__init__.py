@@ -1,7 +1,8 @@
 """The ``rnnreg`` command line: a thin layer over the library's functions.
 
 Every Config field is a flag of ``train`` with the same name (``hidden_size`` -> ``--hidden-size``),
-so one concept has one name in code, config.json, flags and docs. Flags override the preset.
+so one concept has one name in code, config.json, flags and docs (the strategy's rate
+``strategy_p`` keeps the flag ``--dropout``). Flags override the preset.
 
 A package, one module per idea, so that no command's code has to be read past another's:
 ``flags`` maps Config onto flags, ``training`` is the train command, ``scoring`` the commands

@@ -1,8 +1,10 @@
 """Config -> flags: every Config field is a command-line flag of the same name.
 
 ``hidden_size`` is ``--hidden-size``, so one concept has one name in code, config.json, flags and
-docs. The flags are built from the dataclass's resolved type hints rather than listed by hand,
-so a new Config field is a new flag (with one line of help here) and nothing else. A module of
+docs; the one exception, the strategy's rate ``strategy_p``, keeps the flag ``--dropout``
+(:func:`rnnreg.lm.config.flag` names every field's flag). The flags are built from the
+dataclass's resolved type hints rather than listed by hand, so a new Config field is a new flag
+(with one line of help here) and nothing else. A module of
 its own because two commands (``train``, ``compare``) build on it and neither owns it; the
 ``--data-dir`` option that every corpus-reading command shares lives here for the same reason.
 """
