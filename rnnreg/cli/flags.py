@@ -4,9 +4,9 @@
 docs; the one exception, the strategy's rate ``strategy_p``, keeps the flag ``--dropout``
 (:func:`rnnreg.lm.config.flag` names every field's flag). The flags are built from the
 dataclass's resolved type hints rather than listed by hand, so a new Config field is a new flag
-(with one line of help here) and nothing else. A module of
-its own because two commands (``train``, ``compare``) build on it and neither owns it; the
-``--data-dir`` option that every corpus-reading command shares lives here for the same reason.
+(with one line of help here) and nothing else. A module of its own because two commands
+(``train``, ``compare``) build on it and neither owns it; the ``--data-dir`` option that every
+corpus-reading command shares lives here for the same reason.
 """
 
 from __future__ import annotations
