@@ -75,7 +75,7 @@ def main() -> None:
                         tokens_per_s(processes, shape, data_dir, out, args.threads))
             one, two = (statistics.median(speeds[n]) for n in (1, 2))
             print(f"| {shape} (B{config.batch_size} T{config.bptt} H{config.hidden_size} "
-                  f"p{config.dropout}) | {one:,.0f} | {two:,.0f} | {two / one:.2f} |")
+                  f"p{config.strategy_p}) | {one:,.0f} | {two:,.0f} | {two / one:.2f} |")
 
 
 if __name__ == "__main__":

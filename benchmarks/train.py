@@ -25,7 +25,6 @@ from torch import nn
 from rnnreg.lm.config import Config
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import read_vocab
 from rnnreg.lm.training.loop import train
 
 VOCAB = 10_000  # PTB's
@@ -65,7 +64,7 @@ def baseline_tokens_per_s(config: Config, data: torch.Tensor, device: torch.devi
                           vocab: int = VOCAB) -> float:
     """The hand-written loop: same model sizes, loss, clipping and optimizer step."""
     torch.manual_seed(config.seed)
-    h, p = config.hidden_size, config.dropout
+    h, p = config.hidden_size, config.strategy_p
     embedding, decoder = nn.Embedding(vocab, h), nn.Linear(h, vocab)
     lstm = nn.LSTM(h, h, config.num_layers, dropout=p if config.num_layers > 1 else 0.0)
     drop = nn.Dropout(p)
@@ -103,7 +102,7 @@ def trainer_tokens_per_s(config: Config, data_dir: Path, workdir: Path,
     out = workdir / f"run-{time.monotonic_ns()}"
     summary = train(config, out, data_dir=data_dir, progress=False, verbose=False)
     assert summary["complete"]
-    words = len(read_vocab(RunDir(out)))
+    words = len(RunDir(out).read_vocab())
     if words != vocab:  # the comparison holds only at the same softmax size
         raise RuntimeError(f"the trainer's vocabulary has {words} words, the baseline {vocab}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -147,7 +146,7 @@ def main() -> None:
                 cand.append(trainer_tokens_per_s(config, data_dir, Path(tmp), vocab))
             b, c = statistics.median(base), statistics.median(cand)
             print(f"| {shape} (B{config.batch_size} T{config.bptt} H{config.hidden_size} "
-                  f"p{config.dropout}) | {b:,.0f} | {c:,.0f} | {c / b:.2f} |", flush=True)
+                  f"p{config.strategy_p}) | {b:,.0f} | {c:,.0f} | {c / b:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ _LAZY = {
     "TrainingDiverged": "rnnreg.lm.training.loop",
     "RunDirError": "rnnreg.lm.rundir.files",
     "WriteError": "rnnreg.lm.rundir.files",
-    "load_model": "rnnreg.lm.runs",
+    "load_model": "rnnreg.lm.evaluation",
     "train": "rnnreg.lm.training.loop",
     "StudyGrid": "rnnreg.study.grid",
     "run_study": "rnnreg.study.grid",

@@ -25,13 +25,12 @@ from rnnreg.cli import training as cli_training
 from rnnreg.lm.adaptive import AdaptiveSoftmax, default_cutoffs
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.presets import budget_config, preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
 
@@ -171,7 +170,7 @@ def test_an_ensemble_of_one_is_the_model_and_mixtures_average_probabilities():
 
 @pytest.mark.parametrize("samples", [1, 3])
 def test_mc_dropout_without_dropout_is_the_deterministic_score(samples):
-    model = _model(strategy="variational", dropout=0.0)
+    model = _model(strategy="variational", strategy_p=0.0)
     ids = _stream(90)
     torch.manual_seed(4)
     mc = score_stream(model, ids, mc_samples=samples)
@@ -180,7 +179,7 @@ def test_mc_dropout_without_dropout_is_the_deterministic_score(samples):
 
 
 def test_mc_dropout_is_the_mean_of_explicit_passes_probabilities():
-    model = _model(strategy="variational", dropout=0.3, embedding_dropout=0.1)
+    model = _model(strategy="variational", strategy_p=0.3, embedding_dropout=0.1)
     ids, samples = _stream(90), 3
     torch.manual_seed(11)
     score = score_stream(model, ids, mc_samples=samples, bptt=13)
@@ -217,7 +216,7 @@ def test_generation_samples_from_the_exact_distribution(monkeypatch, tmp_path):
 
 RUN = preset_config("small").replace(
     hidden_size=16, batch_size=4, bptt=5, epochs=2, init_range=0.3, eval_bptt=50,
-    checkpoint_minutes=0.0, checkpoint_steps=3, strategy="zaremba", dropout=0.1, seed=7,
+    checkpoint_minutes=0.0, checkpoint_steps=3, strategy="zaremba", strategy_p=0.1, seed=7,
     device="cpu", softmax="adaptive", adaptive_cutoffs=(4, 10), adaptive_div_value=2.0)
 
 

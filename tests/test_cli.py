@@ -17,8 +17,8 @@ from conftest import REPO_ROOT, write_corpus
 
 import rnnreg.cli as cli
 import rnnreg.lm.training.loop as train_module
-from rnnreg.cli.flags import GROUPS
-from rnnreg.lm.config import Config
+from rnnreg.cli.flags import GROUPS, config_overrides
+from rnnreg.lm.config import Config, flag
 from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
@@ -85,12 +85,16 @@ def _train_help(capsys, monkeypatch) -> str:
 def test_every_config_field_is_a_train_flag_with_one_line_of_help(capsys, monkeypatch):
     lines = _train_help(capsys, monkeypatch).splitlines()
     for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
+        name = flag(field.name)
         help_text = field.metadata["help"]
         assert help_text and field.metadata["group"] in GROUPS, field.name
         # The flag is listed, and its help is printed whole on one line (not wrapped).
-        assert any(line.lstrip().startswith(flag) for line in lines), flag
-        assert any(line.strip().endswith(help_text) for line in lines), (flag, help_text)
+        assert any(line.lstrip().startswith(name) for line in lines), name
+        assert any(line.strip().endswith(help_text) for line in lines), (name, help_text)
+    # The strategy's rate p keeps the flag users know; no layer's dropout is meant.
+    assert flag("strategy_p") == "--dropout" and not any("--strategy-p" in line for line in lines)
+    args = cli._parser().parse_args(["train", "--dropout", "0.3"])
+    assert config_overrides(args) == {"strategy_p": 0.3}
 
 
 def test_value_names_in_the_help_are_the_ones_its_words_use(capsys, monkeypatch):
@@ -101,7 +105,7 @@ def test_value_names_in_the_help_are_the_ones_its_words_use(capsys, monkeypatch)
             # As a word of its own: "N hidden units", "(-R, R)", not inside --layer-sizes.
             assert re.search(rf"(?<![\w-]){metavar}(?!\w)|\(-{metavar}",
                              field.metadata["help"]), field.name
-            assert f"--{field.name.replace('_', '-')} {metavar}" in text, field.name
+            assert f"{flag(field.name)} {metavar}" in text, field.name
 
 
 def test_train_help_groups_the_flags_the_way_a_user_looks_for_them(capsys, monkeypatch):

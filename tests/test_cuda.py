@@ -31,11 +31,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnreg
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
 from rnnreg.nn.layers import OWN_LOOP, engine_for
@@ -392,7 +391,7 @@ def test_bfloat16_autocast_tracks_float32(name):
 def test_bfloat16_language_model_loss_tracks_float32(tiny_corpus):
     corpus = Corpus.load(tiny_corpus)
     torch.manual_seed(0)
-    config = Config(hidden_size=16, init_range=0.3, strategy="variational", dropout=0.2)
+    config = Config(hidden_size=16, init_range=0.3, strategy="variational", strategy_p=0.2)
     model = LanguageModel(len(corpus.vocab), config).to(DEVICE).eval()
     ids = corpus.train[:44].view(-1, 4).to(DEVICE)
     exact = summed_loss(model(ids[:-1]).logits, ids[1:])
@@ -430,7 +429,7 @@ def _mc_perplexity(model: LanguageModel, ids: torch.Tensor, samples: int, seed: 
 def test_mc_dropout_is_the_mean_of_explicit_passes(name, bptt):
     """Variational masks are held over the stream (any bptt); fresh masks per window (one)."""
     vocab = 19
-    model = _model(vocab, strategy=name, dropout=0.3, embedding_dropout=0.1)
+    model = _model(vocab, strategy=name, strategy_p=0.3, embedding_dropout=0.1)
     ids = torch.randint(0, vocab, (90,), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(11)
     score = score_stream(model, ids, mc_samples=3, bptt=bptt)
@@ -454,7 +453,7 @@ def test_mc_dropout_without_dropout_is_the_deterministic_score():
 
 TINY = Config(hidden_size=16, batch_size=4, bptt=5, epochs=3, init_range=0.3, eval_bptt=50,
               checkpoint_minutes=0.0, seed=7, device=DEVICE.type, strategy="zaremba",
-              dropout=0.2)
+              strategy_p=0.2)
 
 
 def _train(config: Config, out: Path, data: Path, **kwargs) -> dict:

@@ -22,7 +22,6 @@ from conftest import REPO_ROOT, write_corpus
 from steps import SCRIPT_PATH
 
 from rnnreg import cli
-from rnnreg.lm.config import Config
 from rnnreg.lm.distributed import World, detect
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
@@ -269,7 +268,7 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_recovered(corpus, 
         writer.wait(timeout=30)
     assert cli.main(["train", "--resume", "--out", str(out), "--data-dir", str(corpus)]) == 0
     assert [r["epoch"] for r in _epochs(out)] == [1]
-    assert Config.from_dict(RunDir(out).read_config()["config"]).epochs == 1
+    assert RunDir(out).read_config().epochs == 1
 
 
 def _wait_for(condition, process: subprocess.Popen, timeout: float = JOB_TIMEOUT) -> None:

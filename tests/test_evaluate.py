@@ -98,7 +98,7 @@ def test_batched_scoring_counts_the_tokens_of_every_stream():
 
 
 def test_scoring_runs_in_eval_mode_and_restores_the_mode():
-    model = _model(strategy="zaremba", dropout=0.5)
+    model = _model(strategy="zaremba", strategy_p=0.5)
     ids = _stream(60)
     evaluated = score_stream(model, ids)
     model.train()
@@ -171,7 +171,7 @@ def _mc_perplexity(model: LanguageModel, ids: torch.Tensor, samples: int, seed: 
 def test_mc_dropout_is_the_mean_of_explicit_passes(strategy, bptt):
     # Variational masks are held over the whole stream, so any bptt agrees with one window;
     # fresh-mask models resample per window, so they are compared with a single window.
-    model = _model(strategy=strategy, dropout=0.3, embedding_dropout=0.1)
+    model = _model(strategy=strategy, strategy_p=0.3, embedding_dropout=0.1)
     ids = _stream(90)
     torch.manual_seed(11)
     score = score_stream(model, ids, mc_samples=3, bptt=bptt)
@@ -185,7 +185,7 @@ def test_mc_dropout_is_the_mean_of_explicit_passes(strategy, bptt):
 
 
 def test_mc_dropout_depends_on_the_seed_only_through_the_masks():
-    model = _model(strategy="variational", dropout=0.3)
+    model = _model(strategy="variational", strategy_p=0.3)
     ids = _stream(60)
     torch.manual_seed(5)
     first = score_stream(model, ids, mc_samples=2)

@@ -39,6 +39,7 @@ from steps import SCRIPT_PATH, AfterStep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rnnreg.cli as cli
+from rnnreg.lm.config import Config, flag
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.events import ScalarLog
@@ -49,7 +50,7 @@ from rnnreg.study import plots
 
 FLAGS = {"hidden_size": 16, "batch_size": 10, "bptt": 10, "epochs": 2, "init_range": 0.3,
          "eval_bptt": 50, "checkpoint_minutes": 0.0, "checkpoint_steps": 0, "seed": 7,
-         "device": "cpu", "strategy": "zaremba", "dropout": 0.3}
+         "device": "cpu", "strategy": "zaremba", "strategy_p": 0.3}
 CONFIG = preset_config("small").replace(**FLAGS)
 STEPS_PER_EPOCH = 21  # 2040 tokens in 10 streams: 203 targets a stream, windows of 10
 FAULT_AT = STEPS_PER_EPOCH + 1  # the fault starts in epoch 2: epoch 1's checkpoint is good
@@ -58,7 +59,7 @@ FAULT_AT = STEPS_PER_EPOCH + 1  # the fault starts in epoch 2: epoch 1's checkpo
 def _train_args(out: Path, data: Path, **changes) -> list[str]:
     flags = {**FLAGS, **changes}
     return ["train", "--preset", "small", "--out", str(out), "--data-dir", str(data),
-            "--no-progress", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
+            "--no-progress", *(f"{flag(k)}={v}" for k, v in flags.items())]
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -353,7 +354,7 @@ def test_files_follow_the_umask(tmp_path):
         run = RunDir(tmp_path / "run").create(exist_ok=False)
         run.save_checkpoint("last", {"w": torch.ones(2)})
         run.copy_checkpoint("last", "best")
-        run.write_config({"a": 1})
+        run.write_config(Config())
         run.append_metrics({"event": "epoch"})
         ScalarLog(run.tensorboard_dir).add_scalar("x", 1.0, 1)
     finally:
@@ -522,7 +523,7 @@ KILLED_WRITE = textwrap.dedent("""
     import torch
 
     torch.set_num_threads(int(sys.argv[1]))
-    from rnnreg.lm.config import Config
+    from rnnreg.lm.config import Config, flag
     from rnnreg.lm.rundir.layout import RunDir
     from rnnreg.lm.training.loop import train
 

@@ -494,11 +494,11 @@ def test_bare_rnnreg_modules_load_with_torch_defaults():
 def test_config_recurrent_mask_follows_the_strategy_unless_given():
     from rnnreg.lm.config import Config
 
-    assert Config(strategy="variational", dropout=0.3).layer_options()["recurrent_mask"] == (
+    assert Config(strategy="variational", strategy_p=0.3).layer_options()["recurrent_mask"] == (
         "sequence")
-    assert Config(strategy="variational_batch", dropout=0.3).layer_options()[
+    assert Config(strategy="variational_batch", strategy_p=0.3).layer_options()[
         "recurrent_mask"] == "batch"
-    given = Config(strategy="variational", dropout=0.3, recurrent_mask="batch")
+    given = Config(strategy="variational", strategy_p=0.3, recurrent_mask="batch")
     assert given.layer_options()["recurrent_mask"] == "batch"
     assert Config(strategy="variational_batch", recurrent_mask="sequence").layer_options()[
         "recurrent_mask"] == "sequence"
@@ -513,9 +513,9 @@ def test_config_json_round_trips_and_old_configs_without_the_key_still_load():
 
     from rnnreg.lm.config import Config
 
-    config = Config(strategy="variational", dropout=0.3, recurrent_mask="batch")
+    config = Config(strategy="variational", strategy_p=0.3, recurrent_mask="batch")
     assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    old = Config(strategy="variational", dropout=0.3).to_dict()
+    old = Config(strategy="variational", strategy_p=0.3).to_dict()
     del old["recurrent_mask"]  # written before the field existed
     loaded = Config.from_dict(old)
     assert loaded.recurrent_mask is None

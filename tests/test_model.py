@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rnnreg
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel, ModelMasks, count_parameters
 from rnnreg.lm.training.loss import summed_loss
@@ -129,7 +130,7 @@ def test_summed_loss_scales_with_steps_not_batch():
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("strategy", ["none", "zaremba", "variational", "awd"])
 def test_forward_shapes(cell, strategy):
-    model = _model(cell=cell, strategy=strategy, dropout=0.2, num_layers=3, embedding_size=7)
+    model = _model(cell=cell, strategy=strategy, strategy_p=0.2, num_layers=3, embedding_size=7)
     steps, batch = 5, 3
     out = model(_ids(steps, batch))
     assert out.logits.shape == (steps, batch, VOCAB)
@@ -181,7 +182,7 @@ def _ones_masks(model: LanguageModel, steps: int, batch: int, layers: int) -> Mo
 @pytest.mark.parametrize("strategy", ["zaremba", "variational"])
 def test_all_ones_masks_give_the_eval_output(strategy):
     torch.manual_seed(0)
-    model = _model(strategy=strategy, dropout=0.5, embedding_dropout=0.2, num_layers=3)
+    model = _model(strategy=strategy, strategy_p=0.5, embedding_dropout=0.2, num_layers=3)
     ids = _ids(6, 3)
     model.eval()
     expected = model(ids).logits
@@ -194,7 +195,7 @@ def test_all_ones_masks_give_the_eval_output(strategy):
 
 def test_zero_output_mask_leaves_only_the_decoder_bias():
     torch.manual_seed(0)
-    model = _model(strategy="zaremba", dropout=0.5, num_layers=2)
+    model = _model(strategy="zaremba", strategy_p=0.5, num_layers=2)
     masks = _ones_masks(model, 4, 2, 2)
     masks = ModelMasks(masks.words, masks.rnn, torch.zeros_like(masks.output))
     logits = model.eval()(_ids(4, 2), None, masks).logits
@@ -206,7 +207,7 @@ def test_zero_output_mask_leaves_only_the_decoder_bias():
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_zaremba_drops_the_l_plus_1_non_recurrent_connections_only(layers):
     p = 0.4
-    model = _model(strategy="zaremba", dropout=p, num_layers=layers, embedding_size=9)
+    model = _model(strategy="zaremba", strategy_p=p, num_layers=layers, embedding_size=9)
     steps, batch = 7, 3
     masks = model.sample_masks(steps, batch)
     assert masks.rnn.input is not None and masks.rnn.input.shape == (steps, batch, 9)
@@ -230,7 +231,7 @@ def test_zaremba_drops_the_l_plus_1_non_recurrent_connections_only(layers):
 
 
 def test_variational_masks_are_per_sequence_and_include_the_recurrence():
-    model = _model(strategy="variational", dropout=0.3, num_layers=2)
+    model = _model(strategy="variational", strategy_p=0.3, num_layers=2)
     masks = model.sample_masks(8, 3)
     assert masks.rnn.input.shape[0] == 1 and masks.output.shape[0] == 1
     assert all(m is not None and m.shape[0] == 1 for m in masks.rnn.recurrent)
@@ -247,7 +248,7 @@ def test_no_dropout_strategy_samples_no_masks():
 @pytest.mark.parametrize("strategy", ["zaremba", "variational", "naive", "awd"])
 def test_eval_turns_every_dropout_off_and_train_turns_it_on(strategy):
     torch.manual_seed(0)
-    model = _model(strategy=strategy, dropout=0.5, embedding_dropout=0.1)
+    model = _model(strategy=strategy, strategy_p=0.5, embedding_dropout=0.1)
     ids = _ids(6, 2)
     model.eval()
     first, second = model(ids).logits, model(ids).logits
@@ -263,3 +264,35 @@ def test_none_strategy_is_deterministic_in_training_mode():
     model = _model(strategy="none").train()
     ids = _ids(6, 2)
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_layer_options_are_computed_once_per_config(monkeypatch):
+    """A config computes its layer options when it is built; the model (and the trainer) take
+    them from it, and a caller that edits the dict it got does not change the config's."""
+    from rnnreg.nn.strategies import Strategy
+
+    calls = []
+    original = Strategy.settings
+    monkeypatch.setattr(Strategy, "settings",
+                        lambda self, *a, **k: calls.append(self.name) or original(self, *a, **k))
+    config = Config(hidden_size=8, strategy="variational", strategy_p=0.3,
+                    recurrent_dropout=0.2)
+    assert calls == ["variational"]
+    model = LanguageModel(10, config)
+    options = config.layer_options()
+    options["recurrent_dropout"] = 0.9
+    assert calls == ["variational"]
+    assert config.layer_options()["recurrent_dropout"] == 0.2 == model.rnn.recurrent_dropout
+    assert config.layer_options() == rnnreg.strategy("variational", 0.3, recurrent_dropout=0.2)
+
+
+@pytest.mark.parametrize("changes, word", [
+    (dict(strategy_p=1.5), "strategy_p .--dropout."),
+    (dict(between_dropout=-0.2), "between_dropout"),
+    (dict(recurrent_dropout=2.0), "recurrent_dropout"),
+    (dict(zoneout_hidden=1.0), "zoneout_hidden"),
+    (dict(strategy="zoneout", strategy_p=1.0), "zoneout_cell"),  # derived: p * 1
+])
+def test_a_config_names_the_field_of_a_bad_rate(changes, word):
+    with pytest.raises(ValueError, match=word):
+        Config(**changes)

@@ -20,11 +20,11 @@ from matplotlib.figure import Figure
 from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.curves import PALETTE, learning_curves
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.study.plots import (
-    PALETTE,
     hidden_heatmaps,
-    learning_curves,
     placement_diagram,
     placements_of,
     plot_runs,
@@ -88,7 +88,7 @@ def _line(ax, label: str):
     ("awd", {"input", "between", "output", "weight"}, True),
 ])
 def test_placements_are_read_from_the_modules(strategy, dropped, variational):
-    model = _model(strategy=strategy, dropout=0.4)
+    model = _model(strategy=strategy, strategy_p=0.4)
     placements = placements_of(model)
     # Expected from the papers' placements (the parametrization), not from the modules.
     assert placements.rates == {name: 0.4 if name in dropped else 0.0 for name in PLACEMENTS}
@@ -97,7 +97,7 @@ def test_placements_are_read_from_the_modules(strategy, dropped, variational):
 
 
 def test_placements_follow_overrides_not_the_strategy_table():
-    model = _model(strategy="zaremba", dropout=0.5, recurrent_dropout=0.2,
+    model = _model(strategy="zaremba", strategy_p=0.5, recurrent_dropout=0.2,
                    embedding_dropout=0.1)
     placements = placements_of(model)
     assert placements.rates["recurrent"] == 0.2 == model.rnn.recurrent_dropout
@@ -108,7 +108,7 @@ def test_placements_follow_overrides_not_the_strategy_table():
 
 @pytest.mark.filterwarnings("ignore:dropout option adds dropout:UserWarning")
 def test_one_layer_has_no_between_placement():
-    placements = placements_of(_model(strategy="zaremba", dropout=0.5, num_layers=1))
+    placements = placements_of(_model(strategy="zaremba", strategy_p=0.5, num_layers=1))
     assert placements.layers == 1 and placements.rates["between"] == 0.0
 
 
@@ -125,7 +125,7 @@ DIAGRAMS = {
 @pytest.mark.parametrize("strategy", sorted(DIAGRAMS))
 def test_placement_diagram_labels_and_colours_exactly_the_dropped_placements(strategy, tmp_path,
                                                                              saved):
-    path = placement_diagram(_model(strategy=strategy, dropout=0.5), tmp_path / "d.png",
+    path = placement_diagram(_model(strategy=strategy, strategy_p=0.5), tmp_path / "d.png",
                              title=strategy)
     (figure,) = saved
     assert figure.get_suptitle() == strategy
@@ -144,8 +144,8 @@ def test_placement_diagram_labels_and_colours_exactly_the_dropped_placements(str
 
 
 def test_placement_diagram_tells_the_mask_schedule(saved, tmp_path):
-    placement_diagram(_model(strategy="variational", dropout=0.5), tmp_path / "v.png")
-    placement_diagram(_model(strategy="naive", dropout=0.5), tmp_path / "n.png")
+    placement_diagram(_model(strategy="variational", strategy_p=0.5), tmp_path / "v.png")
+    placement_diagram(_model(strategy="naive", strategy_p=0.5), tmp_path / "n.png")
     held, fresh = ([text.get_text() for ax in figure.axes for text in ax.texts]
                    for figure in saved)
     assert "recurrent dropout p=0.5\nsame mask every step" in held
@@ -233,14 +233,14 @@ def test_plots_reject_empty_or_malformed_input(tmp_path):
 
 
 def test_no_pyplot_state_is_left_behind(tmp_path):
-    placement_diagram(_model(strategy="zaremba", dropout=0.5), tmp_path / "d.png")
+    placement_diagram(_model(strategy="zaremba", strategy_p=0.5), tmp_path / "d.png")
     pyplot = sys.modules.get("matplotlib.pyplot")
     assert pyplot is None or pyplot.get_fignums() == []
 
 
 def _fake_run(path: Path, train_ppls: list[float], final: bool = False) -> Path:
     run = RunDir(path).create(exist_ok=False)
-    run.write_config({"config": Config().to_dict()})
+    run.write_config(Config())
     for epoch, ppl in enumerate(train_ppls, 1):
         run.append_metrics({"event": "epoch", "epoch": epoch, "train_ppl": ppl,
                             "valid_ppl": ppl + 10, "tokens_per_s": 1.0,

@@ -83,7 +83,7 @@ def test_the_listing_names_each_preset_as_it_is_selected(capsys):
         layers = (f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1
                   else "-".join(str(size) for size in sizes))
         assert row["cell"] == config.cell and row["layers"] == layers, name
-        assert row["strategy"] == config.strategy and float(row["p"]) == config.dropout, name
+        assert row["strategy"] == config.strategy and float(row["p"]) == config.strategy_p, name
         assert int(row["bptt"]) == config.bptt and int(row["epochs"]) == config.epochs, name
 
 
@@ -149,11 +149,11 @@ def test_presets_have_the_published_model_size(name):
 # Zaremba et al. 2014, section 4.1, one row per model size.
 PAPER_RECIPES = {
     "small": dict(hidden_size=200, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
-                  strategy="none", dropout=0.0, clip_norm=5.0, epochs=13, lr=1.0),
+                  strategy="none", strategy_p=0.0, clip_norm=5.0, epochs=13, lr=1.0),
     "medium": dict(hidden_size=650, num_layers=2, bptt=35, batch_size=20, init_range=0.05,
-                   strategy="zaremba", dropout=0.5, clip_norm=5.0, epochs=39, lr=1.0),
+                   strategy="zaremba", strategy_p=0.5, clip_norm=5.0, epochs=39, lr=1.0),
     "large": dict(hidden_size=1500, num_layers=2, bptt=35, batch_size=20, init_range=0.04,
-                  strategy="zaremba", dropout=0.65, clip_norm=10.0, epochs=55, lr=1.0),
+                  strategy="zaremba", strategy_p=0.65, clip_norm=10.0, epochs=55, lr=1.0),
 }
 
 
@@ -186,9 +186,9 @@ def test_small_lr_halves_after_epoch_four():
 def test_regularized_presets_drop_the_non_recurrent_connections(name):
     config = preset_config(name)
     model = LanguageModel(TINY_VOCAB, config.replace(hidden_size=8))
-    assert model.output_dropout == config.dropout
-    assert model.rnn.input_dropout == config.dropout
-    assert model.rnn.dropout == config.dropout
+    assert model.output_dropout == config.strategy_p
+    assert model.rnn.input_dropout == config.strategy_p
+    assert model.rnn.dropout == config.strategy_p
     assert model.rnn.recurrent_dropout == 0 and model.rnn.weight_dropout == 0
     assert not model.variational
 

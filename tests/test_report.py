@@ -190,25 +190,25 @@ def _expected(name: str) -> dict[str, str]:
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_what_each_strategy_samples_matches_the_strategy_table(name):
     found = {mask: schedule for mask, (_, schedule) in
-             named_schedules(_model(strategy=name, dropout=0.5)).items()}
+             named_schedules(_model(strategy=name, strategy_p=0.5)).items()}
     assert found == _expected(name)
 
 
 def test_zoneout_rows_follow_the_rate_each_keyword_sets():
     """Only the cell rate set: the one zoneout row is the cell's (the pair is (hidden, cell))."""
-    found = named_schedules(_model(strategy="zoneout", dropout=0.5, zoneout_hidden=0.0))
+    found = named_schedules(_model(strategy="zoneout", strategy_p=0.5, zoneout_hidden=0.0))
     assert [name for name in found if name.startswith("zoneout")] == ["zoneout cell"]
     found = named_schedules(_model(strategy="none", zoneout_hidden=0.1))
     assert list(found) == ["zoneout hidden"]
 
 
 def test_embedding_words_are_one_mask_per_window():
-    found = named_schedules(_model(strategy="zaremba", dropout=0.5, embedding_dropout=0.1))
+    found = named_schedules(_model(strategy="zaremba", strategy_p=0.5, embedding_dropout=0.1))
     assert found["words"][1] == WINDOW and list(found)[0] == "words"
 
 
 def test_measuring_leaves_the_random_state_alone():
-    model = _model(strategy="zoneout", dropout=0.5)
+    model = _model(strategy="zoneout", strategy_p=0.5)
     state = torch.random.get_rng_state()
     schedules(model)
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -216,7 +216,7 @@ def test_measuring_leaves_the_random_state_alone():
 
 @pytest.mark.parametrize("name", ["zoneout", "awd", "variational_batch", "naive"])
 def test_stacked_steps_redraw_every_mask_but_the_per_window_ones(name):
-    model = _model(strategy=name, dropout=0.5)
+    model = _model(strategy=name, strategy_p=0.5)
     keep = {mask.path for mask, schedule in schedules(model) if schedule == WINDOW}
     draws = [model.sample_masks(1, 3) for _ in range(5)]
     stacked = stack_steps(draws, keep)

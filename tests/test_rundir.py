@@ -16,9 +16,11 @@ import safetensors
 import safetensors.torch
 import torch
 
+from rnnreg.lm.config import Config
+from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.rundir.checkpoint import load_tree, save_tree
-from rnnreg.lm.rundir.files import WriteError, atomic_write_text
-from rnnreg.lm.rundir.layout import RunDir, RunDirError, RunLockedError
+from rnnreg.lm.rundir.files import RunDirError, WriteError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir, RunLockedError
 from rnnreg.lm.rundir.provenance import describe_machine, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -181,10 +183,15 @@ def test_run_dir_layout_config_and_checkpoints(tmp_path: Path) -> None:
     run.create(exist_ok=False)
     assert run.checkpoint_dir.is_dir() and run.tensorboard_dir.is_dir()
     assert not run.plots_dir.exists()  # made by whatever draws into it, never empty
-    run.write_config({"b": 1, "a": {"lr": 20.0}})
+    run.write_config(Config(lr=20.0), corpus={"data_dir": "c"}, processes=1)
     assert run.exists()
-    assert run.read_config() == {"a": {"lr": 20.0}, "b": 1}
-    assert run.config_path.read_text().startswith('{\n  "a"')
+    assert run.read_config() == Config(lr=20.0)
+    assert run.read_corpus() == {"data_dir": "c"}
+    assert run.config_path.read_text().startswith('{\n  "config": {\n    "activation_reg"')
+    run.replace_config(Config(lr=20.0, epochs=20))  # a resume's raised budget keeps the record
+    assert run.read_config() == Config(lr=20.0, epochs=20)
+    assert run.read_record() == {"corpus": {"data_dir": "c"}, "processes": 1}
+    assert run.read_corpus() == {"data_dir": "c"}
     with pytest.raises(RunDirError, match="already holds a run"):
         RunDir(run.path).create(exist_ok=False)
     RunDir(run.path).create(exist_ok=True)
@@ -198,6 +205,39 @@ def test_run_dir_layout_config_and_checkpoints(tmp_path: Path) -> None:
     assert run.load_checkpoint("best") == {"epoch": 3}
     with pytest.raises(ValueError, match="invalid checkpoint name"):
         run.checkpoint_path("../escape")
+
+
+def test_run_dir_vocabulary_round_trips(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run").create(exist_ok=False)
+    with pytest.raises(RunDirError, match="no vocab.json"):
+        run.read_vocab()
+    vocab = Vocabulary(("<eos>", "the", "cat"))
+    run.write_vocab(vocab)
+    assert run.vocab_path == run.path / "vocab.json"
+    assert json.loads(run.vocab_path.read_text()) == ["<eos>", "the", "cat"]
+    assert run.read_vocab().words == vocab.words
+
+
+def test_remove_unstarted_removes_only_a_run_that_never_trained(tmp_path: Path) -> None:
+    unstarted = RunDir(tmp_path / "unstarted").create(exist_ok=False)
+    unstarted.write_config(Config())
+    unstarted.write_vocab(Vocabulary(["<unk>", "<eos>", "a"]))
+    with unstarted.lock():
+        assert unstarted.remove_unstarted()
+    assert list(unstarted.path.iterdir()) == []  # the directory itself is the caller's
+
+    trained = RunDir(tmp_path / "trained").create(exist_ok=False)
+    trained.write_config(Config())
+    trained.append_metrics({"step": 1, "loss": 1.0})
+    with trained.lock():
+        assert not trained.remove_unstarted()
+    assert sorted(p.name for p in trained.path.iterdir()) == [
+        ".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard"]
+
+    foreign = RunDir(tmp_path / "foreign").create(exist_ok=False)
+    (foreign.path / "notes.txt").write_text("mine")
+    assert not foreign.remove_unstarted()
+    assert (foreign.path / "notes.txt").exists()
 
 
 def test_metrics_tolerate_torn_last_line_only(tmp_path: Path) -> None:

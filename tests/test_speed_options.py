@@ -19,16 +19,15 @@ import rnnreg
 from rnnreg import functional as RF
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
 
 TINY = Config(hidden_size=16, batch_size=4, bptt=5, epochs=2, init_range=0.3, eval_bptt=50,
-              checkpoint_minutes=0.0, seed=3, device="cpu", strategy="zaremba", dropout=0.2)
+              checkpoint_minutes=0.0, seed=3, device="cpu", strategy="zaremba", strategy_p=0.2)
 
 
 def _epochs(out: Path) -> list[dict]:
@@ -95,7 +94,7 @@ def test_time_budget_drives_the_cosine_when_it_binds_first(tmp_path, tiny_corpus
 def test_bfloat16_forward_tracks_float32(tiny_corpus):
     corpus = Corpus.load(tiny_corpus)
     torch.manual_seed(0)
-    model = LanguageModel(len(corpus.vocab), TINY.replace(dropout=0.0)).eval()
+    model = LanguageModel(len(corpus.vocab), TINY.replace(strategy_p=0.0)).eval()
     ids = corpus.train[:44].view(-1, 4)
     exact = model(ids[:-1])
     with torch.autocast("cpu", dtype=torch.bfloat16):

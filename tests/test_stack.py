@@ -17,12 +17,11 @@ from rnnreg.cli import training as cli_training
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.vocab import EOS, Vocabulary
 from rnnreg.lm.distributed import World
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.model import LanguageModel, count_parameters, detach_state, map_state
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
-from rnnreg.lm.runs import load_model
 from rnnreg.lm.training.loop import train
 from rnnreg.nn.layers import LSTM, DropoutMasks
 from rnnreg.nn.stack import StackedRNN
@@ -164,6 +163,31 @@ def test_bad_arguments_are_clear_errors():
         _stack()(torch.randn(2, INPUT))
 
 
+@pytest.mark.parametrize("keyword, value", [
+    ("dropout", 1.5), ("input_dropout", -0.1), ("output_dropout", float("nan")),
+    ("recurrent_dropout", 2.0), ("weight_dropout", -1.0), ("zoneout_hidden", 1.0),
+    ("recurrent_mask", "row"),
+])
+def test_every_rate_is_refused_by_name_once_checked_where_it_acts(keyword, value):
+    """The stack checks the rates it applies; the ones inside the recurrence are checked by its
+    layers as they are built, with the same message a layer built directly gives."""
+    with pytest.raises(ValueError, match=keyword) as from_stack:
+        StackedRNN("lstm", 4, (8, 4), **{keyword: value})
+    if keyword not in ("input_dropout", "output_dropout"):  # a layer's own keywords too
+        with pytest.raises(ValueError) as from_layer:
+            LSTM(4, 8, 2, **{keyword: value})
+        assert str(from_stack.value) == str(from_layer.value)
+
+
+def test_the_stack_reports_the_rates_its_layers_apply():
+    stack = StackedRNN("lstm", 4, (8, 4), recurrent_dropout=0.2, weight_dropout=0.3,
+                       variational=True, recurrent_mask="batch", zoneout_hidden=0.1)
+    assert (stack.recurrent_dropout, stack.weight_dropout, stack.recurrent_mask,
+            stack.zoneout_hidden, stack.zoneout_cell) == (0.2, 0.3, "batch", 0.1, 0.0)
+    assert all((layer.recurrent_dropout, layer.weight_dropout) == (0.2, 0.3)
+               for layer in stack.layers)
+
+
 # --------------------------------------------------------------------------- config and model
 
 
@@ -197,7 +221,7 @@ def test_uniform_sizes_keep_the_single_torch_layer_and_its_keys():
 
 def test_stacked_model_ties_its_last_layer_to_the_embedding():
     model = LanguageModel(20, Config(hidden_size=8, num_layers=2, layer_sizes=(16, 8),
-                                     tie_weights=True, strategy="awd", dropout=0.3))
+                                     tie_weights=True, strategy="awd", strategy_p=0.3))
     assert isinstance(model.rnn, StackedRNN) and model.tied
     assert model.decoder.in_features == 8 and model.embedding.embedding_dim == 8
     ids = torch.randint(0, 20, (5, 2))
@@ -220,7 +244,7 @@ def test_nested_state_helpers_keep_the_nesting():
 def test_mc_dropout_and_generation_run_on_a_stacked_model():
     torch.manual_seed(0)
     config = Config(hidden_size=6, num_layers=3, layer_sizes=(10, 12, 6), strategy="awd",
-                    dropout=0.3, embedding_dropout=0.1)
+                    strategy_p=0.3, embedding_dropout=0.1)
     model = LanguageModel(15, config)
     ids = torch.randint(0, 15, (60,), generator=torch.Generator().manual_seed(5))
     mc = score_stream(model, ids, bptt=7, mc_samples=3)
@@ -245,7 +269,7 @@ def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_stacked_model_trains_and_resumes_exactly(cell, tmp_path, tiny_corpus):
     config = Config(cell=cell, hidden_size=8, num_layers=2, layer_sizes=(16, 8),
-                    tie_weights=True, strategy="awd", dropout=0.2, weight_dropout=0.3,
+                    tie_weights=True, strategy="awd", strategy_p=0.2, weight_dropout=0.3,
                     batch_size=4, bptt=5, epochs=1, train_tokens=400, init_range=0.2,
                     eval_bptt=50, checkpoint_minutes=0.0, device="cpu", seed=5)
     reference = tmp_path / "reference"

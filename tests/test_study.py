@@ -16,8 +16,9 @@ from matplotlib.figure import Figure
 from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
-from rnnreg.lm.runs import load_model
+from rnnreg.lm.evaluation import load_model
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.study import grid as study
 from rnnreg.study.grid import StudyGrid, grid_runs, run_study
 from rnnreg.study.report import write_report
@@ -60,7 +61,7 @@ def _has_final(run_dir: Path) -> bool:
 
 
 def test_grid_runs_vary_only_the_grid_axes():
-    base = Config(hidden_size=32, epochs=3, bptt=7, lr=0.7, strategy="awd", dropout=0.1,
+    base = Config(hidden_size=32, epochs=3, bptt=7, lr=0.7, strategy="awd", strategy_p=0.1,
                   cell="rnn", seed=9)
     grid = StudyGrid(("none", "zaremba", "variational"), (0.2, 0.5), ("lstm", "gru"), (1, 2))
     runs = grid_runs(base, grid)
@@ -68,12 +69,12 @@ def test_grid_runs_vary_only_the_grid_axes():
     assert len(runs) == 2 * 2 * (1 + 2 * 2)
     assert len({name for name, _ in runs}) == len(runs)
     for name, config in runs:
-        assert config.replace(strategy=base.strategy, dropout=base.dropout, cell=base.cell,
+        assert config.replace(strategy=base.strategy, strategy_p=base.strategy_p, cell=base.cell,
                               seed=base.seed) == base
         assert name == study.run_name(config)
     names = dict(runs)
-    assert names["lstm-zaremba-p0.5-s1"].dropout == 0.5
-    assert names["gru-none-p0-s2"].dropout == 0.0
+    assert names["lstm-zaremba-p0.5-s1"].strategy_p == 0.5
+    assert names["gru-none-p0-s2"].strategy_p == 0.0
     assert not any("none-p0.2" in name for name in names)
 
 

@@ -16,12 +16,14 @@ from steps import train_killed
 import rnnreg.lm.training.loop as train_module
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
+from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
-from rnnreg.lm.runs import load_model
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training import console
 from rnnreg.lm.training.loop import TrainingDiverged, train
+from rnnreg.lm.training.resume import resumed_config
 
 
 def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:
@@ -191,6 +193,13 @@ def test_resume_with_other_settings_is_refused_naming_each(recipe_run, module_co
     assert "\n" not in message
 
 
+def test_a_resume_names_the_strategy_rate_by_the_flag_users_give():
+    saved = Config(strategy="zaremba", strategy_p=0.3)
+    with pytest.raises(ValueError, match="--dropout: run has 0.3, command says 0.5"):
+        resumed_config(saved, saved.replace(strategy_p=0.5))
+    assert resumed_config(saved, saved.replace(epochs=20)) == saved.replace(epochs=20)
+
+
 @pytest.mark.slow
 def test_raising_epochs_extends_a_finished_run_as_if_uninterrupted(tmp_path, module_corpus):
     _quiet_train(RECIPE.replace(epochs=2), tmp_path / "two", module_corpus)
@@ -233,7 +242,7 @@ def test_learning_rate_follows_lr_at(tmp_path, tiny_corpus, monkeypatch):
 
 
 RESUMABLE = RECIPE.replace(batch_size=10, bptt=10, epochs=2, checkpoint_steps=3,
-                           strategy="zaremba", dropout=0.3, seed=7)
+                           strategy="zaremba", strategy_p=0.3, seed=7)
 
 
 @pytest.mark.slow

@@ -306,10 +306,10 @@ def test_config_strategy_reaches_the_model():
     from rnnreg.lm.config import Config
     from rnnreg.lm.model import LanguageModel
 
-    lstm = LanguageModel(10, Config(hidden_size=8, strategy="zoneout", dropout=0.5)).rnn
+    lstm = LanguageModel(10, Config(hidden_size=8, strategy="zoneout", strategy_p=0.5)).rnn
     assert (lstm.zoneout_cell, lstm.zoneout_hidden) == (0.5, 0.05)
     gru = LanguageModel(10, Config(hidden_size=8, cell="gru", strategy="zoneout",
-                                   dropout=0.5)).rnn
+                                   strategy_p=0.5)).rnn
     assert (gru.zoneout_cell, gru.zoneout_hidden) == (0.0, 0.05)
     stack = LanguageModel(10, Config(hidden_size=8, layer_sizes=(12, 8), zoneout_hidden=0.2,
                                      zoneout_cell=0.3)).rnn
@@ -319,7 +319,7 @@ def test_config_strategy_reaches_the_model():
 @pytest.mark.parametrize("changes, word", [
     (dict(cell="gru", zoneout_cell=0.3), "zoneout_cell"),
     (dict(zoneout_hidden=1.0), "zoneout_hidden"),
-    (dict(strategy="zoneout", dropout=1.0), "zoneout_cell"),
+    (dict(strategy="zoneout", strategy_p=1.0), "zoneout_cell"),
 ])
 def test_config_refuses_bad_zoneout(changes, word):
     from rnnreg.lm.config import Config
@@ -407,15 +407,6 @@ def test_torch_compile_traces_the_loops_in_one_graph(cell):
         compiled = run(torch.compile(forward, backend="aot_eager", fullgraph=True))
     for a, b in zip(compiled, run(forward)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_layer_pickled_before_zoneout_still_runs():
-    """A whole-module pickle from before zoneout has no zoneout attributes: it runs as it did."""
-    module = rnnreg.LSTM(F_IN, H, recurrent_dropout=0.2)
-    del module.zoneout_hidden, module.zoneout_cell
-    assert module.sample_masks(T, B).zoneout is None
-    out, _ = module.eval()(torch.randn(T, B, F_IN))
-    assert out.shape == (T, B, H)
 
 
 @pytest.mark.parametrize("training", [True, False])

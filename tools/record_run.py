@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     run, dest = RunDir(args.run), Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    saved = run.read_config()
+    saved, config = run.read_record(), run.read_config()
     records = run.read_metrics()
     shutil.copy(run.config_path, dest / "config.json")
     shutil.copy(run.metrics_path, dest / "metrics.jsonl")
@@ -75,7 +75,7 @@ def main() -> None:
         f"Commit: `{saved.get('commit')}`; started {saved.get('started')}.",
         f"Machine: `{machine}`",
         args.note,
-        final_line(records, paper, saved["config"].get("max_train_minutes", 0.0)),
+        final_line(records, paper, config.max_train_minutes),
         epoch_table(records),
         "Files: `config.json` (resolved config, commit, machine), `metrics.jsonl` (one line per "
         "epoch and a final line), `train.log` (console output).",

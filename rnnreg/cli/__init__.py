@@ -1,7 +1,8 @@
 """The ``rnnreg`` command line: a thin layer over the library's functions.
 
 Every Config field is a flag of ``train`` with the same name (``hidden_size`` -> ``--hidden-size``),
-so one concept has one name in code, config.json, flags and docs. Flags override the preset.
+so one concept has one name in code, config.json, flags and docs (the strategy's rate
+``strategy_p`` keeps the flag ``--dropout``). Flags override the preset.
 
 A package, one module per idea, so that no command's code has to be read past another's:
 ``flags`` maps Config onto flags, ``training`` is the train command, ``scoring`` the commands
@@ -26,7 +27,7 @@ from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.sources import DataError, default_data_dir, download_ptb, resolve_data_dir
 from rnnreg.lm.presets import PRESETS, Preset
-from rnnreg.lm.rundir.layout import RunDirError
+from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.training.loop import TrainingDiverged
 
 __all__ = ["main"]
@@ -100,7 +101,7 @@ def _preset_table() -> str:
     for preset in PRESETS.values():
         config = preset.config()
         rows.append([preset.name, config.cell, _preset_shape(config), config.strategy,
-                     str(config.dropout), str(config.bptt), str(config.epochs),
+                     str(config.strategy_p), str(config.bptt), str(config.epochs),
                      *(str(preset.paper.get(key, "-")) for key in paper_keys)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     numbers = range(header.index("p"), len(header))

@@ -1,12 +1,13 @@
 """Config -> flags: every Config field is a command-line flag of the same name.
 
 ``hidden_size`` is ``--hidden-size``, so one concept has one name in code, config.json, flags and
-docs. The flags are built from the dataclass itself: each field's resolved type hint gives the
-flag's kind, and the field's metadata (``rnnreg.lm.config``) its one line of help, its group and
-the name of its value, so a new Config field is a new flag and its help is written once. A
-module of its own because two commands (``train``, ``compare``) build on it and neither owns
-it; the ``--data-dir`` option that every corpus-reading command shares lives here for the same
-reason.
+docs; the one exception, the strategy's rate ``strategy_p``, keeps the flag ``--dropout``
+(:func:`rnnreg.lm.config.flag` names every field's flag). The flags are built from the
+dataclass itself: each field's resolved type hint gives the flag's kind, and the field's
+metadata (``rnnreg.lm.config``) its one line of help, its group and the name of its value, so a
+new Config field is a new flag and its help is written once. A module of its own because two
+commands (``train``, ``compare``) build on it and neither owns it; the ``--data-dir`` option
+that every corpus-reading command shares lives here for the same reason.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import types
 import typing
 
-from rnnreg.lm.config import Config
+from rnnreg.lm.config import Config, flag
 
 __all__ = ["GROUPS", "HelpFormatter", "add_config_flags", "add_data_dir", "config_overrides",
            "flag_groups"]
@@ -76,23 +77,24 @@ def add_config_flags(groups: dict[str, typing.Any],
 
 
 def _add_flag(group, field: dataclasses.Field, hint) -> None:
-    flag = "--" + field.name.replace("_", "-")
+    name = flag(field.name)
     kind, optional = _unwrap_optional(hint)
     meta = field.metadata
-    options = {"default": argparse.SUPPRESS, "help": meta["help"]}
+    options = {"default": argparse.SUPPRESS, "help": meta["help"],
+               "dest": field.name}
     if kind is bool:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        group.add_argument(name, action=argparse.BooleanOptionalAction, **options)
     elif typing.get_origin(kind) is tuple:
-        group.add_argument(flag, nargs="+", action=_TupleAction, item=typing.get_args(kind)[0],
+        group.add_argument(name, nargs="+", action=_TupleAction, item=typing.get_args(kind)[0],
                            optional=optional, metavar=meta["metavar"], **options)
     elif meta["choices"] and optional:
         allowed = meta["choices"]
-        group.add_argument(flag, type=_none_or(kind), choices=(*allowed, None),
+        group.add_argument(name, type=_none_or(kind), choices=(*allowed, None),
                            metavar="{" + ",".join((*allowed, "none")) + "}", **options)
     elif meta["choices"]:  # argparse lists the choices unless the field names its value
-        group.add_argument(flag, choices=meta["choices"], metavar=meta["metavar"], **options)
+        group.add_argument(name, choices=meta["choices"], metavar=meta["metavar"], **options)
     else:
-        group.add_argument(flag, type=_none_or(kind) if optional else kind,
+        group.add_argument(name, type=_none_or(kind) if optional else kind,
                            metavar=meta["metavar"], **options)
 
 

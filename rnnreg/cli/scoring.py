@@ -18,10 +18,11 @@ from rnnreg.cli.flags import add_data_dir
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError, read_text
 from rnnreg.lm.corpus.vocab import UNK, tokenize
-from rnnreg.lm.evaluation import score_stream
+from rnnreg.lm.evaluation import load_model, loaded_weights, score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import load_model, read_corpus, weights_description
+from rnnreg.lm.training.console import where
+from rnnreg.lm.training.resume import Progress
 
 __all__ = ["add_commands"]
 
@@ -69,7 +70,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.mc_samples < 0:
         raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
     models, vocab, config = _load_members(args.runs, args.weights, args.device)
-    recorded = read_corpus(RunDir(args.runs[0]))
+    recorded = RunDir(args.runs[0]).read_corpus()
     data_dir = args.data_dir
     if data_dir is None and recorded is not None:
         data_dir = recorded["data_dir"]
@@ -79,7 +80,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     score = score_stream(models, ids, bptt=config.eval_bptt,
                          mc_samples=args.mc_samples, progress=not args.no_progress)
-    weights = [weights_description(run, args.weights) for run in args.runs]
+    weights = [_weights_description(run, args.weights) for run in args.runs]
     unknown = _unknown(ids, vocab)
     if args.json:
         print(json.dumps({"split": args.split, "runs": args.runs, "mc_samples": args.mc_samples,
@@ -125,7 +126,7 @@ def _score(args: argparse.Namespace) -> int:
         raise DataError(f"{args.file} has fewer than two tokens: nothing to score")
     result = score_stream(model, ids, bptt=config.eval_bptt)
     unknown = _unknown(ids, vocab)
-    weights = weights_description(args.run, args.weights)
+    weights = _weights_description(args.run, args.weights)
     if unknown["unk_share"] > _UNK_WARNING:
         print(f"rnnreg: warning: {unknown['unk_tokens']:,} of {result.tokens:,} tokens "
               f"({unknown['unk_share']:.1%}) are not in the run's vocabulary and were scored "
@@ -159,3 +160,17 @@ def _generate(args: argparse.Namespace) -> int:
     print(sample_text(model, vocab, args.prompt, words=args.words,
                       temperature=args.temperature, level=config.level))
     return 0
+
+
+def _weights_description(run_dir: str, weights: str = "best") -> str:
+    """Which weights ``load_model(run_dir, weights=...)`` scores, in words: name and epoch."""
+    run = RunDir(run_dir)
+    name = loaded_weights(run, weights)
+    if name == "best":
+        epochs = [r for r in run.read_metrics()
+                  if r.get("event") == "epoch" and r.get("valid_ppl") is not None]
+        best = min(epochs, key=lambda r: r["valid_ppl"]) if epochs else None
+        return "best weights" + (f" (epoch {best['epoch']})" if best else "")
+    missing = " (no best weights yet: no epoch finished)" if name != weights else ""
+    progress = Progress(**run.load_checkpoint("last")["progress"])
+    return f"last weights ({where(progress)}){missing}"

@@ -29,7 +29,7 @@ def add_commands(commands) -> None:
 
 # The axes of a study: given as lists by compare's own flags, so the single-run flags for the
 # same fields would be ambiguous there.
-_GRID_FIELDS = frozenset({"strategy", "dropout", "cell", "seed"})
+_GRID_FIELDS = frozenset({"strategy", "strategy_p", "cell", "seed"})
 # The default study: every strategy at the tutorial's low and high ends of the useful range.
 _DEFAULT_STRATEGIES = tuple(STRATEGIES)
 _DEFAULT_RATES = (0.25, 0.5)

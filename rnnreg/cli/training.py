@@ -32,7 +32,6 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb
 from rnnreg.lm.presets import PRESETS, budget_config, preset_config
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.runs import read_config
 from rnnreg.lm.training.loop import train
 from rnnreg.nn.strategies import STRATEGIES
 
@@ -87,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         config = _budget_config(args.budget_minutes, args.data_dir, overrides)
     elif args.resume and not named_preset and RunDir(out).exists():
         # Without --preset the command names only its flags: they are what must match.
-        config = read_config(RunDir(out)).replace(**overrides)
+        config = RunDir(out).read_config().replace(**overrides)
     else:
         config = preset_config(getattr(args, "preset", _DEFAULT_PRESET)).replace(**overrides)
     try:

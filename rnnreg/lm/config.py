@@ -19,14 +19,10 @@ from rnnreg.nn.functional import (
     is_positive_int,
 )
 from rnnreg.nn.layers import LAYERS
-from rnnreg.nn.strategies import (
-    RECURRENT_MASKS,
-    STRATEGIES,
-    check_recurrent_mask,
-    strategy,
-)
+from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES, check_recurrent_mask
 
-__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config"]
+__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config",
+           "flag"]
 
 CELLS = tuple(LAYERS)  # "lstm", "gru", "rnn"
 LEVELS = ("word", "char")
@@ -100,8 +96,9 @@ class Config:
     strategy: str = _option("none", "regularization",
                             "strategy NAME: where masks act, how often", "NAME",
                             choices=tuple(STRATEGIES))
-    # Paper: 0 small, 0.5 medium, 0.65 large.
-    dropout: float = _option(0.0, "regularization", "the strategy's dropout rate P", "P")
+    # The strategy's rate p (paper: 0 small, 0.5 medium, 0.65 large); its flag is --dropout.
+    # Not a layer's ``dropout``, which is torch's between-layer rate (between_dropout here).
+    strategy_p: float = _option(0.0, "regularization", "the strategy's dropout rate P", "P")
     # Per-placement overrides of p; None = follow the strategy.
     input_dropout: float | None = _option(
         None, "regularization", "P on the embedding; none = the strategy's", "P")
@@ -203,7 +200,8 @@ class Config:
         check_positive_int("min_count", self.min_count)
         self._check_recurrent_mask()
         self._check_adaptive()
-        for name in ("dropout", "embedding_dropout", "input_dropout", "between_dropout",
+        check_probability(f"strategy_p ({flag('strategy_p')})", self.strategy_p)
+        for name in ("embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
             if value is not None:
@@ -222,7 +220,9 @@ class Config:
                      "train_tokens", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.layer_options()  # the strategy at its rate, with the overrides: one clear error
+        # Computed once, from fields checked above (the zoneout rates derived from p are
+        # checked as they are made); every layer built from this config takes these.
+        object.__setattr__(self, "_layer_options", self._strategy_settings())
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
             last = "" if self.layer_sizes is None else ", the last of layer_sizes"
             raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
@@ -305,7 +305,13 @@ class Config:
         """The recurrent layer's keyword options: the strategy at rate p, then the overrides.
 
         Every regularization keyword the layer takes (rates, ``variational``, the mask
-        sharing), not only dropout rates: hence options.
+        sharing), not only dropout rates: hence options. A fresh dict each call, so a caller
+        may take entries out of it.
+        """
+        return dict(self._layer_options)
+
+    def _strategy_settings(self) -> dict[str, float | bool | str]:
+        """The options, from the strategy's record (:meth:`rnnreg.Strategy.settings`).
 
         A GRU or Elman RNN has no cell state, so the strategy's cell zoneout rate is left out
         for them (an explicit ``zoneout_cell`` is refused when the config is built).
@@ -322,7 +328,7 @@ class Config:
                                    ("zoneout_cell", self.zoneout_cell))
             if value is not None
         }
-        settings = strategy(self.strategy, self.dropout, **overrides)
+        settings = STRATEGIES[self.strategy].settings(self.strategy_p, **overrides)
         if self.cell != "lstm":
             settings.pop("zoneout_cell", None)
         return settings
@@ -355,6 +361,16 @@ class Config:
         if unknown:
             raise ValueError(f"config has unknown field(s) {unknown}; written by a newer rnnreg?")
         return cls(**data)
+
+
+# Fields whose command-line flag is not their own name: the strategy's rate p keeps the flag
+# --dropout, the name users give it on the command line.
+_FLAG_NAMES = {"strategy_p": "dropout"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of Config field ``name``: ``hidden_size`` -> ``--hidden-size``."""
+    return "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -29,7 +29,7 @@ from rnnreg.lm.corpus.batches import shard_streams
 
 __all__ = ["PeerFailed", "World", "detect", "is_main", "launch", "resolve_device"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 # What torchrun sets for every worker; RANK/WORLD_SIZE alone identify a distributed launch.
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -129,7 +129,7 @@ class World:
             return tuple(self.shard_columns(s) for s in state)
         return shard_streams(state, self.rank, self.size)  # batch is dim 1 there too
 
-    def from_main(self, action: Callable[[], T]) -> T:
+    def from_main(self, action: Callable[[], _T]) -> _T:
         """Run ``action`` on rank 0 only and hand every rank its result, or its failure.
 
         Without this, an error on rank 0 alone (a locked or existing run directory, say) would
@@ -150,7 +150,7 @@ class World:
             raise PeerFailed(f"rank 0 failed: {value}")
         return value
 
-    def everywhere(self, action: Callable[[], T]) -> T:
+    def everywhere(self, action: Callable[[], _T]) -> _T:
         """Run ``action`` on every rank; if it failed on any rank, fail on all of them."""
         if not self.distributed:
             return action()

@@ -3,6 +3,8 @@
 One scorer serves all three because they differ only in what is averaged: the predicted
 *probabilities* of every member (ensembles, Zaremba et al. 2014 Table 1) and of every stochastic
 pass (MC dropout, Gal & Ghahramani 2016 section 5) are averaged before taking the log.
+:func:`load_model` rebuilds what is scored from a run directory alone: its config, vocabulary
+and safetensors weights, no pickled Python objects.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import batchify, windows
+from rnnreg.lm.corpus.vocab import Vocabulary
+from rnnreg.lm.distributed import resolve_device
 from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
+from rnnreg.lm.rundir.layout import RunDir
 
-__all__ = ["Score", "perplexity", "score_stream"]
+__all__ = ["Score", "load_model", "loaded_weights", "perplexity", "score_stream"]
 
 # Largest (steps x samples x vocabulary) block of logits materialised at once, in elements.
 _LOGIT_BUDGET = 40_000_000
@@ -44,6 +51,27 @@ def perplexity(nll: float, tokens: int) -> float:
     """exp(mean NLL), saturating at inf: a finite but huge loss must not crash the bookkeeping."""
     mean = nll / tokens
     return math.exp(mean) if mean < 709 else math.inf
+
+
+def load_model(run_dir: str | Path, *, weights: str = "best",
+               device: str = "auto") -> tuple[LanguageModel, Vocabulary, Config]:
+    """Rebuild a trained model from its run directory: config + vocabulary + safetensors weights."""
+    run = RunDir(run_dir)
+    config = run.read_config()
+    vocab = run.read_vocab()
+    tree = run.load_checkpoint(loaded_weights(run, weights))
+    model = LanguageModel(len(vocab), config)
+    model.load_state_dict(tree["model"])
+    model.to(resolve_device(device))
+    model.eval()
+    return model, vocab, config
+
+
+def loaded_weights(run: RunDir, weights: str) -> str:
+    """The checkpoint ``load_model(run, weights=weights)`` loads: the one asked for, except
+    that a run stopped before its first epoch ended has no best weights yet, and the last ones
+    are all there is (commands that score them say so)."""
+    return weights if run.has_checkpoint(weights) or weights != "best" else "last"
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ from rnnreg.nn.layers import LAYERS
 from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 
-__all__ = ["LanguageModel", "ModelMasks", "ModelOutput"]
+__all__ = ["LanguageModel", "ModelMasks", "ModelOutput", "count_parameters", "detach_state",
+           "map_state"]
 
 
 @dataclass(frozen=True)

@@ -43,17 +43,17 @@ _AWD = ("Merity, Keskar & Socher 2018, Table 1 and section 5; the PTB command of
 PRESETS = MappingProxyType({p.name: p for p in (
     Preset("small", dict(
         hidden_size=200, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
-        strategy="none", dropout=0.0,                  # the non-regularized LSTM
+        strategy="none", strategy_p=0.0,                  # the non-regularized LSTM
         lr=1.0, lr_decay=0.5, decay_after=4, clip_norm=5.0, epochs=13,
     ), _ZAREMBA, {"valid": 120.7, "test": 114.5}, "non-regularized LSTM"),
     Preset("medium", dict(
         hidden_size=650, num_layers=2, bptt=35, batch_size=20, init_range=0.05,
-        strategy="zaremba", dropout=0.5,
+        strategy="zaremba", strategy_p=0.5,
         lr=1.0, lr_decay=1 / 1.2, decay_after=6, clip_norm=5.0, epochs=39,
     ), _ZAREMBA, {"valid": 86.2, "test": 82.7}, "regularized LSTM"),
     Preset("large", dict(
         hidden_size=1500, num_layers=2, bptt=35, batch_size=20, init_range=0.04,
-        strategy="zaremba", dropout=0.65,
+        strategy="zaremba", strategy_p=0.65,
         lr=1.0, lr_decay=1 / 1.15, decay_after=14, clip_norm=10.0, epochs=55,
     ), _ZAREMBA, {"valid": 82.2, "test": 78.4}, "regularized LSTM"),
     # Gal & Ghahramani tie embedding with recurrent and input with output rates (section 5.2);
@@ -61,12 +61,12 @@ PRESETS = MappingProxyType({p.name: p for p in (
     # recurrent mask is shared by the gates (the layers' documented choice).
     Preset("variational-medium", dict(
         hidden_size=650, num_layers=2, bptt=35, batch_size=20, init_range=0.05,
-        strategy="variational", dropout=0.35, recurrent_dropout=0.2, embedding_dropout=0.2,
+        strategy="variational", strategy_p=0.35, recurrent_dropout=0.2, embedding_dropout=0.2,
         weight_decay=1e-7, lr=1.0, lr_decay=1 / 1.2, decay_after=6, clip_norm=5.0, epochs=39,
     ), _GAL, {"valid": 81.9, "test": 79.7, "test_mc": 78.6}, "variational LSTM, untied"),
     Preset("variational-large", dict(
         hidden_size=1500, num_layers=2, bptt=35, batch_size=20, init_range=0.04,
-        strategy="variational", dropout=0.5, recurrent_dropout=0.3, embedding_dropout=0.3,
+        strategy="variational", strategy_p=0.5, recurrent_dropout=0.3, embedding_dropout=0.3,
         weight_decay=1e-7, lr=1.0, lr_decay=1 / 1.15, decay_after=10, clip_norm=10.0, epochs=55,
     ), _GAL, {"valid": 77.9, "test": 75.2, "test_mc": 73.4}, "variational LSTM, untied"),
     # AWD-LSTM on PTB (Merity et al. 2018; the salesforce/awd-lstm-lm README's PTB command:
@@ -84,7 +84,7 @@ PRESETS = MappingProxyType({p.name: p for p in (
     Preset("awd", dict(
         cell="lstm", hidden_size=400, num_layers=3, layer_sizes=(1150, 1150, 400),
         embedding_size=None, tie_weights=True, init_range=0.1,
-        strategy="awd", dropout=0.4, input_dropout=0.4, between_dropout=0.25,
+        strategy="awd", strategy_p=0.4, input_dropout=0.4, between_dropout=0.25,
         weight_dropout=0.5, embedding_dropout=0.1, activation_reg=2.0,
         temporal_activation_reg=1.0, weight_decay=1.2e-6 * 70,
         batch_size=20, bptt=70, variable_bptt=True, epochs=500, seed=141,
@@ -102,7 +102,7 @@ PRESETS = MappingProxyType({p.name: p for p in (
     # Tying (Press & Wolf 2017) and bfloat16 autocast buy a 400-unit model about 9 epochs here.
     Preset("cpu-30min", dict(
         hidden_size=400, num_layers=2, tie_weights=True, bptt=35, batch_size=20,
-        init_range=0.05, strategy="zaremba", dropout=0.35,
+        init_range=0.05, strategy="zaremba", strategy_p=0.35,
         lr=1.0, lr_schedule="cosine", clip_norm=5.0, epochs=40, max_train_minutes=30.0,
         precision="bfloat16",
     ), "rnnreg: time-to-quality on 2 CPU cores (no published numbers; reference points: the "
@@ -114,7 +114,7 @@ PRESETS = MappingProxyType({p.name: p for p in (
     # (6 strategies x 2 rates) fits in about an hour on 2 CPU cores.
     Preset("study-small", dict(
         hidden_size=200, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
-        strategy="zaremba", dropout=0.25, train_tokens=100_000,
+        strategy="zaremba", strategy_p=0.25, train_tokens=100_000,
         lr=1.0, lr_decay=0.5, decay_after=3, clip_norm=5.0, epochs=6,
         valid_batch_size=10,
     ), "rnnreg: a 2-core-CPU budget for the dropout-strategy study (no published numbers)",

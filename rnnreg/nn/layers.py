@@ -82,11 +82,6 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 class _RegularizedRecurrence:
     """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
 
-    # Class defaults, so that layers pickled before these options existed still run.
-    recurrent_mask = "sequence"
-    zoneout_hidden = 0.0
-    zoneout_cell = 0.0
-
     def _init_regularization(self, *, dropout: float, input_dropout: float,
                              output_dropout: float, recurrent_dropout: float,
                              weight_dropout: float, variational: bool,
@@ -164,7 +159,7 @@ class _RegularizedRecurrence:
                           for _ in layers) if self._zoneout() else None,
         )
 
-    def _expected_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
+    def _evaluation_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
         """Evaluation with zoneout: no dropout, and every zoneout factor at its expectation,
         the rate (Krueger et al. 2017, as dropout's test-time scaling)."""
         shape = (1, self.num_directions, batch_size, self.hidden_size)
@@ -189,7 +184,7 @@ class _RegularizedRecurrence:
         if self.training:
             masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
         else:
-            masks = self._expected_masks(x.size(1), x.device, x.dtype)
+            masks = self._evaluation_masks(x.size(1), x.device, x.dtype)
         return self._forward_masked(x, lengths, given, hx, masks)
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
@@ -266,12 +261,14 @@ def _dropout_data(seq, p: float, training: bool):
 
 
 def _torch_dropout(dropout: float, num_layers: int) -> float:
-    """The between-layer rate to give torch's constructor.
+    """The between-layer rate to give torch's constructor, once checked (with rnnreg's message,
+    before torch's own check sees it).
 
     With one layer there is no layer boundary, so between-layer dropout is a no-op, for torch as
     for rnnreg; torch warns about it, though a strategy applied to a one-layer model is a normal
     setting. torch is given 0 there and the layer keeps the caller's rate.
     """
+    check_probability("dropout", dropout)
     return dropout if num_layers > 1 else 0.0
 
 
@@ -296,7 +293,6 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
                  zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        check_probability("dropout", dropout)
         if proj_size and (recurrent_dropout or weight_dropout or variational or zoneout_hidden
                           or zoneout_cell):
             raise ValueError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
@@ -324,7 +320,6 @@ class GRU(_RegularizedRecurrence, nn.GRU):
                  zoneout_hidden: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        check_probability("dropout", dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          _torch_dropout(dropout, num_layers), bidirectional, device=device,
                          dtype=dtype)
@@ -348,7 +343,6 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                  zoneout_hidden: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        check_probability("dropout", dropout)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,

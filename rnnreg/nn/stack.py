@@ -66,9 +66,6 @@ class StackedRNN(nn.Module):
         self.dropout = check_probability("dropout", dropout)
         self.input_dropout = check_probability("input_dropout", input_dropout)
         self.output_dropout = check_probability("output_dropout", output_dropout)
-        self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
-        self.weight_dropout = check_probability("weight_dropout", weight_dropout)
-        self.recurrent_mask = recurrent_mask  # checked by the layers
         zoneout = {"zoneout_hidden": zoneout_hidden}
         if zoneout_cell or cell == "lstm":  # a GRU/RNN refuses the keyword, with its reason
             zoneout["zoneout_cell"] = zoneout_cell
@@ -79,8 +76,11 @@ class StackedRNN(nn.Module):
                          recurrent_mask=recurrent_mask, device=device, dtype=dtype,
                          **zoneout)
             for n_in, n_out in zip(inputs, sizes))
-        self.zoneout_hidden = self.layers[0].zoneout_hidden
-        self.zoneout_cell = self.layers[0].zoneout_cell
+        # Applied inside each layer's recurrence, so checked by the layers as they are built.
+        first = self.layers[0]
+        self.recurrent_dropout, self.weight_dropout = first.recurrent_dropout, first.weight_dropout
+        self.recurrent_mask = first.recurrent_mask
+        self.zoneout_hidden, self.zoneout_cell = first.zoneout_hidden, first.zoneout_cell
 
     @property
     def hidden_size(self) -> int:
@@ -125,7 +125,7 @@ class StackedRNN(nn.Module):
             masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
                                       dtype=input.dtype)
         else:
-            masks = self._no_masks(input.size(1), input.device, input.dtype)
+            masks = self._evaluation_masks(input.size(1), input.device, input.dtype)
         return self.forward_with_masks(input, hx, masks)
 
     def forward_with_masks(self, input: Tensor, hx, masks: DropoutMasks):
@@ -144,10 +144,10 @@ class StackedRNN(nn.Module):
             finals.append(state)
         return apply_mask(x, masks.output), tuple(finals)
 
-    def _no_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
+    def _evaluation_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
         """Evaluation: no dropout; zoneout, if any, at its expectation (see rnnreg.LSTM)."""
         none = (None,) * self.num_layers
-        own = [layer._expected_masks(batch_size, device, dtype) for layer in self.layers]
+        own = [layer._evaluation_masks(batch_size, device, dtype) for layer in self.layers]
         return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
                             output=None, zoneout=_per_layer_zoneout(own))
 

@@ -62,6 +62,31 @@ class Strategy:
     recurrent_mask: str = "sequence"
     zoneout: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
+    def settings(self, p: float,
+                 **overrides: float | bool | str) -> dict[str, float | bool | str]:
+        """The layer keywords of this strategy at rate ``p``, with ``overrides`` replacing
+        single settings by keyword name.
+
+        The values are taken as given: whoever takes them in checks them (:func:`strategy`
+        for a caller's p and overrides, a Config at construction, a layer when built). Only the
+        zoneout rates derived from ``p`` are checked here, where they are made. Unknown
+        keywords are refused.
+        """
+        settings: dict[str, float | bool | str] = {
+            keyword: (p if placement in self.placements else 0.0)
+            for placement, keyword in PLACEMENTS.items()
+        }
+        settings["variational"] = self.variational
+        settings["recurrent_mask"] = self.recurrent_mask
+        for keyword, factor in self.zoneout.items():
+            settings[keyword] = check_zoneout(keyword, p * factor)
+        allowed = set(settings) | set(ZONEOUT)
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
+        settings.update(overrides)
+        return settings
+
 
 STRATEGIES = MappingProxyType({s.name: s for s in (
     Strategy("none", frozenset(), False, "no dropout: the non-regularized baseline"),
@@ -97,25 +122,15 @@ def strategy(name: str, p: float,
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     check_probability("p", p)
-    chosen = STRATEGIES[name]
-    settings: dict[str, float | bool | str] = {
-        keyword: (p if placement in chosen.placements else 0.0)
-        for placement, keyword in PLACEMENTS.items()
-    }
-    settings["variational"] = chosen.variational
-    settings["recurrent_mask"] = chosen.recurrent_mask
-    for keyword, factor in chosen.zoneout.items():
-        settings[keyword] = check_zoneout(keyword, p * factor)
-    allowed = set(settings) | set(ZONEOUT)
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
-    for keyword, value in overrides.items():
-        if keyword == "variational":
-            settings[keyword] = check_bool(keyword, value)
-        elif keyword == "recurrent_mask":
-            settings[keyword] = check_recurrent_mask(value)
-        else:
-            check = check_zoneout if keyword in ZONEOUT else check_probability
-            settings[keyword] = check(keyword, value)
-    return settings
+    return STRATEGIES[name].settings(p, **{keyword: _checked(keyword, value)
+                                           for keyword, value in overrides.items()})
+
+
+def _checked(keyword: str, value: float | bool | str) -> float | bool | str:
+    """An override of :func:`strategy`, checked as the layer keyword it sets."""
+    if keyword == "variational":
+        return check_bool(keyword, value)
+    if keyword == "recurrent_mask":
+        return check_recurrent_mask(value)
+    check = check_zoneout if keyword in ZONEOUT else check_probability
+    return check(keyword, value)

@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 
 from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.corpus.sources import resolve_data_dir
-from rnnreg.lm.rundir.files import atomic_write_text
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import TrainingDiverged, train
 from rnnreg.nn.functional import check_positive_int, check_probability
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["Backend", "Job", "StudyGrid", "grid_runs", "local_backend", "ray_backend",
-           "run_study"]
+           "run_job", "run_name", "run_study"]
 
 
 
@@ -94,7 +94,7 @@ def grid_runs(base: Config, grid: StudyGrid) -> list[tuple[str, Config]]:
             rates = (0.0,) if name == "none" else grid.rates
             for rate in rates:
                 for seed in grid.seeds:
-                    config = base.replace(strategy=name, dropout=float(rate), cell=cell,
+                    config = base.replace(strategy=name, strategy_p=float(rate), cell=cell,
                                           seed=seed)
                     runs.append((run_name(config), config))
     return runs
@@ -103,7 +103,7 @@ def grid_runs(base: Config, grid: StudyGrid) -> list[tuple[str, Config]]:
 def run_name(config: Config) -> str:
     # repr() is the shortest text that reads back as the same float, so distinct rates never
     # share a directory; ".0" is dropped only to keep the common names short.
-    rate = repr(float(config.dropout)).removesuffix(".0")
+    rate = repr(float(config.strategy_p)).removesuffix(".0")
     return f"{config.cell}-{config.strategy}-p{rate}-s{config.seed}"
 
 
@@ -180,7 +180,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-RAY_MISSING = "the Ray backend needs Ray Tune, an optional extra: pip install 'rnnreg[ray]'"
+_RAY_MISSING = "the Ray backend needs Ray Tune, an optional extra: pip install 'rnnreg[ray]'"
 
 
 def ray_backend(address: str | None = None, *, cpus_per_trial: float = 1.0,
@@ -204,7 +204,7 @@ def ray_backend(address: str | None = None, *, cpus_per_trial: float = 1.0,
         import ray
         from ray import tune
     except ImportError as error:
-        raise ImportError(f"{RAY_MISSING} ({error})") from error
+        raise ImportError(f"{_RAY_MISSING} ({error})") from error
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
 
     def run(pending: Sequence[Job], done: Callable[[Job, str], None]) -> None:
@@ -316,7 +316,7 @@ def _job(out: Path, name: str, config: Config, data_dir: Path) -> Job | None:
     run = RunDir(out / "runs" / name)
     if not run.exists():
         return Job(name, config, run.path, data_dir, resume=False)
-    saved = Config.from_dict(run.read_config()["config"])
+    saved = run.read_config()
     if saved != config:
         changed = sorted(f.name for f in fields(Config)
                          if getattr(saved, f.name) != getattr(config, f.name))

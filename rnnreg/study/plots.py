@@ -28,10 +28,8 @@ from rnnreg.lm.rundir.curves import save as _save
 from rnnreg.lm.rundir.layout import RunDir
 
 __all__ = [
-    "PALETTE",
     "Placements",
     "hidden_heatmaps",
-    "learning_curves",
     "placement_diagram",
     "placements_of",
     "plot_runs",

@@ -17,10 +17,9 @@ import torch
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
+from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.model import LanguageModel, ModelMasks
-from rnnreg.lm.rundir.files import atomic_write_text
-from rnnreg.lm.rundir.layout import RunDirError
-from rnnreg.lm.runs import load_model
+from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots
 from rnnreg.study.document import (

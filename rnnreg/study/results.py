@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnnreg.lm.config import CELLS, Config
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["Group", "RunResult", "Stat", "group_runs", "read_runs"]
@@ -31,7 +32,7 @@ class RunResult:
 
     @property
     def rate(self) -> float:
-        return 0.0 if self.config.strategy == "none" else self.config.dropout
+        return 0.0 if self.config.strategy == "none" else self.config.strategy_p
 
 
 def read_runs(out: str | Path) -> list[RunResult]:
@@ -48,7 +49,7 @@ def read_runs(out: str | Path) -> list[RunResult]:
         records = run.read_metrics()
         finals = [r for r in records if r.get("event") == "final"]
         results.append(RunResult(
-            path.name, path, Config.from_dict(run.read_config()["config"]),
+            path.name, path, run.read_config(),
             tuple(r for r in records if r.get("event") == "epoch"),
             finals[-1] if finals else None))
     return results

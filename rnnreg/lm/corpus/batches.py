@@ -30,6 +30,8 @@ from rnnreg.lm.corpus.sources import (
 )
 from rnnreg.lm.corpus.vocab import EOS, UNK, Vocabulary, build_vocabulary, check_level, tokenize
 
+__all__ = ["Corpus", "batchify", "num_windows", "shard_streams", "windows"]
+
 # --------------------------------------------------------------------------- corpus
 
 

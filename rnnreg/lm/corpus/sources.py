@@ -23,6 +23,11 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+__all__ = ["DATA_ENV", "DOWNLOAD_MARKER", "PTB_MD5", "PTB_URL", "SPLITS", "DataError", "PathArg",
+           "check_ptb", "corpus_files", "default_data_dir", "download_ptb", "ensure_ptb",
+           "md5sum", "ptb_available", "read_text", "resolve_data_dir", "split_files",
+           "verify_ptb"]
+
 PathArg = str | os.PathLike[str]
 
 DATA_ENV = "RNNREG_DATA"

@@ -16,6 +16,8 @@ from torch import Tensor
 from rnnreg.lm.config import LEVELS
 from rnnreg.lm.corpus.sources import DataError
 
+__all__ = ["EOS", "SPACE", "UNK", "Vocabulary", "build_vocabulary", "check_level", "tokenize"]
+
 EOS = "<eos>"
 UNK = "<unk>"
 # Char-level streams need a visible word boundary; "_" is the convention of the common

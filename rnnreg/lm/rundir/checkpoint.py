@@ -1,41 +1,32 @@
-"""Checkpoints: a tree of tensors and plain values in one safetensors file, and what goes in it.
+"""The checkpoint file format: a tree of tensors and plain values in one safetensors file.
 
 Loading a checkpoint never executes code (no pickle). Any nested structure of dicts, lists,
 tuples, scalars, strings, None and tensors (a "tree": model and optimizer state dicts, RNG
 states, counters) is stored as one file: tensors as entries, the structure as JSON in the file's
-metadata. Besides the codec this module holds the two things a resume needs beyond the weights:
-the trainer's :class:`Progress` and the random generators' states (and their common seed), so
-that a resumed run draws the same dropout masks as an uninterrupted one.
+metadata. What the trainer puts in it is :mod:`rnnreg.lm.training.resume`'s business.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
 from rnnreg.lm.rundir.files import RunDirError, StrPath, replacing
 
-__all__ = ["Progress", "Tree", "load_tree", "rng_per_rank", "rng_states", "save_tree",
-           "seed_everything", "set_rng_states"]
+__all__ = ["Tree", "load_tree", "save_tree"]
 
 Tree: TypeAlias = Any
 """Nested dict (str or int keys) / list / tuple / int / float / bool / str / None / Tensor."""
 
 _TREE_FORMAT = "rnnreg-tree/1"
 
-
-# --------------------------------------------------------------------------- the tree codec
 
 
 def _escape_key(key: str) -> str:
@@ -169,67 +160,3 @@ def load_tree(path: StrPath, device: str | torch.device = "cpu") -> Tree:
         return _decode(json.loads(metadata["tree"]), tensors, torch.device(device))
     except (KeyError, TypeError, ValueError) as e:
         raise RunDirError(f"checkpoint {path} has a corrupt structure ({e!r}); {advice}") from e
-
-
-# --------------------------------------------------------------------------- what a resume needs
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint so a resume continues exactly."""
-
-    epoch: int = 1                 # 1-based epoch being trained
-    position: int = 0              # first row of the next window in the training streams
-    step: int = 0                  # optimizer steps over the whole run
-    epoch_nll: float = 0.0         # summed NLL of this epoch's windows so far
-    epoch_tokens: int = 0
-    epoch_seconds: float = 0.0     # training time spent in this epoch so far
-    train_seconds: float = 0.0     # training time over the whole run (evaluation excluded)
-    lr: float = 0.0                # learning rate of the latest step (schedules may be per step)
-    best_valid: float = math.inf
-    best_epoch: int = 0            # the epoch whose weights `best` holds (0: none yet)
-    valid_history: list[float] = field(default_factory=list)
-    averaging: bool = False        # NT-ASGD has switched to averaging
-    finished: bool = False
-
-    def out_of_time(self, max_train_minutes: float) -> bool:
-        """Whether the time budget (0: none) is spent; evaluation time does not count."""
-        return max_train_minutes > 0 and self.train_seconds >= max_train_minutes * 60
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator :func:`rng_states` saves (torch's seeds CUDA's too)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict:
-    """Every generator a training step draws from: torch (masks), Python (AWD's window
-    lengths), NumPy, and CUDA's when present."""
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": _numpy_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _numpy_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def rng_per_rank(saved) -> list[dict]:
-    """Per-rank RNG states; checkpoints before data-parallel training held one dict."""
-    return [saved] if isinstance(saved, dict) else list(saved)
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    numpy_state = states["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

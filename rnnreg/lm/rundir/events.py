@@ -28,7 +28,8 @@ class ScalarLog:
 
     ``purge_step`` is for a resumed run: TensorBoard then drops what earlier files logged at
     that step or later (the steps the resumed run trains again), so the curves read as if the
-    run had never been interrupted. The method names are SummaryWriter's.
+    run had never been interrupted. ``add_scalar`` is SummaryWriter's; nothing is buffered or
+    held open, so each event is on disk when it returns and there is nothing to flush or close.
     """
 
     def __init__(self, directory: str | Path, purge_step: int | None = None) -> None:
@@ -49,12 +50,6 @@ class ScalarLog:
         from torch.utils.tensorboard.summary import scalar
 
         self._write(self._event(wall_time=time.time(), step=step, summary=scalar(tag, value)))
-
-    def flush(self) -> None:
-        """Nothing is buffered: each event is on disk when `add_scalar` returns."""
-
-    def close(self) -> None:
-        """Nothing is held open between events."""
 
     def _write(self, event) -> None:
         from tensorboard.summary.writer.record_writer import RecordWriter

@@ -2,13 +2,17 @@
 
 Layout of a run directory::
 
-    config.json        the resolved configuration (indented, sorted keys)
+    config.json        the resolved configuration and where it came from (indented, sorted keys)
+    vocab.json         the vocabulary, so ids keep their words when the run is re-read
     metrics.jsonl      one JSON object per line, appended as training goes
     checkpoints/       NAME.safetensors: weights and training state, written atomically
     tensorboard/       event files, written by the trainer
     plots/             figures
-    .lock              the writer's OS lock (filelock); .lock.holder says who holds it
+    .lock              the writer's OS lock (filelock)
+    .lock.holder       who holds it
 
+:class:`RunDir` is the one place that knows these names: every other module asks it for a path,
+for the run's :class:`~rnnreg.lm.config.Config`, corpus record or vocabulary, or for its lock.
 Checkpoints are safetensors trees (:mod:`rnnreg.lm.rundir.checkpoint`), so loading one never
 executes code; every file is written atomically (:mod:`rnnreg.lm.rundir.files`), and a write that
 fails raises :class:`~rnnreg.lm.rundir.files.WriteError` with the file as it was before.
@@ -30,6 +34,8 @@ from typing import Any, BinaryIO
 import filelock
 import torch
 
+from rnnreg.lm.config import Config
+from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.rundir.checkpoint import Tree, load_tree, save_tree
 from rnnreg.lm.rundir.files import (
     RunDirError,
@@ -43,11 +49,13 @@ from rnnreg.lm.rundir.files import (
     writing,
 )
 
-__all__ = ["RunDir", "RunDirError", "RunLockedError", "WriteError"]
+__all__ = ["RunDir", "RunLockedError"]
 
 # Checkpoint names become file names; keeping them to a safe alphabet rules out path traversal
 # and hidden files (temporary files start with ".").
 _CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The lock file and the file beside it that says who holds the lock.
+_LOCK, _LOCK_HOLDER = ".lock", ".lock.holder"
 
 
 class RunLockedError(RunDirError):
@@ -99,8 +107,8 @@ def _exclusive_lock(run_path: Path) -> Iterator[None]:
     stale lock. Who holds it is written to a separate file, because taking the lock file
     truncates it: the details of a killed holder are simply overwritten by the next one.
     """
-    lock = filelock.FileLock(run_path / ".lock", timeout=0)
-    holder = run_path / ".lock.holder"
+    lock = filelock.FileLock(run_path / _LOCK, timeout=0)
+    holder = run_path / _LOCK_HOLDER
     try:
         lock.acquire()
     except filelock.Timeout:  # an OSError too, so caught first
@@ -151,6 +159,10 @@ class RunDir:
     @property
     def config_path(self) -> Path:
         return self._path / "config.json"
+
+    @property
+    def vocab_path(self) -> Path:
+        return self._path / "vocab.json"
 
     @property
     def metrics_path(self) -> Path:
@@ -214,6 +226,29 @@ class RunDir:
                     removed.append(path)
         return removed
 
+    def remove_unstarted(self) -> bool:
+        """Remove what a start writes (config, vocabulary, lock files, empty directories) from
+        a run that never trained, and say whether the directory is now empty.
+
+        Only while the directory holds nothing else (no checkpoint, no metrics, no plot): a
+        run that trained, even briefly, is kept for a rerun to resume. Call it while holding
+        the lock, so no other process can be writing there.
+        """
+        started_files = {self.config_path.name, self.vocab_path.name, _LOCK, _LOCK_HOLDER}
+        started_dirs = (self.checkpoint_dir, self.tensorboard_dir, self.plots_dir)
+        for entry in self._path.iterdir():
+            if entry in started_dirs and entry.is_dir():
+                if any(entry.iterdir()):
+                    return False
+            elif entry.name not in started_files:
+                return False
+        for name in started_files:
+            (self._path / name).unlink(missing_ok=True)
+        for directory in started_dirs:
+            with contextlib.suppress(FileNotFoundError):
+                directory.rmdir()
+        return not any(self._path.iterdir())
+
     def exists(self) -> bool:
         """Whether this is a run directory, i.e. its config has been written."""
         return self.config_path.is_file()
@@ -233,24 +268,56 @@ class RunDir:
             self._path.mkdir(parents=True, exist_ok=True)
         return _exclusive_lock(self._path)
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        """Write config.json atomically; sorted, indented keys keep it diffable between runs."""
-        atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    def write_config(self, config: Config, **record: Any) -> None:
+        """Write config.json atomically: ``config`` and the ``record`` of where the run came
+        from (corpus, commit, machine, ...); sorted, indented keys keep it diffable."""
+        self._write_json({"config": config.to_dict(), **record})
 
-    def read_config(self) -> dict[str, Any]:
+    def replace_config(self, config: Config) -> None:
+        """Replace the config (a resume that raised its budget), keeping the run's record."""
+        self._write_json({**self._read_json(), "config": config.to_dict()})
+
+    def read_config(self) -> Config:
+        """The run's :class:`~rnnreg.lm.config.Config`, as it trains."""
+        return Config.from_dict(self._read_json()["config"])
+
+    def read_record(self) -> dict[str, Any]:
+        """Where the run came from, as :meth:`write_config` recorded it beside the config:
+        corpus, commit, machine, processes, start time."""
+        return {key: value for key, value in self._read_json().items() if key != "config"}
+
+    def read_corpus(self) -> dict | None:
+        """The corpus the run was trained on (path, files' sizes and MD5s); None if not
+        recorded."""
+        return self.read_record().get("corpus")
+
+    def _write_json(self, content: dict[str, Any]) -> None:
+        atomic_write_text(self.config_path, json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+    def _read_json(self) -> dict[str, Any]:
         try:
             text = self.config_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise RunDirError(f"{self._path} is not a run directory (no config.json)") from None
         try:
-            config = json.loads(text)
+            content = json.loads(text)
         except ValueError as e:
             raise RunDirError(
                 f"{self.config_path} is not valid JSON ({e}); fix or restore it"
             ) from e
-        if not isinstance(config, dict):
+        if not isinstance(content, dict):
             raise RunDirError(f"{self.config_path} does not hold a JSON object; fix or restore it")
-        return config
+        return content
+
+    def write_vocab(self, vocab: Vocabulary) -> None:
+        atomic_write_text(self.vocab_path, json.dumps(vocab.to_json()))
+
+    def read_vocab(self) -> Vocabulary:
+        try:
+            text = self.vocab_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RunDirError(f"{self._path} has no vocab.json; was the run started?") from None
+        return Vocabulary.from_json(json.loads(text))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one record as a JSON line and force it to disk.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rnnreg.lm.rundir.checkpoint import Progress
 from rnnreg.lm.rundir.events import ScalarLog
 from rnnreg.lm.rundir.layout import RunDir
 
@@ -28,7 +27,7 @@ __all__ = ["STEP_SECONDS", "Logbook", "strict"]
 # Without --log-every, a step record after about this many seconds of training: curves within
 # a minute of the start, and a file that stays small over a day-long run.
 STEP_SECONDS = 30.0
-CURVE_NAME = "learning_curve.png"
+_CURVE_NAME = "learning_curve.png"
 
 
 def strict(value: Any) -> Any:
@@ -54,21 +53,22 @@ class Logbook:
         self._since_nll, self._since_tokens, self._since_seconds = 0.0, 0, 0.0
         self._last_seconds = 0.0  # the training time at the last step record
 
-    def rewind(self, progress: Progress) -> int:
-        """Drop what was written after the checkpoint a resume continues from; returns how
-        many metrics records went.
+    def rewind(self, epoch: int, step: int, finished: bool, train_seconds: float) -> int:
+        """Drop what was written after the checkpoint a resume continues from (taken in
+        ``epoch`` after ``step``, at ``train_seconds`` of training, of a ``finished`` run or
+        not); returns how many metrics records went.
 
         The replayed windows are logged again, so their records must not appear twice, and
         TensorBoard drops its points from the purge steps on.
         """
-        self._last_seconds = progress.train_seconds
+        self._last_seconds = train_seconds
         if not self.enabled:
             return 0
-        if not progress.finished:
-            self._purge = {"epoch": progress.epoch, "step": progress.step + 1}
-        self._final_logged = progress.finished and any(
+        if not finished:
+            self._purge = {"epoch": epoch, "step": step + 1}
+        self._final_logged = finished and any(
             r.get("event") == "final" for r in self.run.read_metrics())
-        return self.run.truncate_metrics(lambda r: _before_checkpoint(r, progress))
+        return self.run.truncate_metrics(lambda r: _before_checkpoint(r, epoch, step, finished))
 
     def clear(self) -> list[str]:
         """Forget an earlier attempt that left no checkpoint (a resume that starts over);
@@ -151,7 +151,7 @@ class Logbook:
         records = [r for r in self.run.read_metrics()
                    if r.get("event") in ("epoch", "step", "final")]
         learning_curves({self.run.path.resolve().name: records},
-                        self.run.plots_dir / CURVE_NAME)
+                        self.run.plots_dir / _CURVE_NAME)
 
     def _append(self, record: dict) -> None:
         self.run.append_metrics(strict(record))
@@ -165,7 +165,7 @@ class Logbook:
         self._logs[axis].add_scalar(key, value, step)
 
 
-def _before_checkpoint(record: dict, progress: Progress) -> bool:
+def _before_checkpoint(record: dict, epoch: int, step: int, finished: bool) -> bool:
     """Whether a metrics record logs training the checkpoint holds (kept on resume).
 
     An epoch's record counts once that epoch ended in the checkpoint (a checkpoint taken at the
@@ -174,7 +174,7 @@ def _before_checkpoint(record: dict, progress: Progress) -> bool:
     """
     event = record.get("event")
     if event == "epoch":
-        return record.get("epoch", 0) < progress.epoch
+        return record.get("epoch", 0) < epoch
     if event == "final":
-        return progress.finished
-    return record.get("step", 0) <= progress.step
+        return finished
+    return record.get("step", 0) <= step

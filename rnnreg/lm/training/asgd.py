@@ -49,8 +49,9 @@ class NTASGD:
             self.optimizer = self._make()
         return switch
 
-    def eval_weights(self) -> dict:
-        """The weights to evaluate: ASGD's running average once averaging has started."""
+    def evaluated_state(self) -> dict:
+        """The state dict to evaluate (and save as ``best``): the iterates, or ASGD's running
+        average of them once averaging has started."""
         weights = self.model.state_dict()
         if not self.averaging:
             return weights
@@ -63,13 +64,14 @@ class NTASGD:
         return averaged
 
     @contextlib.contextmanager
-    def evaluation_weights(self) -> Iterator[None]:
-        """Swap the averaged weights in for the block, and the iterates back after it."""
+    def evaluated_state_loaded(self) -> Iterator[None]:
+        """Load :meth:`evaluated_state` into the model for the block, and the iterates back
+        after it (nothing to swap before averaging starts)."""
         if not self.averaging:
             yield
             return
         current = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(self.eval_weights())
+        self.model.load_state_dict(self.evaluated_state())
         try:
             yield
         finally:

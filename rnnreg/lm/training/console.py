@@ -19,11 +19,17 @@ from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.distributed import World
 from rnnreg.lm.model import count_parameters
-from rnnreg.lm.rundir.checkpoint import Progress
-from rnnreg.lm.runs import where
+from rnnreg.lm.training.resume import Progress
 
 __all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "finished_line",
-           "saved_line", "show_window", "step_line", "stopped_line", "window_postfix"]
+           "saved_line", "show_window", "step_line", "stopped_line", "where", "window_postfix"]
+
+
+def where(progress: Progress) -> str:
+    """Where a checkpoint's progress stands: "after epoch 3", or "in epoch 4, row 120"."""
+    if progress.position == 0:
+        return f"after epoch {progress.epoch - 1}"
+    return f"in epoch {progress.epoch}, row {progress.position}"
 
 
 def announce_start(run_path: Path, corpus: Corpus, world: World, progress: Progress,
@@ -39,7 +45,7 @@ def announce_start(run_path: Path, corpus: Corpus, world: World, progress: Progr
                    f"{streams.size(1) * world.size} streams; run directory "
                    f"{run_path.resolve()}")
     else:
-        tqdm.write(f"resuming {run_path.resolve()} {where(progress.__dict__)} "
+        tqdm.write(f"resuming {run_path.resolve()} {where(progress)} "
                    f"(step {progress.step})")
     for note in corpus.notes:
         tqdm.write(note)
@@ -75,7 +81,7 @@ def window_postfix(record: dict) -> str:
 
 def saved_line(progress: Progress, rows: int, run_path: Path) -> str:
     """What the last checkpoint holds and where, for the line printed at every stop."""
-    return (f"saved {where(progress.__dict__)} of {rows} "
+    return (f"saved {where(progress)} of {rows} "
             f"(step {progress.step}) in {run_path.resolve()}")
 
 
@@ -112,5 +118,5 @@ def announce_final(valid, test, progress: Progress, run_path: Path) -> None:
     tested = ("no test split: test score skipped" if test is None else
               f"test ppl {test.perplexity:.2f}")
     tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
-               f"{where(progress.__dict__)}; each split scored as one stream)")
+               f"{where(progress)}; each split scored as one stream)")
     tqdm.write(f"run directory {run_path.resolve()}")

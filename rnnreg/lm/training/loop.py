@@ -42,14 +42,13 @@ from rnnreg.lm.corpus.batches import Corpus, batchify, shard_streams
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
-from rnnreg.lm.rundir.checkpoint import Progress, seed_everything
 from rnnreg.lm.rundir.files import WriteError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.metrics import Logbook, strict
 from rnnreg.lm.training import console
 from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.loss import activation_penalties, summed_loss
-from rnnreg.lm.training.resume import Checkpoints, StopRequests
+from rnnreg.lm.training.resume import Checkpoints, Progress, StopRequests, seed_everything
 from rnnreg.lm.training.start import Start, after_write_error, start_run
 from rnnreg.nn import loops
 
@@ -83,7 +82,7 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
     run = RunDir(out)
     with distributed.launch() as world, contextlib.ExitStack() as held:
         start = start_run(run, held, world, config, data_dir, resume=resume,
-                          download=download, progress=progress, verbose=verbose)
+                          download=download, show_progress=progress, verbose=verbose)
         trainer = _trainer(start, run, world, progress, on_step, verbose)
         try:
             return trainer.fit()
@@ -95,10 +94,10 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
             del trainer
 
 
-def _trainer(start: Start, run: RunDir, world: World, progress: bool,
+def _trainer(start: Start, run: RunDir, world: World, show_progress: bool,
              on_step: Callable[[int], None] | None, verbose: bool) -> _Trainer:
     """The trainer of the run :func:`start_run` opened, restored from its checkpoint if any."""
-    trainer = _Trainer(start.config, start.corpus, run, world, progress, on_step, verbose)
+    trainer = _Trainer(start.config, start.corpus, run, world, show_progress, on_step, verbose)
     if start.checkpoint is not None:
         trainer.progress, trainer.optim, trainer.hidden = trainer.checkpoints.restore(
             start.checkpoint, trainer.model, trainer.device)
@@ -111,9 +110,10 @@ class _Trainer:
     """The loop of one run: windows -> steps -> epochs, checkpoints and the final score."""
 
     def __init__(self, config: Config, corpus: Corpus, run: RunDir, world: World,
-                 progress: bool, on_step: Callable[[int], None] | None, verbose: bool) -> None:
+                 show_progress: bool, on_step: Callable[[int], None] | None,
+                 verbose: bool) -> None:
         self.config, self.corpus, self.run, self.world = config, corpus, run, world
-        self.show_progress, self.on_step = progress and world.is_main, on_step
+        self.show_progress, self.on_step = show_progress and world.is_main, on_step
         self.verbose = verbose and world.is_main
         self.device = world.device(resolve_device(config.device))
         self.streams = _training_streams(config, corpus, world).to(self.device)
@@ -296,7 +296,7 @@ class _Trainer:
             self.checkpoints.save_best(self.optim)
 
     def _score(self, ids, batch_size: int = 1):
-        with self.optim.evaluation_weights():
+        with self.optim.evaluated_state_loaded():
             return score_stream(self.model, ids, bptt=self.config.eval_bptt,
                                 batch_size=batch_size)
 
@@ -306,7 +306,7 @@ class _Trainer:
         Both splits are scored as one stream with the last weights (NT-ASGD's average once it
         started), which the line printed says, so it can be told apart from the epoch lines.
         """
-        self.model.load_state_dict(self.optim.eval_weights())
+        self.model.load_state_dict(self.optim.evaluated_state())
         valid = self._score(self.corpus.valid)
         test = None if self.corpus.test is None else self._score(self.corpus.test)
         summary = _final_record(self.config, self.progress, valid, test, self.model)

@@ -1,5 +1,7 @@
 """The trainer's checkpoints: when ``last`` is written, what goes to ``last`` and ``best``, and
-what a resume takes back from them.
+what a resume takes back from them: besides the weights, the trainer's :class:`Progress` and the
+random generators' states (and their common seed), so that a resumed run draws the same dropout
+masks as an uninterrupted one, and the config it continues with (:func:`resumed_config`).
 
 ``last`` holds everything a resume needs (weights, optimizer, RNG states, the position in the
 epoch, the carried hidden state) and is written at the end of every epoch, every few minutes
@@ -9,31 +11,130 @@ the best validation epoch, written after ``last`` (a hard link to it while they 
 weights). Restoring also cuts the run's history back to the checkpoint, and a resume that found
 no checkpoint clears what an earlier attempt left.
 
-Not part of :mod:`rnnreg.lm.rundir.checkpoint`: that module is the file format and the values stored
-(:class:`Progress`, the RNG states), below the run directory and the logbook, which import it.
-Writing and restoring a run's checkpoints needs the run directory, the logbook, the optimizer
-and the ranks, so it sits above them, beside the loop of :mod:`rnnreg.lm.training.loop` that calls
-it, and the loop keeps only the calls.
+Not part of :mod:`rnnreg.lm.rundir.checkpoint`: that module is the file format alone, below the
+run directory. Writing and restoring a run's checkpoints needs the run directory, the logbook,
+the optimizer and the ranks, so it sits above them, beside the loop of
+:mod:`rnnreg.lm.training.loop` that calls it, and the loop keeps only the calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import random
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rnnreg.lm.config import Config
+from rnnreg.lm.config import Config, flag
 from rnnreg.lm.distributed import World
 from rnnreg.lm.model import LanguageModel, map_state
-from rnnreg.lm.rundir.checkpoint import Progress, rng_per_rank, rng_states, set_rng_states
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.metrics import Logbook
 from rnnreg.lm.training.asgd import NTASGD
 
-__all__ = ["Checkpoints", "StopRequests"]
+__all__ = ["EXTENDABLE", "Checkpoints", "Progress", "StopRequests", "resumed_config",
+           "seed_everything"]
+
+# The fields a resume may raise to extend a run; every other field must equal the saved one.
+EXTENDABLE = ("epochs", "max_train_minutes")
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resume continues exactly."""
+
+    epoch: int = 1                 # 1-based epoch being trained
+    position: int = 0              # first row of the next window in the training streams
+    step: int = 0                  # optimizer steps over the whole run
+    epoch_nll: float = 0.0         # summed NLL of this epoch's windows so far
+    epoch_tokens: int = 0
+    epoch_seconds: float = 0.0     # training time spent in this epoch so far
+    train_seconds: float = 0.0     # training time over the whole run (evaluation excluded)
+    lr: float = 0.0                # learning rate of the latest step (schedules may be per step)
+    best_valid: float = math.inf
+    best_epoch: int = 0            # the epoch whose weights `best` holds (0: none yet)
+    valid_history: list[float] = field(default_factory=list)
+    averaging: bool = False        # NT-ASGD has switched to averaging
+    finished: bool = False
+
+    def out_of_time(self, max_train_minutes: float) -> bool:
+        """Whether the time budget (0: none) is spent; evaluation time does not count."""
+        return max_train_minutes > 0 and self.train_seconds >= max_train_minutes * 60
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator :func:`_rng_states` saves (torch's seeds CUDA's too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_states() -> dict:
+    """Every generator a training step draws from: torch (masks), Python (AWD's window
+    lengths), NumPy, and CUDA's when present."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": _numpy_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _numpy_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def resumed_config(saved: Config, wanted: Config) -> Config:
+    """The config a resume continues with: ``saved``, with ``epochs``/``max_train_minutes``
+    raised to ``wanted``'s.
+
+    Rerunning the command that started a run (with ``--resume``) must be accepted, so equal
+    settings are fine; a setting that differs would train a different model under the old
+    name, so it is refused, every difference named in one line.
+    """
+    differences = []
+    for config_field in dataclasses.fields(Config):
+        name = config_field.name
+        have, want = getattr(saved, name), getattr(wanted, name)
+        if have == want or (name in EXTENDABLE and _raised(name, have, want)):
+            continue
+        note = " (it may only be raised)" if name in EXTENDABLE else ""
+        differences.append(f"{flag(name)}: run has {_shown(have)}, "
+                           f"command says {_shown(want)}{note}")
+    if differences:
+        raise ValueError("the run was started with other settings: " + "; ".join(differences)
+                         + " (a resumed run keeps them; use another --out for a new run)")
+    return saved.replace(**{name: getattr(wanted, name) for name in EXTENDABLE})
+
+
+def _raised(name: str, have: float, want: float) -> bool:
+    if name == "max_train_minutes":  # 0 is no limit: the highest of all
+        return want == 0 or (have != 0 and want > have)
+    return want > have
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
 
 
 class Checkpoints:
@@ -71,7 +172,7 @@ class Checkpoints:
             "optimizer": optim.optimizer.state_dict(),
             "progress": progress.__dict__.copy(),
             "hidden": self.world.gather_columns(hidden),
-            "rng": self.world.gather_objects(rng_states()),
+            "rng": self.world.gather_objects(_rng_states()),
         }
         if self.world.is_main:
             self.run.save_checkpoint("last", tree)
@@ -82,7 +183,7 @@ class Checkpoints:
         """Write `best` after `last`: as a link to it while the weights evaluated are the
         iterates themselves, in full once NT-ASGD evaluates their average instead."""
         if optim.averaging:
-            self.run.save_checkpoint("best", {"model": optim.eval_weights()})
+            self.run.save_checkpoint("best", {"model": optim.evaluated_state()})
         else:
             self.run.copy_checkpoint("last", "best")
 
@@ -96,13 +197,14 @@ class Checkpoints:
         optim.optimizer.load_state_dict(tree["optimizer"])
         hidden = self.world.shard_columns(tree["hidden"])
         hidden = map_state(hidden, lambda h: h.to(device))
-        set_rng_states(rng_per_rank(tree["rng"])[self.world.rank])
+        _set_rng_states(tree["rng"][self.world.rank])
         self.saved_step = progress.step
         # Raised epochs or time budget: a finished run has more to do.
         if (progress.finished and progress.epoch <= self.config.epochs
                 and not progress.out_of_time(self.config.max_train_minutes)):
             progress.finished = False
-        dropped = self.logbook.rewind(progress)
+        dropped = self.logbook.rewind(progress.epoch, progress.step, progress.finished,
+                                     progress.train_seconds)
         if dropped and self.verbose:
             tqdm.write(f"resuming at step {progress.step} (epoch {progress.epoch}): dropped "
                        f"{dropped} metrics event(s) logged after that checkpoint")

@@ -11,7 +11,6 @@ the trainer starts from and never builds the trainer itself.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -24,11 +23,10 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb, missing_directories, remove_empty
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import World
-from rnnreg.lm.rundir.checkpoint import rng_per_rank
-from rnnreg.lm.rundir.files import WriteError, atomic_write_text
-from rnnreg.lm.rundir.layout import RunDir, RunDirError
+from rnnreg.lm.rundir.files import RunDirError, WriteError
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
-from rnnreg.lm.runs import read_config, read_corpus, read_vocab, resumed_config
+from rnnreg.lm.training.resume import resumed_config
 
 __all__ = ["Start", "after_write_error", "start_run"]
 
@@ -48,7 +46,7 @@ class Start(NamedTuple):
 
 
 def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Config | None,
-              data_dir, *, resume: bool, download: bool, progress: bool,
+              data_dir, *, resume: bool, download: bool, show_progress: bool,
               verbose: bool) -> Start:
     """Open (or create) the run and load its corpus: everything before the first step."""
     # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
@@ -57,7 +55,7 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
     if data_dir is None and recorded is not None:
         data_dir = recorded["data_dir"]
     elif data_dir is None and download:
-        world.from_main(lambda: ensure_ptb(progress and world.is_main))
+        world.from_main(lambda: ensure_ptb(show_progress and world.is_main))
     corpus = world.everywhere(lambda: Corpus.load(
         data_dir, config.level, vocab, split_fractions=config.split_fractions,
         max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
@@ -72,13 +70,8 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
 
 def _record_extension(run: RunDir, config: Config) -> None:
     """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
-    if read_config(run) != config:
-        run.write_config({**run.read_config(), "config": config.to_dict()})
-
-
-# What a start writes before the first step; a directory holding nothing else never trained.
-_STARTED_FILES = ("config.json", "vocab.json", ".lock", ".lock.holder")
-_STARTED_DIRECTORIES = ("checkpoints", "tensorboard", "plots")
+    if run.read_config() != config:
+        run.replace_config(config)
 
 
 def _lock(run: RunDir, held: contextlib.ExitStack) -> None:
@@ -103,25 +96,10 @@ def _undo_unstarted(run: RunDir, made: list[Path]):
     runs while the lock is still held and no other process can be writing there.
     """
     def on_exit(kind, error, traceback) -> None:
-        if (kind is None or not made or not run.path.is_dir()
-                or not _holds_only_a_start(run.path)):
-            return
-        for name in _STARTED_FILES:
-            (run.path / name).unlink(missing_ok=True)
-        remove_empty([run.path / name for name in _STARTED_DIRECTORIES] + made)
+        if kind is not None and made and run.path.is_dir() and run.remove_unstarted():
+            remove_empty(made)
 
     return on_exit
-
-
-def _holds_only_a_start(path: Path) -> bool:
-    """Whether the directory holds only what a start writes, its directories empty."""
-    for entry in path.iterdir():
-        if entry.name in _STARTED_DIRECTORIES and entry.is_dir():
-            if any(entry.iterdir()):
-                return False
-        elif entry.name not in _STARTED_FILES:
-            return False
-    return True
 
 
 def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
@@ -140,9 +118,9 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
     run.remove_temporaries()  # of writes a killed process left unfinished
     vocab = checkpoint = recorded = None
     if resume and run.exists():
-        saved = read_config(run)
+        saved = run.read_config()
         config = saved if config is None else resumed_config(saved, config)
-        vocab, recorded = read_vocab(run), read_corpus(run)
+        vocab, recorded = run.read_vocab(), run.read_corpus()
         # With no checkpoint yet, the run restarts from its saved config and vocabulary.
         checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
     elif config is None:
@@ -164,7 +142,7 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
     Each rank's dropout stream continues from its own saved state; with another rank count
     there is no such state, and the run would silently stop being reproducible.
     """
-    saved = len(rng_per_rank(checkpoint["rng"]))
+    saved = len(checkpoint["rng"])  # one generator state per rank
     if saved != world_size:
         raise ValueError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
                          f"the same number (torchrun --nproc-per-node {saved}), "
@@ -173,11 +151,10 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
 
 def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
     run.create(exist_ok=False)  # refuses a directory that already holds a run
-    atomic_write_text(run.path / "vocab.json", json.dumps(corpus.vocab.to_json()))
-    run.write_config({"config": config.to_dict(), "corpus": corpus.source,
-                      "commit": package_commit(),
-                      "machine": describe_machine(), "processes": world_size,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    run.write_vocab(corpus.vocab)
+    run.write_config(config, corpus=corpus.source, commit=package_commit(),
+                     machine=describe_machine(), processes=world_size,
+                     started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def after_write_error(error: WriteError, saved_step: int | None) -> str:
