@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from rnnreg.nn import loops, products
 from rnnreg.nn.products import project
-from rnnreg.nn.python_loops import PYTHON, stop_at_lengths
+from rnnreg.nn.loops.python import PYTHON, stop_at_lengths
 
 __all__ = ["recurrence"]
 

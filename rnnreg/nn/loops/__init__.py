@@ -38,7 +38,7 @@ from rnnreg.nn import products
 # Re-exported: these were this module's before the loops and the products had modules of their
 # own. ONEDNN_MIN_HIDDEN is not: set it on rnnreg.nn.products, which reads it.
 from rnnreg.nn.products import onednn_mm, onednn_pays, packed_weight
-from rnnreg.nn.python_loops import PYTHON, stop_at_lengths
+from rnnreg.nn.loops.python import PYTHON, stop_at_lengths
 
 __all__ = ["engine", "compiled", "check_on_first_use", "running", "onednn_pays", "onednn_mm",
            "packed_weight", "stop_at_lengths", "PYTHON"]
