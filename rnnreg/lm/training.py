@@ -310,7 +310,7 @@ def _build_loops(config: Config, device: torch.device) -> None:
     options = config.layer_options()
     inside = ("recurrent_dropout", "weight_dropout", "zoneout_hidden", "zoneout_cell")
     if device.type == "cpu" and any(options.get(name) for name in inside):
-        loops.compiled()
+        loops.choose(device, loops.requested())
 
 
 def _fraction_done(config: Config, progress: Progress, rows: int) -> float:

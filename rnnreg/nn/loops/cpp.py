@@ -1,31 +1,22 @@
-"""Which per-step loops rnnreg's own recurrence runs: the compiled C++ ones, or their Python twins.
+"""The C++ loops of rnnreg's own recurrence (``_loops.cpp``): built, loaded and checked.
 
-``rnnreg.nn.recurrence`` prepares everything that does not depend on the previous step (the input
-projection, the gate-derivative coefficients, the buffers); what is left is a loop over time of
-one recurrent matrix product and a few elementwise kernels. At the paper's shapes each kernel
-takes microseconds, so on CPU the Python interpreter between them cost as much as the kernels.
-The loops therefore exist twice with one signature: in C++ (``_loops.cpp``: the same ATen
-calls, plus one fused pass for the LSTM's plain gate arithmetic; compiled with torch's
-extension builder on first use and cached) and in Python (``rnnreg.nn.python_loops``), which
-runs on GPUs, where the C++ build is unavailable (no compiler), or when the environment sets
-``RNNREG_NATIVE=0``. The tests run both and compare each with independent references. This
-module builds the C++ loops and chooses between the two (:func:`engine`).
-
-The C++ loops are operators ``torch.ops.rnnreg.*`` with schemas whose argument names are the
-Python twins' parameter names; they are called by keyword and check their inputs. On first
-use they are compared with the Python twins on tiny inputs (:func:`compiled`, running the check
-that ``rnnreg.nn.recurrence`` registers); any build, schema or result mismatch leaves the
-Python loops, with a warning, rather than failing (or computing wrong gradients) later in
-training. oneDNN's private linear ops get the same check (``rnnreg.nn.products``).
+The C++ loops make the same ATen calls as their Python twins (``rnnreg.nn.loops.python``), plus
+one fused pass for the LSTM's plain gate arithmetic, without the Python interpreter between the
+small kernels of each step. They are compiled with torch's extension builder on first use and
+cached, and registered as operators ``torch.ops.rnnreg.*`` with schemas whose argument names are
+the Python twins' parameter names; they are called by keyword and check their inputs. On first
+use every loop is compared with its Python twin on tiny inputs
+(:func:`rnnreg.nn.loops.check.agrees_with_python`); any build, schema or result mismatch leaves
+the Python loops, with a warning, rather than failing (or computing wrong gradients) later in
+training. oneDNN's private linear ops get the same check (``rnnreg.nn.products``). Whether these
+loops run at all is ``rnnreg.nn.loops``' choice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
-import os
 import sys
 import types
 import warnings
@@ -33,15 +24,10 @@ from pathlib import Path
 
 import torch
 
-from rnnreg.nn import products
+from rnnreg.nn.loops.check import agrees_with_python
+from rnnreg.nn.loops.python import PYTHON
 
-# Re-exported: these were this module's before the loops and the products had modules of their
-# own. ONEDNN_MIN_HIDDEN is not: set it on rnnreg.nn.products, which reads it.
-from rnnreg.nn.products import onednn_mm, onednn_pays, packed_weight
-from rnnreg.nn.loops.python import PYTHON, stop_at_lengths
-
-__all__ = ["engine", "compiled", "check_on_first_use", "running", "onednn_pays", "onednn_mm",
-           "packed_weight", "stop_at_lengths", "PYTHON"]
+__all__ = ["compiled"]
 
 _SOURCE = Path(__file__).with_name("_loops.cpp")
 # The build is named after its source's hash: checkouts of different versions on one machine
@@ -50,57 +36,15 @@ _SOURCE = Path(__file__).with_name("_loops.cpp")
 _NAME = "rnnreg_loops_" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
 
 
-# The engine a self-test is checking, whatever the device (see running); None otherwise.
-_forced = None
-
-
-def engine(tensor):
-    """The loops for ``tensor``'s device: the compiled ones on CPU when they build, else Python."""
-    if _forced is not None:
-        return _forced
-    if tensor.device.type == "cpu":
-        native = _resolved[-1] if torch.compiler.is_compiling() and _resolved else compiled()
-        if native is not None:
-            return native
-    return PYTHON
-
-
 @functools.cache
 def compiled():
     """The C++ loops, built once per machine (under a minute here) and cached by torch, as an
     engine calling the ops ``torch.ops.rnnreg.*`` by keyword.
 
-    None when ``RNNREG_NATIVE=0``, when the build fails (no C++ compiler, no headers), or when
-    the ops do not match their Python twins on a first tiny run (a schema that changed, a
-    oneDNN op the C++ calls that changed): then the Python loops run, with the same results,
-    slower on CPU.
+    None when the build fails (no C++ compiler, no headers), or when the ops do not match their
+    Python twins on a first tiny run (a schema that changed, a oneDNN op the C++ calls that
+    changed): then the Python loops run, with the same results, slower.
     """
-    native = _build_and_check()
-    _resolved[:] = [native]
-    return native
-
-
-# The last answer of compiled(), for engine() while torch.compile traces: the build and the
-# check must not be traced into the graph (dynamo would trace through functools.cache).
-_resolved: list = []
-
-
-# The check compiled() runs once on the built ops (check_on_first_use). It runs the recurrence
-# on both loops, so rnnreg.nn.recurrence registers it: this module does not import the module
-# that imports it.
-_first_use_check = None
-
-
-def check_on_first_use(check):
-    """Register ``check(native)``, which raises unless the engine ``native`` computes what the
-    Python twins do; :func:`compiled` runs it before handing the C++ loops out."""
-    global _first_use_check
-    _first_use_check = check
-
-
-def _build_and_check():
-    if os.environ.get("RNNREG_NATIVE", "1") == "0":
-        return None
     from torch.utils import cpp_extension
 
     if not _already_built(cpp_extension):
@@ -115,16 +59,13 @@ def _build_and_check():
     except Exception as error:  # any build failure leaves the Python loops, which always work
         warnings.warn(f"rnnreg could not compile its C++ loops, so its own recurrence runs "
                       f"the slower Python loops ({type(error).__name__}: {error}). Set "
-                      "RNNREG_NATIVE=0 to skip the attempt.", RuntimeWarning, stacklevel=2)
+                      "RNNREG_ENGINE=python to skip the attempt.", RuntimeWarning, stacklevel=2)
         return None
     try:
         # First use may come inside an autograd Function's forward, under no_grad or
-        # inference_mode, or under autocast: the check needs plain float32 autograd.
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-            if _first_use_check is None:
-                raise RuntimeError("no first-use check is registered (rnnreg.nn.recurrence "
-                                   "registers it)")
-            _first_use_check(native)
+        # inference_mode, or under autocast: the check needs plain float32.
+        with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
+            agrees_with_python(native, torch.device("cpu"))
     except Exception as error:  # a schema, dispatch or numerical mismatch
         warnings.warn(f"rnnreg's C++ loops failed their first-use check against the Python "
                       f"loops, so its own recurrence runs the Python loops "
@@ -173,21 +114,6 @@ def _by_keyword(twin, name):
 
     call.__name__ = name
     return call
-
-
-@contextlib.contextmanager
-def running(native, onednn):
-    """Make every recurrence run ``native``, and oneDNN at any width if ``onednn``: how the
-    first-use check compares the two engines, whatever the device."""
-    global _forced
-    saved = _forced, products.ONEDNN_MIN_HIDDEN
-    _forced = native
-    if onednn:
-        products.ONEDNN_MIN_HIDDEN = {"step": 1, "rows": 1}
-    try:
-        yield
-    finally:
-        _forced, products.ONEDNN_MIN_HIDDEN = saved
 
 
 def _already_built(cpp_extension):

@@ -42,8 +42,9 @@ _BLOCK = 512  # elements of the (B, H) state per program
 
 
 def interpreted():
-    """Whether Triton runs its kernels in its interpreter (``TRITON_INTERPRET=1``)."""
-    return bool(triton.knobs.runtime.interpret)
+    """Whether this module's kernels run in Triton's interpreter: decided when the module was
+    imported, by ``TRITON_INTERPRET=1`` then."""
+    return not isinstance(_lstm_forward_step, triton.runtime.JITFunction)
 
 
 @triton.jit
