@@ -27,6 +27,7 @@ from conftest import write_corpus
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
+from triton_cases import CASES, own_loop_vs_torch, recurrence_inputs, run_recurrence
 
 import rnnreg
 from rnnreg.lm.checkpoint import load_tree
@@ -38,6 +39,7 @@ from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir import RunDir
 from rnnreg.lm.runs import load_model
 from rnnreg.lm.training import train
+from rnnreg.nn import loops
 from rnnreg.nn.layers import FUSED, engine_for
 from rnnreg.nn.recurrence import recurrence
 
@@ -523,3 +525,113 @@ def test_train_interrupt_and_resume_on_device(name, resumed_runs):
 def test_zaremba_resume_on_device_is_exact(resumed_runs):
     base, _, reference, summary = resumed_runs("zaremba")
     _assert_resume_was_exact(base, reference, summary)
+
+
+# --- the Triton loops (rnnreg.nn.loops.triton), the own recurrence's CUDA engine ----------------
+
+ON_GPU = pytest.mark.skipif(DEVICE.type != "cuda", reason="the Triton loops are CUDA's engine")
+TRITON_MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+
+
+@pytest.fixture
+def triton_loops(monkeypatch):
+    """The Triton engine's module, chosen for the test (RNNREG_ENGINE=triton), graphs on."""
+    pytest.importorskip("triton")
+    from rnnreg.nn.loops import triton as module
+
+    monkeypatch.setenv(loops.VARIABLE, "triton")
+    monkeypatch.setattr(module.GRAPHS, "enabled", True)
+    return module
+
+
+@ON_GPU
+def test_engine_for_names_the_triton_graph_engine_on_cuda(triton_loops, monkeypatch):
+    module = rnnreg.LSTM(4, 8, recurrent_dropout=0.3).to(DEVICE).train()
+    monkeypatch.delenv(loops.VARIABLE)  # the default, auto
+    assert engine_for(module) == loops.TRITON_GRAPHS
+    assert engine_for(module.eval()) == FUSED
+    monkeypatch.setattr(triton_loops.GRAPHS, "enabled", False)
+    assert engine_for(module.train()) == loops.TRITON_LOOP
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert engine_for(module) == loops.PYTHON_LOOP
+
+
+@ON_GPU
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_loops_match_the_python_twins_on_device(mode, case, triton_loops, monkeypatch):
+    leaves, constants = recurrence_inputs(mode, 5, 3, 4, 37, device=DEVICE, **CASES[case])
+    ours = run_recurrence(mode, leaves, constants)
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert_same(ours, run_recurrence(mode, leaves, constants))
+
+
+@ON_GPU
+@pytest.mark.parametrize("bidirectional, lengths", [(False, False), (True, True)],
+                         ids=["forward", "bidirectional+lengths"])
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_loops_match_cudnn_without_masks(mode, bidirectional, lengths, triton_loops):
+    ours, theirs = own_loop_vs_torch(mode, 6, 3, 4, 8, bidirectional=bidirectional,
+                                     lengths=lengths, device=DEVICE)
+    assert_same(ours, theirs)
+
+
+@ON_GPU
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_graph_replay_equals_plain_launches(mode, triton_loops, monkeypatch):
+    """The same kernels and products, replayed from a graph or launched one by one: the same
+    numbers (bitwise expected; a tight tolerance allows cuBLAS a different kernel choice)."""
+    leaves, constants = recurrence_inputs(mode, 5, 3, 4, 16, device=DEVICE,
+                                          **CASES["fresh+lengths+zoneout"])
+    replayed = run_recurrence(mode, leaves, constants)
+    replayed_again = run_recurrence(mode, leaves, constants)  # a replay of the cached graphs
+    monkeypatch.setattr(triton_loops.GRAPHS, "enabled", False)
+    plain = run_recurrence(mode, leaves, constants)
+    assert_same(replayed, plain, rtol=1e-6, atol=1e-6)
+    assert_same(replayed_again, replayed, rtol=0, atol=0)
+
+
+@ON_GPU
+def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch):
+    """A second call with the same shapes, dtype and options replays (no new capture); a new
+    batch size, dtype, or a mask where there was none, captures anew (forward and backward)."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)  # a fresh cache, counted from zero
+
+    def run(batch=3, dtype=torch.float32, mask=None):
+        leaves, constants = recurrence_inputs("LSTM", 4, batch, 4, 8, device=DEVICE, mask=mask)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            return run_recurrence("LSTM", leaves, constants)
+
+    first = run()
+    assert cache.captures == 2  # the forward loop and the backward loop
+    again = run()
+    assert cache.captures == 2
+    assert_same(again, first, rtol=0, atol=0)
+    run(batch=2)
+    assert cache.captures == 4
+    run(dtype=torch.bfloat16)
+    assert cache.captures == 6
+    run(mask="fresh")
+    assert cache.captures == 8
+    run()
+    assert cache.captures == 8 and len(cache.entries) == 8
+
+
+@ON_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_loops_under_autocast_track_float32(mode, dtype, triton_loops):
+    """Under autocast the recurrence runs in the low-precision dtype (as torch's fused kernels
+    do), with float32 arithmetic inside the kernels and float32 accumulation in cuBLAS: the
+    results stay within that dtype's accuracy of float32."""
+    leaves, constants = recurrence_inputs(mode, 8, 4, 16, 32, device=DEVICE,
+                                          **CASES["fresh+lengths"])
+    full = run_recurrence(mode, leaves, constants)
+    with torch.autocast("cuda", dtype=dtype):
+        low = run_recurrence(mode, leaves, constants)
+    assert low[0].dtype == dtype
+    bound = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    for k, (a, b) in enumerate(zip(low, full)):
+        assert torch.isfinite(a).all(), k
+        assert relative_error(a, b) < (bound if k < 2 else 5 * bound), k

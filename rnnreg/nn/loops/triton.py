@@ -423,19 +423,22 @@ class GraphCache:
     owns static copies of its loop's arguments: a call copies its inputs in, replays, and
     copies the filled buffers (and the returned gradients) out. ``size`` entries are kept,
     the least recently used dropped first. Capture needs a CUDA device, compiled (not
-    interpreted) kernels and a stream that is not already capturing; otherwise, and after a
-    capture that fails (with a warning), :meth:`run` launches the steps plainly.
+    interpreted) kernels and a stream that is not already capturing; otherwise, after a
+    capture that fails (with a warning), and while ``enabled`` is False (to compare the two, or
+    to rule graphs out), :meth:`run` launches the steps plainly.
     """
 
-    def __init__(self, size=16):
+    def __init__(self, size=16, enabled=True):
         self.size = size
+        self.enabled = enabled
         self.entries = collections.OrderedDict()
         self.failed = False  # a capture failed: plain launches from then on
         self.captures = 0  # graphs captured so far (replays of cached ones are not counted)
 
     def usable(self, device):
         """Whether loops on ``device`` would run as graph replays."""
-        return torch.device(device).type == "cuda" and not interpreted() and not self.failed
+        return (self.enabled and not self.failed and torch.device(device).type == "cuda"
+                and not interpreted())
 
     def run(self, name, loop, args):
         """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly."""
