@@ -111,3 +111,11 @@ def test_initial_state_gradient_can_be_skipped(monkeypatch):
     ours = run_recurrence("LSTM", leaves, constants)
     on("python", monkeypatch)
     assert_all_close(ours, run_recurrence("LSTM", leaves, constants))
+
+
+def test_float64_runs_the_python_loop_where_triton_would(monkeypatch):
+    """The kernels compute in float32: float64 keeps its precision on the Python twins."""
+    on("triton", monkeypatch)
+    assert loops.engine(torch.empty(1, dtype=torch.float64)) is loops.PYTHON
+    assert loops.name("cpu", torch.float64) == loops.PYTHON_LOOP
+    assert loops.choose("cuda", "auto", torch.float64) == (loops.PYTHON_LOOP, loops.PYTHON)

@@ -45,7 +45,8 @@ def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
     """
     if not needs_own_loop(module, masks, layer=layer):
         return FUSED
-    return loops.name(next(module.parameters()).device)
+    weight = next(module.parameters())
+    return loops.name(weight.device, weight.dtype)
 
 
 def needs_own_loop(module: nn.Module, masks: DropoutMasks | None = None, *,

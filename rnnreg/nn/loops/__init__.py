@@ -62,15 +62,18 @@ def requested(environ: Mapping[str, str] | None = None) -> str:
     return value
 
 
-def choose(device, setting: str = "auto"):
-    """``(name, loops)``: the engine that runs the own recurrence for tensors on ``device``
-    under ``setting`` (a value of :data:`SETTINGS`), and its loops (the Python twins'
-    signatures). See the module's table."""
+def choose(device, setting: str = "auto", dtype: torch.dtype = torch.float32):
+    """``(name, loops)``: the engine that runs the own recurrence for ``dtype`` tensors on
+    ``device`` under ``setting`` (a value of :data:`SETTINGS`), and its loops (the Python
+    twins' signatures). See the module's table; the Triton kernels compute in float32, so
+    float64 runs the Python loop wherever Triton would."""
     device = torch.device(device)
     if setting not in SETTINGS:
         raise ValueError(f"unknown loop engine setting {setting!r}; choose one of "
                          f"{', '.join(SETTINGS)}")
     if setting == "python":
+        return PYTHON_LOOP, PYTHON
+    if dtype == torch.float64 and (setting == "triton" or device.type == "cuda"):
         return PYTHON_LOOP, PYTHON
     if setting == "triton":
         return _triton(device)
@@ -88,14 +91,14 @@ def choose(device, setting: str = "auto"):
 def engine(tensor: torch.Tensor):
     """The loops the own recurrence runs for ``tensor`` (:func:`choose` for its device and the
     environment's setting)."""
-    return choose(tensor.device, requested())[1]
+    return choose(tensor.device, requested(), tensor.dtype)[1]
 
 
-def name(device) -> str:
-    """The name of the engine that runs the own recurrence on ``device`` under the
-    environment's setting: :data:`CPP_LOOP`, :data:`TRITON_GRAPHS`, :data:`TRITON_LOOP` or
-    :data:`PYTHON_LOOP`."""
-    return choose(device, requested())[0]
+def name(device, dtype: torch.dtype = torch.float32) -> str:
+    """The name of the engine that runs the own recurrence for ``dtype`` tensors on ``device``
+    under the environment's setting: :data:`CPP_LOOP`, :data:`TRITON_GRAPHS`,
+    :data:`TRITON_LOOP` or :data:`PYTHON_LOOP`."""
+    return choose(device, requested(), dtype)[0]
 
 
 def _cpp():
