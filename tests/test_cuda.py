@@ -616,6 +616,9 @@ def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch)
     assert cache.captures == 8
     run()
     assert cache.captures == 8 and len(cache.entries) == 8
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    run()  # cuBLAS's settings are part of a capture
+    assert cache.captures == 10
 
 
 @ON_GPU
@@ -635,3 +638,22 @@ def test_triton_loops_under_autocast_track_float32(mode, dtype, triton_loops):
     for k, (a, b) in enumerate(zip(low, full)):
         assert torch.isfinite(a).all(), k
         assert relative_error(a, b) < (bound if k < 2 else 5 * bound), k
+
+
+@ON_GPU
+def test_graph_captured_under_inference_mode_replays_in_training(triton_loops, monkeypatch):
+    """Evaluation under inference_mode may capture a shape first; training at the same shape
+    then replays it (the static buffers are ordinary tensors) and gets the plain results."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    leaves, constants = recurrence_inputs("GRU", 4, 3, 4, 8, device=DEVICE, mask="sequence")
+    with torch.inference_mode():
+        evaluated = recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"],
+                               leaves["mask"], None, None)[0]
+    assert cache.captures == 1
+    trained = run_recurrence("GRU", leaves, constants)
+    assert cache.captures == 2  # the backward loop; the forward replayed
+    monkeypatch.setattr(cache, "enabled", False)
+    plain = run_recurrence("GRU", leaves, constants)
+    assert_same(trained, plain, rtol=1e-6, atol=1e-6)
+    assert_same([evaluated.clone()], [plain[0]], rtol=1e-6, atol=1e-6)

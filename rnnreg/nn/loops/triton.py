@@ -424,8 +424,10 @@ class GraphCache:
     copies the filled buffers (and the returned gradients) out. ``size`` entries are kept,
     the least recently used dropped first. Capture needs a CUDA device, compiled (not
     interpreted) kernels and a stream that is not already capturing; otherwise, after a
-    capture that fails (with a warning), and while ``enabled`` is False (to compare the two, or
-    to rule graphs out), :meth:`run` launches the steps plainly.
+    capture that fails (with a warning), while torch.compile traces, and while ``enabled`` is
+    False (to compare the two, or to rule graphs out), :meth:`run` launches the steps plainly.
+    The key includes the matmul settings cuBLAS reads (TF32, reduced-precision reductions), which
+    a replay would otherwise keep from its capture.
     """
 
     def __init__(self, size=16, enabled=True):
@@ -443,9 +445,10 @@ class GraphCache:
     def run(self, name, loop, args):
         """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly."""
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if not self.usable(device) or torch.cuda.is_current_stream_capturing():
+        if (not self.usable(device) or torch.compiler.is_compiling()
+                or torch.cuda.is_current_stream_capturing()):
             return loop(*args)
-        key = (name, device, *(_signature(a) for a in args))
+        key = (name, device, _matmul_settings(), *(_signature(a) for a in args))
         entry = self.entries.get(key)
         if entry is None:
             try:
@@ -465,6 +468,14 @@ class GraphCache:
         return entry.replay(args, _FILLED[name])
 
 
+def _matmul_settings():
+    """The settings cuBLAS reads when a product is captured: a replay keeps them."""
+    matmul = torch.backends.cuda.matmul
+    return (matmul.allow_tf32, torch.get_float32_matmul_precision(),
+            matmul.allow_bf16_reduced_precision_reduction,
+            matmul.allow_fp16_reduced_precision_reduction)
+
+
 def _signature(arg):
     if isinstance(arg, torch.Tensor):
         return (tuple(arg.shape), tuple(arg.stride()), arg.dtype)
@@ -475,16 +486,21 @@ class _Captured:
     """One captured loop with its static arguments."""
 
     def __init__(self, loop, args):
-        self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         self.names = _LOOP_PARAMETERS[loop.__name__]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compiles the kernels, sets up cuBLAS
-            loop(*self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.result = loop(*self.static)
+        # Ordinary tensors even when the first call comes under inference_mode, so that later
+        # calls outside it may copy into them.
+        with torch.inference_mode(False):
+            self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compiles the kernels, sets up cuBLAS
+                loop(*self.static)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the backward loops are captured on autograd's thread, while other
+            # threads (a data loader's) may use CUDA.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.result = loop(*self.static)
 
     def replay(self, args, filled):
         for name, static, arg in zip(self.names, self.static, args):
