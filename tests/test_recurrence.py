@@ -7,6 +7,10 @@ equations, and torch's own fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` when no mask 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -388,6 +392,33 @@ def test_unknown_engine_setting_is_a_clear_error(monkeypatch, value):
         loops.engine(torch.empty(1))
     with pytest.raises(ValueError, match="unknown loop engine setting"):
         loops.choose("cpu", value)
+
+
+def test_cuda_without_triton_runs_the_python_loops_with_one_warning(monkeypatch):
+    """``auto`` on CUDA falls back to the Python loops, saying why; ``triton`` asked for
+    explicitly is an error instead."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
+    monkeypatch.delitem(sys.modules, "rnnreg.nn.loops.triton", raising=False)
+    loops._warn_no_triton.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="Python loops on CUDA tensors: Triton is not "
+                                                "importable"):
+            assert loops.choose("cuda", "auto") == (loops.PYTHON_LOOP, loops.PYTHON)
+        with pytest.raises(ImportError, match="Triton loops need Triton"):
+            loops.choose("cuda", "triton")
+    finally:
+        loops._warn_no_triton.cache_clear()
+
+
+@pytest.mark.slow
+def test_import_rnnreg_does_not_import_triton():
+    """Triton is the CUDA engine's dependency only: importing rnnreg (layers, loops) leaves it
+    alone, so rnnreg imports without it and stays light."""
+    code = ("import sys, rnnreg, rnnreg.nn.layers, rnnreg.nn.loops; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert 'rnnreg.nn.loops.triton' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ,
+                                                                   loops.VARIABLE: "auto"})
 
 
 def test_engine_setting_is_read_from_the_environment_given():

@@ -64,6 +64,14 @@ def test_triton_setting_runs_the_interpreted_loops_on_cpu(monkeypatch):
     assert not triton_loops.GRAPHS.usable("cpu")
 
 
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    on("triton", monkeypatch)
+    monkeypatch.setattr(triton_loops, "interpreted", lambda: False)  # as if compiled
+    with pytest.raises(RuntimeError, match="run on cpu tensors only in Triton's interpreter: "
+                                           "set TRITON_INTERPRET=1"):
+        loops.engine(torch.empty(1))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_the_python_twins(mode, case, monkeypatch):

@@ -84,7 +84,7 @@ def choose(device, setting: str = "auto", dtype: torch.dtype = torch.float32):
         try:
             return _triton(device)
         except ImportError as error:
-            _warn_no_triton(str(error))
+            _warn_no_triton(str(error.__cause__ or error))
     return PYTHON_LOOP, PYTHON
 
 
@@ -113,7 +113,11 @@ def _cpp():
 
 def _triton(device):
     """The Triton loops, named for whether they replay CUDA graphs on ``device``."""
-    from rnnreg.nn.loops import triton as triton_loops  # imports Triton (ImportError if absent)
+    try:
+        from rnnreg.nn.loops import triton as triton_loops  # imports Triton
+    except ImportError as error:
+        raise ImportError(f"rnnreg's Triton loops need Triton, which is not importable "
+                          f"({error}); torch's CUDA wheels ship it") from error
 
     if device.type != "cuda" and not triton_loops.interpreted():
         raise RuntimeError(f"the Triton loops run on {device.type} tensors only in Triton's "
