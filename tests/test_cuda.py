@@ -27,7 +27,13 @@ from conftest import write_corpus
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
-from triton_cases import CASES, own_loop_vs_torch, recurrence_inputs, run_recurrence
+from triton_cases import (
+    CASES,
+    assert_tracks_float32,
+    own_loop_vs_torch,
+    recurrence_inputs,
+    run_recurrence,
+)
 
 import rnnreg
 from rnnreg.lm.checkpoint import load_tree
@@ -627,17 +633,15 @@ def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch)
 def test_triton_loops_under_autocast_track_float32(mode, dtype, triton_loops):
     """Under autocast the recurrence runs in the low-precision dtype (as torch's fused kernels
     do), with float32 arithmetic inside the kernels and float32 accumulation in cuBLAS: the
-    results stay within that dtype's accuracy of float32."""
-    leaves, constants = recurrence_inputs(mode, 8, 4, 16, 32, device=DEVICE,
+    results stay within that dtype's accuracy of float32 (weights small enough that no cell
+    explodes out of float16's range)."""
+    leaves, constants = recurrence_inputs(mode, 8, 4, 16, 32, device=DEVICE, scale=0.2,
                                           **CASES["fresh+lengths"])
     full = run_recurrence(mode, leaves, constants)
     with torch.autocast("cuda", dtype=dtype):
         low = run_recurrence(mode, leaves, constants)
     assert low[0].dtype == dtype
-    bound = 2e-2 if dtype == torch.bfloat16 else 5e-3
-    for k, (a, b) in enumerate(zip(low, full)):
-        assert torch.isfinite(a).all(), k
-        assert relative_error(a, b) < (bound if k < 2 else 5 * bound), k
+    assert_tracks_float32(mode, low, full, dtype)
 
 
 @ON_GPU

@@ -15,7 +15,13 @@ import os
 
 import pytest
 import torch
-from triton_cases import CASES, own_loop_vs_torch, recurrence_inputs, run_recurrence
+from triton_cases import (
+    CASES,
+    assert_tracks_float32,
+    own_loop_vs_torch,
+    recurrence_inputs,
+    run_recurrence,
+)
 
 from rnnreg.nn import loops
 
@@ -127,3 +133,17 @@ def test_float64_runs_the_python_loop_where_triton_would(monkeypatch):
     assert loops.engine(torch.empty(1, dtype=torch.float64)) is loops.PYTHON
     assert loops.name("cpu", torch.float64) == loops.PYTHON_LOOP
     assert loops.choose("cuda", "auto", torch.float64) == (loops.PYTHON_LOOP, loops.PYTHON)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["LSTM", "RNN_RELU"])
+def test_under_autocast_track_float32(mode, dtype, monkeypatch):
+    """The kernels' low-precision path (buffers in the autocast dtype, float32 inside): within
+    that dtype's accuracy of the float32 run."""
+    on("triton", monkeypatch)
+    leaves, constants = recurrence_inputs(mode, 8, 4, 16, 32, scale=0.2, **CASES["fresh+lengths"])
+    full = run_recurrence(mode, leaves, constants)
+    with torch.autocast("cpu", dtype=dtype):
+        low = run_recurrence(mode, leaves, constants)
+    assert low[0].dtype == dtype
+    assert_tracks_float32(mode, low, full, dtype)

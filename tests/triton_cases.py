@@ -24,13 +24,14 @@ CASES = {
 
 
 def recurrence_inputs(mode, steps, batch, features, hidden, *, mask=None, lengths=False,
-                      zoneout=None, device="cpu", seed=0):
-    """Leaves for ``recurrence`` (requiring grad, the mask too) and the constants."""
+                      zoneout=None, device="cpu", seed=0, scale=0.5):
+    """Leaves for ``recurrence`` (requiring grad, the mask too) and the constants; weights,
+    inputs and states are normal with standard deviation ``scale``."""
     gen = torch.Generator().manual_seed(seed)
     g = GATES[mode] * hidden
 
     def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.5).to(device).requires_grad_()
+        return (torch.randn(*shape, generator=gen) * scale).to(device).requires_grad_()
 
     leaves = {"x": rand(steps, batch, features),
               "state": [rand(batch, hidden) for _ in range(2 if mode == "LSTM" else 1)],
@@ -115,3 +116,20 @@ def own_loop_vs_torch(mode, steps, batch, features, hidden, *, bidirectional, le
         out, _ = pad_packed_sequence(out, total_length=steps)
     theirs = grads(out, final if mode == "LSTM" else (final,))
     return ours, theirs
+
+
+def relative_error(a, b):
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def assert_tracks_float32(mode, low, full, dtype):
+    """Results under ``dtype`` autocast within that dtype's accuracy of float32: outputs and
+    final states within 4 units of its rounding error (eps), gradients within 8; 25 for the
+    relu cell's gradients, whose slope flips between 0 and 1 wherever rounding moves a
+    pre-activation across 0."""
+    eps = torch.finfo(dtype).eps
+    states = 3 if mode == "LSTM" else 2  # the output and the final state(s)
+    for k, (a, b) in enumerate(zip(low, full)):
+        assert torch.isfinite(a).all(), f"result {k} is not finite"
+        bound = 4 * eps if k < states else (25 if mode == "RNN_RELU" else 8) * eps
+        assert relative_error(a, b) < bound, (k, relative_error(a, b), bound)
