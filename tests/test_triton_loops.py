@@ -24,6 +24,7 @@ from triton_cases import (
 )
 
 from rnnreg.nn import loops
+from rnnreg.nn.recurrence import recurrence
 
 pytest.importorskip("triton")
 if torch.cuda.is_available():
@@ -147,3 +148,61 @@ def test_under_autocast_track_float32(mode, dtype, monkeypatch):
         low = run_recurrence(mode, leaves, constants)
     assert low[0].dtype == dtype
     assert_tracks_float32(mode, low, full, dtype)
+
+
+def _rerun(run):
+    """A CPU stand-in for a CUDA graph: a replay runs the loop again on the same static
+    arguments and refreshes the recorded result's tensors in place, as a graph replay does."""
+    result = run()
+
+    def replay():
+        fresh = run()
+        pairs = zip(result, fresh) if isinstance(result, tuple) else [(result, fresh)]
+        for old, new in pairs:
+            if old is not None:
+                old.copy_(new)
+
+    return replay, result
+
+
+def _stand_in_graphs(monkeypatch):
+    """A fresh graph cache that records with :func:`_rerun`, on CPU tensors."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(cache, "usable", lambda device: True)
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    monkeypatch.setattr(triton_loops, "_cuda_graph", _rerun)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return cache
+
+
+@pytest.mark.parametrize("case", ["plain", "fresh+lengths+zoneout", "zoneout-eval+lengths"])
+@pytest.mark.parametrize("mode", MODES)
+def test_replays_copy_inputs_in_and_results_out(mode, case, monkeypatch):
+    """The graph cache's bookkeeping, with a stand-in for the capture: the first call records,
+    a second call at the same shapes with other values replays, and both equal the Python
+    twins (every input copied into the static arguments, every filled buffer and result out)."""
+    cache = _stand_in_graphs(monkeypatch)
+    for seed, captures in ((0, 2), (1, 2)):
+        leaves, constants = recurrence_inputs(mode, 4, 3, 2, 5, seed=seed, **CASES[case])
+        on("triton", monkeypatch)
+        ours = run_recurrence(mode, leaves, constants)
+        assert cache.captures == captures  # the forward and the backward loop, once
+        on("python", monkeypatch)
+        assert_all_close(ours, run_recurrence(mode, leaves, constants))
+
+
+def test_a_loop_recorded_under_inference_mode_replays_in_training(monkeypatch):
+    """Evaluation under inference_mode may record a shape first; training then replays it."""
+    cache = _stand_in_graphs(monkeypatch)
+    on("triton", monkeypatch)
+    leaves, constants = recurrence_inputs("LSTM", 4, 3, 2, 5, mask="sequence")
+    with torch.inference_mode():
+        evaluated = recurrence("LSTM", leaves["x"], leaves["state"], *leaves["weights"],
+                               leaves["mask"], None, None)[0]
+    assert cache.captures == 1
+    ours = run_recurrence("LSTM", leaves, constants)
+    assert cache.captures == 2
+    on("python", monkeypatch)
+    theirs = run_recurrence("LSTM", leaves, constants)
+    assert_all_close(ours, theirs)
+    assert_all_close([evaluated.clone()], [theirs[0]])

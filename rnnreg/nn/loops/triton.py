@@ -483,38 +483,50 @@ def _signature(arg):
 
 
 class _Captured:
-    """One captured loop with its static arguments."""
+    """One recorded loop with its static arguments.
 
-    def __init__(self, loop, args):
+    ``record(run)`` records ``run()`` and returns ``(replay, result)``: ``replay()`` repeats it
+    on the same memory, refreshing ``result``'s tensors in place (:func:`_cuda_graph`).
+    """
+
+    def __init__(self, loop, args, record=None):
         self.names = _LOOP_PARAMETERS[loop.__name__]
         # Ordinary tensors even when the first call comes under inference_mode, so that later
-        # calls outside it may copy into them.
-        with torch.inference_mode(False):
+        # calls outside it may copy into them; no_grad, since leaving inference_mode turns
+        # gradients back on.
+        with torch.inference_mode(False), torch.no_grad():
             self.static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles the kernels, sets up cuBLAS
-                loop(*self.static)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the backward loops are captured on autograd's thread, while other
-            # threads (a data loader's) may use CUDA.
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.result = loop(*self.static)
+            self.repeat, self.result = (record or _cuda_graph)(lambda: loop(*self.static))
 
     def replay(self, args, filled):
+        """``loop(*args)`` by replay: inputs copied in, ``filled`` buffers and results out."""
         for name, static, arg in zip(self.names, self.static, args):
             if isinstance(arg, torch.Tensor) and name not in filled:
                 static.copy_(arg)
             elif name in _INITIAL_ROW:
                 static[0].copy_(arg[0])
-        self.graph.replay()
+        self.repeat()
         for name, static, arg in zip(self.names, self.static, args):
             if name in filled and arg is not None:
                 arg.copy_(static)
         if isinstance(self.result, tuple):
             return tuple(None if r is None else r.clone() for r in self.result)
         return None if self.result is None else self.result.clone()
+
+
+def _cuda_graph(run):
+    """``run()`` captured as a CUDA graph: ``(graph.replay, the tensors run() returned)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels, sets up cuBLAS
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the backward loops are captured on autograd's thread, while other threads
+    # (a data loader's) may use CUDA.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        result = run()
+    return graph.replay, result
 
 
 _STEPS = types.SimpleNamespace(
