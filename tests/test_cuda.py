@@ -587,20 +587,26 @@ def test_triton_loops_match_cudnn_without_masks(mode, bidirectional, lengths, tr
 def test_graph_replay_equals_plain_launches(mode, triton_loops, monkeypatch):
     """The same kernels and products, replayed from a graph or launched one by one: the same
     numbers (bitwise expected; a tight tolerance allows cuBLAS a different kernel choice)."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
     leaves, constants = recurrence_inputs(mode, 5, 3, 4, 16, device=DEVICE,
                                           **CASES["fresh+lengths+zoneout"])
-    replayed = run_recurrence(mode, leaves, constants)
-    replayed_again = run_recurrence(mode, leaves, constants)  # a replay of the cached graphs
-    monkeypatch.setattr(triton_loops.GRAPHS, "enabled", False)
+    first = run_recurrence(mode, leaves, constants)  # launched plainly, the key noted
+    captured = run_recurrence(mode, leaves, constants)  # captured, then replayed
+    replayed = run_recurrence(mode, leaves, constants)  # a replay of the cached graphs
+    assert cache.captures == 2
+    monkeypatch.setattr(cache, "enabled", False)
     plain = run_recurrence(mode, leaves, constants)
-    assert_same(replayed, plain, rtol=1e-6, atol=1e-6)
-    assert_same(replayed_again, replayed, rtol=0, atol=0)
+    assert_same(first, plain, rtol=0, atol=0)
+    assert_same(captured, plain, rtol=1e-6, atol=1e-6)
+    assert_same(replayed, captured, rtol=0, atol=0)
 
 
 @ON_GPU
 def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch):
-    """A second call with the same shapes, dtype and options replays (no new capture); a new
-    batch size, dtype, or a mask where there was none, captures anew (forward and backward)."""
+    """A key is captured on its second call and replayed from then on; a new batch size,
+    dtype, a mask where there was none, or other cuBLAS settings, is a new key (forward and
+    backward each)."""
     cache = triton_loops.GraphCache()
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)  # a fresh cache, counted from zero
 
@@ -609,20 +615,21 @@ def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
             return run_recurrence("LSTM", leaves, constants)
 
-    first = run()
+    run()
+    assert cache.captures == 0  # a first call launches plainly
+    captured = run()
     assert cache.captures == 2  # the forward loop and the backward loop
-    again = run()
+    assert_same(run(), captured, rtol=0, atol=0)
     assert cache.captures == 2
-    assert_same(again, first, rtol=0, atol=0)
-    run(batch=2)
-    assert cache.captures == 4
-    run(dtype=torch.bfloat16)
-    assert cache.captures == 6
-    run(mask="fresh")
-    assert cache.captures == 8
+    for options in (dict(batch=2), dict(dtype=torch.bfloat16), dict(mask="fresh")):
+        before = cache.captures
+        run(**options)
+        run(**options)
+        assert cache.captures == before + 2, options
     run()
     assert cache.captures == 8 and len(cache.entries) == 8
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    run()
     run()  # cuBLAS's settings are part of a capture
     assert cache.captures == 10
 
@@ -652,11 +659,12 @@ def test_graph_captured_under_inference_mode_replays_in_training(triton_loops, m
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)
     leaves, constants = recurrence_inputs("GRU", 4, 3, 4, 8, device=DEVICE, mask="sequence")
     with torch.inference_mode():
-        evaluated = recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"],
-                               leaves["mask"], None, None)[0]
+        for _ in range(2):  # plain, then captured
+            evaluated = recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"],
+                                   leaves["mask"], None, None)[0]
     assert cache.captures == 1
-    trained = run_recurrence("GRU", leaves, constants)
-    assert cache.captures == 2  # the backward loop; the forward replayed
+    trained = run_recurrence("GRU", leaves, constants)  # the forward replays
+    assert cache.captures == 1
     monkeypatch.setattr(cache, "enabled", False)
     plain = run_recurrence("GRU", leaves, constants)
     assert_same(trained, plain, rtol=1e-6, atol=1e-6)

@@ -14,9 +14,9 @@ The kernels compute in float32 whatever the buffers' dtype (bfloat16 or float16 
 autocast), and the backward carries dL/dh and dL/dc between steps in float32; cuBLAS
 accumulates the low-precision products in float32.
 
-A loop of T steps is 2T launches of microsecond kernels, so launching them costs as much as
-running them at the paper's shapes. On CUDA each loop is therefore captured once as a CUDA
-graph per shape, dtype and options (:class:`GraphCache`) and replayed: the arguments are
+A loop of T steps is 2T launches of small kernels, each with a fixed launch cost on the host. On
+CUDA each loop is therefore captured as a CUDA graph per shape, dtype and options, on the second
+call of each (:class:`GraphCache`), and replayed with one launch: the arguments are
 copied into the graph's static buffers, the graph runs, and the buffers the loop fills are
 copied out. Where capture is not possible (Triton's interpreter, CPU tensors, a caller that is
 itself capturing a graph, a capture that fails) the same steps run as plain launches.
@@ -417,28 +417,30 @@ _INITIAL_ROW = ("hs", "cs")
 
 
 class GraphCache:
-    """Each loop captured once as a CUDA graph per shape, dtype and options, and replayed.
+    """Each loop captured as a CUDA graph per shape, dtype and options, and replayed.
 
     A graph replays the kernels it recorded on the memory it recorded them on, so each entry
     owns static copies of its loop's arguments: a call copies its inputs in, replays, and
-    copies the filled buffers (and the returned gradients) out. ``size`` entries are kept,
-    the least recently used dropped first. Capture needs a CUDA device, compiled (not
-    interpreted) kernels and a stream that is not already capturing; otherwise, after a
-    capture that fails (with a warning), while torch.compile traces, and while ``enabled`` is
-    False (to compare the two, or to rule graphs out), :meth:`run` launches the steps plainly.
-    The key includes the matmul settings cuBLAS reads (TF32, reduced-precision reductions), which
-    a replay would otherwise keep from its capture.
+    copies the filled buffers (and the returned gradients) out. A key is captured on its
+    second call (the first launches plainly), so shapes that come once (an epoch's last
+    batch, one evaluation) cost no capture; ``size`` entries are kept, the least recently used
+    dropped first. Capture needs a CUDA device, compiled (not interpreted) kernels and a stream
+    that is not already capturing; otherwise, after a capture that fails (with a warning),
+    while torch.compile traces, and while ``enabled`` is False (to compare the two, or to rule
+    graphs out), :meth:`run` launches the steps plainly. The key includes the matmul settings
+    cuBLAS reads (TF32, reduced-precision reductions), which a replay keeps from its capture.
     """
 
     def __init__(self, size=16, enabled=True):
         self.size = size
         self.enabled = enabled
         self.entries = collections.OrderedDict()
+        self.seen = collections.OrderedDict()  # keys called once, not captured yet
         self.failed = False  # a capture failed: plain launches from then on
         self.captures = 0  # graphs captured so far (replays of cached ones are not counted)
 
     def usable(self, device):
-        """Whether loops on ``device`` would run as graph replays."""
+        """Whether loops on ``device`` would run as graph replays (from a key's second call)."""
         return (self.enabled and not self.failed and torch.device(device).type == "cuda"
                 and not interpreted())
 
@@ -450,21 +452,26 @@ class GraphCache:
             return loop(*args)
         key = (name, device, _matmul_settings(), *(_signature(a) for a in args))
         entry = self.entries.get(key)
-        if entry is None:
-            try:
-                entry = _Captured(loop, args)
-            except Exception as error:  # e.g. a driver or allocator that cannot capture
-                self.failed = True
-                warnings.warn(f"rnnreg could not capture its Triton loops as CUDA graphs, so "
-                              f"they launch step by step ({type(error).__name__}: {error})",
-                              RuntimeWarning, stacklevel=3)
-                return loop(*args)
-            self.captures += 1
-            self.entries[key] = entry
-            if len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        else:
+        if entry is not None:
             self.entries.move_to_end(key)
+            return entry.replay(args, _FILLED[name])
+        if self.seen.pop(key, None) is None:  # a first call
+            self.seen[key] = True
+            if len(self.seen) > 4 * self.size:
+                self.seen.popitem(last=False)
+            return loop(*args)
+        try:
+            entry = _Captured(loop, args)
+        except Exception as error:  # e.g. a driver or allocator that cannot capture
+            self.failed = True
+            warnings.warn(f"rnnreg could not capture its Triton loops as CUDA graphs, so "
+                          f"they launch step by step ({type(error).__name__}: {error})",
+                          RuntimeWarning, stacklevel=3)
+            return loop(*args)
+        self.captures += 1
+        self.entries[key] = entry
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
         return entry.replay(args, _FILLED[name])
 
 
