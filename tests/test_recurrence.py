@@ -399,6 +399,7 @@ def test_cuda_without_triton_runs_the_python_loops_with_one_warning(monkeypatch)
     explicitly is an error instead."""
     monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
     monkeypatch.delitem(sys.modules, "rnnreg.nn.loops.triton", raising=False)
+    monkeypatch.delattr(loops, "triton", raising=False)  # imported by an earlier test module
     loops._warn_no_triton.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="Python loops on CUDA tensors: Triton is not "
