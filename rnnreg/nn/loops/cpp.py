@@ -27,7 +27,7 @@ import torch
 from rnnreg.nn.loops.check import agrees_with_python
 from rnnreg.nn.loops.python import PYTHON
 
-__all__ = ["compiled"]
+__all__ = ["answered", "compiled"]
 
 _SOURCE = Path(__file__).with_name("_loops.cpp")
 # The build is named after its source's hash: checkouts of different versions on one machine
@@ -45,6 +45,21 @@ def compiled():
     Python twins on a first tiny run (a schema that changed, a oneDNN op the C++ calls that
     changed): then the Python loops run, with the same results, slower.
     """
+    native = _build_and_check()
+    _answer[:] = [native]
+    return native
+
+
+def answered():
+    """What :func:`compiled` last returned, without building (None before its first call):
+    for torch.compile, which must not trace the build and cannot read the cache's state."""
+    return _answer[0] if _answer else None
+
+
+_answer: list = []
+
+
+def _build_and_check():
     from torch.utils import cpp_extension
 
     if not _already_built(cpp_extension):
