@@ -18,14 +18,23 @@ own loop. Reported throughput uses the median per-iteration time; a ratio is the
 median over rounds of the per-round time ratio (robust to the machine slowing down), and a ratio
 above 1 means rnnreg is faster than that baseline.
 
+A second table times the own loop's engines (``rnnreg.nn.loops``) on the per-sequence
+``variational`` strategy, side by side with ``torch.nn.LSTM(dropout=p)`` (cuDNN on GPU) in one
+process: the device's default engine (``RNNREG_ENGINE=auto``: the Triton loop with CUDA graphs
+on GPU, the C++ loop on CPU; its name is printed) and the Python loop (``RNNREG_ENGINE=python``),
+in float32 and, on GPU, under bfloat16 autocast. For the paper's medium and large shapes:
+
     python benchmarks/layers.py                        # medium and small, CPU
     python benchmarks/layers.py --shapes small --repeats 5 --threads 2 --markdown
     python benchmarks/layers.py --device cuda --shapes small,medium,large --markdown
+    python benchmarks/layers.py --device cuda --shapes medium,large
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -36,6 +45,7 @@ import torch
 from torch import nn
 
 import rnnreg
+from rnnreg.nn import loops
 from rnnreg.nn.layers import engine_for
 
 
@@ -71,8 +81,12 @@ class HandRolledZaremba(nn.Module):
         return self.drop_out(out), state
 
 
-def make_step(model: nn.Module, shape: Shape, device: torch.device) -> Callable[[], float]:
-    """A closure running one forward+backward iteration and returning its wall time."""
+def make_step(model: nn.Module, shape: Shape, device: torch.device, *,
+              engine: str | None = None,
+              dtype: torch.dtype = torch.float32) -> Callable[[], float]:
+    """A closure running one forward+backward iteration and returning its wall time; with
+    ``engine`` the own loop runs that ``RNNREG_ENGINE`` setting, with a ``dtype`` other than
+    float32 the forward runs under autocast to it."""
     x = torch.randn(shape.steps, shape.batch, shape.hidden, device=device, requires_grad=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.train()
@@ -81,13 +95,30 @@ def make_step(model: nn.Module, shape: Shape, device: torch.device) -> Callable[
         model.zero_grad(set_to_none=True)
         x.grad = None
         sync()
-        start = time.perf_counter()
-        out, _ = model(x)
-        out.sum().backward()
-        sync()
-        return time.perf_counter() - start
+        with _engine_setting(engine):
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out, _ = model(x)
+            out.float().sum().backward()
+            sync()
+            return time.perf_counter() - start
 
     return step
+
+
+@contextlib.contextmanager
+def _engine_setting(engine: str | None):
+    """``RNNREG_ENGINE=engine`` for the block (unchanged for None)."""
+    saved = os.environ.get(loops.VARIABLE)
+    if engine is not None:
+        os.environ[loops.VARIABLE] = engine
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(loops.VARIABLE, None)
+        else:
+            os.environ[loops.VARIABLE] = saved
 
 
 def measure(steps: dict[str, Callable[[], float]], warmup: int,
@@ -136,6 +167,50 @@ def run_shape(name: str, shape: Shape, p: float, device: torch.device, warmup: i
         })
         print(f"  {name:<7} {strategy:<15} done", file=sys.stderr, flush=True)
     return rows
+
+
+def run_engines(name: str, shape: Shape, p: float, device: torch.device, warmup: int,
+                repeats: int, dtype: torch.dtype) -> dict[str, object]:
+    """The own loop's default engine and the Python loop against ``nn.LSTM(dropout=p)``, on
+    the per-sequence ``variational`` strategy (which runs the own loop), interleaved."""
+    torch.manual_seed(0)
+    candidate = rnnreg.LSTM(shape.hidden, shape.hidden, shape.layers,
+                            **rnnreg.strategy("variational", p)).to(device)
+    fused = nn.LSTM(shape.hidden, shape.hidden, shape.layers, dropout=p).to(device)
+    times = measure({
+        "fused": make_step(fused, shape, device, dtype=dtype),
+        "auto": make_step(candidate, shape, device, engine="auto", dtype=dtype),
+        "python": make_step(candidate, shape, device, engine="python", dtype=dtype),
+    }, warmup, repeats)
+    with _engine_setting("auto"):
+        engine = engine_for(candidate)
+    print(f"  {name:<7} {str(dtype):<15} engines done", file=sys.stderr, flush=True)
+    return {"shape": name, "dtype": str(dtype).removeprefix("torch."), "engine": engine,
+            "ms": 1e3 * statistics.median(times["auto"]),
+            "auto": median_ratio(times["fused"], times["auto"]),
+            "python": median_ratio(times["fused"], times["python"])}
+
+
+ENGINE_HEADERS = ("shape", "dtype", "default loop engine", "ms/iter",
+                  "default engine vs nn.LSTM(dropout)", "Python loop vs nn.LSTM(dropout)")
+
+
+def print_engines(rows: list[dict[str, object]], markdown: bool) -> None:
+    cells = [(str(r["shape"]), str(r["dtype"]), str(r["engine"]), f"{r['ms']:.1f}",
+              f"{r['auto']:.2f}x", f"{r['python']:.2f}x") for r in rows]
+    if markdown:
+        print("\n| " + " | ".join(ENGINE_HEADERS) + " |")
+        print("|" + "|".join(["---", "---", "---", "---:", "---:", "---:"]) + "|")
+        for line in cells:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(ENGINE_HEADERS)]
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(ENGINE_HEADERS, widths)))
+    print("  ".join("-" * w for w in widths))
+    for line in cells:
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(line, widths))))
 
 
 HEADERS = ("shape", "strategy", "engine", "tokens/s", "ms/iter", "vs nn.LSTM(dropout)",
@@ -218,6 +293,10 @@ def main(argv=None) -> None:
                   f"{shape.hidden} units, {shape.layers} layers", file=sys.stderr)
         rows += run_shape(shape_name, shape, args.p, device, args.warmup, args.repeats)
     print_table(rows, args.markdown)
+    dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    print_engines([run_engines(shape_name, SHAPES[shape_name], args.p, device, args.warmup,
+                               args.repeats, dtype)
+                   for shape_name in args.shapes for dtype in dtypes], args.markdown)
 
 
 if __name__ == "__main__":

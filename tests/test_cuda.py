@@ -27,6 +27,13 @@ from conftest import write_corpus
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
+from triton_cases import (
+    CASES,
+    assert_tracks_float32,
+    own_loop_vs_torch,
+    recurrence_inputs,
+    run_recurrence,
+)
 
 import rnnreg
 from rnnreg.lm.config import Config
@@ -37,7 +44,8 @@ from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
-from rnnreg.nn.layers import OWN_LOOP, engine_for
+from rnnreg.nn import loops
+from rnnreg.nn.layers import FUSED, engine_for
 from rnnreg.nn.recurrence import recurrence
 
 DEVICE = torch.device(os.environ.get("RNNREG_CHECK_DEVICE", "cuda"))
@@ -309,7 +317,7 @@ def test_bidirectional_packed_layer_matches_torch_nn(cell, path):
     else:
         ones = tuple(torch.ones(T, 2, B, H, device=DEVICE) for _ in range(2))
         masks = rnnreg.DropoutMasks(None, (None,), ones, (None, None), None)
-        assert engine_for(module.train(), masks) == OWN_LOOP
+        assert engine_for(module.train(), masks) != FUSED
         out, state = module.forward_with_masks(feed, hx, masks)
     ref_out, ref_state = ref(feed, hx)
     assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
@@ -376,7 +384,7 @@ def test_bfloat16_autocast_tracks_float32(name):
     # The final state leaves the recurrence unmasked, so its dtype is the recurrence's own
     # (the output is multiplied by float32 masks afterwards, which promotes it).
     assert h32.dtype == torch.float32
-    if engine_for(module, masks) == OWN_LOOP:  # it runs in the projection's dtype
+    if engine_for(module, masks) != FUSED:  # it runs in the projection's dtype
         assert h16.dtype == torch.bfloat16
     else:  # torch's fused kernel decides, as it does for torch.nn.LSTM
         ref = nn.LSTM(16, 32, 2).to(DEVICE)
@@ -552,3 +560,141 @@ def test_training_windows_between_log_points_never_wait_for_the_device(name, tmp
     steps = [r["step"] for r in RunDir(tmp_path / "run").read_metrics()
              if r.get("event") == "epoch"]
     assert steps == [windows] and windows > 4
+
+
+# --- the Triton loops (rnnreg.nn.loops.triton), the own recurrence's CUDA engine ----------------
+
+ON_GPU = pytest.mark.skipif(DEVICE.type != "cuda", reason="the Triton loops are CUDA's engine")
+TRITON_MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+
+
+@pytest.fixture
+def triton_loops(monkeypatch):
+    """The Triton engine's module, chosen for the test (RNNREG_ENGINE=triton), graphs on."""
+    pytest.importorskip("triton")
+    from rnnreg.nn.loops import triton as module
+
+    monkeypatch.setenv(loops.VARIABLE, "triton")
+    monkeypatch.setattr(module.GRAPHS, "enabled", True)
+    return module
+
+
+@ON_GPU
+def test_engine_for_names_the_triton_graph_engine_on_cuda(triton_loops, monkeypatch):
+    module = rnnreg.LSTM(4, 8, recurrent_dropout=0.3).to(DEVICE).train()
+    monkeypatch.delenv(loops.VARIABLE)  # the default, auto
+    assert engine_for(module) == loops.TRITON_GRAPHS
+    assert engine_for(module.eval()) == FUSED
+    monkeypatch.setattr(triton_loops.GRAPHS, "enabled", False)
+    assert engine_for(module.train()) == loops.TRITON_LOOP
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert engine_for(module) == loops.PYTHON_LOOP
+
+
+@ON_GPU
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_loops_match_the_python_twins_on_device(mode, case, triton_loops, monkeypatch):
+    leaves, constants = recurrence_inputs(mode, 5, 3, 4, 37, device=DEVICE, **CASES[case])
+    ours = run_recurrence(mode, leaves, constants)
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert_same(ours, run_recurrence(mode, leaves, constants))
+
+
+@ON_GPU
+@pytest.mark.parametrize("bidirectional, lengths", [(False, False), (True, True)],
+                         ids=["forward", "bidirectional+lengths"])
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_loops_match_cudnn_without_masks(mode, bidirectional, lengths, triton_loops):
+    ours, theirs = own_loop_vs_torch(mode, 6, 3, 4, 8, bidirectional=bidirectional,
+                                     lengths=lengths, device=DEVICE)
+    assert_same(ours, theirs)
+
+
+@ON_GPU
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_graph_replay_equals_plain_launches(mode, triton_loops, monkeypatch):
+    """The same kernels and products, replayed from a graph or launched one by one: the same
+    numbers (bitwise expected; a tight tolerance allows cuBLAS a different kernel choice)."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    leaves, constants = recurrence_inputs(mode, 5, 3, 4, 16, device=DEVICE,
+                                          **CASES["fresh+lengths+zoneout"])
+    first = run_recurrence(mode, leaves, constants)  # launched plainly, the key noted
+    captured = run_recurrence(mode, leaves, constants)  # captured, then replayed
+    replayed = run_recurrence(mode, leaves, constants)  # a replay of the cached graphs
+    assert cache.captures == 2
+    monkeypatch.setattr(cache, "enabled", False)
+    plain = run_recurrence(mode, leaves, constants)
+    assert_same(first, plain, rtol=0, atol=0)
+    assert_same(captured, plain, rtol=1e-6, atol=1e-6)
+    assert_same(replayed, captured, rtol=0, atol=0)
+
+
+@ON_GPU
+def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch):
+    """A key is captured on its second call and replayed from then on; a new batch size,
+    dtype, a mask where there was none, or other cuBLAS settings, is a new key (forward and
+    backward each)."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)  # a fresh cache, counted from zero
+
+    def run(batch=3, dtype=torch.float32, mask=None):
+        leaves, constants = recurrence_inputs("LSTM", 4, batch, 4, 8, device=DEVICE, mask=mask)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            return run_recurrence("LSTM", leaves, constants)
+
+    run()
+    assert cache.captures == 0  # a first call launches plainly
+    captured = run()
+    assert cache.captures == 2  # the forward loop and the backward loop
+    assert_same(run(), captured, rtol=0, atol=0)
+    assert cache.captures == 2
+    for options in (dict(batch=2), dict(dtype=torch.bfloat16), dict(mask="fresh")):
+        before = cache.captures
+        run(**options)
+        run(**options)
+        assert cache.captures == before + 2, options
+    run()
+    assert cache.captures == 8 and len(cache.entries) == 8
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    run()
+    run()  # cuBLAS's settings are part of a capture
+    assert cache.captures == 10
+
+
+@ON_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_triton_loops_under_autocast_track_float32(mode, dtype, triton_loops):
+    """Under autocast the recurrence runs in the low-precision dtype (as torch's fused kernels
+    do), with float32 arithmetic inside the kernels and float32 accumulation in cuBLAS: the
+    results stay within that dtype's accuracy of float32 (weights small enough that no cell
+    explodes out of float16's range)."""
+    leaves, constants = recurrence_inputs(mode, 8, 4, 16, 32, device=DEVICE, scale=0.2,
+                                          **CASES["fresh+lengths"])
+    full = run_recurrence(mode, leaves, constants)
+    with torch.autocast("cuda", dtype=dtype):
+        low = run_recurrence(mode, leaves, constants)
+    assert low[0].dtype == dtype
+    assert_tracks_float32(mode, low, full, dtype)
+
+
+@ON_GPU
+def test_graph_captured_under_inference_mode_replays_in_training(triton_loops, monkeypatch):
+    """Evaluation under inference_mode may capture a shape first; training at the same shape
+    then replays it (the static buffers are ordinary tensors) and gets the plain results."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    leaves, constants = recurrence_inputs("GRU", 4, 3, 4, 8, device=DEVICE, mask="sequence")
+    with torch.inference_mode():
+        for _ in range(2):  # plain, then captured
+            evaluated = recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"],
+                                   leaves["mask"], None, None)[0]
+    assert cache.captures == 1
+    trained = run_recurrence("GRU", leaves, constants)  # the forward replays
+    assert cache.captures == 1
+    monkeypatch.setattr(cache, "enabled", False)
+    plain = run_recurrence("GRU", leaves, constants)
+    assert_same(trained, plain, rtol=1e-6, atol=1e-6)
+    assert_same([evaluated.clone()], [plain[0]], rtol=1e-6, atol=1e-6)

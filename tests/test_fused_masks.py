@@ -20,7 +20,8 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnreg
-from rnnreg.nn.layers import FUSED, OWN_LOOP, engine_for
+from rnnreg.nn import loops
+from rnnreg.nn.layers import FUSED, engine_for
 
 CELLS = {"LSTM": (rnnreg.LSTM, nn.LSTM, {}), "GRU": (rnnreg.GRU, nn.GRU, {}),
          "RNN": (rnnreg.RNN, nn.RNN, {}),
@@ -33,6 +34,11 @@ SETTINGS = {
     "weight+batch": dict(weight_dropout=0.5, recurrent_dropout=0.5, recurrent_mask="batch",
                          variational=True),
 }
+
+
+def own_loop():
+    """The own loop's engine on this machine's CPU (the C++ or the Python loop)."""
+    return loops.name("cpu")
 
 
 def build(cell, *, num_layers=2, bidirectional=False, dtype=torch.float32, seed=0, **reg):
@@ -164,7 +170,7 @@ def test_fused_path_equals_the_own_loop_on_the_same_masks(cell, packed):
     per_row = rnnreg.DropoutMasks(shared.input, shared.between,
                                   tuple(m.expand(1, 2, B, H) for m in shared.recurrent),
                                   shared.weight, shared.output)
-    assert engine_for(module, shared) == FUSED and engine_for(module, per_row) == OWN_LOOP
+    assert engine_for(module, shared) == FUSED and engine_for(module, per_row) == own_loop()
 
     def with_mask_grads(masks):
         leaf_masks = rnnreg.DropoutMasks(
@@ -274,7 +280,7 @@ def test_real_forward_batch_mask_is_one_mask_for_every_row_and_step(recurrent_ma
     p, hidden, steps, batch = 0.4, 400, 4, 5
     module = probe_rnn(hidden, recurrent_dropout=p, variational=True,
                        recurrent_mask=recurrent_mask)
-    assert engine_for(module) == (FUSED if recurrent_mask == "batch" else OWN_LOOP)
+    assert engine_for(module) == (FUSED if recurrent_mask == "batch" else own_loop())
     x = torch.ones(steps, batch, hidden, dtype=torch.float64)
     h0 = torch.ones(2, batch, hidden, dtype=torch.float64)
     torch.manual_seed(8)
@@ -314,7 +320,7 @@ def test_sequence_masks_keep_gals_per_row_shape_and_the_own_loop():
     module = rnnreg.GRU(F_IN, H, 2, recurrent_dropout=0.3, variational=True)
     assert module.recurrent_mask == "sequence"
     assert all(m.shape == (1, 1, B, H) for m in module.sample_masks(T, B).recurrent)
-    assert engine_for(module) == OWN_LOOP
+    assert engine_for(module) == own_loop()
     module.eval()
     assert engine_for(module) == FUSED
 
@@ -567,7 +573,7 @@ def test_a_mask_shared_by_the_rows_but_not_the_steps_runs_the_own_loop_per_row(c
     shared = rnnreg.DropoutMasks(None, (None,), rec, (None, None), None)
     per_row = rnnreg.DropoutMasks(None, (None,), tuple(m.expand(T, 2, B, H).contiguous()
                                                        for m in rec), (None, None), None)
-    assert engine_for(module, shared) == OWN_LOOP
+    assert engine_for(module, shared) == own_loop()
     feed, hx, leaves = inputs(cell, module, packed=True)
     assert_close_runs(run(module, feed, hx, leaves, shared),
                       run(module, feed, hx, leaves, per_row))

@@ -8,12 +8,15 @@ equations, and torch's own fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` when no mask 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnreg.nn import loops, products
+from rnnreg.nn.loops import cpp
 from rnnreg.nn.recurrence import recurrence
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
@@ -28,9 +31,9 @@ def engine(request, monkeypatch):
     torch.mm/addmm products (the default below 256 hidden units) or oneDNN's (the default
     from there on, forced here at any size)."""
     if request.param.startswith("python"):
-        monkeypatch.setattr(loops, "compiled", lambda: None)
-    elif loops.compiled() is None:
-        pytest.skip("the C++ loops are off (RNNREG_NATIVE=0) or could not be built")
+        monkeypatch.setenv(loops.VARIABLE, "python")
+    elif loops.name("cpu") != loops.CPP_LOOP:
+        pytest.skip("the C++ loops are off (RNNREG_ENGINE) or could not be built")
     if request.param.endswith("onednn"):
         if not ONEDNN:
             pytest.skip("this torch build has no oneDNN linear")
@@ -344,11 +347,12 @@ def test_cuda_matches_cpu(mode):
 # --- the compiled loops ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.environ.get("RNNREG_NATIVE") == "0", reason="RNNREG_NATIVE=0")
+@pytest.mark.skipif(loops.requested() != "auto", reason="RNNREG_ENGINE chooses the loops")
 def test_compiled_loops_build_and_run_on_cpu():
     """The C++ loops build here (CI has a compiler) and are what CPU tensors get."""
-    assert loops.compiled() is not None, "the C++ loops failed to build; see the warning"
-    assert loops.engine(torch.empty(1)) is loops.compiled()
+    assert cpp.compiled() is not None, "the C++ loops failed to build; see the warning"
+    assert loops.engine(torch.empty(1)) is cpp.compiled()
+    assert loops.name("cpu") == loops.CPP_LOOP
 
 
 def test_failed_build_falls_back_to_python_with_a_warning(monkeypatch):
@@ -358,37 +362,79 @@ def test_failed_build_falls_back_to_python_with_a_warning(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
-    loops.compiled.cache_clear()
+    monkeypatch.delenv(loops.VARIABLE, raising=False)
+    cpp.compiled.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
-            assert loops.compiled() is None
+            assert cpp.compiled() is None
         assert loops.engine(torch.empty(1)) is loops.PYTHON
+        assert loops.name("cpu") == loops.PYTHON_LOOP
         inputs = make_inputs("LSTM", 3, 2, 2, 3, dtype=torch.float32, mask_kind="fresh")
         ours, _ = run_and_grad(recurrence, "LSTM", inputs, None)
         ref, _ = run_and_grad(reference, "LSTM", inputs, None)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     finally:
-        loops.compiled.cache_clear()
+        cpp.compiled.cache_clear()
 
 
-def test_native_off_by_environment(monkeypatch):
-    monkeypatch.setenv("RNNREG_NATIVE", "0")
-    loops.compiled.cache_clear()
+def test_python_loops_by_environment(monkeypatch):
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert loops.engine(torch.empty(1)) is loops.PYTHON
+    assert loops.name("cpu") == loops.PYTHON_LOOP
+    assert loops.choose("cuda", "python") == (loops.PYTHON_LOOP, loops.PYTHON)
+
+
+@pytest.mark.parametrize("value", ["native", "0", "cuda"])
+def test_unknown_engine_setting_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv(loops.VARIABLE, value)
+    with pytest.raises(ValueError, match=f"RNNREG_ENGINE='{value}' is not a loop engine; "
+                                         "choose one of auto, python, triton"):
+        loops.engine(torch.empty(1))
+    with pytest.raises(ValueError, match="unknown loop engine setting"):
+        loops.choose("cpu", value)
+
+
+def test_cuda_without_triton_runs_the_python_loops_with_one_warning(monkeypatch):
+    """``auto`` on CUDA falls back to the Python loops, saying why; ``triton`` asked for
+    explicitly is an error instead."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
+    monkeypatch.delitem(sys.modules, "rnnreg.nn.loops.triton", raising=False)
+    monkeypatch.delattr(loops, "triton", raising=False)  # imported by an earlier test module
+    loops._warn_no_triton.cache_clear()
     try:
-        assert loops.compiled() is None
-        assert loops.engine(torch.empty(1)) is loops.PYTHON
+        with pytest.warns(RuntimeWarning, match="Python loops on CUDA tensors: Triton is not "
+                                                "importable"):
+            assert loops.choose("cuda", "auto") == (loops.PYTHON_LOOP, loops.PYTHON)
+        with pytest.raises(ImportError, match="Triton loops need Triton"):
+            loops.choose("cuda", "triton")
     finally:
-        loops.compiled.cache_clear()
+        loops._warn_no_triton.cache_clear()
+
+
+@pytest.mark.slow
+def test_import_rnnreg_does_not_import_triton():
+    """Triton is the CUDA engine's dependency only: importing rnnreg (layers, loops) leaves it
+    alone, so rnnreg imports without it and stays light."""
+    code = ("import sys, rnnreg, rnnreg.nn.layers, rnnreg.nn.loops; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert 'rnnreg.nn.loops.triton' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ,
+                                                                   loops.VARIABLE: "auto"})
+
+
+def test_engine_setting_is_read_from_the_environment_given():
+    assert loops.requested({}) == "auto"
+    assert loops.requested({loops.VARIABLE: " Python "}) == "python"
+    assert loops.requested({loops.VARIABLE: "triton"}) == "triton"
 
 
 # --- the compiled loops as registered ops ------------------------------------------------------
 
 
 def _native():
-    native = loops.compiled()
+    native = cpp.compiled()
     if native is None:
-        pytest.skip("the C++ loops are off (RNNREG_NATIVE=0) or could not be built")
+        pytest.skip("the C++ loops could not be built")
     return native
 
 
@@ -433,9 +479,9 @@ def test_ops_check_their_inputs(changes, message):
 
 def _first_use(monkeypatch, engine_factory):
     """compiled() from scratch with ``engine_factory`` in place of the real ops' engine."""
-    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
-    monkeypatch.setattr(loops, "_native_engine", engine_factory)
-    loops.compiled.cache_clear()
+    monkeypatch.delenv(loops.VARIABLE, raising=False)
+    monkeypatch.setattr(cpp, "_native_engine", engine_factory)
+    cpp.compiled.cache_clear()
 
 
 @pytest.mark.parametrize("fault", ["wrong_result", "schema"])
@@ -443,7 +489,7 @@ def test_first_use_check_falls_back_to_python(monkeypatch, fault):
     """Ops that disagree with their twins, or whose schema changed under the caller, leave
     the Python loops with a warning instead of wrong gradients or a failure in training."""
     _native()
-    real = loops._native_engine
+    real = cpp._native_engine
 
     def faulty():
         native = real()
@@ -465,10 +511,10 @@ def test_first_use_check_falls_back_to_python(monkeypatch, fault):
     _first_use(monkeypatch, faulty)
     try:
         with pytest.warns(RuntimeWarning, match="first-use check"):
-            assert loops.compiled() is None
+            assert cpp.compiled() is None
         assert loops.engine(torch.empty(1)) is loops.PYTHON
     finally:
-        loops.compiled.cache_clear()
+        cpp.compiled.cache_clear()
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN linear")
@@ -491,32 +537,17 @@ def test_changed_onednn_op_turns_onednn_off(monkeypatch):
         products.onednn_works.cache_clear()
 
 
-def test_no_registered_check_leaves_the_python_loops(monkeypatch):
-    """The check lives beside recurrence(), which registers it with the loops; were none
-    registered, the C++ loops would not be handed out unchecked: Python runs, with the warning."""
-    _native()
-    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
-    monkeypatch.setattr(loops, "_first_use_check", None)
-    loops.compiled.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="first-use check.*no first-use check"):
-            assert loops.compiled() is None
-        assert loops.engine(torch.empty(1)) is loops.PYTHON
-    finally:
-        loops.compiled.cache_clear()
-
-
 def test_first_use_inside_inference_mode_keeps_the_compiled_loops(monkeypatch):
     """The first call may come from an evaluation under inference_mode (or from inside an
     autograd Function's forward): the check still runs, and passes."""
     _native()
-    monkeypatch.delenv("RNNREG_NATIVE", raising=False)
-    loops.compiled.cache_clear()
+    monkeypatch.delenv(loops.VARIABLE, raising=False)
+    cpp.compiled.cache_clear()
     try:
         with torch.inference_mode():
-            assert loops.compiled() is not None
+            assert cpp.compiled() is not None
     finally:
-        loops.compiled.cache_clear()
+        cpp.compiled.cache_clear()
 
 
 @pytest.mark.parametrize("name", sorted(vars(loops.PYTHON)))

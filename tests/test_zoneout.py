@@ -31,9 +31,9 @@ LENGTHS = torch.tensor([6, 2, 4])  # unequal and unsorted
 def engine(request, monkeypatch):
     """Run the test on the Python loops and on the compiled ones."""
     if request.param == "python":
-        monkeypatch.setattr(loops, "compiled", lambda: None)
-    elif loops.compiled() is None:
-        pytest.skip("the C++ loops are off (RNNREG_NATIVE=0) or could not be built")
+        monkeypatch.setenv(loops.VARIABLE, "python")
+    elif loops.name("cpu") != loops.CPP_LOOP:
+        pytest.skip("the C++ loops are off (RNNREG_ENGINE) or could not be built")
     return request.param
 
 
@@ -382,8 +382,8 @@ def test_torch_compile_traces_the_loops_in_one_graph(cell):
     hand-written backward, without a graph break (fullgraph=True raises on one), and computes
     what eager mode does. Dynamo refuses torch.nn.LSTM subclasses unless allow_rnn is set.
     Explicit masks and eval-mode zoneout keep both runs deterministic."""
-    if loops.compiled() is None:
-        pytest.skip("the C++ loops are off (RNNREG_NATIVE=0) or could not be built")
+    if loops.name("cpu") != loops.CPP_LOOP:
+        pytest.skip("the C++ loops are off (RNNREG_ENGINE) or could not be built")
     module = build(cell, dtype=torch.float32, recurrent_dropout=0.3, **zoneout_rates(cell))
     x = torch.randn(T, B, F_IN, requires_grad=True)
     masks = module.sample_masks(T, B)
@@ -413,8 +413,8 @@ def test_torch_compile_traces_the_loops_in_one_graph(cell):
 def test_zoneout_runs_the_own_loop_in_training_and_evaluation(training):
     """The routing function names the engine zoneout needs: its expectation in evaluation is
     not torch's kernel either (``z * previous + (1 - z) * new``)."""
-    from rnnreg.nn.layers import FUSED, OWN_LOOP, engine_for
+    from rnnreg.nn.layers import FUSED, engine_for
 
     layer = rnnreg.LSTM(3, 4, zoneout_hidden=0.1).train(training)
-    assert engine_for(layer) == OWN_LOOP
+    assert engine_for(layer) == loops.name("cpu")
     assert engine_for(rnnreg.LSTM(3, 4).train(training)) == FUSED

@@ -1,7 +1,9 @@
 """Which engine runs one layer's recurrence, and how each engine is called.
 
 A layer's recurrence runs on torch's fused kernel (:data:`FUSED`: cuDNN on GPU, oneDNN on CPU)
-or on rnnreg's own loop (:data:`OWN_LOOP`, ``rnnreg.nn.recurrence``). The fused kernels take
+or on rnnreg's own loop (``rnnreg.nn.recurrence``), whose per-step loops have three engines
+(``rnnreg.nn.loops``: :data:`CPP_LOOP`, :data:`TRITON_GRAPHS` or :data:`TRITON_LOOP`,
+:data:`PYTHON_LOOP`). The fused kernels take
 weights and states, nothing per row inside the loop, so a mask that is the same for every row
 and step of a call is folded into the weights for that call (:func:`call_weights`) and keeps
 the fused kernel; a mask that differs by row on h(t-1), and zoneout, need the own loop.
@@ -15,15 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnreg.nn import layout
+from rnnreg.nn import layout, loops
+from rnnreg.nn.loops import CPP_LOOP, PYTHON_LOOP, TRITON_GRAPHS, TRITON_LOOP
 from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.recurrence import recurrence
 
-__all__ = ["FUSED", "OWN_LOOP", "call_weights", "engine_for", "fused_layer", "layer_zoneout",
-           "own_loop_layer", "per_row"]
+__all__ = ["CPP_LOOP", "FUSED", "PYTHON_LOOP", "TRITON_GRAPHS", "TRITON_LOOP", "call_weights",
+           "engine_for", "fused_layer", "layer_zoneout", "needs_own_loop", "own_loop_layer",
+           "per_row"]
 
-# The two engines a layer's recurrence can run on (engine_for).
-FUSED, OWN_LOOP = "fused", "own loop"
+# torch's fused kernel (cuDNN on GPU, oneDNN on CPU), as engine_for names it; the own loop's
+# engines are named by rnnreg.nn.loops.
+FUSED = "fused"
 
 _KERNELS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh,
             "RNN_RELU": torch.rnn_relu}
@@ -31,8 +36,23 @@ _KERNELS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh,
 
 def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
                layer: int | None = None) -> str:
-    """The engine that runs the recurrence: :data:`FUSED` (torch's kernel: cuDNN on GPU, oneDNN
-    on CPU) or :data:`OWN_LOOP` (:func:`rnnreg.nn.recurrence.recurrence`).
+    """The engine that will run the recurrence: :data:`FUSED` (torch's kernel: cuDNN on GPU,
+    oneDNN on CPU) where :func:`needs_own_loop` does not hold, else the own loop's engine for
+    the module's device and the ``RNNREG_ENGINE`` setting (:func:`rnnreg.nn.loops.name`):
+    :data:`CPP_LOOP`, :data:`TRITON_GRAPHS`, :data:`TRITON_LOOP` or :data:`PYTHON_LOOP`.
+
+    ``masks``, ``layer``: as for :func:`needs_own_loop`.
+    """
+    if not needs_own_loop(module, masks, layer=layer):
+        return FUSED
+    weight = next(module.parameters())
+    return loops.name(weight.device, weight.dtype)
+
+
+def needs_own_loop(module: nn.Module, masks: DropoutMasks | None = None, *,
+                   layer: int | None = None) -> bool:
+    """Whether the recurrence needs rnnreg's own loop (:func:`rnnreg.nn.recurrence.recurrence`)
+    rather than torch's fused kernel.
 
     torch's kernels take weights and states, nothing per row inside the loop, so a mask may stay
     on them only when it is the same for every row and step of the call: then it is folded into
@@ -58,12 +78,11 @@ def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
     """
     if masks is None:
         if not module.training:  # evaluation: no dropout, zoneout at its expectation
-            return OWN_LOOP if module.zoneout_hidden > 0 or module.zoneout_cell > 0 else FUSED
+            return module.zoneout_hidden > 0 or module.zoneout_cell > 0
         masks = module.sample_masks(1, 2)  # two rows tell a per-row mask from a shared one
     layers = range(len(masks.recurrent)) if layer is None else (layer,)
-    own = any(per_row(masks.recurrent[k]) or layer_zoneout(masks, k) is not None
-              for k in layers)
-    return OWN_LOOP if own else FUSED
+    return any(per_row(masks.recurrent[k]) or layer_zoneout(masks, k) is not None
+               for k in layers)
 
 
 def layer_zoneout(masks: DropoutMasks, layer: int):

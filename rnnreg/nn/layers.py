@@ -52,12 +52,16 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnreg.nn import layout
 from rnnreg.nn.engines import (
+    CPP_LOOP,
     FUSED,
-    OWN_LOOP,
+    PYTHON_LOOP,
+    TRITON_GRAPHS,
+    TRITON_LOOP,
     call_weights,
     engine_for,
     fused_layer,
     layer_zoneout,
+    needs_own_loop,
     own_loop_layer,
     per_row,
 )
@@ -72,9 +76,10 @@ from rnnreg.nn.functional import (
 from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
 from rnnreg.nn.strategies import check_recurrent_mask
 
-# FUSED, OWN_LOOP, engine_for (rnnreg.nn.engines) and DropoutMasks (rnnreg.nn.masks) are named
-# here too: this is where users, the README and the tests have found them.
-__all__ = ["FUSED", "GRU", "LAYERS", "LSTM", "OWN_LOOP", "RNN", "DropoutMasks", "engine_for"]
+# The engines' names and engine_for (rnnreg.nn.engines) and DropoutMasks (rnnreg.nn.masks) are
+# named here too: this is where users, the README and the tests have found them.
+__all__ = ["CPP_LOOP", "FUSED", "GRU", "LAYERS", "LSTM", "PYTHON_LOOP", "RNN", "TRITON_GRAPHS",
+           "TRITON_LOOP", "DropoutMasks", "engine_for", "needs_own_loop"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -225,7 +230,7 @@ class _RegularizedRecurrence:
             row_mask = row_mask.expand(-1, -1, x.size(1), -1)
         weights = call_weights(self.all_weights[rows], masks.weight[layer],
                                None if row_mask is not None else recurrent)
-        if engine_for(self, masks, layer=layer) == FUSED:
+        if not needs_own_loop(self, masks, layer=layer):
             return fused_layer(self, x, lengths, layer_states, weights)
         return own_loop_layer(self, x, lengths, layer_states, weights, row_mask,
                               layer_zoneout(masks, layer))

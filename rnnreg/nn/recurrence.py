@@ -16,11 +16,10 @@ Speed comes from doing by hand what plain autograd would do step by step:
   so the loop is a recurrent matrix product plus two to five elementwise kernels per step.
 * dW_hh = sum_t dgates(t)^T h_in(t) is ONE product over all ``T*B`` rows after the loop instead
   of ``T`` small products each accumulated into a ``(G*H, H)`` gradient.
-* The loops themselves (``rnnreg.nn.loops``) run compiled on CPU, and the products go to oneDNN,
-  the library behind torch's own CPU LSTM, at the widths where it is faster than ``torch.mm``
-  (``rnnreg.nn.products``). The check of the compiled loops against the Python ones on first
-  use is here, since it runs :func:`recurrence` on both; this module registers it with the
-  loops (``rnnreg.nn.loops.check_on_first_use``), which do not import it back.
+* The loops themselves (``rnnreg.nn.loops``) run compiled C++ on CPU and cuBLAS products with
+  fused Triton kernels, replayed as CUDA graphs, on GPU; on CPU the products go to oneDNN, the
+  library behind torch's own CPU LSTM, at the widths where it is faster than ``torch.mm``
+  (``rnnreg.nn.products``).
 
 Double backward is not supported (the backward is ``once_differentiable``).
 """
@@ -31,8 +30,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rnnreg.nn import loops, products
+from rnnreg.nn.loops.python import stop_at_lengths
 from rnnreg.nn.products import project
-from rnnreg.nn.python_loops import PYTHON, stop_at_lengths
 
 __all__ = ["recurrence"]
 
@@ -358,41 +357,3 @@ def _mask_grad(ctx, index, d_hin, hs, mask):
     if mask is None or not ctx.needs_input_grad[index]:
         return None
     return (d_hin * hs[:-1]).sum_to_size(mask.shape)
-
-
-def _self_test(native):
-    """The compiled loops' first-use check (``rnnreg.nn.loops.compiled``): run every loop of
-    ``native`` and of the Python twins on tiny inputs (masks, lengths, zoneout; with oneDNN's
-    products where they work) and raise if any result differs."""
-    gen = torch.Generator().manual_seed(0)
-    steps, batch, features, hidden = 3, 2, 2, 3
-    lengths = torch.tensor([3, 1])
-    for mode, gates in (("LSTM", 4), ("GRU", 3), ("RNN_TANH", 1), ("RNN_RELU", 1)):
-        weights = [torch.randn(shape, generator=gen) * 0.5 for shape in (
-            (gates * hidden, features), (gates * hidden, hidden), (gates * hidden,),
-            (gates * hidden,))]
-        mask = (torch.rand(steps, batch, hidden, generator=gen) > 0.3).float() / 0.7
-        zone = (torch.rand(1, batch, hidden, generator=gen) > 0.5).float()
-        zoneout = (zone, zone.flip(2) if mode == "LSTM" else None)
-        for case_mask, case_lengths, case_zone in ((None, None, None), (mask, lengths, None),
-                                                   (mask, lengths, zoneout)):
-            x = torch.randn(steps, batch, features, generator=gen)
-            state = [torch.randn(batch, hidden, generator=gen)
-                     for _ in range(2 if mode == "LSTM" else 1)]
-            for onednn in (False, True) if products.onednn_works() else (False,):
-                results = []
-                for candidate in (native, PYTHON):
-                    with loops.running(candidate, onednn):
-                        leaves = [t.clone().requires_grad_() for t in (x, *state, *weights)]
-                        out, final = recurrence(mode, leaves[0], leaves[1:1 + len(state)],
-                                                *leaves[1 + len(state):], case_mask,
-                                                case_lengths, case_zone)
-                        loss = out.sum() + sum((s * s).sum() for s in final)
-                        results.append([out, *final, *torch.autograd.grad(loss, leaves)])
-                for ours, twin in zip(*results):
-                    if not torch.allclose(ours, twin, rtol=1e-4, atol=1e-5):
-                        raise RuntimeError(f"{mode} loops differ from the Python twin "
-                                           f"(oneDNN {'on' if onednn else 'off'})")
-
-
-loops.check_on_first_use(_self_test)

@@ -340,12 +340,13 @@ def _seeded_model(config: Config, vocab_size: int, world: World,
 
 
 def _build_loops(config: Config, device: torch.device) -> None:
-    """Build rnnreg's compiled loops now, if this run uses them, so that their first build
-    (tens of seconds, once per machine) is not counted as training time."""
+    """Choose the own recurrence's engine now, if this run may use it, so that its set-up (the
+    C++ build on a CPU, tens of seconds once per machine; importing Triton on a GPU) is not
+    counted as training time."""
     options = config.layer_options()
     inside = ("recurrent_dropout", "weight_dropout", "zoneout_hidden", "zoneout_cell")
-    if device.type == "cpu" and any(options.get(name) for name in inside):
-        loops.compiled()
+    if any(options.get(name) for name in inside):
+        loops.choose(device, loops.requested())
 
 
 def _fraction_done(config: Config, progress: Progress, rows: int) -> float:

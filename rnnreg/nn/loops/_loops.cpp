@@ -1,4 +1,4 @@
-// rnnreg's per-step loops in C++, twins of the Python loops in python_loops.py without the
+// rnnreg's per-step loops in C++, twins of the Python loops in python.py without the
 // interpreter between the calls. At the paper's small shape a step is a 20x200 by 200x800
 // product and a handful of elementwise kernels of a few microseconds each, so the
 // interpreter's few microseconds per call were a third of the loop's time. The GRU and Elman
@@ -9,7 +9,7 @@
 // the same order as the Python loop it replaces; the equations are documented there.
 //
 // The loops are registered as operators of the namespace ``rnnreg`` (TORCH_LIBRARY at the end),
-// with schemas whose argument names are those of the Python twins, so loops.py calls them by
+// with schemas whose argument names are those of the Python twins, so cpp.py calls them by
 // keyword (torch.ops.rnnreg.lstm_forward(projected=..., ...)). Each checks the dtype, shape and
 // contiguity of what it reads or writes through raw pointers before touching memory: a caller's
 // mistake is then one clear error, not a wrong result or a crash.
@@ -125,7 +125,7 @@ Tensor masked_state(const Tensor& h, const OptTensor& mask, const OptTensor& h_i
   return at::mul_out(row, h, mask_at(mask, t));
 }
 
-// dL/dh(t-1) from step t (python_loops.py's _previous): through the masked product, plus the
+// dL/dh(t-1) from step t (python.py's _previous): through the masked product, plus the
 // gradient of output t-1, plus dh copied through a frozen state where the sequence has ended.
 Tensor previous(const Tensor& d_out, const Tensor& d_hin, const OptTensor& mask, int64_t t,
                 const Tensor& dh, const OptTensor& passthrough, OptTensor out) {
@@ -628,7 +628,7 @@ Tensor elman_backward(const Tensor& d_out, const Tensor& d_h, const Tensor& slop
 
 }  // namespace
 
-// Schemas: argument names are the Python twins' (python_loops.py), buffers the loops fill are
+// Schemas: argument names are the Python twins' (python.py), buffers the loops fill are
 // marked mutable (a!), and the backward loops return fresh (B, H) tensors: dL/dh0 (and
 // dL/dc0), or, when need_first is false, ones the caller ignores. ``packed`` is oneDNN's
 // blocked W_hh or None.

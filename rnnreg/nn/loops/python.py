@@ -1,11 +1,12 @@
-"""The per-step loops of rnnreg's own recurrence, in Python: the twins of ``_loops.cpp``.
+"""The per-step loops of rnnreg's own recurrence, in Python: the twins of the C++ and Triton ones.
 
 ``rnnreg.nn.recurrence`` prepares everything that does not depend on the previous step; what
 is left is a loop over time of one recurrent product and a few elementwise kernels, written
-here (equations in ``rnnreg.nn.recurrence``) and, with the same signatures, in C++. These run
-on GPUs, where the C++ build is unavailable, or with ``RNNREG_NATIVE=0``; they are also the
-reference the compiled loops are checked against on first use. Which of the two runs is
-``rnnreg.nn.loops``' choice; this module holds only the loops themselves.
+here (equations in ``rnnreg.nn.recurrence``) and, with the same signatures, in C++
+(``_loops.cpp``) and Triton (``rnnreg.nn.loops.triton``). These run where neither of the others
+can, or with ``RNNREG_ENGINE=python``; they are also the reference the other engines are
+checked against. Which engine runs is ``rnnreg.nn.loops``' choice; this module holds only the
+loops themselves.
 """
 
 from __future__ import annotations

@@ -1,0 +1,140 @@
+"""The C++ loops of rnnreg's own recurrence (``_loops.cpp``): built, loaded and checked.
+
+The C++ loops make the same ATen calls as their Python twins (``rnnreg.nn.loops.python``), plus
+one fused pass for the LSTM's plain gate arithmetic, without the Python interpreter between the
+small kernels of each step. They are compiled with torch's extension builder on first use and
+cached, and registered as operators ``torch.ops.rnnreg.*`` with schemas whose argument names are
+the Python twins' parameter names; they are called by keyword and check their inputs. On first
+use every loop is compared with its Python twin on tiny inputs
+(:func:`rnnreg.nn.loops.check.agrees_with_python`); any build, schema or result mismatch leaves
+the Python loops, with a warning, rather than failing (or computing wrong gradients) later in
+training. oneDNN's private linear ops get the same check (``rnnreg.nn.products``). Whether these
+loops run at all is ``rnnreg.nn.loops``' choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+from rnnreg.nn.loops.check import agrees_with_python
+from rnnreg.nn.loops.python import PYTHON
+
+__all__ = ["answered", "compiled"]
+
+_SOURCE = Path(__file__).with_name("_loops.cpp")
+# The build is named after its source's hash: checkouts of different versions on one machine
+# (a user's two virtual environments, CI beside a working copy) keep one cached build each,
+# instead of rebuilding over each other's every time either loads.
+_NAME = "rnnreg_loops_" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+
+
+@functools.cache
+def compiled():
+    """The C++ loops, built once per machine (under a minute here) and cached by torch, as an
+    engine calling the ops ``torch.ops.rnnreg.*`` by keyword.
+
+    None when the build fails (no C++ compiler, no headers), or when the ops do not match their
+    Python twins on a first tiny run (a schema that changed, a oneDNN op the C++ calls that
+    changed): then the Python loops run, with the same results, slower.
+    """
+    native = _build_and_check()
+    _answer[:] = [native]
+    return native
+
+
+def answered():
+    """What :func:`compiled` last returned, without building (None before its first call):
+    for torch.compile, which must not trace the build and cannot read the cache's state."""
+    return _answer[0] if _answer else None
+
+
+_answer: list = []
+
+
+def _build_and_check():
+    from torch.utils import cpp_extension
+
+    if not _already_built(cpp_extension):
+        print("rnnreg: compiling its C++ recurrence loops (once per machine, under a minute)",
+              file=sys.stderr, flush=True)
+    try:
+        # Loads the library into the process, which registers the ops (once: loading the same
+        # file again is a no-op).
+        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+        _register_fakes()
+        native = _native_engine()
+    except Exception as error:  # any build failure leaves the Python loops, which always work
+        warnings.warn(f"rnnreg could not compile its C++ loops, so its own recurrence runs "
+                      f"the slower Python loops ({type(error).__name__}: {error}). Set "
+                      "RNNREG_ENGINE=python to skip the attempt.", RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        # First use may come inside an autograd Function's forward, under no_grad or
+        # inference_mode, or under autocast: the check needs plain float32.
+        with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
+            agrees_with_python(native, torch.device("cpu"))
+    except Exception as error:  # a schema, dispatch or numerical mismatch
+        warnings.warn(f"rnnreg's C++ loops failed their first-use check against the Python "
+                      f"loops, so its own recurrence runs the Python loops "
+                      f"({type(error).__name__}: {error})", RuntimeWarning, stacklevel=2)
+        return None
+    return native
+
+
+@functools.cache
+def _register_fakes():
+    """Fake (meta) kernels, so that torch.compile can trace the ops without running them: the
+    forward loops only fill their buffers, the backward loops return fresh ``(B, H)``s."""
+    def fills_buffers(*args, **kwargs):
+        return None
+
+    for name in ("lstm_forward", "gru_forward", "elman_forward"):
+        torch.library.register_fake(f"rnnreg::{name}", fills_buffers)
+
+    @torch.library.register_fake("rnnreg::lstm_backward")
+    def _(d_out, d_h, d_c, *args):
+        return torch.empty_like(d_h, memory_format=torch.contiguous_format), torch.empty_like(
+            d_c, memory_format=torch.contiguous_format)
+
+    for name in ("gru_backward", "elman_backward"):
+        torch.library.register_fake(
+            f"rnnreg::{name}",
+            lambda d_out, d_h, *args: torch.empty_like(d_h, memory_format=torch.contiguous_format))
+
+
+def _native_engine():
+    """The ops as an engine with the Python twins' signatures, each called by keyword."""
+    return types.SimpleNamespace(**{name: _by_keyword(getattr(PYTHON, name), name)
+                                    for name in vars(PYTHON)})
+
+
+def _by_keyword(twin, name):
+    op = getattr(torch.ops.rnnreg, name)
+    names = tuple(inspect.signature(twin).parameters)
+
+    def call(*args):
+        arguments = dict(zip(names, args, strict=True))
+        result = op(**arguments)
+        if arguments.get("need_first") is False:  # the twins return None(s) there
+            return (None, None) if isinstance(result, tuple | list) else None
+        return result
+
+    call.__name__ = name
+    return call
+
+
+def _already_built(cpp_extension):
+    """Whether torch's extension cache holds a build (only decides whether to announce one)."""
+    try:
+        directory = Path(cpp_extension._get_build_directory(_NAME, verbose=False))
+    except Exception:  # a private helper: if it moves, skip the announcement, not the build
+        return True
+    return any(directory.glob(f"{_NAME}*.so"))

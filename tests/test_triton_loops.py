@@ -1,0 +1,210 @@
+"""The Triton loops (rnnreg.nn.loops.triton) in Triton's interpreter, on CPU tensors.
+
+The kernels are the GPU engine's; the interpreter runs them on CPU tensors, so their arithmetic
+is tested on every machine: against the Python twins (every mode; masks ``(T, B, H)`` and
+``(1, B, H)``, lengths, zoneout in training and its expectation in evaluation; outputs, final
+states and the gradients of every input) and, with no mask, against torch.nn with the same
+weights (both directions, lengths). The interpreter must be on before Triton compiles the
+kernels, so this module imports them with ``TRITON_INTERPRET=1`` and restores the environment;
+on a machine with CUDA it skips, since tests/test_cuda.py runs the same cases compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from triton_cases import (
+    CASES,
+    assert_tracks_float32,
+    own_loop_vs_torch,
+    recurrence_inputs,
+    run_recurrence,
+)
+
+from rnnreg.nn import loops
+from rnnreg.nn.recurrence import recurrence
+
+pytest.importorskip("triton")
+if torch.cuda.is_available():
+    pytest.skip("a CUDA device is here: tests/test_cuda.py runs the Triton loops compiled",
+                allow_module_level=True)
+
+
+def _import_interpreted():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from rnnreg.nn.loops import triton as triton_loops
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return triton_loops
+
+
+triton_loops = _import_interpreted()
+if not triton_loops.interpreted():
+    pytest.skip("the Triton loops were imported compiled before this module",
+                allow_module_level=True)
+
+MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def on(engine, monkeypatch):
+    monkeypatch.setenv(loops.VARIABLE, engine)
+
+
+def assert_all_close(ours, theirs, **tol):
+    assert len(ours) == len(theirs)
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(a, b, **(tol or TOL), msg=lambda m, k=k: f"result {k}: {m}")
+
+
+def test_triton_setting_runs_the_interpreted_loops_on_cpu(monkeypatch):
+    on("triton", monkeypatch)
+    assert loops.engine(torch.empty(1)) is triton_loops.LOOPS
+    assert loops.name("cpu") == loops.TRITON_LOOP  # no graphs in the interpreter
+    assert not triton_loops.GRAPHS.usable("cpu")
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    on("triton", monkeypatch)
+    monkeypatch.setattr(triton_loops, "interpreted", lambda: False)  # as if compiled
+    with pytest.raises(RuntimeError, match="run on cpu tensors only in Triton's interpreter: "
+                                           "set TRITON_INTERPRET=1"):
+        loops.engine(torch.empty(1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_the_python_twins(mode, case, monkeypatch):
+    leaves, constants = recurrence_inputs(mode, 4, 3, 2, 5, **CASES[case])
+    on("triton", monkeypatch)
+    ours = run_recurrence(mode, leaves, constants)
+    on("python", monkeypatch)
+    assert_all_close(ours, run_recurrence(mode, leaves, constants))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_odd_sizes_match_the_python_twins(mode, monkeypatch):
+    """37 units (not a multiple of any block) and a batch of one."""
+    leaves, constants = recurrence_inputs(mode, 3, 1, 3, 37, mask="fresh", zoneout="train")
+    on("triton", monkeypatch)
+    ours = run_recurrence(mode, leaves, constants)
+    on("python", monkeypatch)
+    assert_all_close(ours, run_recurrence(mode, leaves, constants))
+
+
+@pytest.mark.parametrize("bidirectional, lengths", [(False, False), (True, True)],
+                         ids=["forward", "bidirectional+lengths"])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_torch_nn_without_masks(mode, bidirectional, lengths, monkeypatch):
+    on("triton", monkeypatch)
+    ours, theirs = own_loop_vs_torch(mode, 4, 3, 2, 5, bidirectional=bidirectional,
+                                     lengths=lengths)
+    assert_all_close(ours, theirs)
+
+
+def test_loops_agree_with_python_on_their_own_arguments():
+    """The engine-level check the C++ loops pass on first use holds for the Triton loops."""
+    from rnnreg.nn.loops.check import agrees_with_python
+
+    agrees_with_python(triton_loops.LOOPS, torch.device("cpu"))
+
+
+def test_initial_state_gradient_can_be_skipped(monkeypatch):
+    """Without a gradient for the initial state (or mask) the backward loop stops before the
+    first step's product, as the twins do; the other gradients are unchanged."""
+    leaves, constants = recurrence_inputs("LSTM", 3, 2, 2, 4, mask=None)
+    for s in leaves["state"]:
+        s.requires_grad_(False)
+    on("triton", monkeypatch)
+    ours = run_recurrence("LSTM", leaves, constants)
+    on("python", monkeypatch)
+    assert_all_close(ours, run_recurrence("LSTM", leaves, constants))
+
+
+def test_float64_runs_the_python_loop_where_triton_would(monkeypatch):
+    """The kernels compute in float32: float64 keeps its precision on the Python twins."""
+    on("triton", monkeypatch)
+    assert loops.engine(torch.empty(1, dtype=torch.float64)) is loops.PYTHON
+    assert loops.name("cpu", torch.float64) == loops.PYTHON_LOOP
+    assert loops.choose("cuda", "auto", torch.float64) == (loops.PYTHON_LOOP, loops.PYTHON)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["LSTM", "RNN_RELU"])
+def test_under_autocast_track_float32(mode, dtype, monkeypatch):
+    """The kernels' low-precision path (buffers in the autocast dtype, float32 inside): within
+    that dtype's accuracy of the float32 run."""
+    on("triton", monkeypatch)
+    leaves, constants = recurrence_inputs(mode, 8, 4, 16, 32, scale=0.2, **CASES["fresh+lengths"])
+    full = run_recurrence(mode, leaves, constants)
+    with torch.autocast("cpu", dtype=dtype):
+        low = run_recurrence(mode, leaves, constants)
+    assert low[0].dtype == dtype
+    assert_tracks_float32(mode, low, full, dtype)
+
+
+def _rerun(run):
+    """A CPU stand-in for a CUDA graph: a replay runs the loop again on the same static
+    arguments and refreshes the recorded result's tensors in place, as a graph replay does."""
+    result = run()
+
+    def replay():
+        fresh = run()
+        pairs = zip(result, fresh) if isinstance(result, tuple) else [(result, fresh)]
+        for old, new in pairs:
+            if old is not None:
+                old.copy_(new)
+
+    return replay, result
+
+
+def _stand_in_graphs(monkeypatch):
+    """A fresh graph cache that records with :func:`_rerun`, on CPU tensors."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(cache, "usable", lambda device: True)
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    monkeypatch.setattr(triton_loops, "_cuda_graph", _rerun)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return cache
+
+
+@pytest.mark.parametrize("case", ["plain", "fresh+lengths+zoneout", "zoneout-eval+lengths"])
+@pytest.mark.parametrize("mode", MODES)
+def test_replays_copy_inputs_in_and_results_out(mode, case, monkeypatch):
+    """The graph cache's bookkeeping, with a stand-in for the capture: the first call at a
+    shape launches plainly, the second records and replays, a third with other values replays,
+    and all equal the Python twins (every input copied into the static arguments, every filled
+    buffer and result out)."""
+    cache = _stand_in_graphs(monkeypatch)
+    for seed, captures in ((0, 0), (1, 2), (2, 2)):
+        leaves, constants = recurrence_inputs(mode, 4, 3, 2, 5, seed=seed, **CASES[case])
+        on("triton", monkeypatch)
+        ours = run_recurrence(mode, leaves, constants)
+        assert cache.captures == captures  # the forward and the backward loop, once
+        on("python", monkeypatch)
+        assert_all_close(ours, run_recurrence(mode, leaves, constants))
+
+
+def test_a_loop_recorded_under_inference_mode_replays_in_training(monkeypatch):
+    """Evaluation under inference_mode may record a shape first; training then replays it."""
+    cache = _stand_in_graphs(monkeypatch)
+    on("triton", monkeypatch)
+    leaves, constants = recurrence_inputs("LSTM", 4, 3, 2, 5, mask="sequence")
+    with torch.inference_mode():
+        for _ in range(2):  # plain, then recorded
+            evaluated = recurrence("LSTM", leaves["x"], leaves["state"], *leaves["weights"],
+                                   leaves["mask"], None, None)[0]
+    assert cache.captures == 1
+    ours = run_recurrence("LSTM", leaves, constants)  # the forward replays
+    assert cache.captures == 1
+    on("python", monkeypatch)
+    theirs = run_recurrence("LSTM", leaves, constants)
+    assert_all_close(ours, theirs)
+    assert_all_close([evaluated.clone()], [theirs[0]])
