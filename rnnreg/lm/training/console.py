@@ -92,7 +92,7 @@ def stopped_line(progress: Progress, rows: int, run_path: Path) -> str:
 
 def finished_line(progress: Progress, run_path: Path) -> str:
     """What a rerun of a finished run says before it scores the run again."""
-    return (f"{run_path.resolve()} holds a finished run ({where(progress.__dict__)}): scoring "
+    return (f"{run_path.resolve()} holds a finished run ({where(progress)}): scoring "
             "it again; raise --epochs or --max-train-minutes to train on, or choose another "
             "--out for a new run")
 
