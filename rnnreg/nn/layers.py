@@ -24,8 +24,8 @@ row and step of a call is a weight for that call: weight drop runs the fused ker
 ``weight_hh * mask``, and so does a batch-shared recurrent mask. Only a mask that differs from
 row to row on h(t-1), and zoneout, need rnnreg's own loop, which does all input projections in
 one matrix product and only the recurrent product and gate arithmetic per step.
-:func:`rnnreg.nn.engines.engine_for` is where that is decided, and its table says which setting
-runs where.
+:func:`rnnreg.nn.engines.engine_for` names the engine, and the table of
+:func:`rnnreg.nn.engines.needs_own_loop` says which placement runs where.
 
 Per-row against batch-shared recurrent masks. Gal & Ghahramani (2016, section 3) draw the mask on
 h(t-1) once per sequence: each row of a batch runs the recurrence with its own thinned copy of
