@@ -12,7 +12,7 @@ drifts in machine load hit all three alike:
 One iteration is a forward and a backward pass over a ``(steps, batch, hidden)`` input (the
 input size equals the hidden size, as for a language model whose embedding matches the LSTM);
 tokens = steps * batch. The engine column names where the strategy's recurrence ran
-(``rnnreg.nn.layers.engine_for``): weight drop (``awd``) and the batch-shared recurrent mask
+(``rnnreg.nn.engine_for``): weight drop (``awd``) and the batch-shared recurrent mask
 (``variational_batch``) run on torch's fused kernel, per-sequence recurrent masks on rnnreg's
 own loop. Reported throughput uses the median per-iteration time; a ratio is the
 median over rounds of the per-round time ratio (robust to the machine slowing down), and a ratio
@@ -45,8 +45,7 @@ import torch
 from torch import nn
 
 import rnnreg
-from rnnreg.nn import loops
-from rnnreg.nn.layers import engine_for
+from rnnreg.nn import engine_for, loops
 
 
 @dataclass(frozen=True)

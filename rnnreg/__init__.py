@@ -15,21 +15,12 @@ from __future__ import annotations
 
 import importlib
 
-from rnnreg.nn import (
-    GRU,
-    LSTM,
-    PLACEMENTS,
-    RNN,
-    STRATEGIES,
-    DropoutMasks,
-    EmbeddingDropout,
-    LockedDropout,
-    StackedRNN,
-    Strategy,
-    WeightDrop,
-    functional,
-    strategy,
-)
+from rnnreg.nn import functional
+from rnnreg.nn.dropout import EmbeddingDropout, LockedDropout, WeightDrop
+from rnnreg.nn.layers import GRU, LSTM, RNN
+from rnnreg.nn.masks import DropoutMasks
+from rnnreg.nn.stack import StackedRNN
+from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
 
 __version__ = "0.1.0"
 

@@ -44,8 +44,7 @@ from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
-from rnnreg.nn import loops
-from rnnreg.nn.layers import FUSED, engine_for
+from rnnreg.nn import FUSED, engine_for, loops
 from rnnreg.nn.recurrence import recurrence
 
 DEVICE = torch.device(os.environ.get("RNNREG_CHECK_DEVICE", "cuda"))

@@ -196,7 +196,7 @@ def test_junit_counts_are_summarised(tmp_path):
     assert device_check._junit(tmp_path / "missing.xml") == "no JUnit file written"
 
 
-LAYERS = (
+LAYERS_TABLE = (
     "*caption*\n\n| shape | strategy | engine | tokens/s | ms/iter | vs nn.LSTM(dropout) | "
     "vs hand-rolled Zaremba |\n|---|---|---|---:|---:|---:|---:|\n"
     "| small | zaremba | fused | 9 | 1.0 | 1.01x | 0.99x |\n"
@@ -206,7 +206,7 @@ LAYERS = (
 
 def test_headlines_read_the_tables_by_their_header_and_name_the_engine(tmp_path):
     table = tmp_path / "layers.md"
-    table.write_text(LAYERS)
+    table.write_text(LAYERS_TABLE)
     assert device_check._headline("layers", table) == (
         "zaremba vs nn.LSTM(dropout): small 1.01x (fused); "
         "variational vs nn.LSTM(dropout): small 0.42x (triton), medium 0.55x (own loop)")
@@ -220,7 +220,7 @@ def test_the_summary_records_command_commit_device_rows_and_whole_tables(tmp_pat
     check.machine = {"device": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8,
                      "cpus": 16, "torch": "2.13.0", "torch_cuda": "12.8", "cudnn": 91000,
                      "python": "3.12.1"}
-    (check.out / "layers.md").write_text(LAYERS)
+    (check.out / "layers.md").write_text(LAYERS_TABLE)
     base = {"valid_ppl": 90.0, "test_ppl": 87.5, "train_seconds": 1.0}
     done = _write_run(tmp_path / "a", 3, 3, {"complete": True, "epochs_completed": 3, **base})
     cut = _write_run(tmp_path / "b", 1, 39, None)
@@ -235,7 +235,7 @@ def test_the_summary_records_command_commit_device_rows_and_whole_tables(tmp_pat
     assert "- machine: NVIDIA H200, capability 9.0, 139.8 GiB, 16 CPU cores; torch 2.13.0 " \
            "(CUDA 12.8, cuDNN 91000), Python 3.12.1" in summary
     assert _table(summary)["large"] == ["timed out (stopped)", "10", "61.0", "PARTIAL"]
-    assert LAYERS.strip() in summary  # every column as the benchmark printed it
+    assert LAYERS_TABLE.strip() in summary  # every column as the benchmark printed it
     training = (check.out / "training.md").read_text()
     assert training.strip() in summary
     assert "| medium |  | complete | 3 of 3 | 90.00 | 87.50 | 50,000 |" in training

@@ -42,11 +42,11 @@ import rnnreg.cli as cli
 from rnnreg.lm.config import Config, flag
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
+from rnnreg.lm.rundir.curves import save as save_figure
 from rnnreg.lm.rundir.events import ScalarLog
 from rnnreg.lm.rundir.files import WriteError, atomic_write_text
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
-from rnnreg.study import plots
 
 FLAGS = {"hidden_size": 16, "batch_size": 10, "bptt": 10, "epochs": 2, "init_range": 0.3,
          "eval_bptt": 50, "checkpoint_minutes": 0.0, "checkpoint_steps": 0, "seed": 7,
@@ -315,7 +315,7 @@ def test_a_figure_write_failing_mid_file_leaves_the_previous_figure(tmp_path, mo
     path = tmp_path / "plots" / "curve.png"
     figure = Figure()
     figure.add_subplot().plot([1, 2, 3])
-    plots._save(figure, path)
+    save_figure(figure, path)
     before = path.read_bytes()
     assert before.startswith(b"\x89PNG")
     savefig = Figure.savefig
@@ -328,7 +328,7 @@ def test_a_figure_write_failing_mid_file_leaves_the_previous_figure(tmp_path, mo
 
     monkeypatch.setattr(Figure, "savefig", full)
     with pytest.raises(WriteError, match=r"curve\.png: disk full"):
-        plots._save(figure, path)
+        save_figure(figure, path)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["curve.png"]
 

@@ -20,8 +20,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnreg
-from rnnreg.nn import loops
-from rnnreg.nn.layers import FUSED, engine_for
+from rnnreg.nn import FUSED, engine_for, loops
 
 CELLS = {"LSTM": (rnnreg.LSTM, nn.LSTM, {}), "GRU": (rnnreg.GRU, nn.GRU, {}),
          "RNN": (rnnreg.RNN, nn.RNN, {}),

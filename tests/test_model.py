@@ -12,7 +12,7 @@ import rnnreg
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel, ModelMasks, count_parameters
 from rnnreg.lm.training.loss import summed_loss
-from rnnreg.nn.layers import DropoutMasks
+from rnnreg.nn import DropoutMasks
 
 VOCAB = 23
 

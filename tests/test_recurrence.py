@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnreg.nn import loops, products
 from rnnreg.nn.loops import cpp
+from rnnreg.nn.loops.python import PYTHON
 from rnnreg.nn.recurrence import recurrence
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
@@ -367,7 +368,7 @@ def test_failed_build_falls_back_to_python_with_a_warning(monkeypatch):
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
             assert cpp.compiled() is None
-        assert loops.engine(torch.empty(1)) is loops.PYTHON
+        assert loops.engine(torch.empty(1)) is PYTHON
         assert loops.name("cpu") == loops.PYTHON_LOOP
         inputs = make_inputs("LSTM", 3, 2, 2, 3, dtype=torch.float32, mask_kind="fresh")
         ours, _ = run_and_grad(recurrence, "LSTM", inputs, None)
@@ -379,9 +380,9 @@ def test_failed_build_falls_back_to_python_with_a_warning(monkeypatch):
 
 def test_python_loops_by_environment(monkeypatch):
     monkeypatch.setenv(loops.VARIABLE, "python")
-    assert loops.engine(torch.empty(1)) is loops.PYTHON
+    assert loops.engine(torch.empty(1)) is PYTHON
     assert loops.name("cpu") == loops.PYTHON_LOOP
-    assert loops.choose("cuda", "python") == (loops.PYTHON_LOOP, loops.PYTHON)
+    assert loops.choose("cuda", "python") == (loops.PYTHON_LOOP, PYTHON)
 
 
 @pytest.mark.parametrize("value", ["native", "0", "cuda"])
@@ -404,7 +405,7 @@ def test_cuda_without_triton_runs_the_python_loops_with_one_warning(monkeypatch)
     try:
         with pytest.warns(RuntimeWarning, match="Python loops on CUDA tensors: Triton is not "
                                                 "importable"):
-            assert loops.choose("cuda", "auto") == (loops.PYTHON_LOOP, loops.PYTHON)
+            assert loops.choose("cuda", "auto") == (loops.PYTHON_LOOP, PYTHON)
         with pytest.raises(ImportError, match="Triton loops need Triton"):
             loops.choose("cuda", "triton")
     finally:
@@ -438,7 +439,7 @@ def _native():
     return native
 
 
-@pytest.mark.parametrize("name", sorted(vars(loops.PYTHON)))
+@pytest.mark.parametrize("name", sorted(vars(PYTHON)))
 def test_ops_have_schemas_named_like_the_python_twins(name):
     """Each loop is torch.ops.rnnreg.NAME, whose schema names its arguments exactly as the
     Python twin does: the engine calls it by keyword."""
@@ -447,7 +448,7 @@ def test_ops_have_schemas_named_like_the_python_twins(name):
     _native()
     schema = getattr(torch.ops.rnnreg, name).default._schema
     assert [a.name for a in schema.arguments] == list(
-        inspect.signature(getattr(loops.PYTHON, name)).parameters)
+        inspect.signature(getattr(PYTHON, name)).parameters)
 
 
 def _lstm_forward_args(**changes):
@@ -512,7 +513,7 @@ def test_first_use_check_falls_back_to_python(monkeypatch, fault):
     try:
         with pytest.warns(RuntimeWarning, match="first-use check"):
             assert cpp.compiled() is None
-        assert loops.engine(torch.empty(1)) is loops.PYTHON
+        assert loops.engine(torch.empty(1)) is PYTHON
     finally:
         cpp.compiled.cache_clear()
 
@@ -550,7 +551,7 @@ def test_first_use_inside_inference_mode_keeps_the_compiled_loops(monkeypatch):
         cpp.compiled.cache_clear()
 
 
-@pytest.mark.parametrize("name", sorted(vars(loops.PYTHON)))
+@pytest.mark.parametrize("name", sorted(vars(PYTHON)))
 def test_every_op_refuses_non_float_input(name):
     """Integer tensors in every tensor argument: one clear error, before any memory is read."""
     _native()

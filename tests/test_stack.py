@@ -23,7 +23,7 @@ from rnnreg.lm.model import LanguageModel, count_parameters, detach_state, map_s
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.training.loop import train
-from rnnreg.nn.layers import LSTM, DropoutMasks
+from rnnreg.nn import LSTM, DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 
 SIZES = (7, 9, 4)

@@ -24,6 +24,7 @@ from triton_cases import (
 )
 
 from rnnreg.nn import loops
+from rnnreg.nn.loops.python import PYTHON
 from rnnreg.nn.recurrence import recurrence
 
 pytest.importorskip("triton")
@@ -131,9 +132,9 @@ def test_initial_state_gradient_can_be_skipped(monkeypatch):
 def test_float64_runs_the_python_loop_where_triton_would(monkeypatch):
     """The kernels compute in float32: float64 keeps its precision on the Python twins."""
     on("triton", monkeypatch)
-    assert loops.engine(torch.empty(1, dtype=torch.float64)) is loops.PYTHON
+    assert loops.engine(torch.empty(1, dtype=torch.float64)) is PYTHON
     assert loops.name("cpu", torch.float64) == loops.PYTHON_LOOP
-    assert loops.choose("cuda", "auto", torch.float64) == (loops.PYTHON_LOOP, loops.PYTHON)
+    assert loops.choose("cuda", "auto", torch.float64) == (loops.PYTHON_LOOP, PYTHON)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

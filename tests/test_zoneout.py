@@ -413,7 +413,7 @@ def test_torch_compile_traces_the_loops_in_one_graph(cell):
 def test_zoneout_runs_the_own_loop_in_training_and_evaluation(training):
     """The routing function names the engine zoneout needs: its expectation in evaluation is
     not torch's kernel either (``z * previous + (1 - z) * new``)."""
-    from rnnreg.nn.layers import FUSED, engine_for
+    from rnnreg.nn import FUSED, engine_for
 
     layer = rnnreg.LSTM(3, 4, zoneout_hidden=0.1).train(training)
     assert engine_for(layer) == loops.name("cpu")

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnreg.nn.functional import is_positive_int
+
 __all__ = ["AdaptiveSoftmax", "check_cutoffs", "default_cutoffs"]
 
 # The default head and first cluster end at the 2,000th and 10,000th most frequent words:
@@ -49,9 +51,8 @@ def default_cutoffs(vocab_size: int) -> tuple[int, ...]:
 def check_cutoffs(cutoffs: Sequence[int], vocab_size: int) -> tuple[int, ...]:
     """Cutoffs as a tuple, or one ValueError saying what is wrong with them."""
     values = tuple(cutoffs)
-    if (not values or any(isinstance(c, bool) or not isinstance(c, int) for c in values)
-            or list(values) != sorted(set(values)) or values[0] < 1
-            or values[-1] >= vocab_size):
+    if (not values or not all(is_positive_int(c) for c in values)
+            or list(values) != sorted(set(values)) or values[-1] >= vocab_size):
         raise ValueError(f"adaptive_cutoffs must be strictly increasing integers in "
                          f"[1, {vocab_size - 1}] for a vocabulary of {vocab_size} words "
                          f"(the head holds the ids below the first cutoff); got {list(values)}")

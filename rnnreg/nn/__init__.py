@@ -2,15 +2,20 @@
 
 The regularized layers (:class:`LSTM`, :class:`GRU`, :class:`RNN`, :class:`StackedRNN`), the
 dropout primitives (:mod:`rnnreg.nn.functional`, :class:`LockedDropout`,
-:class:`EmbeddingDropout`, :class:`WeightDrop`), the named strategies, and the own recurrence
-that runs masks acting inside the time loop. Nothing here knows about language models.
+:class:`EmbeddingDropout`, :class:`WeightDrop`, :class:`DropoutMasks`), the named strategies, and
+the own recurrence that runs masks acting inside the time loop. :func:`engine_for` names the
+engine a layer's recurrence runs on: :data:`FUSED` (torch's kernel) or one of the own loop's
+:data:`CPP_LOOP`, :data:`TRITON_GRAPHS`, :data:`TRITON_LOOP`, :data:`PYTHON_LOOP`. Nothing here
+knows about language models.
 """
 
 import torch
 
 from rnnreg.nn import functional
 from rnnreg.nn.dropout import EmbeddingDropout, LockedDropout, WeightDrop
+from rnnreg.nn.engines import FUSED, engine_for
 from rnnreg.nn.layers import GRU, LSTM, RNN
+from rnnreg.nn.loops import CPP_LOOP, PYTHON_LOOP, TRITON_GRAPHS, TRITON_LOOP
 from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.stack import StackedRNN
 from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
@@ -24,5 +29,6 @@ from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
 torch.serialization.add_safe_globals([GRU, LSTM, RNN, StackedRNN, LockedDropout, EmbeddingDropout,
                                       WeightDrop])
 
-__all__ = ["GRU", "LSTM", "PLACEMENTS", "RNN", "STRATEGIES", "DropoutMasks", "EmbeddingDropout",
-           "LockedDropout", "StackedRNN", "Strategy", "WeightDrop", "functional", "strategy"]
+__all__ = ["CPP_LOOP", "FUSED", "GRU", "LSTM", "PLACEMENTS", "PYTHON_LOOP", "RNN", "STRATEGIES",
+           "TRITON_GRAPHS", "TRITON_LOOP", "DropoutMasks", "EmbeddingDropout", "LockedDropout",
+           "StackedRNN", "Strategy", "WeightDrop", "engine_for", "functional", "strategy"]

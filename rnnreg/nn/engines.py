@@ -2,13 +2,14 @@
 
 A layer's recurrence runs on torch's fused kernel (:data:`FUSED`: cuDNN on GPU, oneDNN on CPU)
 or on rnnreg's own loop (``rnnreg.nn.recurrence``), whose per-step loops have three engines
-(``rnnreg.nn.loops``: :data:`CPP_LOOP`, :data:`TRITON_GRAPHS` or :data:`TRITON_LOOP`,
-:data:`PYTHON_LOOP`). The fused kernels take
-weights and states, nothing per row inside the loop, so a mask that is the same for every row
-and step of a call is folded into the weights for that call (:func:`call_weights`) and keeps
-the fused kernel; a mask that differs by row on h(t-1), and zoneout, need the own loop.
-:func:`engine_for` decides that; the layers (``rnnreg.nn.layers``) only ask it and call the
-engine, so the choice and its table live here, apart from the layers' options and masks.
+(:mod:`rnnreg.nn.loops`: :data:`~rnnreg.nn.loops.CPP_LOOP`,
+:data:`~rnnreg.nn.loops.TRITON_GRAPHS` or :data:`~rnnreg.nn.loops.TRITON_LOOP`,
+:data:`~rnnreg.nn.loops.PYTHON_LOOP`). The fused kernels take weights and states, nothing per
+row inside the loop, so a mask that is the same for every row and step of a call is folded into
+the weights for that call (:func:`call_weights`) and keeps the fused kernel; a mask that differs
+by row on h(t-1), and zoneout, need the own loop. :func:`engine_for` decides that; the layers
+(``rnnreg.nn.layers``) only ask it and call the engine, so the choice and its table live here,
+apart from the layers' options and masks.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnreg.nn import layout, loops
-from rnnreg.nn.loops import CPP_LOOP, PYTHON_LOOP, TRITON_GRAPHS, TRITON_LOOP
 from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.recurrence import recurrence
 
-__all__ = ["CPP_LOOP", "FUSED", "PYTHON_LOOP", "TRITON_GRAPHS", "TRITON_LOOP", "call_weights",
-           "engine_for", "fused_layer", "layer_zoneout", "needs_own_loop", "own_loop_layer",
-           "per_row"]
+__all__ = ["FUSED", "call_weights", "engine_for", "fused_layer", "layer_zoneout", "needs_own_loop",
+           "own_loop_layer", "per_row"]
 
 # torch's fused kernel (cuDNN on GPU, oneDNN on CPU), as engine_for names it; the own loop's
 # engines are named by rnnreg.nn.loops.
@@ -39,7 +38,8 @@ def engine_for(module: nn.Module, masks: DropoutMasks | None = None, *,
     """The engine that will run the recurrence: :data:`FUSED` (torch's kernel: cuDNN on GPU,
     oneDNN on CPU) where :func:`needs_own_loop` does not hold, else the own loop's engine for
     the module's device and the ``RNNREG_ENGINE`` setting (:func:`rnnreg.nn.loops.name`):
-    :data:`CPP_LOOP`, :data:`TRITON_GRAPHS`, :data:`TRITON_LOOP` or :data:`PYTHON_LOOP`.
+    :data:`~rnnreg.nn.loops.CPP_LOOP`, :data:`~rnnreg.nn.loops.TRITON_GRAPHS`,
+    :data:`~rnnreg.nn.loops.TRITON_LOOP` or :data:`~rnnreg.nn.loops.PYTHON_LOOP`.
 
     ``masks``, ``layer``: as for :func:`needs_own_loop`.
     """

@@ -24,7 +24,8 @@ row and step of a call is a weight for that call: weight drop runs the fused ker
 ``weight_hh * mask``, and so does a batch-shared recurrent mask. Only a mask that differs from
 row to row on h(t-1), and zoneout, need rnnreg's own loop, which does all input projections in
 one matrix product and only the recurrent product and gate arithmetic per step.
-:func:`engine_for` is where that is decided, and its table says which setting runs where.
+:func:`rnnreg.nn.engines.engine_for` names the engine, and the table of
+:func:`rnnreg.nn.engines.needs_own_loop` says which placement runs where.
 
 Per-row against batch-shared recurrent masks. Gal & Ghahramani (2016, section 3) draw the mask on
 h(t-1) once per sequence: each row of a batch runs the recurrence with its own thinned copy of
@@ -52,13 +53,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnnreg.nn import layout
 from rnnreg.nn.engines import (
-    CPP_LOOP,
-    FUSED,
-    PYTHON_LOOP,
-    TRITON_GRAPHS,
-    TRITON_LOOP,
     call_weights,
-    engine_for,
     fused_layer,
     layer_zoneout,
     needs_own_loop,
@@ -76,10 +71,7 @@ from rnnreg.nn.functional import (
 from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
 from rnnreg.nn.strategies import check_recurrent_mask
 
-# The engines' names and engine_for (rnnreg.nn.engines) and DropoutMasks (rnnreg.nn.masks) are
-# named here too: this is where users, the README and the tests have found them.
-__all__ = ["CPP_LOOP", "FUSED", "GRU", "LAYERS", "LSTM", "PYTHON_LOOP", "RNN", "TRITON_GRAPHS",
-           "TRITON_LOOP", "DropoutMasks", "engine_for", "needs_own_loop"]
+__all__ = ["GRU", "LAYERS", "LSTM", "RNN"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -114,10 +106,10 @@ class _RegularizedRecurrence:
         """True when rnnreg samples the masks itself and runs the stack layer by layer.
 
         That is needed when a mask outlives one step or acts on the recurrence (on h(t-1) or on
-        ``weight_hh``; :func:`engine_for` says which engine then runs each layer), and pays on
-        CPU for fresh between-layer masks. Otherwise (Zaremba's placements on GPU, or without
-        between-layer dropout) torch's fused stack runs in one call and only the input and
-        output get a dropout around it.
+        ``weight_hh``; :func:`~rnnreg.nn.engines.engine_for` says which engine then runs each
+        layer), and pays on CPU for fresh between-layer masks. Otherwise (Zaremba's placements on
+        GPU, or without between-layer dropout) torch's fused stack runs in one call and only the
+        input and output get a dropout around it.
         """
         if self._zoneout():  # its evaluation (the expectation) also runs the own loop
             return True

@@ -3,7 +3,7 @@
 Split from :mod:`rnnreg.study.grid` so that scheduling runs and describing them stay separate ideas:
 the report reads only run directories, so it works on any study however its runs were trained.
 Reading and grouping them is :mod:`rnnreg.study.results`; this module is the document (its
-sections, findings, tables and figures). ``read_runs`` is still importable from here.
+sections, findings, tables and figures).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.model import LanguageModel, ModelMasks
+from rnnreg.lm.rundir.curves import learning_curves
 from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots
@@ -35,11 +36,11 @@ from rnnreg.study.document import (
 from rnnreg.study.results import Group, RunResult, group_runs, read_runs
 from rnnreg.study.sampling import WINDOW, named_schedules, schedules, stack_steps
 
-__all__ = ["read_runs", "write_report"]
+__all__ = ["write_report"]
 
 # Tokens of the valid split drawn in the hidden-state heatmaps: enough to see masks persist
 # across steps, few enough that every token can be labelled.
-HEATMAP_TOKENS = 40
+_HEATMAP_TOKENS = 40
 
 _TITLE = "Dropout-strategy study"
 
@@ -183,9 +184,9 @@ def _curves(out: Path, figures: Path, groups: Sequence[Group]) -> list:
         "Mean over seeds. A valid curve that turns up while the train curve keeps falling is "
         "overfitting, the failure dropout is meant to prevent.")]
     for cell in dict.fromkeys(g.cell for g in groups):
-        path = plots.learning_curves({g.label: g.curve() for g in groups if g.cell == cell},
-                                     figures / f"curves-{cell}.png",
-                                     title=f"{cell}: train and valid perplexity per epoch")
+        path = learning_curves({g.label: g.curve() for g in groups if g.cell == cell},
+                               figures / f"curves-{cell}.png",
+                               title=f"{cell}: train and valid perplexity per epoch")
         blocks.append(Figure(path.relative_to(out), f"Learning curves, {cell}"))
     return blocks
 
@@ -223,7 +224,7 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
                              split_fractions=config.split_fractions)
     except DataError as error:
         return [*blocks, Paragraph(f"Skipped: the valid split could not be read ({error}).")]
-    ids = corpus.valid[:HEATMAP_TOKENS].unsqueeze(1)
+    ids = corpus.valid[:_HEATMAP_TOKENS].unsqueeze(1)
     path = plots.hidden_heatmaps(_hidden_panels(model, ids), figures / "hidden-states.png",
                                  tokens=vocab.decode(ids[:, 0]),
                                  title=f"{run.name}: last layer's output after output dropout")

@@ -36,16 +36,16 @@ from collections.abc import Mapping
 
 import torch
 
-from rnnreg.nn.loops.python import PYTHON, stop_at_lengths
+from rnnreg.nn.loops.python import PYTHON
 
-__all__ = ["CPP_LOOP", "PYTHON", "PYTHON_LOOP", "SETTINGS", "TRITON_GRAPHS", "TRITON_LOOP",
-           "VARIABLE", "choose", "engine", "name", "requested", "stop_at_lengths"]
+__all__ = ["CPP_LOOP", "PYTHON_LOOP", "SETTINGS", "TRITON_GRAPHS", "TRITON_LOOP", "VARIABLE",
+           "choose", "engine", "name", "requested"]
 
 # The environment variable that picks the loops, and its values.
 VARIABLE = "RNNREG_ENGINE"
 SETTINGS = ("auto", "python", "triton")
 
-# The engines' names, as rnnreg.nn.layers.engine_for and the benchmarks report them.
+# The engines' names, as rnnreg.nn.engines.engine_for and the benchmarks report them.
 CPP_LOOP = "C++ loop"
 TRITON_GRAPHS = "Triton loop with CUDA graphs"
 TRITON_LOOP = "Triton loop"
