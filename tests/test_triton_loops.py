@@ -12,6 +12,9 @@ on a machine with CUDA it skips, since tests/test_cuda.py runs the same cases co
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +211,21 @@ def test_a_loop_recorded_under_inference_mode_replays_in_training(monkeypatch):
     theirs = run_recurrence("LSTM", leaves, constants)
     assert_all_close(ours, theirs)
     assert_all_close([evaluated.clone()], [theirs[0]])
+
+
+@pytest.mark.slow
+def test_every_launch_compiles_for_an_h100_or_h200(tmp_path):
+    """What the interpreter lets pass, the compiler does not (a block that is not a power of
+    two, constexpr misuse, dtype casts): every kernel specialization the loops launch, compiled
+    for compute capability 9.0 with Triton's own ptxas, in a process without the interpreter
+    and with an empty kernel cache (so nothing compiled earlier is reused)."""
+    tests = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests),
+                                           env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c",
+                           "import triton_cases; print(triton_cases.compile_every_launch())"],
+                          cwd=tests, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 5 * len(MODES)  # every kernel, several variants
