@@ -66,6 +66,26 @@ def _load(ptr, offs, live):
 
 
 @triton.jit
+def _kept(new, previous, zone, valid, b, offs, live, HAS_ZONE: tl.constexpr,
+          HAS_VALID: tl.constexpr):
+    # The state a step leaves: zoneout's d * previous + (1 - d) * candidate (Krueger et al.
+    # 2017), and the previous state unchanged where the sequence has ended.
+    if HAS_ZONE:
+        new = new + _load(zone, offs, live) * (previous - new)
+    if HAS_VALID:
+        new = tl.where(tl.load(valid + b, mask=live, other=0) != 0, new, previous)
+    return new
+
+
+@triton.jit
+def _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT: tl.constexpr):
+    # h(t), and the masked state the next step's product reads.
+    tl.store(h_new + offs, h, mask=live)
+    if HAS_NEXT:
+        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+
+
+@triton.jit
 def _lstm_forward_step(rec, p, c_prev, h_prev, acts, c_new, tanh_c, h_new, mask_next,
                        h_in_next, zone_h, zone_c, valid, n, H,
                        HAS_ZONE: tl.constexpr, HAS_VALID: tl.constexpr,
@@ -86,19 +106,11 @@ def _lstm_forward_step(rec, p, c_prev, h_prev, acts, c_new, tanh_c, h_new, mask_
     hp = _load(h_prev, offs, live)
     c = f * cp + i * g
     tc = _tanh(c)
-    h = o * tc
-    if HAS_ZONE:  # d * previous + (1 - d) * candidate (Krueger et al. 2017)
-        c = c + _load(zone_c, offs, live) * (cp - c)
-        h = h + _load(zone_h, offs, live) * (hp - h)
-    if HAS_VALID:  # a finished sequence keeps its state
-        v = tl.load(valid + b, mask=live, other=0) != 0
-        c = tl.where(v, c, cp)
-        h = tl.where(v, h, hp)
     tl.store(tanh_c + offs, tc, mask=live)
-    tl.store(c_new + offs, c, mask=live)
-    tl.store(h_new + offs, h, mask=live)
-    if HAS_NEXT:  # the masked state the next step's product reads
-        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+    tl.store(c_new + offs, _kept(c, cp, zone_c, valid, b, offs, live, HAS_ZONE, HAS_VALID),
+             mask=live)
+    h = _kept(o * tc, hp, zone_h, valid, b, offs, live, HAS_ZONE, HAS_VALID)
+    _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT)
 
 
 @triton.jit
@@ -117,14 +129,8 @@ def _gru_forward_step(rec, p, h_prev, rz, n_out, h_new, mask_next, h_in_next, zo
     tl.store(rz + b * 2 * H + H + j, z, mask=live)
     tl.store(n_out + offs, cand, mask=live)
     hp = _load(h_prev, offs, live)
-    h = cand + z * (hp - cand)
-    if HAS_ZONE:
-        h = h + _load(zone, offs, live) * (hp - h)
-    if HAS_VALID:
-        h = tl.where(tl.load(valid + b, mask=live, other=0) != 0, h, hp)
-    tl.store(h_new + offs, h, mask=live)
-    if HAS_NEXT:
-        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+    h = _kept(cand + z * (hp - cand), hp, zone, valid, b, offs, live, HAS_ZONE, HAS_VALID)
+    _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT)
 
 
 @triton.jit
@@ -139,15 +145,10 @@ def _elman_forward_step(rec, p, h_prev, candidate, h_new, mask_next, h_in_next, 
         h = tl.maximum(a, 0.0)
     else:
         h = _tanh(a)
-    hp = _load(h_prev, offs, live)
     if HAS_ZONE:  # the candidate stays for act' in the backward
         tl.store(candidate + offs, h, mask=live)
-        h = h + _load(zone, offs, live) * (hp - h)
-    if HAS_VALID:
-        h = tl.where(tl.load(valid + b, mask=live, other=0) != 0, h, hp)
-    tl.store(h_new + offs, h, mask=live)
-    if HAS_NEXT:
-        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+    h = _kept(h, _load(h_prev, offs, live), zone, valid, b, offs, live, HAS_ZONE, HAS_VALID)
+    _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT)
 
 
 @triton.jit
