@@ -698,3 +698,35 @@ def test_graph_captured_under_inference_mode_replays_in_training(triton_loops, m
     plain = run_recurrence("GRU", leaves, constants)
     assert_same(trained, plain, rtol=1e-6, atol=1e-6)
     assert_same([evaluated.clone()], [plain[0]], rtol=1e-6, atol=1e-6)
+
+
+@ON_GPU
+def test_a_failed_capture_warns_and_launches_plainly_on_the_callers_stream(triton_loops,
+                                                                          monkeypatch):
+    """A loop that cannot be captured (here it synchronizes the device, which a capture
+    forbids) warns, leaves the caller's stream current (torch.cuda.graph leaves its capture
+    stream current when ending a failed capture raises), and launches plainly from then on,
+    forward and backward, with the Python twins' results."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+
+    def uncapturable(*args):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return triton_loops.elman_forward(*args)
+
+    uncapturable.__name__ = "elman_forward"
+    monkeypatch.setattr(triton_loops.LOOPS, "elman_forward",
+                        lambda *args: cache.run("elman_forward", uncapturable, args))
+    leaves, constants = recurrence_inputs("RNN_TANH", 5, 3, 4, 16, device=DEVICE,
+                                          **CASES["fresh+lengths"])
+    caller = torch.cuda.current_stream()
+    run_recurrence("RNN_TANH", leaves, constants)  # the key noted
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        ours = run_recurrence("RNN_TANH", leaves, constants)
+    assert torch.cuda.current_stream() == caller
+    assert cache.failed and cache.captures == 0
+    assert loops.name(DEVICE) == loops.TRITON_LOOP
+    assert_same(run_recurrence("RNN_TANH", leaves, constants), ours, rtol=0, atol=0)
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert_same(ours, run_recurrence("RNN_TANH", leaves, constants))

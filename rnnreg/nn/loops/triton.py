@@ -530,10 +530,17 @@ def _cuda_graph(run):
         run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # thread_local: the backward loops are captured on autograd's thread, while other threads
-    # (a data loader's) may use CUDA.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        result = run()
+    caller = torch.cuda.current_stream()
+    try:
+        # thread_local: the backward loops are captured on autograd's thread, while other
+        # threads (a data loader's) may use CUDA.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            result = run()
+    except BaseException:
+        # When ending a failed capture raises, torch.cuda.graph leaves its capture stream
+        # current; the plain launches that follow belong on the caller's stream.
+        torch.cuda.set_stream(caller)
+        raise
     return graph.replay, result
 
 
