@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,7 @@ def _rerun(run):
 def _stand_in_graphs(monkeypatch):
     """A fresh graph cache that records with :func:`_rerun`, on CPU tensors."""
     cache = triton_loops.GraphCache()
-    monkeypatch.setattr(cache, "usable", lambda device: True)
+    monkeypatch.setattr(triton_loops, "_capturable", lambda device: True)
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)
     monkeypatch.setattr(triton_loops, "_cuda_graph", _rerun)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -229,3 +230,52 @@ def test_every_launch_compiles_for_an_h100_or_h200(tmp_path):
                           cwd=tests, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) >= 5 * len(MODES)  # every kernel, several variants
+
+
+def test_a_failed_capture_warns_once_and_falls_back_to_plain_launches(monkeypatch):
+    """A capture that raises turns graphs off for good with one warning; that call and every
+    later one launch plainly and give the Python twins' results."""
+    cache = _stand_in_graphs(monkeypatch)
+
+    def cannot_capture(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton_loops, "_cuda_graph", cannot_capture)
+    on("triton", monkeypatch)
+    leaves, constants = recurrence_inputs("GRU", 4, 3, 2, 5, **CASES["sequence+zoneout"])
+    run_recurrence("GRU", leaves, constants)  # first calls: plain, keys noted
+    with pytest.warns(RuntimeWarning, match=r"could not capture .*\(RuntimeError: operation"):
+        failed = run_recurrence("GRU", leaves, constants)
+    assert cache.failed and cache.captures == 0 and not cache.entries
+    assert not cache.usable("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        later = run_recurrence("GRU", leaves, constants)
+    on("python", monkeypatch)
+    theirs = run_recurrence("GRU", leaves, constants)
+    assert_all_close(failed, theirs)
+    assert_all_close(later, theirs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replayed_forwards_keep_their_own_saved_tensors(mode, monkeypatch):
+    """Two forwards replayed from one graph before either backward (a bidirectional layer's
+    two directions, a stacked model's equal layers): each backward sees its own forward's
+    buffers, not the static ones the later replay overwrote."""
+    cache = _stand_in_graphs(monkeypatch)
+    on("triton", monkeypatch)
+    inputs = [recurrence_inputs(mode, 4, 3, 2, 5, seed=seed, **CASES["fresh+lengths"])
+              for seed in range(3)]
+    run_recurrence(mode, *inputs[0])  # first calls: plain
+    outs = [recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"], leaves["mask"],
+                       constants["lengths"], None) for leaves, constants in inputs]
+    assert cache.captures == 1  # the second forward recorded, the third replayed
+    grads = [torch.autograd.grad(out.sum() + sum(s.sum() for s in final), leaves["x"])[0]
+             for (out, final), (leaves, _) in reversed(list(zip(outs, inputs)))]
+    on("python", monkeypatch)
+    for (leaves, constants), (out, final), grad in zip(inputs, outs, reversed(grads)):
+        theirs, theirs_final = recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"],
+                                          leaves["mask"], constants["lengths"], None)
+        their_grad = torch.autograd.grad(theirs.sum() + sum(s.sum() for s in theirs_final),
+                                         leaves["x"])[0]
+        assert_all_close([out, *final, grad], [theirs, *theirs_final, their_grad])

@@ -442,8 +442,7 @@ class GraphCache:
 
     def usable(self, device):
         """Whether loops on ``device`` would run as graph replays (from a key's second call)."""
-        return (self.enabled and not self.failed and torch.device(device).type == "cuda"
-                and not interpreted())
+        return self.enabled and not self.failed and _capturable(device)
 
     def run(self, name, loop, args):
         """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly."""
@@ -474,6 +473,11 @@ class GraphCache:
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return entry.replay(args, _FILLED[name])
+
+
+def _capturable(device):
+    """Whether loops on ``device`` can be captured at all: CUDA, with compiled kernels."""
+    return torch.device(device).type == "cuda" and not interpreted()
 
 
 def _matmul_settings():
