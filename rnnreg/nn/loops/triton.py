@@ -233,6 +233,22 @@ def _grid(batch, hidden):
     return (triton.cdiv(batch * hidden, _BLOCK),)
 
 
+def _products(w_hh, b_hh, masks, hs, h_in, recs):
+    """Each forward step's recurrent product ``W_hh (m * h(t-1)) (+ b_hh)`` into ``recs[t]``,
+    yielding ``(t, following)``; ``following``: the step's kernel writes the masked state the
+    next product reads. The first masked state is formed here."""
+    masked = masks[0] is not None
+    if masked:
+        torch.mul(hs[0], masks[0], out=h_in[0])
+    for t, rec in enumerate(recs):
+        state = h_in[t] if masked else hs[t]
+        if b_hh is None:
+            torch.mm(state, w_hh.t(), out=rec)
+        else:
+            torch.addmm(b_hh, state, w_hh.t(), out=rec)
+        yield t, masked and t + 1 < len(recs)
+
+
 def _rows(tensor, steps, like):
     """Row t of a ``(T|1, B, H|1)`` factor as a contiguous ``(B, H)`` view for each step (the
     kernels index rows densely), or None for every step when there is no factor."""
@@ -262,11 +278,7 @@ def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs,
     masks = _rows(mask, steps, hs[0])
     keep_h, keep_c = _rows(zone_h, steps, hs[0]), _rows(zone_c, steps, hs[0])
     flags = _flags(valid)
-    if mask is not None:
-        torch.mul(hs[0], masks[0], out=h_in[0])
-    for t in range(steps):
-        torch.mm(hs[t] if mask is None else h_in[t], w_hh.t(), out=rec)
-        following = mask is not None and t + 1 < steps
+    for t, following in _products(w_hh, None, masks, hs, h_in, [rec] * steps):
         _lstm_forward_step[_grid(batch, hidden)](
             rec, projected[t], cs[t], hs[t], acts[t], cs[t + 1], tanh_c[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
@@ -325,15 +337,7 @@ def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs
     hidden = gates // 3
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
-    if mask is not None:
-        torch.mul(hs[0], masks[0], out=h_in[0])
-    for t in range(steps):
-        state = hs[t] if mask is None else h_in[t]
-        if b_hh is None:
-            torch.mm(state, w_hh.t(), out=rec[t])
-        else:
-            torch.addmm(b_hh, state, w_hh.t(), out=rec[t])
-        following = mask is not None and t + 1 < steps
+    for t, following in _products(w_hh, b_hh, masks, hs, h_in, rec):
         _gru_forward_step[_grid(batch, hidden)](
             rec[t], projected[t], hs[t], rz[t], n[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
@@ -372,11 +376,7 @@ def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, 
     rec = projected.new_empty(batch, hidden)
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
-    if mask is not None:
-        torch.mul(hs[0], masks[0], out=h_in[0])
-    for t in range(steps):
-        torch.mm(hs[t] if mask is None else h_in[t], w_hh.t(), out=rec)
-        following = mask is not None and t + 1 < steps
+    for t, following in _products(w_hh, None, masks, hs, h_in, [rec] * steps):
         _elman_forward_step[_grid(batch, hidden)](
             rec, projected[t], hs[t], rec if candidates is None else candidates[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
