@@ -141,7 +141,7 @@ def test_float64_runs_the_python_loop_where_triton_would(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["LSTM", "RNN_RELU"])
+@pytest.mark.parametrize("mode", MODES)
 def test_under_autocast_track_float32(mode, dtype, monkeypatch):
     """The kernels' low-precision path (buffers in the autocast dtype, float32 inside): within
     that dtype's accuracy of the float32 run."""

@@ -11,8 +11,9 @@ frozen or zoned-out state, then forms the gate gradients) and one product; dW_hh
 product over all ``T*B`` rows after the loop, in ``rnnreg.nn.recurrence``.
 
 The kernels compute in float32 whatever the buffers' dtype (bfloat16 or float16 under
-autocast), and the backward carries dL/dh and dL/dc between steps in float32; cuBLAS
-accumulates the low-precision products in float32.
+autocast); the LSTM's and the Elman cell's backward carry dL/dh (and dL/dc) between steps in
+float32, while the GRU's keeps dL/dh(t) of every step in the buffers' dtype (its backward reads
+them all again after the loop); cuBLAS accumulates the low-precision products in float32.
 
 A loop of T steps is 2T launches of small kernels, each with a fixed launch cost on the host. On
 CUDA each loop is therefore captured as a CUDA graph per shape, dtype and options, on the second
