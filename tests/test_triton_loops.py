@@ -279,3 +279,37 @@ def test_replayed_forwards_keep_their_own_saved_tensors(mode, monkeypatch):
         their_grad = torch.autograd.grad(theirs.sum() + sum(s.sum() for s in theirs_final),
                                          leaves["x"])[0]
         assert_all_close([out, *final, grad], [theirs, *theirs_final, their_grad])
+
+
+def _batch_major(tensor):
+    """The same values stored batch-major: a ``(T, B, ...)`` view of a ``(B, T, ...)`` tensor,
+    as a batch-first caller would hand it over (not contiguous)."""
+    return tensor.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("case", ["plain", "masked, lengths", "masked, zoneout"])
+def test_loops_read_inputs_of_any_strides(case):
+    """Every loop given its read-only inputs batch-major (the kernels index rows densely)
+    fills the same buffers as the Python twin given them contiguous."""
+    from rnnreg.nn.loops.check import _arguments
+
+    for name, arguments in _arguments(torch.Generator().manual_seed(0), case, False).items():
+        strided = {k: _batch_major(v) if isinstance(v, torch.Tensor) and v.dim() == 3
+                   and k not in triton_loops._FILLED[name] else v
+                   for k, v in arguments.items()}
+        assert any(isinstance(v, torch.Tensor) and not v.is_contiguous()
+                   for v in strided.values())
+        ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in strided.items()}
+        theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                  for k, v in arguments.items()}
+        result = getattr(triton_loops.LOOPS, name)(*ours.values())
+        expected = getattr(loops.PYTHON, name)(*theirs.values())
+        for k in triton_loops._FILLED[name]:
+            if theirs[k] is not None:
+                torch.testing.assert_close(ours[k], theirs[k], **TOL, msg=f"{name}: {k}")
+        assert_all_close([r for r in _tuple(result) if r is not None],
+                         [r for r in _tuple(expected) if r is not None])
+
+
+def _tuple(result):
+    return result if isinstance(result, tuple) else (result,)

@@ -275,6 +275,7 @@ def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs,
                  h_in):
     steps, batch, gates = projected.shape
     hidden = gates // 4
+    projected = projected.contiguous()  # the kernels index each step's rows densely
     rec = projected.new_empty(batch, gates)
     masks = _rows(mask, steps, hs[0])
     keep_h, keep_c = _rows(zone_h, steps, hs[0]), _rows(zone_c, steps, hs[0])
@@ -293,7 +294,7 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     # ``passthrough`` is 1 - valid: the kernel reads ``valid`` itself.
     steps, batch, gates = d_gates.shape
     hidden = gates // 4
-    d_out = d_out.contiguous()
+    d_out, acts, cs, tanh_c = (t.contiguous() for t in (d_out, acts, cs, tanh_c))
     dh, dc = _carried(d_h), _carried(d_c)
     masks = _rows(mask, steps, dh)
     keep_h, keep_c = _rows(zone_h, steps, dh), _rows(zone_c, steps, dh)
@@ -336,6 +337,7 @@ def _first_state_grad(d_hin, mask, dh, keep):
 def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
     steps, batch, gates = projected.shape
     hidden = gates // 3
+    projected = projected.contiguous()
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
     for t, following in _products(w_hh, b_hh, masks, hs, h_in, rec):
@@ -374,6 +376,7 @@ def _carry_step(gates, last, dh_next, dh, d_out, d_hin_next, mask_next, keep_nex
 
 def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
     steps, batch, hidden = projected.shape
+    projected = projected.contiguous()
     rec = projected.new_empty(batch, hidden)
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
