@@ -730,3 +730,21 @@ def test_a_failed_capture_warns_and_launches_plainly_on_the_callers_stream(trito
     assert_same(run_recurrence("RNN_TANH", leaves, constants), ours, rtol=0, atol=0)
     monkeypatch.setenv(loops.VARIABLE, "python")
     assert_same(ours, run_recurrence("RNN_TANH", leaves, constants))
+
+
+@ON_GPU
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_triton_loops_run_on_their_tensors_device_not_the_current_one(triton_loops,
+                                                                     monkeypatch):
+    """Triton launches on the current device and torch captures graphs there: tensors on
+    another device still get the Python twins' results, plain, captured and replayed."""
+    other = torch.device("cuda", (torch.cuda.current_device() + 1) % torch.cuda.device_count())
+    monkeypatch.setattr(triton_loops, "GRAPHS", triton_loops.GraphCache())
+    leaves, constants = recurrence_inputs("LSTM", 5, 3, 4, 16, device=other,
+                                          **CASES["fresh+lengths+zoneout"])
+    ours = [run_recurrence("LSTM", leaves, constants) for _ in range(3)]
+    assert triton_loops.GRAPHS.captures == 2
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    theirs = run_recurrence("LSTM", leaves, constants)
+    for results in ours:
+        assert_same(results, theirs)

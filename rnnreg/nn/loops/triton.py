@@ -30,6 +30,7 @@ Triton is imported) the kernels run on CPU tensors, which is how they are tested
 from __future__ import annotations
 
 import collections
+import contextlib
 import types
 import warnings
 
@@ -449,10 +450,17 @@ class GraphCache:
         return self.enabled and not self.failed and _capturable(device)
 
     def run(self, name, loop, args):
-        """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly."""
+        """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly; on the
+        arguments' device, which need not be the current one (Triton launches its kernels,
+        and torch captures graphs, on the current device)."""
+        if torch.compiler.is_compiling():  # traced as plain launches
+            return loop(*args)
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if (not self.usable(device) or torch.compiler.is_compiling()
-                or torch.cuda.is_current_stream_capturing()):
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return self._run(name, loop, args, device)
+
+    def _run(self, name, loop, args, device):
+        if not self.usable(device) or torch.cuda.is_current_stream_capturing():
             return loop(*args)
         key = (name, device, _matmul_settings(), *(_signature(a) for a in args))
         entry = self.entries.get(key)
@@ -470,7 +478,7 @@ class GraphCache:
             self.failed = True
             warnings.warn(f"rnnreg could not capture its Triton loops as CUDA graphs, so "
                           f"they launch step by step ({type(error).__name__}: {error})",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             return loop(*args)
         self.captures += 1
         self.entries[key] = entry
