@@ -313,3 +313,11 @@ def test_loops_read_inputs_of_any_strides(case):
 
 def _tuple(result):
     return result if isinstance(result, tuple) else (result,)
+
+
+def test_a_step_beyond_32_bit_offsets_is_a_clear_error():
+    """The kernels address a step's (B, G*H) rows with 32-bit offsets: a step too large for
+    them is refused before any launch (B * G * H = 2**31 here), one element less is not."""
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        triton_loops._grid(2**15, 2**14, 4)
+    assert triton_loops._grid(2**15, 2**14 - 1, 4) == (2**15 * (2**14 - 1) // 512,)

@@ -231,7 +231,12 @@ def _carry_backward_step(dh_next, dh, d_out, d_hin_next, mask_next, keep_next, c
         tl.store(d_pre + at, d_h * _load(coef, at, live), mask=live)
 
 
-def _grid(batch, hidden):
+def _grid(batch, hidden, gates):
+    """One program per ``_BLOCK`` elements of the ``(B, H)`` state. A kernel addresses one
+    step's ``(B, gates * H)`` rows with 32-bit offsets from each row's start."""
+    if batch * gates * hidden >= 2**31:
+        raise ValueError(f"a step of batch {batch} and {gates} x {hidden} units has 2**31 or "
+                         f"more elements, more than the Triton kernels' 32-bit offsets reach")
     return (triton.cdiv(batch * hidden, _BLOCK),)
 
 
@@ -282,7 +287,7 @@ def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs,
     keep_h, keep_c = _rows(zone_h, steps, hs[0]), _rows(zone_c, steps, hs[0])
     flags = _flags(valid)
     for t, following in _products(w_hh, None, masks, hs, h_in, [rec] * steps):
-        _lstm_forward_step[_grid(batch, hidden)](
+        _lstm_forward_step[_grid(batch, hidden, 4)](
             rec, projected[t], cs[t], hs[t], acts[t], cs[t + 1], tanh_c[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
             _or(keep_h[t], rec), _or(keep_c[t], rec), rec if flags is None else flags[t],
@@ -303,7 +308,7 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     for t in range(steps - 1, -1, -1):
         last = t == steps - 1
         nxt = t if last else t + 1
-        _lstm_backward_step[_grid(batch, hidden)](
+        _lstm_backward_step[_grid(batch, hidden, 4)](
             dh, dc, d_out[t], d_hin[nxt], _or(masks[nxt], dh), _or(keep_h[nxt], dh),
             dh if flags is None else flags[nxt], acts[t], cs[t], tanh_c[t], _or(keep_h[t], dh),
             _or(keep_c[t], dh), dh if flags is None else flags[t], d_gates[t],
@@ -342,7 +347,7 @@ def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
     for t, following in _products(w_hh, b_hh, masks, hs, h_in, rec):
-        _gru_forward_step[_grid(batch, hidden)](
+        _gru_forward_step[_grid(batch, hidden, 3)](
             rec[t], projected[t], hs[t], rz[t], n[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
             _or(keep[t], rec), rec if flags is None else flags[t], batch * hidden, hidden,
@@ -369,7 +374,7 @@ def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec
 
 def _carry_step(gates, last, dh_next, dh, d_out, d_hin_next, mask_next, keep_next, coef, d_pre,
                 batch, hidden):
-    _carry_backward_step[_grid(batch, hidden)](
+    _carry_backward_step[_grid(batch, hidden, gates)](
         dh_next, dh, d_out, d_hin_next, _or(mask_next, dh), _or(keep_next, dh), coef, d_pre,
         batch * hidden, hidden, G=gates, LAST=last, HAS_MASK=mask_next is not None,
         HAS_KEEP=keep_next is not None, BLOCK=_BLOCK)
@@ -382,7 +387,7 @@ def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, 
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
     for t, following in _products(w_hh, None, masks, hs, h_in, [rec] * steps):
-        _elman_forward_step[_grid(batch, hidden)](
+        _elman_forward_step[_grid(batch, hidden, 1)](
             rec, projected[t], hs[t], rec if candidates is None else candidates[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
             _or(keep[t], rec), rec if flags is None else flags[t], batch * hidden, hidden,
