@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from triton_cases import (
     CASES,
     assert_tracks_float32,
+    evaluated_twice,
     own_loop_vs_torch,
     recurrence_inputs,
     run_recurrence,
@@ -687,17 +688,14 @@ def test_graph_captured_under_inference_mode_replays_in_training(triton_loops, m
     cache = triton_loops.GraphCache()
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)
     leaves, constants = recurrence_inputs("GRU", 4, 3, 4, 8, device=DEVICE, mask="sequence")
-    with torch.inference_mode():
-        for _ in range(2):  # plain, then captured
-            evaluated = recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"],
-                                   leaves["mask"], None, None)[0]
+    evaluated = evaluated_twice("GRU", leaves)
     assert cache.captures == 1
     trained = run_recurrence("GRU", leaves, constants)  # the forward replays
     assert cache.captures == 1
     monkeypatch.setattr(cache, "enabled", False)
     plain = run_recurrence("GRU", leaves, constants)
     assert_same(trained, plain, rtol=1e-6, atol=1e-6)
-    assert_same([evaluated.clone()], [plain[0]], rtol=1e-6, atol=1e-6)
+    assert_same([evaluated], [plain[0]], rtol=1e-6, atol=1e-6)
 
 
 @ON_GPU

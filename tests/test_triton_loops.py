@@ -22,6 +22,7 @@ import torch
 from triton_cases import (
     CASES,
     assert_tracks_float32,
+    evaluated_twice,
     own_loop_vs_torch,
     recurrence_inputs,
     run_recurrence,
@@ -201,17 +202,14 @@ def test_a_loop_recorded_under_inference_mode_replays_in_training(monkeypatch):
     cache = _stand_in_graphs(monkeypatch)
     on("triton", monkeypatch)
     leaves, constants = recurrence_inputs("LSTM", 4, 3, 2, 5, mask="sequence")
-    with torch.inference_mode():
-        for _ in range(2):  # plain, then recorded
-            evaluated = recurrence("LSTM", leaves["x"], leaves["state"], *leaves["weights"],
-                                   leaves["mask"], None, None)[0]
+    evaluated = evaluated_twice("LSTM", leaves)
     assert cache.captures == 1
     ours = run_recurrence("LSTM", leaves, constants)  # the forward replays
     assert cache.captures == 1
     on("python", monkeypatch)
     theirs = run_recurrence("LSTM", leaves, constants)
     assert_all_close(ours, theirs)
-    assert_all_close([evaluated.clone()], [theirs[0]])
+    assert_all_close([evaluated], [theirs[0]])
 
 
 @pytest.mark.slow

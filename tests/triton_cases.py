@@ -70,6 +70,16 @@ def run_recurrence(mode, leaves, constants, seed=1):
     return [out, *final, *torch.autograd.grad(loss, wrt)]
 
 
+def evaluated_twice(mode, leaves):
+    """The recurrence's output run twice under inference_mode, as evaluation does (with a graph
+    cache: the first call launches plainly, the second records), as an ordinary tensor."""
+    with torch.inference_mode():
+        for _ in range(2):
+            out = recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"],
+                             leaves.get("mask"), None, None)[0]
+    return out.clone()
+
+
 def torch_module(mode, features, hidden, bidirectional, device="cpu", seed=0):
     torch.manual_seed(seed)
     if mode in ("RNN_TANH", "RNN_RELU"):
