@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from triton_cases import (
     CASES,
     assert_tracks_float32,
+    evaluated_twice,
     own_loop_vs_torch,
     recurrence_inputs,
     run_recurrence,
@@ -686,14 +687,61 @@ def test_graph_captured_under_inference_mode_replays_in_training(triton_loops, m
     cache = triton_loops.GraphCache()
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)
     leaves, constants = recurrence_inputs("GRU", 4, 3, 4, 8, device=DEVICE, mask="sequence")
-    with torch.inference_mode():
-        for _ in range(2):  # plain, then captured
-            evaluated = recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"],
-                                   leaves["mask"], None, None)[0]
+    evaluated = evaluated_twice("GRU", leaves)
     assert cache.captures == 1
     trained = run_recurrence("GRU", leaves, constants)  # the forward replays
     assert cache.captures == 1
     monkeypatch.setattr(cache, "enabled", False)
     plain = run_recurrence("GRU", leaves, constants)
     assert_same(trained, plain, rtol=1e-6, atol=1e-6)
-    assert_same([evaluated.clone()], [plain[0]], rtol=1e-6, atol=1e-6)
+    assert_same([evaluated], [plain[0]], rtol=1e-6, atol=1e-6)
+
+
+@ON_GPU
+def test_a_failed_capture_warns_and_launches_plainly_on_the_callers_stream(triton_loops,
+                                                                          monkeypatch):
+    """A loop that cannot be captured (here it synchronizes the device, which a capture
+    forbids) warns, leaves the caller's stream current (torch.cuda.graph leaves its capture
+    stream current when ending a failed capture raises), and launches plainly from then on,
+    forward and backward, with the Python twins' results."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+
+    def uncapturable(*args):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return triton_loops.elman_forward(*args)
+
+    uncapturable.__name__ = "elman_forward"
+    monkeypatch.setattr(triton_loops.LOOPS, "elman_forward",
+                        lambda *args: cache.run("elman_forward", uncapturable, args))
+    leaves, constants = recurrence_inputs("RNN_TANH", 5, 3, 4, 16, device=DEVICE,
+                                          **CASES["fresh+lengths"])
+    caller = torch.cuda.current_stream()
+    run_recurrence("RNN_TANH", leaves, constants)  # the key noted
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        ours = run_recurrence("RNN_TANH", leaves, constants)
+    assert torch.cuda.current_stream() == caller
+    assert cache.failed and cache.captures == 0
+    assert loops.name(DEVICE) == loops.TRITON_LOOP
+    assert_same(run_recurrence("RNN_TANH", leaves, constants), ours, rtol=0, atol=0)
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert_same(ours, run_recurrence("RNN_TANH", leaves, constants))
+
+
+@ON_GPU
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_triton_loops_run_on_their_tensors_device_not_the_current_one(triton_loops,
+                                                                     monkeypatch):
+    """Triton launches on the current device and torch captures graphs there: tensors on
+    another device still get the Python twins' results, plain, captured and replayed."""
+    other = torch.device("cuda", (torch.cuda.current_device() + 1) % torch.cuda.device_count())
+    monkeypatch.setattr(triton_loops, "GRAPHS", triton_loops.GraphCache())
+    leaves, constants = recurrence_inputs("LSTM", 5, 3, 4, 16, device=other,
+                                          **CASES["fresh+lengths+zoneout"])
+    ours = [run_recurrence("LSTM", leaves, constants) for _ in range(3)]
+    assert triton_loops.GRAPHS.captures == 2
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    theirs = run_recurrence("LSTM", leaves, constants)
+    for results in ours:
+        assert_same(results, theirs)

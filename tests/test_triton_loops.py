@@ -12,12 +12,17 @@ on a machine with CUDA it skips, since tests/test_cuda.py runs the same cases co
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from triton_cases import (
     CASES,
     assert_tracks_float32,
+    evaluated_twice,
     own_loop_vs_torch,
     recurrence_inputs,
     run_recurrence,
@@ -138,7 +143,7 @@ def test_float64_runs_the_python_loop_where_triton_would(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["LSTM", "RNN_RELU"])
+@pytest.mark.parametrize("mode", MODES)
 def test_under_autocast_track_float32(mode, dtype, monkeypatch):
     """The kernels' low-precision path (buffers in the autocast dtype, float32 inside): within
     that dtype's accuracy of the float32 run."""
@@ -169,7 +174,7 @@ def _rerun(run):
 def _stand_in_graphs(monkeypatch):
     """A fresh graph cache that records with :func:`_rerun`, on CPU tensors."""
     cache = triton_loops.GraphCache()
-    monkeypatch.setattr(cache, "usable", lambda device: True)
+    monkeypatch.setattr(triton_loops, "_capturable", lambda device: True)
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)
     monkeypatch.setattr(triton_loops, "_cuda_graph", _rerun)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -198,14 +203,120 @@ def test_a_loop_recorded_under_inference_mode_replays_in_training(monkeypatch):
     cache = _stand_in_graphs(monkeypatch)
     on("triton", monkeypatch)
     leaves, constants = recurrence_inputs("LSTM", 4, 3, 2, 5, mask="sequence")
-    with torch.inference_mode():
-        for _ in range(2):  # plain, then recorded
-            evaluated = recurrence("LSTM", leaves["x"], leaves["state"], *leaves["weights"],
-                                   leaves["mask"], None, None)[0]
+    evaluated = evaluated_twice("LSTM", leaves)
     assert cache.captures == 1
     ours = run_recurrence("LSTM", leaves, constants)  # the forward replays
     assert cache.captures == 1
     on("python", monkeypatch)
     theirs = run_recurrence("LSTM", leaves, constants)
     assert_all_close(ours, theirs)
-    assert_all_close([evaluated.clone()], [theirs[0]])
+    assert_all_close([evaluated], [theirs[0]])
+
+
+@pytest.mark.slow
+def test_every_launch_compiles_for_an_h100_or_h200(tmp_path):
+    """What the interpreter lets pass, the compiler does not (a block that is not a power of
+    two, constexpr misuse, dtype casts): every kernel specialization the loops launch, compiled
+    for compute capability 9.0 with Triton's own ptxas, in a process without the interpreter
+    and with an empty kernel cache (so nothing compiled earlier is reused)."""
+    tests = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests),
+                                           env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c",
+                           "import triton_cases; print(triton_cases.compile_every_launch())"],
+                          cwd=tests, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 5 * len(MODES)  # every kernel, several variants
+
+
+def test_a_failed_capture_warns_once_and_falls_back_to_plain_launches(monkeypatch):
+    """A capture that raises turns graphs off for good with one warning; that call and every
+    later one launch plainly and give the Python twins' results."""
+    cache = _stand_in_graphs(monkeypatch)
+
+    def cannot_capture(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton_loops, "_cuda_graph", cannot_capture)
+    on("triton", monkeypatch)
+    leaves, constants = recurrence_inputs("GRU", 4, 3, 2, 5, **CASES["sequence+zoneout"])
+    run_recurrence("GRU", leaves, constants)  # first calls: plain, keys noted
+    with pytest.warns(RuntimeWarning, match=r"could not capture .*\(RuntimeError: operation"):
+        failed = run_recurrence("GRU", leaves, constants)
+    assert cache.failed and cache.captures == 0 and not cache.entries
+    assert not cache.usable("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        later = run_recurrence("GRU", leaves, constants)
+    on("python", monkeypatch)
+    theirs = run_recurrence("GRU", leaves, constants)
+    assert_all_close(failed, theirs)
+    assert_all_close(later, theirs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replayed_forwards_keep_their_own_saved_tensors(mode, monkeypatch):
+    """Two forwards replayed from one graph before either backward (a bidirectional layer's
+    two directions, a stacked model's equal layers): each backward sees its own forward's
+    buffers, not the static ones the later replay overwrote."""
+    cache = _stand_in_graphs(monkeypatch)
+    on("triton", monkeypatch)
+    inputs = [recurrence_inputs(mode, 4, 3, 2, 5, seed=seed, **CASES["fresh+lengths"])
+              for seed in range(3)]
+    run_recurrence(mode, *inputs[0])  # first calls: plain
+    outs = [recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"], leaves["mask"],
+                       constants["lengths"], None) for leaves, constants in inputs]
+    assert cache.captures == 1  # the second forward recorded, the third replayed
+    grads = [torch.autograd.grad(out.sum() + sum(s.sum() for s in final), leaves["x"])[0]
+             for (out, final), (leaves, _) in reversed(list(zip(outs, inputs)))]
+    on("python", monkeypatch)
+    for (leaves, constants), (out, final), grad in zip(inputs, outs, reversed(grads)):
+        theirs, theirs_final = recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"],
+                                          leaves["mask"], constants["lengths"], None)
+        their_grad = torch.autograd.grad(theirs.sum() + sum(s.sum() for s in theirs_final),
+                                         leaves["x"])[0]
+        assert_all_close([out, *final, grad], [theirs, *theirs_final, their_grad])
+
+
+def _batch_major(tensor):
+    """The same values stored batch-major: a ``(T, B, ...)`` view of a ``(B, T, ...)`` tensor,
+    as a batch-first caller would hand it over (not contiguous)."""
+    return tensor.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("case", ["plain", "masked, lengths", "masked, zoneout"])
+def test_loops_read_inputs_of_any_strides(case):
+    """Every loop given its read-only inputs batch-major (the kernels index rows densely)
+    fills the same buffers as the Python twin given them contiguous."""
+    from rnnreg.nn.loops.check import _arguments
+
+    for name, arguments in _arguments(torch.Generator().manual_seed(0), case, False).items():
+        strided = {k: _batch_major(v) if isinstance(v, torch.Tensor) and v.dim() == 3
+                   and k not in triton_loops._FILLED[name] else v
+                   for k, v in arguments.items()}
+        assert any(isinstance(v, torch.Tensor) and not v.is_contiguous()
+                   for v in strided.values())
+        ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in strided.items()}
+        theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                  for k, v in arguments.items()}
+        result = getattr(triton_loops.LOOPS, name)(*ours.values())
+        expected = getattr(loops.PYTHON, name)(*theirs.values())
+        for k in triton_loops._FILLED[name]:
+            if theirs[k] is not None:
+                torch.testing.assert_close(ours[k], theirs[k], **TOL, msg=f"{name}: {k}")
+        assert_all_close([r for r in _tuple(result) if r is not None],
+                         [r for r in _tuple(expected) if r is not None])
+
+
+def _tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def test_a_step_beyond_32_bit_offsets_is_a_clear_error():
+    """The kernels address a step's (B, G*H) rows with 32-bit offsets: a step too large for
+    them is refused before any launch (B * G * H = 2**31 here), one element less is not."""
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        triton_loops._grid(2**15, 2**14, 4)
+    assert triton_loops._grid(2**15, 2**14 - 1, 4) == (2**15 * (2**14 - 1) // 512,)

@@ -70,6 +70,16 @@ def run_recurrence(mode, leaves, constants, seed=1):
     return [out, *final, *torch.autograd.grad(loss, wrt)]
 
 
+def evaluated_twice(mode, leaves):
+    """The recurrence's output run twice under inference_mode, as evaluation does (with a graph
+    cache: the first call launches plainly, the second records), as an ordinary tensor."""
+    with torch.inference_mode():
+        for _ in range(2):
+            out = recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"],
+                             leaves.get("mask"), None, None)[0]
+    return out.clone()
+
+
 def torch_module(mode, features, hidden, bidirectional, device="cpu", seed=0):
     torch.manual_seed(seed)
     if mode in ("RNN_TANH", "RNN_RELU"):
@@ -133,3 +143,68 @@ def assert_tracks_float32(mode, low, full, dtype):
         assert torch.isfinite(a).all(), f"result {k} is not finite"
         bound = 4 * eps if k < states else (25 if mode == "RNN_RELU" else 8) * eps
         assert relative_error(a, b) < bound, (k, relative_error(a, b), bound)
+
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+                  torch.uint8: "*u8"}
+
+
+def compile_every_launch(arch=90):
+    """Compile, for an NVIDIA GPU of compute capability ``arch`` (90: the H100/H200), every
+    kernel specialization the Triton loops launch over :data:`CASES`, all four modes, float32
+    and both autocast dtypes; return how many. Nothing runs: the launches are recorded on CPU
+    tensors (the products run, the kernels are only compiled), so compile-time errors that
+    Triton's interpreter lets pass (constexpr use, block shapes, dtype casts) show up on any
+    machine with Triton's bundled ptxas. Must run in a process that imported Triton without
+    ``TRITON_INTERPRET``."""
+    import os
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rnnreg.nn import loops
+    from rnnreg.nn.loops import triton as triton_loops
+
+    assert not triton_loops.interpreted(), "Triton was imported with TRITON_INTERPRET=1"
+    launched = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                values = dict(zip(self.kernel.arg_names, args)) | constexprs
+                signature = {name: "constexpr" if name in constexprs
+                             else _POINTER_TYPES[v.dtype] if isinstance(v, torch.Tensor)
+                             else "i32" for name, v in values.items()}
+                key = (self.kernel.fn.__name__, tuple(signature.items()),
+                       tuple(constexprs.items()))
+                launched[key] = (self.kernel, signature, constexprs)
+            return launch
+
+    for name in ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
+                 "_lstm_backward_step", "_carry_backward_step"):
+        setattr(triton_loops, name, Recorder(getattr(triton_loops, name)))
+    triton_loops.interpreted = lambda: True  # lets the engine take CPU tensors
+    os.environ[loops.VARIABLE] = "triton"
+    for mode in GATES:
+        for case in CASES.values():
+            leaves, constants = recurrence_inputs(mode, 3, 2, 2, 5, **case)
+            for dtype in (None, torch.bfloat16, torch.float16):
+                with torch.autocast("cpu", dtype=dtype or torch.bfloat16,
+                                    enabled=dtype is not None):
+                    run_recurrence(mode, leaves, constants)
+    target = GPUTarget("cuda", arch, 32)
+    for kernel, signature, constexprs in launched.values():
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                       target=target)
+    # The control: a block that is not a power of two compiles in the interpreter, not here.
+    kernel, signature, constexprs = next(iter(launched.values()))
+    try:
+        triton.compile(ASTSource(fn=kernel, signature=signature,
+                                 constexprs=constexprs | {"BLOCK": 500}), target=target)
+    except triton.CompilationError:
+        return len(launched)
+    raise AssertionError("a block of 500 compiled: this check would miss compile errors")

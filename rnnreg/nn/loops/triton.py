@@ -11,8 +11,9 @@ frozen or zoned-out state, then forms the gate gradients) and one product; dW_hh
 product over all ``T*B`` rows after the loop, in ``rnnreg.nn.recurrence``.
 
 The kernels compute in float32 whatever the buffers' dtype (bfloat16 or float16 under
-autocast), and the backward carries dL/dh and dL/dc between steps in float32; cuBLAS
-accumulates the low-precision products in float32.
+autocast); the LSTM's and the Elman cell's backward carry dL/dh (and dL/dc) between steps in
+float32, while the GRU's keeps dL/dh(t) of every step in the buffers' dtype (its backward reads
+them all again after the loop); cuBLAS accumulates the low-precision products in float32.
 
 A loop of T steps is 2T launches of small kernels, each with a fixed launch cost on the host. On
 CUDA each loop is therefore captured as a CUDA graph per shape, dtype and options, on the second
@@ -29,6 +30,7 @@ Triton is imported) the kernels run on CPU tensors, which is how they are tested
 from __future__ import annotations
 
 import collections
+import contextlib
 import types
 import warnings
 
@@ -66,6 +68,26 @@ def _load(ptr, offs, live):
 
 
 @triton.jit
+def _kept(new, previous, zone, valid, b, offs, live, HAS_ZONE: tl.constexpr,
+          HAS_VALID: tl.constexpr):
+    # The state a step leaves: zoneout's d * previous + (1 - d) * candidate (Krueger et al.
+    # 2017), and the previous state unchanged where the sequence has ended.
+    if HAS_ZONE:
+        new = new + _load(zone, offs, live) * (previous - new)
+    if HAS_VALID:
+        new = tl.where(tl.load(valid + b, mask=live, other=0) != 0, new, previous)
+    return new
+
+
+@triton.jit
+def _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT: tl.constexpr):
+    # h(t), and the masked state the next step's product reads.
+    tl.store(h_new + offs, h, mask=live)
+    if HAS_NEXT:
+        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+
+
+@triton.jit
 def _lstm_forward_step(rec, p, c_prev, h_prev, acts, c_new, tanh_c, h_new, mask_next,
                        h_in_next, zone_h, zone_c, valid, n, H,
                        HAS_ZONE: tl.constexpr, HAS_VALID: tl.constexpr,
@@ -86,19 +108,11 @@ def _lstm_forward_step(rec, p, c_prev, h_prev, acts, c_new, tanh_c, h_new, mask_
     hp = _load(h_prev, offs, live)
     c = f * cp + i * g
     tc = _tanh(c)
-    h = o * tc
-    if HAS_ZONE:  # d * previous + (1 - d) * candidate (Krueger et al. 2017)
-        c = c + _load(zone_c, offs, live) * (cp - c)
-        h = h + _load(zone_h, offs, live) * (hp - h)
-    if HAS_VALID:  # a finished sequence keeps its state
-        v = tl.load(valid + b, mask=live, other=0) != 0
-        c = tl.where(v, c, cp)
-        h = tl.where(v, h, hp)
     tl.store(tanh_c + offs, tc, mask=live)
-    tl.store(c_new + offs, c, mask=live)
-    tl.store(h_new + offs, h, mask=live)
-    if HAS_NEXT:  # the masked state the next step's product reads
-        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+    tl.store(c_new + offs, _kept(c, cp, zone_c, valid, b, offs, live, HAS_ZONE, HAS_VALID),
+             mask=live)
+    h = _kept(o * tc, hp, zone_h, valid, b, offs, live, HAS_ZONE, HAS_VALID)
+    _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT)
 
 
 @triton.jit
@@ -117,14 +131,8 @@ def _gru_forward_step(rec, p, h_prev, rz, n_out, h_new, mask_next, h_in_next, zo
     tl.store(rz + b * 2 * H + H + j, z, mask=live)
     tl.store(n_out + offs, cand, mask=live)
     hp = _load(h_prev, offs, live)
-    h = cand + z * (hp - cand)
-    if HAS_ZONE:
-        h = h + _load(zone, offs, live) * (hp - h)
-    if HAS_VALID:
-        h = tl.where(tl.load(valid + b, mask=live, other=0) != 0, h, hp)
-    tl.store(h_new + offs, h, mask=live)
-    if HAS_NEXT:
-        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+    h = _kept(cand + z * (hp - cand), hp, zone, valid, b, offs, live, HAS_ZONE, HAS_VALID)
+    _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT)
 
 
 @triton.jit
@@ -139,15 +147,10 @@ def _elman_forward_step(rec, p, h_prev, candidate, h_new, mask_next, h_in_next, 
         h = tl.maximum(a, 0.0)
     else:
         h = _tanh(a)
-    hp = _load(h_prev, offs, live)
     if HAS_ZONE:  # the candidate stays for act' in the backward
         tl.store(candidate + offs, h, mask=live)
-        h = h + _load(zone, offs, live) * (hp - h)
-    if HAS_VALID:
-        h = tl.where(tl.load(valid + b, mask=live, other=0) != 0, h, hp)
-    tl.store(h_new + offs, h, mask=live)
-    if HAS_NEXT:
-        tl.store(h_in_next + offs, h * _load(mask_next, offs, live), mask=live)
+    h = _kept(h, _load(h_prev, offs, live), zone, valid, b, offs, live, HAS_ZONE, HAS_VALID)
+    _store_state(h, h_new, mask_next, h_in_next, offs, live, HAS_NEXT)
 
 
 @triton.jit
@@ -228,8 +231,29 @@ def _carry_backward_step(dh_next, dh, d_out, d_hin_next, mask_next, keep_next, c
         tl.store(d_pre + at, d_h * _load(coef, at, live), mask=live)
 
 
-def _grid(batch, hidden):
+def _grid(batch, hidden, gates):
+    """One program per ``_BLOCK`` elements of the ``(B, H)`` state. A kernel addresses one
+    step's ``(B, gates * H)`` rows with 32-bit offsets from each row's start."""
+    if batch * gates * hidden >= 2**31:
+        raise ValueError(f"a step of batch {batch} and {gates} x {hidden} units has 2**31 or "
+                         f"more elements, more than the Triton kernels' 32-bit offsets reach")
     return (triton.cdiv(batch * hidden, _BLOCK),)
+
+
+def _products(w_hh, b_hh, masks, hs, h_in, recs):
+    """Each forward step's recurrent product ``W_hh (m * h(t-1)) (+ b_hh)`` into ``recs[t]``,
+    yielding ``(t, following)``; ``following``: the step's kernel writes the masked state the
+    next product reads. The first masked state is formed here."""
+    masked = masks[0] is not None
+    if masked:
+        torch.mul(hs[0], masks[0], out=h_in[0])
+    for t, rec in enumerate(recs):
+        state = h_in[t] if masked else hs[t]
+        if b_hh is None:
+            torch.mm(state, w_hh.t(), out=rec)
+        else:
+            torch.addmm(b_hh, state, w_hh.t(), out=rec)
+        yield t, masked and t + 1 < len(recs)
 
 
 def _rows(tensor, steps, like):
@@ -257,16 +281,13 @@ def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs,
                  h_in):
     steps, batch, gates = projected.shape
     hidden = gates // 4
+    projected = projected.contiguous()  # the kernels index each step's rows densely
     rec = projected.new_empty(batch, gates)
     masks = _rows(mask, steps, hs[0])
     keep_h, keep_c = _rows(zone_h, steps, hs[0]), _rows(zone_c, steps, hs[0])
     flags = _flags(valid)
-    if mask is not None:
-        torch.mul(hs[0], masks[0], out=h_in[0])
-    for t in range(steps):
-        torch.mm(hs[t] if mask is None else h_in[t], w_hh.t(), out=rec)
-        following = mask is not None and t + 1 < steps
-        _lstm_forward_step[_grid(batch, hidden)](
+    for t, following in _products(w_hh, None, masks, hs, h_in, [rec] * steps):
+        _lstm_forward_step[_grid(batch, hidden, 4)](
             rec, projected[t], cs[t], hs[t], acts[t], cs[t + 1], tanh_c[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
             _or(keep_h[t], rec), _or(keep_c[t], rec), rec if flags is None else flags[t],
@@ -279,7 +300,7 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     # ``passthrough`` is 1 - valid: the kernel reads ``valid`` itself.
     steps, batch, gates = d_gates.shape
     hidden = gates // 4
-    d_out = d_out.contiguous()
+    d_out, acts, cs, tanh_c = (t.contiguous() for t in (d_out, acts, cs, tanh_c))
     dh, dc = _carried(d_h), _carried(d_c)
     masks = _rows(mask, steps, dh)
     keep_h, keep_c = _rows(zone_h, steps, dh), _rows(zone_c, steps, dh)
@@ -287,7 +308,7 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     for t in range(steps - 1, -1, -1):
         last = t == steps - 1
         nxt = t if last else t + 1
-        _lstm_backward_step[_grid(batch, hidden)](
+        _lstm_backward_step[_grid(batch, hidden, 4)](
             dh, dc, d_out[t], d_hin[nxt], _or(masks[nxt], dh), _or(keep_h[nxt], dh),
             dh if flags is None else flags[nxt], acts[t], cs[t], tanh_c[t], _or(keep_h[t], dh),
             _or(keep_c[t], dh), dh if flags is None else flags[t], d_gates[t],
@@ -322,18 +343,11 @@ def _first_state_grad(d_hin, mask, dh, keep):
 def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
     steps, batch, gates = projected.shape
     hidden = gates // 3
+    projected = projected.contiguous()
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
-    if mask is not None:
-        torch.mul(hs[0], masks[0], out=h_in[0])
-    for t in range(steps):
-        state = hs[t] if mask is None else h_in[t]
-        if b_hh is None:
-            torch.mm(state, w_hh.t(), out=rec[t])
-        else:
-            torch.addmm(b_hh, state, w_hh.t(), out=rec[t])
-        following = mask is not None and t + 1 < steps
-        _gru_forward_step[_grid(batch, hidden)](
+    for t, following in _products(w_hh, b_hh, masks, hs, h_in, rec):
+        _gru_forward_step[_grid(batch, hidden, 3)](
             rec[t], projected[t], hs[t], rz[t], n[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
             _or(keep[t], rec), rec if flags is None else flags[t], batch * hidden, hidden,
@@ -360,7 +374,7 @@ def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec
 
 def _carry_step(gates, last, dh_next, dh, d_out, d_hin_next, mask_next, keep_next, coef, d_pre,
                 batch, hidden):
-    _carry_backward_step[_grid(batch, hidden)](
+    _carry_backward_step[_grid(batch, hidden, gates)](
         dh_next, dh, d_out, d_hin_next, _or(mask_next, dh), _or(keep_next, dh), coef, d_pre,
         batch * hidden, hidden, G=gates, LAST=last, HAS_MASK=mask_next is not None,
         HAS_KEEP=keep_next is not None, BLOCK=_BLOCK)
@@ -368,15 +382,12 @@ def _carry_step(gates, last, dh_next, dh, d_out, d_hin_next, mask_next, keep_nex
 
 def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
     steps, batch, hidden = projected.shape
+    projected = projected.contiguous()
     rec = projected.new_empty(batch, hidden)
     masks, keep = _rows(mask, steps, hs[0]), _rows(zone, steps, hs[0])
     flags = _flags(valid)
-    if mask is not None:
-        torch.mul(hs[0], masks[0], out=h_in[0])
-    for t in range(steps):
-        torch.mm(hs[t] if mask is None else h_in[t], w_hh.t(), out=rec)
-        following = mask is not None and t + 1 < steps
-        _elman_forward_step[_grid(batch, hidden)](
+    for t, following in _products(w_hh, None, masks, hs, h_in, [rec] * steps):
+        _elman_forward_step[_grid(batch, hidden, 1)](
             rec, projected[t], hs[t], rec if candidates is None else candidates[t], hs[t + 1],
             masks[t + 1] if following else rec, h_in[t + 1] if following else rec,
             _or(keep[t], rec), rec if flags is None else flags[t], batch * hidden, hidden,
@@ -441,14 +452,20 @@ class GraphCache:
 
     def usable(self, device):
         """Whether loops on ``device`` would run as graph replays (from a key's second call)."""
-        return (self.enabled and not self.failed and torch.device(device).type == "cuda"
-                and not interpreted())
+        return self.enabled and not self.failed and _capturable(device)
 
     def run(self, name, loop, args):
-        """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly."""
+        """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly; on the
+        arguments' device, which need not be the current one (Triton launches its kernels,
+        and torch captures graphs, on the current device)."""
+        if torch.compiler.is_compiling():  # traced as plain launches
+            return loop(*args)
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if (not self.usable(device) or torch.compiler.is_compiling()
-                or torch.cuda.is_current_stream_capturing()):
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return self._run(name, loop, args, device)
+
+    def _run(self, name, loop, args, device):
+        if not self.usable(device) or torch.cuda.is_current_stream_capturing():
             return loop(*args)
         key = (name, device, _matmul_settings(), *(_signature(a) for a in args))
         entry = self.entries.get(key)
@@ -466,13 +483,18 @@ class GraphCache:
             self.failed = True
             warnings.warn(f"rnnreg could not capture its Triton loops as CUDA graphs, so "
                           f"they launch step by step ({type(error).__name__}: {error})",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             return loop(*args)
         self.captures += 1
         self.entries[key] = entry
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return entry.replay(args, _FILLED[name])
+
+
+def _capturable(device):
+    """Whether loops on ``device`` can be captured at all: CUDA, with compiled kernels."""
+    return torch.device(device).type == "cuda" and not interpreted()
 
 
 def _matmul_settings():
@@ -529,10 +551,17 @@ def _cuda_graph(run):
         run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # thread_local: the backward loops are captured on autograd's thread, while other threads
-    # (a data loader's) may use CUDA.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        result = run()
+    caller = torch.cuda.current_stream()
+    try:
+        # thread_local: the backward loops are captured on autograd's thread, while other
+        # threads (a data loader's) may use CUDA.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            result = run()
+    except BaseException:
+        # When ending a failed capture raises, torch.cuda.graph leaves its capture stream
+        # current; the plain launches that follow belong on the caller's stream.
+        torch.cuda.set_stream(caller)
+        raise
     return graph.replay, result
 
 
