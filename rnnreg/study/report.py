@@ -97,11 +97,16 @@ def _corpora(groups: Sequence[Group]) -> str:
             described["not recorded by the run"] = None
             continue
         files = "; ".join(f"{info['name']} MD5 {info['md5']}"
-                          for info in record.get("files", {}).values())
+                          for _, info in sorted(record.get("files", {}).items(), key=_split_order))
         described[f"{Path(record.get('data_dir', '')).name or 'corpus'} ({files})"] = None
     if len(described) == 1:
         return f"data: {next(iter(described))}"
     return f"data differs between runs: {' | '.join(described)}"
+
+
+def _split_order(item: tuple[str, dict]) -> int:
+    order = ("train", "valid", "test")  # a one-file corpus's single role ("text") goes last
+    return order.index(item[0]) if item[0] in order else len(order)
 
 
 def _overview(study: dict, groups: Sequence[Group]) -> list:
