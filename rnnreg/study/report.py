@@ -44,7 +44,6 @@ __all__ = ["write_report"]
 _HEATMAP_TOKENS = 40
 
 
-
 def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path:
     """Write ``out/report.md`` and a self-contained ``out/report.html``; returns the .md path.
 
