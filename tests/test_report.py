@@ -381,3 +381,15 @@ def test_without_checkpoints_the_hidden_state_figure_is_kept_and_said_so(zoneout
     heading = blocks.index(("h2", "Hidden states on real text"))
     assert blocks[heading + 1][1].startswith("Not drawn: it needs a trained model")
     assert str(study) not in _text(study)
+
+
+@pytest.mark.slow
+def test_a_missing_corpus_skips_the_hidden_states_without_naming_its_path(zoneout_study,
+                                                                          tmp_path):
+    study = Path(shutil.copytree(zoneout_study, tmp_path / "moved"))
+    missing = tmp_path / "no-corpus-here"
+    write_report(study, data_dir=missing)
+    blocks = _blocks((study / "report.html").read_text(encoding="utf-8"))
+    heading = blocks.index(("h2", "Hidden states on real text"))
+    assert blocks[heading + 1][1].startswith("Skipped: the corpus's valid split could not be read")
+    assert str(missing) not in _text(study)

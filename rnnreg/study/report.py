@@ -268,8 +268,10 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
     try:
         corpus = Corpus.load(data_dir, config.level, vocab,
                              split_fractions=config.split_fractions)
-    except DataError as error:
-        return [*blocks, Paragraph(f"Skipped: the valid split could not be read ({error}).")]
+    except DataError:  # its text names a path of this machine: no use to a reader
+        return [*blocks, Paragraph("Skipped: the corpus's valid split could not be read where "
+                                   "the report was written; rewrite it with --data-dir naming "
+                                   "the corpus the runs were trained on.")]
     ids = corpus.valid[:_HEATMAP_TOKENS].unsqueeze(1)
     path = plots.hidden_heatmaps(_hidden_panels(model, ids), figures / "hidden-states.png",
                                  tokens=vocab.decode(ids[:, 0]),
