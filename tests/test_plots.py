@@ -32,7 +32,8 @@ from rnnreg.study.plots import (
 )
 
 PLACEMENTS = ("embedding", "input", "between", "recurrent", "weight", "output")
-VERMILLION, BLUE, ORANGE = "#D55E00", "#0072B2", "#E69F00"  # Okabe & Ito, as plots documents
+# Okabe & Ito, as plots documents: dropout, DropConnect and valid, train, zoneout.
+VERMILLION, BLUE, ORANGE, GREEN = "#D55E00", "#0072B2", "#E69F00", "#009E73"
 RECORDS = [{"epoch": e, "train_ppl": 100 / e, "valid_ppl": 120 / e + e,
             "train_seconds": 90.0 * e} for e in (1, 2, 3)]
 
@@ -150,6 +151,52 @@ def test_placement_diagram_tells_the_mask_schedule(saved, tmp_path):
                    for figure in saved)
     assert "recurrent dropout p=0.5\nsame mask every step" in held
     assert "recurrent dropout p=0.5\nfresh mask each step" in fresh
+
+
+def test_zoneout_diagram_draws_zoneout_on_the_recurrence_not_no_dropout(saved, tmp_path):
+    # Krueger et al.'s word-level PTB rates at p=0.5: cell 0.5, hidden 0.05.
+    model = _model(strategy="zoneout", strategy_p=0.5)
+    placements = placements_of(model)
+    assert placements.zoneout == {"hidden": 0.05, "cell": 0.5} and placements.dropped == ()
+    path = placement_diagram(model, tmp_path / "z.png")
+    (figure,) = saved
+    texts = [text.get_text() for ax in figure.axes for text in ax.texts]
+    assert "zoneout hidden p=0.05, cell p=0.5\nfresh mask each step, units keep h_(t-1)" in texts
+    assert not any("no dropout anywhere" in text for text in texts)
+    assert any(text.endswith("zoneout on: hidden, cell; fresh mask each step") for text in texts)
+    pixels = _image(path, figure)
+    assert _pixels_of(pixels, GREEN) > 200 and _pixels_of(pixels, VERMILLION) == 0
+
+
+def test_a_gru_zones_out_only_its_hidden_state(saved, tmp_path):
+    placement_diagram(_model(strategy="zoneout", strategy_p=0.5, cell="gru"), tmp_path / "g.png")
+    texts = [text.get_text() for ax in saved[0].axes for text in ax.texts]
+    assert "zoneout hidden p=0.05\nfresh mask each step, units keep h_(t-1)" in texts
+
+
+def test_batch_shared_recurrent_mask_is_drawn_apart_from_per_sequence_masks(saved, tmp_path):
+    per_row = placement_diagram(_model(strategy="variational", strategy_p=0.5),
+                                tmp_path / "v.png")
+    shared = placement_diagram(_model(strategy="variational_batch", strategy_p=0.5),
+                               tmp_path / "b.png")
+    row_texts, batch_texts = ([text.get_text() for ax in figure.axes for text in ax.texts]
+                              for figure in saved)
+    assert "recurrent dropout p=0.5\nsame mask every step" in row_texts
+    assert "recurrent dropout p=0.5\none mask per window, shared by the batch" in batch_texts
+    assert "recurrent dropout p=0.5\nsame mask every step" not in batch_texts
+    # Input, between and output stay one mask per sequence in both.
+    assert "input dropout p=0.5\nsame mask every step" in batch_texts
+    assert "    one mask per window, shared by the batch: recurrent" in "\n".join(batch_texts)
+    assert not np.array_equal(_image(per_row), _image(shared))
+
+
+def test_a_one_epoch_curve_starts_its_axis_at_zero(tmp_path, saved):
+    learning_curves({"a": RECORDS[:1]}, tmp_path / "one.png")
+    (ax,) = _panels(saved[-1])
+    left, right = ax.get_xlim()
+    assert left == 0 and 1 <= right < 1.5
+    ticks = [t for t in ax.get_xticks() if left <= t <= right]
+    assert ticks == [0, 1]  # whole epochs, not 0.96 to 1.04
 
 
 def test_learning_curves_draw_each_runs_records_in_its_own_panel(tmp_path, saved):

@@ -8,6 +8,7 @@ the report reads it from the shapes of the masks the model draws.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -320,3 +321,75 @@ def test_report_says_what_zoneout_samples(zoneout_study):
                        ["zoneout hidden", "–", FRESH],
                        ["zoneout cell", "–", FRESH],
                        ["output", FRESH, "–"]]
+
+
+def _text(study: Path) -> str:
+    return (study / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_report_names_the_corpus_by_checksum_not_by_this_machines_path(zoneout_study,
+                                                                      module_corpus):
+    page = (zoneout_study / "report.html").read_text(encoding="utf-8")
+    for text in (_text(zoneout_study), page):
+        assert str(module_corpus) not in text and str(module_corpus.parent) not in text
+        for split in ("train", "valid", "test"):
+            md5 = hashlib.md5((module_corpus / f"{split}.txt").read_bytes()).hexdigest()
+            assert f"{split}.txt MD5 {md5}" in text
+        assert f"data: {module_corpus.name} (" in text
+
+
+@pytest.mark.slow
+def test_report_is_titled_by_what_it_compares_and_counts_in_words(zoneout_study):
+    blocks = _blocks((zoneout_study / "report.html").read_text(encoding="utf-8"))
+    assert blocks[0] == ("h1", "Dropout study: zaremba and zoneout (LSTM)")
+    (held,) = [text for kind, text in blocks if text.startswith("Held equal")]
+    assert "2 layers of 8 units, 1 epoch, batch 4" in held and "epochs" not in held
+
+
+@pytest.mark.slow
+def test_a_one_rate_study_draws_no_rate_curve_and_says_why(zoneout_study):
+    blocks = _blocks((zoneout_study / "report.html").read_text(encoding="utf-8"))
+    assert not (zoneout_study / "figures" / "rates-lstm.png").exists()
+    assert not any(kind == "img" and text.startswith("rates") for kind, text in blocks)
+    heading = blocks.index(("h2", "Perplexity against dropout rate"))
+    assert blocks[heading + 1] == ("p", "lstm: no figure, as each strategy ran at one rate only "
+                                        "(p = 0.5): there is no curve against the rate to draw. "
+                                        "The tables above compare the strategies.")
+    assert ("h2", "Where each strategy drops") in blocks
+
+
+@pytest.mark.slow
+def test_without_checkpoints_the_hidden_state_figure_is_kept_and_said_so(zoneout_study,
+                                                                         tmp_path):
+    study = Path(shutil.copytree(zoneout_study, tmp_path / "kept"))
+    for run in (study / "runs").iterdir():  # what results/ keeps: config and metrics only
+        shutil.rmtree(RunDir(run).checkpoint_dir)
+        RunDir(run).vocab_path.unlink()
+    figure = study / "figures" / "hidden-states.png"
+    drawn = figure.read_bytes()
+    write_report(study)
+    assert figure.read_bytes() == drawn
+    blocks = _blocks((study / "report.html").read_text(encoding="utf-8"))
+    heading = blocks.index(("h2", "Hidden states on real text"))
+    assert blocks[heading + 1] == ("img", "hidden-states")
+    assert blocks[heading + 2][1].startswith("Kept from an earlier writing of this report")
+
+    figure.unlink()
+    write_report(study)
+    blocks = _blocks((study / "report.html").read_text(encoding="utf-8"))
+    heading = blocks.index(("h2", "Hidden states on real text"))
+    assert blocks[heading + 1][1].startswith("Not drawn: it needs a trained model")
+    assert str(study) not in _text(study)
+
+
+@pytest.mark.slow
+def test_a_missing_corpus_skips_the_hidden_states_without_naming_its_path(zoneout_study,
+                                                                          tmp_path):
+    study = Path(shutil.copytree(zoneout_study, tmp_path / "moved"))
+    missing = tmp_path / "no-corpus-here"
+    write_report(study, data_dir=missing)
+    blocks = _blocks((study / "report.html").read_text(encoding="utf-8"))
+    heading = blocks.index(("h2", "Hidden states on real text"))
+    assert blocks[heading + 1][1].startswith("Skipped: the corpus's valid split could not be read")
+    assert str(missing) not in _text(study)

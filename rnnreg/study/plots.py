@@ -15,7 +15,7 @@ also told by line style, marker or label.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -137,29 +137,44 @@ def hidden_heatmaps(panels: Mapping[str, np.ndarray], path: str | Path, *,
 # Placement name -> how often its mask is redrawn when it is not a per-step placement.
 _PER_CALL = {"weight": "one mask per window (DropConnect on W_hh)",
              "embedding": "whole words, one mask per window"}
+# The recurrent mask of recurrent_mask="batch": one draw for every row and step of a window.
+_BATCH = "one mask per window, shared by the batch"
+# Zoneout's colour (bluish green): not dropout, so not vermillion, but drawn where it acts.
+_ZONEOUT = PALETTE[2]
 
 
 @dataclass(frozen=True)
 class Placements:
-    """Where a model drops, at what rate, and whether per-step masks are held per sequence.
+    """Where a model drops, at what rate, and how often each mask is redrawn.
 
     ``rates`` has the keys embedding, input, between, recurrent, weight, output; a rate of 0
     means no dropout there. ``variational`` applies to input, between, recurrent and output:
     embedding and weight masks are drawn once per forward call whatever it says.
+    ``recurrent_mask`` is "sequence" (one recurrent mask per row) or "batch" (one for the whole
+    batch). ``zoneout`` maps "hidden" and "cell" to the zoneout rates (Krueger et al. 2017),
+    which act on the recurrence without dropping: a zoned-out unit keeps its previous value.
     """
 
     rates: Mapping[str, float]
     variational: bool
     layers: int
+    recurrent_mask: str = "sequence"
+    zoneout: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def dropped(self) -> tuple[str, ...]:
         return tuple(name for name, rate in self.rates.items() if rate > 0)
 
+    @property
+    def zoned(self) -> tuple[str, ...]:
+        return tuple(name for name, rate in self.zoneout.items() if rate > 0)
+
     def schedule(self, name: str) -> str:
         """How often the mask of placement ``name`` changes, in words."""
         if name in _PER_CALL:
             return _PER_CALL[name]
+        if name == "recurrent" and self.recurrent_mask == "batch":
+            return _BATCH
         return "same mask every step" if self.variational else "fresh mask each step"
 
 
@@ -178,6 +193,9 @@ def placements_of(model: LanguageModel) -> Placements:
         },
         variational=bool(rnn.variational),
         layers=int(rnn.num_layers),
+        recurrent_mask=str(rnn.recurrent_mask),
+        # The GRU and the Elman RNN have no cell state: their zoneout_cell is always 0.
+        zoneout={"hidden": float(rnn.zoneout_hidden), "cell": float(rnn.zoneout_cell)},
     )
 
 
@@ -189,15 +207,19 @@ def placement_diagram(model: LanguageModel, path: str | Path, *,
     layers, the recurrence and the output. An arrow where dropout acts is thick, vermillion and
     labelled with its rate and how often its mask changes (dashed: fresh mask each step, solid:
     same mask every step); DropConnect on W_hh (dotted) and whole-word embedding dropout are
-    labelled where they act.
+    labelled where they act, and so is zoneout (dash-dotted, bluish green: it drops nothing,
+    a zoned-out unit keeps its value from h_{t-1}).
     """
     placements = placements_of(model)
     layers = placements.layers
     top = 2.0 + 1.6 * layers
-    figure = _figure(7.5, 1.1 * top / 2 + 1.6)
+    summary = _summary(placements)
+    lines = summary.count("\n")
+    figure = _figure(7.5, 1.1 * top / 2 + 1.6 + 0.18 * lines)
     ax = figure.add_subplot()
     ax.set_xlim(0, 12)
-    ax.set_ylim(-0.4, top + 1.2)
+    bottom = -0.4 - 0.3 * lines  # room for every line of the summary
+    ax.set_ylim(bottom, top + 1.2)
     ax.axis("off")
     rates = placements.rates
     _box(ax, 6, 0.5, r"$x_t = E[w_t]$", "#DDEEFF",
@@ -213,6 +235,8 @@ def placement_diagram(model: LanguageModel, path: str | Path, *,
                 shrinkA=0, shrinkB=0))
             ax.text(3.8, y - 0.42, _label(placements, "weight"), color=_WEIGHT, ha="center",
                     va="top", fontsize=7)
+        if placements.zoned:  # zoneout acts on the recurrence: h_{t-1} carried over per unit
+            _zoneout(ax, placements, y)
         below = 0.5 + 1.6 * (layer - 1)
         _arrow(ax, (6, below + 0.3), (6, y - 0.3), placements,
                "input" if layer == 1 else "between", label_at=(6.2, (below + y) / 2))
@@ -220,7 +244,7 @@ def placement_diagram(model: LanguageModel, path: str | Path, *,
     last = 0.5 + 1.6 * layers
     _arrow(ax, (6, last + 0.3), (6, top - 0.2), placements, "output",
            label_at=(6.2, (last + top) / 2))
-    ax.text(0.0, -0.3, _summary(placements), fontsize=8, va="bottom")
+    ax.text(0.0, bottom + 0.1, summary, fontsize=8, va="bottom")
     if title:
         figure.suptitle(title)
     return _save(figure, path)
@@ -250,14 +274,39 @@ def _arrow(ax, start, end, placements: Placements, name: str, *, label_at) -> No
                 fontsize=7)
 
 
+def _zoneout(ax, placements: Placements, y: float) -> None:
+    ax.annotate("", xy=(4.7, y + 0.12), xytext=(2.9, y + 0.12), arrowprops=dict(
+        arrowstyle="-|>", color=_ZONEOUT, linewidth=2.5, linestyle="-.", shrinkA=0, shrinkB=0))
+    # Above the arrow, unless a recurrent dropout label is there already.
+    above = not placements.rates["recurrent"]
+    ax.text(3.8, y + 0.32 if above else y - 0.42, _zoneout_label(placements), color=_ZONEOUT,
+            ha="center", va="bottom" if above else "top", fontsize=7)
+
+
+def _zoneout_label(placements: Placements) -> str:
+    rates = ", ".join(f"{name} p={placements.zoneout[name]:g}" for name in placements.zoned)
+    return f"zoneout {rates}\nfresh mask each step, units keep h_(t-1)"
+
+
 def _label(placements: Placements, name: str) -> str:
     return f"{name} dropout p={placements.rates[name]:g}\n{placements.schedule(name)}"
 
 
 def _summary(placements: Placements) -> str:
-    dropped = placements.dropped
-    if not dropped:
+    dropped, zoned = placements.dropped, placements.zoned
+    if not dropped and not zoned:
         return "no dropout anywhere"
-    per_step = [name for name in dropped if name not in _PER_CALL]
-    schedule = (f"; {placements.schedule('input')} ({', '.join(per_step)})" if per_step else "")
-    return f"dropout on: {', '.join(dropped)}{schedule}"
+    parts = []
+    if dropped:
+        by_schedule: dict[str, list[str]] = {}
+        for name in dropped:
+            if name not in _PER_CALL:
+                by_schedule.setdefault(placements.schedule(name), []).append(name)
+        parts.append(f"dropout on: {', '.join(dropped)}")
+        parts.extend(f"    {schedule}: {', '.join(names)}"
+                     for schedule, names in by_schedule.items())
+    else:
+        parts.append("no dropout")
+    if zoned:
+        parts.append(f"zoneout on: {', '.join(zoned)}; fresh mask each step")
+    return "\n".join(parts)

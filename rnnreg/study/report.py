@@ -21,6 +21,7 @@ from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.model import LanguageModel, ModelMasks
 from rnnreg.lm.rundir.curves import learning_curves
 from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
+from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots
 from rnnreg.study.document import (
@@ -42,8 +43,6 @@ __all__ = ["write_report"]
 # across steps, few enough that every token can be labelled.
 _HEATMAP_TOKENS = 40
 
-_TITLE = "Dropout-strategy study"
-
 
 def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path:
     """Write ``out/report.md`` and a self-contained ``out/report.html``; returns the .md path.
@@ -58,8 +57,9 @@ def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path
     study = _read_study(out)
     data = data_dir if data_dir is not None else study.get("data_dir")
     figures = out / "figures"
-    document = Document(_TITLE, (
-        Heading(_TITLE, 1), *_overview(study, groups),
+    title = _title(groups)
+    document = Document(title, (
+        Heading(title, 1), *_overview(study, groups),
         Heading("What the numbers say"), Bullets(tuple(_findings(groups))),
         *_tables(groups), *_curves(out, figures, groups), *_rates(out, figures, groups),
         *_heatmaps(out, figures, groups, data), *_placements(out, figures, groups)))
@@ -73,6 +73,41 @@ def _read_study(out: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def _title(groups: Sequence[Group]) -> str:
+    """What this study compares, from its runs: two studies in one repository differ by it."""
+    strategies = list(dict.fromkeys(g.strategy for g in groups))
+    names = (", ".join(strategies[:-1]) + " and " + strategies[-1] if len(strategies) > 1
+             else strategies[0])
+    cells = ", ".join(dict.fromkeys(g.cell.upper() for g in groups))
+    return f"Dropout study: {names} ({cells})"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _corpora(groups: Sequence[Group]) -> str:
+    """The corpus the runs were trained on, by name and MD5 from each run's corpus record, never
+    by the path of the machine that ran them (which means nothing to a reader)."""
+    described: dict[str, None] = {}
+    for run in (run for group in groups for run in group.runs):
+        record = RunDir(run.path).read_corpus()
+        if record is None:
+            described["not recorded by the run"] = None
+            continue
+        files = "; ".join(f"{info['name']} MD5 {info['md5']}"
+                          for _, info in sorted(record.get("files", {}).items(), key=_split_order))
+        described[f"{Path(record.get('data_dir', '')).name or 'corpus'} ({files})"] = None
+    if len(described) == 1:
+        return f"data: {next(iter(described))}"
+    return f"data differs between runs: {' | '.join(described)}"
+
+
+def _split_order(item: tuple[str, dict]) -> int:
+    order = ("train", "valid", "test")  # a one-file corpus's single role ("text") goes last
+    return order.index(item[0]) if item[0] in order else len(order)
+
+
 def _overview(study: dict, groups: Sequence[Group]) -> list:
     runs = [run for group in groups for run in group.runs]
     unfinished = [run.name for run in runs if run.final is None]
@@ -82,10 +117,10 @@ def _overview(study: dict, groups: Sequence[Group]) -> list:
     if "base" in study:
         base = Config.from_dict(study["base"])
         blocks.append(Paragraph(
-            f"Held equal in every run: {base.num_layers} layers of {base.hidden_size} units, "
-            f"{base.epochs} epochs, batch {base.batch_size}, bptt {base.bptt}, lr {base.lr:g} "
-            f"decayed by {base.lr_decay:g} after epoch {base.decay_after}; "
-            f"data from {study.get('data_dir')}."))
+            f"Held equal in every run: {_plural(base.num_layers, 'layer')} of "
+            f"{base.hidden_size} units, {_plural(base.epochs, 'epoch')}, batch "
+            f"{base.batch_size}, bptt {base.bptt}, lr {base.lr:g} decayed by "
+            f"{base.lr_decay:g} after epoch {base.decay_after}; {_corpora(groups)}."))
     if unfinished:
         blocks.append(Paragraph("No final record (still running, interrupted or diverged): "
                                 + ", ".join(unfinished) + "."))
@@ -201,11 +236,19 @@ def _rates(out: Path, figures: Path, groups: Sequence[Group]) -> list:
                 series.setdefault(group.strategy, []).append({
                     "rate": group.rate, "valid": valid.mean, "valid_std": valid.std,
                     "test": test.mean, "test_std": test.std})
-        if series:
-            path = plots.rate_curve(series, figures / f"rates-{cell}.png",
-                                    title=f"{cell}: final perplexity (mean ± std over seeds)")
-            blocks.append(Figure(path.relative_to(out), f"Perplexity against rate, {cell}; "
-                                 "a strategy with a single rate is a dotted reference line"))
+        if not any(len(points) > 1 for points in series.values()):
+            # A curve needs two rates; one point per strategy is the table above, no figure.
+            rates = sorted({point["rate"] for points in series.values() for point in points})
+            if rates:
+                blocks.append(Paragraph(
+                    f"{cell}: no figure, as each strategy ran at one rate only (p = "
+                    f"{', '.join(f'{rate:g}' for rate in rates)}): there is no curve against "
+                    "the rate to draw. The tables above compare the strategies."))
+            continue
+        path = plots.rate_curve(series, figures / f"rates-{cell}.png",
+                                title=f"{cell}: final perplexity (mean ± std over seeds)")
+        blocks.append(Figure(path.relative_to(out), f"Perplexity against rate, {cell}; "
+                             "a strategy with a single rate is a dotted reference line"))
     return blocks
 
 
@@ -218,12 +261,17 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
     # The largest output rate shows masking most plainly; the paper's placement breaks ties.
     run = max(finished, key=lambda r: (r.config.layer_options()["output_dropout"],
                                        r.config.strategy == "zaremba", r.name))
-    model, vocab, config = load_model(run.path, device="cpu")
+    try:
+        model, vocab, config = load_model(run.path, device="cpu")
+    except RunDirError:  # results kept without checkpoints: config and metrics only
+        return [*blocks, *_kept_heatmap(out, figures)]
     try:
         corpus = Corpus.load(data_dir, config.level, vocab,
                              split_fractions=config.split_fractions)
-    except DataError as error:
-        return [*blocks, Paragraph(f"Skipped: the valid split could not be read ({error}).")]
+    except DataError:  # its text names a path of this machine: no use to a reader
+        return [*blocks, Paragraph("Skipped: the corpus's valid split could not be read where "
+                                   "the report was written; rewrite it with --data-dir naming "
+                                   "the corpus the runs were trained on.")]
     ids = corpus.valid[:_HEATMAP_TOKENS].unsqueeze(1)
     path = plots.hidden_heatmaps(_hidden_panels(model, ids), figures / "hidden-states.png",
                                  tokens=vocab.decode(ids[:, 0]),
@@ -233,6 +281,20 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
         "Same weights, placements and rates in every panel; only how often the masks are "
         "redrawn differs. One mask per sequence blanks the same units at every step.")))
     return blocks
+
+
+def _kept_heatmap(out: Path, figures: Path) -> list:
+    """The figure a previous report drew, said to be that, or a sentence that there is none."""
+    path = figures / "hidden-states.png"
+    if not path.is_file():
+        # Not the error's text: it names this machine's path, which means nothing to a reader.
+        return [Paragraph("Not drawn: it needs a trained model's vocabulary and checkpoint, "
+                          "and the run directories keep none.")]
+    return [Figure(path.relative_to(out), (
+        "Kept from an earlier writing of this report: the checkpoints it was drawn from are "
+        "not kept with these runs, so it could not be redrawn. It shows a trained model's "
+        "last-layer output on the valid split under no dropout, a fresh mask each step and one "
+        "mask per sequence."))]
 
 
 @torch.no_grad()

@@ -107,6 +107,8 @@ def _panel(ax, records: Sequence[Mapping], x: str) -> None:
     ax.plot(xs, valid, color=_VALID, linestyle="-", marker="s", markersize=3, label="valid")
     if x == "epoch":
         ax.xaxis.get_major_locator().set_params(integer=True)
+        # From the start of training: one epoch alone would get a range of 0.96-1.04.
+        ax.set_xlim(left=0)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
