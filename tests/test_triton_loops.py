@@ -57,6 +57,7 @@ if not triton_loops.interpreted():
                 allow_module_level=True)
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+_LOOP = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "elman", "RNN_RELU": "elman"}
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -156,7 +157,7 @@ def test_under_autocast_track_float32(mode, dtype, monkeypatch):
     assert_tracks_float32(mode, low, full, dtype)
 
 
-def _rerun(run):
+def _rerun(run, device):
     """A CPU stand-in for a CUDA graph: a replay runs the loop again on the same static
     arguments and refreshes the recorded result's tensors in place, as a graph replay does."""
     result = run()
@@ -185,17 +186,22 @@ def _stand_in_graphs(monkeypatch):
 @pytest.mark.parametrize("mode", MODES)
 def test_replays_copy_inputs_in_and_results_out(mode, case, monkeypatch):
     """The graph cache's bookkeeping, with a stand-in for the capture: the first call at a
-    shape launches plainly, the second records and replays, a third with other values replays,
-    and all equal the Python twins (every input copied into the static arguments, every filled
-    buffer and result out)."""
+    shape launches plainly; the second records the forward (and the backward, unless it reads
+    the forward's buffers where they are: then it is a new key, recorded on the third call); a
+    fourth replays both; with other values each time, all equal the Python twins (every
+    changing input copied in, every filled buffer and result reaching the caller)."""
     cache = _stand_in_graphs(monkeypatch)
-    for seed, captures in ((0, 0), (1, 2), (2, 2)):
+    captures = []
+    for seed in range(4):
         leaves, constants = recurrence_inputs(mode, 4, 3, 2, 5, seed=seed, **CASES[case])
         on("triton", monkeypatch)
         ours = run_recurrence(mode, leaves, constants)
-        assert cache.captures == captures  # the forward and the backward loop, once
+        captures.append(cache.captures)
         on("python", monkeypatch)
         assert_all_close(ours, run_recurrence(mode, leaves, constants))
+    assert captures[0] == 0 and captures[1] >= 1 and captures[2:] == [2, 2]
+    assert sorted(key[0] for key in cache.entries) == sorted(
+        name for name in triton_loops._FILLED if name.startswith(_LOOP[mode]))
 
 
 def test_a_loop_recorded_under_inference_mode_replays_in_training(monkeypatch):
@@ -231,36 +237,45 @@ def test_every_launch_compiles_for_an_h100_or_h200(tmp_path):
     assert int(done.stdout.split()[-1]) >= 5 * len(MODES)  # every kernel, several variants
 
 
-def test_a_failed_capture_warns_once_and_falls_back_to_plain_launches(monkeypatch):
-    """A capture that raises turns graphs off for good with one warning; that call and every
-    later one launch plainly and give the Python twins' results."""
+def test_a_failed_capture_launches_its_key_plainly_and_keeps_graphs_for_others(monkeypatch):
+    """A capture that raises (an out-of-memory here) warns once and turns graphs off for its
+    key only: that call and every later one at the key launch plainly and give the Python
+    twins' results, while another shape still records and replays."""
     cache = _stand_in_graphs(monkeypatch)
 
-    def cannot_capture(run):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def short_of_memory(run, device):
+        if cache.captures == 0 and not cache.failed:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return _rerun(run, device)
 
-    monkeypatch.setattr(triton_loops, "_cuda_graph", cannot_capture)
+    monkeypatch.setattr(triton_loops, "_cuda_graph", short_of_memory)
     on("triton", monkeypatch)
-    leaves, constants = recurrence_inputs("GRU", 4, 3, 2, 5, **CASES["sequence+zoneout"])
-    run_recurrence("GRU", leaves, constants)  # first calls: plain, keys noted
-    with pytest.warns(RuntimeWarning, match=r"could not capture .*\(RuntimeError: operation"):
-        failed = run_recurrence("GRU", leaves, constants)
-    assert cache.failed and cache.captures == 0 and not cache.entries
-    assert not cache.usable("cpu")
+    leaves, constants = recurrence_inputs("RNN_TANH", 4, 3, 2, 5, **CASES["sequence+zoneout"])
+    run_recurrence("RNN_TANH", leaves, constants)  # first calls: plain, keys noted
+    with pytest.warns(RuntimeWarning, match=r"could not capture a Triton loop \(elman_forward\)"
+                                            r".*\(OutOfMemoryError: CUDA out of memory"):
+        failed = run_recurrence("RNN_TANH", leaves, constants)
+    assert len(cache.failed) == 1 and cache.captures == 1  # the backward recorded
+    assert cache.usable("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        later = run_recurrence("GRU", leaves, constants)
+        later = [run_recurrence("RNN_TANH", leaves, constants) for _ in range(2)]
+        other = recurrence_inputs("RNN_TANH", 4, 2, 2, 5, **CASES["sequence+zoneout"])
+        others = [run_recurrence("RNN_TANH", *other) for _ in range(3)]
+    assert cache.captures == 3 and len(cache.failed) == 1  # the other shape's forward
+    assert not cache.failed & set(cache.entries)
     on("python", monkeypatch)
-    theirs = run_recurrence("GRU", leaves, constants)
-    assert_all_close(failed, theirs)
-    assert_all_close(later, theirs)
+    theirs = run_recurrence("RNN_TANH", leaves, constants)
+    for results in (failed, *later):
+        assert_all_close(results, theirs)
+    assert_all_close(others[-1], run_recurrence("RNN_TANH", *other))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_replayed_forwards_keep_their_own_saved_tensors(mode, monkeypatch):
-    """Two forwards replayed from one graph before either backward (a bidirectional layer's
-    two directions, a stacked model's equal layers): each backward sees its own forward's
-    buffers, not the static ones the later replay overwrote."""
+    """Several forwards at one key before any backward (a bidirectional layer's two
+    directions, a stacked model's equal layers): no replay overwrites buffers an earlier
+    forward saved, so each backward sees its own forward's activations."""
     cache = _stand_in_graphs(monkeypatch)
     on("triton", monkeypatch)
     inputs = [recurrence_inputs(mode, 4, 3, 2, 5, seed=seed, **CASES["fresh+lengths"])
@@ -268,7 +283,9 @@ def test_replayed_forwards_keep_their_own_saved_tensors(mode, monkeypatch):
     run_recurrence(mode, *inputs[0])  # first calls: plain
     outs = [recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"], leaves["mask"],
                        constants["lengths"], None) for leaves, constants in inputs]
-    assert cache.captures == 1  # the second forward recorded, the third replayed
+    # The key's second call recorded a graph; the two after it found every graph's buffers
+    # still held by an earlier forward's saved activations, and recorded one each.
+    assert cache.captures == 3 and cache.graphs() == 3
     grads = [torch.autograd.grad(out.sum() + sum(s.sum() for s in final), leaves["x"])[0]
              for (out, final), (leaves, _) in reversed(list(zip(outs, inputs)))]
     on("python", monkeypatch)
@@ -318,5 +335,19 @@ def test_a_step_beyond_32_bit_offsets_is_a_clear_error():
     """The kernels address a step's (B, G*H) rows with 32-bit offsets: a step too large for
     them is refused before any launch (B * G * H = 2**31 here), one element less is not."""
     with pytest.raises(ValueError, match="32-bit offsets"):
-        triton_loops._grid(2**15, 2**14, 4)
-    assert triton_loops._grid(2**15, 2**14 - 1, 4) == (2**15 * (2**14 - 1) // 512,)
+        triton_loops.launch_geometry(2**15, 2**14, 4)
+    grid, block, _ = triton_loops.launch_geometry(2**15, 2**14 - 1, 4)
+    assert grid == (-(-2**15 * (2**14 - 1) // block),)
+
+
+@pytest.mark.parametrize("batch, hidden", [(1, 5), (3, 37), (20, 650), (20, 1500), (64, 4096)])
+def test_launch_geometry_covers_the_state_with_power_of_two_blocks(batch, hidden):
+    """Every element of the (B, H) state has exactly one program, blocks are powers of two
+    between 128 and 1024 with one warp per 128 elements, and the paper's medium and large
+    shapes get at least one program per SM of a 132-SM H100 (blocks of 128)."""
+    (programs,), block, warps = triton_loops.launch_geometry(batch, hidden, 4)
+    n = batch * hidden
+    assert 128 <= block <= 1024 and block & (block - 1) == 0 and warps == block // 128
+    assert (programs - 1) * block < n <= programs * block
+    if 13_000 <= n <= 30_000:
+        assert block == 128 and programs >= 100
