@@ -25,6 +25,7 @@ from triton_cases import (
     evaluated_twice,
     own_loop_vs_torch,
     recurrence_inputs,
+    relative_error,
     run_recurrence,
 )
 
@@ -351,3 +352,96 @@ def test_launch_geometry_covers_the_state_with_power_of_two_blocks(batch, hidden
     assert (programs - 1) * block < n <= programs * block
     if 13_000 <= n <= 30_000:
         assert block == 128 and programs >= 100
+
+
+# --- precision: cuDNN's RNN setting, read under either of torch's APIs ------------------------
+
+
+@pytest.fixture
+def precision_settings():
+    """Restores torch's float32 precision settings through the legacy API, after which both
+    APIs' getters read them again without raising (the other tests use the legacy one)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    yield
+    torch.backends.cudnn.allow_tf32 = saved[0]
+    torch.set_float32_matmul_precision(saved[1])
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) is not None
+
+
+def test_settings_are_read_with_tf32_set_through_the_new_api(precision_settings, monkeypatch):
+    """With TF32 set as torch's docs now advise, the legacy getters raise (a mix of APIs);
+    the loops read their settings without them and run."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.backends.cuda.matmul.allow_tf32  # noqa: B018
+    assert triton_loops._settings()[0] in ("tf32", "ieee")
+    _stand_in_graphs(monkeypatch)
+    leaves, constants = recurrence_inputs("LSTM", 4, 3, 2, 5, **CASES["fresh+lengths"])
+    on("triton", monkeypatch)
+    ours = [run_recurrence("LSTM", leaves, constants) for _ in range(3)]  # plain, then graphs
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # the caller's, restored
+    on("python", monkeypatch)
+    for results in ours:
+        assert_all_close(results, run_recurrence("LSTM", leaves, constants))
+
+
+@pytest.mark.parametrize("setting, expected", [
+    (lambda: setattr(torch.backends.cudnn.rnn, "fp32_precision", "tf32"), "tf32"),
+    (lambda: setattr(torch.backends.cudnn.rnn, "fp32_precision", "ieee"), "ieee"),
+    (lambda: setattr(torch.backends.cudnn, "allow_tf32", False), "ieee"),
+    (lambda: setattr(torch.backends.cudnn, "allow_tf32", True), "tf32"),
+], ids=["rnn=tf32", "rnn=ieee", "legacy-off", "legacy-on"])
+def test_recurrent_products_follow_cudnn_rnn_precision(setting, expected, precision_settings,
+                                                       monkeypatch):
+    """Every recurrent product of the loops runs with cuBLAS's float32 precision set to what
+    cuDNN's RNN uses (the new setting, or the legacy flag that sets it), whatever the matmul
+    setting is; the caller's matmul setting is back afterwards, and is part of the key."""
+    setting()
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if expected == "tf32" else "tf32"
+    caller = torch.backends.cuda.matmul.fp32_precision
+    assert triton_loops.precision() == expected
+    assert triton_loops._settings()[0] == expected
+    seen = []
+    for name in ("mm", "addmm"):
+        product = getattr(torch, name)
+
+        def recording(*args, product=product, **kwargs):
+            seen.append(torch.backends.cuda.matmul.fp32_precision)
+            return product(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, recording)
+    leaves, constants = recurrence_inputs("GRU", 3, 2, 2, 5, mask="sequence")
+    on("triton", monkeypatch)
+    run_recurrence("GRU", leaves, constants)
+    monkeypatch.undo()  # the products, before the fixture's restore
+    assert 2 * 3 <= len(seen) and set(seen) <= {expected, caller}
+    assert seen.count(expected) >= 2 * 3 - 1  # every step forward and back (step 0's may skip)
+    assert torch.backends.cuda.matmul.fp32_precision == caller
+
+
+def test_gru_backward_carries_its_gradient_in_float32():
+    """The GRU's backward loop on bfloat16 buffers against the Python twin in float64 on the
+    same (rounded) inputs, 128 steps: the state gradients stay within 3 bfloat16 rounding
+    errors (eps), as the LSTM's do. Kept in bfloat16 from step to step (as before) they drift
+    to 5-6 eps here."""
+    steps, batch, hidden = 128, 4, 32
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).bfloat16()
+
+    args = [rand(steps, batch, hidden, scale=0.1), rand(batch, hidden),
+            rand(steps, batch, 3, hidden, scale=0.3),
+            (torch.rand(steps, batch, hidden, generator=gen) * 0.5 + 0.5).bfloat16(),
+            rand(3 * hidden, hidden, scale=hidden ** -0.5), False, None, True]
+
+    def run(engine, args, dtype):
+        filled = [torch.empty(steps, batch, g * hidden, dtype=dtype) for g in (3, 1, 1)]
+        return engine.gru_backward(*args, *filled), filled
+
+    first, (d_rec, d_hs, _) = run(triton_loops.LOOPS, args, torch.bfloat16)
+    wide = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    their_first, (their_rec, their_hs, _) = run(PYTHON, wide, torch.float64)
+    eps = torch.finfo(torch.bfloat16).eps
+    for ours, theirs in ((first, their_first), (d_hs, their_hs), (d_rec, their_rec)):
+        assert relative_error(ours, theirs) < 3 * eps, relative_error(ours, theirs) / eps
