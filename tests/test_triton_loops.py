@@ -11,9 +11,12 @@ on a machine with CUDA it skips, since tests/test_cuda.py runs the same cases co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -445,3 +448,141 @@ def test_gru_backward_carries_its_gradient_in_float32():
     eps = torch.finfo(torch.bfloat16).eps
     for ours, theirs in ((first, their_first), (d_hs, their_hs), (d_rec, their_rec)):
         assert relative_error(ours, theirs) < 3 * eps, relative_error(ours, theirs) / eps
+
+
+# --- the graph cache: capture streams, threads, what is read where it is -----------------------
+
+
+class _FakeStream:
+    def __init__(self, device=None):
+        self.device = device
+        self.waited = []
+
+    def wait_stream(self, other):
+        self.waited.append(other)
+
+
+def test_each_device_captures_on_a_stream_made_on_it(monkeypatch):
+    """torch.cuda.graph without ``stream=`` captures on one stream made on the device current
+    at the process's first capture; the loops pass a stream made on the tensors' device (one
+    per device, reused), and warm up on it too. Checked with stand-ins for torch.cuda."""
+    made, captured, warmed = [], [], []
+    current = {}
+
+    def stream(device=None):
+        made.append(_FakeStream(device))
+        return made[-1]
+
+    @contextlib.contextmanager
+    def use(s):
+        warmed.append(s)
+        yield
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        assert stream is not None, "a capture on torch's class-wide default stream"
+        captured.append(stream)
+        yield
+
+    monkeypatch.setattr(triton_loops, "_CAPTURE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: current.setdefault(device, _FakeStream(device)))
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=None))
+    devices = [torch.device("cuda", k) for k in (1, 0, 1)]
+    for device in devices:
+        triton_loops._cuda_graph(lambda: None, device)
+    assert [s.device for s in made] == devices[:2]
+    assert [s.device for s in captured] == devices and captured[0] is captured[2]
+    assert warmed == captured
+    assert all(current[d] in s.waited for d, s in zip(devices, captured))
+
+
+def test_the_cache_is_locked_while_it_replays_and_threads_get_their_own_results(monkeypatch):
+    """Several threads running the same shape (DataParallel's replicas on one device): every
+    recording and replay happens under the cache's lock, and each thread gets the Python
+    twins' results for its own inputs (an entry whose buffers one thread still holds is not
+    replayed for another)."""
+    cache = _stand_in_graphs(monkeypatch)
+
+    def locked(run, device):
+        assert cache._lock.locked()
+        replay, result = _rerun(run, device)
+
+        def checked():
+            assert cache._lock.locked()
+            replay()
+
+        return checked, result
+
+    monkeypatch.setattr(triton_loops, "_cuda_graph", locked)
+    on("triton", monkeypatch)
+    inputs = [recurrence_inputs("LSTM", 4, 3, 2, 5, seed=seed, **CASES["fresh+lengths"])
+              for seed in range(4)]
+    results = [None] * len(inputs)
+
+    def work(k):
+        for _ in range(3):
+            results[k] = run_recurrence("LSTM", *inputs[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.captures >= 2
+    on("python", monkeypatch)
+    for ours, (leaves, constants) in zip(results, inputs):
+        assert_all_close(ours, run_recurrence("LSTM", leaves, constants))
+
+
+def _lstm_loop_arguments(w_hh, seed=0, steps=4, batch=3, hidden=5):
+    """Arguments for ``lstm_forward`` (the Python twin's signature), fresh buffers."""
+    gen = torch.Generator().manual_seed(seed)
+    projected = torch.randn(steps, batch, 4 * hidden, generator=gen)
+    hs = torch.empty(steps + 1, batch, hidden)
+    cs = torch.empty(steps + 1, batch, hidden)
+    hs[0], cs[0] = torch.randn(2, batch, hidden, generator=gen)
+    return [projected, w_hh, None, None, None, None, None,
+            torch.empty(steps, batch, 4 * hidden), cs, torch.empty(steps, batch, hidden), hs,
+            None]
+
+
+def test_replays_read_parameters_in_place_and_hand_over_their_own_buffers(monkeypatch):
+    """A parameter is read where it is (no static copy; an optimizer's in-place step between
+    replays is seen, with no new recording), another parameter is another key, and after a
+    replay the caller's filled buffers are the graph's static ones (nothing copied out)."""
+    cache = _stand_in_graphs(monkeypatch)
+    w_hh = torch.nn.Parameter(torch.randn(20, 5) * 0.3)
+    filled = triton_loops._FILLED["lstm_forward"]
+    names = triton_loops._LOOP_PARAMETERS["lstm_forward"]
+
+    def both(weight, seed):
+        ours = _lstm_loop_arguments(weight, seed)
+        theirs = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in ours]
+        with torch.no_grad():  # as inside the autograd Function
+            triton_loops.LOOPS.lstm_forward(*ours)
+            PYTHON.lstm_forward(*theirs)
+        for name, a, b in zip(names, ours, theirs):
+            if name in filled and a is not None:
+                torch.testing.assert_close(a, b, **TOL, msg=name)
+        return ours
+
+    for seed in range(2):
+        both(w_hh, seed)
+    (entry,) = next(iter(cache.entries.values()))
+    assert entry.static[names.index("w_hh")] is None  # no copy of the parameter
+    with torch.no_grad():
+        w_hh.mul_(-0.5)  # an optimizer's step
+    ours = both(w_hh, 2)
+    assert cache.captures == 1
+    for name in ("acts", "cs", "tanh_c", "hs"):
+        static = entry.static[names.index(name)]
+        assert ours[names.index(name)].data_ptr() == static.data_ptr(), name
+    del ours
+    other = torch.nn.Parameter(torch.randn(20, 5) * 0.3)
+    for seed in range(2):
+        both(other, seed)
+    assert cache.captures == 2 and len(cache.entries) == 2
