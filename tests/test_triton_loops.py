@@ -11,6 +11,7 @@ on a machine with CUDA it skips, since tests/test_cuda.py runs the same cases co
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import subprocess
@@ -586,3 +587,65 @@ def test_replays_read_parameters_in_place_and_hand_over_their_own_buffers(monkey
     for seed in range(2):
         both(other, seed)
     assert cache.captures == 2 and len(cache.entries) == 2
+
+
+# --- compiled variants: bounded, whatever the number of steps ---------------------------------
+
+_KERNELS = ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
+            "_lstm_backward_step", "_carry_backward_step")
+
+
+def _count_specializations(monkeypatch):
+    """Replaces each kernel by a recorder of the key Triton's JIT would compile it under for
+    an H100 (its specialization of every argument: pointer alignment, integers equal to 1 or
+    divisible by 16, the constexprs, the warps), computed by Triton's own binder; nothing is
+    launched. Returns the set the loops fill."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    keys = set()
+
+    class Recorder:
+        def __init__(self, kernel):
+            jit = JITFunction(kernel.fn, **kernel.kwargs)
+            self.name = kernel.fn.__name__
+            self.bind = create_function_from_signature(jit.signature, jit.params, backend)
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, **constexprs):
+                specialization = self.bind(*args, **constexprs)[1]
+                keys.add((self.name, repr(specialization), num_warps))
+            return launch
+
+    for name in _KERNELS:
+        monkeypatch.setattr(triton_loops, name, Recorder(getattr(triton_loops, name)))
+    return keys
+
+
+def test_compiled_variants_do_not_grow_with_the_number_of_steps(monkeypatch):
+    """Every launch of a sweep over steps (1 to 13), shapes whose rows are not multiples of 16
+    bytes, all four modes and masks/lengths/zoneout: Triton's compile keys are the same set
+    for 13 steps as for 3 (65 here; with views of each step's rows as arguments the keys
+    depended on each row's alignment: 97 for 3 steps, 127 for 13), and few in all."""
+    keys = _count_specializations(monkeypatch)
+    on("triton", monkeypatch)
+
+    def sweep(steps):
+        keys.clear()
+        for mode in MODES:
+            for case in ("plain", "fresh+lengths+zoneout", "sequence+zoneout"):
+                for batch, hidden in ((3, 5), (1, 37), (4, 16)):
+                    for t in steps:
+                        leaves, constants = recurrence_inputs(mode, t, batch, 2, hidden,
+                                                              **CASES[case])
+                        run_recurrence(mode, leaves, constants)
+        return set(keys)
+
+    few = sweep(range(1, 4))
+    many = sweep(range(1, 14))
+    assert many == few
+    per_kernel = collections.Counter(key[0] for key in many)
+    assert set(per_kernel) == set(_KERNELS)
+    assert max(per_kernel.values()) <= 32 and len(many) <= 96, per_kernel
