@@ -649,3 +649,62 @@ def test_compiled_variants_do_not_grow_with_the_number_of_steps(monkeypatch):
     per_kernel = collections.Counter(key[0] for key in many)
     assert set(per_kernel) == set(_KERNELS)
     assert max(per_kernel.values()) <= 32 and len(many) <= 96, per_kernel
+
+
+# --- torch.compile: the loops as custom operators -------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["plain", "masked, lengths", "masked, zoneout"])
+def test_every_loop_is_a_custom_operator_that_passes_torch_opcheck(case):
+    """``torch.ops.rnnreg_triton.<loop>`` for every loop: schema (the buffers it fills
+    declared mutated, nothing else), fake kernel and tracing checked by
+    ``torch.library.opcheck``, and the operator fills the Python twin's buffers."""
+    from rnnreg.nn.loops.check import _arguments
+
+    arguments = _arguments(torch.Generator().manual_seed(0), case, False)
+    for name, args in arguments.items():
+        op = getattr(torch.ops.rnnreg_triton, name)
+        torch.library.opcheck(op, tuple(args.values()),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+        ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        op(*ours.values())
+        getattr(PYTHON, name)(*theirs.values())
+        for k in triton_loops._FILLED[name]:
+            if theirs[k] is not None:
+                torch.testing.assert_close(ours[k], theirs[k], **TOL, msg=f"{name}: {k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_traces_the_triton_loops_as_operators(mode, monkeypatch):
+    """torch.compile traces the own recurrence on the Triton engine in one graph
+    (fullgraph=True raises on a break), the loops as the custom operators, and computes what
+    eager mode does."""
+    leaves, constants = recurrence_inputs(mode, 4, 3, 2, 5, **CASES["fresh+lengths+zoneout"])
+    on("triton", monkeypatch)
+
+    def forward(x, state, weights, mask):
+        return recurrence(mode, x, state, *weights, mask, constants["lengths"],
+                          constants["zoneout"])
+
+    def run(fn):
+        out, final = fn(leaves["x"], leaves["state"], leaves["weights"], leaves["mask"])
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + sum(
+            (s ** 2).sum() for s in final)
+        wrt = [leaves["x"], *leaves["state"], *leaves["weights"], leaves["mask"]]
+        return [out, *final, *torch.autograd.grad(loss, wrt)]
+
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    backend = AotEagerAndRecordGraphs()
+    torch.compiler.reset()
+    compiled = run(torch.compile(forward, backend=backend, fullgraph=True))
+    torch.compiler.reset()
+    loop = _LOOP[mode]
+    for graphs, name in ((backend.fw_graphs, f"{loop}_forward"),
+                         (backend.bw_graphs, f"{loop}_backward")):
+        (graph,) = graphs
+        assert f"torch.ops.rnnreg_triton.{name}" in graph.code
+    assert_all_close(compiled, run(forward))
