@@ -764,7 +764,6 @@ def test_triton_loops_run_with_tf32_set_through_the_new_api(triton_loops, monkey
     twins at float32's tolerance whatever the matmul setting says."""
     monkeypatch.setattr(triton_loops, "GRAPHS", triton_loops.GraphCache())
     matmul = torch.backends.cuda.matmul
-    saved = matmul.fp32_precision, torch.backends.cudnn.rnn.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
         torch.backends.cudnn.rnn.fp32_precision = "ieee"
@@ -774,8 +773,9 @@ def test_triton_loops_run_with_tf32_set_through_the_new_api(triton_loops, monkey
         ours = [run_recurrence("LSTM", leaves, constants) for _ in range(4)]
         assert triton_loops.GRAPHS.captures == 2
         assert matmul.fp32_precision == "tf32"  # the caller's, restored
-    finally:
-        matmul.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = saved
+    finally:  # exact_float32's settings, through the legacy API its teardown reads
+        matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     monkeypatch.setenv(loops.VARIABLE, "python")
     theirs = run_recurrence("LSTM", leaves, constants)
     for results in ours:

@@ -617,8 +617,9 @@ class GraphCache:
     static copies of the inputs that are new at every call (the projected inputs, masks, the
     output gradients), copied in before a replay; inputs that stay put are read where they
     are, with their addresses in the key: parameters (whose in-place updates, an optimizer's
-    step, a replay sees as the plain launches would) and the buffers another entry filled (the activations a
-    forward replay saved for its backward). The buffers a loop fills are the entry's own, and
+    step, a replay sees as the plain launches would) and the buffers another entry filled
+    (the activations a forward replay saved for its backward). The buffers a loop fills are
+    the entry's own, and
     after a replay the caller's buffer tensors share their memory (``Tensor.set_``): nothing is
     copied out. While anything outside the entry still holds those buffers (a forward's saved
     activations until its backward has run, a returned gradient until autograd consumed it),
