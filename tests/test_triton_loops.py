@@ -63,6 +63,8 @@ if not triton_loops.interpreted():
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 _LOOP = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "elman", "RNN_RELU": "elman"}
+_KERNELS = ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
+            "_lstm_backward_step", "_carry_backward_step")
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -519,6 +521,7 @@ def test_the_cache_is_locked_while_it_replays_and_threads_get_their_own_results(
         return checked, result
 
     monkeypatch.setattr(triton_loops, "_cuda_graph", locked)
+    _one_interpreted_launch_at_a_time(monkeypatch)
     on("triton", monkeypatch)
     inputs = [recurrence_inputs("LSTM", 4, 3, 2, 5, seed=seed, **CASES["fresh+lengths"])
               for seed in range(4)]
@@ -537,6 +540,25 @@ def test_the_cache_is_locked_while_it_replays_and_threads_get_their_own_results(
     on("python", monkeypatch)
     for ours, (leaves, constants) in zip(results, inputs):
         assert_all_close(ours, run_recurrence("LSTM", leaves, constants))
+
+
+def _one_interpreted_launch_at_a_time(monkeypatch):
+    """Triton's interpreter is not thread-safe (a GPU is): each kernel launch under a lock,
+    so that threads' plain launches, which run outside the cache's lock, can interleave."""
+    interpreter = threading.Lock()
+
+    class Serialized:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                with interpreter:
+                    return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in _KERNELS:
+        monkeypatch.setattr(triton_loops, name, Serialized(getattr(triton_loops, name)))
 
 
 def _lstm_loop_arguments(w_hh, seed=0, steps=4, batch=3, hidden=5):
@@ -590,9 +612,6 @@ def test_replays_read_parameters_in_place_and_hand_over_their_own_buffers(monkey
 
 
 # --- compiled variants: bounded, whatever the number of steps ---------------------------------
-
-_KERNELS = ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
-            "_lstm_backward_step", "_carry_backward_step")
 
 
 def _count_specializations(monkeypatch):

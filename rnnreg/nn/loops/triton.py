@@ -619,21 +619,22 @@ class GraphCache:
     are, with their addresses in the key: parameters (whose in-place updates, an optimizer's
     step, a replay sees as the plain launches would) and the buffers another entry filled
     (the activations a forward replay saved for its backward). The buffers a loop fills are
-    the entry's own, and
-    after a replay the caller's buffer tensors share their memory (``Tensor.set_``): nothing is
-    copied out. While anything outside the entry still holds those buffers (a forward's saved
-    activations until its backward has run, a returned gradient until autograd consumed it),
-    the entry is busy and the next call at its key records another one (up to
-    ``per_key``, then plain launches), so no replay overwrites results still in use. The small
-    returned gradients are cloned, as autograd may hold them past the next replay.
+    the entry's own, and after a replay the caller's buffer tensors share their memory
+    (``Tensor.set_``): nothing is copied out. While anything outside the entry still holds
+    those buffers (a forward's saved activations until its backward has run, a returned
+    gradient until autograd consumed it), the entry is busy and the next call at its key
+    records another one (up to ``per_key``, then plain launches), so no replay overwrites
+    results still in use. The small returned gradients are cloned, as autograd may hold them
+    past the next replay.
 
     A key is captured on its second call (the first launches plainly), so shapes that come once
     (an epoch's last batch, one evaluation) cost no capture; ``size`` graphs are kept, the
     least recently used dropped first. Capture needs a CUDA device, compiled (not interpreted)
     kernels and a stream that is not already capturing; otherwise, after a capture of the key
-    that failed (with one warning; an out-of-memory included: other keys still capture), while
-    torch.compile traces, and while ``enabled`` is False (to compare the two, or to rule
-    graphs out), :meth:`run` launches the steps plainly. The key includes the recurrent
+    that failed (with one warning; an out-of-memory included: other keys still capture), and
+    while ``enabled`` is False (to compare the two, or to rule graphs out), :meth:`run`
+    launches the steps plainly (under torch.compile the engine calls the custom operators,
+    which launch plainly, instead). The key includes the recurrent
     products' precision and cuBLAS's reduced-precision settings, which a replay keeps from its
     capture, and the step kind. A lock makes the cache safe for several threads (DataParallel's
     replicas), and a replay on another stream than the entry's last first waits for that one.
@@ -663,30 +664,35 @@ class GraphCache:
         and torch captures graphs, on the current device)."""
         device = _device_of(args)
         with _on(device), _products_at(precision()):
-            if not self.usable(device) or torch.cuda.is_current_stream_capturing():
-                return loop(*args)
-            with self._lock:
-                return self._run(name, loop, args, device)
+            if self.usable(device) and not torch.cuda.is_current_stream_capturing():
+                with self._lock:
+                    replayed, result = self._run(name, loop, args, device)
+                if replayed:
+                    return result
+            return loop(*args)  # outside the lock: other threads' replays need not wait
 
     def _run(self, name, loop, args, device):
-        shared = [_stays_put(a, self._owned()) for a in args]
+        """``(True, result)`` after a replay (of a graph recorded now, maybe), ``(False,
+        None)`` where the caller launches the steps plainly."""
+        owned = self._owned()
+        shared = [_stays_put(a, owned) for a in args]
         key = (name, device, _settings(), step_kind(),
                *(_signature(a, s) for a, s in zip(args, shared)))
         if key in self.failed:
-            return loop(*args)
+            return False, None
         entries = self.entries.get(key)
         if entries is not None:
             self.entries.move_to_end(key)
             entry = next((e for e in entries if e.idle()), None)
             if entry is not None:
-                return entry.replay(args)
+                return True, entry.replay(args)
             if len(entries) >= self.per_key:  # all busy: results still in use
-                return loop(*args)
+                return False, None
         elif self.seen.pop(key, None) is None:  # a first call
             self.seen[key] = True
             if len(self.seen) > 4 * self.size:
                 self.seen.popitem(last=False)
-            return loop(*args)
+            return False, None
         try:
             entry = _Captured(name, loop, args, shared, device)
         except Exception as error:  # a driver or allocator that cannot capture, out of memory
@@ -694,7 +700,7 @@ class GraphCache:
             warnings.warn(f"rnnreg could not capture a Triton loop ({name}) as a CUDA graph, "
                           f"so this shape launches step by step ({type(error).__name__}: "
                           f"{error})", RuntimeWarning, stacklevel=4)
-            return loop(*args)
+            return False, None
         self.captures += 1
         self.entries.setdefault(key, []).append(entry)
         self.entries.move_to_end(key)
@@ -703,7 +709,7 @@ class GraphCache:
             self.entries[oldest].pop(0)
             if not self.entries[oldest]:
                 del self.entries[oldest]
-        return entry.replay(args)
+        return True, entry.replay(args)
 
     def _owned(self):
         """The storages of every kept entry's filled buffers, by address."""
