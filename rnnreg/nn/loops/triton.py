@@ -366,15 +366,16 @@ def _carry_backward_step(dh, d_hs, d_out, d_hin, mask, keep, coef, d_pre, t, n, 
         tl.store(d_pre + at, d_h * _load(coef, at, live), mask=live)
 
 
-def _factor(tensor, steps, like):
-    """``(buffer, step)``: a ``(T|1, B, H)`` factor (a mask, zoneout's keep factors) as a
-    contiguous buffer the kernels index by step, and the elements between its steps (0 where
-    one row serves every step); ``(None, 0)`` without a factor."""
+def _factor(tensor, steps, batch, hidden):
+    """``(buffer, step)``: a ``(T|1, B, H|1)`` factor (a mask, zoneout's keep factors, a
+    pass-through) as a contiguous ``(T|1, B, H)`` buffer the kernels index by step, and the
+    elements between its steps (0 where one row serves every step); ``(None, 0)`` without a
+    factor."""
     if tensor is None:
         return None, 0
     if tensor.size(0) == 1 or tensor.stride(0) == 0:
-        return tensor[:1].expand(1, *like.shape).contiguous(), 0
-    return tensor.expand(steps, *like.shape).contiguous(), like.numel()
+        return tensor[:1].expand(1, batch, hidden).contiguous(), 0
+    return tensor.expand(steps, batch, hidden).contiguous(), batch * hidden
 
 
 def _flags(valid):
@@ -391,11 +392,11 @@ def _loop(steps, batch, hidden, gates, stand_in, *, mask=None, zone_h=None, zone
           valid=None, **tensors):
     """What every step of one loop reads: its tensors (None ones replaced by ``stand_in`` for
     the kernels' pointer arguments, their presence kept as flags), factors with their step
-    strides, and the launch geometry."""
-    like = stand_in.new_empty(batch, hidden)
-    mask, mask_step = _factor(mask, steps, like)
-    zone_h, zone_h_step = _factor(zone_h, steps, like)
-    zone_c, zone_c_step = _factor(zone_c, steps, like)
+    strides (``zone_h``: in the GRU's and Elman backward, the factor that passes dL/dh(t) to
+    h(t-1)), and the launch geometry."""
+    mask, mask_step = _factor(mask, steps, batch, hidden)
+    zone_h, zone_h_step = _factor(zone_h, steps, batch, hidden)
+    zone_c, zone_c_step = _factor(zone_c, steps, batch, hidden)
     flags = _flags(valid)
     return types.SimpleNamespace(
         steps=steps, n=batch * hidden, hidden=hidden, gates=gates,
