@@ -727,3 +727,22 @@ def test_torch_compile_traces_the_triton_loops_as_operators(mode, monkeypatch):
         (graph,) = graphs
         assert f"torch.ops.rnnreg_triton.{name}" in graph.code
     assert_all_close(compiled, run(forward))
+
+
+def test_the_step_kind_is_read_from_the_environment(monkeypatch):
+    """``RNNREG_TRITON_STEP``: ``split`` (the default) runs; ``fused`` is refused with a clear
+    error while no one-kernel step is provided; anything else is not a step kind."""
+    assert triton_loops.step_kind({}) == "split"
+    assert triton_loops.step_kind({triton_loops.STEP_VARIABLE: " Fused "}) == "fused"
+    with pytest.raises(ValueError, match="RNNREG_TRITON_STEP='fast' is not a step kind"):
+        triton_loops.step_kind({triton_loops.STEP_VARIABLE: "fast"})
+    leaves, constants = recurrence_inputs("RNN_TANH", 3, 2, 2, 5, mask="fresh")
+    on("triton", monkeypatch)
+    monkeypatch.setenv(triton_loops.STEP_VARIABLE, "split")
+    ours = run_recurrence("RNN_TANH", leaves, constants)
+    monkeypatch.setenv(triton_loops.STEP_VARIABLE, "fused")
+    with pytest.raises(NotImplementedError, match="has no fused step; choose one of split"):
+        run_recurrence("RNN_TANH", leaves, constants)
+    monkeypatch.delenv(triton_loops.STEP_VARIABLE)
+    on("python", monkeypatch)
+    assert_all_close(ours, run_recurrence("RNN_TANH", leaves, constants))

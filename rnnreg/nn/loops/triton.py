@@ -483,8 +483,10 @@ _STEP_LAUNCHERS = {"split": types.SimpleNamespace(
 
 
 def _step_launchers():
-    """The functions that launch one step of each loop, ``(a, t) -> None``, for the kind
-    :func:`step_kind` names: the one place where a one-kernel (fused) step is chosen."""
+    """The functions that launch one step of each loop, ``(a, t) -> None`` with ``a`` the
+    loop's :func:`_loop` record, for the kind :func:`step_kind` names: the one place where a
+    one-kernel (fused) step is chosen (a module providing one adds its functions to
+    ``_STEP_LAUNCHERS["fused"]``)."""
     kind = step_kind()
     if kind not in _STEP_LAUNCHERS:
         raise NotImplementedError(f"{STEP_VARIABLE}={kind}: this version of rnnreg's Triton "
