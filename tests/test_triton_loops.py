@@ -746,3 +746,23 @@ def test_the_step_kind_is_read_from_the_environment(monkeypatch):
     monkeypatch.delenv(triton_loops.STEP_VARIABLE)
     on("python", monkeypatch)
     assert_all_close(ours, run_recurrence("RNN_TANH", leaves, constants))
+
+
+def test_a_replay_on_another_stream_first_waits_for_the_graphs_last_one(monkeypatch):
+    """The stream ordering of replays, with stand-ins for CUDA streams and a fake CUDA
+    tensor: a replay on the stream the graph last ran on adds no wait; one on another stream
+    waits for that one, and becomes the one the next replay orders itself after."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        args = [torch.empty(2, device="cuda:1")]
+    streams = {name: _FakeStream(torch.device("cuda", 1)) for name in ("main", "side")}
+    current = ["main"]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams[current[0]])
+    entry = object.__new__(triton_loops._Captured)
+    entry.stream = None
+    for name in ("main", "main", "side", "side", "main"):
+        current[0] = name
+        entry._follow_stream(args)
+    assert streams["main"].waited == [streams["side"]]
+    assert streams["side"].waited == [streams["main"]]
