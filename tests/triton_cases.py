@@ -174,7 +174,7 @@ def compile_every_launch(arch=90):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            def launch(*args, num_warps, **constexprs):
+            def launch(*args, num_warps=4, **constexprs):  # Triton's default warps
                 values = dict(zip(self.kernel.arg_names, args)) | constexprs
                 signature = {name: "constexpr" if name in constexprs
                              else _POINTER_TYPES[v.dtype] if isinstance(v, torch.Tensor)
