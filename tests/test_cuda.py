@@ -615,27 +615,32 @@ def test_triton_loops_match_cudnn_without_masks(mode, bidirectional, lengths, tr
 @pytest.mark.parametrize("mode", TRITON_MODES)
 def test_graph_replay_equals_plain_launches(mode, triton_loops, monkeypatch):
     """The same kernels and products, replayed from a graph or launched one by one: the same
-    numbers (bitwise expected; a tight tolerance allows cuBLAS a different kernel choice)."""
+    numbers (bitwise expected; a tight tolerance allows cuBLAS a different kernel choice). The
+    forward is recorded on a key's second call, a backward that reads the forward's graph
+    buffers in place on its own key's second call (the third)."""
     cache = triton_loops.GraphCache()
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)
     leaves, constants = recurrence_inputs(mode, 5, 3, 4, 16, device=DEVICE,
                                           **CASES["fresh+lengths+zoneout"])
-    first = run_recurrence(mode, leaves, constants)  # launched plainly, the key noted
-    captured = run_recurrence(mode, leaves, constants)  # captured, then replayed
-    replayed = run_recurrence(mode, leaves, constants)  # a replay of the cached graphs
+    first = run_recurrence(mode, leaves, constants)  # launched plainly, the keys noted
+    captured = [run_recurrence(mode, leaves, constants) for _ in range(2)]  # both recorded
+    assert cache.captures == 2
+    replayed = run_recurrence(mode, leaves, constants)  # replays of the cached graphs
     assert cache.captures == 2
     monkeypatch.setattr(cache, "enabled", False)
     plain = run_recurrence(mode, leaves, constants)
     assert_same(first, plain, rtol=0, atol=0)
-    assert_same(captured, plain, rtol=1e-6, atol=1e-6)
-    assert_same(replayed, captured, rtol=0, atol=0)
+    for results in (*captured, replayed):
+        assert_same(results, plain, rtol=1e-6, atol=1e-6)
+    assert_same(replayed, captured[-1], rtol=0, atol=0)
 
 
 @ON_GPU
 def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch):
-    """A key is captured on its second call and replayed from then on; a new batch size,
-    dtype, a mask where there was none, or other cuBLAS settings, is a new key (forward and
-    backward each)."""
+    """A key is recorded on its second call and replayed from then on; a new batch size,
+    dtype, a mask where there was none, or another precision of cuDNN's RNN (which the
+    recurrent products follow) is a new key (forward and backward each); the matmul setting,
+    which the loops override, is not."""
     cache = triton_loops.GraphCache()
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)  # a fresh cache, counted from zero
 
@@ -644,23 +649,28 @@ def test_graphs_are_cached_by_shape_dtype_and_options(triton_loops, monkeypatch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32):
             return run_recurrence("LSTM", leaves, constants)
 
+    def recorded(**options):
+        """New graphs after enough calls to record the forward and its backward (which reads
+        the forward's buffers, so its key is complete from the forward's first replay)."""
+        before = cache.captures
+        for _ in range(3):
+            run(**options)
+        return cache.captures - before
+
     run()
     assert cache.captures == 0  # a first call launches plainly
+    assert recorded() == 2  # the forward loop and the backward loop
     captured = run()
-    assert cache.captures == 2  # the forward loop and the backward loop
-    assert_same(run(), captured, rtol=0, atol=0)
     assert cache.captures == 2
+    assert_same(run(), captured, rtol=0, atol=0)
     for options in (dict(batch=2), dict(dtype=torch.bfloat16), dict(mask="fresh")):
-        before = cache.captures
-        run(**options)
-        run(**options)
-        assert cache.captures == before + 2, options
-    run()
-    assert cache.captures == 8 and len(cache.entries) == 8
+        assert recorded(**options) == 2, options
+    assert recorded() == 0 and cache.graphs() == 8
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    run()
-    run()  # cuBLAS's settings are part of a capture
-    assert cache.captures == 10
+    assert recorded() == 0
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert triton_loops.precision() == "tf32"
+    assert recorded() == 2
 
 
 @ON_GPU
@@ -703,7 +713,7 @@ def test_a_failed_capture_warns_and_launches_plainly_on_the_callers_stream(trito
     """A loop that cannot be captured (here it synchronizes the device, which a capture
     forbids) warns, leaves the caller's stream current (torch.cuda.graph leaves its capture
     stream current when ending a failed capture raises), and launches plainly from then on,
-    forward and backward, with the Python twins' results."""
+    with the Python twins' results; only its key: the backward loop is still recorded."""
     cache = triton_loops.GraphCache()
     monkeypatch.setattr(triton_loops, "GRAPHS", cache)
 
@@ -719,12 +729,12 @@ def test_a_failed_capture_warns_and_launches_plainly_on_the_callers_stream(trito
                                           **CASES["fresh+lengths"])
     caller = torch.cuda.current_stream()
     run_recurrence("RNN_TANH", leaves, constants)  # the key noted
-    with pytest.warns(RuntimeWarning, match="could not capture"):
+    with pytest.warns(RuntimeWarning, match=r"could not capture a Triton loop \(elman_forward"):
         ours = run_recurrence("RNN_TANH", leaves, constants)
     assert torch.cuda.current_stream() == caller
-    assert cache.failed and cache.captures == 0
-    assert loops.name(DEVICE) == loops.TRITON_LOOP
-    assert_same(run_recurrence("RNN_TANH", leaves, constants), ours, rtol=0, atol=0)
+    assert len(cache.failed) == 1 and cache.captures == 1  # the backward is recorded
+    assert loops.name(DEVICE) == loops.TRITON_GRAPHS  # graphs stay on for other keys
+    assert_same(run_recurrence("RNN_TANH", leaves, constants), ours, rtol=1e-6, atol=1e-6)
     monkeypatch.setenv(loops.VARIABLE, "python")
     assert_same(ours, run_recurrence("RNN_TANH", leaves, constants))
 
@@ -745,3 +755,108 @@ def test_triton_loops_run_on_their_tensors_device_not_the_current_one(triton_loo
     theirs = run_recurrence("LSTM", leaves, constants)
     for results in ours:
         assert_same(results, theirs)
+
+
+@ON_GPU
+def test_triton_loops_run_with_tf32_set_through_the_new_api(triton_loops, monkeypatch):
+    """TF32 set as torch's docs now advise (the legacy getters then raise): the loops still
+    run, plain and replayed, and with cuDNN's RNN at IEEE float32 they match the Python
+    twins at float32's tolerance whatever the matmul setting says."""
+    monkeypatch.setattr(triton_loops, "GRAPHS", triton_loops.GraphCache())
+    matmul = torch.backends.cuda.matmul
+    try:
+        matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        assert triton_loops.precision() == "ieee"
+        leaves, constants = recurrence_inputs("LSTM", 5, 3, 4, 16, device=DEVICE,
+                                              **CASES["fresh+lengths"])
+        ours = [run_recurrence("LSTM", leaves, constants) for _ in range(4)]
+        assert triton_loops.GRAPHS.captures == 2
+        assert matmul.fp32_precision == "tf32"  # the caller's, restored
+    finally:  # exact_float32's settings, through the legacy API its teardown reads
+        matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    theirs = run_recurrence("LSTM", leaves, constants)
+    for results in ours:
+        assert_same(results, theirs)
+
+
+@ON_GPU
+def test_a_replay_on_another_stream_waits_for_the_last_one(triton_loops, monkeypatch):
+    """Graphs recorded on the default stream and replayed on a side stream, alternately: each
+    replay orders itself after the entry's last use, so results equal plain launches."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    inputs = [recurrence_inputs("GRU", 6, 3, 4, 32, device=DEVICE, seed=seed,
+                                **CASES["fresh+lengths+zoneout"]) for seed in range(4)]
+    side = torch.cuda.Stream()
+    results = []
+    for k, (leaves, constants) in enumerate(inputs * 2):
+        with torch.cuda.stream(side if k % 2 else torch.cuda.current_stream()):
+            results.append(run_recurrence("GRU", leaves, constants))
+    torch.cuda.synchronize()
+    assert cache.captures == 2
+    monkeypatch.setattr(cache, "enabled", False)
+    for ours, (leaves, constants) in zip(results, inputs * 2):
+        assert_same(ours, run_recurrence("GRU", leaves, constants), rtol=1e-6, atol=1e-6)
+
+
+@ON_GPU
+def test_replays_read_parameters_in_place_across_optimizer_steps(triton_loops, monkeypatch):
+    """A layer trained with SGD on the Triton engine, graphs on: the weights are read where
+    they are (no new recording after each step) and the losses match the Python engine's
+    step by step."""
+    torch.manual_seed(0)
+    layer = rnnreg.LSTM(4, 16, recurrent_dropout=0.3).to(DEVICE)
+    twin = rnnreg.LSTM(4, 16, recurrent_dropout=0.3).to(DEVICE)
+    twin.load_state_dict(layer.state_dict())
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    x = torch.randn(6, 3, 4, device=DEVICE)
+    masks = layer.sample_masks(6, 3)
+
+    def losses(module, engine, steps=5):
+        monkeypatch.setenv(loops.VARIABLE, engine)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        out = []
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = module.forward_with_masks(x, None, masks)[0].pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            out.append(loss.detach())
+        return torch.stack(out)
+
+    ours = losses(layer, "triton")
+    assert cache.captures == 2
+    torch.testing.assert_close(ours, losses(twin, "python"), rtol=1e-5, atol=1e-6)
+
+
+@ON_GPU
+@pytest.mark.parametrize("mode", TRITON_MODES)
+def test_graph_buffers_survive_forwards_before_backwards(mode, triton_loops, monkeypatch):
+    """Three forwards at one key before any backward (a stacked model's equal layers), twice:
+    each forward replays a graph whose buffers are its saved activations, none overwritten by
+    a later replay (a busy graph makes the next call record another), so every backward gets
+    the Python twins' gradients."""
+    cache = triton_loops.GraphCache()
+    monkeypatch.setattr(triton_loops, "GRAPHS", cache)
+    inputs = [recurrence_inputs(mode, 5, 3, 4, 16, device=DEVICE, seed=seed,
+                                **CASES["fresh+lengths"]) for seed in range(3)]
+
+    def forwards_then_backwards():
+        outs = [recurrence(mode, leaves["x"], leaves["state"], *leaves["weights"],
+                           leaves["mask"], constants["lengths"], None)
+                for leaves, constants in inputs]
+        grads = [torch.autograd.grad(out.sum() + sum(s.sum() for s in final), leaves["x"])[0]
+                 for (out, final), (leaves, _) in reversed(list(zip(outs, inputs)))]
+        return [[out, *final, grad] for (out, final), grad in zip(outs, reversed(grads))]
+
+    rounds = [forwards_then_backwards() for _ in range(3)]
+    assert cache.captures >= 3 and cache.graphs() >= 3
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    theirs = forwards_then_backwards()
+    for ours in rounds:
+        for a, b in zip(ours, theirs):
+            assert_same(a, b)

@@ -174,14 +174,14 @@ def compile_every_launch(arch=90):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            def launch(*args, **constexprs):
+            def launch(*args, num_warps=4, **constexprs):  # Triton's default warps
                 values = dict(zip(self.kernel.arg_names, args)) | constexprs
                 signature = {name: "constexpr" if name in constexprs
                              else _POINTER_TYPES[v.dtype] if isinstance(v, torch.Tensor)
                              else "i32" for name, v in values.items()}
                 key = (self.kernel.fn.__name__, tuple(signature.items()),
-                       tuple(constexprs.items()))
-                launched[key] = (self.kernel, signature, constexprs)
+                       tuple(constexprs.items()), num_warps)
+                launched[key] = (self.kernel, signature, constexprs, num_warps)
             return launch
 
     for name in ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
@@ -197,14 +197,15 @@ def compile_every_launch(arch=90):
                                     enabled=dtype is not None):
                     run_recurrence(mode, leaves, constants)
     target = GPUTarget("cuda", arch, 32)
-    for kernel, signature, constexprs in launched.values():
+    for kernel, signature, constexprs, num_warps in launched.values():
         triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                       target=target)
+                       target=target, options={"num_warps": num_warps})
     # The control: a block that is not a power of two compiles in the interpreter, not here.
-    kernel, signature, constexprs = next(iter(launched.values()))
+    kernel, signature, constexprs, num_warps = next(iter(launched.values()))
     try:
         triton.compile(ASTSource(fn=kernel, signature=signature,
-                                 constexprs=constexprs | {"BLOCK": 500}), target=target)
+                                 constexprs=constexprs | {"BLOCK": 500}), target=target,
+                       options={"num_warps": num_warps})
     except triton.CompilationError:
         return len(launched)
     raise AssertionError("a block of 500 compiled: this check would miss compile errors")
