@@ -23,8 +23,8 @@ from conftest import REPO_ROOT, write_corpus
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import device_check  # noqa: E402  (a script, not a package)
 
-OUTPUTS = ["cuda-tests.xml", "launch-bound.md", "layers.md", "logs.tar.gz", "runs.tar.gz",
-           "summary.md", "train-speed.md", "training.md"]
+OUTPUTS = ["cuda-other.xml", "cuda-triton.xml", "kernels.md", "layers.md", "logs.tar.gz",
+           "runs.tar.gz", "summary.md", "training.md"]
 # A stopped run saves a checkpoint and draws its learning curve: seconds on a loaded CPU.
 GRACE = 8.0
 ROWS = ("medium", "large", "variational-medium", "variational-large", "study-medium")
@@ -61,16 +61,16 @@ def test_a_stage_past_its_limit_is_stopped_and_the_rest_still_runs(check):
     started = time.monotonic()
     slow = check.run("layers", [sys.executable, "-c", "import time; time.sleep(60)"], limit=3)
     assert slow.status == "timed out (stopped)"
-    stubborn = check.run("train-speed", [sys.executable, "-c", (
+    stubborn = check.run("profile", [sys.executable, "-c", (
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)")],
         limit=3)
     assert stubborn.status == "timed out (killed)"
     assert time.monotonic() - started < 15
     failed = check.run("deps", [sys.executable, "-c", "raise SystemExit(3)"])
     assert failed.status == "failed (exit 3)"
-    assert [s.name for s in check.stages] == ["layers", "train-speed", "deps"]
+    assert [s.name for s in check.stages] == ["layers", "profile", "deps"]
     summary = (check.out / "summary.md").read_text()  # published after every stage
-    assert "| train-speed | timed out (killed) |" in summary
+    assert "| profile | timed out (killed) |" in summary
 
 
 @pytest.mark.slow
@@ -337,16 +337,20 @@ def test_sigterm_stops_the_running_stage_group_and_still_writes_results(tmp_path
         stage = [p for p in _processes(1, check.pid)
                  if b"-m\0pytest\0" in Path(f"/proc/{p}/cmdline").read_bytes()]
         time.sleep(0.1)
-    assert stage, "the cuda-tests stage never started"
+    assert stage, "the cuda-triton stage never started"
     check.send_signal(signal.SIGTERM)
     output, _ = check.communicate(timeout=30)
     assert check.returncode == 130, output
     assert "interrupted" in output
     assert _gone(lambda: _processes(2, stage[0]))  # its whole group is gone
     summary = (out / "summary.md").read_text()
-    assert _table(summary)["cuda-tests"][0] == "interrupted"
-    assert list(_table(summary)) == ["deps", "install", "machine", "cuda-tests"]
-    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.md"]
+    assert _table(summary)["cuda-triton"][0] == "interrupted"
+    # The speed tables and the kernel profile come before the tests.
+    assert list(_table(summary)) == ["deps", "install", "machine", "layers", "profile",
+                                     "cuda-triton"]
+    names = {p.name for p in out.iterdir()}
+    assert {"logs.tar.gz", "summary.md", "layers.md", "kernels.md"} <= names
+    assert names <= {"logs.tar.gz", "summary.md", "layers.md", "kernels.md", "cuda-triton.xml"}
 
 
 STOPPED_ROWS = """
@@ -401,8 +405,9 @@ def test_quick_rehearsal_runs_every_stage_on_the_cpu(tmp_path):
     assert all(p.is_file() and p.stat().st_size > 0 for p in out.iterdir())
     summary = (out / "summary.md").read_text()
     table = _table(summary)
-    for stage in ("deps", "install", "machine", "cuda-tests", "layers", "launch-bound",
-                  "train-speed", *ROWS):
+    stages = ("deps", "install", "machine", "layers", "profile", "cuda-triton", "cuda-other")
+    assert list(table)[:len(stages)] == list(stages)  # in this order, the rows after them
+    for stage in (*stages, *ROWS):
         assert table[stage][0] == "ok", (stage, table.get(stage))
     # The rows ran at once: each started before any other ended.
     spans = [(float(table[r][1]), float(table[r][1]) + float(table[r][2])) for r in ROWS]
@@ -410,8 +415,11 @@ def test_quick_rehearsal_runs_every_stage_on_the_cpu(tmp_path):
     assert table["medium"][3].startswith("complete: 1 of 1 epochs")
     assert table["large"][3].startswith("PARTIAL (training budget")  # 500 epochs planned
     assert re.match(r"2 of 2 runs started: 2 PARTIAL; lowest valid", table["study-medium"][3])
-    suite = ET.parse(out / "cuda-tests.xml").getroot().find("testsuite")
-    assert int(suite.get("tests")) > 40 and suite.get("failures") == suite.get("errors") == "0"
+    for name, least in (("cuda-triton", 1), ("cuda-other", 40)):
+        suite = ET.parse(out / f"{name}.xml").getroot().find("testsuite")
+        assert int(suite.get("tests")) >= least
+        assert suite.get("failures") == suite.get("errors") == "0"
+    assert "| tiny | rnnreg variational (own loop) |" in (out / "kernels.md").read_text()
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert {f"{row}/metrics.jsonl" for row in ROWS[:4]} <= set(names)
@@ -421,3 +429,111 @@ def test_quick_rehearsal_runs_every_stage_on_the_cpu(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert {f"logs/{row}.log" for row in ROWS} <= set(tar.getnames())
     assert result.stdout.rstrip().endswith(summary.split("\n## ")[0].rstrip().splitlines()[-1])
+
+
+# --- the pytest stages' limits, the GPU tables' headlines ----------------------------------------
+
+SLOW_TESTS = """
+import time
+
+def test_quick():
+    pass
+
+def test_stuck():
+    time.sleep(60)
+
+def test_after():
+    pass
+"""
+
+
+def _pytest(tmp_path: Path, *options: str) -> list[str]:
+    (tmp_path / "test_sleepy.py").write_text(SLOW_TESTS)
+    return [sys.executable, "-m", "pytest", str(tmp_path / "test_sleepy.py"), "-q",
+            "-p", "no:cacheprovider", "-p", "pytest_limits", *options]
+
+
+def _suite(xml: Path) -> dict[str, str]:
+    suite = ET.parse(xml).getroot().find("testsuite")
+    return {case.get("name"): ("failed" if case.find("failure") is not None else "passed")
+            for case in suite.iter("testcase") if case.get("name")}
+
+
+@pytest.mark.slow  # two pytest processes, a few seconds each
+def test_a_stuck_test_fails_alone_and_the_session_limit_still_writes_junit(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "benchmarks")}
+    xml = tmp_path / "per-test.xml"
+    started = time.monotonic()
+    run = subprocess.run(_pytest(tmp_path, "--limit-per-test=2", f"--junitxml={xml}"),
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 30, run.stdout
+    assert _suite(xml) == {"test_quick": "passed", "test_stuck": "failed", "test_after": "passed"}
+    assert "over its time limit (2 s, call)" in run.stdout
+    xml = tmp_path / "session.xml"
+    run = subprocess.run(_pytest(tmp_path, "--limit-session=1", f"--junitxml={xml}"),
+                         env=env, capture_output=True, text=True, timeout=60)
+    # The session limit cuts the stuck test (the per-test limit falls to what is left) and
+    # starts nothing after it; the report is still written, and says so.
+    assert _suite(xml) == {"test_quick": "passed", "test_stuck": "failed"}
+    log = tmp_path / "session.log"
+    log.write_text(run.stdout)
+    assert device_check._stopped(log).startswith(
+        "; stopped: limits: session limit of 1 s reached after 2 of 3 tests")
+
+
+@pytest.mark.slow  # a pytest stage held to its limit
+def test_a_pytest_stage_past_its_limit_gets_sigint_and_still_writes_junit(tmp_path):
+    check = _check(tmp_path, grace=GRACE)  # writing the report takes a moment on a busy CPU
+    xml = tmp_path / "cut.xml"
+    stage = check.run("cuda-triton", _pytest(tmp_path, f"--junitxml={xml}"), limit=GRACE + 6,
+                      stop_signal=signal.SIGINT)
+    assert stage.status == "timed out (stopped)"  # SIGINT was enough: no SIGKILL
+    assert _suite(xml)["test_quick"] == "passed"
+    # The interrupted test is no testcase of the report; the one that ran is.
+    assert device_check._junit(xml).startswith("1 tests: 1 passed, 0 failed")
+    assert device_check._stopped(check.logs / "cuda-triton.log") == (
+        "; stopped by SIGINT at the stage's limit")
+    device_check.shutil.rmtree(check.work, ignore_errors=True)
+
+
+def test_the_lease_profile_fits_a_rerun_and_the_tables_come_before_the_tests():
+    assert device_check.FULL.budget <= 300
+    assert device_check.FULL.shapes == "medium,large"
+    stages = list(device_check.FULL.limits)
+    assert stages.index("layers") < stages.index("profile") < stages.index("cuda-triton") \
+        < stages.index("cuda-other")
+
+
+GPU_LAYERS = (
+    "\n| precision | cuda.matmul.fp32_precision | cudnn.rnn.fp32_precision |\n|---|---|---|\n"
+    "| fp32 | none | tf32 |\n\n*caption*\n\n"
+    "| shape | strategy | precision | row | engine | ms/iter | vs nn.LSTM(dropout) | "
+    "vs Python loop | PREDICTED ms/iter | measured / predicted |\n"
+    "|---|---|---|---|---|---:|---:|---:|---:|---:|\n"
+    "| medium | variational | fp32 | nn.LSTM(dropout) | cuDNN | 1.50 | 1.00x | 9.00x | 1.04 "
+    "| 1.44 |\n"
+    "| medium | variational | fp32 | fused Triton step | - | not available (no fused step) | - "
+    "| - | 0.64 | - |\n"
+    "| medium | variational | fp32 | two-kernel Triton step | Triton loop with CUDA graphs | "
+    "2.50 | 0.60x | 5.40x | 0.96 | 2.60 |\n")
+
+
+def test_the_gpu_headline_reads_the_engines_table_not_the_precision_table(tmp_path):
+    table = tmp_path / "layers.md"
+    table.write_text(GPU_LAYERS)
+    assert device_check._headline("layers", table) == (
+        "vs nn.LSTM(dropout): medium fp32 variational fused Triton step not available "
+        "(no fused step) (predicted 0.64 ms, measured not available (no fused step) ms); "
+        "medium fp32 variational two-kernel Triton step 0.60x (predicted 0.96 ms, "
+        "measured 2.50 ms)")
+    kernels = tmp_path / "kernels.md"
+    kernels.write_text(
+        "| shape | model | ms/iter | us/step/layer | ops/iter | ops/step/layer | busy |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n"
+        "| medium | nn.LSTM(dropout) (cuDNN on GPU) | 1.5 | 21 | 300 | 4.3 | 90% |\n"
+        "| medium | rnnreg variational (own loop) | 2.5 | 36 | 320 | 4.6 | 80% |\n\n"
+        "| shape | CUDA kernel | calls | calls/step/layer | us | us/call | share |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n| medium | `gemm` | 140 | 2.00 | 900 | 6.4 | 60% |\n")
+    assert device_check._headline("profile", kernels) == (
+        "medium ms/iter cuDNN 1.5, own loop 2.5 (4.6 ops/step/layer, busy 80%) "
+        "(kernel times: kernels.md)")
