@@ -219,7 +219,7 @@ def rows(device: Device = H100, strategy: str = "variational") -> list[dict[str,
 
 
 def markdown(device: Device = H100, strategy: str = "variational") -> str:
-    """The table docs/engines.md holds (tests/test_device_check.py keeps them equal)."""
+    """The predictions as a Markdown table."""
     lines = [f"*PREDICTED for an {device.name}, {strategy} masks, not measured: per step and "
              "layer, forward and backward together; ms/iter is one forward+backward of the "
              "2-layer stack; vs cuDNN above 1 means faster than nn.LSTM(dropout).*", "",
@@ -232,12 +232,45 @@ def markdown(device: Device = H100, strategy: str = "variational") -> str:
     return "\n".join(lines) + "\n"
 
 
+def figures(device: Device = H100, a: Assumptions = ASSUMED) -> str:
+    """The figures the model assumes, with where each comes from, as a Markdown table."""
+    tera = {k: v / 1e12 for k, v in device.peaks.items()}
+    rows = [
+        ("device-memory bandwidth", f"{device.bandwidth / 1e12:g} TB/s",
+         "NVIDIA H100 / H200 datasheets (SXM)"),
+        ("FP32 peak (`fp32-ieee`)", f"{tera['fp32']:g} TFLOP/s", "NVIDIA H100 datasheet"),
+        ("TF32 tensor-core peak (`fp32`)", f"{tera['tf32']:g} TFLOP/s",
+         "NVIDIA H100 datasheet: 989 with sparsity, halved for dense"),
+        ("BF16 tensor-core peak (`bf16`)", f"{tera['bf16']:g} TFLOP/s",
+         "NVIDIA H100 datasheet: 1,979 with sparsity, halved for dense"),
+        ("gap between kernels launched one by one", f"{a.stream_gap_us:g} us",
+         "NVIDIA blog \"Getting Started with CUDA Graphs\": 3.8 us per ~2.9 us kernel"),
+        ("gap between kernels of a CUDA graph", f"{a.graph_gap_us:g} us",
+         "the same blog: 3.4 us per ~2.9 us kernel"),
+        ("share of peak FLOP/s and bandwidth achieved", f"{a.efficiency:g}", "assumption"),
+        ("shortest kernel, start to end", f"{a.shortest_kernel_us:g} us", "assumption"),
+        ("host time per eager torch op", f"{a.eager_op_host_us:g} us", "assumption"),
+        ("host time per launch from cuDNN", f"{a.cudnn_launch_host_us:g} us", "assumption"),
+        ("host time per graph replay, with its copies", f"{a.graph_replay_host_us:g} us",
+         "assumption"),
+    ]
+    lines = [f"*Figures assumed for an {device.name}*", "", "| figure | value | source |",
+             "|---|---:|---|"]
+    lines += [f"| {name} | {value} | {source} |" for name, value, source in rows]
+    return "\n".join(lines) + "\n"
+
+
+def document(device: Device = H100, strategy: str = "variational") -> str:
+    """What docs/engines.md holds between its perf_model.py markers: the figures, the table."""
+    return figures(device) + "\n" + markdown(device, strategy)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=sorted(DEVICES), default="h100")
     parser.add_argument("--strategy", choices=("variational", "zoneout"), default="variational")
     args = parser.parse_args(argv)
-    print(markdown(DEVICES[args.device], args.strategy), end="")
+    print(document(DEVICES[args.device], args.strategy), end="")
 
 
 if __name__ == "__main__":
