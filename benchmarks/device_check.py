@@ -204,11 +204,11 @@ FULL = Profile(
     shapes="medium,large", layers_rounds=(10, 3), test_limit=40.0,
     rows=PAPER_ROWS, row_limit=420.0, row_minimum=90.0)
 QUICK = Profile(
-    device="cpu", budget=135.0,
+    device="cpu", budget=150.0,
     limits={"wheels": 30, "deps": 20, "install": 60, "machine": 30, "layers": 30,
             "profile": 30, "cuda-triton": 30, "cuda-other": 60},
     shapes="tiny", layers_rounds=(2, 1), test_limit=30.0, top_kernels=5,
-    rows=QUICK_ROWS, row_limit=45.0, row_minimum=15.0,
+    rows=QUICK_ROWS, row_limit=60.0, row_minimum=15.0,
     startup=10.0, overhead=1.2, grace=5.0, reserve=5.0, train_cap_minutes=0.05)
 
 
@@ -764,6 +764,11 @@ def _headline(name: str, table: Path) -> str:
                          f"{measured} (predicted {r.get('PREDICTED ms/iter', '-')} ms, "
                          f"measured {r.get('ms/iter', '-')} ms)")
         return "vs nn.LSTM(dropout): " + "; ".join(parts)
+    if name == "layers" and "default loop engine" in rows[0]:  # the CPU engines table
+        return "vs nn.LSTM(dropout): " + "; ".join(
+            f"{r['shape']} {r['dtype']} {r['default loop engine']} "
+            f"{r.get('default engine vs nn.LSTM(dropout)', '?')}, Python loop "
+            f"{r.get('Python loop vs nn.LSTM(dropout)', '?')}" for r in rows)
     if name == "layers":  # rnnreg / nn.LSTM(dropout), and the engine that ran each strategy
         return "; ".join(
             f"{strategy} vs nn.LSTM(dropout): " + ", ".join(

@@ -33,12 +33,13 @@ effect.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
-from layers import SHAPES, Shape, precision_settings
+from layers import SHAPES, STEP_VARIABLE, Shape, precision_settings
 from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -212,6 +213,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     what = "CUDA kernels, copies, memsets" if device.type == "cuda" else "aten operators"
     settings = ", ".join(f"{k}={v}" for k, v in precision_settings().items())
+    settings += f", {STEP_VARIABLE}={os.environ.get(STEP_VARIABLE, '(unset: the default step)')}"
     print(f"*torch {torch.__version__}, {name}; forward+backward, median of {args.repeats} "
           f"after {args.warmup} warm-up; ops = {what} per iteration (torch.profiler); busy = "
           f"share of the iteration's span in which one of them ran; {settings}*\n")

@@ -421,6 +421,7 @@ def test_quick_rehearsal_runs_every_stage_on_the_cpu(tmp_path):
         assert int(suite.get("tests")) >= least
         assert suite.get("failures") == suite.get("errors") == "0"
     assert "| tiny | rnnreg variational (own loop) |" in (out / "kernels.md").read_text()
+    assert table["layers"][3].startswith("vs nn.LSTM(dropout): tiny float32 Python loop ")
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert {f"{row}/metrics.jsonl" for row in ROWS[:4]} <= set(names)
