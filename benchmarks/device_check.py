@@ -527,7 +527,10 @@ class Check:
 
             stage = self.run(name, command, stop_signal=signal.SIGINT)
             if stage.status != "skipped":
-                stage.result = _junit(xml) + _stopped(self.logs / f"{name}.log")
+                stopped = _stopped(self.logs / f"{name}.log")
+                if "session limit" in stopped and stage.status == "failed (exit 2)":
+                    stage.status = "timed out (session limit)"  # pytest's exit 2: interrupted
+                stage.result = _junit(xml) + stopped
             self.publish()
 
     def benchmarks(self) -> None:

@@ -75,7 +75,7 @@ class Assumptions:
     graph_gap_us: float = 0.5        # between kernels of a replayed CUDA graph (blog above)
     eager_op_host_us: float = 8.0    # host time of one eager torch op (dispatch + launch)
     cudnn_launch_host_us: float = 3.0  # host time of one launch from cuDNN's C++ loop
-    graph_replay_host_us: float = 15.0  # host time of one graph launch with its argument copies
+    graph_replay_host_us: float = 15.0  # host time of one graph replay (no argument copies)
 
 
 ASSUMED = Assumptions()
@@ -251,8 +251,7 @@ def figures(device: Device = H100, a: Assumptions = ASSUMED) -> str:
         ("shortest kernel, start to end", f"{a.shortest_kernel_us:g} us", "assumption"),
         ("host time per eager torch op", f"{a.eager_op_host_us:g} us", "assumption"),
         ("host time per launch from cuDNN", f"{a.cudnn_launch_host_us:g} us", "assumption"),
-        ("host time per graph replay, with its copies", f"{a.graph_replay_host_us:g} us",
-         "assumption"),
+        ("host time per graph replay", f"{a.graph_replay_host_us:g} us", "assumption"),
     ]
     lines = [f"*Figures assumed for an {device.name}*", "", "| figure | value | source |",
              "|---|---:|---|"]

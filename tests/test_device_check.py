@@ -624,3 +624,24 @@ def test_the_fused_row_is_offered_only_where_rnnreg_reads_the_step_variable(tmp_
                                   "status": "not available (no fused step)",
                                   "predicted": 0.44})
     assert cells[5] == "not available (no fused step)" and cells[8] == "0.44"
+
+
+@pytest.mark.slow  # two pytest stages, the first cut by its session limit
+def test_the_cuda_test_stages_report_a_session_limit_and_write_both_reports(tmp_path,
+                                                                           monkeypatch):
+    tests = tmp_path / "test_marked.py"
+    tests.write_text("import pytest\npytestmark = pytest.mark.cuda\n" + SLOW_TESTS
+                     + "\ndef test_other():\n    pass\n")
+    monkeypatch.setattr(device_check, "cuda_test_files", lambda: [str(tests)])
+    monkeypatch.setattr(device_check, "TRITON_TESTS", "quick or stuck or after")
+    check = _check(tmp_path, grace=2.0, limits={
+        **device_check.QUICK.limits, "cuda-triton": 14.0, "cuda-other": 20.0})
+    check.cuda_tests()
+    triton, other = check.stages
+    assert triton.status == "timed out (session limit)", triton
+    assert "stopped: limits: session limit of 7 s reached after 2 of 3 tests" in triton.result
+    assert _suite(check.out / "cuda-triton.xml") == {"test_quick": "passed",
+                                                     "test_stuck": "failed"}
+    assert other.status == "ok" and other.result.startswith("1 tests: 1 passed")
+    assert _suite(check.out / "cuda-other.xml") == {"test_other": "passed"}
+    device_check.shutil.rmtree(check.work, ignore_errors=True)
