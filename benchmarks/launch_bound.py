@@ -23,8 +23,9 @@ before anything in rnnreg changes. A capture that fails is reported as such
 ``--top N`` adds a kernel-time profile: the N device operations (CUDA kernels on a GPU, aten
 operators on CPU) that took the most time in one forward+backward iteration of the own loop
 (``torch.profiler``), with their calls per step and layer and time per call, to set beside the
-kernels benchmarks/perf_model.py predicts. Both tables record the precision settings in
-effect.
+kernels benchmarks/perf_model.py predicts. On a GPU each row of the first table also shows the
+model's PREDICTED microseconds and launches per step and layer in fp32. Both tables record the
+precision settings in effect.
 
     python benchmarks/launch_bound.py --device cuda --shapes small,medium,large
     python benchmarks/launch_bound.py --device cuda --shapes medium,large --top 12
@@ -38,6 +39,7 @@ import statistics
 import sys
 import time
 
+import perf_model
 import torch
 from layers import SHAPES, STEP_VARIABLE, Shape, precision_settings
 from torch import nn
@@ -189,6 +191,21 @@ def print_top(shape_name: str, shape: Shape, device: torch.device, warmup: int,
               flush=True)
 
 
+def predicted(shape_name: str, label: str, device_name: str) -> tuple[str, str]:
+    """benchmarks/perf_model.py's PREDICTION for a row on a GPU, in fp32: us per step and
+    layer of the whole iteration, and launches per step and layer; the own loop's as
+    "two-kernel step / fused step" (whichever RNNREG_TRITON_STEP chose ran)."""
+    if device_name == "cpu" or shape_name not in perf_model.SHAPES or "whole layer" in label:
+        return "-", "-"
+    shape = perf_model.SHAPES[shape_name]
+    model = perf_model.H200 if "H200" in device_name else perf_model.H100
+    engines = ("cudnn",) if label != OWN_LOOP else ("split", "fused")
+    us = [1e3 * perf_model.iteration_ms(e, shape, "fp32", device=model)
+          / (shape.steps * shape.layers) for e in engines]
+    launches = [perf_model.step(e, shape, "fp32", device=model).launches for e in engines]
+    return " / ".join(f"{u:.0f}" for u in us), " / ".join(map(str, launches))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="small,medium,large",
@@ -216,9 +233,12 @@ def main(argv=None) -> None:
     settings += f", {STEP_VARIABLE}={os.environ.get(STEP_VARIABLE, '(unset: the default step)')}"
     print(f"*torch {torch.__version__}, {name}; forward+backward, median of {args.repeats} "
           f"after {args.warmup} warm-up; ops = {what} per iteration (torch.profiler); busy = "
-          f"share of the iteration's span in which one of them ran; {settings}*\n")
-    print("| shape | model | ms/iter | us/step/layer | ops/iter | ops/step/layer | busy |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          f"share of the iteration's span in which one of them ran; {settings}; PREDICTED: "
+          "benchmarks/perf_model.py in fp32, a model, not a measurement (own loop: two-kernel "
+          "step / fused step)*\n")
+    print("| shape | model | ms/iter | us/step/layer | ops/iter | ops/step/layer | busy | "
+          "PREDICTED us/step/layer | PREDICTED launches/step/layer |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         candidates = models(shape, args.p, device)
@@ -229,7 +249,7 @@ def main(argv=None) -> None:
                                             shape, device)
             except Exception as error:  # an experiment: report it, keep the other rows
                 print(f"| {shape_name} | {label} | capture failed: {type(error).__name__} "
-                      "| | | | |", flush=True)
+                      "| | | | | | |", flush=True)
                 print(f"  capture failed: {error!r}", file=sys.stderr, flush=True)
         for label, model in candidates.items():
             try:
@@ -238,11 +258,13 @@ def main(argv=None) -> None:
                 if "CUDA graphs" not in label:
                     raise
                 print(f"| {shape_name} | {label} | replay failed: {type(error).__name__} "
-                      "| | | | |", flush=True)
+                      "| | | | | | |", flush=True)
                 print(f"  replay failed: {error!r}", file=sys.stderr, flush=True)
                 continue
+            us, launches = predicted(shape_name, label, name)
             print(f"| {shape_name} | {label} | {r['ms']:.2f} | {r['us_step']:.0f} | "
-                  f"{r['ops']:.0f} | {r['ops_step']:.1f} | {r['busy']:.0%} |", flush=True)
+                  f"{r['ops']:.0f} | {r['ops_step']:.1f} | {r['busy']:.0%} | {us} | "
+                  f"{launches} |", flush=True)
             print(f"  {shape_name} {label} done", file=sys.stderr, flush=True)
     for shape_name in shapes if args.top else ():
         print_top(shape_name, SHAPES[shape_name], device, args.warmup, args.top, args.p)
