@@ -1,33 +1,42 @@
-"""One prepared GPU check: CUDA tests, speed against cuDNN, then the paper's rows at once.
+"""One prepared GPU check, a lease profile: machine, speed tables, kernel profile, CUDA tests.
 
     bash benchmarks/device_check.sh OUTDIR            # on a machine with a GPU (docs/gpu-check.md)
     bash benchmarks/device_check.sh OUTDIR --quick    # CPU rehearsal: same stages, tiny sizes
 
-GPU time often comes in short windows, so everything runs in one call that stops itself
-before its budget (default 480 s): each stage is a subprocess in its own process group with
-its own time limit, cut to what is left, and is stopped (SIGTERM, then SIGKILL) when it
-overruns, so a slow stage cannot eat the call. Stages, in order of what matters most:
+GPU time often comes in short leases (machine start included), so everything runs in one call
+that stops itself before its budget (default 300 s, which leaves room in a 15-minute lease for
+the machine's start and one rerun): each stage is a subprocess in its own process group with
+its own time limit, cut to what is left, and is stopped (SIGTERM, or SIGINT for pytest, then
+SIGKILL) when it overruns, so a slow stage cannot eat the call. Stages, in order of what
+matters most:
 
 1. deps, install: the project without downloading another torch (``pip install --no-deps
    --no-build-isolation --no-index -e .``; wheels in ``.whl/`` for any missing small
    dependency; PYTHONPATH in any case);
-2. machine: torch, CUDA and the device as the stages see them, and rnnreg imported from this
-   checkout (without CUDA the GPU check stops here);
-3. cuda-tests: ``pytest -m cuda tests`` with JUnit XML;
-4. layers, launch-bound, train-speed: benchmarks/layers.py, launch_bound.py and train.py at the
-   paper's small, medium and large shapes, rnnreg and cuDNN side by side in one process;
-5. the training rows, all at once as concurrent processes on the one device (a run at the
-   paper's batch 20 is small work for a large GPU): ``rnnreg train`` for medium, large,
-   variational-medium and variational-large, and an ``rnnreg compare`` strategy study at the
-   medium size, its runs in parallel (on a GPU, rows that would leave a process without a CPU
-   core are skipped). Every row has a time limit, cut to the budget left, and
-   a training budget (``--max-train-minutes``) fitted inside it; a row cut short by either is
-   labelled PARTIAL with the epochs it did, its last valid/test perplexity and tokens/s.
+2. machine: torch, Triton, CUDA and the device as the stages see them, and rnnreg imported from
+   this checkout (without CUDA the GPU check stops here);
+3. layers: benchmarks/layers.py's engines table at the paper's medium and large shapes: the
+   fused and the two-kernel Triton step, the Python loop and ``nn.LSTM(dropout)`` (cuDNN) for
+   per-sequence masks and zoneout, in fp32, fp32 with cuDNN's RNN in IEEE float32, and bf16,
+   each beside benchmarks/perf_model.py's PREDICTION, with the precision settings in effect;
+4. profile: benchmarks/launch_bound.py, launches and busy time against cuDNN, and the
+   costliest kernels of one own-loop iteration (torch.profiler);
+5. cuda-triton, then cuda-other: ``pytest -m cuda tests``, the Triton engine's tests first,
+   each test and the whole stage under a time limit (benchmarks/pytest_limits.py), JUnit XML
+   written even when a limit cuts the stage;
+6. the training rows, only if time is left: all at once as concurrent processes on the one
+   device (a run at the paper's batch 20 is small work for a large GPU): ``rnnreg train``
+   for medium, large, variational-medium and variational-large, and an ``rnnreg compare``
+   strategy study at the medium size, its runs in parallel (on a GPU, rows that would leave a
+   process without a CPU core are skipped). Every row has a time limit, cut to the budget
+   left, and a training budget (``--max-train-minutes``) fitted inside it; a row cut short by
+   either is labelled PARTIAL with the epochs it did, its last valid/test perplexity and
+   tokens/s.
 
 OUTDIR receives at most 8 files, all at its top level, rewritten after every stage so that a
 call killed from outside still returns what was done: ``summary.md`` (command, commit, device,
-stages with start times, results and every table), ``cuda-tests.xml``, ``layers.md``,
-``launch-bound.md``, ``train-speed.md``, ``training.md`` (one line per run), ``logs.tar.gz``
+stages with start times, results and every table), ``layers.md``, ``kernels.md``,
+``cuda-triton.xml``, ``cuda-other.xml``, ``training.md`` (one line per run), ``logs.tar.gz``
 (every stage's full log) and ``runs.tar.gz`` (the run and study directories, metrics.jsonl
 included, without checkpoints). The summary is printed last. Ctrl-C or SIGTERM stops every
 stage's process group and still writes the results.
@@ -37,8 +46,8 @@ itself (the CUDA tests run on the CPU through ``RNNREG_CHECK_DEVICE=cpu``), so t
 tested on machines without a GPU; its numbers mean nothing.
 
 PTB is read from ``$RNNREG_DATA``, else ``data/ptb`` in the checkout. rnnreg is driven through
-its command line only, and only the standard library is imported here: a broken torch or
-rnnreg shows up as a failed stage, not as a crashed check.
+its command line and the benchmark scripts only, and only the standard library is imported
+here: a broken torch or rnnreg shows up as a failed stage, not as a crashed check.
 """
 
 from __future__ import annotations
@@ -76,6 +85,11 @@ info = {"python": sys.version.split()[0], "platform": platform.platform(),
         "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
         "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "cpus": os.cpu_count(), "rnnreg": rnnreg.__file__}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
@@ -146,6 +160,19 @@ QUICK_ROWS = (
 )
 
 
+# The Triton engine's CUDA tests (tests/test_cuda.py): the cuda-triton stage runs these first,
+# the cuda-other stage the rest of ``-m cuda``.
+TRITON_TESTS = "triton or graph or capture"
+
+
+def cuda_test_files() -> list[str]:
+    """The test files that mark tests ``cuda``: pytest collects only these (collecting the
+    whole suite to select a few dozen tests costs many seconds of a short lease)."""
+    files = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py")
+                   if "mark.cuda" in path.read_text(encoding="utf-8"))
+    return files or ["tests"]
+
+
 @dataclass(frozen=True)
 class Profile:
     """Everything that differs between the GPU check and its CPU rehearsal."""
@@ -155,31 +182,33 @@ class Profile:
     limits: dict[str, float]         # per-stage ceiling before the training rows, seconds
     shapes: str                      # benchmark shapes
     layers_rounds: tuple[int, int]   # layers.py --repeats, --warmup
-    train_speed: tuple[int, int]     # train.py --windows, --repeats
+    test_limit: float                # seconds per test in the pytest stages
     rows: tuple[Row, ...]
     row_limit: float                 # ceiling on each training row, seconds
     row_minimum: float               # rows start only with at least this long left
+    top_kernels: int = 12            # the profile's costliest operations per shape
     startup: float = 40.0            # a row's wall time outside its training budget
     # Wall time per second of training budget: each epoch's validation (the split as one
     # stream, batch 1) and its checkpoints come on top of the training steps.
     overhead: float = 1.4
-    grace: float = 15.0              # SIGTERM -> SIGKILL: time to save a checkpoint
+    grace: float = 10.0              # SIGTERM/SIGINT -> SIGKILL: time to save a checkpoint
     train_cap_minutes: float = 0.0   # an upper bound on each training budget (0: none)
-    reserve: float = 15.0            # kept back at the end for packing the results
+    reserve: float = 10.0            # kept back at the end for packing the results
 
 
+# 300 s: a 15-minute lease less the machine's start (minutes) leaves room for one rerun.
 FULL = Profile(
-    device="cuda", budget=480.0,
-    limits={"wheels": 60, "deps": 30, "install": 90, "machine": 60, "cuda-tests": 120,
-            "layers": 75, "launch-bound": 45, "train-speed": 75},
-    shapes="small,medium,large", layers_rounds=(10, 3), train_speed=(60, 2),
+    device="cuda", budget=300.0,
+    limits={"wheels": 30, "deps": 20, "install": 45, "machine": 30, "layers": 110,
+            "profile": 30, "cuda-triton": 75, "cuda-other": 60},
+    shapes="medium,large", layers_rounds=(10, 3), test_limit=40.0,
     rows=PAPER_ROWS, row_limit=420.0, row_minimum=90.0)
 QUICK = Profile(
-    device="cpu", budget=115.0,
-    limits={"wheels": 30, "deps": 20, "install": 60, "machine": 30, "cuda-tests": 60,
-            "layers": 30, "launch-bound": 30, "train-speed": 40},
-    shapes="tiny", layers_rounds=(2, 1), train_speed=(5, 1),
-    rows=QUICK_ROWS, row_limit=45.0, row_minimum=15.0,
+    device="cpu", budget=150.0,
+    limits={"wheels": 30, "deps": 20, "install": 60, "machine": 30, "layers": 30,
+            "profile": 30, "cuda-triton": 30, "cuda-other": 60},
+    shapes="tiny", layers_rounds=(2, 1), test_limit=30.0, top_kernels=5,
+    rows=QUICK_ROWS, row_limit=60.0, row_minimum=15.0,
     startup=10.0, overhead=1.2, grace=5.0, reserve=5.0, train_cap_minutes=0.05)
 
 
@@ -200,9 +229,11 @@ class Running:
     stage: Stage
     process: subprocess.Popen
     log: Path
-    deadline: float                  # time.monotonic() at which SIGTERM goes
+    deadline: float                  # time.monotonic() at which the stop signal goes
     # The stage's result line, from its final status (a training row reads its metrics).
     describe: Callable[[str], str] | None = None
+    # SIGINT for pytest, which answers it by writing its reports (JUnit XML) and exiting.
+    stop_signal: int = signal.SIGTERM
     signalled: float | None = None   # when SIGTERM went
     killed: bool = False
     interrupted: bool = False
@@ -213,7 +244,7 @@ class Running:
             self.ended = now
         if self.signalled is None and self.ended is None and now >= self.deadline:
             self.signalled = now
-            _signal_group(self.process, signal.SIGTERM)
+            _signal_group(self.process, self.stop_signal)
         start = self.signalled if self.ended is None else max(self.ended, self.signalled or 0)
         if start is not None and now >= start + grace and not self.killed and self.alive():
             self.killed = True
@@ -253,8 +284,10 @@ class Check:
         self.logs.mkdir()
         self.runs.mkdir()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    # benchmarks/: pytest's plugin pytest_limits (the pytest stages)
                     "PYTHONPATH": os.pathsep.join(
-                        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+                        p for p in (str(ROOT), str(ROOT / "benchmarks"),
+                                    os.environ.get("PYTHONPATH", "")) if p)}
         if self.quick:
             # One intra-op thread: tiny models on a shared CPU run several times faster so.
             # The Python loops: the rehearsal checks the plumbing, and building the compiled CPU
@@ -274,23 +307,33 @@ class Check:
     def left(self) -> float:
         return self.profile.budget - (time.monotonic() - self.started)
 
-    def run(self, name: str, command: list[str], *, stdout: Path | None = None,
-            limit: float | None = None) -> Stage:
+    def stage_limit(self, name: str, limit: float | None = None) -> float:
+        """The stage's ceiling, cut to the budget left (less the reserve)."""
+        ceiling = self.profile.limits[name] if limit is None else limit
+        return min(ceiling, self.left() - self.profile.reserve)
+
+    def run(self, name: str, command: list[str] | Callable[[float], list[str]], *,
+            stdout: Path | None = None, limit: float | None = None,
+            stop_signal: int = signal.SIGTERM) -> Stage:
         """Run ``command`` under the stage's limit (cut to the time left); log, record, publish.
 
         stdout goes to ``stdout`` when given (a table), else into the stage's log with stderr.
+        ``command`` may be a function of the limit (a pytest stage passes its own limits on).
         """
         ceiling = self.profile.limits[name] if limit is None else limit
-        limit = min(ceiling, self.left() - self.profile.reserve)
+        limit = self.stage_limit(name, limit)
         if limit < min(5, ceiling):  # too little left to start anything useful
             return self.record(Stage(name, "skipped", 0.0, "no time left in the budget"))
-        running = self.start(name, command, limit, stdout=stdout)
+        if callable(command):
+            command = command(limit)
+        running = self.start(name, command, limit, stdout=stdout, stop_signal=stop_signal)
         self.supervise([running])
         return running.stage
 
     def start(self, name: str, command: list[str], limit: float, *,
               stdout: Path | None = None, env: dict | None = None,
-              describe: Callable[[str], str] | None = None) -> Running:
+              describe: Callable[[str], str] | None = None,
+              stop_signal: int = signal.SIGTERM) -> Running:
         """Start ``command`` in a new process group (a new session: Ctrl-C at the terminal
         reaches only this check, which then stops the group itself)."""
         log = self.logs / f"{name}.log"
@@ -303,7 +346,8 @@ class Check:
                                        start_new_session=True)
         stage = Stage(name, "running", 0.0, began=began - self.started)
         self.live.append(Running(stage, process, log,
-                                 began + max(limit - self.profile.grace, 1), describe))
+                                 began + max(limit - self.profile.grace, 1), describe,
+                                 stop_signal=stop_signal))
         return self.live[-1]
 
     def supervise(self, running: list[Running]) -> None:
@@ -390,7 +434,7 @@ class Check:
                   f"{s.result} |" for s in self.stages]
         if self.row_results:
             lines += ["", "## training.md", "", self.training_table().strip()]
-        for name in ("layers.md", "launch-bound.md", "train-speed.md"):
+        for name in ("layers.md", "kernels.md"):
             path = self.out / name
             if path.is_file() and path.stat().st_size:
                 lines += ["", f"## {name}", "", path.read_text().strip()]
@@ -463,32 +507,49 @@ class Check:
         return stage.status == "ok"
 
     def cuda_tests(self) -> None:
-        xml = self.out / "cuda-tests.xml"
-        stage = self.run("cuda-tests", [
-            sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-q",
-            "-rfEsxX", "-p", "no:cacheprovider", f"--junitxml={xml}",
-            "-o", "junit_suite_name=rnnreg-cuda"])
-        stage.result = _junit(xml)
-        self.publish()
+        """The Triton engine's CUDA tests, then the other CUDA tests: each test under the
+        profile's limit, each stage stopping itself (between tests) before its own limit, and
+        SIGINT past it; pytest writes its JUnit XML on every one of these paths."""
+        p = self.profile
+        for name, selection in (("cuda-triton", TRITON_TESTS),
+                                ("cuda-other", f"not ({TRITON_TESTS})")):
+            xml = self.out / f"{name}.xml"
+
+            def command(limit: float, xml: Path = xml, selection: str = selection,
+                        name: str = name) -> list[str]:
+                session = max(limit - p.grace - 5, 1)  # ends itself before the SIGINT
+                return [sys.executable, "-m", "pytest", "-m", "cuda", "-k", selection,
+                        *cuda_test_files(),
+                        "-q", "-rfEsxX", "-p", "no:cacheprovider", "-p", "pytest_limits",
+                        f"--limit-per-test={p.test_limit:.0f}",
+                        f"--limit-session={session:.0f}", f"--junitxml={xml}",
+                        "-o", f"junit_suite_name=rnnreg-{name}"]
+
+            stage = self.run(name, command, stop_signal=signal.SIGINT)
+            if stage.status != "skipped":
+                stopped = _stopped(self.logs / f"{name}.log")
+                if "session limit" in stopped and stage.status == "failed (exit 2)":
+                    stage.status = "timed out (session limit)"  # pytest's exit 2: interrupted
+                stage.result = _junit(xml) + stopped
+            self.publish()
 
     def benchmarks(self) -> None:
-        """The three speed tables, stdout kept whole as each benchmark prints it."""
+        """The speed tables and the kernel profile, stdout kept whole as each prints it."""
         p = self.profile
         device = ["--device", p.device, "--shapes", p.shapes]
         repeats, warmup = p.layers_rounds
-        self.run("layers", [sys.executable, "benchmarks/layers.py", *device, "--repeats",
-                            str(repeats), "--warmup", str(warmup), "--markdown"],
+        self.run("layers", [sys.executable, "benchmarks/layers.py", *device, "--tables",
+                            "engines", "--repeats", str(repeats), "--warmup", str(warmup),
+                            "--markdown"],
                  stdout=self.out / "layers.md")
-        self.run("launch-bound", [sys.executable, "benchmarks/launch_bound.py", *device,
-                                  "--repeats", str(repeats), "--warmup", str(warmup)],
-                 stdout=self.out / "launch-bound.md")
-        windows, rounds = p.train_speed
-        self.run("train-speed", [sys.executable, "benchmarks/train.py", *device, "--windows",
-                                 str(windows), "--repeats", str(rounds)],
-                 stdout=self.out / "train-speed.md")
-        for stage in self.stages[-3:]:
+        self.run("profile", [sys.executable, "benchmarks/launch_bound.py", *device,
+                             "--repeats", str(max(repeats // 3, 1)), "--warmup", str(warmup),
+                             "--no-whole-graph", "--top", str(p.top_kernels)],
+                 stdout=self.out / "kernels.md")
+        for stage, table in zip(self.stages[-2:], ("layers.md", "kernels.md")):
             if stage.status != "skipped":
-                stage.result = _headline(stage.name, self.out / f"{stage.name}.md")
+                partial = "" if stage.status == "ok" else "PARTIAL table: "
+                stage.result = partial + _headline(stage.name, self.out / table)
         self.publish()
 
     def training(self, data: Path | None) -> None:
@@ -583,7 +644,7 @@ def _group_alive(pgid: int) -> bool:
 def _stop_groups(running: list[Running], grace: float) -> None:
     """SIGTERM every group at once, SIGKILL whatever is left after one grace period."""
     for item in running:
-        _signal_group(item.process, signal.SIGTERM)
+        _signal_group(item.process, item.stop_signal)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(item.alive() for item in running):
         for item in running:
@@ -652,19 +713,40 @@ def _junit(xml: Path) -> str:
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return (f"{counts['tests']} tests: {passed} passed, {counts['failures']} failed, "
             f"{counts['errors']} errors, {counts['skipped'] - xfail} skipped, {xfail} xfailed "
-            "(cuda-tests.xml)")
+            f"({xml.name})")
 
 
 def _rows(table: Path) -> list[dict[str, str]]:
-    """The body rows of the Markdown table in ``table``, keyed by its header cells."""
+    """The body rows of the first Markdown table in ``table`` whose first column is ``shape``
+    (a file may hold several: the precision settings, the kernel profile), keyed by its
+    header cells."""
     if not table.is_file():
         return []
-    cells = [[c.strip() for c in line.strip().strip("|").split("|")]
-             for line in table.read_text().splitlines() if line.startswith("|")]
-    if not cells:
-        return []
-    header, body = cells[0], [r for r in cells[1:] if not set(r[0]) <= set("-: ")]
-    return [dict(zip(header, row)) for row in body]
+    blocks, block = [], []
+    for line in table.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            blocks.append(block)
+            block = []
+    for cells in blocks:
+        if cells[0][0] == "shape":
+            header, body = cells[0], [r for r in cells[1:] if not set(r[0]) <= set("-: ")]
+            return [dict(zip(header, row)) for row in body]
+    return []
+
+
+def _stopped(log: Path) -> str:
+    """What cut a pytest stage short, from its log (benchmarks/pytest_limits.py's line, or
+    pytest's own on SIGINT)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip(" !=") for line in text.splitlines()]
+    limit = [line for line in lines if "limits: session limit" in line]
+    if limit:
+        return f"; stopped: {limit[-1].split('Interrupted: ', 1)[-1]}"
+    if "KeyboardInterrupt" in text:
+        return "; stopped by SIGINT at the stage's limit"
+    return ""
 
 
 def _headline(name: str, table: Path) -> str:
@@ -673,6 +755,23 @@ def _headline(name: str, table: Path) -> str:
     rows = _rows(table)
     if not rows:
         return "no table (see logs/)"
+    if name == "layers" and "row" in rows[0]:  # the GPU engines table
+        parts = []
+        for r in rows:
+            if r["row"].startswith("nn.LSTM"):
+                continue
+            measured = r.get("vs nn.LSTM(dropout)", "-")
+            if measured == "-":
+                measured = r.get("ms/iter", "?").split(":")[0]  # not available, failed
+            parts.append(f"{r['shape']} {r['precision']} {r['strategy']} {r['row']} "
+                         f"{measured} (predicted {r.get('PREDICTED ms/iter', '-')} ms, "
+                         f"measured {r.get('ms/iter', '-')} ms)")
+        return "vs nn.LSTM(dropout): " + "; ".join(parts)
+    if name == "layers" and "default loop engine" in rows[0]:  # the CPU engines table
+        return "vs nn.LSTM(dropout): " + "; ".join(
+            f"{r['shape']} {r['dtype']} {r['default loop engine']} "
+            f"{r.get('default engine vs nn.LSTM(dropout)', '?')}, Python loop "
+            f"{r.get('Python loop vs nn.LSTM(dropout)', '?')}" for r in rows)
     if name == "layers":  # rnnreg / nn.LSTM(dropout), and the engine that ran each strategy
         return "; ".join(
             f"{strategy} vs nn.LSTM(dropout): " + ", ".join(
@@ -680,21 +779,17 @@ def _headline(name: str, table: Path) -> str:
                 + (f" ({r['engine']})" if r.get("engine") else "") for r in rows
                 if r.get("strategy") == strategy)
             for strategy in ("zaremba", "variational"))
-    if name == "launch-bound":  # ms/iter of cuDNN, the own loop, the own loop in CUDA graphs
+    if name == "profile":  # ms/iter of cuDNN and the own loop; its costliest kernel
         parts = []
-        for shape in dict.fromkeys(r["shape"] for r in rows):
-            kinds = {("graph" if "graph" in r["model"] else "own" if "own" in r["model"]
-                      else "cudnn"): r for r in rows if r["shape"] == shape}
+        for shape in dict.fromkeys(r["shape"] for r in rows if "model" in r):
+            kinds = {("own" if "own" in r["model"] else "cudnn"): r for r in rows
+                     if r.get("shape") == shape and "model" in r}
             own, cudnn = kinds.get("own", {}), kinds.get("cudnn", {})
-            text = (f"{shape} ms/iter cuDNN {cudnn.get('ms/iter', '?')}, own loop "
-                    f"{own.get('ms/iter', '?')} ({own.get('ops/step/layer', '?')} ops/step/"
-                    f"layer, busy {own.get('busy', '?')})")
-            if "graph" in kinds:
-                text += f", own loop in CUDA graphs {kinds['graph'].get('ms/iter', '?')}"
-            parts.append(text)
-        return "; ".join(parts)
-    return "trainer / plain loop: " + ", ".join(
-        f"{r['shape'].split()[0]} {r.get('ratio', '?')}" for r in rows)
+            parts.append(f"{shape} ms/iter cuDNN {cudnn.get('ms/iter', '?')}, own loop "
+                         f"{own.get('ms/iter', '?')} ({own.get('ops/step/layer', '?')} ops/step/"
+                         f"layer, busy {own.get('busy', '?')})")
+        return "; ".join(parts) + " (kernel times: kernels.md)"
+    return "no headline for this table"
 
 
 @dataclass(frozen=True)
@@ -826,8 +921,8 @@ def main(argv=None) -> int:
     try:
         check.install()
         if check.check_machine():
-            check.cuda_tests()
             check.benchmarks()
+            check.cuda_tests()
             data = write_tiny_corpus(check.work / "corpus") if args.quick else find_ptb()
             check.training(data)
     except KeyboardInterrupt:

@@ -17,25 +17,38 @@ graph over the time loop. This script measures the symptom, side by side in one 
 On a GPU a third row times the same own-loop layer captured whole in CUDA graphs
 (``torch.cuda.make_graphed_callables``, forward and backward replayed without per-kernel
 launches): how close that comes to cuDNN bounds what removing the launch overhead can buy,
-before anything in rnnreg changes. A capture that fails is reported as such.
+before anything in rnnreg changes. A capture that fails is reported as such
+(``--no-whole-graph`` leaves that row out).
+
+``--top N`` adds a kernel-time profile: the N device operations (CUDA kernels on a GPU, aten
+operators on CPU) that took the most time in one forward+backward iteration of the own loop
+(``torch.profiler``), with their calls per step and layer and time per call, to set beside the
+kernels benchmarks/perf_model.py predicts. On a GPU each row of the first table also shows the
+model's PREDICTED microseconds and launches per step and layer in fp32. Both tables record the
+precision settings in effect.
 
     python benchmarks/launch_bound.py --device cuda --shapes small,medium,large
+    python benchmarks/launch_bound.py --device cuda --shapes medium,large --top 12
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
+import perf_model
 import torch
-from layers import SHAPES, Shape
+from layers import SHAPES, STEP_VARIABLE, Shape, precision_settings
 from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import rnnreg
+
+OWN_LOOP = "rnnreg variational (own loop)"
 
 
 def models(shape: Shape, p: float, device: torch.device) -> dict[str, nn.Module]:
@@ -44,7 +57,7 @@ def models(shape: Shape, p: float, device: torch.device) -> dict[str, nn.Module]
     h, n = shape.hidden, shape.layers
     return {
         "nn.LSTM(dropout) (cuDNN on GPU)": nn.LSTM(h, h, n, dropout=p).to(device),
-        "rnnreg variational (own loop)": rnnreg.LSTM(
+        OWN_LOOP: rnnreg.LSTM(
             h, h, n, **rnnreg.strategy("variational", p)).to(device),
     }
 
@@ -130,6 +143,69 @@ def measure(model: nn.Module, shape: Shape, device: torch.device, warmup: int,
             "ops": ops, "ops_step": ops / (shape.steps * shape.layers), "busy": busy}
 
 
+def _device_time(event) -> float:
+    """An averaged event's own device time, us (torch renamed cuda_* to device_* in 2.4)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def top_operations(model: nn.Module, shape: Shape, device: torch.device, warmup: int,
+                   count: int) -> list[dict[str, object]]:
+    """The ``count`` device operations with the most time in one forward+backward iteration,
+    after ``warmup`` (so compiling and graph capture are over)."""
+    x = torch.randn(shape.steps, shape.batch, shape.hidden, device=device, requires_grad=True)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model.train()
+    for _ in range(warmup):
+        iteration(model, x, sync)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        iteration(model, x, sync)
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    spent = (lambda e: _device_time(e)) if cuda else (lambda e: float(e.self_cpu_time_total))
+    total = sum(spent(e) for e in events) or 1.0
+    steps = shape.steps * shape.layers
+    return [{"name": e.key, "calls": e.count, "us": spent(e), "share": spent(e) / total,
+             "per_step": e.count / steps}
+            for e in sorted(events, key=spent, reverse=True)[:count]]
+
+
+def print_top(shape_name: str, shape: Shape, device: torch.device, warmup: int,
+              count: int, p: float) -> None:
+    top = top_operations(models(shape, p, device)[OWN_LOOP], shape, device, warmup, count)
+    cuda = device.type == "cuda"
+    what, clock = ("CUDA kernel", "device") if cuda else ("aten operator", "CPU")
+    print(f"\n*{shape_name}: the {count} {what}s with the most {clock} "
+          f"time in one forward+backward of the own loop ({OWN_LOOP}), torch.profiler*\n")
+    print(f"| shape | {what} | calls | calls/step/layer | us | us/call | share |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for op in top:
+        name = str(op["name"]).replace("|", "/")
+        name = name if len(name) <= 90 else name[:87] + "..."
+        print(f"| {shape_name} | `{name}` | {op['calls']} | {op['per_step']:.2f} | "
+              f"{op['us']:.0f} | {op['us'] / max(op['calls'], 1):.1f} | {op['share']:.0%} |",
+              flush=True)
+
+
+def predicted(shape_name: str, label: str, device_name: str) -> tuple[str, str]:
+    """benchmarks/perf_model.py's PREDICTION for a row on a GPU, in fp32: us per step and
+    layer of the whole iteration, and launches per step and layer; the own loop's as
+    "two-kernel step / fused step" (whichever RNNREG_TRITON_STEP chose ran)."""
+    if device_name == "cpu" or shape_name not in perf_model.SHAPES or "whole layer" in label:
+        return "-", "-"
+    shape = perf_model.SHAPES[shape_name]
+    model = perf_model.H200 if "H200" in device_name else perf_model.H100
+    engines = ("cudnn",) if label != OWN_LOOP else ("split", "fused")
+    us = [1e3 * perf_model.iteration_ms(e, shape, "fp32", device=model)
+          / (shape.steps * shape.layers) for e in engines]
+    launches = [perf_model.step(e, shape, "fp32", device=model).launches for e in engines]
+    return " / ".join(f"{u:.0f}" for u in us), " / ".join(map(str, launches))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="small,medium,large",
@@ -138,7 +214,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--p", type=float, default=0.5)
+    parser.add_argument("--top", type=int, default=0,
+                        help="also profile the own loop: its N costliest device operations")
+    parser.add_argument("--no-whole-graph", action="store_true",
+                        help="leave out the row of the whole layer captured in CUDA graphs")
     args = parser.parse_args(argv)
+    if args.top < 0:
+        parser.error("--top must be >= 0")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if not shapes or any(s not in SHAPES for s in shapes):
         parser.error(f"--shapes: choose from {', '.join(SHAPES)}")
@@ -147,22 +229,27 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     what = "CUDA kernels, copies, memsets" if device.type == "cuda" else "aten operators"
+    settings = ", ".join(f"{k}={v}" for k, v in precision_settings().items())
+    settings += f", {STEP_VARIABLE}={os.environ.get(STEP_VARIABLE, '(unset: the default step)')}"
     print(f"*torch {torch.__version__}, {name}; forward+backward, median of {args.repeats} "
           f"after {args.warmup} warm-up; ops = {what} per iteration (torch.profiler); busy = "
-          "share of the iteration's span in which one of them ran*\n")
-    print("| shape | model | ms/iter | us/step/layer | ops/iter | ops/step/layer | busy |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          f"share of the iteration's span in which one of them ran; {settings}; PREDICTED: "
+          "benchmarks/perf_model.py in fp32, a model, not a measurement (own loop: two-kernel "
+          "step / fused step)*\n")
+    print("| shape | model | ms/iter | us/step/layer | ops/iter | ops/step/layer | busy | "
+          "PREDICTED us/step/layer | PREDICTED launches/step/layer |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         candidates = models(shape, args.p, device)
-        if device.type == "cuda":
+        if device.type == "cuda" and not args.no_whole_graph:
             label = "rnnreg variational (own loop, whole layer in CUDA graphs)"
             try:
-                candidates[label] = graphed(candidates["rnnreg variational (own loop)"],
+                candidates[label] = graphed(candidates[OWN_LOOP],
                                             shape, device)
             except Exception as error:  # an experiment: report it, keep the other rows
                 print(f"| {shape_name} | {label} | capture failed: {type(error).__name__} "
-                      "| | | | |", flush=True)
+                      "| | | | | | |", flush=True)
                 print(f"  capture failed: {error!r}", file=sys.stderr, flush=True)
         for label, model in candidates.items():
             try:
@@ -171,12 +258,16 @@ def main(argv=None) -> None:
                 if "CUDA graphs" not in label:
                     raise
                 print(f"| {shape_name} | {label} | replay failed: {type(error).__name__} "
-                      "| | | | |", flush=True)
+                      "| | | | | | |", flush=True)
                 print(f"  replay failed: {error!r}", file=sys.stderr, flush=True)
                 continue
+            us, launches = predicted(shape_name, label, name)
             print(f"| {shape_name} | {label} | {r['ms']:.2f} | {r['us_step']:.0f} | "
-                  f"{r['ops']:.0f} | {r['ops_step']:.1f} | {r['busy']:.0%} |", flush=True)
+                  f"{r['ops']:.0f} | {r['ops_step']:.1f} | {r['busy']:.0%} | {us} | "
+                  f"{launches} |", flush=True)
             print(f"  {shape_name} {label} done", file=sys.stderr, flush=True)
+    for shape_name in shapes if args.top else ():
+        print_top(shape_name, SHAPES[shape_name], device, args.warmup, args.top, args.p)
 
 
 if __name__ == "__main__":

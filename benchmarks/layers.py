@@ -18,16 +18,24 @@ own loop. Reported throughput uses the median per-iteration time; a ratio is the
 median over rounds of the per-round time ratio (robust to the machine slowing down), and a ratio
 above 1 means rnnreg is faster than that baseline.
 
-A second table times the own loop's engines (``rnnreg.nn.loops``) on the per-sequence
-``variational`` strategy, side by side with ``torch.nn.LSTM(dropout=p)`` (cuDNN on GPU) in one
-process: the device's default engine (``RNNREG_ENGINE=auto``: the Triton loop with CUDA graphs
-on GPU, the C++ loop on CPU; its name is printed) and the Python loop (``RNNREG_ENGINE=python``),
-in float32 and, on GPU, under bfloat16 autocast. For the paper's medium and large shapes:
+A second table times the own loop's engines (``rnnreg.nn.loops``) side by side with
+``torch.nn.LSTM(dropout=p)`` in one process. On CPU, on the per-sequence ``variational``
+strategy in float32: the default engine (``RNNREG_ENGINE``, ``auto`` unless set: the C++ loop;
+its name is printed) and the Python loop (``RNNREG_ENGINE=python``). On GPU, for per-sequence
+recurrent masks (``variational``) and ``zoneout``, in three precision modes (``fp32``: torch's
+defaults, under which cuDNN's RNN runs TF32; ``fp32-ieee``: cuDNN's RNN in IEEE float32,
+``torch.backends.cudnn.rnn.fp32_precision = "ieee"``; ``bf16``: bfloat16 autocast), four rows
+against cuDNN: the fused Triton step (``RNNREG_TRITON_STEP=fused``; "not available" where the
+installed engine has no such step), the two-kernel Triton step (``RNNREG_TRITON_STEP=split``),
+the Python loop, and ``nn.LSTM(dropout)`` itself; each beside the time
+``benchmarks/perf_model.py`` PREDICTS for it, and a first table of the precision settings in
+effect in each mode (read without raising under torch's legacy or new TF32 API). Rows are
+printed as they are measured, so a run cut short keeps what it measured.
 
     python benchmarks/layers.py                        # medium and small, CPU
     python benchmarks/layers.py --shapes small --repeats 5 --threads 2 --markdown
     python benchmarks/layers.py --device cuda --shapes small,medium,large --markdown
-    python benchmarks/layers.py --device cuda --shapes medium,large
+    python benchmarks/layers.py --device cuda --shapes medium,large --tables engines
 """
 
 from __future__ import annotations
@@ -40,12 +48,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import perf_model
 import torch
 from torch import nn
 
 import rnnreg
 from rnnreg.nn import engine_for, loops
+
+ROOT = Path(__file__).resolve().parents[1]
+# The Triton step kind (a fused kernel per step, or a cuBLAS product and an elementwise kernel).
+STEP_VARIABLE = "RNNREG_TRITON_STEP"
 
 
 @dataclass(frozen=True)
@@ -81,20 +95,21 @@ class HandRolledZaremba(nn.Module):
 
 
 def make_step(model: nn.Module, shape: Shape, device: torch.device, *,
-              engine: str | None = None,
-              dtype: torch.dtype = torch.float32) -> Callable[[], float]:
+              engine: str | None = None, dtype: torch.dtype = torch.float32,
+              env: dict[str, str] | None = None) -> Callable[[], float]:
     """A closure running one forward+backward iteration and returning its wall time; with
-    ``engine`` the own loop runs that ``RNNREG_ENGINE`` setting, with a ``dtype`` other than
-    float32 the forward runs under autocast to it."""
+    ``engine`` the own loop runs that ``RNNREG_ENGINE`` setting (``env``: more variables for
+    the call), with a ``dtype`` other than float32 the forward runs under autocast to it."""
     x = torch.randn(shape.steps, shape.batch, shape.hidden, device=device, requires_grad=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.train()
+    settings = {**({} if engine is None else {loops.VARIABLE: engine}), **(env or {})}
 
     def step() -> float:
         model.zero_grad(set_to_none=True)
         x.grad = None
         sync()
-        with _engine_setting(engine):
+        with _environment(settings):
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out, _ = model(x)
@@ -106,18 +121,82 @@ def make_step(model: nn.Module, shape: Shape, device: torch.device, *,
 
 
 @contextlib.contextmanager
-def _engine_setting(engine: str | None):
-    """``RNNREG_ENGINE=engine`` for the block (unchanged for None)."""
-    saved = os.environ.get(loops.VARIABLE)
-    if engine is not None:
-        os.environ[loops.VARIABLE] = engine
+def _environment(settings: dict[str, str]):
+    """The environment variables ``settings`` for the block, the previous values after it."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(loops.VARIABLE, None)
-        else:
-            os.environ[loops.VARIABLE] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _engine_setting(engine: str | None):
+    """``RNNREG_ENGINE=engine`` for the block (unchanged for None)."""
+    return _environment({} if engine is None else {loops.VARIABLE: engine})
+
+
+def _read(get: Callable[[], object]) -> str:
+    """A torch flag as text; torch's legacy TF32 getters raise once the new API set a flag."""
+    try:
+        return str(get())
+    except (RuntimeError, AttributeError) as error:
+        return "n/a (legacy getter refused)" if isinstance(error, RuntimeError) else "n/a"
+
+
+def precision_settings() -> dict[str, str]:
+    """The float32 precision settings in effect, under torch's new API
+    (``fp32_precision``) and its legacy flags (``allow_tf32``), none of them raising."""
+    backends = torch.backends
+    return {
+        "cuda.matmul.fp32_precision": _read(lambda: backends.cuda.matmul.fp32_precision),
+        "cudnn.rnn.fp32_precision": _read(lambda: backends.cudnn.rnn.fp32_precision),
+        "cuda.matmul.allow_tf32": _read(lambda: backends.cuda.matmul.allow_tf32),
+        "cudnn.allow_tf32": _read(lambda: backends.cudnn.allow_tf32),
+        "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+    }
+
+
+PRECISIONS = {"fp32": torch.float32, "fp32-ieee": torch.float32, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def precision_mode(mode: str):
+    """``fp32``: the settings as they are (torch's defaults: cuDNN's RNN in TF32);
+    ``fp32-ieee``: cuDNN's RNN in IEEE float32 through torch's new API where it has one (the
+    legacy ``cudnn.allow_tf32`` otherwise); ``bf16``: the settings as they are (the caller
+    autocasts). The previous setting comes back after the block."""
+    if mode != "fp32-ieee":
+        yield
+        return
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is not None and hasattr(rnn, "fp32_precision"):
+        saved = rnn.fp32_precision
+        rnn.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            rnn.fp32_precision = saved
+        return
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+def triton_step_kinds(root: Path = ROOT / "rnnreg") -> tuple[str, ...]:
+    """The Triton step kinds the checkout offers: ``split`` (the two-kernel step) always, and
+    ``fused`` where rnnreg reads ``RNNREG_TRITON_STEP`` (before it did, the two-kernel step
+    was the only one, whatever the variable said)."""
+    reads = any(STEP_VARIABLE in path.read_text(encoding="utf-8")
+                for path in root.rglob("*.py"))
+    return ("fused", "split") if reads else ("split",)
 
 
 def measure(steps: dict[str, Callable[[], float]], warmup: int,
@@ -176,12 +255,13 @@ def run_engines(name: str, shape: Shape, p: float, device: torch.device, warmup:
     candidate = rnnreg.LSTM(shape.hidden, shape.hidden, shape.layers,
                             **rnnreg.strategy("variational", p)).to(device)
     fused = nn.LSTM(shape.hidden, shape.hidden, shape.layers, dropout=p).to(device)
+    default = os.environ.get(loops.VARIABLE, "auto")  # the check's CPU rehearsal: python
     times = measure({
         "fused": make_step(fused, shape, device, dtype=dtype),
-        "auto": make_step(candidate, shape, device, engine="auto", dtype=dtype),
+        "auto": make_step(candidate, shape, device, engine=default, dtype=dtype),
         "python": make_step(candidate, shape, device, engine="python", dtype=dtype),
     }, warmup, repeats)
-    with _engine_setting("auto"):
+    with _engine_setting(default):
         engine = engine_for(candidate)
     print(f"  {name:<7} {str(dtype):<15} engines done", file=sys.stderr, flush=True)
     return {"shape": name, "dtype": str(dtype).removeprefix("torch."), "engine": engine,
@@ -210,6 +290,112 @@ def print_engines(rows: list[dict[str, object]], markdown: bool) -> None:
     for line in cells:
         print("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(line, widths))))
+
+
+# The GPU table's rows besides cuDNN: (perf_model's engine, label, environment of the call).
+GPU_ROWS = (
+    ("fused", "fused Triton step", {loops.VARIABLE: "triton", STEP_VARIABLE: "fused"}),
+    ("split", "two-kernel Triton step", {loops.VARIABLE: "triton", STEP_VARIABLE: "split"}),
+    ("python", "Python loop", {loops.VARIABLE: "python"}),
+)
+GPU_STRATEGIES = ("variational", "zoneout")  # per-sequence recurrent masks; zoneout
+GPU_HEADERS = ("shape", "strategy", "precision", "row", "engine", "ms/iter",
+               "vs nn.LSTM(dropout)", "vs Python loop", "PREDICTED ms/iter",
+               "measured / predicted")
+
+
+def run_gpu_engines(name: str, shape: Shape, p: float, device: torch.device, warmup: int,
+                    repeats: int, strategy: str, mode: str, kinds: tuple[str, ...],
+                    model: perf_model.Device) -> list[dict[str, object]]:
+    """cuDNN, the fused and the two-kernel Triton step and the Python loop on ``strategy``
+    in precision ``mode``, interleaved; a row that cannot run says why instead of a time."""
+    dtype = PRECISIONS[mode]
+    h, n = shape.hidden, shape.layers
+    torch.manual_seed(0)
+    candidate = rnnreg.LSTM(h, h, n, **rnnreg.strategy(strategy, p)).to(device)
+    baseline = nn.LSTM(h, h, n, dropout=p).to(device)
+    steps = {"cudnn": make_step(baseline, shape, device, dtype=dtype)}
+    rows = [{"key": "cudnn", "row": "nn.LSTM(dropout)", "engine": "cuDNN"}]
+    with precision_mode(mode):
+        for key, label, env in GPU_ROWS:
+            row = {"key": key, "row": label, "engine": ""}
+            rows.append(row)
+            if key not in ("python", *kinds):
+                row["status"] = "not available (this rnnreg has no fused step)"
+                continue
+            step = make_step(candidate, shape, device, dtype=dtype, env=env)
+            try:
+                step()  # compiles the kernels, and finds a row that cannot run
+                with _environment(env):
+                    row["engine"] = engine_for(candidate)
+            except Exception as error:  # reported in its row; the other rows go on
+                row["status"] = f"failed: {type(error).__name__}: {error}"[:160]
+                continue
+            steps[key] = step
+        times = measure(steps, warmup, repeats)
+    for row in rows:
+        key = row["key"]
+        row.update(shape=name, strategy=strategy, precision=mode)
+        predicted = None
+        if name in perf_model.SHAPES:
+            predicted = perf_model.iteration_ms(key, perf_model.SHAPES[name], mode,
+                                                zoneout=strategy == "zoneout", device=model)
+        row["predicted"] = predicted
+        if key not in times:
+            continue
+        row["ms"] = 1e3 * statistics.median(times[key])
+        row["vs_cudnn"] = median_ratio(times["cudnn"], times[key])
+        if "python" in times:
+            row["vs_python"] = median_ratio(times["python"], times[key])
+    print(f"  {name:<7} {strategy:<12} {mode:<10} engines done", file=sys.stderr, flush=True)
+    return rows
+
+
+def gpu_row_cells(row: dict[str, object]) -> tuple[str, ...]:
+    def ratio(key: str) -> str:
+        return f"{row[key]:.2f}x" if key in row else "-"
+
+    predicted = row.get("predicted")
+    measured = row.get("ms")
+    status = str(row.get("status", "-")).replace("|", "/").replace("\n", " ")
+    return (str(row["shape"]), str(row["strategy"]), str(row["precision"]), str(row["row"]),
+            str(row["engine"]) or "-", status if measured is None else f"{measured:.2f}",
+            ratio("vs_cudnn"), ratio("vs_python"),
+            "-" if predicted is None else f"{predicted:.2f}",
+            "-" if predicted is None or measured is None else f"{measured / predicted:.2f}")
+
+
+def print_precisions(modes: list[str]) -> None:
+    """The precision settings in effect in each mode, read inside it (none of them raising)."""
+    names = list(precision_settings())
+    print("\n| precision | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for mode in modes:
+        with precision_mode(mode):
+            settings = precision_settings()
+        autocast = " (bfloat16 autocast)" if mode == "bf16" else ""
+        print(f"| {mode}{autocast} | " + " | ".join(settings[n] for n in names) + " |")
+
+
+def run_gpu_table(shapes: list[str], p: float, device: torch.device, warmup: int,
+                  repeats: int, modes: list[str]) -> None:
+    """The GPU engines table, a Markdown row printed (and flushed) as each is measured."""
+    kinds = triton_step_kinds()
+    name = torch.cuda.get_device_name(device)
+    model = perf_model.H200 if "H200" in name else perf_model.H100
+    print_precisions(modes)
+    print(f"\n*Own loop engines against nn.LSTM(dropout) (cuDNN), forward+backward, p={p}; "
+          f"Triton step kinds here: {', '.join(kinds)}; PREDICTED: benchmarks/perf_model.py "
+          f"for an {model.name} (a model, not a measurement); measured / predicted above 1: "
+          "slower than the model says.*\n")
+    print("| " + " | ".join(GPU_HEADERS) + " |")
+    print("|" + "|".join(["---"] * 5 + ["---:"] * 5) + "|", flush=True)
+    for shape_name in shapes:
+        for mode in modes:
+            for strategy in GPU_STRATEGIES:
+                for row in run_gpu_engines(shape_name, SHAPES[shape_name], p, device, warmup,
+                                           repeats, strategy, mode, kinds, model):
+                    print("| " + " | ".join(gpu_row_cells(row)) + " |", flush=True)
 
 
 HEADERS = ("shape", "strategy", "engine", "tokens/s", "ms/iter", "vs nn.LSTM(dropout)",
@@ -252,7 +438,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--p", type=float, default=0.5, help="dropout rate (default: 0.5)")
     parser.add_argument("--markdown", action="store_true",
                         help="print a Markdown table for the README")
+    parser.add_argument("--tables", default="strategies,engines",
+                        help="which tables, comma-separated: strategies (every strategy "
+                             "against plain PyTorch), engines (the own loop's engines) "
+                             "(default: %(default)s)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="the GPU engines table's precision modes (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.tables = {t.strip() for t in args.tables.split(",") if t.strip()}
+    if not args.tables or args.tables - {"strategies", "engines"}:
+        parser.error("--tables: strategies, engines or both")
+    args.precisions = [m.strip() for m in args.precisions.split(",") if m.strip()]
+    if not args.precisions or set(args.precisions) - set(PRECISIONS):
+        parser.error(f"--precisions: choose from {', '.join(PRECISIONS)}")
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown or not args.shapes:
@@ -274,28 +472,32 @@ def main(argv=None) -> None:
     name = "cpu"
     if device.type == "cuda":
         # cuDNN may run float32 RNNs on TF32 tensor cores while torch.mm (the own recurrence's
-        # products) does not by default: the flags belong next to every ratio.
-        name = (f"{torch.cuda.get_device_name(device)} (cudnn.allow_tf32="
-                f"{torch.backends.cudnn.allow_tf32}, matmul.allow_tf32="
-                f"{torch.backends.cuda.matmul.allow_tf32})")
+        # products) does not by default: the settings belong next to every ratio.
+        name = (f"{torch.cuda.get_device_name(device)} ("
+                + ", ".join(f"{k}={v}" for k, v in precision_settings().items()) + ")")
     header = (f"rnnreg {rnnreg.__version__}, torch {torch.__version__}, device {name}, "
               f"threads {torch.get_num_threads()}, p={args.p}, "
               f"{args.repeats} interleaved rounds (warm-up {args.warmup}), forward+backward; "
               "ratios are medians over rounds of baseline time / rnnreg time (above 1: rnnreg "
               "is faster)")
     print(f"*{header}*\n" if args.markdown else header)
-    rows = []
-    for shape_name in args.shapes:
-        shape = SHAPES[shape_name]
-        if not args.markdown:
-            print(f"# {shape_name}: batch {shape.batch}, {shape.steps} steps, "
-                  f"{shape.hidden} units, {shape.layers} layers", file=sys.stderr)
-        rows += run_shape(shape_name, shape, args.p, device, args.warmup, args.repeats)
-    print_table(rows, args.markdown)
-    dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    if "strategies" in args.tables:
+        rows = []
+        for shape_name in args.shapes:
+            shape = SHAPES[shape_name]
+            if not args.markdown:
+                print(f"# {shape_name}: batch {shape.batch}, {shape.steps} steps, "
+                      f"{shape.hidden} units, {shape.layers} layers", file=sys.stderr)
+            rows += run_shape(shape_name, shape, args.p, device, args.warmup, args.repeats)
+        print_table(rows, args.markdown)
+    if "engines" not in args.tables:
+        return
+    if device.type == "cuda":
+        run_gpu_table(args.shapes, args.p, device, args.warmup, args.repeats, args.precisions)
+        return
     print_engines([run_engines(shape_name, SHAPES[shape_name], args.p, device, args.warmup,
-                               args.repeats, dtype)
-                   for shape_name in args.shapes for dtype in dtypes], args.markdown)
+                               args.repeats, torch.float32)
+                   for shape_name in args.shapes], args.markdown)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from conftest import REPO_ROOT, write_corpus
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import device_check  # noqa: E402  (a script, not a package)
+import perf_model  # noqa: E402
 
-OUTPUTS = ["cuda-tests.xml", "launch-bound.md", "layers.md", "logs.tar.gz", "runs.tar.gz",
-           "summary.md", "train-speed.md", "training.md"]
+OUTPUTS = ["cuda-other.xml", "cuda-triton.xml", "kernels.md", "layers.md", "logs.tar.gz",
+           "runs.tar.gz", "summary.md", "training.md"]
 # A stopped run saves a checkpoint and draws its learning curve: seconds on a loaded CPU.
 GRACE = 8.0
 ROWS = ("medium", "large", "variational-medium", "variational-large", "study-medium")
@@ -61,16 +62,16 @@ def test_a_stage_past_its_limit_is_stopped_and_the_rest_still_runs(check):
     started = time.monotonic()
     slow = check.run("layers", [sys.executable, "-c", "import time; time.sleep(60)"], limit=3)
     assert slow.status == "timed out (stopped)"
-    stubborn = check.run("train-speed", [sys.executable, "-c", (
+    stubborn = check.run("profile", [sys.executable, "-c", (
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)")],
         limit=3)
     assert stubborn.status == "timed out (killed)"
     assert time.monotonic() - started < 15
     failed = check.run("deps", [sys.executable, "-c", "raise SystemExit(3)"])
     assert failed.status == "failed (exit 3)"
-    assert [s.name for s in check.stages] == ["layers", "train-speed", "deps"]
+    assert [s.name for s in check.stages] == ["layers", "profile", "deps"]
     summary = (check.out / "summary.md").read_text()  # published after every stage
-    assert "| train-speed | timed out (killed) |" in summary
+    assert "| profile | timed out (killed) |" in summary
 
 
 @pytest.mark.slow
@@ -337,16 +338,20 @@ def test_sigterm_stops_the_running_stage_group_and_still_writes_results(tmp_path
         stage = [p for p in _processes(1, check.pid)
                  if b"-m\0pytest\0" in Path(f"/proc/{p}/cmdline").read_bytes()]
         time.sleep(0.1)
-    assert stage, "the cuda-tests stage never started"
+    assert stage, "the cuda-triton stage never started"
     check.send_signal(signal.SIGTERM)
     output, _ = check.communicate(timeout=30)
     assert check.returncode == 130, output
     assert "interrupted" in output
     assert _gone(lambda: _processes(2, stage[0]))  # its whole group is gone
     summary = (out / "summary.md").read_text()
-    assert _table(summary)["cuda-tests"][0] == "interrupted"
-    assert list(_table(summary)) == ["deps", "install", "machine", "cuda-tests"]
-    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.md"]
+    assert _table(summary)["cuda-triton"][0] == "interrupted"
+    # The speed tables and the kernel profile come before the tests.
+    assert list(_table(summary)) == ["deps", "install", "machine", "layers", "profile",
+                                     "cuda-triton"]
+    names = {p.name for p in out.iterdir()}
+    assert {"logs.tar.gz", "summary.md", "layers.md", "kernels.md"} <= names
+    assert names <= {"logs.tar.gz", "summary.md", "layers.md", "kernels.md", "cuda-triton.xml"}
 
 
 STOPPED_ROWS = """
@@ -396,13 +401,14 @@ def test_quick_rehearsal_runs_every_stage_on_the_cpu(tmp_path):
     result = subprocess.run(["bash", str(script), str(out), "--quick"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - started < device_check.QUICK.budget + 5
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
     assert all(p.is_file() and p.stat().st_size > 0 for p in out.iterdir())
     summary = (out / "summary.md").read_text()
     table = _table(summary)
-    for stage in ("deps", "install", "machine", "cuda-tests", "layers", "launch-bound",
-                  "train-speed", *ROWS):
+    stages = ("deps", "install", "machine", "layers", "profile", "cuda-triton", "cuda-other")
+    assert list(table)[:len(stages)] == list(stages)  # in this order, the rows after them
+    for stage in (*stages, *ROWS):
         assert table[stage][0] == "ok", (stage, table.get(stage))
     # The rows ran at once: each started before any other ended.
     spans = [(float(table[r][1]), float(table[r][1]) + float(table[r][2])) for r in ROWS]
@@ -410,8 +416,12 @@ def test_quick_rehearsal_runs_every_stage_on_the_cpu(tmp_path):
     assert table["medium"][3].startswith("complete: 1 of 1 epochs")
     assert table["large"][3].startswith("PARTIAL (training budget")  # 500 epochs planned
     assert re.match(r"2 of 2 runs started: 2 PARTIAL; lowest valid", table["study-medium"][3])
-    suite = ET.parse(out / "cuda-tests.xml").getroot().find("testsuite")
-    assert int(suite.get("tests")) > 40 and suite.get("failures") == suite.get("errors") == "0"
+    for name, least in (("cuda-triton", 1), ("cuda-other", 40)):
+        suite = ET.parse(out / f"{name}.xml").getroot().find("testsuite")
+        assert int(suite.get("tests")) >= least
+        assert suite.get("failures") == suite.get("errors") == "0"
+    assert "| tiny | rnnreg variational (own loop) |" in (out / "kernels.md").read_text()
+    assert table["layers"][3].startswith("vs nn.LSTM(dropout): tiny float32 Python loop ")
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert {f"{row}/metrics.jsonl" for row in ROWS[:4]} <= set(names)
@@ -421,3 +431,217 @@ def test_quick_rehearsal_runs_every_stage_on_the_cpu(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert {f"logs/{row}.log" for row in ROWS} <= set(tar.getnames())
     assert result.stdout.rstrip().endswith(summary.split("\n## ")[0].rstrip().splitlines()[-1])
+
+
+# --- the pytest stages' limits, the GPU tables' headlines ----------------------------------------
+
+SLOW_TESTS = """
+import time
+
+def test_quick():
+    pass
+
+def test_stuck():
+    time.sleep(60)
+
+def test_after():
+    pass
+"""
+
+
+def _pytest(tmp_path: Path, *options: str) -> list[str]:
+    (tmp_path / "test_sleepy.py").write_text(SLOW_TESTS)
+    return [sys.executable, "-m", "pytest", str(tmp_path / "test_sleepy.py"), "-q",
+            "-p", "no:cacheprovider", "-p", "pytest_limits", *options]
+
+
+def _suite(xml: Path) -> dict[str, str]:
+    suite = ET.parse(xml).getroot().find("testsuite")
+    return {case.get("name"): ("failed" if case.find("failure") is not None else "passed")
+            for case in suite.iter("testcase") if case.get("name")}
+
+
+@pytest.mark.slow  # two pytest processes, a few seconds each
+def test_a_stuck_test_fails_alone_and_the_session_limit_still_writes_junit(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "benchmarks")}
+    xml = tmp_path / "per-test.xml"
+    started = time.monotonic()
+    run = subprocess.run(_pytest(tmp_path, "--limit-per-test=2", f"--junitxml={xml}"),
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 30, run.stdout
+    assert _suite(xml) == {"test_quick": "passed", "test_stuck": "failed", "test_after": "passed"}
+    assert "over its time limit (2 s, call)" in run.stdout
+    xml = tmp_path / "session.xml"
+    run = subprocess.run(_pytest(tmp_path, "--limit-session=1", f"--junitxml={xml}"),
+                         env=env, capture_output=True, text=True, timeout=60)
+    # The session limit cuts the stuck test (the per-test limit falls to what is left) and
+    # starts nothing after it; the report is still written, and says so.
+    assert _suite(xml) == {"test_quick": "passed", "test_stuck": "failed"}
+    log = tmp_path / "session.log"
+    log.write_text(run.stdout)
+    assert device_check._stopped(log).startswith(
+        "; stopped: limits: session limit of 1 s reached after 2 of 3 tests")
+
+
+@pytest.mark.slow  # a pytest stage held to its limit
+def test_a_pytest_stage_past_its_limit_gets_sigint_and_still_writes_junit(tmp_path):
+    check = _check(tmp_path, grace=GRACE)  # writing the report takes a moment on a busy CPU
+    xml = tmp_path / "cut.xml"
+    stage = check.run("cuda-triton", _pytest(tmp_path, f"--junitxml={xml}"), limit=GRACE + 6,
+                      stop_signal=signal.SIGINT)
+    assert stage.status == "timed out (stopped)"  # SIGINT was enough: no SIGKILL
+    assert _suite(xml)["test_quick"] == "passed"
+    # The interrupted test is no testcase of the report; the one that ran is.
+    assert device_check._junit(xml).startswith("1 tests: 1 passed, 0 failed")
+    assert device_check._stopped(check.logs / "cuda-triton.log") == (
+        "; stopped by SIGINT at the stage's limit")
+    device_check.shutil.rmtree(check.work, ignore_errors=True)
+
+
+def test_the_lease_profile_fits_a_rerun_and_the_tables_come_before_the_tests():
+    assert device_check.FULL.budget <= 300
+    assert device_check.FULL.shapes == "medium,large"
+    stages = list(device_check.FULL.limits)
+    assert stages.index("layers") < stages.index("profile") < stages.index("cuda-triton") \
+        < stages.index("cuda-other")
+
+
+GPU_LAYERS = (
+    "\n| precision | cuda.matmul.fp32_precision | cudnn.rnn.fp32_precision |\n|---|---|---|\n"
+    "| fp32 | none | tf32 |\n\n*caption*\n\n"
+    "| shape | strategy | precision | row | engine | ms/iter | vs nn.LSTM(dropout) | "
+    "vs Python loop | PREDICTED ms/iter | measured / predicted |\n"
+    "|---|---|---|---|---|---:|---:|---:|---:|---:|\n"
+    "| medium | variational | fp32 | nn.LSTM(dropout) | cuDNN | 1.50 | 1.00x | 9.00x | 1.04 "
+    "| 1.44 |\n"
+    "| medium | variational | fp32 | fused Triton step | - | not available (no fused step) | - "
+    "| - | 0.64 | - |\n"
+    "| medium | variational | fp32 | two-kernel Triton step | Triton loop with CUDA graphs | "
+    "2.50 | 0.60x | 5.40x | 0.96 | 2.60 |\n")
+
+
+def test_the_gpu_headline_reads_the_engines_table_not_the_precision_table(tmp_path):
+    table = tmp_path / "layers.md"
+    table.write_text(GPU_LAYERS)
+    assert device_check._headline("layers", table) == (
+        "vs nn.LSTM(dropout): medium fp32 variational fused Triton step not available "
+        "(no fused step) (predicted 0.64 ms, measured not available (no fused step) ms); "
+        "medium fp32 variational two-kernel Triton step 0.60x (predicted 0.96 ms, "
+        "measured 2.50 ms)")
+    kernels = tmp_path / "kernels.md"
+    kernels.write_text(
+        "| shape | model | ms/iter | us/step/layer | ops/iter | ops/step/layer | busy |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n"
+        "| medium | nn.LSTM(dropout) (cuDNN on GPU) | 1.5 | 21 | 300 | 4.3 | 90% |\n"
+        "| medium | rnnreg variational (own loop) | 2.5 | 36 | 320 | 4.6 | 80% |\n\n"
+        "| shape | CUDA kernel | calls | calls/step/layer | us | us/call | share |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n| medium | `gemm` | 140 | 2.00 | 900 | 6.4 | 60% |\n")
+    assert device_check._headline("profile", kernels) == (
+        "medium ms/iter cuDNN 1.5, own loop 2.5 (4.6 ops/step/layer, busy 80%) "
+        "(kernel times: kernels.md)")
+
+
+# --- the performance model and the precision record ----------------------------------------------
+
+def test_docs_hold_the_performance_models_output():
+    text = (REPO_ROOT / "docs" / "engines.md").read_text()
+    block = text.split("<!-- perf_model.py: begin -->\n", 1)[1].split(
+        "<!-- perf_model.py: end -->", 1)[0]
+    assert block == perf_model.document()
+    assert "PREDICTED" in block and "not measured" in block
+
+
+def test_the_model_follows_its_own_arithmetic():
+    """Independent of the table: hand-computed figures at the medium shape, and how the
+    predictions move with the engine, the precision and the device."""
+    medium = perf_model.SHAPES["medium"]
+    b, h = 20, 650
+    split = perf_model.step("split", medium, "fp32")
+    # The two products read W_hh (4H x H float32) once each, and 2 * 2 * B * 4H * H FLOPs.
+    assert split.flops == 2 * 2 * b * 4 * h * h
+    assert split.bytes > 2 * 4 * h * h * 4
+    assert split.launches == 4
+    fused = perf_model.step("fused", medium, "fp32")
+    assert fused.launches == 2 and fused.flops == split.flops
+    # rec and d_gates stay inside the fused kernels: 2 x (write + read) of B x 4H fewer.
+    assert split.bytes - fused.bytes == 2 * 2 * b * 4 * h * 4
+    assert perf_model.step("split", medium, "bf16").bytes == split.bytes / 2
+    # The Python loop is bound by the host: one eager op costs the assumed host time.
+    python = perf_model.step("python", medium, "fp32")
+    assert python.us == python.launches * perf_model.ASSUMED.eager_op_host_us
+    zoned = perf_model.step("python", medium, "fp32", zoneout=True)
+    assert zoned.launches == python.launches + 2 * perf_model.PYTHON_OPS["zoneout"]
+    # The large shape's products are bound by bandwidth: the H200's is faster by its ratio.
+    large = perf_model.SHAPES["large"]
+    h100, h200 = (perf_model.step("fused", large, "fp32", device=d).us
+                  - 2 * perf_model.ASSUMED.graph_gap_us for d in (perf_model.H100, perf_model.H200))
+    assert h100 / h200 == pytest.approx(4.8 / 3.35, rel=0.05)
+    rows = perf_model.rows()
+    assert len(rows) == len(perf_model.SHAPES) * len(perf_model.PRECISIONS) * 4
+    assert all(r["vs_cudnn"] == 1.0 for r in rows if r["engine"] == "cudnn")
+
+
+def test_the_layers_shapes_are_the_models():
+    layers = pytest.importorskip("layers")
+    for name, shape in perf_model.SHAPES.items():
+        assert dataclasses.astuple(layers.SHAPES[name]) == dataclasses.astuple(shape)
+
+
+@pytest.fixture
+def restored_precision():
+    """torch's float32 precision settings put back after the test (new API values)."""
+    import torch
+
+    backends = torch.backends
+    saved = (backends.cuda.matmul.fp32_precision, backends.cudnn.rnn.fp32_precision)
+    yield backends
+    backends.cuda.matmul.fp32_precision, backends.cudnn.rnn.fp32_precision = saved
+
+
+def test_precision_settings_are_read_under_the_new_tf32_api_without_raising(
+        restored_precision):
+    layers = pytest.importorskip("layers")
+    backends = restored_precision
+    backends.cuda.matmul.fp32_precision = "tf32"  # the API torch's docs advise
+    with pytest.raises(RuntimeError):
+        backends.cuda.matmul.allow_tf32  # noqa: B018  (the legacy getter refuses the mix)
+    settings = layers.precision_settings()
+    assert settings["cuda.matmul.fp32_precision"] == "tf32"
+    assert settings["cuda.matmul.allow_tf32"].startswith("n/a")
+    with layers.precision_mode("fp32-ieee"):
+        assert layers.precision_settings()["cudnn.rnn.fp32_precision"] == "ieee"
+    assert backends.cudnn.rnn.fp32_precision == "tf32"  # put back after the block
+
+
+def test_the_fused_row_is_offered_only_where_rnnreg_reads_the_step_variable(tmp_path):
+    layers = pytest.importorskip("layers")
+    (tmp_path / "loops.py").write_text("STEP = 'two kernels'\n")
+    assert layers.triton_step_kinds(tmp_path) == ("split",)
+    (tmp_path / "steps.py").write_text(f"VARIABLE = {layers.STEP_VARIABLE!r}\n")
+    assert layers.triton_step_kinds(tmp_path) == ("fused", "split")
+    cells = layers.gpu_row_cells({"shape": "medium", "strategy": "zoneout", "precision": "bf16",
+                                  "row": "fused Triton step", "engine": "",
+                                  "status": "not available (no fused step)",
+                                  "predicted": 0.44})
+    assert cells[5] == "not available (no fused step)" and cells[8] == "0.44"
+
+
+@pytest.mark.slow  # two pytest stages, the first cut by its session limit
+def test_the_cuda_test_stages_report_a_session_limit_and_write_both_reports(tmp_path,
+                                                                           monkeypatch):
+    tests = tmp_path / "test_marked.py"
+    tests.write_text("import pytest\npytestmark = pytest.mark.cuda\n" + SLOW_TESTS
+                     + "\ndef test_other():\n    pass\n")
+    monkeypatch.setattr(device_check, "cuda_test_files", lambda: [str(tests)])
+    monkeypatch.setattr(device_check, "TRITON_TESTS", "quick or stuck or after")
+    check = _check(tmp_path, grace=2.0, limits={
+        **device_check.QUICK.limits, "cuda-triton": 14.0, "cuda-other": 20.0})
+    check.cuda_tests()
+    triton, other = check.stages
+    assert triton.status == "timed out (session limit)", triton
+    assert "stopped: limits: session limit of 7 s reached after 2 of 3 tests" in triton.result
+    assert _suite(check.out / "cuda-triton.xml") == {"test_quick": "passed",
+                                                     "test_stuck": "failed"}
+    assert other.status == "ok" and other.result.startswith("1 tests: 1 passed")
+    assert _suite(check.out / "cuda-other.xml") == {"test_other": "passed"}
+    device_check.shutil.rmtree(check.work, ignore_errors=True)
