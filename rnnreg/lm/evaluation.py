@@ -26,7 +26,8 @@ from rnnreg.lm.distributed import resolve_device
 from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
 from rnnreg.lm.rundir.layout import RunDir
 
-__all__ = ["Score", "load_model", "loaded_weights", "perplexity", "score_stream"]
+__all__ = ["Score", "load_model", "loaded_weights", "perplexity", "score_stream",
+           "target_log_probs"]
 
 # Largest (steps x samples x vocabulary) block of logits materialised at once, in elements.
 _LOGIT_BUDGET = 40_000_000
@@ -125,7 +126,7 @@ def _score_windows(members, streams: Tensor, bptt: int, mc_samples: int, progres
                 masks = model.sample_masks(inputs.size(0), inputs.size(1))
             out = model(inputs, states[i], masks, targets)
             states[i] = detach_state(out.state)
-            log_probs.append(_target_log_probs(out, targets))
+            log_probs.append(target_log_probs(out, targets))
         total += _mixture_nll(torch.stack(log_probs), mc_samples).double()
         bar.update(inputs.size(0))
     bar.close()
@@ -137,7 +138,7 @@ def _held_masks(model: LanguageModel, samples: int) -> ModelMasks | None:
     return model.sample_masks(1, samples) if model.variational else None
 
 
-def _target_log_probs(out: ModelOutput, targets: Tensor) -> Tensor:
+def target_log_probs(out: ModelOutput, targets: Tensor) -> Tensor:
     """log p(target) per position, ``(T, B)``, without materialising the full log-softmax.
 
     The adaptive softmax gives them directly (exact: its head and the targets' clusters); the

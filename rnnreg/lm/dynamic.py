@@ -1,0 +1,260 @@
+"""Dynamic evaluation (Krause, Kahembwe, Murray & Renals 2018, "Dynamic Evaluation of Neural
+Sequence Models"): the model keeps adapting to the text it has just scored.
+
+The split is scored as one stream (batch 1) in segments of ``segment`` tokens, in order: each
+segment is scored with the current weights, and only then is a gradient step taken on that
+segment's loss (its mean negative log-likelihood per token), so no token is ever predicted by
+weights that have seen it. The hidden state is carried across segments, as in static scoring.
+Two updates, from section 4 of the paper, with theta_g the trained weights:
+
+- ``sgd``: theta <- theta - lr * grad + decay * (theta_g - theta)
+  (plain SGD, eq. 4; with ``decay`` > 0 the decay to the global prior of section 4.2);
+- ``rms``: theta <- theta - lr * grad / (sqrt(MS_g) + epsilon)
+  + decay * RMS_norm * (theta_g - theta), the "RMS with a global decay prior" update, where
+  MS_g is the mean squared gradient collected on training data (:func:`gradient_statistics`)
+  and RMS_norm = sqrt(MS_g) / avg(sqrt(MS_g)), clipped at 1 / decay so that no weight's decay
+  overshoots theta_g. avg is the mean over the parameter tensors of each tensor's mean, the
+  normalisation of the authors' reference implementation.
+
+The scored model is a copy: the caller's model, and so the run's weights on disk, are never
+changed. Dropout is off throughout (the model is in eval mode), as in the paper. The step size
+and decay are chosen on the validation split by :func:`tune_dynamic` over :data:`GRIDS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from rnnreg.lm.corpus.batches import batchify, windows
+from rnnreg.lm.evaluation import Score, target_log_probs
+from rnnreg.lm.model import LanguageModel, ModelOutput, detach_state
+
+__all__ = ["GRIDS", "METHODS", "DynamicSettings", "GradientStatistics", "Tuning",
+           "gradient_statistics", "score_dynamic", "tune_dynamic"]
+
+METHODS = ("sgd", "rms")
+
+# The grids tune_dynamic searches, for segments of 5 tokens; both axes are scaled by
+# segment / 5 for other lengths, as in the authors' code (a segment's loss is a mean, so a
+# longer segment takes proportionally fewer steps). The rms grid brackets the authors' grid for
+# AWD-LSTM (lr 3e-5..1e-4, decay 0.001..0.005) towards larger steps, for the smaller, shorter
+# trained models rnnreg trains on a CPU; the sgd grid spans the step sizes at which one step on a
+# 5-token mean loss moves a trained model's predictions noticeably without diverging. Neither is
+# a measured optimum: tune_dynamic reports every point it tried.
+GRIDS = {
+    "sgd": {"lr": (0.03, 0.1, 0.3, 1.0), "decay": (0.0, 0.01)},
+    "rms": {"lr": (3e-5, 1e-4, 3e-4), "decay": (0.001, 0.003, 0.01)},
+}
+# The authors' defaults: segments of 5 tokens, epsilon 2e-5, statistics in batches of 100.
+DEFAULT_SEGMENT = 5
+DEFAULT_EPSILON = 2e-5
+STAT_BATCH = 100
+DEFAULT_STAT_WINDOWS = 500
+
+
+@dataclass(frozen=True)
+class DynamicSettings:
+    """One dynamic evaluation: the update, its step size and decay, the segment length."""
+
+    method: str                      # "sgd" or "rms"
+    lr: float                        # the step size eta
+    decay: float = 0.0               # lambda, the pull back toward the trained weights
+    segment: int = DEFAULT_SEGMENT   # tokens scored before each step
+    epsilon: float = DEFAULT_EPSILON  # rms only: keeps the step finite where MS_g is ~0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"dynamic evaluation method must be one of {', '.join(METHODS)}; "
+                             f"got {self.method!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"dynamic evaluation step size (lr) must be > 0, got {self.lr}")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"dynamic evaluation decay must be in [0, 1), got {self.decay}: "
+                             "1 would undo every step at once")
+        if isinstance(self.segment, bool) or not isinstance(self.segment, int) \
+                or self.segment < 1:
+            raise ValueError(f"dynamic evaluation segment must be a positive number of "
+                             f"tokens, got {self.segment!r}")
+        if not self.epsilon > 0:
+            raise ValueError(f"dynamic evaluation epsilon must be > 0, got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class GradientStatistics:
+    """sqrt(MS_g) per parameter (names of ``named_parameters``), over ``windows`` windows of
+    ``STAT_BATCH`` x ``segment`` training tokens (``tokens`` in all)."""
+
+    rms: dict[str, Tensor]
+    windows: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What :func:`tune_dynamic` chose, and every grid point's perplexity on ``tokens``
+    validation tokens (``grid``: (lr, decay, perplexity) in the order tried)."""
+
+    settings: DynamicSettings
+    perplexity: float
+    tokens: int
+    grid: tuple[tuple[float, float, float], ...]
+
+
+def _segment_loss(out: ModelOutput, targets: Tensor) -> Tensor:
+    """Summed NLL of a segment's targets (the static scorer's log-probabilities)."""
+    return -target_log_probs(out, targets).sum()
+
+
+def gradient_statistics(model: LanguageModel, train_ids: Tensor, *,
+                        segment: int = DEFAULT_SEGMENT, windows_max: int = DEFAULT_STAT_WINDOWS,
+                        progress: bool = False) -> GradientStatistics:
+    """Mean squared gradient of the per-token loss on training data, for the ``rms`` update.
+
+    Krause et al. collect it over the whole training set; here over at most ``windows_max``
+    windows of ``STAT_BATCH`` streams x ``segment`` tokens from the start of the streams (so
+    from ``STAT_BATCH`` places spread over the corpus), which bounds the cost on a CPU. The
+    model is not changed (its gradients are left cleared) and runs in eval mode.
+    """
+    if windows_max < 1:
+        raise ValueError(f"gradient statistics need at least 1 window, got {windows_max}")
+    worker = _copy_for_adapting(model)
+    params = dict(worker.named_parameters())
+    squares = {name: torch.zeros_like(p) for name, p in params.items()}
+    device = next(worker.parameters()).device
+    streams = batchify(train_ids.to(device), min(STAT_BATCH, max(1, train_ids.numel() // 2)))
+    if streams.size(0) < 2:
+        raise ValueError("the training split is too short for gradient statistics")
+    state, count, tokens = None, 0, 0
+    bar = tqdm(total=windows_max, disable=not progress, unit="window", leave=False,
+               desc="gradient statistics")
+    for inputs, targets in windows(streams, segment):
+        out = worker(inputs, state, targets=targets)
+        state = detach_state(out.state)
+        loss = _segment_loss(out, targets) / targets.numel()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, _), grad in zip(params.items(), grads):
+            if grad is not None:
+                squares[name].addcmul_(grad, grad)
+        count, tokens = count + 1, tokens + targets.numel()
+        bar.update(1)
+        if count == windows_max:
+            break
+    bar.close()
+    return GradientStatistics({name: (s / count).sqrt_() for name, s in squares.items()},
+                              count, tokens)
+
+
+def _copy_for_adapting(model: LanguageModel) -> LanguageModel:
+    """A private copy in eval mode (deepcopy keeps tied weights tied), needing gradients."""
+    worker = copy.deepcopy(model).eval()
+    for p in worker.parameters():
+        p.requires_grad_(True)
+    return worker
+
+
+class _Update:
+    """The per-segment update of :class:`DynamicSettings` on one model's parameters, with the
+    trained weights theta_g kept aside and the rms form's per-weight factors precomputed."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], settings: DynamicSettings,
+                 stats: GradientStatistics | None) -> None:
+        self.params, self.settings = params, settings
+        self.trained = {name: p.detach().clone() for name, p in params.items()}
+        lr, decay = settings.lr, settings.decay
+        self.step: dict[str, Tensor | float] = dict.fromkeys(params, lr)
+        self.pull: dict[str, Tensor | float] = dict.fromkeys(params, decay)
+        if settings.method == "sgd":
+            return
+        if stats is None:
+            raise ValueError("the rms update needs gradient statistics from training data "
+                             "(gradient_statistics)")
+        missing = sorted(set(params) - set(stats.rms))
+        if missing:
+            raise ValueError(f"gradient statistics lack parameter(s) {missing}: collect them "
+                             "on this model")
+        mean = sum(float(stats.rms[name].mean()) for name in params) / len(params)
+        for name in params:
+            self.step[name] = lr / (stats.rms[name] + settings.epsilon)
+            if decay > 0 and mean > 0:
+                self.pull[name] = decay * (stats.rms[name] / mean).clamp(max=1 / decay)
+
+    @torch.no_grad()
+    def __call__(self, grads: Sequence[Tensor | None]) -> None:
+        for (name, p), grad in zip(self.params.items(), grads):
+            delta = self.pull[name] * (self.trained[name] - p)
+            if grad is not None:
+                delta = delta - self.step[name] * grad
+            p += delta
+
+
+def score_dynamic(model: LanguageModel, ids: Tensor, settings: DynamicSettings,
+                  stats: GradientStatistics | None = None, *, progress: bool = False,
+                  on_segment: Callable[[Tensor, LanguageModel], None] | None = None) -> Score:
+    """Perplexity of ``ids`` (1-D, one stream) under dynamic evaluation.
+
+    Every token but the first is scored once, before any step on it; the count of tokens is
+    the static scorer's. ``stats`` is required for ``rms``. ``on_segment`` (tests, progress
+    hooks) is called after each segment's update with that segment's summed NLL (a scalar
+    tensor) and the adapted copy, which it must not modify. ``model`` is left as it was.
+    """
+    worker = _copy_for_adapting(model)
+    params = dict(worker.named_parameters())
+    update = _Update(params, settings, stats)
+    device = next(worker.parameters()).device
+    stream = batchify(ids.to(device), 1)
+    if stream.size(0) < 2:
+        raise ValueError("dynamic evaluation needs at least two tokens")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    state = None
+    start = time.perf_counter()
+    bar = tqdm(total=stream.size(0) - 1, disable=not progress, unit="tok", leave=False)
+    for inputs, targets in windows(stream, settings.segment):
+        out = worker(inputs, state, targets=targets)
+        state = detach_state(out.state)
+        nll = _segment_loss(out, targets)
+        total += nll.detach().double()
+        grads = torch.autograd.grad(nll / targets.numel(), list(params.values()),
+                                    allow_unused=True)
+        update(grads)
+        if on_segment is not None:
+            on_segment(nll.detach(), worker)
+        bar.update(inputs.size(0))
+    bar.close()
+    return Score(float(total), stream.size(0) - 1, time.perf_counter() - start)
+
+
+def tune_dynamic(model: LanguageModel, valid_ids: Tensor, method: str,
+                 stats: GradientStatistics | None = None, *, segment: int = DEFAULT_SEGMENT,
+                 tokens: int = 0, grid: dict[str, Sequence[float]] | None = None,
+                 progress: bool = False) -> Tuning:
+    """Choose the step size and decay on validation text: every point of ``grid`` (default
+    :data:`GRIDS` for ``method``, scaled by ``segment / 5``) scores the first ``tokens`` of
+    ``valid_ids`` (0: all of them), each from the trained weights; the lowest perplexity wins
+    (the first tried on a tie).
+    """
+    if tokens < 0:
+        raise ValueError(f"tuning tokens must be >= 0 (0 = the whole split), got {tokens}")
+    if method not in METHODS:
+        raise ValueError(f"dynamic evaluation method must be one of {', '.join(METHODS)}; "
+                         f"got {method!r}")
+    ids = valid_ids[:tokens] if tokens else valid_ids
+    if grid is None:
+        scale = segment / DEFAULT_SEGMENT
+        grid = {axis: tuple(v * scale for v in values) for axis, values in GRIDS[method].items()}
+    tried, best = [], None
+    for decay in grid["decay"]:
+        for lr in grid["lr"]:
+            settings = DynamicSettings(method, lr, decay, segment)
+            score = score_dynamic(model, ids, settings, stats, progress=progress)
+            tried.append((lr, decay, score.perplexity))
+            if best is None or score.perplexity < best[1]:
+                best = (settings, score.perplexity)
+    return Tuning(best[0], best[1], ids.numel() - 1, tuple(tried))
