@@ -333,5 +333,7 @@ def _weights_description(run_dir: str, weights: str = "best") -> str:
         best = min(epochs, key=lambda r: r["valid_ppl"]) if epochs else None
         return "best weights" + (f" (epoch {best['epoch']})" if best else "")
     missing = " (no best weights yet: no epoch finished)" if name != weights else ""
-    progress = Progress(**run.load_checkpoint("last")["progress"])
-    return f"last weights ({where(progress)}){missing}"
+    last = run.load_checkpoint("last")
+    ema = last.get("ema")
+    averaged = "" if ema is None else f", their EMA over {ema['updates']} steps"
+    return f"last weights ({where(Progress(**last['progress']))}{averaged}){missing}"

@@ -25,6 +25,7 @@ from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import resolve_device
 from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.training.averaging import averaged_state
 
 __all__ = ["Score", "load_model", "loaded_weights", "perplexity", "score_stream",
            "target_log_probs"]
@@ -56,13 +57,20 @@ def perplexity(nll: float, tokens: int) -> float:
 
 def load_model(run_dir: str | Path, *, weights: str = "best",
                device: str = "auto") -> tuple[LanguageModel, Vocabulary, Config]:
-    """Rebuild a trained model from its run directory: config + vocabulary + safetensors weights."""
+    """Rebuild a trained model from its run directory: config + vocabulary + safetensors weights.
+
+    The weights a run evaluates: ``best`` holds them as saved; ``last`` holds the iterates, and
+    beside them the weights' EMA once a run with ``ema_decay`` started it, which is then what is
+    loaded (what the run's final line scored).
+    """
     run = RunDir(run_dir)
     config = run.read_config()
     vocab = run.read_vocab()
     tree = run.load_checkpoint(loaded_weights(run, weights))
     model = LanguageModel(len(vocab), config)
     model.load_state_dict(tree["model"])
+    if tree.get("ema") is not None:
+        model.load_state_dict(averaged_state(model, tree["ema"]["weights"]))
     model.to(resolve_device(device))
     model.eval()
     return model, vocab, config
