@@ -79,13 +79,21 @@ def _reference_statistics(model: LanguageModel, train_ids, segment: int, batch: 
             break
         n = min(segment, rows - 1 - start)
         out = model(streams[start:start + n], state)
-        log_probs = torch.log_softmax(out.logits.float(), -1)
+        # The adaptive softmax's scores are log-probabilities already (renormalising them
+        # would add a gradient that the loss does not have).
+        log_probs = out.logits if model.adaptive else torch.log_softmax(out.logits.float(), -1)
         targets = streams[start + 1:start + 1 + n]
         loss = -log_probs.gather(2, targets.unsqueeze(-1)).mean()
         grads = torch.autograd.grad(loss, _parameters(model))
         squares = [s + g * g for s, g in zip(squares, grads)]
         state, used = _detach(out.state), used + 1
-    return [(s / used).sqrt() for s in squares]
+    rms = [(s / used).sqrt() for s in squares]
+    # A weight the sample never reached gets the mean of those of its tensor it did reach; a
+    # tensor it never reached, the average over the others of their means.
+    rms = [torch.where(r > 0, r, r[r > 0].mean()) if bool((r > 0).any()) else r for r in rms]
+    reached = [float(r.mean()) for r in rms if bool((r > 0).any())]
+    return [r if bool((r > 0).any()) else torch.full_like(r, sum(reached) / len(reached))
+            for r in rms]
 
 
 def _reference_dynamic(model: LanguageModel, ids, method: str, lr: float, decay: float,
@@ -174,6 +182,26 @@ def test_rms_form_with_decay_matches_the_paper_step_by_step():
     assert score.tokens == 40
 
 
+def test_a_weight_the_statistics_never_reached_takes_its_tensors_mean():
+    model = _model(seed=4, softmax="adaptive", adaptive_cutoffs=(8,), adaptive_div_value=2.0)
+    train_ids = _stream(3000, seed=8) % 6      # words 6.. never occur: neither does the tail
+    stats = gradient_statistics(model, train_ids, windows_max=4)
+    embedding = stats.rms["embedding.weight"]
+    reached = embedding[:6].flatten()
+    assert bool((reached > 0).all())
+    torch.testing.assert_close(embedding[6:], reached.mean().expand(VOCAB - 6, 10))
+    tail = [name for name in stats.rms if name.startswith("decoder.tail")]
+    assert tail and all(bool((stats.rms[name] > 0).all()) for name in tail)
+    for reference, (name, got) in zip(_reference_statistics(model, train_ids, 5, 100, 4),
+                                      stats.rms.items()):
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-8, msg=name)
+    # Text full of the unreached words: steps of about lr, not lr / epsilon, and no blow-up.
+    ids = _stream(200, seed=2)
+    static = score_stream(model, ids).perplexity
+    dynamic = score_dynamic(model, ids, DynamicSettings("rms", lr=1e-3, decay=0.01), stats)
+    assert dynamic.perplexity < 1.5 * static
+
+
 def test_a_vanishing_step_is_the_static_score_and_the_model_is_left_as_it_was():
     model = _model(cell="gru")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -244,8 +272,8 @@ def test_rms_without_statistics_and_bad_tuning_arguments_are_refused():
         score_dynamic(model, ids, DynamicSettings("rms", lr=1e-4), partial)
     with pytest.raises(ValueError, match="tuning tokens"):
         tune_dynamic(model, ids, "sgd", tokens=-1)
-    with pytest.raises(ValueError, match="at least 1 window"):
-        gradient_statistics(model, ids, windows_max=0)
+    with pytest.raises(ValueError, match="windows_max >= 0"):
+        gradient_statistics(model, ids, windows_max=-1)
 
 
 # --------------------------------------------------------------------------- the commands
@@ -326,7 +354,7 @@ def test_score_dynamic_with_given_settings_skips_tuning(tiny_run, module_corpus)
     (("--dynamic", "rms", "--dynamic-lr", "0.1", "--dynamic-decay", "1"), "decay"),
     (("--dynamic", "sgd", "--dynamic-lr", "-1", "--dynamic-decay", "0"), "lr"),
     (("--dynamic", "sgd", "--dynamic-segment", "0"), "segment"),
-    (("--dynamic", "rms", "--dynamic-stat-windows", "0"), "stat-windows"),
+    (("--dynamic", "rms", "--dynamic-stat-windows", "-1"), "stat-windows"),
     (("--dynamic", "sgd", "--dynamic-tune-tokens", "-5"), "tune-tokens"),
     (("--dynamic", "sgd", "--mc-samples", "2"), "one run"),
 ])

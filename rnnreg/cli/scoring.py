@@ -96,7 +96,7 @@ def _add_dynamic_flags(parser) -> None:
                        help="tune on the first N valid tokens (default: 0 = all)")
     group.add_argument("--dynamic-stat-windows", type=int, default=DEFAULT_STAT_WINDOWS,
                        metavar="N", help="rms: mean squared gradients over N training windows "
-                                         f"of 100x T tokens (default: {DEFAULT_STAT_WINDOWS})")
+                                         "of 100x T tokens (default: 0 = all)")
 
 
 def _check_dynamic_flags(args: argparse.Namespace) -> None:
@@ -115,9 +115,9 @@ def _check_dynamic_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--dynamic-segment must be >= 1, got {args.dynamic_segment}")
     if args.dynamic_tune_tokens < 0:
         raise ValueError(f"--dynamic-tune-tokens must be >= 0, got {args.dynamic_tune_tokens}")
-    if args.dynamic_stat_windows < 1:
-        raise ValueError(f"--dynamic-stat-windows must be >= 1, got "
-                         f"{args.dynamic_stat_windows}")
+    if args.dynamic_stat_windows < 0:
+        raise ValueError(f"--dynamic-stat-windows must be >= 0 (0 = the whole training "
+                         f"split), got {args.dynamic_stat_windows}")
 
 
 def _run_corpus(run_dir: str, config, vocab, data_dir) -> Corpus:

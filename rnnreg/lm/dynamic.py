@@ -37,7 +37,8 @@ from rnnreg.lm.corpus.batches import batchify, windows
 from rnnreg.lm.evaluation import Score, target_log_probs
 from rnnreg.lm.model import LanguageModel, ModelOutput, detach_state
 
-__all__ = ["GRIDS", "METHODS", "DynamicSettings", "GradientStatistics", "Tuning",
+__all__ = ["DEFAULT_EPSILON", "DEFAULT_SEGMENT", "DEFAULT_STAT_WINDOWS", "GRIDS", "METHODS",
+           "STAT_BATCH", "DynamicSettings", "GradientStatistics", "Tuning",
            "gradient_statistics", "score_dynamic", "tune_dynamic"]
 
 METHODS = ("sgd", "rms")
@@ -57,7 +58,7 @@ GRIDS = {
 DEFAULT_SEGMENT = 5
 DEFAULT_EPSILON = 2e-5
 STAT_BATCH = 100
-DEFAULT_STAT_WINDOWS = 500
+DEFAULT_STAT_WINDOWS = 0  # the whole training split, as Krause et al.
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,20 @@ def gradient_statistics(model: LanguageModel, train_ids: Tensor, *,
                         progress: bool = False) -> GradientStatistics:
     """Mean squared gradient of the per-token loss on training data, for the ``rms`` update.
 
-    Krause et al. collect it over the whole training set; here over at most ``windows_max``
-    windows of ``STAT_BATCH`` streams x ``segment`` tokens from the start of the streams (so
-    from ``STAT_BATCH`` places spread over the corpus), which bounds the cost on a CPU. The
-    model is not changed (its gradients are left cleared) and runs in eval mode.
+    Over windows of ``STAT_BATCH`` streams x ``segment`` tokens: all of them by default (the
+    whole training split, as Krause et al.), or the first ``windows_max``, which bounds the
+    cost (the streams start at ``STAT_BATCH`` places spread over the corpus). A sample can
+    miss a weight entirely (the embedding row of a word it never holds, an adaptive-softmax
+    cluster it never reaches); such a weight's sqrt(MS) would be 0 and its step lr / epsilon
+    times its gradient, large enough to wreck the model the first time the word appears. So a
+    zero is replaced by the mean of the nonzero entries of its tensor, the magnitude of the
+    weights like it that the sample did reach, and a tensor it never reached at all takes the
+    average over the tensors it did reach of their means. The model is not changed; it runs
+    in eval mode.
     """
-    if windows_max < 1:
-        raise ValueError(f"gradient statistics need at least 1 window, got {windows_max}")
+    if windows_max < 0:
+        raise ValueError(f"gradient statistics need windows_max >= 0 (0 = the whole "
+                         f"training split), got {windows_max}")
     worker = _copy_for_adapting(model)
     params = dict(worker.named_parameters())
     squares = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -133,8 +141,9 @@ def gradient_statistics(model: LanguageModel, train_ids: Tensor, *,
     if streams.size(0) < 2:
         raise ValueError("the training split is too short for gradient statistics")
     state, count, tokens = None, 0, 0
-    bar = tqdm(total=windows_max, disable=not progress, unit="window", leave=False,
-               desc="gradient statistics")
+    available = math.ceil((streams.size(0) - 1) / segment)
+    bar = tqdm(total=min(windows_max or available, available), disable=not progress,
+               unit="window", leave=False, desc="gradient statistics")
     for inputs, targets in windows(streams, segment):
         out = worker(inputs, state, targets=targets)
         state = detach_state(out.state)
@@ -148,8 +157,25 @@ def gradient_statistics(model: LanguageModel, train_ids: Tensor, *,
         if count == windows_max:
             break
     bar.close()
-    return GradientStatistics({name: (s / count).sqrt_() for name, s in squares.items()},
-                              count, tokens)
+    return GradientStatistics(_fill_zeros({name: (s / count).sqrt_()
+                                           for name, s in squares.items()}), count, tokens)
+
+
+def _fill_zeros(rms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor's zeros replaced by the mean of its nonzero entries; a tensor of zeros
+    filled with the mean over the other tensors of their means (see gradient_statistics)."""
+    filled = {}
+    for name, values in rms.items():
+        reached = values > 0
+        filled[name] = (values if not reached.any() else
+                        torch.where(reached, values, values[reached].mean()))
+    means = [float(values.mean()) for values in filled.values() if bool((values > 0).any())]
+    if means:
+        average = sum(means) / len(means)
+        for name, values in filled.items():
+            if not bool((values > 0).any()):
+                filled[name] = torch.full_like(values, average)
+    return filled
 
 
 def _copy_for_adapting(model: LanguageModel) -> LanguageModel:
