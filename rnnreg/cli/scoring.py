@@ -25,6 +25,7 @@ from rnnreg.lm.corpus.vocab import UNK, tokenize
 from rnnreg.lm.dynamic import (
     DEFAULT_SEGMENT,
     DEFAULT_STAT_WINDOWS,
+    DEFAULT_TUNE_TOKENS,
     GRIDS,
     METHODS,
     DynamicSettings,
@@ -92,8 +93,9 @@ def _add_dynamic_flags(parser) -> None:
                        help="pull toward the trained weights per segment, 0 = none")
     group.add_argument("--dynamic-segment", type=int, default=DEFAULT_SEGMENT, metavar="T",
                        help=f"tokens scored before each step (default: {DEFAULT_SEGMENT})")
-    group.add_argument("--dynamic-tune-tokens", type=int, default=0, metavar="N",
-                       help="tune on the first N valid tokens (default: 0 = all)")
+    group.add_argument("--dynamic-tune-tokens", type=int, default=DEFAULT_TUNE_TOKENS,
+                       metavar="N", help="tune on the first N valid tokens; 0 = all "
+                                         f"(default: {DEFAULT_TUNE_TOKENS})")
     group.add_argument("--dynamic-stat-windows", type=int, default=DEFAULT_STAT_WINDOWS,
                        metavar="N", help="rms: mean squared gradients over N training windows "
                                          "of 100x T tokens (default: 0 = all)")
@@ -134,7 +136,7 @@ def _dynamic(model, corpus: Corpus, ids: torch.Tensor, args: argparse.Namespace)
     """Dynamic evaluation of ``ids`` as the flags ask: the rms form's gradient statistics on
     the training split, the step size and decay tuned on the valid split unless given, then
     the score; returns the score and the record of how it was made."""
-    progress = not getattr(args, "no_progress", True)
+    progress = not args.no_progress
     stats = None
     if args.dynamic == "rms":
         stats = gradient_statistics(model, corpus.train, segment=args.dynamic_segment,

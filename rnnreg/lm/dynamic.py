@@ -37,7 +37,8 @@ from rnnreg.lm.corpus.batches import batchify, windows
 from rnnreg.lm.evaluation import Score, target_log_probs
 from rnnreg.lm.model import LanguageModel, ModelOutput, detach_state
 
-__all__ = ["DEFAULT_EPSILON", "DEFAULT_SEGMENT", "DEFAULT_STAT_WINDOWS", "GRIDS", "METHODS",
+__all__ = ["DEFAULT_EPSILON", "DEFAULT_SEGMENT", "DEFAULT_STAT_WINDOWS", "DEFAULT_TUNE_TOKENS",
+           "GRIDS", "METHODS",
            "STAT_BATCH", "DynamicSettings", "GradientStatistics", "Tuning",
            "gradient_statistics", "score_dynamic", "tune_dynamic"]
 
@@ -59,6 +60,9 @@ DEFAULT_SEGMENT = 5
 DEFAULT_EPSILON = 2e-5
 STAT_BATCH = 100
 DEFAULT_STAT_WINDOWS = 0  # the whole training split, as Krause et al.
+# Tuning scores the validation text once per grid point: on its first 30,000 tokens by default,
+# the authors' own fast grid search (their --gridfast), since on a CPU each pass is costly.
+DEFAULT_TUNE_TOKENS = 30_000
 
 
 @dataclass(frozen=True)
@@ -187,38 +191,50 @@ def _copy_for_adapting(model: LanguageModel) -> LanguageModel:
 
 
 class _Update:
-    """The per-segment update of :class:`DynamicSettings` on one model's parameters, with the
-    trained weights theta_g kept aside and the rms form's per-weight factors precomputed."""
+    """The per-segment update of :class:`DynamicSettings` on one model's parameters.
+
+    theta + pull * (theta_g - theta) - step * grad is applied as
+    theta * (1 - pull) + pull * theta_g - step * grad, in place, with ``1 - pull`` and
+    ``pull * theta_g`` precomputed: three passes over the weights per segment and no new
+    tensors, since that pass over every weight, not the forward and backward on a few tokens,
+    is most of a segment's cost for a model with a large embedding.
+    """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], settings: DynamicSettings,
                  stats: GradientStatistics | None) -> None:
-        self.params, self.settings = params, settings
-        self.trained = {name: p.detach().clone() for name, p in params.items()}
+        self.params = list(params.values())
         lr, decay = settings.lr, settings.decay
-        self.step: dict[str, Tensor | float] = dict.fromkeys(params, lr)
-        self.pull: dict[str, Tensor | float] = dict.fromkeys(params, decay)
-        if settings.method == "sgd":
-            return
-        if stats is None:
-            raise ValueError("the rms update needs gradient statistics from training data "
-                             "(gradient_statistics)")
-        missing = sorted(set(params) - set(stats.rms))
-        if missing:
-            raise ValueError(f"gradient statistics lack parameter(s) {missing}: collect them "
-                             "on this model")
-        mean = sum(float(stats.rms[name].mean()) for name in params) / len(params)
-        for name in params:
-            self.step[name] = lr / (stats.rms[name] + settings.epsilon)
+        steps: list[Tensor | float] = [lr] * len(self.params)
+        pulls: list[Tensor | float] = [decay] * len(self.params)
+        if settings.method == "rms":
+            if stats is None:
+                raise ValueError("the rms update needs gradient statistics from training data "
+                                 "(gradient_statistics)")
+            missing = sorted(set(params) - set(stats.rms))
+            if missing:
+                raise ValueError(f"gradient statistics lack parameter(s) {missing}: collect "
+                                 "them on this model")
+            rms = [stats.rms[name] for name in params]
+            mean = sum(float(r.mean()) for r in rms) / len(rms)   # avg(sqrt(MS_g))
+            steps = [lr / (r + settings.epsilon) for r in rms]
             if decay > 0 and mean > 0:
-                self.pull[name] = decay * (stats.rms[name] / mean).clamp(max=1 / decay)
+                pulls = [decay * (r / mean).clamp(max=1 / decay) for r in rms]
+        self.steps = steps
+        self.keeps = [1 - pull for pull in pulls] if decay > 0 else None
+        self.anchors = ([pull * p.detach() for pull, p in zip(pulls, self.params)]
+                        if decay > 0 else None)
 
     @torch.no_grad()
     def __call__(self, grads: Sequence[Tensor | None]) -> None:
-        for (name, p), grad in zip(self.params.items(), grads):
-            delta = self.pull[name] * (self.trained[name] - p)
-            if grad is not None:
-                delta = delta - self.step[name] * grad
-            p += delta
+        for i, (p, grad) in enumerate(zip(self.params, grads)):
+            if self.keeps is not None:
+                p.mul_(self.keeps[i]).add_(self.anchors[i])
+            if grad is None:
+                continue
+            if isinstance(self.steps[i], Tensor):
+                p.addcmul_(self.steps[i], grad, value=-1)
+            else:
+                p.add_(grad, alpha=-self.steps[i])
 
 
 def score_dynamic(model: LanguageModel, ids: Tensor, settings: DynamicSettings,
@@ -259,7 +275,8 @@ def score_dynamic(model: LanguageModel, ids: Tensor, settings: DynamicSettings,
 
 def tune_dynamic(model: LanguageModel, valid_ids: Tensor, method: str,
                  stats: GradientStatistics | None = None, *, segment: int = DEFAULT_SEGMENT,
-                 tokens: int = 0, grid: dict[str, Sequence[float]] | None = None,
+                 tokens: int = DEFAULT_TUNE_TOKENS,
+                 grid: dict[str, Sequence[float]] | None = None,
                  progress: bool = False) -> Tuning:
     """Choose the step size and decay on validation text: every point of ``grid`` (default
     :data:`GRIDS` for ``method``, scaled by ``segment / 5``) scores the first ``tokens`` of
