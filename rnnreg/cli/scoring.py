@@ -123,7 +123,8 @@ def _check_dynamic_flags(args: argparse.Namespace) -> None:
 
 
 def _run_corpus(run_dir: str, config, vocab, data_dir) -> Corpus:
-    """The corpus a run was trained on (or ``data_dir``, checked only for its vocabulary)."""
+    """The corpus ``data_dir`` names, else the one the run recorded (its files checked against
+    the record), read with the run's vocabulary."""
     recorded = RunDir(run_dir).read_corpus()
     if data_dir is None and recorded is not None:
         data_dir = recorded["data_dir"]
@@ -211,11 +212,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     unknown = _unknown(ids, vocab)
     dynamic = record = None
     if args.dynamic:
-        dynamic, how = _dynamic(models[0], corpus, ids, args)
+        dynamic, made = _dynamic(models[0], corpus, ids, args)
         record = {"event": "dynamic_eval", "split": args.split, "weights": weights[0],
                   f"{args.split}_ppl": score.perplexity,
                   f"{args.split}_ppl_dynamic": dynamic.perplexity, "tokens": score.tokens,
-                  "dynamic_seconds": dynamic.seconds, **how}
+                  "dynamic_seconds": dynamic.seconds, **made}
         _record_dynamic(args.runs[0], record)
     if args.json:
         print(json.dumps(strict({
@@ -284,10 +285,10 @@ def _score(args: argparse.Namespace) -> int:
     if args.dynamic:
         # The training split (rms statistics) and the valid split (tuning) of the run's corpus.
         corpus = _run_corpus(args.run, config, vocab, args.data_dir)
-        dynamic, how = _dynamic(model, corpus, ids, args)
+        dynamic, made = _dynamic(model, corpus, ids, args)
         record = {"event": "dynamic_eval", "file": args.file, "weights": weights,
                   "file_ppl": result.perplexity, "file_ppl_dynamic": dynamic.perplexity,
-                  "tokens": result.tokens, "dynamic_seconds": dynamic.seconds, **how}
+                  "tokens": result.tokens, "dynamic_seconds": dynamic.seconds, **made}
         _record_dynamic(args.run, record)
     if args.json:
         print(json.dumps(strict({

@@ -312,8 +312,8 @@ class _Trainer:
         self.model.load_state_dict(self.optim.evaluated_state())
         valid = self._score(self.corpus.valid)
         test = None if self.corpus.test is None else self._score(self.corpus.test)
-        summary = _final_record(self.config, self.progress, valid, test, self.model)
-        summary["ema_updates"] = _ema_updates(self.optim)
+        summary = _final_record(self.config, self.progress, valid, test, self.model,
+                                _ema_updates(self.optim))
         self.logbook.final(summary, self.progress.epoch - 1)
         self.logbook.curve()
         if self.verbose:
@@ -441,8 +441,10 @@ def _next_epoch(progress: Progress) -> None:
     progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
 
 
-def _final_record(config: Config, progress: Progress, valid, test, model: nn.Module) -> dict:
-    """The run's final record: both splits scored as one stream, and how far it trained."""
+def _final_record(config: Config, progress: Progress, valid, test, model: nn.Module,
+                  ema_updates: int | None) -> dict:
+    """The run's final record: both splits scored as one stream, and how far it trained;
+    ``ema_updates`` as in :func:`_epoch_record` (the scores are the average's when > 0)."""
     return {
         "event": "final", "epochs_completed": progress.epoch - 1,
         "complete": progress.epoch > config.epochs,
@@ -450,5 +452,5 @@ def _final_record(config: Config, progress: Progress, valid, test, model: nn.Mod
         "test_ppl": None if test is None else test.perplexity,
         "best_valid_ppl": progress.best_valid, "train_seconds": progress.train_seconds,
         "test_seconds": None if test is None else test.seconds,
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(model), "ema_updates": ema_updates,
     }
