@@ -2,7 +2,11 @@
 
 They share loading a run's weights and vocabulary and the way a perplexity is reported (with
 the share of <unk> beside it), and none of them trains; the scoring itself is
-``rnnreg.lm.evaluation`` and the sampling ``rnnreg.lm.generation``.
+``rnnreg.lm.evaluation`` (dynamic evaluation ``rnnreg.lm.dynamic``) and the sampling
+``rnnreg.lm.generation``. ``--dynamic`` reports the static perplexity and the dynamic one
+side by side under their own names, and records the dynamic one, with the step size and decay
+it chose, in the run's metrics (an ``event: dynamic_eval`` line); the weights on disk are
+never changed.
 """
 
 from __future__ import annotations
@@ -18,9 +22,22 @@ from rnnreg.cli.flags import add_data_dir
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError, read_text
 from rnnreg.lm.corpus.vocab import UNK, tokenize
+from rnnreg.lm.dynamic import (
+    DEFAULT_SEGMENT,
+    DEFAULT_STAT_WINDOWS,
+    DEFAULT_TUNE_TOKENS,
+    GRIDS,
+    METHODS,
+    DynamicSettings,
+    gradient_statistics,
+    score_dynamic,
+    tune_dynamic,
+)
 from rnnreg.lm.evaluation import load_model, loaded_weights, score_stream
 from rnnreg.lm.generation import sample_text
+from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import strict
 from rnnreg.lm.training.console import where
 from rnnreg.lm.training.resume import Progress
 
@@ -53,7 +70,119 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     add_data_dir(evaluate, recorded=True)
+    _add_dynamic_flags(evaluate)
     evaluate.set_defaults(handler=_evaluate)
+
+
+def _add_dynamic_flags(parser) -> None:
+    grid = "; ".join(f"{method}: lr {' '.join(f'{v:g}' for v in axes['lr'])} x decay "
+                     f"{' '.join(f'{v:g}' for v in axes['decay'])}"
+                     for method, axes in GRIDS.items())
+    group = parser.add_argument_group(
+        "dynamic evaluation (Krause et al. 2018)",
+        "adapt a copy of the weights to the text as it is scored, segment by segment; the "
+        "static perplexity is reported beside it. Without --dynamic-lr/--dynamic-decay both "
+        f"are tuned on the valid split over the grid ({grid}; for segments of 5 tokens, "
+        "scaled by T/5)")
+    group.add_argument("--dynamic", choices=METHODS, metavar="{sgd,rms}",
+                       help="also score with dynamic evaluation: sgd, or rms (RMS steps, "
+                            "decay to the trained weights)")
+    group.add_argument("--dynamic-lr", type=float, metavar="ETA",
+                       help="step size (with --dynamic-decay: no tuning)")
+    group.add_argument("--dynamic-decay", type=float, metavar="LAMBDA",
+                       help="pull toward the trained weights per segment, 0 = none")
+    group.add_argument("--dynamic-segment", type=int, default=DEFAULT_SEGMENT, metavar="T",
+                       help=f"tokens scored before each step (default: {DEFAULT_SEGMENT})")
+    group.add_argument("--dynamic-tune-tokens", type=int, default=DEFAULT_TUNE_TOKENS,
+                       metavar="N", help="tune on the first N valid tokens; 0 = all "
+                                         f"(default: {DEFAULT_TUNE_TOKENS})")
+    group.add_argument("--dynamic-stat-windows", type=int, default=DEFAULT_STAT_WINDOWS,
+                       metavar="N", help="rms: mean squared gradients over N training windows "
+                                         "of 100x T tokens (default: 0 = all)")
+
+
+def _check_dynamic_flags(args: argparse.Namespace) -> None:
+    given = [name for name in ("dynamic_lr", "dynamic_decay") if getattr(args, name) is not None]
+    if args.dynamic is None:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --dynamic sgd or rms")
+        return
+    if len(given) == 1:
+        raise ValueError("give both --dynamic-lr and --dynamic-decay (no tuning), or neither "
+                         "(both tuned on the valid split)")
+    if given:
+        DynamicSettings(args.dynamic, args.dynamic_lr, args.dynamic_decay,
+                        args.dynamic_segment)  # refuses nonsense before any work
+    elif args.dynamic_segment < 1:
+        raise ValueError(f"--dynamic-segment must be >= 1, got {args.dynamic_segment}")
+    if args.dynamic_tune_tokens < 0:
+        raise ValueError(f"--dynamic-tune-tokens must be >= 0, got {args.dynamic_tune_tokens}")
+    if args.dynamic_stat_windows < 0:
+        raise ValueError(f"--dynamic-stat-windows must be >= 0 (0 = the whole training "
+                         f"split), got {args.dynamic_stat_windows}")
+
+
+def _run_corpus(run_dir: str, config, vocab, data_dir) -> Corpus:
+    """The corpus ``data_dir`` names, else the one the run recorded (its files checked against
+    the record), read with the run's vocabulary."""
+    recorded = RunDir(run_dir).read_corpus()
+    if data_dir is None and recorded is not None:
+        data_dir = recorded["data_dir"]
+        return Corpus.load(data_dir, config.level, vocab, split_fractions=config.split_fractions,
+                           recorded=recorded)
+    return Corpus.load(data_dir, config.level, vocab, split_fractions=config.split_fractions)
+
+
+def _dynamic(model, corpus: Corpus, ids: torch.Tensor, args: argparse.Namespace) -> tuple:
+    """Dynamic evaluation of ``ids`` as the flags ask: the rms form's gradient statistics on
+    the training split, the step size and decay tuned on the valid split unless given, then
+    the score; returns the score and the record of how it was made."""
+    progress = not args.no_progress
+    stats = None
+    if args.dynamic == "rms":
+        stats = gradient_statistics(model, corpus.train, segment=args.dynamic_segment,
+                                    windows_max=args.dynamic_stat_windows, progress=progress)
+    record = {"dynamic_method": args.dynamic, "dynamic_segment": args.dynamic_segment,
+              "dynamic_stat_windows": None if stats is None else stats.windows,
+              "dynamic_stat_tokens": None if stats is None else stats.tokens}
+    if args.dynamic_lr is None:
+        tuning = tune_dynamic(model, corpus.valid, args.dynamic, stats,
+                              segment=args.dynamic_segment, tokens=args.dynamic_tune_tokens,
+                              progress=progress)
+        settings = tuning.settings
+        record.update(dynamic_tuned_on="valid", dynamic_tune_tokens=tuning.tokens,
+                      dynamic_tune_ppl=tuning.perplexity,
+                      dynamic_grid=[list(point) for point in tuning.grid])
+    else:
+        settings = DynamicSettings(args.dynamic, args.dynamic_lr, args.dynamic_decay,
+                                   args.dynamic_segment)
+        record.update(dynamic_tuned_on=None)
+    record.update(dynamic_lr=settings.lr, dynamic_decay=settings.decay,
+                  dynamic_epsilon=settings.epsilon if settings.method == "rms" else None)
+    score = score_dynamic(model, ids, settings, stats, progress=progress)
+    return score, record
+
+
+def _record_dynamic(run_dir: str, record: dict) -> None:
+    """Append the dynamic evaluation's record to the run's metrics, under the run's lock; a run
+    being trained (locked) or read-only is not recorded, and a line says so."""
+    run = RunDir(run_dir)
+    try:
+        with run.lock():
+            run.append_metrics(strict(record))
+    except RunDirError as error:
+        print(f"rnnreg: warning: the dynamic evaluation was not recorded in {run.metrics_path} "
+              f"({error})", file=sys.stderr)
+
+
+def _dynamic_line(what: str, score, record: dict) -> str:
+    how = (f"{record['dynamic_method']}: lr {record['dynamic_lr']:g}, decay "
+           f"{record['dynamic_decay']:g}, segments of {record['dynamic_segment']} tokens")
+    if record["dynamic_tuned_on"]:
+        how += (f"; tuned on {record['dynamic_tune_tokens']:,} valid tokens over "
+                f"{len(record['dynamic_grid'])} grid points")
+    return (f"{what} perplexity, dynamic evaluation {score.perplexity:.2f} ({how}) in "
+            f"{score.seconds:.1f} s")
 
 
 def _load_members(runs: list[str], weights: str, device: str):
@@ -69,31 +198,48 @@ def _load_members(runs: list[str], weights: str, device: str):
 def _evaluate(args: argparse.Namespace) -> int:
     if args.mc_samples < 0:
         raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
+    _check_dynamic_flags(args)
+    if args.dynamic and (len(args.runs) > 1 or args.mc_samples):
+        raise ValueError("--dynamic adapts one model's weights: score one run, without "
+                         "--mc-samples")
     models, vocab, config = _load_members(args.runs, args.weights, args.device)
-    recorded = RunDir(args.runs[0]).read_corpus()
-    data_dir = args.data_dir
-    if data_dir is None and recorded is not None:
-        data_dir = recorded["data_dir"]
-    corpus = Corpus.load(data_dir, config.level, vocab, split_fractions=config.split_fractions,
-                         recorded=recorded if args.data_dir is None else None)
+    corpus = _run_corpus(args.runs[0], config, vocab, args.data_dir)
     ids = corpus.split(args.split)
     torch.manual_seed(args.seed)
     score = score_stream(models, ids, bptt=config.eval_bptt,
                          mc_samples=args.mc_samples, progress=not args.no_progress)
     weights = [_weights_description(run, args.weights) for run in args.runs]
     unknown = _unknown(ids, vocab)
+    dynamic = record = None
+    if args.dynamic:
+        dynamic, made = _dynamic(models[0], corpus, ids, args)
+        record = {"event": "dynamic_eval", "split": args.split, "weights": weights[0],
+                  f"{args.split}_ppl": score.perplexity,
+                  f"{args.split}_ppl_dynamic": dynamic.perplexity, "tokens": score.tokens,
+                  "dynamic_seconds": dynamic.seconds, **made}
+        _record_dynamic(args.runs[0], record)
     if args.json:
-        print(json.dumps({"split": args.split, "runs": args.runs, "mc_samples": args.mc_samples,
-                          "perplexity": score.perplexity, "tokens": score.tokens,
-                          "seconds": round(score.seconds, 2), "weights": weights,
-                          **unknown}))
+        print(json.dumps(strict({
+            "split": args.split, "runs": args.runs, "mc_samples": args.mc_samples,
+            "perplexity": score.perplexity, "tokens": score.tokens,
+            "seconds": round(score.seconds, 2), "weights": weights, **unknown,
+            **({} if dynamic is None else _dynamic_json(dynamic, record))})))
         return 0
     how = f"; MC dropout, {args.mc_samples} passes" if args.mc_samples else ""
     scored = (f"{weights[0]} of {args.runs[0]}" if len(args.runs) == 1 else
               f"ensemble of {len(args.runs)} runs: " + "; ".join(
                   f"{w} of {r}" for w, r in zip(weights, args.runs)))
-    print(f"{_score_line(args.split, score, unknown)}{how}  [{scored}]")
+    static = " (static)" if dynamic else ""
+    print(f"{_score_line(args.split + static, score, unknown)}{how}  [{scored}]")
+    if dynamic:
+        print(_dynamic_line(args.split, dynamic, record))
     return 0
+
+
+def _dynamic_json(dynamic, record: dict) -> dict:
+    """The JSON output's dynamic keys: ``perplexity`` stays the static one."""
+    settings = {key: value for key, value in record.items() if key.startswith("dynamic_")}
+    return {"perplexity_dynamic": dynamic.perplexity, **settings}
 
 
 def _unknown(ids: torch.Tensor, vocab) -> dict:
@@ -116,10 +262,14 @@ def _add_score(commands) -> None:
                        help="best valid epoch, or the last checkpoint (default: best)")
     score.add_argument("--device", default="auto", help="default: auto")
     score.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_data_dir(score, recorded=True)
+    _add_dynamic_flags(score)
     score.set_defaults(handler=_score)
 
 
 def _score(args: argparse.Namespace) -> int:
+    _check_dynamic_flags(args)
     model, vocab, config = load_model(args.run, weights=args.weights, device=args.device)
     ids = vocab.encode(tokenize(read_text(args.file), config.level))
     if ids.numel() < 2:
@@ -131,11 +281,25 @@ def _score(args: argparse.Namespace) -> int:
         print(f"rnnreg: warning: {unknown['unk_tokens']:,} of {result.tokens:,} tokens "
               f"({unknown['unk_share']:.1%}) are not in the run's vocabulary and were scored "
               f"as {UNK}: the perplexity says little about this text", file=sys.stderr)
+    dynamic = record = None
+    if args.dynamic:
+        # The training split (rms statistics) and the valid split (tuning) of the run's corpus.
+        corpus = _run_corpus(args.run, config, vocab, args.data_dir)
+        dynamic, made = _dynamic(model, corpus, ids, args)
+        record = {"event": "dynamic_eval", "file": args.file, "weights": weights,
+                  "file_ppl": result.perplexity, "file_ppl_dynamic": dynamic.perplexity,
+                  "tokens": result.tokens, "dynamic_seconds": dynamic.seconds, **made}
+        _record_dynamic(args.run, record)
     if args.json:
-        print(json.dumps({"file": args.file, "perplexity": result.perplexity,
-                          "tokens": result.tokens, "weights": weights, **unknown}))
+        print(json.dumps(strict({
+            "file": args.file, "perplexity": result.perplexity, "tokens": result.tokens,
+            "weights": weights, **unknown,
+            **({} if dynamic is None else _dynamic_json(dynamic, record))})))
     else:
-        print(f"{_score_line(args.file, result, unknown)}  [{weights} of {args.run}]")
+        static = " (static)" if dynamic else ""
+        print(f"{_score_line(args.file + static, result, unknown)}  [{weights} of {args.run}]")
+        if dynamic:
+            print(_dynamic_line(args.file, dynamic, record))
     return 0
 
 
@@ -172,5 +336,7 @@ def _weights_description(run_dir: str, weights: str = "best") -> str:
         best = min(epochs, key=lambda r: r["valid_ppl"]) if epochs else None
         return "best weights" + (f" (epoch {best['epoch']})" if best else "")
     missing = " (no best weights yet: no epoch finished)" if name != weights else ""
-    progress = Progress(**run.load_checkpoint("last")["progress"])
-    return f"last weights ({where(progress)}){missing}"
+    last = run.load_checkpoint("last")
+    ema = last.get("ema")
+    averaged = "" if ema is None else f", their EMA over {ema['updates']} steps"
+    return f"last weights ({where(Progress(**last['progress']))}{averaged}){missing}"

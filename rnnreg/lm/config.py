@@ -155,6 +155,14 @@ class Config:
                              choices=OPTIMIZERS)
     asgd_nonmono: int = _option(5, "optimization", "asgd averages after N epochs without gain",
                                 "N")
+    # An exponential moving average of the weights over the tail of the run
+    # (rnnreg.lm.training.averaging): once it starts, valid, test and `best` use it. 0 = off.
+    ema_decay: float = _option(0.0, "optimization",
+                               "EMA of the weights, decay D per step; 0 = off", "D")
+    # When the EMA starts: the fraction of the run done, by epochs or by the time budget,
+    # whichever binds (the fraction the cosine schedule counts).
+    ema_start: float = _option(0.5, "optimization", "start the EMA after fraction F of the run",
+                               "F")
     seed: int = _option(1, "optimization", "random seed N", "N")
     # "auto" = cuda when available, else cpu.
     device: str = _option("auto", "device", "DEVICE: auto, cpu, cuda or cuda:N", "DEVICE")
@@ -220,6 +228,7 @@ class Config:
                      "train_tokens", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self._check_ema()
         # Computed once, from fields checked above (the zoneout rates derived from p are
         # checked as they are made); every layer built from this config takes these.
         object.__setattr__(self, "_layer_options", self._strategy_settings())
@@ -227,6 +236,18 @@ class Config:
             last = "" if self.layer_sizes is None else ", the last of layer_sizes"
             raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
                              f"({self.hidden_size}), or unset; got {self.embedding_size}")
+
+    def _check_ema(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = no average), got "
+                             f"{self.ema_decay}: 1 would never move from its first copy")
+        if not 0 <= self.ema_start < 1:
+            raise ValueError(f"ema_start is the fraction of the run after which the EMA "
+                             f"starts, in [0, 1); got {self.ema_start}")
+        if self.ema_decay and self.optimizer == "asgd":
+            raise ValueError("ema_decay averages the weights of a plain SGD run; NT-ASGD "
+                             "(optimizer='asgd') averages them itself, and a run evaluates one "
+                             "average: use --optimizer sgd with --ema-decay, or asgd without it")
 
     def _check_recurrent_mask(self) -> None:
         if self.recurrent_mask is None:

@@ -25,8 +25,10 @@ from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import resolve_device
 from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.training.averaging import averaged_state
 
-__all__ = ["Score", "load_model", "loaded_weights", "perplexity", "score_stream"]
+__all__ = ["Score", "load_model", "loaded_weights", "perplexity", "score_stream",
+           "target_log_probs"]
 
 # Largest (steps x samples x vocabulary) block of logits materialised at once, in elements.
 _LOGIT_BUDGET = 40_000_000
@@ -55,13 +57,20 @@ def perplexity(nll: float, tokens: int) -> float:
 
 def load_model(run_dir: str | Path, *, weights: str = "best",
                device: str = "auto") -> tuple[LanguageModel, Vocabulary, Config]:
-    """Rebuild a trained model from its run directory: config + vocabulary + safetensors weights."""
+    """Rebuild a trained model from its run directory: config + vocabulary + safetensors weights.
+
+    The weights a run evaluates: ``best`` holds them as saved; ``last`` holds the iterates, and
+    beside them the weights' EMA once a run with ``ema_decay`` started it, which is then what is
+    loaded (what the run's final line scored).
+    """
     run = RunDir(run_dir)
     config = run.read_config()
     vocab = run.read_vocab()
     tree = run.load_checkpoint(loaded_weights(run, weights))
     model = LanguageModel(len(vocab), config)
     model.load_state_dict(tree["model"])
+    if tree.get("ema") is not None:
+        model.load_state_dict(averaged_state(model, tree["ema"]["weights"]))
     model.to(resolve_device(device))
     model.eval()
     return model, vocab, config
@@ -125,7 +134,7 @@ def _score_windows(members, streams: Tensor, bptt: int, mc_samples: int, progres
                 masks = model.sample_masks(inputs.size(0), inputs.size(1))
             out = model(inputs, states[i], masks, targets)
             states[i] = detach_state(out.state)
-            log_probs.append(_target_log_probs(out, targets))
+            log_probs.append(target_log_probs(out, targets))
         total += _mixture_nll(torch.stack(log_probs), mc_samples).double()
         bar.update(inputs.size(0))
     bar.close()
@@ -137,7 +146,7 @@ def _held_masks(model: LanguageModel, samples: int) -> ModelMasks | None:
     return model.sample_masks(1, samples) if model.variational else None
 
 
-def _target_log_probs(out: ModelOutput, targets: Tensor) -> Tensor:
+def target_log_probs(out: ModelOutput, targets: Tensor) -> Tensor:
     """log p(target) per position, ``(T, B)``, without materialising the full log-softmax.
 
     The adaptive softmax gives them directly (exact: its head and the targets' clusters); the

@@ -108,15 +108,20 @@ def epoch_line(config: Config, record: dict) -> str:
     # state); the final line scores one stream, as the paper does, and so may differ.
     streams = (f" ({config.valid_batch_size} streams, approximate)"
                if config.valid_batch_size > 1 else "")
+    # Once the weight average has started, valid scores it, not the weights just trained.
+    ema = (f"  (EMA of {record['ema_updates']} steps)" if record.get("ema_updates") else "")
     return (f"epoch {record['epoch']:3d}  lr {record['lr']:.4g}  "
             f"train ppl {record['train_ppl']:8.2f}  valid ppl {record['valid_ppl']:8.2f}"
-            f"{streams}  {record['tokens_per_s']:7.0f} tok/s")
+            f"{streams}{ema}  {record['tokens_per_s']:7.0f} tok/s")
 
 
-def announce_final(valid, test, progress: Progress, run_path: Path) -> None:
-    """The final score's line: last weights, each split as one stream (not an epoch line)."""
+def announce_final(valid, test, progress: Progress, run_path: Path,
+                   ema_updates: int | None = None) -> None:
+    """The final score's line: last weights (or their EMA over ``ema_updates`` steps), each
+    split as one stream (not an epoch line)."""
     tested = ("no test split: test score skipped" if test is None else
               f"test ppl {test.perplexity:.2f}")
-    tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  (last weights, "
+    weights = f"the weights' EMA, {ema_updates} steps in" if ema_updates else "last weights"
+    tqdm.write(f"final  valid ppl {valid.perplexity:.2f}  {tested}  ({weights}, "
                f"{where(progress)}; each split scored as one stream)")
     tqdm.write(f"run directory {run_path.resolve()}")

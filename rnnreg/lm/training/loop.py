@@ -183,10 +183,12 @@ class _Trainer:
         columns = self.streams.size(1) * world.size  # tokens per row, over all ranks
         due, print_steps = self.checkpoints.due, self.verbose and not self.show_progress
         while progress.position < rows and not progress.out_of_time(config.max_train_minutes):
-            lr = progress.lr = config.lr_at(progress.epoch, _fraction_done(config, progress, rows))
+            done = _fraction_done(config, progress, rows)
+            lr = progress.lr = config.lr_at(progress.epoch, done)
             started = time.perf_counter()
             length = _window_length(config, rows - progress.position)
             self._step(progress.position, length, lr)
+            self.optim.after_step(done)
             tokens = length * columns
             _count_window(progress, length, tokens)
             # Decided from what every rank agrees on (the step, the training time so far), so
@@ -284,7 +286,7 @@ class _Trainer:
         # Scored on rank 0 and shared: every rank then takes NT-ASGD's decision on one number.
         valid = self.world.from_main(lambda: self._score(self.corpus.valid,
                                                          config.valid_batch_size))
-        record = _epoch_record(progress, valid.perplexity)
+        record = _epoch_record(progress, valid.perplexity, _ema_updates(self.optim))
         self.logbook.epoch(record)
         improved = _judge_epoch(progress, self.optim, valid.perplexity)
         if self.verbose:
@@ -303,17 +305,20 @@ class _Trainer:
     def _score_final(self) -> dict:
         """The final record, scored and written by rank 0; every rank returns it.
 
-        Both splits are scored as one stream with the last weights (NT-ASGD's average once it
-        started), which the line printed says, so it can be told apart from the epoch lines.
+        Both splits are scored as one stream with the last weights (their average, NT-ASGD's or
+        the EMA's, once it started), which the line printed says, so it can be told apart from
+        the epoch lines.
         """
         self.model.load_state_dict(self.optim.evaluated_state())
         valid = self._score(self.corpus.valid)
         test = None if self.corpus.test is None else self._score(self.corpus.test)
-        summary = _final_record(self.config, self.progress, valid, test, self.model)
+        summary = _final_record(self.config, self.progress, valid, test, self.model,
+                                _ema_updates(self.optim))
         self.logbook.final(summary, self.progress.epoch - 1)
         self.logbook.curve()
         if self.verbose:
-            console.announce_final(valid, test, self.progress, self.run.path)
+            console.announce_final(valid, test, self.progress, self.run.path,
+                                   _ema_updates(self.optim))
         return strict(summary)
 
 
@@ -402,16 +407,21 @@ def _window_record(progress: Progress, rows: int, lr: float) -> dict:
             "train_seconds": progress.train_seconds}
 
 
-def _epoch_record(progress: Progress, valid_ppl: float) -> dict:
-    """The record of the epoch just trained, before it is counted as done."""
+def _epoch_record(progress: Progress, valid_ppl: float, ema_updates: int | None) -> dict:
+    """The record of the epoch just trained, before it is counted as done; ``ema_updates``:
+    the steps the weight average has taken in (None: no EMA), 0 while it has not started."""
     return {
         "epoch": progress.epoch, "lr": progress.lr,
         "train_ppl": perplexity(progress.epoch_nll, progress.epoch_tokens),
         "valid_ppl": valid_ppl,
         "tokens_per_s": progress.epoch_tokens / max(progress.epoch_seconds, 1e-9),
         "epoch_seconds": progress.epoch_seconds, "train_seconds": progress.train_seconds,
-        "step": progress.step, "averaging": progress.averaging,
+        "step": progress.step, "averaging": progress.averaging, "ema_updates": ema_updates,
     }
+
+
+def _ema_updates(optim: NTASGD) -> int | None:
+    return None if optim.ema is None else optim.ema.updates
 
 
 def _judge_epoch(progress: Progress, optim: NTASGD, valid_ppl: float) -> bool:
@@ -431,8 +441,10 @@ def _next_epoch(progress: Progress) -> None:
     progress.epoch_nll, progress.epoch_tokens, progress.epoch_seconds = 0.0, 0, 0.0
 
 
-def _final_record(config: Config, progress: Progress, valid, test, model: nn.Module) -> dict:
-    """The run's final record: both splits scored as one stream, and how far it trained."""
+def _final_record(config: Config, progress: Progress, valid, test, model: nn.Module,
+                  ema_updates: int | None) -> dict:
+    """The run's final record: both splits scored as one stream, and how far it trained;
+    ``ema_updates`` as in :func:`_epoch_record` (the scores are the average's when > 0)."""
     return {
         "event": "final", "epochs_completed": progress.epoch - 1,
         "complete": progress.epoch > config.epochs,
@@ -440,5 +452,5 @@ def _final_record(config: Config, progress: Progress, valid, test, model: nn.Mod
         "test_ppl": None if test is None else test.perplexity,
         "best_valid_ppl": progress.best_valid, "train_seconds": progress.train_seconds,
         "test_seconds": None if test is None else test.seconds,
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(model), "ema_updates": ema_updates,
     }

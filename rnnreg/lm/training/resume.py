@@ -173,6 +173,7 @@ class Checkpoints:
             "progress": progress.__dict__.copy(),
             "hidden": self.world.gather_columns(hidden),
             "rng": self.world.gather_objects(_rng_states()),
+            "ema": None if optim.ema is None else optim.ema.state(),
         }
         if self.world.is_main:
             self.run.save_checkpoint("last", tree)
@@ -181,8 +182,8 @@ class Checkpoints:
 
     def save_best(self, optim: NTASGD) -> None:
         """Write `best` after `last`: as a link to it while the weights evaluated are the
-        iterates themselves, in full once NT-ASGD evaluates their average instead."""
-        if optim.averaging:
+        iterates themselves, in full once NT-ASGD or the EMA evaluates an average instead."""
+        if optim.averaged:
             self.run.save_checkpoint("best", {"model": optim.evaluated_state()})
         else:
             self.run.copy_checkpoint("last", "best")
@@ -195,6 +196,8 @@ class Checkpoints:
         model.load_state_dict(tree["model"])
         optim = NTASGD(model, self.config, averaging=progress.averaging)
         optim.optimizer.load_state_dict(tree["optimizer"])
+        if optim.ema is not None:
+            optim.ema.restore(tree.get("ema"), device)
         hidden = self.world.shard_columns(tree["hidden"])
         hidden = map_state(hidden, lambda h: h.to(device))
         _set_rng_states(tree["rng"][self.world.rank])
