@@ -448,3 +448,33 @@ def test_the_progress_bar_counts_tokens_and_shows_the_step_records(tmp_path, tin
         later = shown[record["step"]:record["step"] + config.log_every - 1]
         assert all(shown_postfix == postfix for _, _, shown_postfix, _ in later)
     assert shown[0][2] is None  # nothing to show before the first record
+
+
+@pytest.mark.parametrize("name", ["small", "awd", "variational", "variational_batch", "zoneout"])
+def test_the_own_loop_is_set_up_exactly_for_models_that_run_it(name, monkeypatch):
+    """The set-up asks for the own loop's engine iff a training step or an evaluation of the
+    model then runs it (oracle: the engine requests the recurrence itself makes). The AWD
+    preset's weight drop keeps torch's fused kernel, so it needs no C++ build."""
+    from rnnreg.lm.model import LanguageModel
+    from rnnreg.nn import loops
+
+    requests = []
+    choose = loops.choose
+    monkeypatch.setattr(loops, "choose",
+                        lambda *args, **kwargs: requests.append(args) or choose(*args, **kwargs))
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    config = preset_config(name) if name in ("small", "awd") else RECIPE.replace(
+        strategy=name, strategy_p=0.5)
+    config = config.replace(hidden_size=8, device="cpu", **(
+        {"layer_sizes": (12, 8), "num_layers": 2} if config.layer_sizes else {}))
+    model = LanguageModel(20, config)
+    train_module._build_loops(model)
+    at_set_up, requests[:] = len(requests), []
+    ids = torch.randint(20, (6, 2))
+    model.train()
+    model(ids).logits.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert bool(at_set_up) == bool(requests)
+    assert name != "awd" or not requests
