@@ -414,3 +414,27 @@ def test_unknown_corpus_is_an_argparse_error(capsys):
         cli.main(["download", "wikitext"])
     assert exited.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_dropout_with_the_default_strategy_none_is_refused_with_the_fix(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "train", "--dropout", "0.5", "--out", str(out), "--no-download",
+                        "--no-progress")
+    _assert_one_line_error(code, err, "--dropout 0.5 has no effect with strategy none (the "
+                           "small preset's)", "--strategy NAME", "zaremba", "variational")
+    assert not out.exists()
+
+
+def test_strategy_none_on_a_preset_with_a_rate_trains_without_dropout(capsys, tmp_path,
+                                                                     monkeypatch):
+    """``--preset medium --strategy none`` is medium's baseline, not an error."""
+    trained = []
+    monkeypatch.setattr(cli.training, "train", lambda config, *a, **k: trained.append(config)
+                        or {})
+    code, _, err = _cli(capsys, "train", "--preset", "medium", "--strategy", "none",
+                        "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert (trained[0].strategy, trained[0].strategy_p) == ("none", 0.0)
+    code, _, err = _cli(capsys, "train", "--preset", "medium", "--strategy", "none",
+                        "--dropout", "0.3", "--out", str(tmp_path / "run"))
+    _assert_one_line_error(code, err, "--dropout 0.3 has no effect with strategy none,")

@@ -296,3 +296,13 @@ def test_layer_options_are_computed_once_per_config(monkeypatch):
 def test_a_config_names_the_field_of_a_bad_rate(changes, word):
     with pytest.raises(ValueError, match=word):
         Config(**changes)
+
+
+def test_a_rate_no_placement_uses_is_refused_naming_the_python_parameters():
+    """strategy 'none' places no dropout, so its rate would train without any, silently."""
+    with pytest.raises(ValueError) as refused:
+        Config(strategy_p=0.5)
+    message = str(refused.value)
+    assert "strategy_p=0.5" in message and "strategy='none'" in message
+    assert "zaremba" in message and "--" not in message  # Python's names, not flags
+    assert Config(strategy="none", strategy_p=0.0).layer_options()["dropout"] == 0.0

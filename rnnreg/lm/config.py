@@ -21,8 +21,8 @@ from rnnreg.nn.functional import (
 from rnnreg.nn.layers import LAYERS
 from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES, check_recurrent_mask
 
-__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config",
-           "flag"]
+__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "RATE_STRATEGIES",
+           "SOFTMAXES", "Config", "flag"]
 
 CELLS = tuple(LAYERS)  # "lstm", "gru", "rnn"
 LEVELS = ("word", "char")
@@ -30,6 +30,8 @@ OPTIMIZERS = ("sgd", "asgd")
 LR_SCHEDULES = ("step", "cosine")
 PRECISIONS = ("float32", "bfloat16")
 SOFTMAXES = ("full", "adaptive")
+# The strategies that use the rate strategy_p: every one but "none".
+RATE_STRATEGIES = tuple(name for name in STRATEGIES if name != "none")
 
 
 def _option(default: Any, group: str, help: str, metavar: str | None = None,
@@ -209,6 +211,10 @@ class Config:
         self._check_recurrent_mask()
         self._check_adaptive()
         check_probability(f"strategy_p ({flag('strategy_p')})", self.strategy_p)
+        if self.strategy == "none" and self.strategy_p > 0:  # else a rate that silently drops
+            raise ValueError(f"strategy_p={self.strategy_p:g} has no effect with strategy="
+                             f"'none', which places no dropout: choose a strategy that uses it "
+                             f"({', '.join(RATE_STRATEGIES)}), or strategy_p=0")
         for name in ("embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
