@@ -438,3 +438,13 @@ def test_strategy_none_on_a_preset_with_a_rate_trains_without_dropout(capsys, tm
     code, _, err = _cli(capsys, "train", "--preset", "medium", "--strategy", "none",
                         "--dropout", "0.3", "--out", str(tmp_path / "run"))
     _assert_one_line_error(code, err, "--dropout 0.3 has no effect with strategy none,")
+
+
+def test_a_misspelled_flag_gets_the_closest_flag_of_its_command(capsys):
+    code, _, err = _cli(capsys, "train", "--hiden-size", "8", "--no-progress")
+    _assert_one_line_error(code, err, "unrecognized arguments: --hiden-size 8 (did you mean "
+                           "--hidden-size?)", "rnnreg train --help")
+    code, _, err = _cli(capsys, "score", "RUN", "FILE", "--jsn")
+    _assert_one_line_error(code, err, "(did you mean --json?)")
+    code, _, err = _cli(capsys, "train", "--frobnicate")
+    _assert_one_line_error(code, err, "unrecognized arguments: --frobnicate (see")
