@@ -322,6 +322,7 @@ def test_scoring_unknown_words_reports_and_warns(cli_run, tmp_path, capsys):
     # 9 tokens after the first: zebra, zzzz, qqqq are <unk>.
     assert "over 9 tokens (33.3% <unk>)" in stdout and "best weights (epoch 1)" in stdout
     assert "warning: 3 of 9 tokens (33.3%)" in err
+    assert "(most frequent: 'zebra' x1, 'zzzz' x1, 'qqqq' x1)" in err
 
 
 @pytest.mark.slow
@@ -448,3 +449,14 @@ def test_a_misspelled_flag_gets_the_closest_flag_of_its_command(capsys):
     _assert_one_line_error(code, err, "(did you mean --json?)")
     code, _, err = _cli(capsys, "train", "--frobnicate")
     _assert_one_line_error(code, err, "unrecognized arguments: --frobnicate (see")
+
+
+def test_the_unknown_words_warning_names_the_most_frequent_with_counts():
+    from rnnreg.cli.scoring import _most_frequent_unknown
+    from rnnreg.lm.corpus.vocab import Vocabulary
+
+    vocab = Vocabulary(("<eos>", "<unk>", "the", "cat"))
+    tokens = "the gnu cat gnu yak gnu yak a b c d the".split()
+    assert _most_frequent_unknown(tokens, vocab, shown=3) == (
+        "most frequent: 'gnu' x3, 'yak' x2, 'a' x1 and 3 more words")
+    assert _most_frequent_unknown(["the", "<unk>"], vocab) == "<unk> itself in the text"
