@@ -460,3 +460,13 @@ def test_the_unknown_words_warning_names_the_most_frequent_with_counts():
     assert _most_frequent_unknown(tokens, vocab, shown=3) == (
         "most frequent: 'gnu' x3, 'yak' x2, 'a' x1 and 3 more words")
     assert _most_frequent_unknown(["the", "<unk>"], vocab) == "<unk> itself in the text"
+
+
+def test_a_data_error_of_a_new_run_comes_alone_and_names_rnnreg_data(capsys, tmp_path,
+                                                                     monkeypatch):
+    """Nothing says a new run is starting before its data has been read."""
+    monkeypatch.setenv("RNNREG_DATA", str(tmp_path / "no-corpus"))
+    code, out, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), "--no-progress")
+    _assert_one_line_error(code, err, f"data directory {tmp_path / 'no-corpus'} does not exist",
+                           "came from the environment variable RNNREG_DATA")
+    assert out == "" and not (tmp_path / "run").exists()

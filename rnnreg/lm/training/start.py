@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
-from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb, missing_directories, remove_empty
@@ -51,7 +50,7 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
     """Open (or create) the run and load its corpus: everything before the first step."""
     # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
     config, vocab, checkpoint, recorded = world.from_main(
-        lambda: _open_run(run, held, config, resume, world.size, verbose))
+        lambda: _open_run(run, held, config, resume, world.size))
     if data_dir is None and recorded is not None:
         data_dir = recorded["data_dir"]
     elif data_dir is None and download:
@@ -62,6 +61,8 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
     # Only once the data loaded, so a failed start leaves no half-made or half-extended run.
     if vocab is None:
         world.from_main(lambda: _create_run(run, config, corpus, world.size))
+        if resume and verbose and world.is_main:  # said only once the data has been read
+            tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
     else:
         world.from_main(lambda: _record_extension(run, config))
     return Start(config, corpus, checkpoint,
@@ -103,8 +104,7 @@ def _undo_unstarted(run: RunDir, made: list[Path]):
 
 
 def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
-              world_size: int, verbose: bool
-              ) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
+              world_size: int) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
     """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint
     and recorded corpus.
 
@@ -126,8 +126,6 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
     elif config is None:
         raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
                           "to start a new run")
-    elif resume and verbose and distributed.is_main():
-        tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
     if config.batch_size % world_size:
         raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
                          f"{world_size}: each process trains B / world size whole streams")
