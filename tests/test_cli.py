@@ -470,3 +470,28 @@ def test_a_data_error_of_a_new_run_comes_alone_and_names_rnnreg_data(capsys, tmp
     _assert_one_line_error(code, err, f"data directory {tmp_path / 'no-corpus'} does not exist",
                            "came from the environment variable RNNREG_DATA")
     assert out == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_last_checkpoint_is_answered_with_the_commands_that_continue_from_best(
+        cli_run, tmp_path, capsys):
+    import shlex
+    import shutil
+
+    out, summary = cli_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    last = run / "checkpoints" / "last.safetensors"
+    damaged = last.read_bytes()[:1000]
+    last.unlink()  # a new file: `best` may be a hard link to the old one
+    last.write_bytes(damaged)
+    code, _, err = _cli(capsys, "train", "--out", str(run), "--resume", "--no-progress")
+    _assert_one_line_error(code, err, "truncated or corrupt", "after epoch 1")
+    commands = err.strip().split(": ")[-1].split(" && ")
+    assert [c.split()[0] for c in commands] == ["mv", "cp", "rnnreg"]
+    for command in commands[:2]:
+        subprocess.run(shlex.split(command), check=True)
+    code, stdout, err = _cli(capsys, *shlex.split(commands[2])[1:], "--no-progress")
+    assert code == 0, err
+    assert _last_json(stdout)["test_ppl"] == pytest.approx(summary["test_ppl"])
+    assert (run / "checkpoints" / "last.safetensors.damaged").read_bytes() == damaged

@@ -32,8 +32,10 @@ from rnnreg.lm.config import RATE_STRATEGIES, Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb
 from rnnreg.lm.presets import PRESETS, budget_config, preset_config
+from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
+from rnnreg.lm.training.start import UnreadableLast
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["add_commands"]
@@ -95,6 +97,10 @@ def _train(args: argparse.Namespace) -> int:
         # Always resume: a rerun of the command continues its run, a first one starts it.
         summary = train(config, out, data_dir=args.data_dir, resume=True,
                         download=not args.no_download, progress=not args.no_progress)
+    except UnreadableLast as unreadable:
+        if unreadable.best is None:
+            raise
+        raise RunDirError(f"{unreadable}: {_from_best_command(unreadable, out)}") from unreadable
     except KeyboardInterrupt as stopped:
         if distributed.is_main():
             print(f"rnnreg: {stopped or 'interrupted'}", file=sys.stderr)
@@ -153,6 +159,15 @@ def _budget_config(minutes: float, data_dir, overrides: dict):
     corpus = Corpus.load(data_dir, reading.level, split_fractions=reading.split_fractions,
                          max_vocab=reading.max_vocab, min_count=reading.min_count)
     return budget_config(minutes, len(corpus.vocab), softmax=softmax).replace(**overrides)
+
+
+def _from_best_command(unreadable: UnreadableLast, out: str) -> str:
+    """The commands that keep the damaged ``last`` beside it, put a copy of ``best`` in its
+    place and continue the run from there."""
+    last, best = unreadable.last.resolve(), unreadable.best.resolve()
+    damaged = last.with_name(last.name + ".damaged")
+    return " && ".join([shlex.join(["mv", str(last), str(damaged)]),
+                        shlex.join(["cp", str(best), str(last)]), _resume_command(out)])
 
 
 def _resume_command(out: str, **raised: float) -> str:

@@ -25,9 +25,10 @@ from rnnreg.lm.distributed import World
 from rnnreg.lm.rundir.files import RunDirError, WriteError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
-from rnnreg.lm.training.resume import resumed_config
+from rnnreg.lm.training.console import where
+from rnnreg.lm.training.resume import Progress, resumed_config
 
-__all__ = ["Start", "after_write_error", "start_run"]
+__all__ = ["Start", "UnreadableLast", "after_write_error", "start_run"]
 
 
 class Start(NamedTuple):
@@ -122,7 +123,7 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
         config = saved if config is None else resumed_config(saved, config)
         vocab, recorded = run.read_vocab(), run.read_corpus()
         # With no checkpoint yet, the run restarts from its saved config and vocabulary.
-        checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+        checkpoint = _read_last(run) if run.has_checkpoint("last") else None
     elif config is None:
         raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
                           "to start a new run")
@@ -132,6 +133,50 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
     if checkpoint is not None:
         _check_ranks(run, checkpoint, world_size)
     return config, vocab, checkpoint, recorded
+
+
+class UnreadableLast(RunDirError):
+    """The checkpoint ``last`` of a run being resumed cannot be read.
+
+    ``best`` is the path of the checkpoint ``best`` where that holds a whole training state to
+    continue from (None otherwise), and ``best_at`` where it stands ("after epoch 3"): the
+    caller can offer to continue from there. Nothing is replaced here, so the damaged file stays
+    for the user to inspect, and continuing from ``best`` (which drops the training after it) is
+    the user's choice, not a silent fall-back.
+    """
+
+    def __init__(self, message: str, last: Path, best: Path | None, best_at: str | None):
+        super().__init__(message)
+        self.last, self.best, self.best_at = last, best, best_at
+
+
+def _read_last(run: RunDir) -> dict:
+    """The checkpoint ``last``, or :class:`UnreadableLast` saying whether ``best`` can stand in."""
+    try:
+        return run.load_checkpoint("last")
+    except RunDirError as error:
+        best, best_at = _resumable_best(run)
+        if best is None:
+            advice = ("and no best checkpoint holds a whole training state to continue from: "
+                      "train the run again into another directory")
+        else:
+            advice = (f"the best checkpoint holds the whole training state {best_at}: to "
+                      "continue from there, put the damaged file aside, copy the best "
+                      "checkpoint in its place and resume")
+        raise UnreadableLast(f"{error}; {advice}", run.checkpoint_path("last"), best,
+                             best_at) from error
+
+
+def _resumable_best(run: RunDir) -> tuple[Path | None, str | None]:
+    """``best``'s path and where it stands, if it is a readable, whole training state (a copy
+    of an epoch's ``last``; NT-ASGD's averaged weights alone are not)."""
+    try:
+        tree = run.load_checkpoint("best") if run.has_checkpoint("best") else None
+    except RunDirError:
+        return None, None
+    if tree is None or not {"progress", "optimizer", "rng", "hidden"} <= tree.keys():
+        return None, None
+    return run.checkpoint_path("best"), where(Progress(**tree["progress"]))
 
 
 def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
