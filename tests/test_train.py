@@ -215,6 +215,35 @@ def test_raising_epochs_extends_a_finished_run_as_if_uninterrupted(tmp_path, mod
     assert saved["epochs"] == 2
 
 
+def test_a_resume_may_change_how_the_run_is_saved_and_logged_and_records_it(tmp_path,
+                                                                           module_corpus):
+    """Checkpoint cadence, logging and a longer run are not the run's identity: a resume takes
+    them, training exactly as without them (oracle: an uninterrupted run), and the run records
+    from which step on they hold; a setting of the model is still refused."""
+    _quiet_train(RECIPE.replace(epochs=2), tmp_path / "two", module_corpus)
+    out = tmp_path / "run"
+    _quiet_train(RECIPE.replace(epochs=1), out, module_corpus)
+    (checkpointed,) = _epochs(out)
+    with pytest.raises(ValueError, match="--hidden-size: run has 16, command says 17"):
+        _quiet_train(RECIPE.replace(epochs=2, hidden_size=17, log_every=3), out, module_corpus,
+                     resume=True)
+    operational = dict(checkpoint_minutes=1.0, checkpoint_steps=7, log_every=3)
+    _quiet_train(RECIPE.replace(epochs=2, **operational), out, module_corpus, resume=True)
+    _assert_same_weights(_weights(out), _weights(tmp_path / "two"))
+    assert [r["valid_ppl"] for r in _epochs(out)] == [
+        r["valid_ppl"] for r in _epochs(tmp_path / "two")]
+    assert RunDir(out).read_config() == RECIPE.replace(epochs=2, **operational)
+    settings = [r for r in RunDir(out).read_metrics() if r["event"] == "settings"]
+    assert settings == [{"event": "settings", "epoch": 2, "step": checkpointed["step"],
+                         "changed": {"epochs": {"from": 1, "to": 2},
+                                     "checkpoint_minutes": {"from": 0.0, "to": 1.0},
+                                     "checkpoint_steps": {"from": 0, "to": 7},
+                                     "log_every": {"from": 0, "to": 3}}}]
+    steps = [r["step"] for r in RunDir(out).read_metrics() if r["event"] == "step"]
+    resumed = [step for step in steps if step > checkpointed["step"]]
+    assert resumed and all(step % 3 == 0 for step in resumed)
+
+
 # --------------------------------------------------------------------------- schedule
 
 

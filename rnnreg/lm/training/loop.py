@@ -67,10 +67,12 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
     ``resume=True`` continues the run in ``out`` where it stopped, so one call (and one command
     line) serves the first launch and every restart: with no run in ``out`` yet it starts one.
     Nothing passed is ignored: ``config`` must equal the saved config except that ``epochs``
-    and ``max_train_minutes`` may be raised to extend the run (``config=None`` takes the saved
-    one), and ``data_dir`` (default: the corpus recorded in the run) must hold the same files,
-    by MD5, as when the run was trained. ``download`` fetches PTB into the cache when no
-    corpus is given anywhere (no ``data_dir``, no ``$RNNREG_DATA``) and the cache has none.
+    and ``max_train_minutes`` may be raised to extend the run and the operational settings
+    (checkpoint cadence, logging: :func:`rnnreg.lm.config.on_resume`) may change, both recorded
+    in the run (``config=None`` takes the saved one), and ``data_dir`` (default: the corpus
+    recorded in the run) must hold the same files, by MD5, as when the run was trained.
+    ``download`` fetches PTB into the cache when no corpus is given anywhere (no ``data_dir``,
+    no ``$RNNREG_DATA``) and the cache has none.
 
     ``progress`` shows a live bar per epoch; ``verbose`` prints one line per epoch.
     ``on_step`` is called with the global step after every optimizer step (progress hooks and

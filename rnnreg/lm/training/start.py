@@ -26,7 +26,7 @@ from rnnreg.lm.rundir.files import RunDirError, WriteError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
 from rnnreg.lm.training.console import where
-from rnnreg.lm.training.resume import Progress, resumed_config
+from rnnreg.lm.training.resume import Progress, changed_settings, resumed_config
 
 __all__ = ["Start", "UnreadableLast", "after_write_error", "start_run"]
 
@@ -65,15 +65,24 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
         if resume and verbose and world.is_main:  # said only once the data has been read
             tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
     else:
-        world.from_main(lambda: _record_extension(run, config))
+        world.from_main(lambda: _record_extension(run, config, checkpoint))
     return Start(config, corpus, checkpoint,
                  start_over=checkpoint is None and vocab is not None)
 
 
-def _record_extension(run: RunDir, config: Config) -> None:
-    """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
-    if run.read_config() != config:
-        run.replace_config(config)
+def _record_extension(run: RunDir, config: Config, checkpoint: dict | None) -> None:
+    """A resume that raised the budget or changed how the run is saved or logged: later
+    resumes and reports see it in config.json, and metrics.jsonl says from which step on
+    (a ``settings`` record at the step of the checkpoint it continues from, which later
+    resumes keep)."""
+    saved = run.read_config()
+    if saved == config:
+        return
+    run.replace_config(config)
+    if checkpoint is not None:  # else the run starts over, with a cleared history
+        progress = checkpoint["progress"]
+        run.append_metrics({"event": "settings", "epoch": progress["epoch"],
+                            "step": progress["step"], "changed": changed_settings(saved, config)})
 
 
 def _lock(run: RunDir, held: contextlib.ExitStack) -> None:
