@@ -495,3 +495,24 @@ def test_a_damaged_last_checkpoint_is_answered_with_the_commands_that_continue_f
     assert code == 0, err
     assert _last_json(stdout)["test_ppl"] == pytest.approx(summary["test_ppl"])
     assert (run / "checkpoints" / "last.safetensors.damaged").read_bytes() == damaged
+
+
+@pytest.mark.slow
+def test_resume_with_other_checkpoint_and_logging_flags_is_accepted_and_recorded(cli_run,
+                                                                                 tmp_path,
+                                                                                 capsys):
+    import shutil
+
+    out, summary = cli_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    code, stdout, err = _cli(capsys, "train", "--out", str(run), "--resume", "--checkpoint-steps",
+                             "4", "--log-every", "2", "--no-progress")
+    assert code == 0, err
+    assert _last_json(stdout)["test_ppl"] == pytest.approx(summary["test_ppl"])
+    saved = Config.from_dict(json.loads((run / "config.json").read_text())["config"])
+    assert (saved.checkpoint_steps, saved.log_every) == (4, 2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "final"
+    assert [r["changed"] for r in records if r["event"] == "settings"] == [
+        {"checkpoint_steps": {"from": 0, "to": 4}, "log_every": {"from": 0, "to": 2}}]
