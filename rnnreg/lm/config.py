@@ -50,6 +50,8 @@ def _option(default: Any, group: str, help: str, metavar: str | None = None,
 
     Held by the field itself, so the flag (:mod:`rnnreg.cli.flags`) cannot drift from the field.
     """
+    if on_resume not in RESUME_RULES:
+        raise ValueError(f"on_resume must be one of {', '.join(RESUME_RULES)}; got {on_resume!r}")
     return dataclasses.field(default=default, metadata={
         "group": group, "help": help, "metavar": metavar, "choices": choices,
         "on_resume": on_resume})

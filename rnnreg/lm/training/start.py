@@ -178,7 +178,7 @@ def _read_last(run: RunDir) -> dict:
 
 def _resumable_best(run: RunDir) -> tuple[Path | None, str | None]:
     """``best``'s path and where it stands, if it is a readable, whole training state (a copy
-    of an epoch's ``last``; NT-ASGD's averaged weights alone are not)."""
+    of an epoch's ``last``; the averaged weights NT-ASGD or the EMA leave there are not)."""
     try:
         tree = run.load_checkpoint("best") if run.has_checkpoint("best") else None
     except RunDirError:
