@@ -322,6 +322,7 @@ def test_scoring_unknown_words_reports_and_warns(cli_run, tmp_path, capsys):
     # 9 tokens after the first: zebra, zzzz, qqqq are <unk>.
     assert "over 9 tokens (33.3% <unk>)" in stdout and "best weights (epoch 1)" in stdout
     assert "warning: 3 of 9 tokens (33.3%)" in err
+    assert "(most frequent: 'zebra' x1, 'zzzz' x1, 'qqqq' x1)" in err
 
 
 @pytest.mark.slow
@@ -414,3 +415,104 @@ def test_unknown_corpus_is_an_argparse_error(capsys):
         cli.main(["download", "wikitext"])
     assert exited.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_dropout_with_the_default_strategy_none_is_refused_with_the_fix(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "train", "--dropout", "0.5", "--out", str(out), "--no-download",
+                        "--no-progress")
+    _assert_one_line_error(code, err, "--dropout 0.5 has no effect with strategy none (the "
+                           "small preset's)", "--strategy NAME", "zaremba", "variational")
+    assert not out.exists()
+
+
+def test_strategy_none_on_a_preset_with_a_rate_trains_without_dropout(capsys, tmp_path,
+                                                                     monkeypatch):
+    """``--preset medium --strategy none`` is medium's baseline, not an error."""
+    trained = []
+    monkeypatch.setattr(cli.training, "train", lambda config, *a, **k: trained.append(config)
+                        or {})
+    code, _, err = _cli(capsys, "train", "--preset", "medium", "--strategy", "none",
+                        "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert (trained[0].strategy, trained[0].strategy_p) == ("none", 0.0)
+    code, _, err = _cli(capsys, "train", "--preset", "medium", "--strategy", "none",
+                        "--dropout", "0.3", "--out", str(tmp_path / "run"))
+    _assert_one_line_error(code, err, "--dropout 0.3 has no effect with strategy none,")
+
+
+def test_a_misspelled_flag_gets_the_closest_flag_of_its_command(capsys):
+    code, _, err = _cli(capsys, "train", "--hiden-size", "8", "--no-progress")
+    _assert_one_line_error(code, err, "unrecognized arguments: --hiden-size 8 (did you mean "
+                           "--hidden-size?)", "rnnreg train --help")
+    code, _, err = _cli(capsys, "score", "RUN", "FILE", "--jsn")
+    _assert_one_line_error(code, err, "(did you mean --json?)")
+    code, _, err = _cli(capsys, "train", "--frobnicate")
+    _assert_one_line_error(code, err, "unrecognized arguments: --frobnicate (see")
+
+
+def test_the_unknown_words_warning_names_the_most_frequent_with_counts():
+    from rnnreg.cli.scoring import _most_frequent_unknown
+    from rnnreg.lm.corpus.vocab import Vocabulary
+
+    vocab = Vocabulary(("<eos>", "<unk>", "the", "cat"))
+    tokens = "the gnu cat gnu yak gnu yak a b c d the".split()
+    assert _most_frequent_unknown(tokens, vocab, shown=3) == (
+        "most frequent: 'gnu' x3, 'yak' x2, 'a' x1 and 3 more words")
+    assert _most_frequent_unknown(["the", "<unk>"], vocab) == "<unk> itself in the text"
+
+
+def test_a_data_error_of_a_new_run_comes_alone_and_names_rnnreg_data(capsys, tmp_path,
+                                                                     monkeypatch):
+    """Nothing says a new run is starting before its data has been read."""
+    monkeypatch.setenv("RNNREG_DATA", str(tmp_path / "no-corpus"))
+    code, out, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), "--no-progress")
+    _assert_one_line_error(code, err, f"data directory {tmp_path / 'no-corpus'} does not exist",
+                           "came from the environment variable RNNREG_DATA")
+    assert out == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_last_checkpoint_is_answered_with_the_commands_that_continue_from_best(
+        cli_run, tmp_path, capsys):
+    import shlex
+    import shutil
+
+    out, summary = cli_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    last = run / "checkpoints" / "last.safetensors"
+    damaged = last.read_bytes()[:1000]
+    last.unlink()  # a new file: `best` may be a hard link to the old one
+    last.write_bytes(damaged)
+    code, _, err = _cli(capsys, "train", "--out", str(run), "--resume", "--no-progress")
+    _assert_one_line_error(code, err, "truncated or corrupt", "after epoch 1")
+    commands = err.strip().split(": ")[-1].split(" && ")
+    assert [c.split()[0] for c in commands] == ["mv", "cp", "rnnreg"]
+    for command in commands[:2]:
+        subprocess.run(shlex.split(command), check=True)
+    code, stdout, err = _cli(capsys, *shlex.split(commands[2])[1:], "--no-progress")
+    assert code == 0, err
+    assert _last_json(stdout)["test_ppl"] == pytest.approx(summary["test_ppl"])
+    assert (run / "checkpoints" / "last.safetensors.damaged").read_bytes() == damaged
+
+
+@pytest.mark.slow
+def test_resume_with_other_checkpoint_and_logging_flags_is_accepted_and_recorded(cli_run,
+                                                                                 tmp_path,
+                                                                                 capsys):
+    import shutil
+
+    out, summary = cli_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    code, stdout, err = _cli(capsys, "train", "--out", str(run), "--resume", "--checkpoint-steps",
+                             "4", "--log-every", "2", "--no-progress")
+    assert code == 0, err
+    assert _last_json(stdout)["test_ppl"] == pytest.approx(summary["test_ppl"])
+    saved = Config.from_dict(json.loads((run / "config.json").read_text())["config"])
+    assert (saved.checkpoint_steps, saved.log_every) == (4, 2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "final"
+    assert [r["changed"] for r in records if r["event"] == "settings"] == [
+        {"checkpoint_steps": {"from": 0, "to": 4}, "log_every": {"from": 0, "to": 2}}]

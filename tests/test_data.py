@@ -81,6 +81,18 @@ def test_split_files_missing_directory_says_how_to_get_data(tmp_path):
     assert "rnnreg download ptb" in message and sources.DATA_ENV in message
 
 
+def test_a_data_error_says_when_its_path_came_from_rnnreg_data(monkeypatch, tmp_path):
+    monkeypatch.setenv(sources.DATA_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError) as from_env:
+        Corpus.load(None)
+    assert str(from_env.value).startswith(f"data directory {tmp_path / 'nowhere'} does not")
+    assert str(from_env.value).endswith(f"(the data path {tmp_path / 'nowhere'} came from the "
+                                        "environment variable RNNREG_DATA: change or unset it)")
+    with pytest.raises(DataError) as given:  # a path given in the call is not the variable's
+        Corpus.load(tmp_path / "nowhere")
+    assert "RNNREG_DATA: change" not in str(given.value)
+
+
 def test_split_files_missing_split_names_expected_files(tmp_path):
     _write_corpus(tmp_path, prefix="ptb.")
     (tmp_path / "ptb.valid.txt").unlink()

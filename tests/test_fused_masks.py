@@ -324,6 +324,81 @@ def test_sequence_masks_keep_gals_per_row_shape_and_the_own_loop():
     assert engine_for(module) == FUSED
 
 
+def _option_sets():
+    """Every strategy at p = 0.5 and the option combinations the layer tests use (all rates,
+    fresh or per-sequence masks, per-row or batch-shared recurrent masks, zoneout), as
+    ``(name, cell, options)`` for each cell."""
+    sets = {f"strategy {name}": rnnreg.strategy(name, 0.5) for name in rnnreg.STRATEGIES}
+    for variational in (False, True):
+        for recurrent_mask in ("sequence", "batch") if variational else ("sequence",):
+            for zoneout in (0.0, 0.3):
+                sets[f"rates v={variational} {recurrent_mask} z={zoneout}"] = dict(
+                    input_dropout=0.5, dropout=0.5, output_dropout=0.5, recurrent_dropout=0.5,
+                    weight_dropout=0.5, variational=variational, recurrent_mask=recurrent_mask,
+                    zoneout_hidden=zoneout)
+    sets["weight only"] = dict(weight_dropout=0.5)
+    sets["cell zoneout only"] = dict(zoneout_cell=0.2)
+    for name, options in sets.items():
+        for cell in ("LSTM", "GRU", "RNN"):  # only the LSTM has a cell state
+            yield name, cell, {k: v for k, v in options.items()
+                               if k != "zoneout_cell" or cell == "LSTM"}
+
+
+def _modules(cell, options):
+    """The layer (2 layers, bidirectional) and the StackedRNN built with ``options``."""
+    yield CELLS[cell][0](F_IN, H, 2, bidirectional=True, **options)
+    yield rnnreg.StackedRNN(cell.lower(), F_IN, (H, H + 1), **options)
+
+
+def _per_row_rule(module) -> bool:
+    """Oracle: the masks a forward in the module's mode draws (in a forked RNG, two rows),
+    judged by the rule on tensors: a recurrent mask with more than one row or step, or any
+    zoneout factor."""
+    from rnnreg.nn.engines import layer_zoneout, per_row
+
+    with torch.random.fork_rng(devices=[]):
+        masks = (module.sample_masks(1, 2) if module.training
+                 else module._evaluation_masks(2, torch.device("cpu"), torch.float32))
+    return any(per_row(masks.recurrent[k]) or layer_zoneout(masks, k) is not None
+               for k in range(len(masks.recurrent)))
+
+
+def test_needs_own_loop_agrees_with_the_masks_sampled_for_every_strategy_and_option():
+    from rnnreg.nn.engines import needs_own_loop
+
+    disagree = []
+    for name, cell, options in _option_sets():
+        for module in _modules(cell, options):
+            for training in (True, False):
+                module.train(training)
+                if needs_own_loop(module) != _per_row_rule(module):
+                    disagree.append((name, cell, type(module).__name__, training))
+    assert not disagree
+
+
+def test_engine_for_leaves_torchs_random_state_untouched(monkeypatch):
+    """Asking which engine runs a model must not change the masks the model draws next."""
+    monkeypatch.setenv(loops.VARIABLE, "python")  # no C++ build needed to ask
+    asked = 0
+    for _, cell, options in _option_sets():
+        for module in _modules(cell, options):
+            for training in (True, False):
+                module.train(training)
+                before = torch.get_rng_state()
+                engine_for(module)
+                engine_for(module, layer=0)
+                assert torch.equal(torch.get_rng_state(), before)
+                asked += 1
+    assert asked > 100
+    torch.manual_seed(3)
+    module = rnnreg.LSTM(F_IN, H, recurrent_dropout=0.5, variational=True)
+    torch.manual_seed(4)
+    drawn = module.sample_masks(T, B).recurrent[0]
+    torch.manual_seed(4)
+    engine_for(module)
+    assert torch.equal(module.sample_masks(T, B).recurrent[0], drawn)
+
+
 @pytest.mark.parametrize("cls", [rnnreg.LSTM, rnnreg.GRU, rnnreg.RNN])
 def test_recurrent_mask_is_checked_and_says_why(cls):
     with pytest.raises(ValueError, match="variational=True"):

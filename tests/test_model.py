@@ -130,7 +130,8 @@ def test_summed_loss_scales_with_steps_not_batch():
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("strategy", ["none", "zaremba", "variational", "awd"])
 def test_forward_shapes(cell, strategy):
-    model = _model(cell=cell, strategy=strategy, strategy_p=0.2, num_layers=3, embedding_size=7)
+    model = _model(cell=cell, strategy=strategy, strategy_p=0.0 if strategy == "none" else 0.2,
+                   num_layers=3, embedding_size=7)
     steps, batch = 5, 3
     out = model(_ids(steps, batch))
     assert out.logits.shape == (steps, batch, VOCAB)
@@ -296,3 +297,13 @@ def test_layer_options_are_computed_once_per_config(monkeypatch):
 def test_a_config_names_the_field_of_a_bad_rate(changes, word):
     with pytest.raises(ValueError, match=word):
         Config(**changes)
+
+
+def test_a_rate_no_placement_uses_is_refused_naming_the_python_parameters():
+    """strategy 'none' places no dropout, so its rate would train without any, silently."""
+    with pytest.raises(ValueError) as refused:
+        Config(strategy_p=0.5)
+    message = str(refused.value)
+    assert "strategy_p=0.5" in message and "strategy='none'" in message
+    assert "zaremba" in message and "--" not in message  # Python's names, not flags
+    assert Config(strategy="none", strategy_p=0.0).layer_options()["dropout"] == 0.0

@@ -89,7 +89,7 @@ def _line(ax, label: str):
     ("awd", {"input", "between", "output", "weight"}, True),
 ])
 def test_placements_are_read_from_the_modules(strategy, dropped, variational):
-    model = _model(strategy=strategy, strategy_p=0.4)
+    model = _model(strategy=strategy, strategy_p=0.0 if strategy == "none" else 0.4)
     placements = placements_of(model)
     # Expected from the papers' placements (the parametrization), not from the modules.
     assert placements.rates == {name: 0.4 if name in dropped else 0.0 for name in PLACEMENTS}
@@ -126,7 +126,8 @@ DIAGRAMS = {
 @pytest.mark.parametrize("strategy", sorted(DIAGRAMS))
 def test_placement_diagram_labels_and_colours_exactly_the_dropped_placements(strategy, tmp_path,
                                                                              saved):
-    path = placement_diagram(_model(strategy=strategy, strategy_p=0.5), tmp_path / "d.png",
+    rate = 0.0 if strategy == "none" else 0.5
+    path = placement_diagram(_model(strategy=strategy, strategy_p=rate), tmp_path / "d.png",
                              title=strategy)
     (figure,) = saved
     assert figure.get_suptitle() == strategy

@@ -6,6 +6,7 @@ own parser (nothing is trained), so a renamed flag or command fails here before 
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -73,3 +74,15 @@ def test_readme_commands_are_seen():
     """The parse check above sees the README's train and test commands (not vacuously empty)."""
     seen = [args[0] for block in _blocks(PAGES[0], "bash") for args in _command_lines(block)]
     assert "train" in seen
+
+
+def test_the_readme_gives_the_first_command_the_time_of_the_committed_run():
+    """The CPU time next to the first command is results/ptb-small's training time."""
+    text = " ".join(PAGES[0].read_text().split())
+    said = re.search(r"It takes (\d+) minutes of training on a shared 2-core CPU "
+                     r"\(\[results/ptb-small\]\(results/ptb-small\)\)", text)
+    assert said is not None
+    lines = (ROOT / "results" / "ptb-small" / "metrics.jsonl").read_text().splitlines()
+    final = json.loads(lines[-1])
+    assert final["event"] == "final" and final["complete"] is True
+    assert int(said.group(1)) == round(final["train_seconds"] / 60)

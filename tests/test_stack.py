@@ -250,7 +250,8 @@ def test_mc_dropout_and_generation_run_on_a_stacked_model():
     mc = score_stream(model, ids, bptt=7, mc_samples=3)
     assert math.isfinite(mc.perplexity) and mc.tokens == 59
     # Without dropout the MC average of identical passes is the deterministic score.
-    quiet = LanguageModel(15, config.replace(strategy="none", embedding_dropout=0.0))
+    quiet = LanguageModel(15, config.replace(strategy="none", strategy_p=0.0,
+                                             embedding_dropout=0.0))
     assert score_stream(quiet, ids, bptt=7, mc_samples=3).perplexity == pytest.approx(
         score_stream(quiet, ids, bptt=7).perplexity, rel=1e-5)
     vocab = Vocabulary((EOS, *(f"w{i}" for i in range(12))))

@@ -215,6 +215,35 @@ def test_raising_epochs_extends_a_finished_run_as_if_uninterrupted(tmp_path, mod
     assert saved["epochs"] == 2
 
 
+def test_a_resume_may_change_how_the_run_is_saved_and_logged_and_records_it(tmp_path,
+                                                                           module_corpus):
+    """Checkpoint cadence, logging and a longer run are not the run's identity: a resume takes
+    them, training exactly as without them (oracle: an uninterrupted run), and the run records
+    from which step on they hold; a setting of the model is still refused."""
+    _quiet_train(RECIPE.replace(epochs=2), tmp_path / "two", module_corpus)
+    out = tmp_path / "run"
+    _quiet_train(RECIPE.replace(epochs=1), out, module_corpus)
+    (checkpointed,) = _epochs(out)
+    with pytest.raises(ValueError, match="--hidden-size: run has 16, command says 17"):
+        _quiet_train(RECIPE.replace(epochs=2, hidden_size=17, log_every=3), out, module_corpus,
+                     resume=True)
+    operational = dict(checkpoint_minutes=1.0, checkpoint_steps=7, log_every=3)
+    _quiet_train(RECIPE.replace(epochs=2, **operational), out, module_corpus, resume=True)
+    _assert_same_weights(_weights(out), _weights(tmp_path / "two"))
+    assert [r["valid_ppl"] for r in _epochs(out)] == [
+        r["valid_ppl"] for r in _epochs(tmp_path / "two")]
+    assert RunDir(out).read_config() == RECIPE.replace(epochs=2, **operational)
+    settings = [r for r in RunDir(out).read_metrics() if r["event"] == "settings"]
+    assert settings == [{"event": "settings", "epoch": 2, "step": checkpointed["step"],
+                         "changed": {"epochs": {"from": 1, "to": 2},
+                                     "checkpoint_minutes": {"from": 0.0, "to": 1.0},
+                                     "checkpoint_steps": {"from": 0, "to": 7},
+                                     "log_every": {"from": 0, "to": 3}}}]
+    steps = [r["step"] for r in RunDir(out).read_metrics() if r["event"] == "step"]
+    resumed = [step for step in steps if step > checkpointed["step"]]
+    assert resumed and all(step % 3 == 0 for step in resumed)
+
+
 # --------------------------------------------------------------------------- schedule
 
 
@@ -448,3 +477,33 @@ def test_the_progress_bar_counts_tokens_and_shows_the_step_records(tmp_path, tin
         later = shown[record["step"]:record["step"] + config.log_every - 1]
         assert all(shown_postfix == postfix for _, _, shown_postfix, _ in later)
     assert shown[0][2] is None  # nothing to show before the first record
+
+
+@pytest.mark.parametrize("name", ["small", "awd", "variational", "variational_batch", "zoneout"])
+def test_the_own_loop_is_set_up_exactly_for_models_that_run_it(name, monkeypatch):
+    """The set-up asks for the own loop's engine iff a training step or an evaluation of the
+    model then runs it (oracle: the engine requests the recurrence itself makes). The AWD
+    preset's weight drop keeps torch's fused kernel, so it needs no C++ build."""
+    from rnnreg.lm.model import LanguageModel
+    from rnnreg.nn import loops
+
+    requests = []
+    choose = loops.choose
+    monkeypatch.setattr(loops, "choose",
+                        lambda *args, **kwargs: requests.append(args) or choose(*args, **kwargs))
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    config = preset_config(name) if name in ("small", "awd") else RECIPE.replace(
+        strategy=name, strategy_p=0.5)
+    config = config.replace(hidden_size=8, device="cpu", **(
+        {"layer_sizes": (12, 8), "num_layers": 2} if config.layer_sizes else {}))
+    model = LanguageModel(20, config)
+    train_module._build_loops(model)
+    at_set_up, requests[:] = len(requests), []
+    ids = torch.randint(20, (6, 2))
+    model.train()
+    model(ids).logits.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert bool(at_set_up) == bool(requests)
+    assert name != "awd" or not requests

@@ -14,6 +14,7 @@ one-line errors, and the two commands (presets, download) too small for a module
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import textwrap
@@ -55,14 +56,39 @@ class _Parser(argparse.ArgumentParser):
     Subcommand parsers inherit the class, so every command behaves the same.
     """
 
+    # The command parsers by name (set on the top-level parser): whose flags to suggest from.
+    commands: dict[str, argparse.ArgumentParser] = {}
+
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"rnnreg: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        """argparse's, with "did you mean --hidden-size?" for a misspelled flag (Python 3.14's
+        ``suggest_on_error`` suggests only choices, and 3.11 has none)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(namespace, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}"
+                          f"{_suggestion(extras, command)}")
+        return namespace
+
+
+def _suggestion(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """" (did you mean --x?)" for the unknown flags of ``extras`` close to one of ``parser``'s
+    (difflib's similarity, as Python's own suggestions); empty where none is close."""
+    known = [name for action in parser._actions for name in action.option_strings
+             if name.startswith("--")]
+    close = [difflib.get_close_matches(extra.split("=", 1)[0], known, n=1, cutoff=0.75)
+             for extra in extras if extra.startswith("--")]
+    names = list(dict.fromkeys(match[0] for match in close if match))
+    return f" (did you mean {' and '.join(names)}?)" if names else ""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rnnreg", description="Regularized RNN language models (Zaremba et al. 2014).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = commands.choices
     training.add_commands(commands)
     scoring.add_commands(commands)
     study.add_commands(commands)

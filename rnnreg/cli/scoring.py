@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 
 import torch
 
@@ -249,6 +250,15 @@ def _unknown(ids: torch.Tensor, vocab) -> dict:
     return {"unk_tokens": count, "unk_share": count / max(ids.numel() - 1, 1)}
 
 
+def _most_frequent_unknown(tokens: list[str], vocab, shown: int = 5) -> str:
+    """The ``shown`` most frequent words of ``tokens`` not in ``vocab``, with their counts:
+    what to add to the training text, or what the text does not share with it."""
+    counts = Counter(token for token in tokens if token not in vocab)
+    words = ", ".join(f"{word!r} x{count:,}" for word, count in counts.most_common(shown))
+    more = f" and {len(counts) - shown:,} more words" if len(counts) > shown else ""
+    return f"most frequent: {words}{more}" if counts else f"{UNK} itself in the text"
+
+
 def _score_line(what: str, score, unknown: dict) -> str:
     return (f"{what} perplexity {score.perplexity:.2f} over {score.tokens:,} tokens "
             f"({unknown['unk_share']:.1%} {UNK}) in {score.seconds:.1f} s")
@@ -271,7 +281,8 @@ def _add_score(commands) -> None:
 def _score(args: argparse.Namespace) -> int:
     _check_dynamic_flags(args)
     model, vocab, config = load_model(args.run, weights=args.weights, device=args.device)
-    ids = vocab.encode(tokenize(read_text(args.file), config.level))
+    tokens = tokenize(read_text(args.file), config.level)
+    ids = vocab.encode(tokens)
     if ids.numel() < 2:
         raise DataError(f"{args.file} has fewer than two tokens: nothing to score")
     result = score_stream(model, ids, bptt=config.eval_bptt)
@@ -280,7 +291,8 @@ def _score(args: argparse.Namespace) -> int:
     if unknown["unk_share"] > _UNK_WARNING:
         print(f"rnnreg: warning: {unknown['unk_tokens']:,} of {result.tokens:,} tokens "
               f"({unknown['unk_share']:.1%}) are not in the run's vocabulary and were scored "
-              f"as {UNK}: the perplexity says little about this text", file=sys.stderr)
+              f"as {UNK} ({_most_frequent_unknown(tokens[1:], vocab)}): the perplexity says "
+              "little about this text", file=sys.stderr)
     dynamic = record = None
     if args.dynamic:
         # The training split (rms statistics) and the valid split (tuning) of the run's corpus.

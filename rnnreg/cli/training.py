@@ -28,11 +28,14 @@ from rnnreg.cli.flags import (
     flag_groups,
 )
 from rnnreg.lm import distributed
+from rnnreg.lm.config import RATE_STRATEGIES, Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb
 from rnnreg.lm.presets import PRESETS, budget_config, preset_config
+from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
+from rnnreg.lm.training.start import UnreadableLast
 from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["add_commands"]
@@ -74,7 +77,7 @@ def add_commands(commands) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    overrides = config_overrides(args)
+    overrides = _none_means_no_rate(config_overrides(args))
     named_preset = "preset" in args
     if args.budget_minutes is not None and named_preset:
         raise ValueError("--budget-minutes chooses the configuration itself (cpu-30min "
@@ -86,13 +89,18 @@ def _train(args: argparse.Namespace) -> int:
         config = _budget_config(args.budget_minutes, args.data_dir, overrides)
     elif args.resume and not named_preset and RunDir(out).exists():
         # Without --preset the command names only its flags: they are what must match.
-        config = RunDir(out).read_config().replace(**overrides)
+        config = _configured(RunDir(out).read_config(), overrides)
     else:
-        config = preset_config(getattr(args, "preset", _DEFAULT_PRESET)).replace(**overrides)
+        preset = getattr(args, "preset", _DEFAULT_PRESET)
+        config = _configured(preset_config(preset), overrides, f"the {preset} preset's")
     try:
         # Always resume: a rerun of the command continues its run, a first one starts it.
         summary = train(config, out, data_dir=args.data_dir, resume=True,
                         download=not args.no_download, progress=not args.no_progress)
+    except UnreadableLast as unreadable:
+        if unreadable.best is None:
+            raise
+        raise RunDirError(f"{unreadable}: {_from_best_command(unreadable, out)}") from unreadable
     except KeyboardInterrupt as stopped:
         if distributed.is_main():
             print(f"rnnreg: {stopped or 'interrupted'}", file=sys.stderr)
@@ -105,6 +113,27 @@ def _train(args: argparse.Namespace) -> int:
                 out, max_train_minutes=2 * config.max_train_minutes), file=sys.stderr)
         print(json.dumps(summary))
     return 0
+
+
+def _none_means_no_rate(overrides: dict) -> dict:
+    """``--strategy none`` without ``--dropout`` means no dropout, whatever rate the preset
+    gives its own strategy (``--preset medium --strategy none`` is medium's baseline)."""
+    if overrides.get("strategy") == "none" and "strategy_p" not in overrides:
+        return {**overrides, "strategy_p": 0.0}
+    return overrides
+
+
+def _configured(base: Config, overrides: dict, whose: str = "the run's") -> Config:
+    """``base`` with the flags' ``overrides``; a ``--dropout`` its strategy would ignore is
+    refused in flags' terms (Config refuses it too, naming its fields for Python callers)."""
+    strategy = overrides.get("strategy", base.strategy)
+    rate = overrides.get("strategy_p", base.strategy_p)
+    if strategy == "none" and rate > 0:
+        origin = "" if "strategy" in overrides else f" ({whose})"
+        raise ValueError(f"--dropout {rate:g} has no effect with strategy none{origin}, which "
+                         f"places no dropout: add --strategy NAME with a strategy that uses it "
+                         f"({', '.join(RATE_STRATEGIES)})")
+    return base.replace(**overrides)
 
 
 def _default_out(args: argparse.Namespace) -> str:
@@ -125,10 +154,20 @@ def _budget_config(minutes: float, data_dir, overrides: dict):
     """
     softmax = overrides.get("softmax")
     # Only the corpus settings of this first config count.
-    reading = budget_config(minutes, 2, softmax=softmax).replace(**overrides)
+    reading = _configured(budget_config(minutes, 2, softmax=softmax), overrides,
+                          "the budget rule's")
     corpus = Corpus.load(data_dir, reading.level, split_fractions=reading.split_fractions,
                          max_vocab=reading.max_vocab, min_count=reading.min_count)
     return budget_config(minutes, len(corpus.vocab), softmax=softmax).replace(**overrides)
+
+
+def _from_best_command(unreadable: UnreadableLast, out: str) -> str:
+    """The commands that keep the damaged ``last`` beside it, put a copy of ``best`` in its
+    place and continue the run from there."""
+    last, best = unreadable.last.resolve(), unreadable.best.resolve()
+    damaged = last.with_name(last.name + ".damaged")
+    return " && ".join([shlex.join(["mv", str(last), str(damaged)]),
+                        shlex.join(["cp", str(best), str(last)]), _resume_command(out)])
 
 
 def _resume_command(out: str, **raised: float) -> str:

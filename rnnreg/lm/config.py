@@ -21,8 +21,8 @@ from rnnreg.nn.functional import (
 from rnnreg.nn.layers import LAYERS
 from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES, check_recurrent_mask
 
-__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "SOFTMAXES", "Config",
-           "flag"]
+__all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "RATE_STRATEGIES",
+           "RESUME_RULES", "SOFTMAXES", "Config", "flag", "on_resume"]
 
 CELLS = tuple(LAYERS)  # "lstm", "gru", "rnn"
 LEVELS = ("word", "char")
@@ -30,18 +30,37 @@ OPTIMIZERS = ("sgd", "asgd")
 LR_SCHEDULES = ("step", "cosine")
 PRECISIONS = ("float32", "bfloat16")
 SOFTMAXES = ("full", "adaptive")
+# The strategies that use the rate strategy_p: every one but "none".
+RATE_STRATEGIES = tuple(name for name in STRATEGIES if name != "none")
+
+
+# What a resume may do to a field (:func:`on_resume`): "keep" it (it says what is trained, on
+# what data, how: a change would train another model under the run's name), change it freely
+# ("change": how the run is saved and logged, which no weight depends on), or only "raise" it
+# (the budget: more epochs or minutes extend the same run).
+RESUME_RULES = ("keep", "change", "raise")
 
 
 def _option(default: Any, group: str, help: str, metavar: str | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, on_resume: str = "keep") -> Any:
     """A field's default and its command-line flag: the flag's one line of help, its group in
     ``rnnreg train --help`` (a key of ``rnnreg.cli.flags.GROUPS``), the name its value has in
-    that help (``metavar``) and the values it takes.
+    that help (``metavar``) and the values it takes; and what a resume may do to it (a value
+    of :data:`RESUME_RULES`).
 
     Held by the field itself, so the flag (:mod:`rnnreg.cli.flags`) cannot drift from the field.
     """
+    if on_resume not in RESUME_RULES:
+        raise ValueError(f"on_resume must be one of {', '.join(RESUME_RULES)}; got {on_resume!r}")
     return dataclasses.field(default=default, metadata={
-        "group": group, "help": help, "metavar": metavar, "choices": choices})
+        "group": group, "help": help, "metavar": metavar, "choices": choices,
+        "on_resume": on_resume})
+
+
+def on_resume(rule: str) -> tuple[str, ...]:
+    """The names of the Config fields a resume may treat by ``rule`` (see
+    :data:`RESUME_RULES`): the one place that says which settings define a run."""
+    return tuple(f.name for f in fields(Config) if f.metadata["on_resume"] == rule)
 
 
 @dataclass(frozen=True)
@@ -141,7 +160,8 @@ class Config:
     bptt: int = _option(20, "optimization", "T unrolled steps per window", "T")
     # AWD: the window length is drawn around bptt each step.
     variable_bptt: bool = _option(False, "optimization", "random window lengths around T (AWD)")
-    epochs: int = _option(13, "schedule", "N passes over the training split", "N")  # paper: small
+    epochs: int = _option(13, "schedule", "N passes over the training split", "N",  # paper: small
+                          on_resume="raise")
     lr: float = _option(1.0, "optimization", "learning rate LR", "LR")  # the paper's plain SGD
     # "step": the paper's per-epoch decay; "cosine": see lr_at.
     lr_schedule: str = _option("step", "schedule", "step: decay per epoch; cosine: anneal to 0",
@@ -179,14 +199,16 @@ class Config:
     valid_batch_size: int = _option(1, "evaluation",
                                     "valid in B streams: 1 = exact, more = faster", "B")
     checkpoint_minutes: float = _option(5.0, "run", "checkpoint every M minutes; 0 = epoch ends",
-                                        "M")
+                                        "M", on_resume="change")
     # Used by the resume tests.
-    checkpoint_steps: int = _option(0, "run", "also checkpoint every N steps; 0 = off", "N")
+    checkpoint_steps: int = _option(0, "run", "also checkpoint every N steps; 0 = off", "N",
+                                    on_resume="change")
     max_train_minutes: float = _option(
-        0.0, "schedule", "stop after M minutes of training; 0 = never", "M")
+        0.0, "schedule", "stop after M minutes of training; 0 = never", "M", on_resume="raise")
     # A "step" record (train loss, tokens/s, lr) every log_every windows; 0 = about every 30 s
     # of training, so curves exist long before the first epoch ends.
-    log_every: int = _option(0, "run", "metrics record every N windows; 0 = ~30 s", "N")
+    log_every: int = _option(0, "run", "metrics record every N windows; 0 = ~30 s", "N",
+                             on_resume="change")
 
     def __post_init__(self) -> None:
         _check_choice("cell", self.cell, CELLS)
@@ -209,6 +231,10 @@ class Config:
         self._check_recurrent_mask()
         self._check_adaptive()
         check_probability(f"strategy_p ({flag('strategy_p')})", self.strategy_p)
+        if self.strategy == "none" and self.strategy_p > 0:  # else a rate that silently drops
+            raise ValueError(f"strategy_p={self.strategy_p:g} has no effect with strategy="
+                             f"'none', which places no dropout: choose a strategy that uses it "
+                             f"({', '.join(RATE_STRATEGIES)}), or strategy_p=0")
         for name in ("embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)

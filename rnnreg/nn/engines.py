@@ -23,7 +23,7 @@ from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.recurrence import recurrence
 
 __all__ = ["FUSED", "call_weights", "engine_for", "fused_layer", "layer_zoneout", "needs_own_loop",
-           "own_loop_layer", "per_row"]
+           "options_need_own_loop", "own_loop_layer", "per_row"]
 
 # torch's fused kernel (cuDNN on GPU, oneDNN on CPU), as engine_for names it; the own loop's
 # engines are named by rnnreg.nn.loops.
@@ -72,17 +72,34 @@ def needs_own_loop(module: nn.Module, masks: DropoutMasks | None = None, *,
     Placements combine: a layer runs its own loop if any of its masks needs it.
 
     ``masks``: those of one call (as a layer's ``forward_with_masks`` takes them); None = the masks
-    a forward of ``module`` in its present mode would sample. ``layer``: one layer's engine;
+    a forward of ``module`` in its present mode would sample, judged from its options
+    (:func:`options_need_own_loop`) without drawing them. ``layer``: one layer's engine;
     None = the stack's (the own loop if any layer runs it). ``module`` is an rnnreg layer or
     :class:`rnnreg.StackedRNN`.
     """
     if masks is None:
-        if not module.training:  # evaluation: no dropout, zoneout at its expectation
-            return module.zoneout_hidden > 0 or module.zoneout_cell > 0
-        masks = module.sample_masks(1, 2)  # two rows tell a per-row mask from a shared one
+        return options_need_own_loop(
+            training=module.training, recurrent_dropout=module.recurrent_dropout,
+            recurrent_mask=module.recurrent_mask, zoneout_hidden=module.zoneout_hidden,
+            zoneout_cell=module.zoneout_cell)
     layers = range(len(masks.recurrent)) if layer is None else (layer,)
     return any(per_row(masks.recurrent[k]) or layer_zoneout(masks, k) is not None
                for k in layers)
+
+
+def options_need_own_loop(*, training: bool = True, recurrent_dropout: float = 0.0,
+                          recurrent_mask: str = "sequence", zoneout_hidden: float = 0.0,
+                          zoneout_cell: float = 0.0) -> bool:
+    """:func:`needs_own_loop` for the masks a layer with these options samples, read from
+    the options alone: asking draws nothing, so it never moves torch's random state.
+
+    A recurrent mask differs by row when it is drawn per sequence or per step (anything but
+    ``recurrent_mask="batch"``); zoneout keeps h(t-1) per row, and runs in evaluation too (at
+    its expectation). The other placements (``dropout``, ``weight_dropout``, ...) and
+    ``variational`` keep the fused kernel whatever their values.
+    """
+    per_row_recurrent = training and recurrent_dropout > 0 and recurrent_mask != "batch"
+    return per_row_recurrent or zoneout_hidden > 0 or zoneout_cell > 0
 
 
 def layer_zoneout(masks: DropoutMasks, layer: int):

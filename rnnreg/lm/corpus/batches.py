@@ -25,6 +25,7 @@ from rnnreg.lm.corpus.sources import (
     check_ptb,
     corpus_files,
     md5sum,
+    named_origin,
     read_text,
     resolve_data_dir,
 )
@@ -77,30 +78,31 @@ class Corpus:
         """
         check_level(level)
         directory = resolve_data_dir(data_dir)
-        files = corpus_files(directory)
-        # Empty and non-UTF-8 files get their own errors before any checksum is compared.
-        texts = {role: read_text(path) for role, path in files.items()}
-        if "text" in files:
-            tokens = _cut(files["text"], texts["text"], level, split_fractions)
-        else:
-            tokens = {name: tokenize(texts[name], level) for name in files}
-        for name, split_tokens in tokens.items():
-            _check_not_empty(name, files.get(name, files.get("text")), split_tokens)
-        source = _describe(directory, files, split_fractions)
-        if recorded is not None:
-            _check_unchanged(recorded, source, files)
-        notes = list(check_ptb(directory, files))
-        if "text" in files:
-            notes.append(_cut_note(files["text"], tokens, split_fractions))
-        if vocab is None:
-            vocab = build_vocabulary(tokens["train"], max_vocab=max_vocab, min_count=min_count)
-        encoded = {name: _encode_split(vocab, name, files.get(name, files.get("text")), toks)
-                   for name, toks in tokens.items()}
-        encoded.setdefault("test", None)
-        if encoded["test"] is None:
-            notes.append(f"{directory} has no test split (test.txt): the run will skip the "
-                         "test score")
-        return cls(vocab=vocab, level=level, source=source, notes=tuple(notes), **encoded)
+        with named_origin(data_dir):  # a path from $RNNREG_DATA says so in its errors
+            files = corpus_files(directory)
+            # Empty and non-UTF-8 files get their own errors before any checksum is compared.
+            texts = {role: read_text(path) for role, path in files.items()}
+            if "text" in files:
+                tokens = _cut(files["text"], texts["text"], level, split_fractions)
+            else:
+                tokens = {name: tokenize(texts[name], level) for name in files}
+            for name, split_tokens in tokens.items():
+                _check_not_empty(name, files.get(name, files.get("text")), split_tokens)
+            source = _describe(directory, files, split_fractions)
+            if recorded is not None:
+                _check_unchanged(recorded, source, files)
+            notes = list(check_ptb(directory, files))
+            if "text" in files:
+                notes.append(_cut_note(files["text"], tokens, split_fractions))
+            if vocab is None:
+                vocab = build_vocabulary(tokens["train"], max_vocab=max_vocab, min_count=min_count)
+            encoded = {name: _encode_split(vocab, name, files.get(name, files.get("text")), toks)
+                       for name, toks in tokens.items()}
+            encoded.setdefault("test", None)
+            if encoded["test"] is None:
+                notes.append(f"{directory} has no test split (test.txt): the run will skip the "
+                             "test score")
+            return cls(vocab=vocab, level=level, source=source, notes=tuple(notes), **encoded)
 
     def split(self, name: str) -> Tensor:
         """The encoded split called ``name``, for callers that take the split as a string."""

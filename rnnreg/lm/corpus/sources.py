@@ -11,6 +11,7 @@ what to do about it, because these errors are read by people at a command line, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -25,8 +26,8 @@ from tqdm import tqdm
 
 __all__ = ["DATA_ENV", "DOWNLOAD_MARKER", "PTB_MD5", "PTB_URL", "SPLITS", "DataError", "PathArg",
            "check_ptb", "corpus_files", "default_data_dir", "download_ptb", "ensure_ptb",
-           "md5sum", "ptb_available", "read_text", "resolve_data_dir", "split_files",
-           "verify_ptb"]
+           "md5sum", "named_origin", "ptb_available", "read_text", "resolve_data_dir",
+           "split_files", "verify_ptb"]
 
 PathArg = str | os.PathLike[str]
 
@@ -102,6 +103,21 @@ def resolve_data_dir(data_dir: PathArg | None) -> Path:
     if from_env:
         return Path(from_env).expanduser()
     return default_data_dir()
+
+
+@contextlib.contextmanager
+def named_origin(data_dir: PathArg | None) -> Iterator[None]:
+    """Add to a :class:`DataError` raised inside that its path came from ``$RNNREG_DATA``
+    when ``data_dir`` is None and the variable is set: a directory the user did not type in
+    this command is otherwise hard to trace back."""
+    from_env = os.environ.get(DATA_ENV) if data_dir is None else None
+    try:
+        yield
+    except DataError as error:
+        if not from_env:
+            raise
+        raise DataError(f"{error} (the data path {from_env} came from the environment "
+                        f"variable {DATA_ENV}: change or unset it)") from error
 
 
 def split_files(data_dir: PathArg) -> dict[str, Path]:

@@ -50,7 +50,7 @@ from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.loss import activation_penalties, summed_loss
 from rnnreg.lm.training.resume import Checkpoints, Progress, StopRequests, seed_everything
 from rnnreg.lm.training.start import Start, after_write_error, start_run
-from rnnreg.nn import loops
+from rnnreg.nn.engines import engine_for
 
 __all__ = ["TrainingDiverged", "train"]
 
@@ -67,10 +67,12 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
     ``resume=True`` continues the run in ``out`` where it stopped, so one call (and one command
     line) serves the first launch and every restart: with no run in ``out`` yet it starts one.
     Nothing passed is ignored: ``config`` must equal the saved config except that ``epochs``
-    and ``max_train_minutes`` may be raised to extend the run (``config=None`` takes the saved
-    one), and ``data_dir`` (default: the corpus recorded in the run) must hold the same files,
-    by MD5, as when the run was trained. ``download`` fetches PTB into the cache when no
-    corpus is given anywhere (no ``data_dir``, no ``$RNNREG_DATA``) and the cache has none.
+    and ``max_train_minutes`` may be raised to extend the run and the operational settings
+    (checkpoint cadence, logging: :func:`rnnreg.lm.config.on_resume`) may change, both recorded
+    in the run (``config=None`` takes the saved one), and ``data_dir`` (default: the corpus
+    recorded in the run) must hold the same files, by MD5, as when the run was trained.
+    ``download`` fetches PTB into the cache when no corpus is given anywhere (no ``data_dir``,
+    no ``$RNNREG_DATA``) and the cache has none.
 
     ``progress`` shows a live bar per epoch; ``verbose`` prints one line per epoch.
     ``on_step`` is called with the global step after every optimizer step (progress hooks and
@@ -125,7 +127,7 @@ class _Trainer:
         self._unsettled: list[_Window] = []  # trained windows whose losses are not read yet
         self.logbook = Logbook(run, enabled=world.is_main, log_every=config.log_every)
         self.checkpoints = Checkpoints(run, world, config, self.logbook, self.verbose)
-        _build_loops(config, self.device)
+        _build_loops(self.model)
 
     @property
     def saved_step(self) -> int | None:
@@ -344,14 +346,12 @@ def _seeded_model(config: Config, vocab_size: int, world: World,
     return model, world.wrap(model)
 
 
-def _build_loops(config: Config, device: torch.device) -> None:
-    """Choose the own recurrence's engine now, if this run may use it, so that its set-up (the
+def _build_loops(model: LanguageModel) -> None:
+    """Set up the own recurrence's engine now, if the model runs it, so that its set-up (the
     C++ build on a CPU, tens of seconds once per machine; importing Triton on a GPU) is not
-    counted as training time."""
-    options = config.layer_options()
-    inside = ("recurrent_dropout", "weight_dropout", "zoneout_hidden", "zoneout_cell")
-    if any(options.get(name) for name in inside):
-        loops.choose(device, loops.requested())
+    counted as training time. Asked in training mode, which covers evaluation: only zoneout
+    runs the own loop there, and it does in training too."""
+    engine_for(model.rnn)
 
 
 def _fraction_done(config: Config, progress: Progress, rows: int) -> float:

@@ -31,18 +31,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rnnreg.lm.config import Config, flag
+from rnnreg.lm.config import Config, flag, on_resume
 from rnnreg.lm.distributed import World
 from rnnreg.lm.model import LanguageModel, map_state
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.metrics import Logbook
 from rnnreg.lm.training.asgd import NTASGD
 
-__all__ = ["EXTENDABLE", "Checkpoints", "Progress", "StopRequests", "resumed_config",
-           "seed_everything"]
+__all__ = ["EXTENDABLE", "OPERATIONAL", "Checkpoints", "Progress", "StopRequests",
+           "changed_settings", "resumed_config", "seed_everything"]
 
-# The fields a resume may raise to extend a run; every other field must equal the saved one.
-EXTENDABLE = ("epochs", "max_train_minutes")
+# The fields a resume may raise to extend a run, and those it may change freely (how the run
+# is saved and logged); every other field must equal the saved one (Config's field metadata).
+EXTENDABLE = on_resume("raise")
+OPERATIONAL = on_resume("change")
 
 
 @dataclass
@@ -103,17 +105,19 @@ def _set_rng_states(states: dict) -> None:
 
 def resumed_config(saved: Config, wanted: Config) -> Config:
     """The config a resume continues with: ``saved``, with ``epochs``/``max_train_minutes``
-    raised to ``wanted``'s.
+    raised to ``wanted``'s and the operational settings (checkpoint cadence, logging) taken
+    from ``wanted``.
 
     Rerunning the command that started a run (with ``--resume``) must be accepted, so equal
-    settings are fine; a setting that differs would train a different model under the old
-    name, so it is refused, every difference named in one line.
+    settings are fine; a setting that defines the run and differs would train a different model
+    under the old name, so it is refused, every difference named in one line.
     """
     differences = []
     for config_field in dataclasses.fields(Config):
         name = config_field.name
         have, want = getattr(saved, name), getattr(wanted, name)
-        if have == want or (name in EXTENDABLE and _raised(name, have, want)):
+        if (have == want or name in OPERATIONAL
+                or (name in EXTENDABLE and _raised(name, have, want))):
             continue
         note = " (it may only be raised)" if name in EXTENDABLE else ""
         differences.append(f"{flag(name)}: run has {_shown(have)}, "
@@ -121,7 +125,15 @@ def resumed_config(saved: Config, wanted: Config) -> Config:
     if differences:
         raise ValueError("the run was started with other settings: " + "; ".join(differences)
                          + " (a resumed run keeps them; use another --out for a new run)")
-    return saved.replace(**{name: getattr(wanted, name) for name in EXTENDABLE})
+    return saved.replace(**{name: getattr(wanted, name) for name in EXTENDABLE + OPERATIONAL})
+
+
+def changed_settings(saved: Config, resumed: Config) -> dict[str, dict]:
+    """What a resume changed, field by field (``{"from": old, "to": new}``), for the run's
+    records."""
+    return {name: {"from": getattr(saved, name), "to": getattr(resumed, name)}
+            for name in EXTENDABLE + OPERATIONAL
+            if getattr(saved, name) != getattr(resumed, name)}
 
 
 def _raised(name: str, have: float, want: float) -> bool:

@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
-from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb, missing_directories, remove_empty
@@ -26,9 +25,10 @@ from rnnreg.lm.distributed import World
 from rnnreg.lm.rundir.files import RunDirError, WriteError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
-from rnnreg.lm.training.resume import resumed_config
+from rnnreg.lm.training.console import where
+from rnnreg.lm.training.resume import Progress, changed_settings, resumed_config
 
-__all__ = ["Start", "after_write_error", "start_run"]
+__all__ = ["Start", "UnreadableLast", "after_write_error", "start_run"]
 
 
 class Start(NamedTuple):
@@ -51,7 +51,7 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
     """Open (or create) the run and load its corpus: everything before the first step."""
     # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
     config, vocab, checkpoint, recorded = world.from_main(
-        lambda: _open_run(run, held, config, resume, world.size, verbose))
+        lambda: _open_run(run, held, config, resume, world.size))
     if data_dir is None and recorded is not None:
         data_dir = recorded["data_dir"]
     elif data_dir is None and download:
@@ -62,16 +62,27 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
     # Only once the data loaded, so a failed start leaves no half-made or half-extended run.
     if vocab is None:
         world.from_main(lambda: _create_run(run, config, corpus, world.size))
+        if resume and verbose and world.is_main:  # said only once the data has been read
+            tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
     else:
-        world.from_main(lambda: _record_extension(run, config))
+        world.from_main(lambda: _record_extension(run, config, checkpoint))
     return Start(config, corpus, checkpoint,
                  start_over=checkpoint is None and vocab is not None)
 
 
-def _record_extension(run: RunDir, config: Config) -> None:
-    """A resume that raised --epochs or --max-train-minutes: later resumes and reports see it."""
-    if run.read_config() != config:
-        run.replace_config(config)
+def _record_extension(run: RunDir, config: Config, checkpoint: dict | None) -> None:
+    """A resume that raised the budget or changed how the run is saved or logged: later
+    resumes and reports see it in config.json, and metrics.jsonl says from which step on
+    (a ``settings`` record at the step of the checkpoint it continues from, which later
+    resumes keep)."""
+    saved = run.read_config()
+    if saved == config:
+        return
+    run.replace_config(config)
+    if checkpoint is not None:  # else the run starts over, with a cleared history
+        progress = checkpoint["progress"]
+        run.append_metrics({"event": "settings", "epoch": progress["epoch"],
+                            "step": progress["step"], "changed": changed_settings(saved, config)})
 
 
 def _lock(run: RunDir, held: contextlib.ExitStack) -> None:
@@ -103,8 +114,7 @@ def _undo_unstarted(run: RunDir, made: list[Path]):
 
 
 def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
-              world_size: int, verbose: bool
-              ) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
+              world_size: int) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
     """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint
     and recorded corpus.
 
@@ -122,18 +132,60 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
         config = saved if config is None else resumed_config(saved, config)
         vocab, recorded = run.read_vocab(), run.read_corpus()
         # With no checkpoint yet, the run restarts from its saved config and vocabulary.
-        checkpoint = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+        checkpoint = _read_last(run) if run.has_checkpoint("last") else None
     elif config is None:
         raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
                           "to start a new run")
-    elif resume and verbose and distributed.is_main():
-        tqdm.write(f"no run in {run.path.resolve()} yet: starting a new one")
     if config.batch_size % world_size:
         raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
                          f"{world_size}: each process trains B / world size whole streams")
     if checkpoint is not None:
         _check_ranks(run, checkpoint, world_size)
     return config, vocab, checkpoint, recorded
+
+
+class UnreadableLast(RunDirError):
+    """The checkpoint ``last`` of a run being resumed cannot be read.
+
+    ``best`` is the path of the checkpoint ``best`` where that holds a whole training state to
+    continue from (None otherwise), and ``best_at`` where it stands ("after epoch 3"): the
+    caller can offer to continue from there. Nothing is replaced here, so the damaged file stays
+    for the user to inspect, and continuing from ``best`` (which drops the training after it) is
+    the user's choice, not a silent fall-back.
+    """
+
+    def __init__(self, message: str, last: Path, best: Path | None, best_at: str | None):
+        super().__init__(message)
+        self.last, self.best, self.best_at = last, best, best_at
+
+
+def _read_last(run: RunDir) -> dict:
+    """The checkpoint ``last``, or :class:`UnreadableLast` saying whether ``best`` can stand in."""
+    try:
+        return run.load_checkpoint("last")
+    except RunDirError as error:
+        best, best_at = _resumable_best(run)
+        if best is None:
+            advice = ("and no best checkpoint holds a whole training state to continue from: "
+                      "train the run again into another directory")
+        else:
+            advice = (f"the best checkpoint holds the whole training state {best_at}: to "
+                      "continue from there, put the damaged file aside, copy the best "
+                      "checkpoint in its place and resume")
+        raise UnreadableLast(f"{error}; {advice}", run.checkpoint_path("last"), best,
+                             best_at) from error
+
+
+def _resumable_best(run: RunDir) -> tuple[Path | None, str | None]:
+    """``best``'s path and where it stands, if it is a readable, whole training state (a copy
+    of an epoch's ``last``; the averaged weights NT-ASGD or the EMA leave there are not)."""
+    try:
+        tree = run.load_checkpoint("best") if run.has_checkpoint("best") else None
+    except RunDirError:
+        return None, None
+    if tree is None or not {"progress", "optimizer", "rng", "hidden"} <= tree.keys():
+        return None, None
+    return run.checkpoint_path("best"), where(Progress(**tree["progress"]))
 
 
 def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
