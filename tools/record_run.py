@@ -1,8 +1,8 @@
 """Copy a finished run's record into ``results/NAME``: config, metrics, log and a README.
 
 Weights stay out of the repository (they are tens of MB); everything needed to read and audit
-the numbers goes in, and the README's table is generated from ``metrics.jsonl`` so no number is
-typed by hand.
+the numbers goes in, with this machine's folders rewritten by ``redact_paths``, and the
+README's table is generated from ``metrics.jsonl`` so no number is typed by hand.
 
     python tools/record_run.py runs/ptb-small results/ptb-small \
         --command "rnnreg train --preset small --out runs/ptb-small" --log runs/ptb-small.log
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
+
+from redact_paths import redact
 
 from rnnreg.lm.presets import PRESETS
 from rnnreg.lm.rundir.layout import RunDir
@@ -63,10 +64,11 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     saved, config = run.read_record(), run.read_config()
     records = run.read_metrics()
-    shutil.copy(run.config_path, dest / "config.json")
-    shutil.copy(run.metrics_path, dest / "metrics.jsonl")
+    copies = [(run.config_path, "config.json"), (run.metrics_path, "metrics.jsonl")]
     if args.log:
-        shutil.copy(args.log, dest / "train.log")
+        copies.append((Path(args.log), "train.log"))
+    for source, name in copies:  # a record names no folder of this machine
+        (dest / name).write_text(redact(source.read_text(encoding="utf-8")), encoding="utf-8")
     paper = PRESETS[args.preset].paper if args.preset else {}
     machine = json.dumps(saved.get("machine", {}), sort_keys=True)
     readme = "\n\n".join(part for part in [

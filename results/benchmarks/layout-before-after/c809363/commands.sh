@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Before (1b250d8) and after (main HEAD) benchmarks, alternating, idle machine.
 set -u
-out=/work/notes/bench/final
-after=$(cd /work/main && git rev-parse --short HEAD)
+out=notes/bench/final
+after=$(cd . && git rev-parse --short HEAD)
 echo "after=$after before=1b250d8 date=$(date -u +%FT%TZ)" > $out/machine.txt
 lscpu | sed -n 's/^Model name: *//p' >> $out/machine.txt
-b() { (cd /work/before && PYTHONPATH=/work/before python3 "$@"); }
-a() { (cd /work/main && PYTHONPATH=/work/main python3 "$@"); }
+b() { (cd before && PYTHONPATH=before python3 "$@"); }
+a() { (cd . && PYTHONPATH=. python3 "$@"); }
 for i in 1 2; do
   b benchmarks/train.py --shapes small --windows 100 --repeats 5 > $out/train-small-1b250d8-$i.md 2>&1
   a benchmarks/train.py --shapes small --windows 100 --repeats 5 > $out/train-small-$after-$i.md 2>&1

@@ -10,7 +10,7 @@ try:
 except ImportError:
     from rnnreg.train import train
     from rnnreg.presets import preset_config
-exec(open("/work/notes/bench/corpus.py").read())
+exec(open("notes/bench/corpus.py").read())
 config = preset_config("small").replace(epochs=1, eval_bptt=200, checkpoint_minutes=0)
 log = []
 class Rec(TorchDispatchMode):
