@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnreg.nn.loops import triton_fused
+
 __all__ = ["GraphCache", "LOOPS", "interpreted"]
 
 _BLOCK = 512  # elements of the (B, H) state per program
@@ -467,7 +469,7 @@ class GraphCache:
     def _run(self, name, loop, args, device):
         if not self.usable(device) or torch.cuda.is_current_stream_capturing():
             return loop(*args)
-        key = (name, device, _matmul_settings(), *(_signature(a) for a in args))
+        key = (name, loop, device, _matmul_settings(), *(_signature(a) for a in args))
         entry = self.entries.get(key)
         if entry is not None:
             self.entries.move_to_end(key)
@@ -575,10 +577,11 @@ GRAPHS = GraphCache()
 
 
 def _graphed(name):
-    loop = getattr(_STEPS, name)
-
+    # The one place the step is chosen, per call (RNNREG_TRITON_STEP): the two-kernel step
+    # above, or one kernel per step (rnnreg.nn.loops.triton_fused).
     def call(*args):
-        return GRAPHS.run(name, loop, args)
+        steps = triton_fused.LOOPS if triton_fused.requested() == "fused" else _STEPS
+        return GRAPHS.run(name, getattr(steps, name), args)
 
     call.__name__ = name
     call.__doc__ = f"``{name}`` (the Python twin's signature), as a CUDA graph where it can be."
