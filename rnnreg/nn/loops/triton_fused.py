@@ -99,7 +99,9 @@ def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
 def _product(src, w, gate, rows, cols, B, H, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     # Columns gate*H + cols of src (B, H) @ W_hh^T, W_hh (G*H, H) row-major: (BLOCK_B, BLOCK_J).
-    acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    # tl.full, not tl.zeros: Triton's standard-library functions are jit functions, which its
+    # interpreter cannot call when Triton was imported before the interpreter was turned on.
+    acc = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
     w_rows = (gate * H + cols)[None, :] * H
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -115,7 +117,7 @@ def _product(src, w, gate, rows, cols, B, H, BLOCK_B: tl.constexpr, BLOCK_J: tl.
 def _product_back(d_pre, w, rows, cols, B, H, K, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     # Columns cols of d_pre (B, K) @ W_hh (K, H): dL/d(m * h) of this tile.
-    acc = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+    acc = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         d = tl.load(d_pre + rows[:, None] * K + ks[None, :],
