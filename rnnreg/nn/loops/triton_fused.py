@@ -96,21 +96,37 @@ def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
-def _product(src, w, gate, rows, cols, B, H, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    # Columns gate*H + cols of src (B, H) @ W_hh^T, W_hh (G*H, H) row-major: (BLOCK_B, BLOCK_J).
+def _w_t(w, gate, cols, ks, H):
+    # The (BLOCK_K, BLOCK_J) tile of W_hh^T at inputs ks and columns gate*H + cols; W_hh is
+    # (G*H, H), row-major.
+    return tl.load(w + (gate * H + cols)[None, :] * H + ks[:, None],
+                   mask=(ks[:, None] < H) & (cols[None, :] < H), other=0.0)
+
+
+@triton.jit
+def _products(src, w, rows, cols, B, H, G: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+              WIDEN: tl.constexpr):
+    # Columns k*H + cols, k < G, of src (B, H) @ W_hh^T, each (BLOCK_B, BLOCK_J), in one pass
+    # over the inputs: each slice of src is loaded once for all gates (those past G stay 0).
     # tl.full, not tl.zeros: Triton's standard-library functions are jit functions, which its
     # interpreter cannot call when Triton was imported before the interpreter was turned on.
-    acc = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
-    w_rows = (gate * H + cols)[None, :] * H
+    a0 = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
+    a1 = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
+    a2 = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
+    a3 = tl.full((BLOCK_B, BLOCK_J), 0.0, tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(src + rows[:, None] * H + ks[None, :],
                     mask=(rows[:, None] < B) & (ks[None, :] < H), other=0.0)
-        wt = tl.load(w + w_rows + ks[:, None], mask=(ks[:, None] < H) & (cols[None, :] < H),
-                     other=0.0)
-        acc = _dot(x, wt, acc, PRECISION, WIDEN)
-    return acc
+        a0 = _dot(x, _w_t(w, 0, cols, ks, H), a0, PRECISION, WIDEN)
+        if G > 1:
+            a1 = _dot(x, _w_t(w, 1, cols, ks, H), a1, PRECISION, WIDEN)
+        if G > 2:
+            a2 = _dot(x, _w_t(w, 2, cols, ks, H), a2, PRECISION, WIDEN)
+        if G > 3:
+            a3 = _dot(x, _w_t(w, 3, cols, ks, H), a3, PRECISION, WIDEN)
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -168,16 +184,13 @@ def _lstm_forward_step(src, w, p, hs, cs, acts, tanh_c, h_in, mask, mask_step, z
                        PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     rows, cols, offs, live = _tile(B, H, BLOCK_B, BLOCK_J)
     state = t * B * H + offs
-    x = src + t * B * H
     gate = t * B * 4 * H + rows[:, None] * 4 * H + cols[None, :]
-    i = _sigmoid(_product(x, w, 0, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION,
-                          WIDEN) + _load(p, gate, live))
-    f = _sigmoid(_product(x, w, 1, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION,
-                          WIDEN) + _load(p, gate + H, live))
-    g = _tanh(_product(x, w, 2, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION,
-                       WIDEN) + _load(p, gate + 2 * H, live))
-    o = _sigmoid(_product(x, w, 3, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION,
-                          WIDEN) + _load(p, gate + 3 * H, live))
+    a_i, a_f, a_g, a_o = _products(src + t * B * H, w, rows, cols, B, H, 4, BLOCK_B, BLOCK_J,
+                                   BLOCK_K, PRECISION, WIDEN)
+    i = _sigmoid(a_i + _load(p, gate, live))
+    f = _sigmoid(a_f + _load(p, gate + H, live))
+    g = _tanh(a_g + _load(p, gate + 2 * H, live))
+    o = _sigmoid(a_o + _load(p, gate + 3 * H, live))
     tl.store(acts + gate, i, mask=live)
     tl.store(acts + gate + H, f, mask=live)
     tl.store(acts + gate + 2 * H, g, mask=live)
@@ -209,11 +222,9 @@ def _gru_forward_step(src, w, b_hh, p, hs, rec, rz, n_out, h_in, mask, mask_step
                       PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     rows, cols, offs, live = _tile(B, H, BLOCK_B, BLOCK_J)
     state = t * B * H + offs
-    x = src + t * B * H
     gate = t * B * 3 * H + rows[:, None] * 3 * H + cols[None, :]
-    a_r = _product(x, w, 0, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION, WIDEN)
-    a_z = _product(x, w, 1, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION, WIDEN)
-    a_n = _product(x, w, 2, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION, WIDEN)
+    a_r, a_z, a_n, _ = _products(src + t * B * H, w, rows, cols, B, H, 3, BLOCK_B, BLOCK_J,
+                                 BLOCK_K, PRECISION, WIDEN)
     if HAS_BIAS:  # b_hh: b_hn stays inside r * (W_hn h + b_hn)
         a_r += tl.load(b_hh + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
         a_z += tl.load(b_hh + H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
@@ -247,8 +258,9 @@ def _elman_forward_step(src, w, p, hs, candidates, h_in, mask, mask_step, zone, 
                         PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     rows, cols, offs, live = _tile(B, H, BLOCK_B, BLOCK_J)
     state = t * B * H + offs
-    a = _product(src + t * B * H, w, 0, rows, cols, B, H, BLOCK_B, BLOCK_J, BLOCK_K, PRECISION,
-                 WIDEN) + _load(p, state, live)
+    a, _, _, _ = _products(src + t * B * H, w, rows, cols, B, H, 1, BLOCK_B, BLOCK_J, BLOCK_K,
+                           PRECISION, WIDEN)
+    a += _load(p, state, live)
     if RELU:
         h = tl.maximum(a, 0.0)
     else:
