@@ -6,7 +6,8 @@ in ``rnnreg.nn.loops.python``; equations in ``rnnreg.nn.recurrence``):
 
 * Forward, step t: each program owns a tile of ``BLOCK_B`` batch rows by ``BLOCK_J`` hidden
   units j, and for every gate k computes its columns ``k*H + j`` of the recurrent product
-  ``(m * h(t-1)) W_hh^T`` with ``tl.dot``, looping over the H inputs in ``BLOCK_K`` slices. All
+  ``(m * h(t-1)) W_hh^T`` with ``tl.dot``, in one pass over the H inputs in ``BLOCK_K`` slices
+  (each slice of the state loaded once for all gates). All
   gates of its units are then in registers, so the epilogue adds the projected input (and the
   GRU's b_hh), applies the gates, updates c and h, applies zoneout and the length freeze, and
   stores what the elementwise kernel of the two-kernel step stores: the activations the backward
