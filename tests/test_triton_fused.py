@@ -259,10 +259,24 @@ def test_graphs_of_the_two_steps_are_kept_apart(fused, monkeypatch):
 def test_a_loop_beyond_32_bit_offsets_is_a_clear_error():
     """The fused kernels address a loop's (T + 1, B, G*H) buffers with 32-bit offsets: a loop
     too large for them is refused before any launch, one element less is not."""
+    like = torch.empty(0)
     with pytest.raises(ValueError, match="32-bit offsets"):
-        triton_fused._launch(2**5 - 1, 2**10, 4, 2**14, torch.float32)
-    grid, tiles = triton_fused._launch(2**5 - 1, 2**10, 4, 2**14 - 1, torch.float32)
-    assert grid == (2**10 // tiles["BLOCK_B"], -(-(2**14 - 1) // tiles["BLOCK_J"]))
+        triton_fused._launch(2**5 - 1, 2**10, 4, 2**14, like)
+    grid, tiles = triton_fused._launch(2**5 - 1, 2**10, 4, 2**14 - 1, like)
+    assert grid == (2**10 // 64, 2**9) and tiles["BLOCK_B"] == tiles["BLOCK_J"] * 2 == 64
+
+
+def test_tiles_leave_no_multiprocessor_idle_where_narrower_ones_fill_more(monkeypatch):
+    """32 units a program, unless that gives fewer programs than the GPU has multiprocessors
+    (then 16); rows up to 64 a program, at least 16."""
+    like = torch.empty(0)
+    monkeypatch.setattr(triton_fused, "_processors", lambda device: 132)  # an H100 SXM
+    medium, tiles = triton_fused._launch(35, 20, 4, 650, like)  # 32 rows
+    assert (medium, tiles["BLOCK_B"], tiles["BLOCK_J"]) == ((1, 41), 32, 16)
+    wide, tiles = triton_fused._launch(35, 512, 4, 1500, like)  # 8 x 47 >= 132
+    assert (wide, tiles["BLOCK_B"], tiles["BLOCK_J"]) == ((8, 47), 64, 32)
+    single, tiles = triton_fused._launch(3, 1, 1, 37, like)
+    assert (single, tiles["BLOCK_B"], tiles["BLOCK_J"]) == ((1, 3), 16, 16)
 
 
 @pytest.mark.slow

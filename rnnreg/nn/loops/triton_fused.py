@@ -22,12 +22,13 @@ in ``rnnreg.nn.loops.python``; equations in ``rnnreg.nn.recurrence``):
   when the initial state or the mask needs a gradient. dW_hh stays one product over all
   ``T*B`` rows after the loop, in ``rnnreg.nn.recurrence``.
 
-Each kernel takes the buffers' base pointers and the step index as runtime arguments (not per-step
-views), so one compiled variant serves every step. The maths is float32 whatever the buffers'
-dtype: under bfloat16/float16 autocast ``tl.dot`` multiplies the low-precision operands and
-accumulates in float32; float32 operands are multiplied in IEEE float32 (not TF32), as cuBLAS
-does by default. What the two-kernel step keeps in float32 between steps (the LSTM's and the
-Elman cell's dL/dh and dL/dc) stays float32 here; the GRU keeps dL/dh(t) in the buffers' dtype.
+Each kernel takes the buffers' base pointers and the step index as runtime arguments (not
+per-step views), so all steps share one compiled variant (the last step another, for what it
+skips). The maths is float32 whatever the buffers' dtype: under bfloat16/float16 autocast
+``tl.dot`` multiplies the low-precision operands and accumulates in float32; float32 operands
+are multiplied in IEEE float32 (not TF32), as cuBLAS does by default. What the two-kernel step
+keeps in float32 between steps (the LSTM's and the Elman cell's dL/dh and dL/dc) stays float32
+here; the GRU keeps dL/dh(t) in the buffers' dtype.
 
 Which step runs is ``RNNREG_TRITON_STEP`` (:func:`requested`): ``split`` (the default) or
 ``fused``. The default stays the two-kernel step until a GPU measurement shows which is faster.
@@ -35,6 +36,7 @@ Which step runs is ``RNNREG_TRITON_STEP`` (:func:`requested`): ``split`` (the de
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from collections.abc import Mapping
@@ -368,20 +370,36 @@ def _interpreted():
     return not isinstance(_lstm_forward_step, triton.runtime.JITFunction)
 
 
-def _launch(steps, batch, gates, hidden, dtype):
-    """The grid and the tiling constexprs of a loop's kernels: one program per ``BLOCK_B`` rows
-    by ``BLOCK_J`` hidden units (tl.dot needs at least 16 of each). A kernel addresses the
-    loop's ``(T + 1, B, G * H)`` buffers with 32-bit offsets from their start."""
+def _launch(steps, batch, gates, hidden, like):
+    """The grid and the tiling constexprs of a loop's kernels on ``like``'s device and dtype.
+
+    One program per ``BLOCK_B`` rows (the batch, to at most 64) by ``BLOCK_J`` hidden units;
+    ``tl.dot`` needs at least 16 of each. Each row tile reads all of W_hh per step, whatever
+    ``BLOCK_J``, so the units are split 16 to a program wherever 32 would leave some of the
+    GPU's multiprocessors without a program (at a batch of 20 and 650 units, 41 programs
+    rather than 21); a heuristic, not yet timed. A kernel addresses the loop's
+    ``(T + 1, B, G * H)`` buffers with 32-bit offsets from their start.
+    """
     if (steps + 1) * batch * gates * hidden >= 2**31:
         raise ValueError(f"{steps} steps of batch {batch} and {gates} x {hidden} units are "
                          f"2**31 or more elements, more than the fused Triton kernels' 32-bit "
                          f"offsets reach")
     block_b = min(max(triton.next_power_of_2(batch), 16), 64)
-    block_j = 32 if hidden > 16 else 16
-    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_j))
-    return grid, dict(BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_K=_BLOCK_K,
-                      PRECISION="ieee",
-                      WIDEN=dtype == torch.bfloat16 and _interpreted())
+    rows = triton.cdiv(batch, block_b)
+    narrow = hidden <= 16 or rows * triton.cdiv(hidden, 32) < _processors(like.device)
+    block_j = 16 if narrow else 32
+    grid = (rows, triton.cdiv(hidden, block_j))
+    return grid, dict(BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_K=_BLOCK_K, PRECISION="ieee",
+                      WIDEN=like.dtype == torch.bfloat16 and _interpreted())
+
+
+@functools.cache
+def _processors(device):
+    """The multiprocessors of a CUDA device; 0 elsewhere (the interpreter runs programs one
+    after another, so fewer and larger is faster there)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _factor(tensor, steps, batch, hidden):
@@ -429,7 +447,7 @@ def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs,
                  h_in):
     steps, batch, gates = projected.shape
     hidden = gates // 4
-    grid, tiles = _launch(steps, batch, 4, hidden, projected.dtype)
+    grid, tiles = _launch(steps, batch, 4, hidden, projected)
     projected, w_hh = projected.contiguous(), w_hh.contiguous()
     mask, mask_step = _factor(mask, steps, batch, hidden)
     zone_h, zh_step = _factor(zone_h, steps, batch, hidden)
@@ -449,7 +467,7 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     # ``passthrough`` is 1 - valid: the kernel reads ``valid`` itself.
     steps, batch, gates = d_gates.shape
     hidden = gates // 4
-    grid, tiles = _launch(steps, batch, 4, hidden, d_gates.dtype)
+    grid, tiles = _launch(steps, batch, 4, hidden, d_gates)
     d_out, acts, cs, tanh_c, w_hh = (t.contiguous() for t in (d_out, acts, cs, tanh_c, w_hh))
     dh, dc = _carried(d_h), _carried(d_c)
     mask, mask_step = _factor(mask, steps, batch, hidden)
@@ -475,7 +493,7 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
 def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
     steps, batch, gates = projected.shape
     hidden = gates // 3
-    grid, tiles = _launch(steps, batch, 3, hidden, projected.dtype)
+    grid, tiles = _launch(steps, batch, 3, hidden, projected)
     projected, w_hh = projected.contiguous(), w_hh.contiguous()
     mask, mask_step = _factor(mask, steps, batch, hidden)
     zone, zone_step = _factor(zone, steps, batch, hidden)
@@ -492,7 +510,7 @@ def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs
 def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec, d_hs, d_hin):
     steps, batch, gates = d_rec.shape
     hidden = gates // 3
-    grid, tiles = _launch(steps, batch, 3, hidden, d_rec.dtype)
+    grid, tiles = _launch(steps, batch, 3, hidden, d_rec)
     d_out, d_h, coef, w_hh = (t.contiguous() for t in (d_out, d_h, coef, w_hh))
     keep, keep_step = _factor(keep_h, steps, batch, hidden)
     mask, mask_step = _factor(mask, steps, batch, hidden)
@@ -512,7 +530,7 @@ def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec
 
 def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
     steps, batch, hidden = projected.shape
-    grid, tiles = _launch(steps, batch, 1, hidden, projected.dtype)
+    grid, tiles = _launch(steps, batch, 1, hidden, projected)
     projected, w_hh = projected.contiguous(), w_hh.contiguous()
     mask, mask_step = _factor(mask, steps, batch, hidden)
     zone, zone_step = _factor(zone, steps, batch, hidden)
@@ -529,7 +547,7 @@ def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, 
 def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_first, d_pre,
                    d_hin):
     steps, batch, hidden = d_pre.shape
-    grid, tiles = _launch(steps, batch, 1, hidden, d_pre.dtype)
+    grid, tiles = _launch(steps, batch, 1, hidden, d_pre)
     d_out, slope, w_hh = (t.contiguous() for t in (d_out, slope, w_hh))
     dh = _carried(d_h)  # dL/dh(t), in place, float32
     keep, keep_step = _factor(passthrough, steps, batch, hidden)
