@@ -26,6 +26,7 @@ def compile_every_fused_launch(arch=90):
     from rnnreg.nn import loops
     from rnnreg.nn.loops import triton as triton_loops
     from rnnreg.nn.loops import triton_fused
+    from rnnreg.nn.recurrence import recurrence
 
     assert not triton_loops.interpreted(), "Triton was imported with TRITON_INTERPRET=1"
     launched = {}
@@ -59,6 +60,9 @@ def compile_every_fused_launch(arch=90):
                 with torch.autocast("cpu", dtype=dtype or torch.bfloat16,
                                     enabled=dtype is not None):
                     run_recurrence(mode, leaves, constants)
+    leaves, constants = recurrence_inputs("GRU", 3, 2, 2, 5)
+    recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"][:2], None, None, None,
+               None)  # no b_hh
     assert {key[0] for key in launched} == set(KERNELS), "a kernel was never launched"
     target = GPUTarget("cuda", arch, 32)
     for kernel, signature, constexprs in launched.values():

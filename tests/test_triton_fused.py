@@ -29,6 +29,7 @@ from triton_cases import (
 )
 
 from rnnreg.nn import loops
+from rnnreg.nn.recurrence import recurrence
 
 pytest.importorskip("triton")
 if torch.cuda.is_available():
@@ -146,6 +147,24 @@ def test_more_rows_than_one_tile_match_the_python_twins(mode, fused, monkeypatch
     ours = run_recurrence(mode, leaves, constants)
     assert set(fused) == _loops_of(mode)
     assert_all_close(ours, python_run(mode, leaves, constants, monkeypatch))
+
+
+def test_gru_without_hidden_bias_matches_the_python_twins(fused, monkeypatch):
+    """No b_hh (a GRU built with bias=False): the kernel's bias branch is off."""
+    leaves, constants = recurrence_inputs("GRU", 4, 3, 2, 5, mask="sequence", lengths=True)
+    w_ih, w_hh = leaves["weights"][:2]
+
+    def run():
+        out, (h,) = recurrence("GRU", leaves["x"], leaves["state"], w_ih, w_hh, None, None,
+                               leaves["mask"], constants["lengths"])
+        loss = (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum() + h.square().sum()
+        wrt = [leaves["x"], *leaves["state"], w_ih, w_hh, leaves["mask"]]
+        return [out, h, *torch.autograd.grad(loss, wrt)]
+
+    ours = run()
+    assert set(fused) == _loops_of("GRU")
+    monkeypatch.setenv(loops.VARIABLE, "python")
+    assert_all_close(ours, run())
 
 
 @pytest.mark.parametrize("bidirectional, lengths", [(False, False), (True, True)],
