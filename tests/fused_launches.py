@@ -13,8 +13,9 @@ KERNELS = ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
 
 def compile_every_fused_launch(arch=90):
     """Compile, for compute capability ``arch`` (90: the H100/H200), every specialization the
-    fused step launches over :data:`triton_cases.CASES`, all four modes, float32 and both
-    autocast dtypes, plus a batch of one and 37 units; return how many. Nothing runs: the
+    fused step launches over :data:`triton_cases.CASES`, all four modes, float32 with products
+    in TF32 and in IEEE float32 (cuDNN's RNN setting) and both autocast dtypes, plus a batch of
+    one and 37 units; return how many. Nothing runs: the
     launches are recorded on CPU tensors and only compiled, so what Triton's interpreter lets
     pass (``tl.dot`` shapes and operand dtypes, constexpr use, casts) fails here."""
     import os
@@ -53,10 +54,13 @@ def compile_every_fused_launch(arch=90):
     os.environ[triton_loops.STEP_VARIABLE] = "fused"
     shapes = [((3, 2, 2, 5), case) for case in CASES.values()]
     shapes.append(((3, 1, 3, 37), CASES["fresh+lengths+zoneout"]))
+    rnn = torch.backends.cudnn.rnn
     for mode in GATES:
         for sizes, case in shapes:
             leaves, constants = recurrence_inputs(mode, *sizes, **case)
-            for dtype in (None, torch.bfloat16, torch.float16):
+            for dtype, setting in ((None, "tf32"), (None, "ieee"), (torch.bfloat16, "tf32"),
+                                   (torch.float16, "tf32")):
+                rnn.fp32_precision = setting
                 with torch.autocast("cpu", dtype=dtype or torch.bfloat16,
                                     enabled=dtype is not None):
                     run_recurrence(mode, leaves, constants)
@@ -64,6 +68,7 @@ def compile_every_fused_launch(arch=90):
     recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"][:2], None, None, None,
                None)  # no b_hh
     assert {key[0] for key in launched} == set(KERNELS), "a kernel was never launched"
+    assert {c["PRECISION"] for _, _, c in launched.values()} == {"tf32", "ieee"}
     target = GPUTarget("cuda", arch, 32)
     for kernel, signature, constexprs in launched.values():
         triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),

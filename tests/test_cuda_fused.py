@@ -112,3 +112,18 @@ def test_fused_graph_replay_equals_plain_launches(mode, fused, monkeypatch):
     assert_same(first, plain, rtol=0, atol=0)
     assert_same(captured, plain, rtol=1e-6, atol=1e-6)
     assert_same(replayed, captured, rtol=0, atol=0)
+
+
+def test_fused_step_in_tf32_tracks_ieee_float32(fused, monkeypatch):
+    """With cuDNN's RNN set to TF32 (torch's default), the fused step's ``tl.dot`` multiplies
+    TF32 inputs, as cuDNN and the two-kernel step's cuBLAS products then do: its results
+    differ from the IEEE float32 run (the setting reaches the compiled kernel) by no more than
+    TF32's rounding."""
+    leaves, constants = recurrence_inputs("LSTM", 5, 3, 4, 64, device=DEVICE,
+                                          **CASES["fresh+lengths"])
+    ieee = run_recurrence("LSTM", leaves, constants)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert fused.precision() == "tf32"
+    tf32 = run_recurrence("LSTM", leaves, constants)
+    errors = [relative_error(a, b) for a, b in zip(tf32, ieee, strict=True)]
+    assert 1e-6 < max(errors) < 2e-2, errors

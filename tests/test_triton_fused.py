@@ -5,9 +5,10 @@ One kernel per step and direction: the recurrent product (``tl.dot``) with the c
 epilogue, and in the backward the previous step's product with the gate gradients after it. The
 same checks as the two-kernel step's (tests/test_triton_loops.py): against the Python twins for
 every mode, mask, lengths and zoneout case, odd sizes, torch.nn without masks, autocast against
-float32, inputs of any strides; plus the tiles. Every test here asserts that the fused step
-ran, so a selection that silently fell back to the two-kernel step fails. The interpreter must
-be on before Triton compiles the kernels; on a machine with CUDA this module
+float32, inputs of any strides; plus the tiles and the precision of the products. Every test
+here asserts that the fused step ran, so a selection that silently fell back to the two-kernel
+step fails. The
+interpreter must be on before Triton compiles the kernels; on a machine with CUDA this module
 skips (tests/test_cuda.py runs the engine compiled).
 """
 
@@ -301,6 +302,109 @@ def test_tiles_leave_no_multiprocessor_idle_where_narrower_ones_fill_more(monkey
     assert (wide, tiles["BLOCK_B"], tiles["BLOCK_J"]) == ((8, 47), 64, 32)
     single, tiles = triton_fused.geometry(1, 37, 1, like)
     assert (single, tiles["BLOCK_B"], tiles["BLOCK_J"]) == ((1, 3), 16, 16)
+
+
+@pytest.fixture
+def rnn_precision():
+    """Restores cuDNN's RNN precision setting (through the legacy API, after which both of
+    torch's APIs read it)."""
+    saved = torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_products_follow_cudnn_rnn_precision(setting, fused, rnn_precision, monkeypatch):
+    """Every fused kernel's ``tl.dot`` multiplies float32 operands at the precision of cuDNN's
+    RNN (``torch.backends.cudnn.rnn.fp32_precision``), as the two-kernel step's cuBLAS products
+    do: the input_precision each launch passes is the setting's; the results still match the
+    Python twins (the interpreter multiplies in IEEE float32 either way)."""
+    torch.backends.cudnn.rnn.fp32_precision = setting
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                seen.append((self.kernel.fn.__name__, constexprs["PRECISION"]))
+                return self.kernel[grid](*args, **constexprs)
+            return launch
+
+    for name in ("_lstm_forward_step", "_lstm_backward_step", "_gru_forward_step",
+                 "_elman_forward_step", "_carry_backward_step"):
+        monkeypatch.setattr(triton_fused, name, Spy(getattr(triton_fused, name)))
+    for mode in ("LSTM", "GRU", "RNN_TANH"):
+        leaves, constants = recurrence_inputs(mode, 3, 2, 2, 5, mask="sequence")
+        ours = run_recurrence(mode, leaves, constants)
+        assert_all_close(ours, python_run(mode, leaves, constants, monkeypatch))
+    assert {kernel for kernel, _ in seen} == {"_lstm_forward_step", "_lstm_backward_step",
+                                              "_gru_forward_step", "_elman_forward_step",
+                                              "_carry_backward_step"}
+    assert {p for _, p in seen} == {setting}
+
+
+KERNELS = ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
+           "_lstm_backward_step", "_carry_backward_step")
+
+
+def _compile_keys(monkeypatch):
+    """Replaces each fused kernel by a recorder of the key Triton's JIT would compile it under
+    for an H100 (its specialization of every argument: pointer alignment, integers equal to 1
+    or divisible by 16, the constexprs, PRECISION among them), computed by Triton's own binder;
+    nothing is launched. Returns the set the loops fill."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    keys = set()
+
+    class Recorder:
+        def __init__(self, kernel):
+            jit = JITFunction(kernel.fn, **kernel.kwargs)
+            self.name = kernel.fn.__name__
+            self.bind = create_function_from_signature(jit.signature, jit.params, backend)
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                keys.add((self.name, repr(self.bind(*args, **constexprs)[1]),
+                          constexprs["PRECISION"]))
+            return launch
+
+    for name in KERNELS:
+        monkeypatch.setattr(triton_fused, name, Recorder(getattr(triton_fused, name)))
+    return keys
+
+
+def test_compiled_variants_are_bounded_and_follow_the_precision(fused, rnn_precision,
+                                                                monkeypatch):
+    """Every fused launch of a sweep over steps (1 to 13), sizes whose rows are not multiples of
+    16 bytes, all four modes and masks/lengths/zoneout: Triton's compile keys are the same set
+    for 13 steps as for 3 (the step index and the 64-bit step offsets are not specialized on);
+    and cuDNN's RNN precision setting is part of every key, so TF32 and IEEE float32 products
+    compile to variants of their own (as many), never one reused for the other."""
+    keys = _compile_keys(monkeypatch)
+
+    def sweep(steps, setting):
+        torch.backends.cudnn.rnn.fp32_precision = setting
+        keys.clear()
+        for mode in MODES:
+            for case in ("plain", "fresh+lengths+zoneout", "sequence+zoneout"):
+                for batch, hidden in ((3, 5), (1, 37)):
+                    for t in steps:
+                        leaves, constants = recurrence_inputs(mode, t, batch, 2, hidden,
+                                                              **CASES[case])
+                        run_recurrence(mode, leaves, constants)
+        return set(keys)
+
+    few = sweep(range(1, 4), "ieee")
+    assert sweep(range(1, 14), "ieee") == few
+    assert {key[0] for key in few} == set(KERNELS) and len(few) <= 96
+    tf32 = sweep(range(1, 4), "tf32")
+    assert {key[2] for key in few} == {"ieee"} and {key[2] for key in tf32} == {"tf32"}
+    assert len(tf32) == len(few) and not {key[1] for key in tf32} & {key[1] for key in few}
 
 
 @pytest.mark.slow
