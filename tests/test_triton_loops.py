@@ -730,8 +730,9 @@ def test_torch_compile_traces_the_triton_loops_as_operators(mode, monkeypatch):
 
 
 def test_the_step_kind_is_read_from_the_environment(monkeypatch):
-    """``RNNREG_TRITON_STEP``: ``split`` (the default) runs; ``fused`` is refused with a clear
-    error while no one-kernel step is provided; anything else is not a step kind."""
+    """``RNNREG_TRITON_STEP``: ``split`` (the default) and ``fused`` (tests/test_triton_fused.py
+    checks that its kernels are the ones that ran) both give the Python twin's results;
+    anything else is not a step kind, refused when a loop runs."""
     assert triton_loops.step_kind({}) == "split"
     assert triton_loops.step_kind({triton_loops.STEP_VARIABLE: " Fused "}) == "fused"
     with pytest.raises(ValueError, match="RNNREG_TRITON_STEP='fast' is not a step kind"):
@@ -741,11 +742,15 @@ def test_the_step_kind_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv(triton_loops.STEP_VARIABLE, "split")
     ours = run_recurrence("RNN_TANH", leaves, constants)
     monkeypatch.setenv(triton_loops.STEP_VARIABLE, "fused")
-    with pytest.raises(NotImplementedError, match="has no fused step; choose one of split"):
+    fused = run_recurrence("RNN_TANH", leaves, constants)
+    monkeypatch.setenv(triton_loops.STEP_VARIABLE, "fast")
+    with pytest.raises(ValueError, match="is not a step kind"):
         run_recurrence("RNN_TANH", leaves, constants)
     monkeypatch.delenv(triton_loops.STEP_VARIABLE)
     on("python", monkeypatch)
-    assert_all_close(ours, run_recurrence("RNN_TANH", leaves, constants))
+    theirs = run_recurrence("RNN_TANH", leaves, constants)
+    assert_all_close(ours, theirs)
+    assert_all_close(fused, theirs)
 
 
 def test_a_replay_on_another_stream_first_waits_for_the_graphs_last_one(monkeypatch):

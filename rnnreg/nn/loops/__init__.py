@@ -8,7 +8,9 @@ GPU) is as large as the kernels'. The loops therefore exist three times, with on
 
 * :data:`CPP_LOOP`: compiled C++ (``_loops.cpp``, built by :mod:`rnnreg.nn.loops.cpp`), on CPU;
 * :data:`TRITON_GRAPHS` / :data:`TRITON_LOOP`: one cuBLAS product and one fused Triton kernel
-  per step (:mod:`rnnreg.nn.loops.triton`), on CUDA, replayed as CUDA graphs where capture works;
+  per step (:mod:`rnnreg.nn.loops.triton`), or with ``RNNREG_TRITON_STEP=fused`` one Triton
+  kernel per step (:mod:`rnnreg.nn.loops.triton_fused`), on CUDA, replayed as CUDA graphs where
+  capture works;
 * :data:`PYTHON_LOOP`: the Python twins (:mod:`rnnreg.nn.loops.python`), the reference the
   others are tested against, and what runs where neither of the others can.
 

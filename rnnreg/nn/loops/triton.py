@@ -8,8 +8,11 @@ gates, updates c and h, applies zoneout and the length freeze, and writes both h
 masked h(t) the next product reads. Each step of a backward loop is one fused kernel (which
 first gathers dL/dh(t) from the previous product, the output gradient and the pass-through of a
 frozen or zoned-out state, then forms the gate gradients) and one product; dW_hh stays one
-product over all ``T*B`` rows after the loop, in ``rnnreg.nn.recurrence``. How one step is
-launched is :func:`_step_launchers`' choice (``RNNREG_TRITON_STEP``).
+product over all ``T*B`` rows after the loop, in ``rnnreg.nn.recurrence``. That is the
+default, two-kernel step; with ``RNNREG_TRITON_STEP=fused`` each step is ONE kernel, the
+product by ``tl.dot`` with the cell update in its epilogue (:mod:`rnnreg.nn.loops.triton_fused`).
+:func:`_step_launchers` is the one place the step is chosen; the loops, their buffers, the
+graph cache and the custom operators below serve both.
 
 The kernels take the base pointers of whole ``(T, B, ...)`` buffers, the step index and the
 step strides as runtime arguments (the step index is not specialized on): each kernel compiles
@@ -17,10 +20,11 @@ once per set of options and alignment class, not once per step.
 
 Precision. The kernels compute in float32 whatever the buffers' dtype (bfloat16 or float16
 under autocast); every backward carries dL/dh (and the LSTM's dL/dc) between steps in float32.
-The recurrent products of float32 tensors follow the setting cuDNN's RNN follows,
-``torch.backends.cudnn.rnn.fp32_precision`` (:func:`precision`): TF32 where cuDNN's RNN would
-use it (torch's default), IEEE float32 otherwise, so the loop and ``torch.nn.LSTM`` compute at
-the same precision; cuBLAS accumulates the low-precision products in float32.
+The recurrent products of float32 tensors (cuBLAS's, or the one-kernel step's ``tl.dot``)
+follow the setting cuDNN's RNN follows, ``torch.backends.cudnn.rnn.fp32_precision``
+(:func:`precision`): TF32 where cuDNN's RNN would use it (torch's default), IEEE float32
+otherwise, so the loop and ``torch.nn.LSTM`` compute at the same precision; the low-precision
+products accumulate in float32.
 
 A loop of T steps is 2T launches of small kernels, each with a fixed launch cost on the host. On
 CUDA each loop is therefore captured as a CUDA graph per shape, dtype and options, on the second
@@ -50,6 +54,16 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnreg.nn.loops import triton_fused
+from rnnreg.nn.loops.triton_common import (
+    _load,
+    _or,
+    _product_input,
+    _row,
+    _sigmoid,
+    _tanh,
+)
+
 __all__ = ["GraphCache", "LOOPS", "STEP_VARIABLE", "interpreted", "launch_geometry",
            "precision", "step_kind"]
 
@@ -59,16 +73,18 @@ STEP_KINDS = ("split", "fused")
 
 
 def interpreted():
-    """Whether this module's kernels run in Triton's interpreter: decided when the module was
-    imported, by ``TRITON_INTERPRET=1`` then."""
+    """Whether this module's kernels (and the one-kernel step's, imported with them) run in
+    Triton's interpreter: decided when the module was imported, by ``TRITON_INTERPRET=1``
+    then."""
     return not isinstance(_lstm_forward_step, triton.runtime.JITFunction)
 
 
 def precision() -> str:
-    """``"tf32"`` or ``"ieee"``: the precision of the loops' float32 recurrent products, the
-    one cuDNN's RNN uses (``torch.backends.cudnn.rnn.fp32_precision``; on a torch without that
-    setting, the legacy ``torch.backends.cudnn.allow_tf32``). Read at each call, so benchmarks
-    can record it beside their timings."""
+    """``"tf32"`` or ``"ieee"``: the precision of the loops' float32 recurrent products (the
+    two-kernel step's cuBLAS products and the one-kernel step's ``tl.dot``), the one cuDNN's
+    RNN uses (``torch.backends.cudnn.rnn.fp32_precision``; on a torch without that setting,
+    the legacy ``torch.backends.cudnn.allow_tf32``). Read at each call, so benchmarks can
+    record it beside their timings."""
     rnn = getattr(torch.backends.cudnn, "rnn", None)
     if rnn is None:  # torch before the fp32_precision settings (2.9)
         return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
@@ -131,39 +147,14 @@ def launch_geometry(batch, hidden, gates):
 def step_kind(environ=None) -> str:
     """How each step is launched, from ``RNNREG_TRITON_STEP`` in ``environ`` (default
     ``os.environ``): ``split`` (default; a cuBLAS product, then one elementwise kernel) or
-    ``fused`` (one kernel per step, where this version provides one); anything else is an
-    error."""
+    ``fused`` (one kernel per step, :mod:`rnnreg.nn.loops.triton_fused`); anything else is an
+    error. Read at every call of a loop, so one process can time both."""
     value = (os.environ if environ is None else environ).get(STEP_VARIABLE, "split")
     value = value.strip().lower()
     if value not in STEP_KINDS:
         raise ValueError(f"{STEP_VARIABLE}={value!r} is not a step kind; choose one of "
                          f"{', '.join(STEP_KINDS)}")
     return value
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # exp of a non-positive argument only: no overflow at either end.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _load(ptr, offs, live):
-    return tl.load(ptr + offs, mask=live, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _row(step, size):
-    # The first element of row ``step`` of a tensor whose rows hold ``size`` elements, in 64
-    # bits: a whole (T, B, 4H) buffer may pass 2**31 elements where one step does not.
-    return step.to(tl.int64) * size
 
 
 @triton.jit
@@ -383,24 +374,22 @@ def _flags(valid):
     return None if valid is None else valid.contiguous().view(torch.uint8)
 
 
-def _or(tensor, stand_in):
-    """A pointer argument whose kernel branch is off still needs a tensor."""
-    return stand_in if tensor is None else tensor
-
-
-def _loop(steps, batch, hidden, gates, stand_in, *, mask=None, zone_h=None, zone_c=None,
-          valid=None, **tensors):
+def _loop(step, steps, batch, hidden, gates, stand_in, *, w_hh, mask=None, zone_h=None,
+          zone_c=None, valid=None, **tensors):
     """What every step of one loop reads: its tensors (None ones replaced by ``stand_in`` for
-    the kernels' pointer arguments, their presence kept as flags), factors with their step
-    strides (``zone_h``: in the GRU's and Elman backward, the factor that passes dL/dh(t) to
-    h(t-1)), and the launch geometry."""
+    the kernels' pointer arguments, their presence kept as flags; W_hh contiguous), factors
+    with their step strides (``zone_h``: in the GRU's and Elman backward, the factor that
+    passes dL/dh(t) to h(t-1)), the precision of the float32 products (:func:`precision`, for
+    the one-kernel step's ``tl.dot``; cuBLAS's is set around the whole loop) and the launch
+    geometry of ``step``'s kernels (a :func:`_step_launchers` namespace)."""
     mask, mask_step = _factor(mask, steps, batch, hidden)
     zone_h, zone_h_step = _factor(zone_h, steps, batch, hidden)
     zone_c, zone_c_step = _factor(zone_c, steps, batch, hidden)
     flags = _flags(valid)
+    w_hh = w_hh.contiguous()  # the parameter itself, as a rule: a replay reads it in place
     return types.SimpleNamespace(
-        steps=steps, n=batch * hidden, hidden=hidden, gates=gates,
-        geometry=launch_geometry(batch, hidden, gates),
+        steps=steps, batch=batch, n=batch * hidden, hidden=hidden, gates=gates, w_hh=w_hh,
+        precision=precision(), geometry=step.geometry(batch, hidden, gates, w_hh),
         masked=mask is not None, zoned=zone_h is not None, limited=flags is not None,
         mask=_or(mask, stand_in), mask_step=mask_step, zone_h=_or(zone_h, stand_in),
         zone_h_step=zone_h_step, zone_c=_or(zone_c, stand_in), zone_c_step=zone_c_step,
@@ -408,13 +397,8 @@ def _loop(steps, batch, hidden, gates, stand_in, *, mask=None, zone_h=None, zone
 
 
 def _forward_product(a, t, out):
-    """Step t's recurrent product ``W_hh (m * h(t-1)) (+ b_hh)`` into ``out``; the first
-    masked state is formed here, every later one by the previous step's kernel."""
-    state = a.hs[t]
-    if a.masked:
-        if t == 0:
-            torch.mul(a.hs[0], a.mask[0], out=a.h_in[0])
-        state = a.h_in[t]
+    """Step t's recurrent product ``W_hh (m * h(t-1)) (+ b_hh)`` into ``out``."""
+    state = _product_input(a, t)[t]
     if a.b_hh is None:
         torch.mm(state, a.w_hh.t(), out=out)
     else:
@@ -476,23 +460,23 @@ def _split_carry_backward(a, t):
         torch.mm(a.d_pre[t], a.w_hh, out=a.d_hin[t])
 
 
-_STEP_LAUNCHERS = {"split": types.SimpleNamespace(
-    lstm_forward=_split_lstm_forward, gru_forward=_split_gru_forward,
+def _split_geometry(batch, hidden, gates, w_hh):
+    return launch_geometry(batch, hidden, gates)
+
+
+_SPLIT = types.SimpleNamespace(
+    geometry=_split_geometry, lstm_forward=_split_lstm_forward, gru_forward=_split_gru_forward,
     elman_forward=_split_elman_forward, lstm_backward=_split_lstm_backward,
-    gru_backward=_split_carry_backward, elman_backward=_split_carry_backward)}
+    gru_backward=_split_carry_backward, elman_backward=_split_carry_backward)
 
 
 def _step_launchers():
-    """The functions that launch one step of each loop, ``(a, t) -> None`` with ``a`` the
-    loop's :func:`_loop` record, for the kind :func:`step_kind` names: the one place where a
-    one-kernel (fused) step is chosen (a module providing one adds its functions to
-    ``_STEP_LAUNCHERS["fused"]``)."""
-    kind = step_kind()
-    if kind not in _STEP_LAUNCHERS:
-        raise NotImplementedError(f"{STEP_VARIABLE}={kind}: this version of rnnreg's Triton "
-                                  f"loops has no {kind} step; choose one of "
-                                  f"{', '.join(_STEP_LAUNCHERS)}")
-    return _STEP_LAUNCHERS[kind]
+    """How each step of a loop is launched, for the kind :func:`step_kind` names: the one
+    place where the step is chosen. A namespace of ``geometry(batch, hidden, gates, w_hh)``
+    (what the kernels' launches need besides the tensors, once per loop) and, per loop, a
+    function ``(a, t) -> None`` launching step t, with ``a`` the loop's :func:`_loop` record:
+    the two-kernel step here, or the one-kernel step of :mod:`rnnreg.nn.loops.triton_fused`."""
+    return triton_fused.STEP if step_kind() == "fused" else _SPLIT
 
 
 # --- the loops: the Python twins' signatures --------------------------------------------------
@@ -501,13 +485,13 @@ def _step_launchers():
 def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs, tanh_c, hs,
                  h_in):
     steps, batch, gates = projected.shape
-    a = _loop(steps, batch, gates // 4, 4, hs, mask=mask, zone_h=zone_h, zone_c=zone_c,
+    step = _step_launchers()
+    a = _loop(step, steps, batch, gates // 4, 4, hs, mask=mask, zone_h=zone_h, zone_c=zone_c,
               valid=valid, projected=projected.contiguous(), w_hh=w_hh, b_hh=None,
               rec=projected.new_empty(batch, gates), acts=acts, cs=cs, tanh_c=tanh_c, hs=hs,
               h_in=h_in)
-    step = _step_launchers().lstm_forward
     for t in range(steps):
-        step(a, t)
+        step.lstm_forward(a, t)
 
 
 def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, passthrough,
@@ -515,13 +499,13 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     # ``passthrough`` is 1 - valid: the kernel reads ``valid`` itself.
     steps, batch, gates = d_gates.shape
     dh, dc = _carried(d_h), _carried(d_c)
-    a = _loop(steps, batch, gates // 4, 4, dh, mask=mask, zone_h=zone_h, zone_c=zone_c,
+    step = _step_launchers()
+    a = _loop(step, steps, batch, gates // 4, 4, dh, mask=mask, zone_h=zone_h, zone_c=zone_c,
               valid=valid, dh=dh, dc=dc, d_out=d_out.contiguous(), acts=acts.contiguous(),
               cs=cs.contiguous(), tanh_c=tanh_c.contiguous(), w_hh=w_hh, need_first=need_first,
               d_gates=d_gates, d_hin=d_hin)
-    step = _step_launchers().lstm_backward
     for t in range(steps - 1, -1, -1):
-        step(a, t)
+        step.lstm_backward(a, t)
     if not need_first:
         return None, None
     keep = a.zone_h[0] if a.zoned else _ended(_flags(valid))
@@ -549,23 +533,23 @@ def _first_state_grad(d_hin, mask, dh, keep):
 
 def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
     steps, batch, gates = projected.shape
-    a = _loop(steps, batch, gates // 3, 3, hs, mask=mask, zone_h=zone, valid=valid,
+    step = _step_launchers()
+    a = _loop(step, steps, batch, gates // 3, 3, hs, mask=mask, zone_h=zone, valid=valid,
               projected=projected.contiguous(), w_hh=w_hh, b_hh=b_hh, rec=rec, rz=rz, n_out=n,
               hs=hs, h_in=h_in)
-    step = _step_launchers().gru_forward
     for t in range(steps):
-        step(a, t)
+        step.gru_forward(a, t)
 
 
 def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec, d_hs, d_hin):
     steps, batch, gates = d_rec.shape
     dh = _carried(d_h)
-    a = _loop(steps, batch, gates // 3, 3, dh, mask=mask, zone_h=keep_h, dh=dh, d_hs=d_hs,
+    step = _step_launchers()
+    a = _loop(step, steps, batch, gates // 3, 3, dh, mask=mask, zone_h=keep_h, dh=dh, d_hs=d_hs,
               d_out=d_out.contiguous(), coef=coef.contiguous(), d_pre=d_rec, d_hin=d_hin,
               w_hh=w_hh, need_first=need_first)
-    step = _step_launchers().gru_backward
     for t in range(steps - 1, -1, -1):
-        step(a, t)
+        step.gru_backward(a, t)
     if not need_first:
         return None
     keep = a.zone_h[0] if a.zoned else None
@@ -574,25 +558,25 @@ def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec
 
 def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
     steps, batch, hidden = projected.shape
-    a = _loop(steps, batch, hidden, 1, hs, mask=mask, zone_h=zone, valid=valid,
+    step = _step_launchers()
+    a = _loop(step, steps, batch, hidden, 1, hs, mask=mask, zone_h=zone, valid=valid,
               projected=projected.contiguous(), w_hh=w_hh, b_hh=None,
               rec=projected.new_empty(batch, hidden), candidates=candidates, hs=hs, h_in=h_in,
               relu=bool(relu))
-    step = _step_launchers().elman_forward
     for t in range(steps):
-        step(a, t)
+        step.elman_forward(a, t)
 
 
 def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_first, d_pre,
                    d_hin):
     steps, batch, hidden = d_pre.shape
     dh = _carried(d_h)
-    a = _loop(steps, batch, hidden, 1, dh, mask=mask, zone_h=passthrough, dh=dh, d_hs=None,
+    step = _step_launchers()
+    a = _loop(step, steps, batch, hidden, 1, dh, mask=mask, zone_h=passthrough, dh=dh, d_hs=None,
               d_out=d_out.contiguous(), coef=slope.contiguous(), d_pre=d_pre, d_hin=d_hin,
               w_hh=w_hh, need_first=need_first)
-    step = _step_launchers().elman_backward
     for t in range(steps - 1, -1, -1):
-        step(a, t)
+        step.elman_backward(a, t)
     if not need_first:
         return None
     keep = a.zone_h[0] if a.zoned else None
