@@ -25,8 +25,8 @@ its name is printed) and the Python loop (``RNNREG_ENGINE=python``). On GPU, for
 recurrent masks (``variational``) and ``zoneout``, in three precision modes (``fp32``: torch's
 defaults, under which cuDNN's RNN runs TF32; ``fp32-ieee``: cuDNN's RNN in IEEE float32,
 ``torch.backends.cudnn.rnn.fp32_precision = "ieee"``; ``bf16``: bfloat16 autocast), four rows
-against cuDNN: the fused Triton step (``RNNREG_TRITON_STEP=fused``; "not available" where the
-installed engine has no such step), the two-kernel Triton step (``RNNREG_TRITON_STEP=split``),
+against cuDNN: the fused Triton step (``RNNREG_TRITON_STEP=fused``), the two-kernel Triton
+step (``RNNREG_TRITON_STEP=split``),
 the Python loop, and ``nn.LSTM(dropout)`` itself; each beside the time
 ``benchmarks/perf_model.py`` PREDICTS for it, and a first table of the precision settings in
 effect in each mode (read without raising under torch's legacy or new TF32 API). Rows are
@@ -48,7 +48,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import perf_model
 import torch
@@ -57,7 +56,6 @@ from torch import nn
 import rnnreg
 from rnnreg.nn import engine_for, loops
 
-ROOT = Path(__file__).resolve().parents[1]
 # The Triton step kind (a fused kernel per step, or a cuBLAS product and an elementwise kernel).
 STEP_VARIABLE = "RNNREG_TRITON_STEP"
 
@@ -190,15 +188,6 @@ def precision_mode(mode: str):
         torch.backends.cudnn.allow_tf32 = saved
 
 
-def triton_step_kinds(root: Path = ROOT / "rnnreg") -> tuple[str, ...]:
-    """The Triton step kinds the checkout offers: ``split`` (the two-kernel step) always, and
-    ``fused`` where rnnreg reads ``RNNREG_TRITON_STEP`` (before it did, the two-kernel step
-    was the only one, whatever the variable said)."""
-    reads = any(STEP_VARIABLE in path.read_text(encoding="utf-8")
-                for path in root.rglob("*.py"))
-    return ("fused", "split") if reads else ("split",)
-
-
 def measure(steps: dict[str, Callable[[], float]], warmup: int,
             repeats: int) -> dict[str, list[float]]:
     """Interleave the closures round-robin; return each one's iteration times, by round."""
@@ -305,7 +294,7 @@ GPU_HEADERS = ("shape", "strategy", "precision", "row", "engine", "ms/iter",
 
 
 def run_gpu_engines(name: str, shape: Shape, p: float, device: torch.device, warmup: int,
-                    repeats: int, strategy: str, mode: str, kinds: tuple[str, ...],
+                    repeats: int, strategy: str, mode: str,
                     model: perf_model.Device) -> list[dict[str, object]]:
     """cuDNN, the fused and the two-kernel Triton step and the Python loop on ``strategy``
     in precision ``mode``, interleaved; a row that cannot run says why instead of a time."""
@@ -320,9 +309,6 @@ def run_gpu_engines(name: str, shape: Shape, p: float, device: torch.device, war
         for key, label, env in GPU_ROWS:
             row = {"key": key, "row": label, "engine": ""}
             rows.append(row)
-            if key not in ("python", *kinds):
-                row["status"] = "not available (this rnnreg has no fused step)"
-                continue
             step = make_step(candidate, shape, device, dtype=dtype, env=env)
             try:
                 step()  # compiles the kernels, and finds a row that cannot run
@@ -380,21 +366,19 @@ def print_precisions(modes: list[str]) -> None:
 def run_gpu_table(shapes: list[str], p: float, device: torch.device, warmup: int,
                   repeats: int, modes: list[str]) -> None:
     """The GPU engines table, a Markdown row printed (and flushed) as each is measured."""
-    kinds = triton_step_kinds()
     name = torch.cuda.get_device_name(device)
     model = perf_model.H200 if "H200" in name else perf_model.H100
     print_precisions(modes)
     print(f"\n*Own loop engines against nn.LSTM(dropout) (cuDNN), forward+backward, p={p}; "
-          f"Triton step kinds here: {', '.join(kinds)}; PREDICTED: benchmarks/perf_model.py "
-          f"for an {model.name} (a model, not a measurement); measured / predicted above 1: "
-          "slower than the model says.*\n")
+          f"PREDICTED: benchmarks/perf_model.py for an {model.name} (a model, not a "
+          "measurement); measured / predicted above 1: slower than the model says.*\n")
     print("| " + " | ".join(GPU_HEADERS) + " |")
     print("|" + "|".join(["---"] * 5 + ["---:"] * 5) + "|", flush=True)
     for shape_name in shapes:
         for mode in modes:
             for strategy in GPU_STRATEGIES:
                 for row in run_gpu_engines(shape_name, SHAPES[shape_name], p, device, warmup,
-                                           repeats, strategy, mode, kinds, model):
+                                           repeats, strategy, mode, model):
                     print("| " + " | ".join(gpu_row_cells(row)) + " |", flush=True)
 
 

@@ -613,17 +613,24 @@ def test_precision_settings_are_read_under_the_new_tf32_api_without_raising(
     assert backends.cudnn.rnn.fp32_precision == "tf32"  # put back after the block
 
 
-def test_the_fused_row_is_offered_only_where_rnnreg_reads_the_step_variable(tmp_path):
+def test_the_gpu_rows_select_step_kinds_the_triton_engine_knows():
     layers = pytest.importorskip("layers")
-    (tmp_path / "loops.py").write_text("STEP = 'two kernels'\n")
-    assert layers.triton_step_kinds(tmp_path) == ("split",)
-    (tmp_path / "steps.py").write_text(f"VARIABLE = {layers.STEP_VARIABLE!r}\n")
-    assert layers.triton_step_kinds(tmp_path) == ("fused", "split")
+    engine = pytest.importorskip("rnnreg.nn.loops.triton")
+    assert layers.STEP_VARIABLE == engine.STEP_VARIABLE
+    chosen = {env[layers.STEP_VARIABLE] for _, _, env in layers.GPU_ROWS
+              if layers.STEP_VARIABLE in env}
+    assert chosen == set(engine.STEP_KINDS)  # both steps measured, each one the engine accepts
+    for kind in chosen:
+        assert engine.step_kind({engine.STEP_VARIABLE: kind}) == kind
+
+
+def test_a_row_that_cannot_run_says_why():
+    layers = pytest.importorskip("layers")
     cells = layers.gpu_row_cells({"shape": "medium", "strategy": "zoneout", "precision": "bf16",
                                   "row": "fused Triton step", "engine": "",
-                                  "status": "not available (no fused step)",
+                                  "status": "failed: OutOfMemoryError: CUDA out of memory",
                                   "predicted": 0.44})
-    assert cells[5] == "not available (no fused step)" and cells[8] == "0.44"
+    assert cells[5] == "failed: OutOfMemoryError: CUDA out of memory" and cells[8] == "0.44"
 
 
 @pytest.mark.slow  # two pytest stages, the first cut by its session limit
