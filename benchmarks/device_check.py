@@ -160,9 +160,9 @@ QUICK_ROWS = (
 )
 
 
-# The Triton engine's CUDA tests (tests/test_cuda.py): the cuda-triton stage runs these first,
-# the cuda-other stage the rest of ``-m cuda``.
-TRITON_TESTS = "triton or graph or capture"
+# The Triton engine's CUDA tests (in tests/test_cuda.py, and tests/test_cuda_fused.py whole): the
+# cuda-triton stage runs these first, the cuda-other stage the rest of ``-m cuda``.
+TRITON_TESTS = "triton or graph or capture or fused"
 
 
 def cuda_test_files() -> list[str]:
