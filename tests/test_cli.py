@@ -18,6 +18,7 @@ from conftest import REPO_ROOT, write_corpus
 import rnnreg.cli as cli
 import rnnreg.lm.training.loop as train_module
 from rnnreg.cli.flags import GROUPS, config_overrides, flag
+from rnnreg.errors import reword
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.batches import Corpus
@@ -86,11 +87,14 @@ def test_every_config_field_is_a_train_flag_with_one_line_of_help(capsys, monkey
     lines = _train_help(capsys, monkeypatch).splitlines()
     for field in dataclasses.fields(Config):
         name = flag(field.name)
-        help_text = field.metadata["help"]
+        # Another field the help names (in backquotes) is shown as its flag.
+        help_text = reword(field.metadata["help"], lambda other, _: flag(other))
         assert help_text and field.metadata["group"] in GROUPS, field.name
         # The flag is listed, and its help is printed whole on one line (not wrapped).
         assert any(line.lstrip().startswith(name) for line in lines), name
         assert any(line.strip().endswith(help_text) for line in lines), (name, help_text)
+    text = "\n".join(lines)
+    assert "top one with --layer-sizes" in text and not re.search(r"`[a-z_]+`", text)
     # The strategy's rate p keeps the flag users know; no layer's dropout is meant.
     assert flag("strategy_p") == "--dropout" and not any("--strategy-p" in line for line in lines)
     args = cli._parser().parse_args(["train", "--dropout", "0.3"])
@@ -247,7 +251,8 @@ def test_a_failed_start_does_not_block_the_corrected_retry(tmp_path, module_corp
 
 @pytest.mark.parametrize("flags,fragment", [
     (("--strategy", "bogus"), "strategy"),
-    (("--dropout", "1.5"), "--dropout must be a probability in [0, 1], got 1.5"),
+    (("--strategy", "zaremba", "--dropout", "1.5"),
+     "--dropout must be a probability in [0, 1], got 1.5"),
     (("--cell", "transformer"), "cell"),
     (("--hidden-size", "0"), "--hidden-size must be a positive integer, got 0"),
     (("--optimizer", "asgd", "--ema-decay", "0.5"),

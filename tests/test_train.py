@@ -317,7 +317,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, tin
         if step == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt, match="--resume"):
+    with pytest.raises(KeyboardInterrupt, match="resume=True"):
         _quiet_train(config, tmp_path / "run", tiny_corpus, on_step=interrupt)
     assert load_tree(tmp_path / "run" / "checkpoints" / "last.safetensors")[
         "progress"]["step"] == 5
