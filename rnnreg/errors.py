@@ -39,12 +39,17 @@ class RnnregError(ValueError):
     def __str__(self) -> str:
         return self.worded(python_name)
 
+    @property
+    def message(self) -> str:
+        """The message as raised, its parameters still marked: what an error that wraps this
+        one puts in its own message, so a front end still words them."""
+        return str(self.args[0]) if self.args else ""
+
     def worded(self, name: Callable[[str, str | None], str]) -> str:
         """The message, its parameters worded by ``name`` (:func:`reword`)."""
-        return reword(str(self.args[0]) if self.args else "", name)
+        return reword(self.message, name)
 
     @property
     def parameters(self) -> tuple[str, ...]:
         """The parameters the message names, in order, each once."""
-        message = str(self.args[0]) if self.args else ""
-        return tuple(dict.fromkeys(match[1] for match in _PARAMETER.finditer(message)))
+        return tuple(dict.fromkeys(match[1] for match in _PARAMETER.finditer(self.message)))

@@ -505,7 +505,8 @@ def test_a_data_error_of_a_new_run_comes_alone_and_names_rnnreg_data(capsys, tmp
     monkeypatch.setenv("RNNREG_DATA", str(tmp_path / "no-corpus"))
     code, out, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), "--no-progress")
     _assert_one_line_error(code, err, f"data directory {tmp_path / 'no-corpus'} does not exist",
-                           "came from the environment variable RNNREG_DATA")
+                           "came from the environment variable RNNREG_DATA",
+                           "pass --data-dir")  # the wrapped message's parameter, as a flag
     assert out == "" and not (tmp_path / "run").exists()
 
 

@@ -102,8 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     except UnreadableLast as unreadable:
         if unreadable.best is None:
             raise
-        # The message as raised, so its parameters are worded as flags with the rest.
-        raise RunDirError(f"{unreadable.args[0]}: {_from_best_command(unreadable, out)}"
+        raise RunDirError(f"{unreadable.message}: {_from_best_command(unreadable, out)}"
                           ) from unreadable
     except KeyboardInterrupt as stopped:
         if distributed.is_main():

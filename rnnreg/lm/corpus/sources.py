@@ -118,7 +118,7 @@ def named_origin(data_dir: PathArg | None) -> Iterator[None]:
     except DataError as error:
         if not from_env:
             raise
-        raise DataError(f"{error} (the data path {from_env} came from the environment "
+        raise DataError(f"{error.message} (the data path {from_env} came from the environment "
                         f"variable {DATA_ENV}: change or unset it)") from error
 
 

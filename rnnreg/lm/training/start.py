@@ -173,7 +173,7 @@ def _read_last(run: RunDir) -> dict:
             advice = (f"the best checkpoint holds the whole training state {best_at}: to "
                       "continue from there, put the damaged file aside, copy the best "
                       "checkpoint in its place and resume")
-        raise UnreadableLast(f"{error}; {advice}", run.checkpoint_path("last"), best,
+        raise UnreadableLast(f"{error.message}; {advice}", run.checkpoint_path("last"), best,
                              best_at) from error
 
 
