@@ -13,6 +13,7 @@ from rnnreg.cli.flags import (
     add_config_flags,
     add_data_dir,
     config_overrides,
+    flag,
     flag_groups,
 )
 from rnnreg.errors import RnnregError
@@ -98,7 +99,8 @@ def _compare(args: argparse.Namespace) -> int:
             name for name in ("cells", "seeds") if getattr(args, name) is not None}
             | ({"rates"} if args.rates != _DEFAULT_RATES else set()))
         if given:
-            raise RnnregError(f"--report-only reads the runs as they are; drop {given}")
+            raise RnnregError(f"--report-only reads the runs as they are; drop "
+                              f"{', '.join(map(flag, given))}")
         print(write_report(args.out, data_dir=args.data_dir))
         return 0
     base = preset_config(args.preset).replace(**config_overrides(args))
