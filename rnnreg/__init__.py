@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn import functional
 from rnnreg.nn.dropout import EmbeddingDropout, LockedDropout, WeightDrop
 from rnnreg.nn.layers import GRU, LSTM, RNN
@@ -56,6 +57,7 @@ __all__ = [
     "PLACEMENTS",
     "RNN",
     "STRATEGIES",
+    "RnnregError",
     "DropoutMasks",
     "EmbeddingDropout",
     "LockedDropout",

@@ -162,6 +162,6 @@ def test_nonsense_averaging_settings_are_refused(changes, message):
         Config(**changes)
 
 
-def test_a_resume_with_another_average_is_refused_by_its_flag():
-    with pytest.raises(ValueError, match="--ema-decay: run has 0.9, command says 0.99"):
+def test_a_resume_with_another_average_is_refused_naming_it():
+    with pytest.raises(ValueError, match="ema_decay: run has 0.9, command says 0.99"):
         resumed_config(BASE, BASE.replace(ema_decay=0.99))

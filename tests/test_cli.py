@@ -17,8 +17,9 @@ from conftest import REPO_ROOT, write_corpus
 
 import rnnreg.cli as cli
 import rnnreg.lm.training.loop as train_module
-from rnnreg.cli.flags import GROUPS, config_overrides
-from rnnreg.lm.config import Config, flag
+from rnnreg.cli.flags import GROUPS, config_overrides, flag
+from rnnreg.errors import reword
+from rnnreg.lm.config import Config
 from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
@@ -86,11 +87,14 @@ def test_every_config_field_is_a_train_flag_with_one_line_of_help(capsys, monkey
     lines = _train_help(capsys, monkeypatch).splitlines()
     for field in dataclasses.fields(Config):
         name = flag(field.name)
-        help_text = field.metadata["help"]
+        # Another field the help names (in backquotes) is shown as its flag.
+        help_text = reword(field.metadata["help"], lambda other, _: flag(other))
         assert help_text and field.metadata["group"] in GROUPS, field.name
         # The flag is listed, and its help is printed whole on one line (not wrapped).
         assert any(line.lstrip().startswith(name) for line in lines), name
         assert any(line.strip().endswith(help_text) for line in lines), (name, help_text)
+    text = "\n".join(lines)
+    assert "top one with --layer-sizes" in text and not re.search(r"`[a-z_]+`", text)
     # The strategy's rate p keeps the flag users know; no layer's dropout is meant.
     assert flag("strategy_p") == "--dropout" and not any("--strategy-p" in line for line in lines)
     args = cli._parser().parse_args(["train", "--dropout", "0.3"])
@@ -247,9 +251,13 @@ def test_a_failed_start_does_not_block_the_corrected_retry(tmp_path, module_corp
 
 @pytest.mark.parametrize("flags,fragment", [
     (("--strategy", "bogus"), "strategy"),
-    (("--dropout", "1.5"), "dropout"),
+    (("--strategy", "zaremba", "--dropout", "1.5"),
+     "--dropout must be a probability in [0, 1], got 1.5"),
     (("--cell", "transformer"), "cell"),
-    (("--hidden-size", "0"), "hidden_size"),
+    (("--hidden-size", "0"), "--hidden-size must be a positive integer, got 0"),
+    (("--optimizer", "asgd", "--ema-decay", "0.5"),
+     "use --optimizer sgd with --ema-decay, or 'asgd' without it"),
+    (("--softmax", "adaptive", "--tie-weights"), "use --no-tie-weights or --softmax full"),
 ])
 def test_invalid_config_flags_are_one_line_errors(flags, fragment, tmp_path, module_corpus,
                                                   capsys):
@@ -377,7 +385,36 @@ def test_diverged_training_is_a_one_line_error(tmp_path, module_corpus, capsys, 
                         lambda logits, targets: original(logits, targets) * float("nan"))
     code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), "--out",
                         str(tmp_path / "run"), *TRAIN_FLAGS)
-    _assert_one_line_error(code, err, "Lower --lr")
+    _assert_one_line_error(code, err, "Lower --lr or --clip-norm")
+
+
+@pytest.mark.parametrize("bug", [ZeroDivisionError("division by zero"),
+                                 ValueError("an internal check failed")])
+def test_a_bug_deep_in_the_library_keeps_its_traceback(bug, tmp_path, module_corpus, capsys,
+                                                       monkeypatch):
+    """Only user errors become the one-line error: an exception of any other type, a bare
+    ValueError included, leaves main with its traceback (Python prints it)."""
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(Corpus, "load", broken)  # reached through train(), several calls deep
+    with pytest.raises(type(bug), match=str(bug)) as raised:
+        cli.main(["train", "--data-dir", str(module_corpus), "--out", str(tmp_path / "run"),
+                  *TRAIN_FLAGS])
+    assert raised.value is bug
+    assert "rnnreg: error:" not in capsys.readouterr().err
+
+
+def test_a_user_error_deep_in_the_library_is_one_line_with_flags(tmp_path, module_corpus,
+                                                                 capsys, monkeypatch):
+    """The same path raising a user error: one line, exit 2, its parameters as flags."""
+    def refused(*args, **kwargs):
+        raise DataError("no corpus: pass `data_dir`, or `download=False` to skip fetching it")
+
+    monkeypatch.setattr(Corpus, "load", refused)
+    code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), "--out",
+                        str(tmp_path / "run"), *TRAIN_FLAGS)
+    _assert_one_line_error(code, err, "pass --data-dir, or --no-download to skip")
 
 
 # --------------------------------------------------------------------------- download
@@ -468,7 +505,8 @@ def test_a_data_error_of_a_new_run_comes_alone_and_names_rnnreg_data(capsys, tmp
     monkeypatch.setenv("RNNREG_DATA", str(tmp_path / "no-corpus"))
     code, out, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), "--no-progress")
     _assert_one_line_error(code, err, f"data directory {tmp_path / 'no-corpus'} does not exist",
-                           "came from the environment variable RNNREG_DATA")
+                           "came from the environment variable RNNREG_DATA",
+                           "pass --data-dir")  # the wrapped message's parameter, as a flag
     assert out == "" and not (tmp_path / "run").exists()
 
 

@@ -485,7 +485,7 @@ def resumed_runs(tmp_path_factory):
                 if step == 5:
                     os.kill(os.getpid(), signal.SIGINT)
 
-            with pytest.raises(KeyboardInterrupt, match="--resume"):
+            with pytest.raises(KeyboardInterrupt, match="resume=True"):
                 _train(config, base / "run", data, on_step=interrupt)
             saved = load_tree(base / "run" / "checkpoints" / "last.safetensors")
             assert saved["progress"]["step"] == 5

@@ -322,7 +322,7 @@ def test_min_count_and_max_vocab_fold_rare_words_into_unk():
     # max_vocab counts <eos> and <unk>: room for two words, a and b.
     assert build_vocabulary(tokens, max_vocab=4).words == ("a", EOS, UNK, "b")
     assert build_vocabulary(tokens, max_vocab=3).words == (UNK, "a", EOS)  # b, c, d: 4
-    with pytest.raises(DataError, match="max-vocab"):
+    with pytest.raises(DataError, match="max_vocab=2 leaves no room"):
         build_vocabulary(tokens, max_vocab=2)
 
 

@@ -39,7 +39,8 @@ from steps import SCRIPT_PATH, AfterStep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rnnreg.cli as cli
-from rnnreg.lm.config import Config, flag
+from rnnreg.cli.flags import flag
+from rnnreg.lm.config import Config
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.curves import save as save_figure
@@ -523,7 +524,8 @@ KILLED_WRITE = textwrap.dedent("""
     import torch
 
     torch.set_num_threads(int(sys.argv[1]))
-    from rnnreg.lm.config import Config, flag
+    from rnnreg.cli.flags import flag
+    from rnnreg.lm.config import Config
     from rnnreg.lm.rundir.layout import RunDir
     from rnnreg.lm.training.loop import train
 

@@ -288,7 +288,7 @@ def test_layer_options_are_computed_once_per_config(monkeypatch):
 
 
 @pytest.mark.parametrize("changes, word", [
-    (dict(strategy_p=1.5), "strategy_p .--dropout."),
+    (dict(strategy_p=1.5), "^strategy_p must be"),
     (dict(between_dropout=-0.2), "between_dropout"),
     (dict(recurrent_dropout=2.0), "recurrent_dropout"),
     (dict(zoneout_hidden=1.0), "zoneout_hidden"),

@@ -282,7 +282,7 @@ def test_second_lock_is_refused_until_released(tmp_path: Path) -> None:
     with run.lock():
         info = json.loads((run.path / ".lock.holder").read_text())
         assert info["pid"] == os.getpid()
-        with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on .*--out"):
+        with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on .*another out$"):
             with RunDir(tmp_path / "run").lock():
                 pass
     with RunDir(tmp_path / "run").lock():

@@ -282,7 +282,7 @@ def test_a_stacked_model_trains_and_resumes_exactly(cell, tmp_path, tiny_corpus)
             os.kill(os.getpid(), signal.SIGINT)
 
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt, match="--resume"):
+    with pytest.raises(KeyboardInterrupt, match="resume=True"):
         _quiet_train(config, run, tiny_corpus, on_step=interrupt)
     saved = load_tree(run / "checkpoints" / "last.safetensors")
     assert saved["progress"]["step"] == 5

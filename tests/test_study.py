@@ -156,7 +156,7 @@ def test_report_only_regenerates_from_existing_runs(study_copy, capsys, monkeypa
     assert capsys.readouterr().out.strip() == str(study_copy / "report.md")
     assert (study_copy / "report.md").is_file()
     assert cli.main(["compare", "--out", str(study_copy), "--report-only", "--epochs", "3"]) == 2
-    assert "drop ['epochs']" in capsys.readouterr().err
+    assert "drop --epochs" in capsys.readouterr().err
 
 
 def _forbidden(*args, **kwargs):

@@ -9,6 +9,11 @@ A package, one module per idea, so that no command's code has to be read past an
 that use a trained run (evaluate, score, generate), ``study`` the study commands (compare,
 plot). This module holds what every command shares: the parser, the dispatch with its
 one-line errors, and the two commands (presets, download) too small for a module.
+
+Only bad input gets the one-line error: rnnreg's user errors (:class:`rnnreg.errors.RnnregError`,
+whose messages name parameters as Python does, shown here as flags), the operating system's
+(a missing file, a full disk) and a failed peer of a distributed job. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rnnreg.cli import scoring, study, training
+from rnnreg.cli.flags import worded
+from rnnreg.errors import RnnregError
 from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
-from rnnreg.lm.corpus.sources import DataError, default_data_dir, download_ptb, resolve_data_dir
+from rnnreg.lm.corpus.sources import default_data_dir, download_ptb, resolve_data_dir
 from rnnreg.lm.presets import PRESETS, Preset
-from rnnreg.lm.rundir.files import RunDirError
-from rnnreg.lm.training.loop import TrainingDiverged
 
 __all__ = ["main"]
 
@@ -37,12 +42,13 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # The command's own parser: its flags are what the library's messages are worded in.
+    args.command_parser = parser.commands[args.command]
     try:
         return args.handler(args)
-    except (ValueError, DataError, RunDirError, TrainingDiverged, OSError,
-            distributed.PeerFailed) as error:
+    except (RnnregError, OSError, distributed.PeerFailed) as error:
         # Through tqdm, so a progress bar the error cut short does not share the error's line.
-        tqdm.write(f"rnnreg: error: {error}", file=sys.stderr)
+        tqdm.write(f"rnnreg: error: {worded(error, args.command_parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rnnreg: interrupted", file=sys.stderr)

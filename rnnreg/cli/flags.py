@@ -2,7 +2,8 @@
 
 ``hidden_size`` is ``--hidden-size``, so one concept has one name in code, config.json, flags and
 docs; the one exception, the strategy's rate ``strategy_p``, keeps the flag ``--dropout``
-(:func:`rnnreg.lm.config.flag` names every field's flag). The flags are built from the
+(:func:`flag` names every field's flag, and :func:`worded` puts flags in the library's messages,
+which name parameters as Python does). The flags are built from the
 dataclass itself: each field's resolved type hint gives the flag's kind, and the field's
 metadata (``rnnreg.lm.config``) its one line of help, its group and the name of its value, so a
 new Config field is a new flag and its help is written once. A module of its own because two
@@ -17,10 +18,45 @@ import dataclasses
 import types
 import typing
 
-from rnnreg.lm.config import Config, flag
+from rnnreg.errors import RnnregError, python_name, reword
+from rnnreg.lm.config import Config
 
 __all__ = ["GROUPS", "HelpFormatter", "add_config_flags", "add_data_dir", "config_overrides",
-           "flag_groups"]
+           "flag", "flag_groups", "worded"]
+
+# Fields whose command-line flag is not their own name: the strategy's rate p keeps the flag
+# --dropout, the name users give it on the command line.
+_FLAG_NAMES = {"strategy_p": "dropout"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of Config field ``name``: ``hidden_size`` -> ``--hidden-size``."""
+    return "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
+
+
+def worded(message: str | BaseException, parser: argparse.ArgumentParser) -> str:
+    """A library message for the command line: each parameter it names
+    (:mod:`rnnreg.errors`) written as ``parser``'s flag for it (``strategy_p=0.5`` ->
+    ``--dropout 0.5``, ``resume=True`` -> ``--resume``, ``download=False`` -> ``--no-download``);
+    one the command has no flag for stays as Python names it."""
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+
+    def setting(name: str, value: str | None) -> str:
+        if value == "False" and f"no_{name}" in actions:  # --no-download sets no_download
+            return actions[f"no_{name}"].option_strings[0]
+        action = actions.get(name)
+        if action is None:
+            return python_name(name, value)
+        options = action.option_strings
+        if value == "False" and isinstance(action, argparse.BooleanOptionalAction):
+            return options[-1]  # --no-tie-weights
+        if value is None or value == "True":
+            return options[0]
+        return f"{options[0]} {value.strip(chr(39))}"
+
+    if isinstance(message, RnnregError):
+        return message.worded(setting)
+    return reword(str(message), setting)
 
 # The groups of a command's --help, in the order a user meets them: what to train on, the
 # model, how it is regularized, how it is optimized and for how long, how it is scored, where
@@ -80,7 +116,7 @@ def _add_flag(group, field: dataclasses.Field, hint) -> None:
     name = flag(field.name)
     kind, optional = _unwrap_optional(hint)
     meta = field.metadata
-    options = {"default": argparse.SUPPRESS, "help": meta["help"],
+    options = {"default": argparse.SUPPRESS, "help": reword(meta["help"], _flag_of),
                "dest": field.name}
     if kind is bool:
         group.add_argument(name, action=argparse.BooleanOptionalAction, **options)
@@ -96,6 +132,10 @@ def _add_flag(group, field: dataclasses.Field, hint) -> None:
     else:
         group.add_argument(name, type=_none_or(kind) if optional else kind,
                            metavar=meta["metavar"], **options)
+
+
+def _flag_of(name: str, value: str | None) -> str:
+    return flag(name) if value is None else f"{flag(name)} {value}"
 
 
 def _unwrap_optional(hint) -> tuple[type, bool]:

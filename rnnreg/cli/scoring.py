@@ -20,6 +20,7 @@ from collections import Counter
 import torch
 
 from rnnreg.cli.flags import add_data_dir
+from rnnreg.errors import RnnregError
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError, read_text
 from rnnreg.lm.corpus.vocab import UNK, tokenize
@@ -106,21 +107,21 @@ def _check_dynamic_flags(args: argparse.Namespace) -> None:
     given = [name for name in ("dynamic_lr", "dynamic_decay") if getattr(args, name) is not None]
     if args.dynamic is None:
         if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} needs --dynamic sgd or rms")
+            raise RnnregError(f"--{given[0].replace('_', '-')} needs --dynamic sgd or rms")
         return
     if len(given) == 1:
-        raise ValueError("give both --dynamic-lr and --dynamic-decay (no tuning), or neither "
-                         "(both tuned on the valid split)")
+        raise RnnregError("give both --dynamic-lr and --dynamic-decay (no tuning), or neither "
+                          "(both tuned on the valid split)")
     if given:
         DynamicSettings(args.dynamic, args.dynamic_lr, args.dynamic_decay,
                         args.dynamic_segment)  # refuses nonsense before any work
     elif args.dynamic_segment < 1:
-        raise ValueError(f"--dynamic-segment must be >= 1, got {args.dynamic_segment}")
+        raise RnnregError(f"--dynamic-segment must be >= 1, got {args.dynamic_segment}")
     if args.dynamic_tune_tokens < 0:
-        raise ValueError(f"--dynamic-tune-tokens must be >= 0, got {args.dynamic_tune_tokens}")
+        raise RnnregError(f"--dynamic-tune-tokens must be >= 0, got {args.dynamic_tune_tokens}")
     if args.dynamic_stat_windows < 0:
-        raise ValueError(f"--dynamic-stat-windows must be >= 0 (0 = the whole training "
-                         f"split), got {args.dynamic_stat_windows}")
+        raise RnnregError(f"--dynamic-stat-windows must be >= 0 (0 = the whole training "
+                          f"split), got {args.dynamic_stat_windows}")
 
 
 def _run_corpus(run_dir: str, config, vocab, data_dir) -> Corpus:
@@ -191,18 +192,18 @@ def _load_members(runs: list[str], weights: str, device: str):
     vocab, config = members[0][1], members[0][2]
     for run, (_, other_vocab, other_config) in zip(runs[1:], members[1:]):
         if other_vocab != vocab or other_config.level != config.level:
-            raise ValueError(f"{run} has a different vocabulary from {runs[0]}: "
-                             "ensemble members must be trained on the same corpus")
+            raise RnnregError(f"{run} has a different vocabulary from {runs[0]}: "
+                              "ensemble members must be trained on the same corpus")
     return [m for m, _, _ in members], vocab, config
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     if args.mc_samples < 0:
-        raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
+        raise RnnregError(f"--mc-samples must be >= 0, got {args.mc_samples}")
     _check_dynamic_flags(args)
     if args.dynamic and (len(args.runs) > 1 or args.mc_samples):
-        raise ValueError("--dynamic adapts one model's weights: score one run, without "
-                         "--mc-samples")
+        raise RnnregError("--dynamic adapts one model's weights: score one run, without "
+                          "--mc-samples")
     models, vocab, config = _load_members(args.runs, args.weights, args.device)
     corpus = _run_corpus(args.runs[0], config, vocab, args.data_dir)
     ids = corpus.split(args.split)
@@ -328,9 +329,9 @@ def _add_generate(commands) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     if args.words < 1:
-        raise ValueError(f"--words must be >= 1, got {args.words}")
+        raise RnnregError(f"--words must be >= 1, got {args.words}")
     if not args.temperature > 0 or math.isinf(args.temperature):
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+        raise RnnregError(f"--temperature must be > 0, got {args.temperature}")
     model, vocab, config = load_model(args.run, device=args.device)
     torch.manual_seed(args.seed)
     print(sample_text(model, vocab, args.prompt, words=args.words,

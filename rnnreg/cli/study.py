@@ -13,8 +13,10 @@ from rnnreg.cli.flags import (
     add_config_flags,
     add_data_dir,
     config_overrides,
+    flag,
     flag_groups,
 )
+from rnnreg.errors import RnnregError
 from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.nn.strategies import STRATEGIES
@@ -97,12 +99,16 @@ def _compare(args: argparse.Namespace) -> int:
             name for name in ("cells", "seeds") if getattr(args, name) is not None}
             | ({"rates"} if args.rates != _DEFAULT_RATES else set()))
         if given:
-            raise ValueError(f"--report-only reads the runs as they are; drop {given}")
+            raise RnnregError(f"--report-only reads the runs as they are; drop "
+                              f"{', '.join(map(flag, given))}")
         print(write_report(args.out, data_dir=args.data_dir))
         return 0
     base = preset_config(args.preset).replace(**config_overrides(args))
-    grid = StudyGrid(strategies=args.strategies, rates=args.rates,
-                     cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
+    try:  # the grid checks its axes, as given by the flags, with ValueErrors of its own
+        grid = StudyGrid(strategies=args.strategies, rates=args.rates,
+                         cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
+    except ValueError as error:
+        raise RnnregError(str(error)) from error
     out = run_study(base, grid, args.out, data_dir=args.data_dir, jobs=args.jobs,
                     progress=not args.no_progress, backend=_study_backend(args, base))
     print(write_report(out))
@@ -115,7 +121,7 @@ def _study_backend(args: argparse.Namespace, base: Config):
 
     if args.backend == "local":
         if args.address is not None:
-            raise ValueError("--address names a Ray cluster: use it with --backend ray")
+            raise RnnregError("--address names a Ray cluster: use it with --backend ray")
         return None
     try:
         # A run that asks for CUDA gets a GPU reserved, so Ray places it on a node with one.
@@ -124,7 +130,7 @@ def _study_backend(args: argparse.Namespace, base: Config):
                            storage=Path(args.out).resolve() / "ray",
                            progress=not args.no_progress)
     except ImportError as error:  # the one-line message says which extra to install
-        raise ValueError(str(error)) from None
+        raise RnnregError(str(error)) from None
 
 
 def _add_plot(commands) -> None:

@@ -26,7 +26,9 @@ from rnnreg.cli.flags import (
     add_data_dir,
     config_overrides,
     flag_groups,
+    worded,
 )
+from rnnreg.errors import RnnregError
 from rnnreg.lm import distributed
 from rnnreg.lm.config import RATE_STRATEGIES, Config
 from rnnreg.lm.corpus.batches import Corpus
@@ -80,8 +82,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = _none_means_no_rate(config_overrides(args))
     named_preset = "preset" in args
     if args.budget_minutes is not None and named_preset:
-        raise ValueError("--budget-minutes chooses the configuration itself (cpu-30min "
-                         "resized); drop --preset, or drop --budget-minutes")
+        raise RnnregError("--budget-minutes chooses the configuration itself (cpu-30min "
+                          "resized); drop --preset, or drop --budget-minutes")
     out = args.out or _default_out(args)
     if args.budget_minutes is not None:
         if args.data_dir is None and not args.no_download:
@@ -100,10 +102,12 @@ def _train(args: argparse.Namespace) -> int:
     except UnreadableLast as unreadable:
         if unreadable.best is None:
             raise
-        raise RunDirError(f"{unreadable}: {_from_best_command(unreadable, out)}") from unreadable
+        raise RunDirError(f"{unreadable.message}: {_from_best_command(unreadable, out)}"
+                          ) from unreadable
     except KeyboardInterrupt as stopped:
         if distributed.is_main():
-            print(f"rnnreg: {stopped or 'interrupted'}", file=sys.stderr)
+            print(f"rnnreg: {worded(stopped, args.command_parser) or 'interrupted'}",
+                  file=sys.stderr)
             if RunDir(out).exists():
                 print(_resume_command(out), file=sys.stderr)
         return 130
@@ -130,9 +134,9 @@ def _configured(base: Config, overrides: dict, whose: str = "the run's") -> Conf
     rate = overrides.get("strategy_p", base.strategy_p)
     if strategy == "none" and rate > 0:
         origin = "" if "strategy" in overrides else f" ({whose})"
-        raise ValueError(f"--dropout {rate:g} has no effect with strategy none{origin}, which "
-                         f"places no dropout: add --strategy NAME with a strategy that uses it "
-                         f"({', '.join(RATE_STRATEGIES)})")
+        raise RnnregError(f"--dropout {rate:g} has no effect with strategy none{origin}, which "
+                          f"places no dropout: add --strategy NAME with a strategy that uses it "
+                          f"({', '.join(RATE_STRATEGIES)})")
     return base.replace(**overrides)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn.functional import is_positive_int
 
 __all__ = ["AdaptiveSoftmax", "check_cutoffs", "default_cutoffs"]
@@ -53,9 +54,9 @@ def check_cutoffs(cutoffs: Sequence[int], vocab_size: int) -> tuple[int, ...]:
     values = tuple(cutoffs)
     if (not values or not all(is_positive_int(c) for c in values)
             or list(values) != sorted(set(values)) or values[-1] >= vocab_size):
-        raise ValueError(f"adaptive_cutoffs must be strictly increasing integers in "
-                         f"[1, {vocab_size - 1}] for a vocabulary of {vocab_size} words "
-                         f"(the head holds the ids below the first cutoff); got {list(values)}")
+        raise RnnregError(f"adaptive_cutoffs must be strictly increasing integers in "
+                          f"[1, {vocab_size - 1}] for a vocabulary of {vocab_size} words "
+                          f"(the head holds the ids below the first cutoff); got {list(values)}")
     return values
 
 
@@ -71,7 +72,7 @@ class AdaptiveSoftmax(nn.Module):
                  div_value: float = 4.0) -> None:
         super().__init__()
         if not div_value >= 1:
-            raise ValueError(f"adaptive_div_value must be >= 1, got {div_value}")
+            raise RnnregError(f"adaptive_div_value must be >= 1, got {div_value}")
         cutoffs = default_cutoffs(vocab_size) if cutoffs is None else cutoffs
         self.cutoffs = check_cutoffs(cutoffs, vocab_size)
         self.vocab_size = vocab_size
@@ -82,9 +83,9 @@ class AdaptiveSoftmax(nn.Module):
         for i, (low, high) in enumerate(zip(bounds[:-1], bounds[1:])):
             width = int(in_features // self.div_value ** (i + 1))
             if width < 1:
-                raise ValueError(f"adaptive_div_value {div_value} leaves cluster {i + 1} of "
-                                 f"{in_features} features no dimension: lower it or use fewer "
-                                 "cutoffs")
+                raise RnnregError(f"adaptive_div_value {div_value} leaves cluster {i + 1} of "
+                                  f"{in_features} features no dimension: lower it or use fewer "
+                                  "cutoffs")
             tails.append(nn.Sequential(nn.Linear(in_features, width, bias=False),
                                        nn.Linear(width, high - low)))
         self.tails = nn.ModuleList(tails)

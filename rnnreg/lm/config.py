@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn.functional import (
     check_positive_int,
     check_probability,
@@ -22,7 +23,7 @@ from rnnreg.nn.layers import LAYERS
 from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES, check_recurrent_mask
 
 __all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "RATE_STRATEGIES",
-           "RESUME_RULES", "SOFTMAXES", "Config", "flag", "on_resume"]
+           "RESUME_RULES", "SOFTMAXES", "Config", "on_resume"]
 
 CELLS = tuple(LAYERS)  # "lstm", "gru", "rnn"
 LEVELS = ("word", "char")
@@ -49,6 +50,8 @@ def _option(default: Any, group: str, help: str, metavar: str | None = None,
     of :data:`RESUME_RULES`).
 
     Held by the field itself, so the flag (:mod:`rnnreg.cli.flags`) cannot drift from the field.
+    The help names other fields in backquotes (:mod:`rnnreg.errors`), which the flag's help
+    shows as their flags.
     """
     if on_resume not in RESUME_RULES:
         raise ValueError(f"on_resume must be one of {', '.join(RESUME_RULES)}; got {on_resume!r}")
@@ -83,11 +86,11 @@ class Config:
     # The paper's cell; "gru" and "rnn" for the comparisons.
     cell: str = _option("lstm", "model", "recurrent cell", choices=CELLS)
     # The paper's small model; the top layer's size when layer_sizes is given.
-    hidden_size: int = _option(200, "model", "N units per layer (top one with --layer-sizes)",
+    hidden_size: int = _option(200, "model", "N units per layer (top one with `layer_sizes`)",
                                "N")
     num_layers: int = _option(2, "model", "N recurrent layers", "N")  # paper: 2 for every size
     # None = hidden_size, as in the paper.
-    embedding_size: int | None = _option(None, "model", "embedding width N; none = --hidden-size",
+    embedding_size: int | None = _option(None, "model", "embedding width N; none = `hidden_size`",
                                          "N")
     # Hidden size of each recurrent layer, bottom to top; None = num_layers layers of
     # hidden_size. When given it must have num_layers entries and end with hidden_size, so
@@ -230,11 +233,11 @@ class Config:
         check_positive_int("min_count", self.min_count)
         self._check_recurrent_mask()
         self._check_adaptive()
-        check_probability(f"strategy_p ({flag('strategy_p')})", self.strategy_p)
+        check_probability("strategy_p", self.strategy_p)
         if self.strategy == "none" and self.strategy_p > 0:  # else a rate that silently drops
-            raise ValueError(f"strategy_p={self.strategy_p:g} has no effect with strategy="
-                             f"'none', which places no dropout: choose a strategy that uses it "
-                             f"({', '.join(RATE_STRATEGIES)}), or strategy_p=0")
+            raise RnnregError(f"`strategy_p={self.strategy_p:g}` has no effect with "
+                              f"`strategy='none'`, which places no dropout: choose a `strategy` "
+                              f"that uses it ({', '.join(RATE_STRATEGIES)}), or `strategy_p=0`")
         for name in ("embedding_dropout", "input_dropout", "between_dropout",
                      "output_dropout", "recurrent_dropout", "weight_dropout"):
             value = getattr(self, name)
@@ -244,98 +247,100 @@ class Config:
             if getattr(self, name) is not None:
                 check_zoneout(name, getattr(self, name))
         if self.cell != "lstm" and self.zoneout_cell:
-            raise ValueError(f"zoneout_cell needs a cell state: only the lstm has one, not "
-                             f"the {self.cell}; use zoneout_hidden")
+            raise RnnregError(f"`zoneout_cell` needs a cell state: only the lstm has one, not "
+                              f"the {self.cell}; use `zoneout_hidden`")
         for name in ("lr", "clip_norm", "init_range"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise RnnregError(f"`{name}` must be > 0, got {getattr(self, name)}")
         for name in ("lr_decay", "weight_decay", "activation_reg", "temporal_activation_reg",
                      "checkpoint_minutes", "max_train_minutes", "decay_after", "checkpoint_steps",
                      "train_tokens", "log_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise RnnregError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         self._check_ema()
         # Computed once, from fields checked above (the zoneout rates derived from p are
         # checked as they are made); every layer built from this config takes these.
         object.__setattr__(self, "_layer_options", self._strategy_settings())
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
-            last = "" if self.layer_sizes is None else ", the last of layer_sizes"
-            raise ValueError(f"tie_weights needs embedding_size == hidden_size{last} "
-                             f"({self.hidden_size}), or unset; got {self.embedding_size}")
+            last = "" if self.layer_sizes is None else ", the last of `layer_sizes`"
+            raise RnnregError(f"`tie_weights` needs `embedding_size` == `hidden_size`{last} "
+                              f"({self.hidden_size}), or unset; got {self.embedding_size}")
 
     def _check_ema(self) -> None:
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0 = no average), got "
-                             f"{self.ema_decay}: 1 would never move from its first copy")
+            raise RnnregError(f"`ema_decay` must be in [0, 1) (0 = no average), got "
+                              f"{self.ema_decay}: 1 would never move from its first copy")
         if not 0 <= self.ema_start < 1:
-            raise ValueError(f"ema_start is the fraction of the run after which the EMA "
-                             f"starts, in [0, 1); got {self.ema_start}")
+            raise RnnregError(f"`ema_start` is the fraction of the run after which the EMA "
+                              f"starts, in [0, 1); got {self.ema_start}")
         if self.ema_decay and self.optimizer == "asgd":
-            raise ValueError("ema_decay averages the weights of a plain SGD run; NT-ASGD "
-                             "(optimizer='asgd') averages them itself, and a run evaluates one "
-                             "average: use --optimizer sgd with --ema-decay, or asgd without it")
+            raise RnnregError("`ema_decay` averages the weights of a plain SGD run; NT-ASGD "
+                              "(`optimizer='asgd'`) averages them itself, and a run evaluates "
+                              "one average: use `optimizer='sgd'` with `ema_decay`, or 'asgd' "
+                              "without it")
 
     def _check_recurrent_mask(self) -> None:
         if self.recurrent_mask is None:
             return
         check_recurrent_mask(self.recurrent_mask)
         if self.recurrent_mask == "batch" and not STRATEGIES[self.strategy].variational:
-            raise ValueError(f"recurrent_mask='batch' needs a variational strategy (one mask per "
-                             f"call, shared by every step); {self.strategy!r} draws fresh masks "
-                             "every step")
+            raise RnnregError(f"`recurrent_mask='batch'` needs a variational `strategy` (one "
+                              f"mask per call, shared by every step); {self.strategy!r} draws "
+                              "fresh masks every step")
 
     def _check_adaptive(self) -> None:
         """Cutoffs are checked against the vocabulary when the model is built; here their form."""
         if self.adaptive_cutoffs is not None:
             cutoffs = self.adaptive_cutoffs
             if isinstance(cutoffs, str | bytes) or not isinstance(cutoffs, tuple | list):
-                raise ValueError(f"adaptive_cutoffs must be a sequence of increasing positive "
-                                 f"integers, got {cutoffs!r}")
+                raise RnnregError(f"`adaptive_cutoffs` must be a sequence of increasing positive "
+                                  f"integers, got {cutoffs!r}")
             object.__setattr__(self, "adaptive_cutoffs", tuple(cutoffs))  # JSON gives lists
             if (not cutoffs or not all(map(is_positive_int, cutoffs))
                     or list(cutoffs) != sorted(set(cutoffs))):
-                raise ValueError(f"adaptive_cutoffs must be strictly increasing positive "
-                                 f"integers, got {list(cutoffs)}")
+                raise RnnregError(f"`adaptive_cutoffs` must be strictly increasing positive "
+                                  f"integers, got {list(cutoffs)}")
         if not self.adaptive_div_value >= 1:
-            raise ValueError(f"adaptive_div_value must be >= 1, got {self.adaptive_div_value}")
+            raise RnnregError(f"`adaptive_div_value` must be >= 1, got {self.adaptive_div_value}")
         if self.softmax == "adaptive" and self.tie_weights:
             # Baevski & Auli (2019) tie an adaptive softmax to an adaptive *input* embedding,
             # band by band; rnnreg's embedding is one V x E matrix, so there is nothing to tie
             # the clusters' reduced-dimension word vectors and projections to.
-            raise ValueError("tie_weights is not available with softmax='adaptive': its "
-                             "clusters have reduced-dimension word vectors that a full "
-                             "embedding cannot share; use --no-tie-weights or --softmax full")
+            raise RnnregError("`tie_weights` is not available with `softmax='adaptive'`: its "
+                              "clusters have reduced-dimension word vectors that a full "
+                              "embedding cannot share; use `tie_weights=False` or "
+                              "`softmax='full'`")
 
     def _check_layer_sizes(self) -> None:
         sizes = self.layer_sizes
         if sizes is None:
             return
         if isinstance(sizes, str | bytes) or not isinstance(sizes, tuple | list):
-            raise ValueError(f"layer_sizes must be a sequence of positive integers, "
-                             f"got {sizes!r}")
+            raise RnnregError(f"`layer_sizes` must be a sequence of positive integers, "
+                              f"got {sizes!r}")
         # JSON gives lists back: store a tuple so the frozen config stays hashable and equal.
         object.__setattr__(self, "layer_sizes", tuple(sizes))
         if not all(map(is_positive_int, self.layer_sizes)):
-            raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
+            raise RnnregError(f"`layer_sizes` must be positive integers, got {sizes!r}")
         if len(self.layer_sizes) != self.num_layers:
-            raise ValueError(f"layer_sizes {self.layer_sizes} has {len(self.layer_sizes)} "
-                             f"entries but num_layers={self.num_layers}: give one size per "
-                             "layer (or set num_layers to match)")
+            raise RnnregError(f"`layer_sizes` {self.layer_sizes} has {len(self.layer_sizes)} "
+                              f"entries but `num_layers={self.num_layers}`: give one size per "
+                              "layer (or set `num_layers` to match)")
         if self.layer_sizes[-1] != self.hidden_size:
-            raise ValueError(f"layer_sizes {self.layer_sizes} ends with "
-                             f"{self.layer_sizes[-1]} but hidden_size={self.hidden_size}: "
-                             "hidden_size is the last layer's size (set it to match)")
+            raise RnnregError(f"`layer_sizes` {self.layer_sizes} ends with "
+                              f"{self.layer_sizes[-1]} but `hidden_size={self.hidden_size}`: "
+                              "`hidden_size` is the last layer's size (set it to match)")
 
     def _check_split_fractions(self) -> None:
         fractions = self.split_fractions
         if isinstance(fractions, str | bytes) or not isinstance(fractions, tuple | list):
-            raise ValueError(f"split_fractions must be three numbers, got {fractions!r}")
+            raise RnnregError(f"`split_fractions` must be three numbers, got {fractions!r}")
         object.__setattr__(self, "split_fractions", tuple(float(f) for f in fractions))
         fractions = self.split_fractions
         if (len(fractions) != 3 or not all(0 < f < 1 for f in fractions)
                 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
-            raise ValueError(f"split_fractions must be three fractions in (0, 1) for train, "
-                             f"valid and test that sum to 1, got {fractions!r}")
+            raise RnnregError(f"`split_fractions` must be three fractions in (0, 1) for train, "
+                              f"valid and test that sum to 1, got {fractions!r}")
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -395,7 +400,7 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}")
+            raise RnnregError(f"unknown config field(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -406,21 +411,11 @@ class Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"config has unknown field(s) {unknown}; written by a newer rnnreg?")
+            raise RnnregError(f"config has unknown field(s) {unknown}; written by a newer rnnreg?")
         return cls(**data)
-
-
-# Fields whose command-line flag is not their own name: the strategy's rate p keeps the flag
-# --dropout, the name users give it on the command line.
-_FLAG_NAMES = {"strategy_p": "dropout"}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of Config field ``name``: ``hidden_size`` -> ``--hidden-size``."""
-    return "--" + _FLAG_NAMES.get(name, name).replace("_", "-")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise RnnregError(f"`{name}` must be one of {', '.join(allowed)}; got {value!r}")
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.corpus.batches import shard_streams
 
 __all__ = ["PeerFailed", "World", "detect", "is_main", "launch", "resolve_device"]
@@ -41,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available here")
+        raise RnnregError(f"`device={name!r}` was asked for but CUDA is not available here")
     return device
 
 
@@ -177,12 +178,12 @@ def detect() -> World:
     if not present:
         return World()
     if "RANK" not in present or "WORLD_SIZE" not in present:
-        raise ValueError(f"{', '.join(present)} set without RANK and WORLD_SIZE: start "
-                         "distributed training with torchrun (see README, Scaling out)")
+        raise RnnregError(f"{', '.join(present)} set without RANK and WORLD_SIZE: start "
+                          "distributed training with torchrun (see README, Scaling out)")
     rank, size = _int_variable("RANK"), _int_variable("WORLD_SIZE")
     local_rank = _int_variable("LOCAL_RANK") if "LOCAL_RANK" in present else 0
     if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"RANK={rank} and WORLD_SIZE={size} do not describe a rank of a job")
+        raise RnnregError(f"RANK={rank} and WORLD_SIZE={size} do not describe a rank of a job")
     return World(rank, size, local_rank, distributed=True)
 
 
@@ -191,7 +192,7 @@ def _int_variable(name: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {text!r}") from None
+        raise RnnregError(f"environment variable {name} must be an integer, got {text!r}") from None
 
 
 def is_main() -> bool:

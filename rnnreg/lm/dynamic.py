@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.corpus.batches import batchify, windows
 from rnnreg.lm.evaluation import Score, target_log_probs
 from rnnreg.lm.model import LanguageModel, ModelOutput, detach_state
@@ -77,19 +78,19 @@ class DynamicSettings:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"dynamic evaluation method must be one of {', '.join(METHODS)}; "
-                             f"got {self.method!r}")
+            raise RnnregError(f"dynamic evaluation method must be one of {', '.join(METHODS)}; "
+                              f"got {self.method!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"dynamic evaluation step size (lr) must be > 0, got {self.lr}")
+            raise RnnregError(f"dynamic evaluation step size (lr) must be > 0, got {self.lr}")
         if not 0 <= self.decay < 1:
-            raise ValueError(f"dynamic evaluation decay must be in [0, 1), got {self.decay}: "
-                             "1 would undo every step at once")
+            raise RnnregError(f"dynamic evaluation decay must be in [0, 1), got {self.decay}: "
+                              "1 would undo every step at once")
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) \
                 or self.segment < 1:
-            raise ValueError(f"dynamic evaluation segment must be a positive number of "
-                             f"tokens, got {self.segment!r}")
+            raise RnnregError(f"dynamic evaluation segment must be a positive number of "
+                              f"tokens, got {self.segment!r}")
         if not self.epsilon > 0:
-            raise ValueError(f"dynamic evaluation epsilon must be > 0, got {self.epsilon}")
+            raise RnnregError(f"dynamic evaluation epsilon must be > 0, got {self.epsilon}")
 
 
 @dataclass(frozen=True)
@@ -135,15 +136,15 @@ def gradient_statistics(model: LanguageModel, train_ids: Tensor, *,
     in eval mode.
     """
     if windows_max < 0:
-        raise ValueError(f"gradient statistics need windows_max >= 0 (0 = the whole "
-                         f"training split), got {windows_max}")
+        raise RnnregError(f"gradient statistics need windows_max >= 0 (0 = the whole "
+                          f"training split), got {windows_max}")
     worker = _copy_for_adapting(model)
     params = dict(worker.named_parameters())
     squares = {name: torch.zeros_like(p) for name, p in params.items()}
     device = next(worker.parameters()).device
     streams = batchify(train_ids.to(device), min(STAT_BATCH, max(1, train_ids.numel() // 2)))
     if streams.size(0) < 2:
-        raise ValueError("the training split is too short for gradient statistics")
+        raise RnnregError("the training split is too short for gradient statistics")
     state, count, tokens = None, 0, 0
     available = math.ceil((streams.size(0) - 1) / segment)
     bar = tqdm(total=min(windows_max or available, available), disable=not progress,
@@ -208,12 +209,12 @@ class _Update:
         pulls: list[Tensor | float] = [decay] * len(self.params)
         if settings.method == "rms":
             if stats is None:
-                raise ValueError("the rms update needs gradient statistics from training data "
-                                 "(gradient_statistics)")
+                raise RnnregError("the rms update needs gradient statistics from training data "
+                                  "(gradient_statistics)")
             missing = sorted(set(params) - set(stats.rms))
             if missing:
-                raise ValueError(f"gradient statistics lack parameter(s) {missing}: collect "
-                                 "them on this model")
+                raise RnnregError(f"gradient statistics lack parameter(s) {missing}: collect "
+                                  "them on this model")
             rms = [stats.rms[name] for name in params]
             mean = sum(float(r.mean()) for r in rms) / len(rms)   # avg(sqrt(MS_g))
             steps = [lr / (r + settings.epsilon) for r in rms]
@@ -253,7 +254,7 @@ def score_dynamic(model: LanguageModel, ids: Tensor, settings: DynamicSettings,
     device = next(worker.parameters()).device
     stream = batchify(ids.to(device), 1)
     if stream.size(0) < 2:
-        raise ValueError("dynamic evaluation needs at least two tokens")
+        raise RnnregError("dynamic evaluation needs at least two tokens")
     total = torch.zeros((), dtype=torch.float64, device=device)
     state = None
     start = time.perf_counter()
@@ -284,10 +285,10 @@ def tune_dynamic(model: LanguageModel, valid_ids: Tensor, method: str,
     (the first tried on a tie).
     """
     if tokens < 0:
-        raise ValueError(f"tuning tokens must be >= 0 (0 = the whole split), got {tokens}")
+        raise RnnregError(f"tuning tokens must be >= 0 (0 = the whole split), got {tokens}")
     if method not in METHODS:
-        raise ValueError(f"dynamic evaluation method must be one of {', '.join(METHODS)}; "
-                         f"got {method!r}")
+        raise RnnregError(f"dynamic evaluation method must be one of {', '.join(METHODS)}; "
+                          f"got {method!r}")
     ids = valid_ids[:tokens] if tokens else valid_ids
     if grid is None:
         scale = segment / DEFAULT_SEGMENT

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import batchify, windows
 from rnnreg.lm.corpus.vocab import Vocabulary
@@ -97,11 +98,11 @@ def score_stream(models: Sequence[LanguageModel] | LanguageModel, ids: Tensor, *
     """
     members = [models] if isinstance(models, LanguageModel) else list(models)
     if not members:
-        raise ValueError("score_stream needs at least one model")
+        raise RnnregError("score_stream needs at least one model")
     if mc_samples < 0:
-        raise ValueError(f"mc_samples must be >= 0, got {mc_samples}")
+        raise RnnregError(f"mc_samples must be >= 0, got {mc_samples}")
     if mc_samples and batch_size != 1:
-        raise ValueError("MC-dropout scoring runs the samples as the batch: use batch_size=1")
+        raise RnnregError("MC-dropout scoring runs the samples as the batch: use batch_size=1")
     samples = max(mc_samples, 1)
     device = next(members[0].parameters()).device
     streams = batchify(ids.to(device), batch_size)

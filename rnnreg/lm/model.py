@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.adaptive import AdaptiveSoftmax
 from rnnreg.lm.config import Config
 from rnnreg.nn.functional import dropout, dropout_mask, embedding_dropout, locked_dropout
@@ -61,7 +62,7 @@ class LanguageModel(nn.Module):
     def __init__(self, vocab_size: int, config: Config) -> None:
         super().__init__()
         if vocab_size < 2:
-            raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+            raise RnnregError(f"vocab_size must be at least 2, got {vocab_size}")
         self.vocab_size = vocab_size
         settings = config.layer_options()
         self.output_dropout = float(settings.pop("output_dropout"))
@@ -120,7 +121,7 @@ class LanguageModel(nn.Module):
         the full softmax gives its logits either way (the loss is cross-entropy on them).
         """
         if ids.dim() != 2:
-            raise ValueError(f"ids must be (T, B), got shape {tuple(ids.shape)}")
+            raise RnnregError(f"ids must be (T, B), got shape {tuple(ids.shape)}")
         if masks is None:
             embedded = embedding_dropout(ids, self.embedding.weight, self.embedding_dropout,
                                          self.training)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.adaptive import default_cutoffs
 from rnnreg.lm.config import Config
 
@@ -124,7 +125,7 @@ PRESETS = MappingProxyType({p.name: p for p in (
 
 def preset_config(name: str) -> Config:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise RnnregError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name].config()
 
 
@@ -154,9 +155,9 @@ def budget_config(minutes: float, vocab_size: int, *, softmax: str | None = None
     """
     rule = BUDGET_RULE
     if not minutes > 0:
-        raise ValueError(f"a time budget must be > 0 minutes, got {minutes}")
+        raise RnnregError(f"a time budget must be > 0 minutes, got {minutes}")
     if vocab_size < 2:
-        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+        raise RnnregError(f"vocab_size must be at least 2, got {vocab_size}")
     base = preset_config(rule["base"])
     if softmax is None:
         softmax = "adaptive" if vocab_size > rule["adaptive_above"] else "full"

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn import functional as RF
 
 __all__ = ["EmbeddingDropout", "LockedDropout", "WeightDrop"]
@@ -43,7 +44,7 @@ class EmbeddingDropout(nn.Embedding):
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.max_norm is not None or self.sparse:
-            raise ValueError("EmbeddingDropout supports neither max_norm nor sparse gradients")
+            raise RnnregError("EmbeddingDropout supports neither max_norm nor sparse gradients")
         return RF.embedding_dropout(ids, self.weight, self.p, self.training, self.padding_idx,
                                     self.scale_grad_by_freq)
 
@@ -69,7 +70,7 @@ class WeightDrop(nn.Module):
         own = dict(module.named_parameters())
         missing = [name for name in self.weights if name not in own]
         if not self.weights or missing:
-            raise ValueError(
+            raise RnnregError(
                 "weights must name parameters of the wrapped module; "
                 f"unknown: {missing or '(none given)'}; "
                 f"available: {sorted(own)}"

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rnnreg.errors import RnnregError
+
 __all__ = [
     "check_bool",
     "check_positive_int",
@@ -30,15 +32,20 @@ __all__ = [
 ]
 
 
+def _named(name: str) -> str:
+    """``name`` marked as the parameter it is (:mod:`rnnreg.errors`), where it is one."""
+    return f"`{name}`" if name.isidentifier() else name
+
+
 def check_probability(name: str, p: float) -> float:
     """Validate a dropout rate the way ``torch.nn.Dropout`` does, but say which option was wrong.
 
     Rates are never clamped: a silent 1.2 -> 1.0 hides a bug in the caller's config.
     """
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+        raise RnnregError(f"{_named(name)} must be a probability in [0, 1], got {p!r}")
     if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        raise RnnregError(f"{_named(name)} must be a probability in [0, 1], got {p}")
     return float(p)
 
 
@@ -47,8 +54,8 @@ def check_zoneout(name: str, p: float) -> float:
     (Krueger et al. 2017: the state would stay at its initial value forever)."""
     p = check_probability(name, p)
     if p == 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1), got 1.0: every unit would "
-                         "keep its initial value forever")
+        raise RnnregError(f"{_named(name)} must be a probability in [0, 1), got 1.0: every "
+                          "unit would keep its initial value forever")
     return p
 
 
@@ -61,14 +68,14 @@ def is_positive_int(value: object) -> bool:
 def check_positive_int(name: str, value: int) -> int:
     """A size (layer width, layer count, batch size, ...), or one ValueError naming the option."""
     if not is_positive_int(value):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise RnnregError(f"{_named(name)} must be a positive integer, got {value!r}")
     return value
 
 
 def check_bool(name: str, value: bool) -> bool:
     """A switch: True or False only, so that a 0/1 or "yes" from a config does not pass."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise RnnregError(f"{_named(name)} must be True or False, got {value!r}")
     return value
 
 
@@ -123,7 +130,7 @@ def locked_dropout(x: Tensor, p: float, training: bool = True, batch_first: bool
     if not training or p == 0:
         return x
     if x.dim() != 3:
-        raise ValueError(
+        raise RnnregError(
             f"locked_dropout expects a 3-D (time, batch, features) input, got {x.dim()}-D")
     mask_shape = (x.size(0), 1, x.size(2)) if batch_first else (1, x.size(1), x.size(2))
     return x * dropout_mask(mask_shape, p, device=x.device, dtype=x.dtype)

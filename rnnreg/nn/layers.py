@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn import layout
 from rnnreg.nn.engines import (
     call_weights,
@@ -94,9 +95,9 @@ class _RegularizedRecurrence:
         self.variational = check_bool("variational", variational)
         self.recurrent_mask = check_recurrent_mask(recurrent_mask)
         if recurrent_mask == "batch" and not variational:
-            raise ValueError("recurrent_mask='batch' shares one mask by every row and step of a "
-                             "call, which needs variational=True: per-step masks (variational="
-                             "False) differ by step and cannot be one weight")
+            raise RnnregError("recurrent_mask='batch' shares one mask by every row and step of a "
+                              "call, which needs variational=True: per-step masks (variational="
+                              "False) differ by step and cannot be one weight")
 
     @property
     def num_directions(self) -> int:
@@ -193,7 +194,7 @@ class _RegularizedRecurrence:
                         masks: DropoutMasks):
         """The stack layer by layer on time-major ``x``, every mask given (checked input)."""
         if self.proj_size:
-            raise ValueError("explicit masks need rnnreg's per-layer path, which has no proj_size")
+            raise RnnregError("explicit masks need rnnreg's per-layer path, which has no proj_size")
         states = layout.initial_states(self, hx, x, given.unbatched)
         x = apply_mask(x, masks.input)
         finals = []
@@ -292,9 +293,9 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         if proj_size and (recurrent_dropout or weight_dropout or variational or zoneout_hidden
                           or zoneout_cell):
-            raise ValueError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
-                             "combined with recurrent_dropout, weight_dropout, variational or "
-                             "zoneout")
+            raise RnnregError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
+                              "combined with recurrent_dropout, weight_dropout, variational or "
+                              "zoneout")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
                          _torch_dropout(dropout, num_layers), bidirectional, proj_size,
                          device=device, dtype=dtype)
@@ -341,7 +342,7 @@ class RNN(_RegularizedRecurrence, nn.RNN):
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+            raise RnnregError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
                          _torch_dropout(dropout, num_layers), bidirectional, device=device,
                          dtype=dtype)

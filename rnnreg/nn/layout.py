@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from rnnreg.errors import RnnregError
+
 __all__ = ["Layout", "check_input", "check_placement", "initial_states", "pack_states",
            "restore_layout", "reverse", "to_time_major"]
 
@@ -37,20 +39,20 @@ def check_input(layer, input, hx) -> None:
     if isinstance(input, PackedSequence):
         data, batch = input.data, int(input.batch_sizes[0])
         if data.dim() != 2:
-            raise ValueError(f"packed input data must be 2-D, got shape {tuple(data.shape)}")
+            raise RnnregError(f"packed input data must be 2-D, got shape {tuple(data.shape)}")
         unbatched = False
     elif isinstance(input, Tensor):
         if input.dim() not in (2, 3):
-            raise ValueError(
+            raise RnnregError(
                 f"input must be 3-D ({'B, T' if layer.batch_first else 'T, B'}, input_size) "
                 f"or 2-D (T, input_size) unbatched, got shape {tuple(input.shape)}")
         data, unbatched = input, input.dim() == 2
         batch = 1 if unbatched else input.size(0 if layer.batch_first else 1)
     else:
-        raise ValueError(
+        raise RnnregError(
             f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
     if data.size(-1) != layer.input_size:
-        raise ValueError(
+        raise RnnregError(
             f"input has {data.size(-1)} features but input_size={layer.input_size}")
     _check_states(layer, hx, batch, unbatched)
     states = () if hx is None else hx if layer.mode == "LSTM" else (hx,)
@@ -68,14 +70,14 @@ def check_placement(layer, tensors) -> None:
     cast = torch.is_autocast_enabled(weight.device.type)
     for name, tensor in tensors:
         if tensor.device != weight.device:
-            raise ValueError(f"{name} is on device {tensor.device} but the weights are on "
-                             f"{weight.device}: move it with .to({str(weight.device)!r})")
+            raise RnnregError(f"{name} is on device {tensor.device} but the weights are on "
+                              f"{weight.device}: move it with .to({str(weight.device)!r})")
         if tensor.dtype != weight.dtype and not cast:
             model = f", or convert the model: model.to({tensor.dtype})" if (
                 tensor.is_floating_point()) else ""
-            raise ValueError(f"{name} dtype ({tensor.dtype}) does not match weight dtype "
-                             f"({weight.dtype}). Convert {name}: {name}.to({weight.dtype})"
-                             f"{model}")
+            raise RnnregError(f"{name} dtype ({tensor.dtype}) does not match weight dtype "
+                              f"({weight.dtype}). Convert {name}: {name}.to({weight.dtype})"
+                              f"{model}")
 
 
 def _check_states(layer, hx, batch: int, unbatched: bool) -> None:
@@ -83,15 +85,15 @@ def _check_states(layer, hx, batch: int, unbatched: bool) -> None:
         return
     tensors = hx if layer.mode == "LSTM" else (hx,)
     if layer.mode == "LSTM" and not (isinstance(hx, tuple) and len(hx) == 2):
-        raise ValueError("hx for an LSTM must be a tuple (h_0, c_0)")
+        raise RnnregError("hx for an LSTM must be a tuple (h_0, c_0)")
     lead = layer.num_layers * _directions(layer)
     sizes = (layer.proj_size or layer.hidden_size, layer.hidden_size)  # h is projected, c not
     for name, tensor, size in zip(("h_0", "c_0"), tensors, sizes):
         expected = (lead, size) if unbatched else (lead, batch, size)
         if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
             got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must have shape {expected} "
-                             f"(num_layers*num_directions, batch, hidden_size), got {got}")
+            raise RnnregError(f"{name} must have shape {expected} "
+                              f"(num_layers*num_directions, batch, hidden_size), got {got}")
 
 
 def _directions(layer) -> int:

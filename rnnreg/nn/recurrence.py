@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn import loops, products
 from rnnreg.nn.loops.python import stop_at_lengths
 from rnnreg.nn.products import project
@@ -56,7 +57,7 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths, zoneout=No
     already carry a DropConnect mask) and ``mask``; the zoneout factors are constants.
     """
     if x.size(0) == 0:
-        raise ValueError("x must have at least one time step, got shape (0, ...)")
+        raise RnnregError("x must have at least one time step, got shape (0, ...)")
     # Outside the loop b_hh is just a second input bias, except in the GRU where torch keeps
     # b_hn inside r * (W_hn h + b_hn); summing the two vectors first saves a (T, B, G*H) add.
     bias = b_ih
@@ -76,7 +77,7 @@ def recurrence(mode, x, state, w_ih, w_hh, b_ih, b_hh, mask, lengths, zoneout=No
     b_hh = None if b_hh is None else b_hh.to(dtype)
     mask = None if mask is None else mask.to(dtype).contiguous()  # the loops read it raw
     if mode not in _MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose LSTM, GRU, RNN_TANH or RNN_RELU")
+        raise RnnregError(f"unknown mode {mode!r}; choose LSTM, GRU, RNN_TANH or RNN_RELU")
     zone_h, zone_c = _zone_factors(mode, zoneout, valid, state[0], dtype)
     with torch.autocast(x.device.type, enabled=False):
         if mode == "LSTM":
@@ -103,7 +104,7 @@ def _zone_factors(mode, zoneout, valid, h0, dtype):
     """
     hidden, cell = (None, None) if zoneout is None else zoneout
     if mode != "LSTM" and cell is not None:
-        raise ValueError(f"{mode} has no cell state: zoneout on the cell is for the LSTM only")
+        raise RnnregError(f"{mode} has no cell state: zoneout on the cell is for the LSTM only")
     if hidden is None and cell is None:
         return None, None
     factors = [hidden, cell] if mode == "LSTM" else [hidden]

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn.functional import (
     check_bool,
     check_positive_int,
@@ -54,11 +55,11 @@ class StackedRNN(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         if cell not in LAYERS:
-            raise ValueError(f"cell must be one of {', '.join(LAYERS)}; got {cell!r}")
+            raise RnnregError(f"cell must be one of {', '.join(LAYERS)}; got {cell!r}")
         sizes = tuple(layer_sizes) if isinstance(layer_sizes, Sequence) else ()
         if not sizes or not all(map(is_positive_int, sizes)):
-            raise ValueError(f"layer_sizes must be a non-empty sequence of positive integers, "
-                             f"got {layer_sizes!r}")
+            raise RnnregError(f"layer_sizes must be a non-empty sequence of positive integers, "
+                              f"got {layer_sizes!r}")
         self.cell = cell
         self.input_size = check_positive_int("input_size", input_size)
         self.variational = check_bool("variational", variational)
@@ -156,8 +157,8 @@ class StackedRNN(nn.Module):
         for name, count in (("between", self.num_layers - 1), ("recurrent", self.num_layers),
                             ("weight", self.num_layers)):
             if len(getattr(masks, name)) != count:
-                raise ValueError(f"masks.{name} must have {count} entries for "
-                                 f"{self.num_layers} layers, got {len(getattr(masks, name))}")
+                raise RnnregError(f"masks.{name} must have {count} entries for "
+                                  f"{self.num_layers} layers, got {len(getattr(masks, name))}")
 
     def _check_input(self, input, hx) -> None:
         """The stack's own boundary: its masks act before the first layer sees the input, so
@@ -165,12 +166,12 @@ class StackedRNN(nn.Module):
         if (not isinstance(input, Tensor) or input.dim() != 3
                 or input.size(-1) != self.input_size):
             got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"StackedRNN takes time-major input (T, B, {self.input_size}), "
-                             f"got {got}")
+            raise RnnregError(f"StackedRNN takes time-major input (T, B, {self.input_size}), "
+                              f"got {got}")
         check_placement(self.layers[0], [("input", input)])
         if hx is not None and (not isinstance(hx, tuple | list) or len(hx) != self.num_layers):
-            raise ValueError(f"hx must be a tuple of {self.num_layers} per-layer states "
-                             f"(one per entry of layer_sizes {self.layer_sizes})")
+            raise RnnregError(f"hx must be a tuple of {self.num_layers} per-layer states "
+                              f"(one per entry of layer_sizes {self.layer_sizes})")
 
     def extra_repr(self) -> str:
         return regularization_repr(

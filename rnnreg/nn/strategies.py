@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn.functional import check_bool, check_probability, check_zoneout
 
 __all__ = ["PLACEMENTS", "RECURRENT_MASKS", "STRATEGIES", "ZONEOUT", "Strategy",
@@ -41,8 +42,8 @@ ZONEOUT = ("zoneout_hidden", "zoneout_cell")
 
 def check_recurrent_mask(value: str) -> str:
     if value not in RECURRENT_MASKS:
-        raise ValueError(f"recurrent_mask must be one of {', '.join(map(repr, RECURRENT_MASKS))}; "
-                         f"got {value!r}")
+        raise RnnregError(f"recurrent_mask must be one of {', '.join(map(repr, RECURRENT_MASKS))}; "
+                          f"got {value!r}")
     return value
 
 
@@ -83,7 +84,7 @@ class Strategy:
         allowed = set(settings) | set(ZONEOUT)
         unknown = sorted(set(overrides) - allowed)
         if unknown:
-            raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
+            raise RnnregError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
         settings.update(overrides)
         return settings
 
@@ -120,7 +121,7 @@ def strategy(name: str, p: float,
     where they are set, so the settings of the other strategies suit every cell.
     """
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        raise RnnregError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     check_probability("p", p)
     return STRATEGIES[name].settings(p, **{keyword: _checked(keyword, value)
                                            for keyword, value in overrides.items()})

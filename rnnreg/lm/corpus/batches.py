@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.corpus.sources import (
     SPLITS,
     DataError,
@@ -144,13 +145,13 @@ def _check_unchanged(recorded: Mapping, source: Mapping, files: Mapping[str, Pat
         raise DataError(
             f"{source['data_dir']} holds {', '.join(sorted(source['files']))} but the run was "
             f"trained on {', '.join(sorted(saved))} from {recorded.get('data_dir')}: pass "
-            "--data-dir with the corpus it was trained on")
+            "`data_dir` with the corpus it was trained on")
     for role, info in source["files"].items():
         if saved[role].get("md5") != info["md5"]:
             raise DataError(
                 f"{files[role]} changed since the run was trained on it (md5 {info['md5']}, "
                 f"was {saved[role].get('md5')}; {info['bytes']} bytes, was "
-                f"{saved[role].get('bytes')}): restore it, or pass --data-dir with the corpus "
+                f"{saved[role].get('bytes')}): restore it, or pass `data_dir` with the corpus "
                 "it was trained on")
 
 
@@ -180,7 +181,7 @@ def _check_not_empty(name: str, path: Path, tokens: list[str]) -> None:
     if all(token == EOS for token in tokens):
         raise DataError(
             f"split {name!r} ({path}) is empty: it has no words, only blank lines or nothing; "
-            "put the corpus text in it or point --data-dir at a complete corpus"
+            "put the corpus text in it or point `data_dir` at a complete corpus"
         )
 
 
@@ -218,9 +219,9 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
     too.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise RnnregError(f"batch_size must be at least 1, got {batch_size}")
     if ids.dim() != 1:
-        raise ValueError(f"batchify needs a 1-D stream of ids, got shape {tuple(ids.shape)}")
+        raise RnnregError(f"batchify needs a 1-D stream of ids, got shape {tuple(ids.shape)}")
     steps = ids.numel() // batch_size
     # One input and its target need two steps; fewer leaves nothing to train on.
     if steps < 2:
@@ -242,9 +243,9 @@ def windows(streams: Tensor, bptt: int, start: int = 0) -> Iterator[tuple[Tensor
     The windows are views into ``streams``; modify them in place and you modify the data.
     """
     if bptt < 1:
-        raise ValueError(f"bptt must be at least 1, got {bptt}")
+        raise RnnregError(f"bptt must be at least 1, got {bptt}")
     if start < 0:
-        raise ValueError(f"start must be a non-negative row offset, got {start}")
+        raise RnnregError(f"start must be a non-negative row offset, got {start}")
     # Validation above runs at call time; a generator body would defer it to the first next().
     return _windows(streams, bptt, start)
 
@@ -259,7 +260,7 @@ def _windows(streams: Tensor, bptt: int, start: int) -> Iterator[tuple[Tensor, T
 def num_windows(streams: Tensor, bptt: int) -> int:
     """How many windows :func:`windows` yields from ``start=0``: ceil((T - 1) / bptt)."""
     if bptt < 1:
-        raise ValueError(f"bptt must be at least 1, got {bptt}")
+        raise RnnregError(f"bptt must be at least 1, got {bptt}")
     targets = max(streams.size(0) - 1, 0)
     return -(-targets // bptt)
 
@@ -272,12 +273,12 @@ def shard_streams(streams: Tensor, rank: int, world_size: int) -> Tensor:
     contiguous, like :func:`batchify` output.
     """
     if world_size < 1:
-        raise ValueError(f"world_size must be at least 1, got {world_size}")
+        raise RnnregError(f"world_size must be at least 1, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        raise RnnregError(f"rank must be in [0, {world_size}), got {rank}")
     batch_size = streams.size(1)
     if batch_size % world_size:
-        raise ValueError(
+        raise RnnregError(
             f"batch size {batch_size} is not divisible by world size {world_size}: "
             "choose a batch size that is a multiple of the number of processes"
         )

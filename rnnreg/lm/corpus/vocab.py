@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.config import LEVELS
 from rnnreg.lm.corpus.sources import DataError
 
@@ -143,7 +144,7 @@ class Vocabulary:
     def decode(self, ids: Tensor | Iterable[int]) -> list[str]:
         """Map ids back to words; an out-of-range id means a mismatched vocabulary."""
         if isinstance(ids, Tensor) and ids.dim() > 1:
-            raise ValueError(f"decode needs a 1-D sequence of ids, got shape {tuple(ids.shape)}")
+            raise RnnregError(f"decode needs a 1-D sequence of ids, got shape {tuple(ids.shape)}")
         values = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else list(ids)
         words = []
         for i in values:
@@ -191,7 +192,7 @@ def build_vocabulary(tokens: Sequence[str], *, max_vocab: int | None = None,
     kept = [w for w in ordered if counts[w] >= min_count or w == EOS]
     if max_vocab is not None:
         if max_vocab < 3:
-            raise DataError(f"--max-vocab {max_vocab} leaves no room for words besides "
+            raise DataError(f"`max_vocab={max_vocab}` leaves no room for words besides "
                             f"{EOS} and {UNK}: use at least 3")
         head = [w for w in kept if w != EOS][:max_vocab - 2]
         kept = [w for w in kept if w == EOS or w in set(head)]

@@ -17,6 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.rundir.files import replacing, writing
 
 __all__ = ["PALETTE", "figure", "grid", "learning_curves", "save"]
@@ -69,9 +70,9 @@ def learning_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, *,
     and adds the final valid and test perplexities where a budget stopped the run mid-epoch.
     """
     if not runs:
-        raise ValueError("learning_curves needs at least one run")
+        raise RnnregError("learning_curves needs at least one run")
     if x not in _X_AXES:
-        raise ValueError(f"x must be one of {', '.join(_X_AXES)}; got {x!r}")
+        raise RnnregError(f"x must be one of {', '.join(_X_AXES)}; got {x!r}")
     drawn = figure(3.2 * min(len(runs), 4), 2.8 * math.ceil(len(runs) / 4) + 0.4)
     # Shared y: the gap between panels is part of the comparison.
     for ax, (label, records) in zip(grid(drawn, len(runs)), runs.items()):

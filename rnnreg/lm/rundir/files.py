@@ -17,14 +17,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeAlias
 
+from rnnreg.errors import RnnregError
+
 __all__ = ["RunDirError", "StrPath", "WriteError", "append_bytes", "atomic_write_bytes",
            "atomic_write_text", "check_writable", "is_temporary", "replacing", "writing"]
 
 StrPath: TypeAlias = str | os.PathLike[str]
 
 
-class RunDirError(RuntimeError):
-    """A run directory or one of its files is missing, corrupt or unusable."""
+class RunDirError(RnnregError, RuntimeError):
+    """A run directory or one of its files is missing, corrupt or unusable: a user error
+    (:class:`rnnreg.errors.RnnregError`), and a RuntimeError as it always was."""
 
 
 # Causes worth naming in words, and what the user can do about each.

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 import filelock
 import torch
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.rundir.checkpoint import Tree, load_tree, save_tree
@@ -113,7 +114,7 @@ def _exclusive_lock(run_path: Path) -> Iterator[None]:
         lock.acquire()
     except filelock.Timeout:  # an OSError too, so caught first
         raise RunLockedError(f"run directory {run_path} is in use by {_lock_holder(holder)}; "
-                             "wait for it to finish or choose another --out") from None
+                             "wait for it to finish or choose another `out`") from None
     except OSError as error:  # the lock file cannot be created: a read-only or foreign --out
         raise WriteError(lock.lock_file, error.errno, error.strerror or str(error)) from error
     try:
@@ -188,8 +189,8 @@ class RunDir:
         """
         if not exist_ok and self.exists():
             raise RunDirError(
-                f"{self._path} already holds a run (config.json exists); pass --resume to "
-                "continue it or choose another --out"
+                f"{self._path} already holds a run (config.json exists); pass `resume=True` "
+                "to continue it or choose another `out`"
             )
         # plots/ is made by whatever draws into it, so it never stands empty.
         for directory in (self.checkpoint_dir, self.tensorboard_dir):
@@ -367,7 +368,7 @@ class RunDir:
 
     def checkpoint_path(self, name: str) -> Path:
         if not _CHECKPOINT_NAME.fullmatch(name):
-            raise ValueError(
+            raise RnnregError(
                 f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit"
             )

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rnnreg.errors import RnnregError
+
 __all__ = ["WeightEMA", "averaged_state"]
 
 
@@ -63,7 +65,7 @@ class WeightEMA:
             return
         missing = sorted(set(self.params) - set(state["weights"]))
         if missing:
-            raise ValueError(f"the checkpoint's weight average lacks {missing}")
+            raise RnnregError(f"the checkpoint's weight average lacks {missing}")
         self.weights = {name: state["weights"][name].to(device) for name in self.params}
         self.updates = int(state["updates"])
 

@@ -87,7 +87,7 @@ def saved_line(progress: Progress, rows: int, run_path: Path) -> str:
 
 def stopped_line(progress: Progress, rows: int, run_path: Path) -> str:
     """The message of the KeyboardInterrupt a requested stop ends with."""
-    return f"stopped: {saved_line(progress, rows, run_path)}; continue with --resume"
+    return f"stopped: {saved_line(progress, rows, run_path)}; continue with `resume=True`"
 
 
 def finished_line(progress: Progress, run_path: Path) -> str:

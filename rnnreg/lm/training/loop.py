@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus, batchify, shard_streams
@@ -55,8 +56,9 @@ from rnnreg.nn.engines import engine_for
 __all__ = ["TrainingDiverged", "train"]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+class TrainingDiverged(RnnregError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched. A user
+    error (the settings diverge), and a RuntimeError as it always was."""
 
 
 def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None = None,
@@ -389,7 +391,7 @@ def _check_finite(what: str, value: float, window: _Window, run: RunDir) -> None
         raise TrainingDiverged(
             f"{what} became {value} at epoch {window.epoch}, step {window.step} "
             f"(lr {window.lr:.3g}); the last good checkpoint in {run.checkpoint_dir} is "
-            "intact. Lower --lr or the clip norm, then resume or restart.")
+            "intact. Lower `lr` or `clip_norm`, then resume or restart.")
 
 
 def _count_window(progress: Progress, length: int, tokens: int) -> None:

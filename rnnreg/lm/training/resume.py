@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rnnreg.lm.config import Config, flag, on_resume
+from rnnreg.errors import RnnregError
+from rnnreg.lm.config import Config, on_resume
 from rnnreg.lm.distributed import World
 from rnnreg.lm.model import LanguageModel, map_state
 from rnnreg.lm.rundir.layout import RunDir
@@ -120,11 +121,11 @@ def resumed_config(saved: Config, wanted: Config) -> Config:
                 or (name in EXTENDABLE and _raised(name, have, want))):
             continue
         note = " (it may only be raised)" if name in EXTENDABLE else ""
-        differences.append(f"{flag(name)}: run has {_shown(have)}, "
+        differences.append(f"`{name}`: run has {_shown(have)}, "
                            f"command says {_shown(want)}{note}")
     if differences:
-        raise ValueError("the run was started with other settings: " + "; ".join(differences)
-                         + " (a resumed run keeps them; use another --out for a new run)")
+        raise RnnregError("the run was started with other settings: " + "; ".join(differences)
+                          + " (a resumed run keeps them; use another `out` for a new run)")
     return saved.replace(**{name: getattr(wanted, name) for name in EXTENDABLE + OPERATIONAL})
 
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
+from rnnreg.errors import RnnregError
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import ensure_ptb, missing_directories, remove_empty
@@ -124,7 +125,7 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
         _lock(run, held)
         run.check_writable()
     except WriteError as error:  # refused before any training time is spent
-        raise error.advise(f"{error.remedy or 'fix that'}, or choose another --out") from error
+        raise error.advise(f"{error.remedy or 'fix that'}, or choose another `out`") from error
     run.remove_temporaries()  # of writes a killed process left unfinished
     vocab = checkpoint = recorded = None
     if resume and run.exists():
@@ -137,8 +138,8 @@ def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, re
         raise RunDirError(f"nothing to resume in {run.path}: no config.json; pass a config "
                           "to start a new run")
     if config.batch_size % world_size:
-        raise ValueError(f"batch size {config.batch_size} is not divisible by world size "
-                         f"{world_size}: each process trains B / world size whole streams")
+        raise RnnregError(f"batch size {config.batch_size} is not divisible by world size "
+                          f"{world_size}: each process trains B / world size whole streams")
     if checkpoint is not None:
         _check_ranks(run, checkpoint, world_size)
     return config, vocab, checkpoint, recorded
@@ -172,7 +173,7 @@ def _read_last(run: RunDir) -> dict:
             advice = (f"the best checkpoint holds the whole training state {best_at}: to "
                       "continue from there, put the damaged file aside, copy the best "
                       "checkpoint in its place and resume")
-        raise UnreadableLast(f"{error}; {advice}", run.checkpoint_path("last"), best,
+        raise UnreadableLast(f"{error.message}; {advice}", run.checkpoint_path("last"), best,
                              best_at) from error
 
 
@@ -196,9 +197,9 @@ def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
     """
     saved = len(checkpoint["rng"])  # one generator state per rank
     if saved != world_size:
-        raise ValueError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
-                         f"the same number (torchrun --nproc-per-node {saved}), "
-                         f"not {world_size}")
+        raise RnnregError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
+                          f"the same number (torchrun --nproc-per-node {saved}), "
+                          f"not {world_size}")
 
 
 def _create_run(run: RunDir, config: Config, corpus: Corpus, world_size: int) -> None:
@@ -213,5 +214,7 @@ def after_write_error(error: WriteError, saved_step: int | None) -> str:
     """What a failed write during training leaves and how to go on, for its one-line message."""
     fix = error.remedy or "fix the cause"
     if saved_step is None:
-        return f"no checkpoint was saved yet: {fix}, then rerun with --resume (it starts over)"
-    return f"the last checkpoint (step {saved_step}) is intact: {fix}, then continue with --resume"
+        return (f"no checkpoint was saved yet: {fix}, then rerun with `resume=True` "
+                "(it starts over)")
+    return (f"the last checkpoint (step {saved_step}) is intact: {fix}, then continue with "
+            "`resume=True`")
