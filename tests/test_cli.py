@@ -417,6 +417,17 @@ def test_a_user_error_deep_in_the_library_is_one_line_with_flags(tmp_path, modul
     _assert_one_line_error(code, err, "pass --data-dir, or --no-download to skip")
 
 
+
+def test_an_engine_setting_from_the_environment_is_a_user_error(tmp_path, module_corpus, capsys,
+                                                                 monkeypatch):
+    """A mistyped RNNREG_ENGINE is the caller's input, not a bug: one line, exit 2."""
+    monkeypatch.setenv("RNNREG_ENGINE", "tritno")
+    code, _, err = _cli(capsys, "train", "--data-dir", str(module_corpus), "--out",
+                        str(tmp_path / "run"), "--strategy", "variational", "--dropout", "0.3",
+                        *TRAIN_FLAGS)
+    _assert_one_line_error(code, err, "RNNREG_ENGINE='tritno' is not a loop engine")
+
+
 # --------------------------------------------------------------------------- download
 
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 
 import torch
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn.loops.python import PYTHON
 
 __all__ = ["CPP_LOOP", "PYTHON_LOOP", "SETTINGS", "TRITON_GRAPHS", "TRITON_LOOP", "VARIABLE",
@@ -59,8 +60,8 @@ def requested(environ: Mapping[str, str] | None = None) -> str:
     :data:`SETTINGS`, ``auto`` when unset; anything else is an error."""
     value = (os.environ if environ is None else environ).get(VARIABLE, "auto").strip().lower()
     if value not in SETTINGS:
-        raise ValueError(f"{VARIABLE}={value!r} is not a loop engine; choose one of "
-                         f"{', '.join(SETTINGS)}")
+        raise RnnregError(f"{VARIABLE}={value!r} is not a loop engine; choose one of "
+                          f"{', '.join(SETTINGS)}")
     return value
 
 

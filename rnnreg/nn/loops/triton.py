@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnreg.errors import RnnregError
 from rnnreg.nn.loops import triton_fused
 from rnnreg.nn.loops.triton_common import (
     _load,
@@ -137,8 +138,8 @@ def launch_geometry(batch, hidden, gates):
     step's own offset is 64-bit), so a step of 2**31 or more elements is refused.
     """
     if batch * gates * hidden >= 2**31:
-        raise ValueError(f"a step of batch {batch} and {gates} x {hidden} units has 2**31 or "
-                         f"more elements, more than the Triton kernels' 32-bit offsets reach")
+        raise RnnregError(f"a step of batch {batch} and {gates} x {hidden} units has 2**31 or "
+                          f"more elements, more than the Triton kernels' 32-bit offsets reach")
     n = batch * hidden
     block = min(1024, max(128, triton.next_power_of_2(triton.cdiv(n, 264))))
     return (triton.cdiv(n, block),), block, block // 128
@@ -152,8 +153,8 @@ def step_kind(environ=None) -> str:
     value = (os.environ if environ is None else environ).get(STEP_VARIABLE, "split")
     value = value.strip().lower()
     if value not in STEP_KINDS:
-        raise ValueError(f"{STEP_VARIABLE}={value!r} is not a step kind; choose one of "
-                         f"{', '.join(STEP_KINDS)}")
+        raise RnnregError(f"{STEP_VARIABLE}={value!r} is not a step kind; choose one of "
+                          f"{', '.join(STEP_KINDS)}")
     return value
 
 
