@@ -30,9 +30,11 @@ def add_commands(commands) -> None:
 # The axes of a study: given as lists by compare's own flags, so the single-run flags for the
 # same fields would be ambiguous there.
 _GRID_FIELDS = frozenset({"strategy", "strategy_p", "cell", "seed"})
-# The default study: every strategy at the tutorial's low and high ends of the useful range.
+# A custom grid's defaults: every strategy at the low and high ends of the useful range.
 _DEFAULT_STRATEGIES = tuple(STRATEGIES)
 _DEFAULT_RATES = (0.25, 0.5)
+_CUSTOM_FLAGS = ("strategies", "rates", "cells", "seeds", "preset")
+_PLANS = ("default", "quick", "gpu")  # rnnreg.study.grid.PLANS, named here to keep it unloaded
 
 
 def _comma_list(convert, kind: str):
@@ -56,12 +58,17 @@ def _add_compare(commands) -> None:
                     "resumes an interrupted study. Writes OUT/report.md and OUT/report.html "
                     "and prints the report's path.")
     compare.add_argument("--out", required=True, help="study directory")
+    compare.add_argument("--plan", choices=_PLANS,
+                         help="the study that tests the tutorial's claims: default (about an "
+                              "hour on 2 CPU cores), quick (a few minutes, a first look), gpu "
+                              "(the paper's medium model); the default when no grid flag "
+                              "(--strategies, --rates, --cells, --seeds, --preset) is given")
     compare.add_argument("--strategies", type=_comma_list(str, "strategy names"),
-                         default=_DEFAULT_STRATEGIES, metavar="NAME,...",
-                         help=f"strategies to compare, of: {', '.join(STRATEGIES)} (default: "
-                              "all)")
+                         metavar="NAME,...",
+                         help=f"a custom grid: strategies to compare, of: "
+                              f"{', '.join(STRATEGIES)} (default: all)")
     compare.add_argument("--rates", type=_comma_list(float, "numbers in [0, 1]"),
-                         default=_DEFAULT_RATES, metavar="P,...",
+                         metavar="P,...",
                          help="dropout rates (default: "
                               f"{','.join(map(str, _DEFAULT_RATES))})")
     compare.add_argument("--cells", type=_comma_list(str, "cell names"), metavar="CELL,...",
@@ -76,9 +83,9 @@ def _add_compare(commands) -> None:
     compare.add_argument("--address", metavar="ADDR",
                          help="Ray cluster to join: 'auto', or ray://HOST:10001 (default: a "
                               "local Ray instance); only with --backend ray")
-    compare.add_argument("--preset", choices=sorted(PRESETS), default="study-small",
-                         help="base configuration; every configuration flag overrides it "
-                              "(default: study-small)")
+    compare.add_argument("--preset", choices=sorted(PRESETS),
+                         help="a custom grid's base configuration; every configuration flag "
+                              "overrides it (default: study-small)")
     compare.add_argument("--report-only", action="store_true",
                          help="only regenerate the report from the runs already in --out")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -89,22 +96,34 @@ def _add_compare(commands) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rnnreg.study.grid import StudyGrid, run_study
+    from rnnreg.study.grid import StudyGrid, run_plan, run_study
     from rnnreg.study.report import write_report
 
+    overrides = config_overrides(args)
+    custom = [name for name in _CUSTOM_FLAGS if getattr(args, name) is not None]
     if args.report_only:
-        given = sorted(set(config_overrides(args)) | {
-            name for name in ("cells", "seeds") if getattr(args, name) is not None}
-            | ({"rates"} if args.rates != _DEFAULT_RATES else set()))
+        given = sorted(set(overrides) | set(custom) | ({"plan"} if args.plan else set()))
         if given:
             raise ValueError(f"--report-only reads the runs as they are; drop {given}")
         print(write_report(args.out, data_dir=args.data_dir))
         return 0
-    base = preset_config(args.preset).replace(**config_overrides(args))
-    grid = StudyGrid(strategies=args.strategies, rates=args.rates,
+    if custom and args.plan:
+        raise ValueError(f"--plan runs its own grids; drop {custom}, or drop --plan for a "
+                         "custom grid")
+    backend_base = preset_config(args.preset or "study-small").replace(**overrides)
+    backend = _study_backend(args, backend_base)
+    if not custom:
+        out = run_plan(args.plan or "default", args.out, data_dir=args.data_dir,
+                       jobs=args.jobs, progress=not args.no_progress, backend=backend,
+                       overrides=overrides)
+        print(write_report(out))
+        return 0
+    base = backend_base
+    grid = StudyGrid(strategies=args.strategies or _DEFAULT_STRATEGIES,
+                     rates=args.rates or _DEFAULT_RATES,
                      cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
     out = run_study(base, grid, args.out, data_dir=args.data_dir, jobs=args.jobs,
-                    progress=not args.no_progress, backend=_study_backend(args, base))
+                    progress=not args.no_progress, backend=backend)
     print(write_report(out))
     return 0
 

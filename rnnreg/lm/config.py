@@ -167,6 +167,10 @@ class Config:
     # The window length when a split is scored as one stream.
     eval_bptt: int = _option(100, "evaluation", "T steps per window when scoring one stream",
                              "T")
+    # For budget studies: the held-out scores of a small model on a slice of the training
+    # split cost more than its training when the whole valid and test splits are scored.
+    eval_tokens: int = _option(0, "evaluation",
+                               "score valid and test on their first N tokens; 0 = all", "N")
     # 1 = the split as one stream; larger is faster, approximate.
     valid_batch_size: int = _option(1, "evaluation",
                                     "valid in B streams: 1 = exact, more = faster", "B")
@@ -195,6 +199,9 @@ class Config:
             check_positive_int("embedding_size", self.embedding_size)
         self._check_layer_sizes()
         self._check_split_fractions()
+        if self.eval_tokens == 1:
+            raise ValueError("eval_tokens must be 0 (all) or at least 2: one token predicts "
+                             "nothing")
         if self.max_vocab is not None:
             check_positive_int("max_vocab", self.max_vocab)
         check_positive_int("min_count", self.min_count)
@@ -217,7 +224,7 @@ class Config:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lr_decay", "weight_decay", "activation_reg", "temporal_activation_reg",
                      "checkpoint_minutes", "max_train_minutes", "decay_after", "checkpoint_steps",
-                     "train_tokens", "log_every"):
+                     "train_tokens", "eval_tokens", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         # Computed once, from fields checked above (the zoneout rates derived from p are
