@@ -1,4 +1,5 @@
-"""The study commands: ``compare`` (a grid of runs and its report) and ``plot`` (their curves).
+"""The study commands: ``compare`` (a grid of runs and its report), ``plot`` (their curves) and
+``recall-corpus`` (the memory task's synthetic corpus).
 
 They front ``rnnreg.study``, which is imported only when one of them runs: the other commands
 never load the grid's, the report's or matplotlib's modules (nor Ray's).
@@ -25,6 +26,7 @@ __all__ = ["add_commands"]
 def add_commands(commands) -> None:
     _add_compare(commands)
     _add_plot(commands)
+    _add_recall_corpus(commands)
 
 
 # The axes of a study: given as lists by compare's own flags, so the single-run flags for the
@@ -159,4 +161,38 @@ def _plot(args: argparse.Namespace) -> int:
     from rnnreg.study.plots import plot_runs
 
     print(plot_runs(args.runs, args.out, x=args.x))
+    return 0
+
+
+def _add_recall_corpus(commands) -> None:
+    from rnnreg.lm.corpus.recall import RecallTask
+
+    default = RecallTask()
+    recall = commands.add_parser(
+        "recall-corpus", help="write a synthetic corpus whose values need a memory of N steps",
+        description="Each line is a key, N - 2 random fillers, a cue and the key's value: the "
+                    "value is predictable only from the key N tokens back. Writes train.txt, "
+                    "valid.txt, test.txt and recall.json into OUT, for rnnreg train --data-dir.")
+    recall.add_argument("--out", required=True, help="directory to write (new or empty)")
+    recall.add_argument("--distances", type=_comma_list(int, "integers"), metavar="N,...",
+                        default=default.distances, help="distances N to mix, each >= 2 "
+                        f"(default: {','.join(map(str, default.distances))})")
+    recall.add_argument("--symbols", type=int, default=default.symbols,
+                        help=f"distinct keys (default: {default.symbols})")
+    recall.add_argument("--fillers", type=int, default=default.fillers,
+                        help=f"distinct filler words (default: {default.fillers})")
+    recall.add_argument("--segments", type=_comma_list(int, "integers"), metavar="T,V,S",
+                        default=default.segments, help="lines of train, valid and test "
+                        f"(default: {','.join(map(str, default.segments))})")
+    recall.add_argument("--seed", type=int, default=default.seed,
+                        help=f"random seed (default: {default.seed})")
+    recall.set_defaults(handler=_recall_corpus)
+
+
+def _recall_corpus(args: argparse.Namespace) -> int:
+    from rnnreg.lm.corpus.recall import RecallTask
+
+    task = RecallTask(distances=args.distances, symbols=args.symbols, fillers=args.fillers,
+                      segments=args.segments, seed=args.seed)
+    print(task.write(args.out))
     return 0

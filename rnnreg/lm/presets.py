@@ -126,10 +126,10 @@ PRESETS = MappingProxyType({p.name: p for p in (
     # the first 10k valid and test tokens keeps evaluation well below training's cost.
     Preset("study-text", dict(
         hidden_size=256, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
-        strategy="zaremba", strategy_p=0.5, train_tokens=40_000, max_vocab=3000,
-        lr=1.0, lr_decay=0.5, decay_after=4, clip_norm=5.0, epochs=6,
+        strategy="zaremba", strategy_p=0.5, train_tokens=20_000, max_vocab=3000,
+        lr=1.0, lr_decay=0.5, decay_after=8, clip_norm=5.0, epochs=12,
         valid_batch_size=10, eval_tokens=10_000,
-    ), _STUDY, {}, "2x256 on 40k training tokens, 3k words, 6 epochs"),
+    ), _STUDY, {}, "2x256 on 20k training tokens, 3k words, 12 epochs"),
     # "memory": the recall corpus (rnnreg.lm.corpus.recall); windows longer than its longest
     # distance, so truncated backpropagation can learn every dependency the test asks for.
     Preset("study-recall", dict(
