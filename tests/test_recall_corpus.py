@@ -106,10 +106,13 @@ def test_written_files_are_an_ordinary_corpus_and_are_checked(tmp_path):
     corpus = Corpus.load(directory, "word")
     assert corpus.vocab.decode(corpus.test) == _tokens(TASK, "test")
     assert TASK.write(directory) == directory  # same task: kept as it is
+    (directory / "test.txt").unlink()  # a study keeps recall.json only: rewritten from it
+    assert TASK.write(directory) == directory
+    assert Corpus.load(directory, "word").vocab.decode(corpus.test) == _tokens(TASK, "test")
     with pytest.raises(DataError, match="other settings"):
         RecallTask(seed=9).write(directory)
     (directory / "test.txt").write_text("k1 ? v1\n", encoding="utf-8")
-    with pytest.raises(DataError, match="changed"):
+    with pytest.raises(DataError, match="differs from the corpus"):
         TASK.write(directory)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine\n", encoding="utf-8")

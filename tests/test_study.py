@@ -315,3 +315,8 @@ def test_a_plan_trains_its_regimes_and_its_report_opens_with_the_claims(tmp_path
     # Rerunning resumes: nothing left to train.
     monkeypatch.setattr(study, "train", _forbidden)
     study.run_plan("tiny", out, progress=False)
+    # Moved without its recall corpus (results keep recall.json only), the report is rewritten.
+    moved = Path(shutil.move(out, tmp_path / "moved"))
+    for text in (moved / "memory" / "corpus").glob("*.txt"):
+        text.unlink()
+    assert write_report(moved, data_dir=module_corpus).read_text() == markdown

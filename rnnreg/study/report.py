@@ -54,7 +54,7 @@ def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path
     """
     out = Path(out)
     if is_plan(out):  # a study of several regimes: a report per regime, the claims over them
-        return write_plan_report(out, write_report)
+        return write_plan_report(out, write_report, data_dir)
     groups = group_runs(read_runs(out))
     if not groups:
         raise RunDirError(f"{out / 'runs'} holds no run yet; nothing to report")

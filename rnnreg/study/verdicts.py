@@ -67,8 +67,18 @@ def _regime_dirs(out: Path) -> dict[str, Path]:
 
 
 def _corpus_dir(study_dir: Path) -> Path | None:
+    """A study's corpus: a recall corpus inside it (wherever the study was moved), else the
+    recorded data directory."""
+    if (study_dir / "corpus" / SPEC_FILE).is_file():
+        return _restored(study_dir / "corpus")
     data_dir = _study(study_dir).get("data_dir")
     return Path(data_dir) if data_dir else None
+
+
+def _restored(corpus: Path) -> Path:
+    """The recall corpus of ``corpus/recall.json``, its split files rewritten if absent."""
+    record = json.loads((corpus / SPEC_FILE).read_text(encoding="utf-8"))
+    return RecallTask(**record["task"]).write(corpus)
 
 
 class _RecallCache:
@@ -213,29 +223,43 @@ def _by_arm(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
 # --------------------------------------------------------------------------- the plan report
 
 
-def corpus_text(run: RunResult) -> str:
-    """A run's corpus by name and checksum, never by the path of the machine that ran it."""
+def corpus_text(run: RunResult, corpus: Path | None = None) -> str:
+    """A run's corpus by name and checksum, never by the path of the machine that ran it.
+
+    ``corpus``: where the corpus is now, if the study moved since the run recorded it.
+    """
     from rnnreg.lm.rundir.layout import RunDir
 
     record = RunDir(run.path).read_corpus() or {}
     files = record.get("files", {})
     md5s = {name: info.get("md5") for name, info in files.items() if isinstance(info, dict)}
+    checksums = ", ".join(f"{name} md5 {md5}" for name, md5 in sorted(md5s.items()))
     if md5s and set(md5s.values()) <= set(PTB_MD5.values()):
-        return "Penn Treebank (Mikolov's 10k-word version, " + ", ".join(
-            f"{name} md5 {md5}" for name, md5 in sorted(md5s.items())) + ")"
-    name = Path(record.get("data_dir", "corpus")).name
-    return f"{name} (" + ", ".join(f"{n} md5 {m}" for n, m in sorted(md5s.items())) + ")"
+        return f"Penn Treebank (Mikolov's 10k-word version; {checksums})"
+    spec = Path(corpus or record.get("data_dir", "")) / SPEC_FILE
+    if spec.is_file():
+        task = json.loads(spec.read_text(encoding="utf-8"))["task"]
+        return (f"the recall corpus (distances {task['distances']}, {task['symbols']} keys, "
+                f"{task['fillers']} fillers, seed {task['seed']}; {checksums})")
+    return f"{Path(record.get('data_dir', 'corpus')).name} ({checksums})"
 
 
-def write_plan_report(out: str | Path, write_regime: Callable[[Path], Path]) -> Path:
+def write_plan_report(out: str | Path, write_regime: Callable[..., Path],
+                      data_dir: str | Path | None = None) -> Path:
     """Write every regime's report (``write_regime``), then ``out/report.md`` and .html over
-    them: the claims table first, the memory figures, and what each regime trained."""
+    them: the claims table first, the memory figures, and what each regime trained.
+
+    ``data_dir`` is the text regimes' corpus (default: the recorded one); a memory regime's
+    corpus is the one inside the study, rewritten from its ``recall.json`` when absent.
+    """
     out = Path(out)
     study = _study(out)
     regime_reports = {}
     for name in study["regimes"]:
         if (out / name / "runs").is_dir() and any((out / name / "runs").iterdir()):
-            regime_reports[name] = write_regime(out / name)
+            recall = (out / name / "corpus" / SPEC_FILE).is_file()
+            regime_reports[name] = write_regime(
+                out / name, data_dir=_corpus_dir(out / name) if recall else data_dir)
     evidence, recalls = read_evidence(out)
     blocks = [Heading(_TITLE, 1), Paragraph(
         f"The study plan '{study['plan']}': {len(study['regimes'])} regimes, each built so that "
@@ -263,7 +287,8 @@ def _regime_text(name: str, runs: Sequence[RunResult], report: Path | None, out:
     scored = (f"valid and test scored on their first {config.eval_tokens:,} tokens"
               if config.eval_tokens else "valid and test scored whole")
     where = f" Full report: {report.relative_to(out).as_posix()}." if report else ""
-    return (f"{name}: {len(runs)} runs ({len(finished)} finished) on {corpus_text(runs[0])}; "
+    corpus = corpus_text(runs[0], _corpus_dir(out / name))
+    return (f"{name}: {len(runs)} runs ({len(finished)} finished) on {corpus}; "
             f"{sizes} units, {config.epochs} epochs on {data}{vocab}, batch "
             f"{config.batch_size}, bptt {config.bptt}, lr {config.lr:g} decayed by "
             f"{config.lr_decay:g} after epoch {config.decay_after}; {scored}.{where}")

@@ -100,8 +100,9 @@ class RecallTask:
         """Write the three split files and ``recall.json`` into ``directory``; return it.
 
         An existing directory written by the same task is kept after its files' MD5s are
-        checked; one written by another task, or with altered files, is an error (nothing is
-        overwritten).
+        checked, and split files missing from it are written again (a study keeps only
+        ``recall.json``: the corpus is regenerated from it and checked against its MD5s); one
+        written by another task, or with altered files, is an error (nothing is overwritten).
         """
         directory = Path(directory)
         spec = directory / SPEC_FILE
@@ -124,9 +125,14 @@ class RecallTask:
         if RecallTask(**record["task"]) != self:
             raise DataError(f"{directory} holds a recall corpus of other settings "
                             f"({record['task']}); use another directory")
+        lines = self.lines()
         for split, expected in record["md5"].items():
-            if md5sum(directory / f"{split}.txt") != expected:
-                raise DataError(f"{directory / f'{split}.txt'} changed since it was written; "
+            path = directory / f"{split}.txt"
+            if not path.exists():
+                path.write_text("\n".join(lines[split]) + "\n", encoding="utf-8")
+            if md5sum(path) != expected:
+                raise DataError(f"{path} differs from the corpus {SPEC_FILE} recorded (changed "
+                                "since it was written, or another Python's random numbers); "
                                 "delete the directory to write it again")
 
 
