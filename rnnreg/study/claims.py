@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from rnnreg.study.results import RunResult
 
-__all__ = ["CLAIMS", "Arm", "Claim", "Verdict", "evaluate", "f_quantile", "t_quantile"]
+__all__ = ["CLAIMS", "Arm", "Claim", "Evidence", "Measure", "Verdict", "evaluate", "f_quantile",
+           "measure_runs", "runs_text", "t_quantile"]
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = (
     "supported", "contradicted", "inconclusive", "not tested")
@@ -209,8 +210,7 @@ def _verdict(claim: Claim, evidence: Evidence) -> Verdict:
 
 def _decide(kind: str, low: float, high: float, margin: float) -> str:
     if kind == BETTER:
-        bound_for, bound_against = 0.0, 0.0
-        supported, contradicted = low > bound_for, high < bound_against
+        supported, contradicted = low > 0, high < 0
     elif kind == AT_LEAST:
         supported, contradicted = low > -margin, high < -margin
     elif kind == NO_BETTER:

@@ -40,7 +40,7 @@ from rnnreg.study.document import (
 from rnnreg.study.memory import RecallScore, recall_scores
 from rnnreg.study.results import RunResult, read_runs
 
-__all__ = ["claims_blocks", "is_plan", "read_evidence", "write_plan_report"]
+__all__ = ["claims_blocks", "corpus_text", "is_plan", "read_evidence", "write_plan_report"]
 
 _TITLE = "Dropout-strategy study: the tutorial's claims tested"
 
@@ -102,7 +102,7 @@ def read_evidence(out: str | Path) -> tuple[Evidence, dict[str, _RecallCache]]:
     for regime, directory in _regime_dirs(Path(out)).items():
         if not (directory / "runs").is_dir():
             continue
-        runs[regime] = [run for run in read_runs(directory)]
+        runs[regime] = read_runs(directory)
         corpus = _corpus_dir(directory)
         recall = None
         if corpus is not None and (corpus / SPEC_FILE).is_file():
