@@ -62,13 +62,13 @@ class Measure:
     name: str
     lower_is_better: bool
     margin: Callable[[float], float]  # of the second arm's mean
-    unit: str = ""
+    points: bool = False  # a share, shown in points (x 100)
 
 
 TEST_PPL = Measure("test perplexity", True, lambda reference: 0.02 * reference)
-LONGEST_RECALL = Measure("recall accuracy at the longest N", False, lambda _: 0.05)
+LONGEST_RECALL = Measure("recall accuracy at the longest N", False, lambda _: 0.05, True)
 RECALL_DROP = Measure("recall accuracy lost from the shortest to the longest N", True,
-                      lambda _: 0.05)
+                      lambda _: 0.05, True)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Verdict:
         if self.claim.kind == STEADIER:
             low, high = self.interval
             return f"{self.difference:.2f} [{low:.2f}, {high:.2f}]"
-        scale, digits = (100, 1) if not self.claim.measure.lower_is_better else (1, 2)
+        scale, digits = (100, 1) if self.claim.measure.points else (1, 2)
         text = f"{self.difference * scale:+.{digits}f}"
         if self.interval is not None:
             low, high = (value * scale for value in self.interval)

@@ -122,6 +122,18 @@ def claims_blocks(out: str | Path, claims: Sequence[Claim] = CLAIMS) -> list:
     return _claims_table(evaluate(claims, evidence), evidence) if claims else []
 
 
+_HOW_TO_READ = (
+    "Each verdict is computed from the runs below: the two arms are compared seed by seed (a "
+    "seed fixes the initialization and the data order), and the difference is the mean of the "
+    "paired differences with its 95% Student-t interval, signed so that a positive number "
+    "favours the first arm (perplexity: lower first arm; accuracy, in points: higher first "
+    "arm, or a smaller loss over distance). Supported: the interval lies on the claim's side; "
+    "contradicted: on the other side; inconclusive: it straddles. 'At least as good' and 'no "
+    "better' allow a negligible difference of 2% of the second arm's perplexity (5 accuracy "
+    "points). The spread claim gives the ratio of the two arms' seed variances (second over "
+    "first) with its F interval. Not tested: the study holds no finished run of an arm.")
+
+
 def _claims_table(verdicts: Sequence[Verdict], evidence: Evidence) -> list:
     rows = tuple((v.claim.text, v.claim.compared, v.claim.regime, v.difference_text,
                   v.verdict, _evidence_text(v, evidence)) for v in verdicts)
@@ -129,18 +141,8 @@ def _claims_table(verdicts: Sequence[Verdict], evidence: Evidence) -> list:
               for name in ("supported", "contradicted", "inconclusive", NOT_TESTED)}
     return [
         Heading("The tutorial's claims"),
-        Paragraph(", ".join(f"{n} {name}" for name, n in counts.items()) + f" of "
-                  f"{len(verdicts)} claims. Each verdict is computed from the runs below: the "
-                  "two arms are compared seed by seed (a seed fixes the initialization and the "
-                  "data order), and the difference is the mean of the paired differences with "
-                  "its 95% Student-t interval, signed so that a positive number favours the "
-                  "first arm (perplexity: lower first arm; accuracy: in points, higher first "
-                  "arm). Supported: the interval lies on the claim's side; contradicted: on "
-                  "the other side; inconclusive: it straddles. 'At least as good' and 'no "
-                  "better' allow a negligible difference of 2% of the second arm's perplexity "
-                  "(5 accuracy points). The spread claim gives the ratio of the two arms' seed "
-                  "variances (second over first) with its F interval. Not tested: the study "
-                  "holds no finished run of an arm."),
+        Paragraph(", ".join(f"{n} {name}" for name, n in counts.items())
+                  + f" of {len(verdicts)} claims. " + _HOW_TO_READ),
         Table(("claim", "compared", "regime", "difference [95% interval]", "verdict", "runs"),
               rows),
     ]
