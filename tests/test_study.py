@@ -306,7 +306,9 @@ def test_a_plan_trains_its_regimes_and_its_report_opens_with_the_claims(tmp_path
     assert any("lstm zaremba p=0.5 better than lstm none" in row for row in tested)
     assert any("recall accuracy at the longest N" in row for row in tested)
     assert "<h2>The tutorial&#39;s claims</h2>" in page or "<h2>The tutorial's claims</h2>" in page
-    assert (out / "figures" / "recall-memory-lstm.png").is_file()
+    pixels = matplotlib.image.imread(out / "figures" / "recall-memory-lstm.png")[..., :3]
+    assert 0.01 < (pixels < 0.9).any(-1).mean() < 0.9  # drawn, not blank
+    assert page.count("data:image/png;base64,") == 1  # the memory figure, embedded
     assert "| N = 2 | N = 6 |" in markdown
     assert str(module_corpus) not in markdown  # the corpus by name and checksum, not its path
     # A regime's own report opens with the claims of that regime only.
