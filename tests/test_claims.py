@@ -81,6 +81,10 @@ def test_the_opposite_difference_contradicts_and_a_noisy_one_is_inconclusive():
     assert verdict.verdict == c.INCONCLUSIVE
     low, high = verdict.interval
     assert low < 0 < high
+    # Paired differences 11, -6, -2: mean 1, sd 8.9; deciding needs about (2 * 8.9)^2 seeds.
+    assert verdict.note == "at this mean and spread more than 100 seeds would be needed"
+    # From the t table: t(1) / sqrt(2) = 9.0, t(2) / sqrt(3) = 2.48, t(3) / sqrt(4) = 1.59 < 2.
+    assert c.seeds_to_decide(2.0, 1.0) == "at this mean and spread about 4 seeds would decide it"
 
 
 def test_a_missing_strategy_is_not_tested_and_one_seed_is_inconclusive():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from rnnreg.study.results import RunResult
 
 __all__ = ["CLAIMS", "Arm", "Claim", "Evidence", "Measure", "Verdict", "evaluate", "f_quantile",
-           "measure_runs", "runs_text", "t_quantile"]
+           "measure_runs", "runs_text", "seeds_to_decide", "t_quantile"]
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = (
     "supported", "contradicted", "inconclusive", "not tested")
@@ -204,8 +204,21 @@ def _verdict(claim: Claim, evidence: Evidence) -> Verdict:
             * statistics.stdev(differences) / math.sqrt(len(differences)))
     low, high = mean - half, mean + half
     margin = claim.measure.margin(statistics.fmean(second[s][1] for s in seeds))
-    return Verdict(claim, _decide(claim.kind, low, high, margin), mean, (low, high), seeds,
-                   runs)
+    verdict = _decide(claim.kind, low, high, margin)
+    note = ""
+    if verdict == INCONCLUSIVE and claim.kind == BETTER:
+        note = seeds_to_decide(mean, statistics.stdev(differences))
+    return Verdict(claim, verdict, mean, (low, high), seeds, runs, note)
+
+
+def seeds_to_decide(mean: float, spread: float, most: int = 100) -> str:
+    """How many paired seeds would exclude zero if the mean and spread seen so far held."""
+    if mean == 0 or spread == 0:
+        return "no difference between the arms to resolve"
+    for n in range(2, most + 1):
+        if t_quantile(0.5 + CONFIDENCE / 2, n - 1) * spread / math.sqrt(n) < abs(mean):
+            return f"at this mean and spread about {n} seeds would decide it"
+    return f"at this mean and spread more than {most} seeds would be needed"
 
 
 def _decide(kind: str, low: float, high: float, margin: float) -> str:
