@@ -13,7 +13,7 @@ from rnnreg.study import claims as c
 from rnnreg.study.claims import CLAIMS, Evidence, evaluate, f_quantile, measure_runs, t_quantile
 from rnnreg.study.document import Document, render_html, render_markdown
 from rnnreg.study.results import RunResult
-from rnnreg.study.verdicts import _claims_table
+from rnnreg.study.verdicts import _claims_table, _evidence_text
 
 SEEDS = (1, 2, 3)
 
@@ -155,6 +155,9 @@ def test_memory_claims_read_recall_by_distance():
     for key in ("memory-zaremba-lstm", "memory-variational-lstm", "memory-falls-with-n-lstm"):
         assert verdicts[key].verdict == c.SUPPORTED, key
     assert verdicts["memory-zaremba-lstm"].difference == pytest.approx(0.58)
+    evidence = _evidence(runs, "memory", recall)
+    assert "naive recalls 95% at the shortest N, 40% at the longest" in _evidence_text(
+        verdicts["memory-zaremba-lstm"], evidence)
     # The rnn claims live in their own regime: not tested by lstm runs.
     assert verdicts["memory-zaremba-rnn"].verdict == c.NOT_TESTED
 

@@ -20,7 +20,9 @@ from rnnreg.lm.rundir.files import atomic_write_text
 from rnnreg.study import plots
 from rnnreg.study.claims import (
     CLAIMS,
+    LONGEST_RECALL,
     NOT_TESTED,
+    SHORTEST_RECALL,
     Claim,
     Evidence,
     Verdict,
@@ -153,7 +155,26 @@ def _evidence_text(verdict: Verdict, evidence: Evidence) -> str:
     if verdict.note:
         parts.append(verdict.note)
     parts.extend(_overfit_note(verdict, evidence))
+    parts.extend(_recall_note(verdict, evidence))
     return "; ".join(parts) or "–"
+
+
+def _recall_note(verdict: Verdict, evidence: Evidence) -> list[str]:
+    """Each arm's mean recall at the shortest and longest N: was the task learnt at all?"""
+    claim = verdict.claim
+    if not claim.measure.points or verdict.verdict == NOT_TESTED:
+        return []
+    texts = []
+    for arm in (claim.first, claim.second):
+        names = [r.name for r in evidence.runs.get(claim.regime, ()) if arm.holds(r)]
+        means = []
+        for measure in (SHORTEST_RECALL, LONGEST_RECALL):
+            values = [evidence.values[key] for name in names
+                      if (key := (claim.regime, name, measure.name)) in evidence.values]
+            means.append(f"{statistics.fmean(values):.0%}" if values else "–")
+        texts.append(f"{arm.strategy} recalls {means[0]} at the shortest N, {means[1]} at "
+                     "the longest")
+    return ["; ".join(texts)]
 
 
 def _overfit_note(verdict: Verdict, evidence: Evidence) -> list[str]:
