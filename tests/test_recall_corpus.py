@@ -162,3 +162,26 @@ def test_recall_scores_of_a_trained_run(tmp_path):
     for distance, score in scores.items():
         assert score.tokens == sum(r.distance == distance for r in recalls)
         assert 0.0 <= score.accuracy <= 1.0 and score.perplexity >= 1.0
+
+
+def test_eval_tokens_scores_the_first_tokens_of_valid_and_test(tmp_path):
+    """A run scored on a slice records exactly the slice's perplexity, not the split's."""
+    from rnnreg.lm.evaluation import load_model, score_stream
+    from rnnreg.lm.training.loop import train
+
+    directory = TASK.write(tmp_path / "recall")
+    config = Config(hidden_size=8, num_layers=1, bptt=10, batch_size=4, epochs=1,
+                    train_tokens=600, eval_tokens=150, strategy="none", strategy_p=0.0,
+                    device="cpu", checkpoint_minutes=0)
+    final = train(config, tmp_path / "run", data_dir=directory, progress=False, verbose=False)
+    model, vocab, _ = load_model(tmp_path / "run", weights="last", device="cpu")
+    corpus = Corpus.load(directory, "word", vocab)
+    for split in ("valid", "test"):
+        ids = corpus.split(split)
+        sliced = score_stream(model, ids[:150], bptt=config.eval_bptt)
+        assert sliced.tokens == 149
+        assert final[f"{split}_ppl"] == pytest.approx(sliced.perplexity, rel=1e-5)
+        assert final[f"{split}_ppl"] != pytest.approx(
+            score_stream(model, ids, bptt=config.eval_bptt).perplexity, rel=1e-3)
+    with pytest.raises(ValueError, match="eval_tokens"):
+        Config(eval_tokens=1)
