@@ -170,7 +170,7 @@ class Config:
     # For budget studies: the held-out scores of a small model on a slice of the training
     # split cost more than its training when the whole valid and test splits are scored.
     eval_tokens: int = _option(0, "evaluation",
-                               "score valid and test on their first N tokens; 0 = all", "N")
+                               "score the first N valid, test tokens; 0 = all", "N")
     # 1 = the split as one stream; larger is faster, approximate.
     valid_batch_size: int = _option(1, "evaluation",
                                     "valid in B streams: 1 = exact, more = faster", "B")
