@@ -18,8 +18,15 @@ from rnnreg.study.verdicts import _claims_table, _evidence_text
 SEEDS = (1, 2, 3)
 
 
+# Valid perplexity turning up after epoch 2: every synthetic run overfits unless told otherwise.
+OVERFIT = ({"epoch": 1, "valid_ppl": 300.0}, {"epoch": 2, "valid_ppl": 250.0},
+           {"epoch": 3, "valid_ppl": 270.0})
+STEADY = ({"epoch": 1, "valid_ppl": 300.0}, {"epoch": 2, "valid_ppl": 250.0},
+          {"epoch": 3, "valid_ppl": 240.0})
+
+
 def _run(strategy: str, rate: float, seed: int, test_ppl: float | None, cell: str = "lstm",
-         name: str | None = None, epochs: tuple[dict, ...] = ()) -> RunResult:
+         name: str | None = None, epochs: tuple[dict, ...] = OVERFIT) -> RunResult:
     config = Config(strategy=strategy, strategy_p=rate, cell=cell, seed=seed)
     final = None if test_ppl is None else {"test_ppl": test_ppl, "valid_ppl": test_ppl}
     return RunResult(name or f"{cell}-{strategy}-p{rate:g}-s{seed}", Path("unused"), config,
@@ -104,6 +111,20 @@ def test_a_missing_strategy_is_not_tested_and_one_seed_is_inconclusive():
     assert _verdicts(partial)["zaremba-beats-none"].seeds == (1,)
 
 
+def test_a_claim_whose_premise_failed_says_so():
+    zaremba = _arm("zaremba", 0.5, _shifted(180.0, (0, 1, -1)))
+    steady = [_run("none", 0.0, seed, value, epochs=STEADY if seed != 3 else OVERFIT)
+              for seed, value in zip(SEEDS, _shifted(200.0))]
+    verdict = _verdicts(steady + zaremba)["zaremba-beats-none"]
+    assert verdict.verdict == c.NOT_MET
+    assert verdict.difference == pytest.approx(20.0)  # computed and shown all the same
+    assert "rose after its minimum in 1 of 3 seeds" in verdict.note
+    assert "would be supported" in verdict.note
+    mostly = [_run("none", 0.0, seed, value, epochs=OVERFIT if seed != 3 else STEADY)
+              for seed, value in zip(SEEDS, _shifted(200.0))]
+    assert _verdicts(mostly + zaremba)["zaremba-beats-none"].verdict == c.SUPPORTED
+
+
 def test_no_better_and_at_least_as_good_use_the_margin():
     none = _arm("none", 0.0, _shifted(200.0))
     level = _arm("recurrent_only", 0.5, _shifted(200.0, (0.5, -0.4, 0.2)))
@@ -155,6 +176,13 @@ def test_memory_claims_read_recall_by_distance():
     for key in ("memory-zaremba-lstm", "memory-variational-lstm", "memory-falls-with-n-lstm"):
         assert verdicts[key].verdict == c.SUPPORTED, key
     assert verdicts["memory-zaremba-lstm"].difference == pytest.approx(0.58)
+    # naive never learnt the task (20% at the shortest N): its comparisons test nothing.
+    accuracy["naive"] = (0.2, 0.1)
+    verdicts = _verdicts(runs, "memory", recall)
+    for key in ("memory-zaremba-lstm", "memory-variational-lstm", "memory-falls-with-n-lstm"):
+        assert verdicts[key].verdict == c.NOT_MET, key
+        assert "lstm naive p=0.5 did not learn the task (recall 20%" in verdicts[key].note
+    accuracy["naive"] = (0.95, 0.40)
     evidence = _evidence(runs, "memory", recall)
     assert "naive recalls 95% at the shortest N, 40% at the longest" in _evidence_text(
         verdicts["memory-zaremba-lstm"], evidence)

@@ -14,9 +14,12 @@ arm and ``[lo, hi]`` its interval:
 - ``at least as good``: supported when ``lo > -margin``, contradicted when ``hi < -margin``;
 - ``no better``: supported when ``hi < margin``, contradicted when ``lo > margin``;
 
-inconclusive otherwise, or with fewer than two paired seeds. The margin is what counts as a
-negligible difference: 2% of the second arm's mean perplexity, 5 accuracy points. The spread
-claim compares the two arms' seed variances with the F interval of their ratio.
+inconclusive otherwise, or with fewer than two paired seeds; "premise not met" when the regime's
+runs show that what the claim presupposes did not happen (the model without dropout did not
+overfit, or an arm never learnt the memory task), whatever the comparison says. The margin is
+what counts as a negligible difference: 2% of the second arm's mean perplexity, 5 accuracy
+points. The spread claim compares the two arms' seed variances with the F interval of their
+ratio.
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ from dataclasses import dataclass, field
 from rnnreg.study.results import RunResult
 
 __all__ = ["CLAIMS", "Arm", "Claim", "Evidence", "Measure", "Verdict", "evaluate", "f_quantile",
-           "measure_runs", "runs_text", "seeds_to_decide", "t_quantile"]
+           "measure_runs", "premise_failure", "runs_text", "seeds_to_decide", "t_quantile"]
 
-SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = (
-    "supported", "contradicted", "inconclusive", "not tested")
+SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED, NOT_MET = (
+    "supported", "contradicted", "inconclusive", "not tested", "premise not met")
+# A claim's premise, checked in its regime before its comparison means anything: the model
+# overfits without dropout (its valid perplexity rose after its minimum in most seeds), or both
+# arms learnt the memory task at all (mean recall at the shortest N of at least LEARNT_RECALL).
+OVERFITS, LEARNT = "no dropout overfits", "the task is learnt"
+LEARNT_RECALL = 0.5
 BETTER, AT_LEAST, NO_BETTER, STEADIER = "better", "at least as good", "no better", "steadier"
 CONFIDENCE = 0.95
 
@@ -85,6 +93,7 @@ class Claim:
     first: Arm
     second: Arm
     measure: Measure = TEST_PPL
+    premise: str = ""  # OVERFITS, LEARNT or none
 
     @property
     def compared(self) -> str:
@@ -122,7 +131,7 @@ _HIGH, _LOW = 0.5, 0.2
 CLAIMS: tuple[Claim, ...] = (
     Claim("zaremba-beats-none", "Dropout on the non-recurrent connections beats no dropout "
           "where no dropout overfits.", "text", BETTER,
-          Arm("zaremba", _HIGH), Arm("none", 0.0)),
+          Arm("zaremba", _HIGH), Arm("none", 0.0), premise=OVERFITS),
     Claim("naive-worse", "Fresh per-step dropout on the recurrent connection as well (naive) "
           "is worse than dropout on the non-recurrent connections alone, at the same rate.",
           "text", BETTER, Arm("zaremba", _HIGH), Arm("naive", _HIGH)),
@@ -139,21 +148,23 @@ CLAIMS: tuple[Claim, ...] = (
         Claim(f"memory-zaremba-{cell}", "Per-step dropout on the recurrent connection "
               f"destroys memory ({cell}): at the longest distance zaremba recalls more than "
               "naive.", regime, BETTER, Arm("zaremba", _HIGH, cell), Arm("naive", _HIGH, cell),
-              LONGEST_RECALL),
+              LONGEST_RECALL, LEARNT),
         Claim(f"memory-variational-{cell}", f"At the longest distance variational recalls "
               f"more than naive ({cell}).", regime, BETTER,
-              Arm("variational", _HIGH, cell), Arm("naive", _HIGH, cell), LONGEST_RECALL),
+              Arm("variational", _HIGH, cell), Arm("naive", _HIGH, cell), LONGEST_RECALL,
+              LEARNT),
         Claim(f"memory-falls-with-n-{cell}", f"naive's recall falls with the distance while "
               f"zaremba's holds ({cell}): zaremba loses less from the shortest to the longest "
               "distance.", regime, BETTER, Arm("zaremba", _HIGH, cell),
-              Arm("naive", _HIGH, cell), RECALL_DROP),
+              Arm("naive", _HIGH, cell), RECALL_DROP, LEARNT),
     )),
     Claim("high-rate", "Rates of 0.5-0.7 beat low rates for a model large enough to overfit.",
-          "text", BETTER, Arm("zaremba", _HIGH), Arm("zaremba", _LOW)),
+          "text", BETTER, Arm("zaremba", _HIGH), Arm("zaremba", _LOW), premise=OVERFITS),
     Claim("gru", "It holds for the GRU: zaremba beats no dropout.", "text", BETTER,
-          Arm("zaremba", _HIGH, "gru"), Arm("none", 0.0, "gru")),
+          Arm("zaremba", _HIGH, "gru"), Arm("none", 0.0, "gru"), premise=OVERFITS),
     Claim("tanh-rnn", "It holds for the plain tanh RNN the tutorial uses: zaremba beats no "
-          "dropout.", "text-rnn", BETTER, Arm("zaremba", _HIGH, "rnn"), Arm("none", 0.0, "rnn")),
+          "dropout.", "text-rnn", BETTER, Arm("zaremba", _HIGH, "rnn"), Arm("none", 0.0, "rnn"),
+          premise=OVERFITS),
 )
 
 
@@ -210,7 +221,30 @@ def _verdict(claim: Claim, evidence: Evidence) -> Verdict:
     note = ""
     if verdict == INCONCLUSIVE and claim.kind == BETTER:
         note = seeds_to_decide(mean, statistics.stdev(differences))
+    failed = premise_failure(claim, evidence)
+    if failed:
+        verdict, note = NOT_MET, f"{failed}: the comparison (would be {verdict}) tests nothing"
     return Verdict(claim, verdict, mean, (low, high), seeds, runs, note)
+
+
+def premise_failure(claim: Claim, evidence: Evidence) -> str:
+    """Why the claim's premise does not hold in its regime's runs ("" when it holds)."""
+    if claim.premise == OVERFITS:
+        none = Arm("none", 0.0, claim.first.cell)
+        runs = [r for r in evidence.runs.get(claim.regime, ()) if none.holds(r) and r.epochs]
+        rose = sum(min(e["valid_ppl"] for e in r.epochs) < r.epochs[-1]["valid_ppl"]
+                   for r in runs)
+        if 2 * rose <= len(runs):
+            return (f"{none.label} did not overfit (valid perplexity rose after its minimum "
+                    f"in {rose} of {len(runs)} seeds)")
+    if claim.premise == LEARNT:
+        for arm in (claim.first, claim.second):
+            recall = _arm_values(arm, claim.regime, SHORTEST_RECALL, evidence)
+            mean = statistics.fmean(v for _, v in recall.values()) if recall else 0.0
+            if mean < LEARNT_RECALL:
+                return (f"{arm.label} did not learn the task (recall {mean:.0%} at the "
+                        f"shortest N, below {LEARNT_RECALL:.0%})")
+    return ""
 
 
 def seeds_to_decide(mean: float, spread: float, most: int = 100) -> str:

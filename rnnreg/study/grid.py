@@ -21,7 +21,7 @@ import json
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -171,7 +171,8 @@ def _run_in_pool(pending: Sequence[Job], done: Callable[[Job, str], None],
         futures = {pool.submit(run_job, job): job for job in pending}
         remaining = set(futures)
         while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+            # Each run as it ends (a study's progress), a worker's error as soon as it happens.
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
             for future in finished:
                 done(futures[future], future.result())  # re-raises a worker's error here
     finally:
