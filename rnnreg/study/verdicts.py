@@ -308,7 +308,8 @@ def _regime_text(name: str, runs: Sequence[RunResult], report: Path | None, out:
     if not runs:
         return f"{name}: no run yet."
     config = runs[0].config
-    sizes = "x".join(str(size) for size in config.sizes)
+    sizes = (f"{len(config.sizes)} layer{'s' if len(config.sizes) > 1 else ''} of "
+             + ", ".join(dict.fromkeys(str(size) for size in config.sizes)))
     data = (f"the first {config.train_tokens:,} training tokens" if config.train_tokens
             else "the whole training split")
     vocab = f", the {config.max_vocab:,} most frequent words" if config.max_vocab else ""
