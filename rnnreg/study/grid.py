@@ -387,10 +387,10 @@ def _regimes(seeds: tuple[int, ...], text: str, recall: str, recall_task: Recall
     )
 
 
-# Plans as data. default: about half an hour of 2 idle CPU cores, 3 seeds. quick: a few minutes, a
-# first look at the tables and figures (2 seeds and small models: its intervals are wide, so
-# expect "inconclusive"). gpu: the paper's medium model on all of PTB and a recall corpus with
-# distances up to 160, 5 seeds (a design: no GPU has run it yet).
+# Plans as data. default: 3 seeds, 41 minutes on 2 shared CPU cores (results/strategy-study).
+# quick: a few minutes, a first look at the tables and figures (2 seeds and small models: its
+# intervals are wide, so expect "inconclusive"). gpu: the paper's medium model on all of PTB
+# and a recall corpus with distances up to 160, 5 seeds (a design: no GPU has run it yet).
 PLANS = MappingProxyType({
     "default": _regimes((1, 2, 3), "study-text", "study-recall",
                         RecallTask(segments=(3000, 300, 1000))),
