@@ -159,6 +159,7 @@ INVALID = {
     "ema_start": (1.0, {}),
     "precision": ("float16", {}),
     "eval_bptt": (0, {}),
+    "eval_tokens": (1, {}),
     "valid_batch_size": (0, {}),
     "checkpoint_minutes": (-1.0, {}),
     "checkpoint_steps": (-1, {}),

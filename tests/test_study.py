@@ -254,3 +254,72 @@ def test_parallel_jobs_resume_in_worker_processes(study_copy, module_corpus):
     run_study(base, grid, study_copy, data_dir=module_corpus, jobs=2, progress=False)
     assert all(_has_final(study_copy / "runs" / name) for name in RUNS[2:])
     assert untouched.stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------- plans and claims
+
+
+def test_the_cli_names_every_plan():
+    from rnnreg.cli.study import _PLANS
+
+    assert _PLANS == tuple(study.PLANS)
+    for regimes in study.PLANS.values():
+        assert [r.name for r in regimes] == ["text", "text-rnn", "memory", "memory-rnn"]
+        for regime in regimes:
+            assert regime.base.cell == "lstm"  # every preset and override builds a Config
+            assert min(len(grid.seeds) for grid in regime.grids) >= 2
+
+
+def test_compare_refuses_a_plan_with_a_grid_of_its_own(tmp_path, capsys):
+    code = cli.main(["compare", "--out", str(tmp_path / "s"), "--plan", "quick",
+                     "--strategies", "none"])
+    assert code == 2
+    assert "--plan runs its own grids" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_plan_trains_its_regimes_and_its_report_opens_with_the_claims(tmp_path, module_corpus,
+                                                                       monkeypatch):
+    from rnnreg.lm.corpus.recall import RecallTask
+
+    tiny = dict(hidden_size=8, num_layers=1, bptt=5, batch_size=4, epochs=2, eval_bptt=50,
+                checkpoint_minutes=0.0, device="cpu", valid_batch_size=1)
+    seeds = (1, 2)
+    plan = (
+        study.Regime("text", "small", (StudyGrid(("none", "zaremba"), (0.5,), ("lstm",),
+                                                 seeds),), tiny),
+        study.Regime("memory", "study-recall", (StudyGrid(("zaremba", "naive"), (0.5,),
+                                                          ("lstm",), seeds),),
+                     {**tiny, "bptt": 12}, RecallTask(distances=(2, 6), segments=(40, 10, 30))),
+    )
+    monkeypatch.setattr(study, "PLANS", {**study.PLANS, "tiny": plan})
+    out = study.run_plan("tiny", tmp_path / "plan", data_dir=module_corpus, progress=False)
+    markdown = write_report(out).read_text()
+    page = (out / "report.html").read_text()
+    assert json.loads((out / "study.json").read_text())["regimes"] == ["text", "memory"]
+    assert (out / "text" / "report.md").is_file() and (out / "memory" / "report.md").is_file()
+    # The claims table comes first, with a verdict for every claim of the plan's regimes.
+    first_heading = next(line for line in markdown.splitlines() if line.startswith("## "))
+    assert first_heading == "## The tutorial's claims"
+    claim_rows = [line for line in markdown.splitlines() if " | text | " in line
+                  or " | memory | " in line]
+    tested = [row for row in claim_rows if "not tested" not in row]
+    assert any("lstm zaremba p=0.5 better than lstm none" in row for row in tested)
+    assert any("recall accuracy at the longest N" in row for row in tested)
+    assert "<h2>The tutorial&#39;s claims</h2>" in page or "<h2>The tutorial's claims</h2>" in page
+    pixels = matplotlib.image.imread(out / "figures" / "recall-memory-lstm.png")[..., :3]
+    assert 0.01 < (pixels < 0.9).any(-1).mean() < 0.9  # drawn, not blank
+    assert page.count("data:image/png;base64,") == 1  # the memory figure, embedded
+    assert "| N = 2 | N = 6 |" in markdown
+    assert str(module_corpus) not in markdown  # the corpus by name and checksum, not its path
+    # A regime's own report opens with the claims of that regime only.
+    regime = (out / "memory" / "report.md").read_text()
+    assert "recall accuracy at the longest N" in regime and "(test perplexity)" not in regime
+    # Rerunning resumes: nothing left to train.
+    monkeypatch.setattr(study, "train", _forbidden)
+    study.run_plan("tiny", out, progress=False)
+    # Moved without its recall corpus (results keep recall.json only), the report is rewritten.
+    moved = Path(shutil.move(out, tmp_path / "moved"))
+    for text in (moved / "memory" / "corpus").glob("*.txt"):
+        text.unlink()
+    assert write_report(moved, data_dir=module_corpus).read_text() == markdown

@@ -1,4 +1,5 @@
-"""The study commands: ``compare`` (a grid of runs and its report) and ``plot`` (their curves).
+"""The study commands: ``compare`` (a grid of runs and its report), ``plot`` (their curves) and
+``recall-corpus`` (the memory task's synthetic corpus).
 
 They front ``rnnreg.study``, which is imported only when one of them runs: the other commands
 never load the grid's, the report's or matplotlib's modules (nor Ray's).
@@ -27,14 +28,17 @@ __all__ = ["add_commands"]
 def add_commands(commands) -> None:
     _add_compare(commands)
     _add_plot(commands)
+    _add_recall_corpus(commands)
 
 
 # The axes of a study: given as lists by compare's own flags, so the single-run flags for the
 # same fields would be ambiguous there.
 _GRID_FIELDS = frozenset({"strategy", "strategy_p", "cell", "seed"})
-# The default study: every strategy at the tutorial's low and high ends of the useful range.
+# A custom grid's defaults: every strategy at the low and high ends of the useful range.
 _DEFAULT_STRATEGIES = tuple(STRATEGIES)
 _DEFAULT_RATES = (0.25, 0.5)
+_CUSTOM_FLAGS = ("strategies", "rates", "cells", "seeds", "preset")
+_PLANS = ("default", "quick", "gpu")  # rnnreg.study.grid.PLANS, named here to keep it unloaded
 
 
 def _comma_list(convert, kind: str):
@@ -58,12 +62,17 @@ def _add_compare(commands) -> None:
                     "resumes an interrupted study. Writes OUT/report.md and OUT/report.html "
                     "and prints the report's path.")
     compare.add_argument("--out", required=True, help="study directory")
+    compare.add_argument("--plan", choices=_PLANS,
+                         help="the study that tests the tutorial's claims: default (about an "
+                              "hour on 2 CPU cores), quick (a few minutes, a first look), gpu "
+                              "(the paper's medium model); the default when no grid flag "
+                              "(--strategies, --rates, --cells, --seeds, --preset) is given")
     compare.add_argument("--strategies", type=_comma_list(str, "strategy names"),
-                         default=_DEFAULT_STRATEGIES, metavar="NAME,...",
-                         help=f"strategies to compare, of: {', '.join(STRATEGIES)} (default: "
-                              "all)")
+                         metavar="NAME,...",
+                         help=f"a custom grid: strategies to compare, of: "
+                              f"{', '.join(STRATEGIES)} (default: all)")
     compare.add_argument("--rates", type=_comma_list(float, "numbers in [0, 1]"),
-                         default=_DEFAULT_RATES, metavar="P,...",
+                         metavar="P,...",
                          help="dropout rates (default: "
                               f"{','.join(map(str, _DEFAULT_RATES))})")
     compare.add_argument("--cells", type=_comma_list(str, "cell names"), metavar="CELL,...",
@@ -78,9 +87,9 @@ def _add_compare(commands) -> None:
     compare.add_argument("--address", metavar="ADDR",
                          help="Ray cluster to join: 'auto', or ray://HOST:10001 (default: a "
                               "local Ray instance); only with --backend ray")
-    compare.add_argument("--preset", choices=sorted(PRESETS), default="study-small",
-                         help="base configuration; every configuration flag overrides it "
-                              "(default: study-small)")
+    compare.add_argument("--preset", choices=sorted(PRESETS),
+                         help="a custom grid's base configuration; every configuration flag "
+                              "overrides it (default: study-small)")
     compare.add_argument("--report-only", action="store_true",
                          help="only regenerate the report from the runs already in --out")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,26 +100,38 @@ def _add_compare(commands) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rnnreg.study.grid import StudyGrid, run_study
+    from rnnreg.study.grid import StudyGrid, run_plan, run_study
     from rnnreg.study.report import write_report
 
+    overrides = config_overrides(args)
+    custom = [name for name in _CUSTOM_FLAGS if getattr(args, name) is not None]
     if args.report_only:
-        given = sorted(set(config_overrides(args)) | {
-            name for name in ("cells", "seeds") if getattr(args, name) is not None}
-            | ({"rates"} if args.rates != _DEFAULT_RATES else set()))
+        given = sorted(set(overrides) | set(custom) | ({"plan"} if args.plan else set()))
         if given:
             raise RnnregError(f"--report-only reads the runs as they are; drop "
                               f"{', '.join(map(flag, given))}")
         print(write_report(args.out, data_dir=args.data_dir))
         return 0
-    base = preset_config(args.preset).replace(**config_overrides(args))
+    if custom and args.plan:
+        raise RnnregError(f"--plan runs its own grids; drop {', '.join(map(flag, custom))}, or "
+                          "drop --plan for a custom grid")
+    backend_base = preset_config(args.preset or "study-small").replace(**overrides)
+    backend = _study_backend(args, backend_base)
+    if not custom:
+        out = run_plan(args.plan or "default", args.out, data_dir=args.data_dir,
+                       jobs=args.jobs, progress=not args.no_progress, backend=backend,
+                       overrides=overrides)
+        print(write_report(out))
+        return 0
+    base = backend_base
     try:  # the grid checks its axes, as given by the flags, with ValueErrors of its own
-        grid = StudyGrid(strategies=args.strategies, rates=args.rates,
+        grid = StudyGrid(strategies=args.strategies or _DEFAULT_STRATEGIES,
+                         rates=args.rates or _DEFAULT_RATES,
                          cells=args.cells or (base.cell,), seeds=args.seeds or (base.seed,))
     except ValueError as error:
         raise RnnregError(str(error)) from error
     out = run_study(base, grid, args.out, data_dir=args.data_dir, jobs=args.jobs,
-                    progress=not args.no_progress, backend=_study_backend(args, base))
+                    progress=not args.no_progress, backend=backend)
     print(write_report(out))
     return 0
 
@@ -146,4 +167,38 @@ def _plot(args: argparse.Namespace) -> int:
     from rnnreg.study.plots import plot_runs
 
     print(plot_runs(args.runs, args.out, x=args.x))
+    return 0
+
+
+def _add_recall_corpus(commands) -> None:
+    from rnnreg.lm.corpus.recall import RecallTask
+
+    default = RecallTask()
+    recall = commands.add_parser(
+        "recall-corpus", help="write a synthetic corpus whose values need a memory of N steps",
+        description="Each line is a key, N - 2 random fillers, a cue and the key's value: the "
+                    "value is predictable only from the key N tokens back. Writes train.txt, "
+                    "valid.txt, test.txt and recall.json into OUT, for rnnreg train --data-dir.")
+    recall.add_argument("--out", required=True, help="directory to write (new or empty)")
+    recall.add_argument("--distances", type=_comma_list(int, "integers"), metavar="N,...",
+                        default=default.distances, help="distances N to mix, each >= 2 "
+                        f"(default: {','.join(map(str, default.distances))})")
+    recall.add_argument("--symbols", type=int, default=default.symbols,
+                        help=f"distinct keys (default: {default.symbols})")
+    recall.add_argument("--fillers", type=int, default=default.fillers,
+                        help=f"distinct filler words (default: {default.fillers})")
+    recall.add_argument("--segments", type=_comma_list(int, "integers"), metavar="T,V,S",
+                        default=default.segments, help="lines of train, valid and test "
+                        f"(default: {','.join(map(str, default.segments))})")
+    recall.add_argument("--seed", type=int, default=default.seed,
+                        help=f"random seed (default: {default.seed})")
+    recall.set_defaults(handler=_recall_corpus)
+
+
+def _recall_corpus(args: argparse.Namespace) -> int:
+    from rnnreg.lm.corpus.recall import RecallTask
+
+    task = RecallTask(distances=args.distances, symbols=args.symbols, fillers=args.fillers,
+                      segments=args.segments, seed=args.seed)
+    print(task.write(args.out))
     return 0

@@ -198,6 +198,10 @@ class Config:
     # The window length when a split is scored as one stream.
     eval_bptt: int = _option(100, "evaluation", "T steps per window when scoring one stream",
                              "T")
+    # For budget studies: the held-out scores of a small model on a slice of the training
+    # split cost more than its training when the whole valid and test splits are scored.
+    eval_tokens: int = _option(0, "evaluation",
+                               "score the first N valid, test tokens; 0 = all", "N")
     # 1 = the split as one stream; larger is faster, approximate.
     valid_batch_size: int = _option(1, "evaluation",
                                     "valid in B streams: 1 = exact, more = faster", "B")
@@ -228,6 +232,9 @@ class Config:
             check_positive_int("embedding_size", self.embedding_size)
         self._check_layer_sizes()
         self._check_split_fractions()
+        if self.eval_tokens == 1:
+            raise RnnregError("`eval_tokens` must be 0 (all) or at least 2: one token "
+                              "predicts nothing")
         if self.max_vocab is not None:
             check_positive_int("max_vocab", self.max_vocab)
         check_positive_int("min_count", self.min_count)
@@ -254,7 +261,7 @@ class Config:
                 raise RnnregError(f"`{name}` must be > 0, got {getattr(self, name)}")
         for name in ("lr_decay", "weight_decay", "activation_reg", "temporal_activation_reg",
                      "checkpoint_minutes", "max_train_minutes", "decay_after", "checkpoint_steps",
-                     "train_tokens", "log_every"):
+                     "train_tokens", "eval_tokens", "log_every"):
             if getattr(self, name) < 0:
                 raise RnnregError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         self._check_ema()

@@ -28,8 +28,8 @@ from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.averaging import averaged_state
 
-__all__ = ["Score", "load_model", "loaded_weights", "perplexity", "score_stream",
-           "target_log_probs"]
+__all__ = ["Score", "TokenScores", "load_model", "loaded_weights", "perplexity", "score_stream",
+           "target_log_probs", "token_scores"]
 
 # Largest (steps x samples x vocabulary) block of logits materialised at once, in elements.
 _LOGIT_BUDGET = 40_000_000
@@ -120,6 +120,39 @@ def score_stream(models: Sequence[LanguageModel] | LanguageModel, ids: Tensor, *
             m.train(mode)
     tokens = (streams.size(0) - 1) * (streams.size(1) // samples)
     return Score(nll, tokens, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per predicted token of a stream (``ids[1:]``): log p(token) and whether it was the top
+    prediction. Index ``i`` is the token at stream position ``i + 1``."""
+
+    log_probs: Tensor   # (T - 1,) float
+    correct: Tensor     # (T - 1,) bool
+
+
+@torch.no_grad()
+def token_scores(model: LanguageModel, ids: Tensor, *, bptt: int = 100) -> TokenScores:
+    """Score ``ids`` (1-D) as one stream, token by token, with dropout off.
+
+    :func:`score_stream` sums; this keeps every token's score, for measures over chosen
+    positions (the tokens of a recall corpus that need memory, :mod:`rnnreg.lm.corpus.recall`).
+    Called without targets, either softmax gives every word's score, which the top choice needs.
+    """
+    mode = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    state, log_probs, correct = None, [], []
+    try:
+        for inputs, targets in windows(ids.to(device).unsqueeze(1), bptt):
+            out = model(inputs, state)
+            state = detach_state(out.state)
+            scores = torch.log_softmax(out.logits.float(), -1)
+            log_probs.append(scores.gather(-1, targets.unsqueeze(-1))[:, 0, 0].cpu())
+            correct.append((scores.argmax(-1) == targets)[:, 0].cpu())
+    finally:
+        model.train(mode)
+    return TokenScores(torch.cat(log_probs), torch.cat(correct))
 
 
 def _score_windows(members, streams: Tensor, bptt: int, mc_samples: int, progress: bool) -> float:

@@ -38,6 +38,7 @@ class Preset:
 
 _ZAREMBA = "Zaremba, Sutskever & Vinyals 2014, Table 1 and section 4.1"
 _GAL = "Gal & Ghahramani 2016, Table 1 and section 5.2 (rates from their grid search)"
+_STUDY = "rnnreg: a regime of the dropout-strategy study (no published numbers)"
 _AWD = ("Merity, Keskar & Socher 2018, Table 1 and section 5; the PTB command of the "
         "salesforce/awd-lstm-lm README")
 
@@ -120,6 +121,23 @@ PRESETS = MappingProxyType({p.name: p for p in (
         valid_batch_size=10,
     ), "rnnreg: a 2-core-CPU budget for the dropout-strategy study (no published numbers)",
         {}, "2x200 on 100k training tokens, 6 epochs"),
+    # The study's regimes (rnnreg.study.grid.PLANS). "text": a model wide for its data, so
+    # that without dropout it overfits (its valid perplexity turns up) within the budget; the
+    # 3,000 most frequent words (the rest are <unk>) make the softmax 3x cheaper, and scoring
+    # the first 10k valid and test tokens keeps evaluation well below training's cost.
+    Preset("study-text", dict(
+        hidden_size=256, num_layers=2, bptt=20, batch_size=20, init_range=0.1,
+        strategy="zaremba", strategy_p=0.5, train_tokens=20_000, max_vocab=3000,
+        lr=1.0, lr_decay=0.5, decay_after=8, clip_norm=5.0, epochs=12,
+        valid_batch_size=10, eval_tokens=10_000,
+    ), _STUDY, {}, "2x256 on 20k training tokens, 3k words, 12 epochs"),
+    # "memory": the recall corpus (rnnreg.lm.corpus.recall); windows longer than its longest
+    # distance, so truncated backpropagation can learn every dependency the test asks for.
+    Preset("study-recall", dict(
+        hidden_size=128, num_layers=1, bptt=50, batch_size=20, init_range=0.1,
+        strategy="zaremba", strategy_p=0.5,
+        lr=1.0, lr_decay=0.5, decay_after=7, clip_norm=5.0, epochs=10,
+    ), _STUDY, {}, "1x128 on the recall corpus, 10 epochs"),
 )})
 
 

@@ -20,24 +20,28 @@ import dataclasses
 import json
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from rnnreg.lm.config import CELLS, Config
+from rnnreg.lm.corpus.recall import RecallTask
 from rnnreg.lm.corpus.sources import resolve_data_dir
+from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import TrainingDiverged, train
 from rnnreg.nn.functional import check_positive_int, check_probability
 from rnnreg.nn.strategies import STRATEGIES
 
-__all__ = ["Backend", "Job", "StudyGrid", "grid_runs", "local_backend", "ray_backend",
-           "run_job", "run_name", "run_study"]
+__all__ = ["PLANS", "Backend", "Job", "Regime", "StudyGrid", "grid_runs", "local_backend",
+           "ray_backend", "run_job", "run_name", "run_plan", "run_study"]
 
 
 
@@ -167,7 +171,8 @@ def _run_in_pool(pending: Sequence[Job], done: Callable[[Job, str], None],
         futures = {pool.submit(run_job, job): job for job in pending}
         remaining = set(futures)
         while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+            # Each run as it ends (a study's progress), a worker's error as soon as it happens.
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
             for future in finished:
                 done(futures[future], future.result())  # re-raises a worker's error here
     finally:
@@ -266,7 +271,7 @@ def _report_trials(results, pending: Sequence[Job], done: Callable[[Job, str], N
                            "retry them:\n" + "\n".join(failed))
 
 
-def run_study(base: Config, grid: StudyGrid, out: str | Path, *,
+def run_study(base: Config, grid: StudyGrid | Sequence[StudyGrid], out: str | Path, *,
               data_dir: str | Path | None = None, jobs: int = 1, progress: bool = True,
               backend: Backend | None = None) -> Path:
     """Train every run of the grid under ``out/runs``, resuming whatever was interrupted.
@@ -275,19 +280,38 @@ def run_study(base: Config, grid: StudyGrid, out: str | Path, *,
     resumed from its checkpoint; the others start. Writes ``out/study.json`` (grid, base config,
     data directory) and returns ``out``. Resuming a study without ``data_dir`` uses the one
     ``study.json`` recorded (each resumed run also checks its files' MD5s). ``backend``
-    replaces the local one (``jobs`` is then ignored).
+    replaces the local one (``jobs`` is then ignored). Several grids train their union (a run
+    two grids share trains once).
     """
     out = Path(out)
-    runs = grid_runs(base, grid)
     data = resolve_data_dir(data_dir or _recorded_data_dir(out)).resolve()
+    pending, total = _prepare(base, _grids(grid), out, data)
+    _train(pending, total, jobs=jobs, progress=progress, backend=backend)
+    return out
+
+
+def _grids(grid: StudyGrid | Sequence[StudyGrid]) -> tuple[StudyGrid, ...]:
+    return (grid,) if isinstance(grid, StudyGrid) else tuple(grid)
+
+
+def _prepare(base: Config, grids: Sequence[StudyGrid], out: Path,
+             data: Path) -> tuple[list[Job], int]:
+    """Plan one study directory: write its study.json; return its unfinished jobs and size."""
+    runs = dict(run for grid in grids for run in grid_runs(base, grid))
     # Planned before anything is written, so a clash with an earlier study changes nothing.
-    pending = [job for job in (_job(out, name, config, data) for name, config in runs)
+    pending = [job for job in (_job(out, name, config, data) for name, config in runs.items())
                if job is not None]
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    grid_record = ([g.to_dict() for g in grids] if len(grids) > 1 else grids[0].to_dict())
     atomic_write_text(out / "study.json", json.dumps({
-        "grid": grid.to_dict(), "base": base.to_dict(), "data_dir": str(data),
-        "runs": [name for name, _ in runs]}, indent=2) + "\n")
-    bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="study", unit="run",
+        "grid": grid_record, "base": base.to_dict(), "data_dir": str(data),
+        "runs": list(runs)}, indent=2) + "\n")
+    return pending, len(runs)
+
+
+def _train(pending: Sequence[Job], total: int, *, jobs: int, progress: bool,
+           backend: Backend | None) -> None:
+    bar = tqdm(total=total, initial=total - len(pending), desc="study", unit="run",
                disable=not progress)
 
     def done(job: Job, outcome: str) -> None:
@@ -300,6 +324,123 @@ def run_study(base: Config, grid: StudyGrid, out: str | Path, *,
         (backend or local_backend(jobs, progress=progress))(pending, done)
     finally:
         bar.close()
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One base configuration on one corpus, and the grids of runs trained there.
+
+    A claim of the tutorial holds only where its premise does: "dropout beats no dropout"
+    needs a model that overfits without it, "per-step masks destroy memory" needs tokens that
+    only memory predicts. A regime is built for one such premise; a plan is a few of them.
+    The base is a preset with ``overrides``; ``recall`` is None for the corpus the user gives
+    (``--data-dir``, e.g. PTB), otherwise the regime trains on the recall corpus that task
+    writes into the study directory.
+    """
+
+    name: str
+    preset: str
+    grids: tuple[StudyGrid, ...]
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    recall: RecallTask | None = None
+
+    @property
+    def base(self) -> Config:
+        return preset_config(self.preset).replace(**self.overrides)
+
+
+HIGH_RATE, LOW_RATE = 0.5, 0.2  # the tutorial's advice (0.5-0.7) against a low rate
+_LSTM_STRATEGIES = ("none", "zaremba", "naive", "recurrent_only", "variational")
+_MEMORY_STRATEGIES = ("zaremba", "naive", "variational")
+# The tanh RNN diverges at the LSTM's learning rate (its gradient is clipped at norm 5, but
+# every step of lr 1 still throws it out of tanh's range): it gets its own regimes at 0.1.
+_RNN_LR = 0.1
+
+
+def _regimes(seeds: tuple[int, ...], text: str, recall: str, recall_task: RecallTask,
+             text_overrides: Mapping[str, Any] = MappingProxyType({}),
+             recall_overrides: Mapping[str, Any] = MappingProxyType({})) -> tuple[Regime, ...]:
+    """The four regimes every plan has, at its own size.
+
+    text: every placement on the LSTM at the high rate, zaremba at the low rate, none against
+    zaremba on the GRU; text-rnn: none against zaremba on the tanh RNN; memory and memory-rnn:
+    zaremba, naive and variational on the recall corpus.
+    """
+    rnn = {**text_overrides, "lr": _RNN_LR}
+    recall_rnn = {**recall_overrides, "lr": _RNN_LR}
+    return (
+        Regime("text", text, (StudyGrid(_LSTM_STRATEGIES, (HIGH_RATE,), ("lstm",), seeds),
+                              StudyGrid(("zaremba",), (LOW_RATE,), ("lstm",), seeds),
+                              StudyGrid(("none", "zaremba"), (HIGH_RATE,), ("gru",), seeds)),
+               text_overrides),
+        Regime("text-rnn", text,
+               (StudyGrid(("none", "zaremba"), (HIGH_RATE,), ("rnn",), seeds),), rnn),
+        Regime("memory", recall,
+               (StudyGrid(_MEMORY_STRATEGIES, (HIGH_RATE,), ("lstm",), seeds),),
+               recall_overrides, recall_task),
+        Regime("memory-rnn", recall,
+               (StudyGrid(_MEMORY_STRATEGIES, (HIGH_RATE,), ("rnn",), seeds),),
+               recall_rnn, recall_task),
+    )
+
+
+# Plans as data. default: 3 seeds, 41 minutes on 2 shared CPU cores (results/strategy-study).
+# quick: a few minutes, a first look at the tables and figures (2 seeds and small models: its
+# intervals are wide, so expect "inconclusive"). gpu: the paper's medium model on all of PTB
+# and a recall corpus with distances up to 160, 5 seeds (a design: no GPU has run it yet).
+PLANS = MappingProxyType({
+    "default": _regimes((1, 2, 3), "study-text", "study-recall",
+                        RecallTask(segments=(3000, 300, 1000))),
+    "quick": _regimes((1, 2), "study-text", "study-recall",
+                      RecallTask(distances=(2, 6, 18), segments=(1000, 100, 300)),
+                      dict(hidden_size=64, num_layers=1, train_tokens=20_000, max_vocab=1000,
+                           epochs=3, decay_after=2, eval_tokens=3000),
+                      dict(hidden_size=48, bptt=20, epochs=4, decay_after=3)),
+    "gpu": _regimes((1, 2, 3, 4, 5), "medium", "study-recall",
+                    RecallTask(distances=(2, 5, 10, 20, 40, 80, 160),
+                               segments=(40_000, 2000, 4000)),
+                    {}, dict(hidden_size=650, num_layers=2, bptt=200, init_range=0.05,
+                             epochs=20, decay_after=12)),
+})
+
+
+def run_plan(plan: str, out: str | Path, *, data_dir: str | Path | None = None,
+             jobs: int = 1, progress: bool = True, backend: Backend | None = None,
+             overrides: dict | None = None) -> Path:
+    """Train every regime of plan ``plan``, each an ordinary study in ``out/REGIME``.
+
+    All regimes' runs go to one backend call, so parallel workers stay busy across regime
+    boundaries. ``out/study.json`` names the plan and its regimes (what the report reads);
+    ``data_dir`` is the corpus of the regimes without a recall task (resumes reuse the
+    recorded one). ``overrides`` (Config fields) apply to every regime's base, as flags
+    override a preset.
+    """
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
+    out = Path(out)
+    recorded = json.loads((out / "study.json").read_text(encoding="utf-8")) if (
+        out / "study.json").is_file() else {}
+    if recorded and recorded.get("plan") != plan:
+        raise RunDirError(f"{out} holds a study of plan {recorded.get('plan')!r}; use another "
+                          "output directory for another plan")
+    text_data = resolve_data_dir(data_dir or recorded.get("data_dir")).resolve()
+    pending, total = [], 0
+    for regime in PLANS[plan]:
+        data = (text_data if regime.recall is None
+                else regime.recall.write(out / regime.name / "corpus").resolve())
+        base = regime.base.replace(**(overrides or {}))
+        jobs_of, size = _prepare(base, regime.grids, out / regime.name, data)
+        pending += jobs_of
+        total += size
+    atomic_write_text(out / "study.json", json.dumps({
+        "plan": plan, "data_dir": str(text_data),
+        "regimes": [regime.name for regime in PLANS[plan]]}, indent=2) + "\n")
+    # Seed by seed: a study stopped early still has every arm, with fewer seeds.
+    pending.sort(key=lambda job: job.config.seed)
+    _train(pending, total, jobs=jobs, progress=progress, backend=backend)
     return out
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "placements_of",
     "plot_runs",
     "rate_curve",
+    "recall_curve",
 ]
 
 _DROPPED, _WEIGHT, _PLAIN = "#D55E00", "#0072B2", "#777777"
@@ -310,3 +311,41 @@ def _summary(placements: Placements) -> str:
     if zoned:
         parts.append(f"zoneout on: {', '.join(zoned)}; fresh mask each step")
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def recall_curve(series: Mapping[str, Sequence[Mapping]], path: str | Path, *,
+                 chance: float | None = None, title: str | None = None) -> Path:
+    """Recall accuracy against the distance N to remember, one line per strategy.
+
+    ``series[label]`` lists points ``{"distance", "accuracy", "accuracy_std"}`` (the std may
+    be None: one seed). ``chance`` draws the accuracy of guessing as a dotted line. The x axis
+    is logarithmic: distances are usually chosen to double.
+    """
+    if not series:
+        raise ValueError("recall_curve needs at least one strategy")
+    figure = _figure(6.0, 3.8)
+    ax = figure.subplots()
+    for i, (name, points) in enumerate(series.items()):
+        points = sorted(points, key=lambda point: point["distance"])
+        stds = [p.get("accuracy_std") for p in points]
+        ax.errorbar([p["distance"] for p in points], [p["accuracy"] for p in points],
+                    yerr=None if all(s is None for s in stds) else [s or 0.0 for s in stds],
+                    color=PALETTE[i % len(PALETTE)], marker=_MARKERS[i % len(_MARKERS)],
+                    linestyle=("-", "--", "-.", ":")[i % 4], capsize=3, label=name)
+    if chance is not None:
+        ax.axhline(chance, color=_PLAIN, linestyle=":", label="chance")
+    distances = sorted({p["distance"] for points in series.values() for p in points})
+    ax.set_xscale("log")
+    ax.set_xticks(distances, [str(d) for d in distances])
+    ax.set_xticks([], minor=True)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("distance N to the key (tokens)")
+    ax.set_ylabel("accuracy on the recalled token")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(figure, path)

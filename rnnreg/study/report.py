@@ -36,6 +36,7 @@ from rnnreg.study.document import (
 )
 from rnnreg.study.results import Group, RunResult, group_runs, read_runs
 from rnnreg.study.sampling import WINDOW, named_schedules, schedules, stack_steps
+from rnnreg.study.verdicts import claims_blocks, is_plan, write_plan_report
 
 __all__ = ["write_report"]
 
@@ -51,6 +52,8 @@ def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path
     ``data_dir`` (for the hidden-state heatmaps) defaults to the one in ``study.json``.
     """
     out = Path(out)
+    if is_plan(out):  # a study of several regimes: a report per regime, the claims over them
+        return write_plan_report(out, write_report, data_dir)
     groups = group_runs(read_runs(out))
     if not groups:
         raise RunDirError(f"{out / 'runs'} holds no run yet; nothing to report")
@@ -59,7 +62,7 @@ def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path
     figures = out / "figures"
     title = _title(groups)
     document = Document(title, (
-        Heading(title, 1), *_overview(study, groups),
+        Heading(title, 1), *claims_blocks(out), *_overview(study, groups),
         Heading("What the numbers say"), Bullets(tuple(_findings(groups))),
         *_tables(groups), *_curves(out, figures, groups), *_rates(out, figures, groups),
         *_heatmaps(out, figures, groups, data), *_placements(out, figures, groups)))

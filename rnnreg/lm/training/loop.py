@@ -288,7 +288,7 @@ class _Trainer:
     def _end_epoch(self) -> None:
         progress, config = self.progress, self.config
         # Scored on rank 0 and shared: every rank then takes NT-ASGD's decision on one number.
-        valid = self.world.from_main(lambda: self._score(self.corpus.valid,
+        valid = self.world.from_main(lambda: self._score(self._held_out("valid"),
                                                          config.valid_batch_size))
         record = _epoch_record(progress, valid.perplexity, _ema_updates(self.optim))
         self.logbook.epoch(record)
@@ -300,6 +300,11 @@ class _Trainer:
         self.save()
         if improved and self.world.is_main:
             self.checkpoints.save_best(self.optim)
+
+    def _held_out(self, split: str) -> torch.Tensor:
+        """The valid or test ids the run scores: the first ``eval_tokens`` of them, or all."""
+        ids = getattr(self.corpus, split)
+        return ids[:self.config.eval_tokens] if self.config.eval_tokens else ids
 
     def _score(self, ids, batch_size: int = 1):
         with self.optim.evaluated_state_loaded():
@@ -314,8 +319,8 @@ class _Trainer:
         the epoch lines.
         """
         self.model.load_state_dict(self.optim.evaluated_state())
-        valid = self._score(self.corpus.valid)
-        test = None if self.corpus.test is None else self._score(self.corpus.test)
+        valid = self._score(self._held_out("valid"))
+        test = None if self.corpus.test is None else self._score(self._held_out("test"))
         summary = _final_record(self.config, self.progress, valid, test, self.model,
                                 _ema_updates(self.optim))
         self.logbook.final(summary, self.progress.epoch - 1)
