@@ -34,6 +34,12 @@ _SOURCE = Path(__file__).with_name("_loops.cpp")
 # (a user's two virtual environments, CI beside a working copy) keep one cached build each,
 # instead of rebuilding over each other's every time either loads.
 _NAME = "rnnreg_loops_" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+# -O3 vectorizes the hand-written passes, given -fno-trapping-math (as torch itself is built:
+# it lets the compiler evaluate both sides of a select, changing no value) and -fno-math-errno;
+# -ffp-contract=off keeps it from fusing a multiply and an add in some of the CPU-specific
+# versions of a pass and not in others (see _loops.cpp), so every CPU computes the same numbers.
+# No -march: the build must run on any x86-64, not only on CPUs like the one that compiled it.
+_FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"]
 
 
 @functools.cache
@@ -68,7 +74,7 @@ def _build_and_check():
     try:
         # Loads the library into the process, which registers the ops (once: loading the same
         # file again is a no-op).
-        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
         _register_fakes()
         native = _native_engine()
     except Exception as error:  # any build failure leaves the Python loops, which always work
