@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -325,6 +326,34 @@ const T* mask_row(const Tensor& mask, int64_t t, int64_t rows) {
   return mask.const_data_ptr<T>() + (mask.size(0) > 1 ? t : 0) * rows;
 }
 
+// ``p + k``, or null for a null ``p`` (an absent mask, lengths or zoneout factor).
+template <typename T>
+T* shift(T* p, int64_t k) {
+  return p == nullptr ? nullptr : p + k;
+}
+
+// Rows lo..lo+n of a (B, ...) tensor.
+Tensor block(const Tensor& rows, int64_t lo, int64_t n) {
+  return n == rows.size(0) ? rows : rows.narrow(0, lo, n);
+}
+
+// Rows of a batch never meet in the recurrence: row b of step t needs only row b of step t-1.
+// So the LSTM's loops run over blocks of rows, one block per thread, each through all its
+// steps without waiting for the others, its per-step product on its own thread: at small
+// widths that keeps both cores busy without a fork and join per step (and per kernel), and
+// runs the pointwise passes in parallel too. ``whole`` (oneDNN's products, for wide layers):
+// one block, whose product per step is large enough to split across the threads itself.
+// Blocks depend on the number of threads only, so a run repeats exactly.
+template <typename F>
+void row_blocks(int64_t batch, bool whole, const F& body) {
+  constexpr int64_t min_rows = 4;  // smaller blocks starve the product
+  if (whole || at::in_parallel_region() || at::get_num_threads() == 1 || batch < 2 * min_rows) {
+    body(0, batch);
+    return;
+  }
+  at::parallel_for(0, batch, min_rows, body);
+}
+
 void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& packed,
                   const OptTensor& mask_opt, const OptTensor& valid_opt,
                   const OptTensor& zone_h_opt, const OptTensor& zone_c_opt, Tensor acts,
@@ -356,12 +385,11 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
   const Tensor valid = valid_opt ? *valid_opt : Tensor();
   const Tensor zone_h = zone_h_opt ? *zone_h_opt : Tensor();
   const Tensor zone_c = zone_c_opt ? *zone_c_opt : Tensor();
-  // The product's buffer, allocated once; the projected input is added in the pass.
-  Tensor pre = at::empty({batch, 4 * hidden}, projected.options());
   if (mask.defined()) {
     Tensor first = h_in->select(0, 0);
     at::mul_out(first, hs.select(0, 0), mask.select(0, 0));
   }
+  const Tensor w_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, projected.scalar_type(), "lstm", [&] {
     const scalar_t* proj = projected.const_data_ptr<scalar_t>();
     scalar_t* act = acts.data_ptr<scalar_t>();
@@ -369,21 +397,28 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
     scalar_t* h = hs.data_ptr<scalar_t>();
     scalar_t* tc = tanh_c.data_ptr<scalar_t>();
     scalar_t* x_in = mask.defined() ? h_in->data_ptr<scalar_t>() : nullptr;
-    for (int64_t t = 0; t < steps; ++t) {
-      const Tensor x = mask.defined() ? h_in->select(0, t) : hs.select(0, t);
-      // oneDNN's op returns a fresh tensor; reading it in place saves a copy into ``pre``.
-      const Tensor product = packed ? onednn_linear(x, *packed, std::nullopt)
-                                    : at::mm_out(pre, x, w_hh.t());
-      const bool next = mask.defined() && t + 1 < steps;
-      const ForwardStep<scalar_t> step{
-          product.const_data_ptr<scalar_t>(), proj + t * 4 * rows, act + t * 4 * rows,
-          c + t * rows, c + (t + 1) * rows, tc + t * rows, h + t * rows, h + (t + 1) * rows,
-          valid.defined() ? valid.const_data_ptr<bool>() + t * batch : nullptr,
-          mask_row<scalar_t>(zone_h, t, rows), mask_row<scalar_t>(zone_c, t, rows),
-          next ? mask_row<scalar_t>(mask, t + 1, rows) : nullptr,
-          next ? x_in + (t + 1) * rows : nullptr};
-      lstm_step(step, batch, hidden);
-    }
+    const bool* alive = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+    row_blocks(batch, packed.has_value(), [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo, r0 = lo * hidden;
+      // The product's buffer, allocated once per block; the projected input is added in the
+      // pass. oneDNN's op returns a fresh tensor instead, read in place.
+      Tensor pre = at::empty({n, 4 * hidden}, projected.options());
+      for (int64_t t = 0; t < steps; ++t) {
+        const Tensor x = block(mask.defined() ? h_in->select(0, t) : hs.select(0, t), lo, n);
+        const Tensor product = packed ? onednn_linear(x, *packed, std::nullopt)
+                                      : at::mm_out(pre, x, w_t);
+        const bool next = mask.defined() && t + 1 < steps;
+        const int64_t now = t * rows + r0, after = (t + 1) * rows + r0;
+        const ForwardStep<scalar_t> step{
+            product.const_data_ptr<scalar_t>(), proj + 4 * now, act + 4 * now, c + now,
+            c + after, tc + now, h + now, h + after, shift(alive, t * batch + lo),
+            shift(mask_row<scalar_t>(zone_h, t, rows), r0),
+            shift(mask_row<scalar_t>(zone_c, t, rows), r0),
+            next ? mask_row<scalar_t>(mask, t + 1, rows) + r0 : nullptr,
+            next ? x_in + after : nullptr};
+        lstm_step(step, n, hidden);
+      }
+    });
   });
 }
 
@@ -547,27 +582,36 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
   Tensor dh = (d_out.select(0, steps - 1) + d_h).contiguous();
   Tensor dc = d_c.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d_gates.scalar_type(), "lstm", [&] {
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const int64_t base = t * rows;
-      gate_gradients(dh.const_data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                     acts.const_data_ptr<scalar_t>() + 4 * base,
-                     cs.const_data_ptr<scalar_t>() + base,
-                     tanh_c.const_data_ptr<scalar_t>() + base,
-                     valid.defined() ? valid.const_data_ptr<bool>() + t * batch : nullptr,
-                     mask_row<scalar_t>(zone_h, t, rows), mask_row<scalar_t>(zone_c, t, rows),
-                     d_gates.data_ptr<scalar_t>() + 4 * base, batch, hidden);
-      if (t == 0 && !need_first) {
-        break;
+    scalar_t* dh_all = dh.data_ptr<scalar_t>();
+    scalar_t* dc_all = dc.data_ptr<scalar_t>();
+    const scalar_t* act = acts.const_data_ptr<scalar_t>();
+    const scalar_t* c = cs.const_data_ptr<scalar_t>();
+    const scalar_t* tc = tanh_c.const_data_ptr<scalar_t>();
+    const scalar_t* d_prev = d_out.const_data_ptr<scalar_t>();
+    const scalar_t* carry = passthrough.defined() ? passthrough.const_data_ptr<scalar_t>()
+                                                  : nullptr;
+    const bool* alive = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+    scalar_t* d_all = d_gates.data_ptr<scalar_t>();
+    row_blocks(batch, onednn, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo, r0 = lo * hidden;
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t now = t * rows + r0;
+        const scalar_t* zh = shift(mask_row<scalar_t>(zone_h, t, rows), r0);
+        gate_gradients(dh_all + r0, dc_all + r0, act + 4 * now, c + now, tc + now,
+                       shift(alive, t * batch + lo), zh,
+                       shift(mask_row<scalar_t>(zone_c, t, rows), r0), d_all + 4 * now, n,
+                       hidden);
+        if (t == 0 && !need_first) {
+          break;
+        }
+        Tensor d_row = block(d_hin.select(0, t), lo, n);
+        product_backward(d_row, block(d_gates.select(0, t), lo, n), w_hh, onednn);
+        previous_state(dh_all + r0, t > 0 ? d_prev + (t - 1) * rows + r0 : nullptr,
+                       d_row.const_data_ptr<scalar_t>(),
+                       shift(mask_row<scalar_t>(mask, t, rows), r0),
+                       shift(carry, t * batch + lo), zh, n, hidden);
       }
-      Tensor d_row = d_hin.select(0, t);
-      product_backward(d_row, d_gates.select(0, t), w_hh, onednn);
-      previous_state(dh.data_ptr<scalar_t>(),
-                     t > 0 ? d_out.const_data_ptr<scalar_t>() + (t - 1) * rows : nullptr,
-                     d_row.const_data_ptr<scalar_t>(), mask_row<scalar_t>(mask, t, rows),
-                     passthrough.defined()
-                         ? passthrough.const_data_ptr<scalar_t>() + t * batch : nullptr,
-                     mask_row<scalar_t>(zone_h, t, rows), batch, hidden);
-    }
+    });
   });
   return {dh, dc};  // not yet dL/dh0, dL/dc0 when need_first is false: the caller ignores them
 }
