@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -351,7 +352,13 @@ void row_blocks(int64_t batch, bool whole, const F& body) {
     body(0, batch);
     return;
   }
-  at::parallel_for(0, batch, min_rows, body);
+  // The worker threads take the caller's grad mode, autocast and dispatch state, as ATen's
+  // calls inside the body must see them.
+  const at::ThreadLocalState state;
+  at::parallel_for(0, batch, min_rows, [&](int64_t lo, int64_t hi) {
+    const at::ThreadLocalStateGuard guard(state);
+    body(lo, hi);
+  });
 }
 
 void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& packed,

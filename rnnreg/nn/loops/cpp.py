@@ -39,7 +39,10 @@ _NAME = "rnnreg_loops_" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
 # -ffp-contract=off keeps it from fusing a multiply and an add in some of the CPU-specific
 # versions of a pass and not in others (see _loops.cpp), so every CPU computes the same numbers.
 # No -march: the build must run on any x86-64, not only on CPUs like the one that compiled it.
-_FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"]
+# -fopenmp turns at::parallel_for (a header) into a parallel region: compiled with it, linked
+# without it, so its OpenMP calls bind to the runtime torch itself loaded, whose threads and
+# thread count (torch.set_num_threads) are then the ones the loops use.
+_FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 
 
 @functools.cache
