@@ -2,8 +2,9 @@
 // interpreter between the calls. At the paper's small shape a step is a 20x200 by 200x800
 // product and a handful of elementwise kernels of a few microseconds each, so the
 // interpreter's few microseconds per call were a third of the loop's time. The GRU and Elman
-// loops make the same ATen calls as their Python twins; the LSTM's fuses its plain arithmetic
-// (see below).
+// loops make the same ATen calls as their Python twins; the LSTM's does all of a step's
+// pointwise work in one hand-written pass and runs blocks of batch rows in parallel (see
+// below).
 //
 // Every function fills buffers that recurrence.py allocated and reads tensors it prepared, in
 // the same order as the Python loop it replaces; the equations are documented there.

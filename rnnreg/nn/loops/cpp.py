@@ -1,15 +1,16 @@
 """The C++ loops of rnnreg's own recurrence (``_loops.cpp``): built, loaded and checked.
 
-The C++ loops make the same ATen calls as their Python twins (``rnnreg.nn.loops.python``), plus
-one fused pass for the LSTM's plain gate arithmetic, without the Python interpreter between the
-small kernels of each step. They are compiled with torch's extension builder on first use and
-cached, and registered as operators ``torch.ops.rnnreg.*`` with schemas whose argument names are
-the Python twins' parameter names; they are called by keyword and check their inputs. On first
-use every loop is compared with its Python twin on tiny inputs
-(:func:`rnnreg.nn.loops.check.agrees_with_python`); any build, schema or result mismatch leaves
-the Python loops, with a warning, rather than failing (or computing wrong gradients) later in
-training. oneDNN's private linear ops get the same check (``rnnreg.nn.products``). Whether these
-loops run at all is ``rnnreg.nn.loops``' choice.
+The C++ loops compute what their Python twins (``rnnreg.nn.loops.python``) compute without the
+Python interpreter between the small kernels of each step: the GRU and Elman loops with the same
+ATen calls, the LSTM's with one product and one hand-written, vectorized pass per step, its
+batch split into blocks of rows, one per thread (see ``_loops.cpp``). They are compiled with
+torch's extension builder on first use and cached, and registered as operators
+``torch.ops.rnnreg.*`` with schemas whose argument names are the Python twins' parameter names;
+they are called by keyword and check their inputs. On first use every loop is compared with its
+Python twin on tiny inputs (:func:`rnnreg.nn.loops.check.agrees_with_python`); any build, schema
+or result mismatch leaves the Python loops, with a warning, rather than failing (or computing
+wrong gradients) later in training. oneDNN's private linear ops get the same check
+(``rnnreg.nn.products``). Whether these loops run at all is ``rnnreg.nn.loops``' choice.
 """
 
 from __future__ import annotations
