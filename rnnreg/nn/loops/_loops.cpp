@@ -2,8 +2,9 @@
 // interpreter between the calls. At the paper's small shape a step is a 20x200 by 200x800
 // product and a handful of elementwise kernels of a few microseconds each, so the
 // interpreter's few microseconds per call were a third of the loop's time. The GRU and Elman
-// loops make the same ATen calls as their Python twins; the LSTM's fuses its plain arithmetic
-// (see below).
+// loops make the same ATen calls as their Python twins; the LSTM's does all of a step's
+// pointwise work in one hand-written pass and runs blocks of batch rows in parallel (see
+// below).
 //
 // Every function fills buffers that recurrence.py allocated and reads tensors it prepared, in
 // the same order as the Python loop it replaces; the equations are documented there.
@@ -17,10 +18,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -154,66 +160,163 @@ void freeze(Tensor& value, const Tensor& old, const OptTensor& valid, int64_t t)
   }
 }
 
-// The LSTM, the cell the paper is about, goes one step further: the gate arithmetic that needs
-// no transcendental function runs in one plain pass per step (compiled to vector code) instead
-// of three or four ATen kernels, each with a few microseconds of setup for 4000 numbers. The
-// arithmetic is in at::opmath_type (float for bfloat16/half), like ATen's own kernels.
+// The LSTM, the cell the paper is about, goes further: after the recurrent product, all of a
+// step's pointwise work (the four gate nonlinearities, the cell update, tanh(c), the output,
+// zoneout or the frozen state past a sequence's end, and the next step's masked input) is one
+// hand-written pass over the batch rows, instead of seven ATen kernels each with a few
+// microseconds of setup for 4000 numbers. The passes are plain loops over contiguous arrays
+// that the compiler vectorizes; the arithmetic is in at::opmath_type (float for bfloat16/half),
+// like ATen's own kernels. The profile behind this: results/benchmarks/cpu-loop/.
 template <typename T>
 using Acc = at::opmath_type<T>;
 
-// c(t) = f * c(t-1) + i * g for one step, gates rows of 4H in torch's order [i, f, g, o].
-template <typename T>
-void cell_update(const T* __restrict__ gates, const T* __restrict__ c_old, T* __restrict__ c_new,
-                 int64_t batch, int64_t hidden) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const T* __restrict__ i = gates + b * 4 * hidden;
-    const T* __restrict__ f = i + hidden;
-    const T* __restrict__ g = i + 2 * hidden;
-    const T* __restrict__ c = c_old + b * hidden;
-    T* __restrict__ out = c_new + b * hidden;
-    for (int64_t j = 0; j < hidden; ++j) {
-      out[j] = Acc<T>(f[j]) * Acc<T>(c[j]) + Acc<T>(i[j]) * Acc<T>(g[j]);
+// The passes are compiled once for the build machine's baseline and once each for AVX2 and
+// AVX-512, picked at load time by the CPU (GCC's function multiversioning), so the build runs
+// on any x86-64 and uses wide vectors where they exist. -ffp-contract=off (cpp.py) keeps the
+// versions' results identical: no version fuses a multiply and an add the others do not.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RNNREG_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define RNNREG_INLINE inline __attribute__((always_inline))  // into each version
+#else
+#define RNNREG_VECTOR_CLONES
+#define RNNREG_INLINE inline
+#endif
+
+// exp(x) in float32 from plain arithmetic, so that the loops below vectorize (libm's expf does
+// not): Cephes' expf (S. Moshier), range reduction by ln 2 in two parts and a degree-6
+// polynomial, within 2 ulp of the exact value; x is clamped to where 2^n stays a normal float.
+RNNREG_INLINE float exp_poly(float x) {
+  // Written as selects and a truncation, which every vector width compiles without branches.
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // n = floor(x log2(e) + 1/2), by truncating a number made positive (-87 <= x <= 88)
+  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+RNNREG_INLINE float sigmoid_of(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
+
+// tanh in float32 (Cephes' tanhf): an odd polynomial below |x| = 0.625, where 1 - 2/(e^2x + 1)
+// would lose digits, and that formula above it (tanh(9) is 1 in float32).
+RNNREG_INLINE float tanh_of(float x) {
+  const float a = std::fabs(x);
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * x + x;
+  const float e = exp_poly(2.0f * (a < 9.0f ? a : 9.0f));
+  const float large = std::copysign(1.0f - 2.0f / (e + 1.0f), x);
+  return a < 0.625f ? small : large;
+}
+
+// float64 keeps libm's functions: it is for gradient checks, where accuracy is the point.
+inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline double tanh_of(double x) { return std::tanh(x); }
+
+// One batch row of one forward step. ``pre`` is the recurrent product x W_hh^T and ``proj``
+// the step's projected input, both 4H wide in torch's gate order [i, f, g, o]; the gates go to
+// ``act``, the candidate c~ = f c(t-1) + i g to ``c_new`` and tanh(c~) to ``tc``, and
+// h(t) = o tanh(c~) to ``h_new``. With zoneout (Zoned; keep factors zh, zc) each unit keeps d
+// times its old value: h(t) = d_h h(t-1) + (1 - d_h) h~, and c(t) likewise from c~.
+template <typename T, bool Zoned>
+RNNREG_INLINE void lstm_row(const T* __restrict__ pre, const T* __restrict__ proj,
+                            T* __restrict__ act, const T* __restrict__ c_old,
+                            T* __restrict__ c_new, T* __restrict__ tc,
+                            const T* __restrict__ h_old, T* __restrict__ h_new,
+                            const T* __restrict__ zh, const T* __restrict__ zc, int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    // Each gate is rounded to T before use, as the backward reads the saved ones.
+    const T i = T(sigmoid_of(Acc<T>(pre[j]) + Acc<T>(proj[j])));
+    const T f = T(sigmoid_of(Acc<T>(pre[hidden + j]) + Acc<T>(proj[hidden + j])));
+    const T g = T(tanh_of(Acc<T>(pre[2 * hidden + j]) + Acc<T>(proj[2 * hidden + j])));
+    const T o = T(sigmoid_of(Acc<T>(pre[3 * hidden + j]) + Acc<T>(proj[3 * hidden + j])));
+    act[j] = i;
+    act[hidden + j] = f;
+    act[2 * hidden + j] = g;
+    act[3 * hidden + j] = o;
+    const T c = T(Acc<T>(f) * Acc<T>(c_old[j]) + Acc<T>(i) * Acc<T>(g));
+    const T t = T(tanh_of(Acc<T>(c)));
+    tc[j] = t;
+    const Acc<T> h = Acc<T>(o) * Acc<T>(t);
+    if constexpr (Zoned) {
+      const Acc<T> dh = zh[j], dc = zc[j];
+      h_new[j] = dh * Acc<T>(h_old[j]) + (Acc<T>(1) - dh) * h;
+      c_new[j] = dc * Acc<T>(c_old[j]) + (Acc<T>(1) - dc) * Acc<T>(c);
+    } else {
+      h_new[j] = h;
+      c_new[j] = c;
     }
   }
 }
 
-// h(t) = o * tanh(c(t)); past a sequence's end (alive[b] false) h and c keep their old values.
-// With zoneout factors d_h, d_c (zone_h non-null; the sequence ends are folded into them) each
-// unit keeps d times its old value: h(t) = d_h h(t-1) + (1 - d_h) o tanh(c~), and likewise c(t)
-// from the candidate c~ that c_new holds on entry.
-// Also writes m(t+1) * h(t), the next step's input to the recurrent product, if asked.
+// The pointers one forward step reads and writes, rows of B x (4H or H) arrays.
 template <typename T>
-void cell_output(const T* __restrict__ gates, const T* __restrict__ tanh_c,
-                 const T* __restrict__ h_old, const T* __restrict__ c_old, T* __restrict__ h_new,
-                 T* __restrict__ c_new, const bool* alive, const T* __restrict__ zone_h,
-                 const T* __restrict__ zone_c, const T* __restrict__ next_mask,
-                 T* __restrict__ next_in, int64_t batch, int64_t hidden) {
+struct ForwardStep {
+  const T* pre;     // x W_hh^T, (B, 4H)
+  const T* proj;    // projected input, (B, 4H)
+  T* act;           // gates, (B, 4H)
+  const T* c_old;   // (B, H) each
+  T* c_new;
+  T* tc;
+  const T* h_old;
+  T* h_new;
+  const bool* alive;     // (B,) or null: past a sequence's end h and c keep their old values
+  const T* zh;           // zoneout keep factors (B, H) or null (the sequence ends folded in)
+  const T* zc;
+  const T* next_mask;    // the next step's mask row (B, H) or null
+  T* next_in;            // m(t+1) * h(t), the next step's input to the product, or null
+};
+
+template <typename T>
+RNNREG_INLINE void lstm_step_rows(const ForwardStep<T>& s, int64_t batch, int64_t hidden) {
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t base = b * hidden;
-    const T* __restrict__ o = gates + b * 4 * hidden + 3 * hidden;
-    if (zone_h != nullptr) {
-      for (int64_t j = 0; j < hidden; ++j) {
-        const Acc<T> dh = zone_h[base + j], dc = zone_c[base + j];
-        const Acc<T> h = Acc<T>(o[j]) * Acc<T>(tanh_c[base + j]);
-        h_new[base + j] = dh * Acc<T>(h_old[base + j]) + (Acc<T>(1) - dh) * h;
-        c_new[base + j] = dc * Acc<T>(c_old[base + j]) + (Acc<T>(1) - dc) * Acc<T>(c_new[base + j]);
-      }
-    } else if (alive == nullptr || alive[b]) {
-      for (int64_t j = 0; j < hidden; ++j) {
-        h_new[base + j] = Acc<T>(o[j]) * Acc<T>(tanh_c[base + j]);
-      }
+    const int64_t row = b * 4 * hidden, base = b * hidden;
+    if (s.zh != nullptr) {
+      lstm_row<T, true>(s.pre + row, s.proj + row, s.act + row, s.c_old + base,
+                        s.c_new + base, s.tc + base, s.h_old + base, s.h_new + base,
+                        s.zh + base, s.zc + base, hidden);
     } else {
-      for (int64_t j = 0; j < hidden; ++j) {
-        h_new[base + j] = h_old[base + j];
-        c_new[base + j] = c_old[base + j];
+      lstm_row<T, false>(s.pre + row, s.proj + row, s.act + row, s.c_old + base,
+                         s.c_new + base, s.tc + base, s.h_old + base, s.h_new + base, nullptr,
+                         nullptr, hidden);
+      if (s.alive != nullptr && !s.alive[b]) {
+        std::copy(s.h_old + base, s.h_old + base + hidden, s.h_new + base);
+        std::copy(s.c_old + base, s.c_old + base + hidden, s.c_new + base);
       }
     }
-    if (next_in != nullptr) {
+    if (s.next_in != nullptr) {
+      const T* __restrict__ h = s.h_new + base;
+      const T* __restrict__ m = s.next_mask + base;
+      T* __restrict__ out = s.next_in + base;
       for (int64_t j = 0; j < hidden; ++j) {
-        next_in[base + j] = Acc<T>(h_new[base + j]) * Acc<T>(next_mask[base + j]);
+        out[j] = Acc<T>(h[j]) * Acc<T>(m[j]);
       }
     }
   }
+}
+
+RNNREG_VECTOR_CLONES void lstm_step(const ForwardStep<float>& s, int64_t batch, int64_t hidden) {
+  lstm_step_rows(s, batch, hidden);
+}
+
+template <typename T>
+void lstm_step(const ForwardStep<T>& s, int64_t batch, int64_t hidden) {
+  lstm_step_rows(s, batch, hidden);
 }
 
 // Pointer to row t of a (T|1, B, H) mask (the single row of a per-sequence one), or null.
@@ -223,6 +326,40 @@ const T* mask_row(const Tensor& mask, int64_t t, int64_t rows) {
     return nullptr;
   }
   return mask.const_data_ptr<T>() + (mask.size(0) > 1 ? t : 0) * rows;
+}
+
+// ``p + k``, or null for a null ``p`` (an absent mask, lengths or zoneout factor).
+template <typename T>
+T* shift(T* p, int64_t k) {
+  return p == nullptr ? nullptr : p + k;
+}
+
+// Rows lo..lo+n of a (B, ...) tensor.
+Tensor block(const Tensor& rows, int64_t lo, int64_t n) {
+  return n == rows.size(0) ? rows : rows.narrow(0, lo, n);
+}
+
+// Rows of a batch never meet in the recurrence: row b of step t needs only row b of step t-1.
+// So the LSTM's loops run over blocks of rows, one block per thread, each through all its
+// steps without waiting for the others, its per-step product on its own thread: at small
+// widths that keeps both cores busy without a fork and join per step (and per kernel), and
+// runs the pointwise passes in parallel too. ``whole`` (oneDNN's products, for wide layers):
+// one block, whose product per step is large enough to split across the threads itself.
+// Blocks depend on the number of threads only, so a run repeats exactly.
+template <typename F>
+void row_blocks(int64_t batch, bool whole, const F& body) {
+  constexpr int64_t min_rows = 4;  // smaller blocks starve the product
+  if (whole || at::in_parallel_region() || at::get_num_threads() == 1 || batch < 2 * min_rows) {
+    body(0, batch);
+    return;
+  }
+  // The worker threads take the caller's grad mode, autocast and dispatch state, as ATen's
+  // calls inside the body must see them.
+  const at::ThreadLocalState state;
+  at::parallel_for(0, batch, min_rows, [&](int64_t lo, int64_t hi) {
+    const at::ThreadLocalStateGuard guard(state);
+    body(lo, hi);
+  });
 }
 
 void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& packed,
@@ -256,37 +393,40 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
   const Tensor valid = valid_opt ? *valid_opt : Tensor();
   const Tensor zone_h = zone_h_opt ? *zone_h_opt : Tensor();
   const Tensor zone_c = zone_c_opt ? *zone_c_opt : Tensor();
-  Tensor pre = at::empty({batch, 4 * hidden}, projected.options());
-  Tensor pre_g = pre.narrow(1, 2 * hidden, hidden);
   if (mask.defined()) {
     Tensor first = h_in->select(0, 0);
     at::mul_out(first, hs.select(0, 0), mask.select(0, 0));
   }
+  const Tensor w_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, projected.scalar_type(), "lstm", [&] {
-    const scalar_t* next_mask = nullptr;
-    for (int64_t t = 0; t < steps; ++t) {
-      Tensor x = mask.defined() ? h_in->select(0, t) : hs.select(0, t);
-      product_forward(pre, x, projected.select(0, t), w_hh, packed);
-      Tensor a = acts.select(0, t);
-      at::sigmoid_out(a, pre);  // all four gates in one kernel; g's quarter is redone next
-      Tensor g = a.view({batch, 4, hidden}).select(1, 2);
-      at::tanh_out(g, pre_g);
-      const scalar_t* gates = a.const_data_ptr<scalar_t>();
-      const scalar_t* c_old = cs.select(0, t).const_data_ptr<scalar_t>();
-      scalar_t* c_new = cs.select(0, t + 1).data_ptr<scalar_t>();
-      cell_update(gates, c_old, c_new, batch, hidden);
-      Tensor tc = tanh_c.select(0, t);
-      at::tanh_out(tc, cs.select(0, t + 1));
-      const bool last = t + 1 == steps;
-      next_mask = mask.defined() && !last ? mask_row<scalar_t>(mask, t + 1, rows) : nullptr;
-      cell_output(gates, tc.const_data_ptr<scalar_t>(),
-                  hs.select(0, t).const_data_ptr<scalar_t>(), c_old,
-                  hs.select(0, t + 1).data_ptr<scalar_t>(), c_new,
-                  valid.defined() ? valid.select(0, t).const_data_ptr<bool>() : nullptr,
-                  mask_row<scalar_t>(zone_h, t, rows), mask_row<scalar_t>(zone_c, t, rows),
-                  next_mask, next_mask ? h_in->select(0, t + 1).data_ptr<scalar_t>() : nullptr,
-                  batch, hidden);
-    }
+    const scalar_t* proj = projected.const_data_ptr<scalar_t>();
+    scalar_t* act = acts.data_ptr<scalar_t>();
+    scalar_t* c = cs.data_ptr<scalar_t>();
+    scalar_t* h = hs.data_ptr<scalar_t>();
+    scalar_t* tc = tanh_c.data_ptr<scalar_t>();
+    scalar_t* x_in = mask.defined() ? h_in->data_ptr<scalar_t>() : nullptr;
+    const bool* alive = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+    row_blocks(batch, packed.has_value(), [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo, r0 = lo * hidden;
+      // The product's buffer, allocated once per block; the projected input is added in the
+      // pass. oneDNN's op returns a fresh tensor instead, read in place.
+      Tensor pre = at::empty({n, 4 * hidden}, projected.options());
+      for (int64_t t = 0; t < steps; ++t) {
+        const Tensor x = block(mask.defined() ? h_in->select(0, t) : hs.select(0, t), lo, n);
+        const Tensor product = packed ? onednn_linear(x, *packed, std::nullopt)
+                                      : at::mm_out(pre, x, w_t);
+        const bool next = mask.defined() && t + 1 < steps;
+        const int64_t now = t * rows + r0, after = (t + 1) * rows + r0;
+        const ForwardStep<scalar_t> step{
+            product.const_data_ptr<scalar_t>(), proj + 4 * now, act + 4 * now, c + now,
+            c + after, tc + now, h + now, h + after, shift(alive, t * batch + lo),
+            shift(mask_row<scalar_t>(zone_h, t, rows), r0),
+            shift(mask_row<scalar_t>(zone_c, t, rows), r0),
+            next ? mask_row<scalar_t>(mask, t + 1, rows) + r0 : nullptr,
+            next ? x_in + after : nullptr};
+        lstm_step(step, n, hidden);
+      }
+    });
   });
 }
 
@@ -299,10 +439,10 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
 // With zoneout (Zoned; factors zone_h, zone_c) only (1 - d) of dh and dc reaches the candidate
 // h~ and c~, and dc <- dcc f + d_c dc (d_h dh is previous_state's part).
 template <typename T, bool Zoned>
-void gate_row(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ a,
-              const T* __restrict__ c_prev, const T* __restrict__ tanh_c,
-              const T* __restrict__ zone_h, const T* __restrict__ zone_c, T* __restrict__ d,
-              int64_t hidden) {
+RNNREG_INLINE void gate_row(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ a,
+                            const T* __restrict__ c_prev, const T* __restrict__ tanh_c,
+                            const T* __restrict__ zone_h, const T* __restrict__ zone_c,
+                            T* __restrict__ d, int64_t hidden) {
   for (int64_t j = 0; j < hidden; ++j) {
     const Acc<T> i = a[j], f = a[hidden + j], g = a[2 * hidden + j], o = a[3 * hidden + j];
     const Acc<T> tc = tanh_c[j], dc_j = dc[j];
@@ -325,11 +465,11 @@ void gate_row(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict_
 }
 
 template <typename T>
-void gate_gradients(const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ gates,
-                    const T* __restrict__ c_prev, const T* __restrict__ tanh_c,
-                    const bool* alive, const T* __restrict__ zone_h,
-                    const T* __restrict__ zone_c, T* __restrict__ d_gates, int64_t batch,
-                    int64_t hidden) {
+RNNREG_INLINE void gate_gradients(const T* __restrict__ dh, T* __restrict__ dc,
+                                  const T* __restrict__ gates, const T* __restrict__ c_prev,
+                                  const T* __restrict__ tanh_c, const bool* alive,
+                                  const T* __restrict__ zone_h, const T* __restrict__ zone_c,
+                                  T* __restrict__ d_gates, int64_t batch, int64_t hidden) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t base = b * hidden, row = b * 4 * hidden;
     T* __restrict__ d = d_gates + row;
@@ -351,10 +491,10 @@ void gate_gradients(const T* __restrict__ dh, T* __restrict__ dc, const T* __res
 // recurrent product's, plus dh itself where the sequence has ended (passthrough 1), or the
 // zoneout factor d_h times dh for every unit (zone, row t).
 template <typename T>
-void previous_state(T* __restrict__ dh, const T* __restrict__ d_out_prev,
-                    const T* __restrict__ d_hin, const T* __restrict__ mask,
-                    const T* __restrict__ passthrough, const T* __restrict__ zone,
-                    int64_t batch, int64_t hidden) {
+RNNREG_INLINE void previous_state(T* __restrict__ dh, const T* __restrict__ d_out_prev,
+                                  const T* __restrict__ d_hin, const T* __restrict__ mask,
+                                  const T* __restrict__ passthrough, const T* __restrict__ zone,
+                                  int64_t batch, int64_t hidden) {
   for (int64_t b = 0; b < batch; ++b) {
     T* __restrict__ out = dh + b * hidden;
     const T* __restrict__ d = d_hin + b * hidden;
@@ -389,6 +529,22 @@ void previous_state(T* __restrict__ dh, const T* __restrict__ d_out_prev,
       }
     }
   }
+}
+
+// The backward's passes for float32, in the CPU-specific versions (see lstm_step).
+RNNREG_VECTOR_CLONES void gate_gradients(const float* dh, float* dc, const float* gates,
+                                         const float* c_prev, const float* tanh_c,
+                                         const bool* alive, const float* zone_h,
+                                         const float* zone_c, float* d_gates, int64_t batch,
+                                         int64_t hidden) {
+  gate_gradients<float>(dh, dc, gates, c_prev, tanh_c, alive, zone_h, zone_c, d_gates, batch,
+                        hidden);
+}
+
+RNNREG_VECTOR_CLONES void previous_state(float* dh, const float* d_out_prev, const float* d_hin,
+                                         const float* mask, const float* passthrough,
+                                         const float* zone, int64_t batch, int64_t hidden) {
+  previous_state<float>(dh, d_out_prev, d_hin, mask, passthrough, zone, batch, hidden);
 }
 
 // Returns (dL/dh0, dL/dc0); not yet those when need_first is false.
@@ -434,27 +590,36 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
   Tensor dh = (d_out.select(0, steps - 1) + d_h).contiguous();
   Tensor dc = d_c.contiguous().clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d_gates.scalar_type(), "lstm", [&] {
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const int64_t base = t * rows;
-      gate_gradients(dh.const_data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                     acts.const_data_ptr<scalar_t>() + 4 * base,
-                     cs.const_data_ptr<scalar_t>() + base,
-                     tanh_c.const_data_ptr<scalar_t>() + base,
-                     valid.defined() ? valid.const_data_ptr<bool>() + t * batch : nullptr,
-                     mask_row<scalar_t>(zone_h, t, rows), mask_row<scalar_t>(zone_c, t, rows),
-                     d_gates.data_ptr<scalar_t>() + 4 * base, batch, hidden);
-      if (t == 0 && !need_first) {
-        break;
+    scalar_t* dh_all = dh.data_ptr<scalar_t>();
+    scalar_t* dc_all = dc.data_ptr<scalar_t>();
+    const scalar_t* act = acts.const_data_ptr<scalar_t>();
+    const scalar_t* c = cs.const_data_ptr<scalar_t>();
+    const scalar_t* tc = tanh_c.const_data_ptr<scalar_t>();
+    const scalar_t* d_prev = d_out.const_data_ptr<scalar_t>();
+    const scalar_t* carry = passthrough.defined() ? passthrough.const_data_ptr<scalar_t>()
+                                                  : nullptr;
+    const bool* alive = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+    scalar_t* d_all = d_gates.data_ptr<scalar_t>();
+    row_blocks(batch, onednn, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo, r0 = lo * hidden;
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t now = t * rows + r0;
+        const scalar_t* zh = shift(mask_row<scalar_t>(zone_h, t, rows), r0);
+        gate_gradients(dh_all + r0, dc_all + r0, act + 4 * now, c + now, tc + now,
+                       shift(alive, t * batch + lo), zh,
+                       shift(mask_row<scalar_t>(zone_c, t, rows), r0), d_all + 4 * now, n,
+                       hidden);
+        if (t == 0 && !need_first) {
+          break;
+        }
+        Tensor d_row = block(d_hin.select(0, t), lo, n);
+        product_backward(d_row, block(d_gates.select(0, t), lo, n), w_hh, onednn);
+        previous_state(dh_all + r0, t > 0 ? d_prev + (t - 1) * rows + r0 : nullptr,
+                       d_row.const_data_ptr<scalar_t>(),
+                       shift(mask_row<scalar_t>(mask, t, rows), r0),
+                       shift(carry, t * batch + lo), zh, n, hidden);
       }
-      Tensor d_row = d_hin.select(0, t);
-      product_backward(d_row, d_gates.select(0, t), w_hh, onednn);
-      previous_state(dh.data_ptr<scalar_t>(),
-                     t > 0 ? d_out.const_data_ptr<scalar_t>() + (t - 1) * rows : nullptr,
-                     d_row.const_data_ptr<scalar_t>(), mask_row<scalar_t>(mask, t, rows),
-                     passthrough.defined()
-                         ? passthrough.const_data_ptr<scalar_t>() + t * batch : nullptr,
-                     mask_row<scalar_t>(zone_h, t, rows), batch, hidden);
-    }
+    });
   });
   return {dh, dc};  // not yet dL/dh0, dL/dc0 when need_first is false: the caller ignores them
 }

@@ -16,7 +16,9 @@ from rnnreg.nn.loops.python import PYTHON
 
 __all__ = ["agrees_with_python"]
 
-_STEPS, _BATCH, _HIDDEN = 3, 2, 3
+# A batch of 8 rows: with two or more threads the C++ LSTM loop splits it into blocks of
+# rows, one per thread, so the check covers that path too.
+_STEPS, _BATCH, _HIDDEN = 3, 8, 3
 
 
 def agrees_with_python(candidate, device, *, rtol=1e-4, atol=1e-5):
@@ -65,7 +67,8 @@ def _arguments(gen, case, onednn):
     if case != "plain":
         mask = (torch.rand(steps, batch, hidden, generator=gen) > 0.3).float() / 0.7
     if case == "masked, lengths":
-        valid = torch.arange(steps).unsqueeze(1) < torch.tensor([steps, 1]).unsqueeze(0)
+        lengths = torch.arange(batch) % steps + 1  # blocks of rows see different lengths
+        valid = torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)
         valid = valid.unsqueeze(2)
         passthrough = 1 - valid.float()
     if case == "masked, zoneout":

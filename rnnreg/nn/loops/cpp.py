@@ -1,15 +1,16 @@
 """The C++ loops of rnnreg's own recurrence (``_loops.cpp``): built, loaded and checked.
 
-The C++ loops make the same ATen calls as their Python twins (``rnnreg.nn.loops.python``), plus
-one fused pass for the LSTM's plain gate arithmetic, without the Python interpreter between the
-small kernels of each step. They are compiled with torch's extension builder on first use and
-cached, and registered as operators ``torch.ops.rnnreg.*`` with schemas whose argument names are
-the Python twins' parameter names; they are called by keyword and check their inputs. On first
-use every loop is compared with its Python twin on tiny inputs
-(:func:`rnnreg.nn.loops.check.agrees_with_python`); any build, schema or result mismatch leaves
-the Python loops, with a warning, rather than failing (or computing wrong gradients) later in
-training. oneDNN's private linear ops get the same check (``rnnreg.nn.products``). Whether these
-loops run at all is ``rnnreg.nn.loops``' choice.
+The C++ loops compute what their Python twins (``rnnreg.nn.loops.python``) compute without the
+Python interpreter between the small kernels of each step: the GRU and Elman loops with the same
+ATen calls, the LSTM's with one product and one hand-written, vectorized pass per step, its
+batch split into blocks of rows, one per thread (see ``_loops.cpp``). They are compiled with
+torch's extension builder on first use and cached, and registered as operators
+``torch.ops.rnnreg.*`` with schemas whose argument names are the Python twins' parameter names;
+they are called by keyword and check their inputs. On first use every loop is compared with its
+Python twin on tiny inputs (:func:`rnnreg.nn.loops.check.agrees_with_python`); any build, schema
+or result mismatch leaves the Python loops, with a warning, rather than failing (or computing
+wrong gradients) later in training. oneDNN's private linear ops get the same check
+(``rnnreg.nn.products``). Whether these loops run at all is ``rnnreg.nn.loops``' choice.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ _SOURCE = Path(__file__).with_name("_loops.cpp")
 # (a user's two virtual environments, CI beside a working copy) keep one cached build each,
 # instead of rebuilding over each other's every time either loads.
 _NAME = "rnnreg_loops_" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+# -O3 vectorizes the hand-written passes, given -fno-trapping-math (as torch itself is built:
+# it lets the compiler evaluate both sides of a select, changing no value) and -fno-math-errno;
+# -ffp-contract=off keeps it from fusing a multiply and an add in some of the CPU-specific
+# versions of a pass and not in others (see _loops.cpp), so every CPU computes the same numbers.
+# No -march: the build must run on any x86-64, not only on CPUs like the one that compiled it.
+# -fopenmp turns at::parallel_for (a header) into a parallel region: compiled with it, linked
+# without it, so its OpenMP calls bind to the runtime torch itself loaded, whose threads and
+# thread count (torch.set_num_threads) are then the ones the loops use.
+_FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 
 
 @functools.cache
@@ -68,7 +78,7 @@ def _build_and_check():
     try:
         # Loads the library into the process, which registers the ops (once: loading the same
         # file again is a no-op).
-        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False)
+        cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
         _register_fakes()
         native = _native_engine()
     except Exception as error:  # any build failure leaves the Python loops, which always work
