@@ -277,7 +277,7 @@ def test_rows_train_at_once_each_to_its_own_limit_and_a_failed_row_stops_no_othe
     done, cut = check.runs / "done", check.runs / "cut"
     assert (cut / "config.json").stat().st_mtime < (done / "metrics.jsonl").stat().st_mtime
     assert (done / "config.json").stat().st_mtime < (cut / "metrics.jsonl").stat().st_mtime
-    assert "hidden_size" in (check.logs / "broken.log").read_text()  # why it failed
+    assert "--hidden-size" in (check.logs / "broken.log").read_text()  # why it failed
     training = (check.out / "training.md").read_text()
     assert "| cut |  | PARTIAL |" in training and "| done |  | complete | 1 of 1 |" in training
     with tarfile.open(check.out / "runs.tar.gz") as tar:
