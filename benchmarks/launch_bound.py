@@ -41,7 +41,8 @@ import time
 
 import perf_model
 import torch
-from layers import SHAPES, STEP_VARIABLE, Shape, precision_settings
+from layers import SHAPES, STEP_VARIABLE, precision_settings
+from perf_model import Shape
 from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile

@@ -47,10 +47,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import perf_model
 import torch
+from perf_model import Shape
 from torch import nn
 
 import rnnreg
@@ -60,22 +60,10 @@ from rnnreg.nn import engine_for, loops
 STEP_VARIABLE = "RNNREG_TRITON_STEP"
 
 
-@dataclass(frozen=True)
-class Shape:
-    batch: int
-    steps: int
-    hidden: int
-    layers: int
-
-
-# Zaremba et al. (2014), section 4.1: the small, medium and large Penn Treebank models; "tiny"
-# only exercises the plumbing (benchmarks/device_check.py --quick), its times mean nothing.
-SHAPES = {
-    "medium": Shape(batch=20, steps=35, hidden=650, layers=2),
-    "small": Shape(batch=20, steps=20, hidden=200, layers=2),
-    "large": Shape(batch=20, steps=35, hidden=1500, layers=2),
-    "tiny": Shape(batch=4, steps=5, hidden=16, layers=2),
-}
+# Zaremba et al. (2014), section 4.1: the small, medium and large Penn Treebank models, as the
+# performance model has them; "tiny" only exercises the plumbing (benchmarks/device_check.py
+# --quick), its times mean nothing.
+SHAPES = {**perf_model.SHAPES, "tiny": Shape(batch=4, steps=5, hidden=16, layers=2)}
 
 
 class HandRolledZaremba(nn.Module):

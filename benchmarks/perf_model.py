@@ -89,7 +89,7 @@ class Shape:
     layers: int
 
 
-# Zaremba et al. (2014), section 4.1 (the same as benchmarks/layers.py's SHAPES).
+# Zaremba et al. (2014), section 4.1 (benchmarks/layers.py times these, and a tiny one).
 SHAPES = {
     "small": Shape(batch=20, steps=20, hidden=200, layers=2),
     "medium": Shape(batch=20, steps=35, hidden=650, layers=2),

@@ -25,6 +25,7 @@ import torch
 from triton_cases import (
     CASES,
     assert_tracks_float32,
+    interpreted_engine,
     own_loop_vs_torch,
     recurrence_inputs,
     run_recurrence,
@@ -39,24 +40,8 @@ if torch.cuda.is_available():
                 allow_module_level=True)
 
 
-def _import_interpreted():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from rnnreg.nn.loops import triton as triton_loops  # imports triton_fused
-        from rnnreg.nn.loops import triton_fused
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return triton_loops, triton_fused
-
-
-triton_loops, triton_fused = _import_interpreted()
-if not triton_loops.interpreted():
-    pytest.skip("the Triton loops were imported compiled before this module",
-                allow_module_level=True)
+triton_loops = interpreted_engine()
+from rnnreg.nn.loops import triton_fused  # noqa: E402  (imported by the line above)
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 TOL = dict(rtol=1e-4, atol=1e-5)

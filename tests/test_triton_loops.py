@@ -27,6 +27,7 @@ from triton_cases import (
     CASES,
     assert_tracks_float32,
     evaluated_twice,
+    interpreted_engine,
     own_loop_vs_torch,
     recurrence_inputs,
     relative_error,
@@ -43,23 +44,7 @@ if torch.cuda.is_available():
                 allow_module_level=True)
 
 
-def _import_interpreted():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from rnnreg.nn.loops import triton as triton_loops
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return triton_loops
-
-
-triton_loops = _import_interpreted()
-if not triton_loops.interpreted():
-    pytest.skip("the Triton loops were imported compiled before this module",
-                allow_module_level=True)
+triton_loops = interpreted_engine()
 
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 _LOOP = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "elman", "RNN_RELU": "elman"}

@@ -4,12 +4,35 @@ the own loop against torch.nn with the same weights."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnreg.nn.engines import own_loop_layer
 from rnnreg.nn.recurrence import recurrence
+
+
+def interpreted_engine():
+    """rnnreg's Triton engine imported with ``TRITON_INTERPRET=1`` (the interpreter must be on
+    before Triton compiles the kernels; the environment is restored after), or the calling test
+    module skipped where it was already imported compiled."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from rnnreg.nn.loops import triton as triton_loops  # imports triton_fused too
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    if not triton_loops.interpreted():
+        pytest.skip("the Triton loops were imported compiled before this module",
+                    allow_module_level=True)
+    return triton_loops
+
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 # mask: None, "fresh" (T, B, H) or "sequence" (1, B, H); zoneout: None, "train" (factors in
