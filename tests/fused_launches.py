@@ -4,8 +4,17 @@ one-kernel step. Imported in a process without ``TRITON_INTERPRET``."""
 
 from __future__ import annotations
 
+import os
+
 import torch
-from triton_cases import _POINTER_TYPES, CASES, GATES, recurrence_inputs, run_recurrence
+from triton_cases import (
+    CASES,
+    GATES,
+    compile_launched,
+    record_launches,
+    recurrence_inputs,
+    run_recurrence,
+)
 
 KERNELS = ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
            "_lstm_backward_step", "_carry_backward_step")
@@ -18,37 +27,13 @@ def compile_every_fused_launch(arch=90):
     one and 37 units; return how many. Nothing runs: the
     launches are recorded on CPU tensors and only compiled, so what Triton's interpreter lets
     pass (``tl.dot`` shapes and operand dtypes, constexpr use, casts) fails here."""
-    import os
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from rnnreg.nn import loops
     from rnnreg.nn.loops import triton as triton_loops
     from rnnreg.nn.loops import triton_fused
     from rnnreg.nn.recurrence import recurrence
 
     assert not triton_loops.interpreted(), "Triton was imported with TRITON_INTERPRET=1"
-    launched = {}
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                values = dict(zip(self.kernel.arg_names, args)) | constexprs
-                signature = {name: "constexpr" if name in constexprs
-                             else _POINTER_TYPES[v.dtype] if isinstance(v, torch.Tensor)
-                             else "i32" for name, v in values.items()}
-                key = (self.kernel.fn.__name__, tuple(signature.items()),
-                       tuple(constexprs.items()))
-                launched[key] = (self.kernel, signature, constexprs)
-            return launch
-
-    for name in KERNELS:
-        setattr(triton_fused, name, Recorder(getattr(triton_fused, name)))
+    launched = record_launches(triton_fused, KERNELS)
     triton_loops.interpreted = lambda: True  # lets the engine take CPU tensors
     os.environ[loops.VARIABLE] = "triton"
     os.environ[triton_loops.STEP_VARIABLE] = "fused"
@@ -68,16 +53,6 @@ def compile_every_fused_launch(arch=90):
     recurrence("GRU", leaves["x"], leaves["state"], *leaves["weights"][:2], None, None, None,
                None)  # no b_hh
     assert {key[0] for key in launched} == set(KERNELS), "a kernel was never launched"
-    assert {c["PRECISION"] for _, _, c in launched.values()} == {"tf32", "ieee"}
-    target = GPUTarget("cuda", arch, 32)
-    for kernel, signature, constexprs in launched.values():
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                       target=target)
+    assert {c["PRECISION"] for _, _, c, _ in launched.values()} == {"tf32", "ieee"}
     # The control: a tile that is not a power of two compiles in the interpreter, not here.
-    kernel, signature, constexprs = next(iter(launched.values()))
-    try:
-        triton.compile(ASTSource(fn=kernel, signature=signature,
-                                 constexprs=constexprs | {"BLOCK_J": 24}), target=target)
-    except triton.CompilationError:
-        return len(launched)
-    raise AssertionError("a tile of 24 compiled: this check would miss compile errors")
+    return compile_launched(launched, arch, {"BLOCK_J": 24})

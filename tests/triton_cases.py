@@ -172,24 +172,10 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16
                   torch.uint8: "*u8"}
 
 
-def compile_every_launch(arch=90):
-    """Compile, for an NVIDIA GPU of compute capability ``arch`` (90: the H100/H200), every
-    kernel specialization the Triton loops launch over :data:`CASES`, all four modes, float32
-    and both autocast dtypes; return how many. Nothing runs: the launches are recorded on CPU
-    tensors (the products run, the kernels are only compiled), so compile-time errors that
-    Triton's interpreter lets pass (constexpr use, block shapes, dtype casts) show up on any
-    machine with Triton's bundled ptxas. Must run in a process that imported Triton without
-    ``TRITON_INTERPRET``."""
-    import os
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from rnnreg.nn import loops
-    from rnnreg.nn.loops import triton as triton_loops
-
-    assert not triton_loops.interpreted(), "Triton was imported with TRITON_INTERPRET=1"
+def record_launches(module, names):
+    """Replace the Triton kernels ``names`` of ``module`` by recorders; return the dict they fill:
+    one entry ``(kernel, signature, constexprs, num_warps)`` per distinct specialization
+    launched (the signature as Triton's compiler takes it, from the arguments' dtypes)."""
     launched = {}
 
     class Recorder:
@@ -207,9 +193,48 @@ def compile_every_launch(arch=90):
                 launched[key] = (self.kernel, signature, constexprs, num_warps)
             return launch
 
-    for name in ("_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
-                 "_lstm_backward_step", "_carry_backward_step"):
-        setattr(triton_loops, name, Recorder(getattr(triton_loops, name)))
+    for name in names:
+        setattr(module, name, Recorder(getattr(module, name)))
+    return launched
+
+
+def compile_launched(launched, arch, control):
+    """Compile every recorded specialization for compute capability ``arch``; return how many.
+    ``control`` (constexprs that must not compile, such as a block that is not a power of two)
+    is tried on the first one: if it compiles, this check would miss compile errors."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    for kernel, signature, constexprs, num_warps in launched.values():
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                       target=target, options={"num_warps": num_warps})
+    kernel, signature, constexprs, num_warps = next(iter(launched.values()))
+    try:
+        triton.compile(ASTSource(fn=kernel, signature=signature,
+                                 constexprs=constexprs | control), target=target,
+                       options={"num_warps": num_warps})
+    except triton.CompilationError:
+        return len(launched)
+    raise AssertionError(f"{control} compiled: this check would miss compile errors")
+
+
+def compile_every_launch(arch=90):
+    """Compile, for an NVIDIA GPU of compute capability ``arch`` (90: the H100/H200), every
+    kernel specialization the Triton loops launch over :data:`CASES`, all four modes, float32
+    and both autocast dtypes; return how many. Nothing runs: the launches are recorded on CPU
+    tensors (the products run, the kernels are only compiled), so compile-time errors that
+    Triton's interpreter lets pass (constexpr use, block shapes, dtype casts) show up on any
+    machine with Triton's bundled ptxas. Must run in a process that imported Triton without
+    ``TRITON_INTERPRET``."""
+    from rnnreg.nn import loops
+    from rnnreg.nn.loops import triton as triton_loops
+
+    assert not triton_loops.interpreted(), "Triton was imported with TRITON_INTERPRET=1"
+    launched = record_launches(triton_loops, (
+        "_lstm_forward_step", "_gru_forward_step", "_elman_forward_step",
+        "_lstm_backward_step", "_carry_backward_step"))
     triton_loops.interpreted = lambda: True  # lets the engine take CPU tensors
     os.environ[loops.VARIABLE] = "triton"
     for mode in GATES:
@@ -219,16 +244,5 @@ def compile_every_launch(arch=90):
                 with torch.autocast("cpu", dtype=dtype or torch.bfloat16,
                                     enabled=dtype is not None):
                     run_recurrence(mode, leaves, constants)
-    target = GPUTarget("cuda", arch, 32)
-    for kernel, signature, constexprs, num_warps in launched.values():
-        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                       target=target, options={"num_warps": num_warps})
     # The control: a block that is not a power of two compiles in the interpreter, not here.
-    kernel, signature, constexprs, num_warps = next(iter(launched.values()))
-    try:
-        triton.compile(ASTSource(fn=kernel, signature=signature,
-                                 constexprs=constexprs | {"BLOCK": 500}), target=target,
-                       options={"num_warps": num_warps})
-    except triton.CompilationError:
-        return len(launched)
-    raise AssertionError("a block of 500 compiled: this check would miss compile errors")
+    return compile_launched(launched, arch, {"BLOCK": 500})
