@@ -18,7 +18,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, write_corpus
+
+from support import REPO_ROOT, write_corpus
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import device_check  # noqa: E402  (a script, not a package)

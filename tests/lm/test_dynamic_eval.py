@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_THREADS
 
 import rnnreg.cli as cli
 from rnnreg.lm.config import Config
@@ -35,6 +34,7 @@ from rnnreg.lm.evaluation import load_model, score_stream
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
+from support import TEST_THREADS
 
 VOCAB = 17
 

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_THREADS, write_corpus
-from steps import train_killed
 
 import rnnreg.lm.training.loop as train_module
 from rnnreg import cli
@@ -27,6 +25,8 @@ from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training import console
 from rnnreg.lm.training.loop import TrainingDiverged, train
 from rnnreg.lm.training.resume import resumed_config
+from support import TEST_THREADS, write_corpus
+from support.steps import train_killed
 
 
 def _quiet_train(config: Config, out: Path, data_dir: Path, **kwargs) -> dict:

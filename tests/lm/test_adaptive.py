@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TEST_THREADS
-from steps import train_killed
 
 import rnnreg
 from rnnreg import cli
@@ -33,6 +31,8 @@ from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
+from support import REPO_ROOT, TEST_THREADS
+from support.steps import train_killed
 
 VOCAB = 31
 CUTOFFS = (5, 12)

@@ -21,7 +21,7 @@ from rnnreg.lm.corpus.sources import (
 )
 from rnnreg.lm.corpus.vocab import EOS, UNK, Vocabulary, build_vocabulary, tokenize
 
-REAL_PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
+REAL_PTB = Path(__file__).resolve().parents[3] / "shared" / "data" / "ptb"
 
 TRAIN = "the cat sat\nthe dog sat\nthe <unk> ran\n"
 VALID = "the cat ran\n"

@@ -5,7 +5,7 @@ The trainer's ``on_step`` hook serves tests that call ``train`` themselves; a ru
 through the CLI, or in a subprocess, is reached through ``torch.optim.SGD.step`` instead. One
 helper for both, so that every such test counts steps the same way (after the step is taken,
 over the whole process). Subprocess scripts import it with ``tests/`` on ``PYTHONPATH``
-(:data:`SCRIPT_PATH`).
+(:data:`support.SCRIPT_PATH`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-_HERE = Path(__file__).resolve().parent
-SCRIPT_PATH = os.pathsep.join((str(_HERE.parent), str(_HERE)))  # the repository and tests/
+from support import REPO_ROOT, SCRIPT_PATH
 
 
 class AfterStep:
@@ -58,7 +57,7 @@ _KILLED_TRAIN = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[5]))
     from rnnreg.lm.config import Config
     from rnnreg.lm.training.loop import train
-    from steps import AfterStep, signal_self
+    from support.steps import AfterStep, signal_self
 
     AfterStep(int(sys.argv[4]), signal_self(signal.SIGKILL))
     train(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2], data_dir=sys.argv[3],
@@ -72,6 +71,6 @@ def train_killed(config, out: Path, data_dir: Path, at: int, threads: int) -> No
     result = subprocess.run(
         [sys.executable, "-c", _KILLED_TRAIN, json.dumps(config.to_dict()), str(out),
          str(data_dir), str(at), str(threads)],
-        cwd=_HERE.parent, env={**os.environ, "PYTHONPATH": SCRIPT_PATH}, capture_output=True,
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": SCRIPT_PATH}, capture_output=True,
         text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _SPEC = importlib.util.spec_from_file_location("redact_paths",
                                                REPO_ROOT / "tools" / "redact_paths.py")
 redact_paths = importlib.util.module_from_spec(_SPEC)

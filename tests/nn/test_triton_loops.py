@@ -6,7 +6,7 @@ is tested on every machine: against the Python twins (every mode; masks ``(T, B,
 states and the gradients of every input) and, with no mask, against torch.nn with the same
 weights (both directions, lengths). The interpreter must be on before Triton compiles the
 kernels, so this module imports them with ``TRITON_INTERPRET=1`` and restores the environment;
-on a machine with CUDA it skips, since tests/test_cuda.py runs the same cases compiled.
+on a machine with CUDA it skips, since tests/nn/test_cuda.py runs the same cases compiled.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ import sys
 import threading
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from triton_cases import (
+
+from rnnreg.nn import loops
+from rnnreg.nn.loops.python import PYTHON
+from rnnreg.nn.recurrence import recurrence
+from support import REPO_ROOT, SCRIPT_PATH
+from support.triton_cases import (
     CASES,
     assert_tracks_float32,
     evaluated_twice,
@@ -34,13 +38,9 @@ from triton_cases import (
     run_recurrence,
 )
 
-from rnnreg.nn import loops
-from rnnreg.nn.loops.python import PYTHON
-from rnnreg.nn.recurrence import recurrence
-
 pytest.importorskip("triton")
 if torch.cuda.is_available():
-    pytest.skip("a CUDA device is here: tests/test_cuda.py runs the Triton loops compiled",
+    pytest.skip("a CUDA device is here: tests/nn/test_cuda.py runs the Triton loops compiled",
                 allow_module_level=True)
 
 
@@ -217,14 +217,12 @@ def test_every_launch_compiles_for_an_h100_or_h200(tmp_path):
     two, constexpr misuse, dtype casts): every kernel specialization the loops launch, compiled
     for compute capability 9.0 with Triton's own ptxas, in a process without the interpreter
     and with an empty kernel cache (so nothing compiled earlier is reused)."""
-    tests = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests),
-                                           env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c",
-                           "import triton_cases; print(triton_cases.compile_every_launch())"],
-                          cwd=tests, env=env, capture_output=True, text=True, timeout=900)
+               PYTHONPATH=os.pathsep.join([SCRIPT_PATH, env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", "from support import triton_cases; "
+                           "print(triton_cases.compile_every_launch())"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) >= 5 * len(MODES)  # every kernel, several variants
 
@@ -715,7 +713,7 @@ def test_torch_compile_traces_the_triton_loops_as_operators(mode, monkeypatch):
 
 
 def test_the_step_kind_is_read_from_the_environment(monkeypatch):
-    """``RNNREG_TRITON_STEP``: ``split`` (the default) and ``fused`` (tests/test_triton_fused.py
+    """``RNNREG_TRITON_STEP``: ``split`` (the default) and ``fused`` (tests/nn/test_triton_fused.py
     checks that its kernels are the ones that ran) both give the Python twin's results;
     anything else is not a step kind, refused when a loop runs."""
     assert triton_loops.step_kind({}) == "split"

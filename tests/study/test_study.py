@@ -10,7 +10,6 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from conftest import assert_strict_json
 from matplotlib.figure import Figure
 
 from rnnreg import cli
@@ -22,6 +21,7 @@ from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.study import grid as study
 from rnnreg.study.grid import StudyGrid, grid_runs, run_study
 from rnnreg.study.report import write_report
+from support import assert_strict_json
 
 # Tiny and fast, but every flag goes through the CLI the way a user would pass it.
 TINY_FLAGS = ["--epochs", "1", "--hidden-size", "8", "--bptt", "5", "--batch-size", "4",

@@ -3,13 +3,13 @@ interpreter, on CPU tensors.
 
 One kernel per step and direction: the recurrent product (``tl.dot``) with the cell update in its
 epilogue, and in the backward the previous step's product with the gate gradients after it. The
-same checks as the two-kernel step's (tests/test_triton_loops.py): against the Python twins for
+same checks as the two-kernel step's (tests/nn/test_triton_loops.py): against the Python twins for
 every mode, mask, lengths and zoneout case, odd sizes, torch.nn without masks, autocast against
 float32, inputs of any strides; plus the tiles and the precision of the products. Every test
 here asserts that the fused step ran, so a selection that silently fell back to the two-kernel
 step fails. The
 interpreter must be on before Triton compiles the kernels; on a machine with CUDA this module
-skips (tests/test_cuda.py runs the engine compiled).
+skips (tests/nn/test_cuda.py runs the engine compiled).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import collections
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from triton_cases import (
+
+from rnnreg.nn import loops
+from rnnreg.nn.recurrence import recurrence
+from support import REPO_ROOT, SCRIPT_PATH
+from support.triton_cases import (
     CASES,
     assert_tracks_float32,
     interpreted_engine,
@@ -31,12 +34,9 @@ from triton_cases import (
     run_recurrence,
 )
 
-from rnnreg.nn import loops
-from rnnreg.nn.recurrence import recurrence
-
 pytest.importorskip("triton")
 if torch.cuda.is_available():
-    pytest.skip("a CUDA device is here: tests/test_cuda.py runs the Triton loops compiled",
+    pytest.skip("a CUDA device is here: tests/nn/test_cuda.py runs the Triton loops compiled",
                 allow_module_level=True)
 
 
@@ -398,13 +398,11 @@ def test_every_fused_launch_compiles_for_an_h100_or_h200(tmp_path):
     dtypes, tiles that are not powers of two, constexpr misuse): every specialization the fused
     step launches, compiled for compute capability 9.0 with Triton's own ptxas, in a process
     without the interpreter and with an empty kernel cache."""
-    tests = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests),
-                                           env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", "import fused_launches; "
+               PYTHONPATH=os.pathsep.join([SCRIPT_PATH, env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", "from support import fused_launches; "
                            "print(fused_launches.compile_every_fused_launch())"],
-                          cwd=tests, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) >= 5 * len(MODES)  # every kernel, several variants

@@ -33,9 +33,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from conftest import REPO_ROOT, TEST_THREADS
 from matplotlib.figure import Figure
-from steps import SCRIPT_PATH, AfterStep
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rnnreg.cli as cli
@@ -48,6 +46,8 @@ from rnnreg.lm.rundir.events import ScalarLog
 from rnnreg.lm.rundir.files import WriteError, atomic_write_text
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import train
+from support import REPO_ROOT, SCRIPT_PATH, TEST_THREADS
+from support.steps import AfterStep
 
 FLAGS = {"hidden_size": 16, "batch_size": 10, "bptt": 10, "epochs": 2, "init_range": 0.3,
          "eval_bptt": 50, "checkpoint_minutes": 0.0, "checkpoint_steps": 0, "seed": 7,
@@ -390,7 +390,7 @@ LIMITED_RUN = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[1]))
     from rnnreg.cli import main
 
-    from steps import AfterStep
+    from support.steps import AfterStep
 
     fault_at, limit = int(sys.argv[2]), int(sys.argv[3])
 

@@ -1,8 +1,8 @@
 """Tests for rnnreg.LSTM/GRU/RNN against independent oracles.
 
 Oracles: torch.nn's own layers (with copied weights), a NumPy forward written from the equations
-(tests/numpy_oracle.py), finite differences (gradcheck), and "probe" networks whose weights are
-chosen so that the dropout masks a real forward used can be read back from its output.
+(tests/support/numpy_oracle.py), finite differences (gradcheck), and "probe" networks whose
+weights are chosen so that the dropout masks a real forward used can be read back from its output.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from numpy_oracle import Masks, Params, stacked_forward
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnnreg
 from rnnreg.nn.recurrence import recurrence
+from support.numpy_oracle import Masks, Params, stacked_forward
 
 CELLS = {"LSTM": (rnnreg.LSTM, nn.LSTM), "GRU": (rnnreg.GRU, nn.GRU), "RNN": (rnnreg.RNN, nn.RNN)}
 MODES = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH", "RNN_RELU": "RNN_RELU"}

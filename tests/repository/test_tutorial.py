@@ -15,8 +15,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO_ROOT
 from nbclient import NotebookClient
+
+from support import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "docs" / "tutorial.ipynb"
 # The comparison's rows, in the order of rnnreg.STRATEGIES as the study groups them.

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, write_corpus
 
 import rnnreg.cli as cli
 import rnnreg.lm.training.loop as train_module
@@ -24,6 +23,7 @@ from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.training.loop import train
+from support import REPO_ROOT, write_corpus
 
 TRAIN_FLAGS = ("--epochs", "1", "--hidden-size", "8", "--bptt", "5", "--no-progress")
 

@@ -1,7 +1,7 @@
 """CUDA tests of the fused Triton step (``RNNREG_TRITON_STEP=fused``), compiled on the GPU.
 
-tests/test_triton_fused.py runs the same kernels in Triton's interpreter on CPU tensors; here they
-run compiled, against the Python twins on the device (every mode and case, 37 units), against
+tests/nn/test_triton_fused.py runs the same kernels in Triton's interpreter on CPU tensors; here
+they run compiled, against the Python twins on the device (every mode and case, 37 units), against
 cuDNN without masks, under bfloat16/float16 autocast against float32, and replayed from CUDA
 graphs against plain launches. Marked ``cuda``; skipped without a CUDA device (the CPU
 rehearsal of the GPU check included: Triton runs on CPU tensors only in its interpreter).
@@ -13,7 +13,9 @@ import os
 
 import pytest
 import torch
-from triton_cases import (
+
+from rnnreg.nn import loops
+from support.triton_cases import (
     CASES,
     assert_tracks_float32,
     own_loop_vs_torch,
@@ -21,8 +23,6 @@ from triton_cases import (
     relative_error,
     run_recurrence,
 )
-
-from rnnreg.nn import loops
 
 DEVICE = torch.device(os.environ.get("RNNREG_CHECK_DEVICE", "cuda"))
 pytestmark = [

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, write_corpus
-from steps import SCRIPT_PATH
 
 from rnnreg import cli
 from rnnreg.lm.distributed import World, detect
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
+from support import REPO_ROOT, SCRIPT_PATH, write_corpus
 
 # 400 tokens in 4 streams: 20 windows of 5 per epoch, about a second of training per job.
 FLAGS = ["--preset", "small", "--hidden-size", "16", "--batch-size", "4", "--bptt", "5",
@@ -41,7 +40,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import torch
 
     torch.set_num_threads(1)
-    from steps import AfterStep, signal_self
+    from support.steps import AfterStep, signal_self
 
     AfterStep(int(sys.argv[1]), signal_self(signal.SIGTERM))
     AfterStep(int(sys.argv[2]), signal_self(signal.SIGKILL))

@@ -1,9 +1,10 @@
 """Zoneout (Krueger et al. 2017) in rnnreg's own recurrence, against independent oracles.
 
-Oracles: the NumPy forward of tests/numpy_oracle.py, written from the paper's equations with
-explicit zoneout factors; finite differences (float64 gradcheck) of the hand-written backward;
-the binomial statistics of how many units repeat their previous value; torch.nn with copied
-weights where every factor is 0. Each runs on both loops (compiled C++ and its Python twin).
+Oracles: the NumPy forward of tests/support/numpy_oracle.py, written from the paper's equations
+with explicit zoneout factors; finite differences (float64 gradcheck) of the hand-written
+backward; the binomial statistics of how many units repeat their previous value; torch.nn with
+copied weights where every factor is 0. Each runs on both loops (compiled C++ and its Python
+twin).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from numpy_oracle import Masks, Params, stacked_forward
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnreg
 from rnnreg.nn import loops
 from rnnreg.nn.recurrence import recurrence
+from support.numpy_oracle import Masks, Params, stacked_forward
 
 CELLS = {"LSTM": (rnnreg.LSTM, nn.LSTM), "GRU": (rnnreg.GRU, nn.GRU), "RNN": (rnnreg.RNN, nn.RNN)}
 MODES = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH"}

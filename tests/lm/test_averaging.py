@@ -11,8 +11,6 @@ import math
 
 import pytest
 import torch
-from conftest import TEST_THREADS
-from steps import train_killed
 
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
@@ -23,6 +21,8 @@ from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.resume import resumed_config
+from support import TEST_THREADS
+from support.steps import train_killed
 
 BASE = Config(hidden_size=12, batch_size=4, bptt=5, epochs=2, init_range=0.3, eval_bptt=50,
               checkpoint_minutes=0.0, seed=3, device="cpu", strategy="zaremba", strategy_p=0.2,

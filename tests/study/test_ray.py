@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
 
 from rnnreg import cli
 from rnnreg.lm.config import Config
@@ -20,6 +19,7 @@ from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.study import grid as study
 from rnnreg.study.grid import StudyGrid, ray_backend, run_study
 from rnnreg.study.report import write_report
+from support import REPO_ROOT
 
 BASE = Config(hidden_size=8, bptt=5, batch_size=4, epochs=1, eval_bptt=50,
               checkpoint_minutes=0.0, device="cpu")

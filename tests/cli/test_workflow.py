@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TEST_THREADS, assert_strict_json, write_corpus
-from steps import SCRIPT_PATH, AfterStep, signal_self
 
 import rnnreg.cli as cli
 from rnnreg.lm.config import Config
@@ -28,6 +26,8 @@ from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.vocab import tokenize
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.layout import RunDir
+from support import REPO_ROOT, SCRIPT_PATH, TEST_THREADS, assert_strict_json, write_corpus
+from support.steps import AfterStep, signal_self
 
 # A run small enough for the suite that still trains several windows per epoch with dropout,
 # checkpoints every three steps and writes a step record every three windows.
@@ -73,7 +73,7 @@ KILLED_CLI = textwrap.dedent("""
 
     torch.set_num_threads(int(sys.argv[2]))
     import rnnreg.cli
-    from steps import AfterStep, signal_self
+    from support.steps import AfterStep, signal_self
 
     AfterStep(int(sys.argv[3]), signal_self(signal.SIGKILL))
     rnnreg.cli.main(json.loads(sys.argv[1]))

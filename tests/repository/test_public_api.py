@@ -125,10 +125,10 @@ def test_the_package_imports_each_name_from_its_defining_module(module):
 
 
 USERS = sorted(path for folder in ("tests", "benchmarks", "tools")
-               for path in (PACKAGE.parent / folder).glob("*.py"))
+               for path in (PACKAGE.parent / folder).rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", USERS, ids=lambda path: f"{path.parent.name}/{path.name}")
+@pytest.mark.parametrize("path", USERS, ids=lambda path: str(path.relative_to(PACKAGE.parent)))
 def test_tests_benchmarks_and_tools_import_through_public_paths(path):
     """Outside the package a name comes from its defining module or from a facade."""
     assert indirect_imports(path.read_text(), user=True) == []

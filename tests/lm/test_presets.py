@@ -7,12 +7,12 @@ import re
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 
 from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel, count_parameters
 from rnnreg.lm.presets import PRESETS, preset_config
+from support import REPO_ROOT
 
 TINY_VOCAB = 50
 

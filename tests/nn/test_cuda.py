@@ -23,18 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_corpus
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
-from triton_cases import (
-    CASES,
-    assert_tracks_float32,
-    evaluated_twice,
-    own_loop_vs_torch,
-    recurrence_inputs,
-    run_recurrence,
-)
 
 import rnnreg
 from rnnreg.lm.config import Config
@@ -47,6 +38,15 @@ from rnnreg.lm.training.loop import train
 from rnnreg.lm.training.loss import summed_loss
 from rnnreg.nn import FUSED, engine_for, loops
 from rnnreg.nn.recurrence import recurrence
+from support import write_corpus
+from support.triton_cases import (
+    CASES,
+    assert_tracks_float32,
+    evaluated_twice,
+    own_loop_vs_torch,
+    recurrence_inputs,
+    run_recurrence,
+)
 
 DEVICE = torch.device(os.environ.get("RNNREG_CHECK_DEVICE", "cuda"))
 pytestmark = [

@@ -23,7 +23,7 @@ from rnnreg.lm.rundir.files import RunDirError, WriteError, atomic_write_text
 from rnnreg.lm.rundir.layout import RunDir, RunLockedError
 from rnnreg.lm.rundir.provenance import describe_machine, git_commit
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tied_model() -> torch.nn.Module:

@@ -1,6 +1,6 @@
-"""Cases shared by the Triton loop tests (tests/test_triton_loops.py in Triton's interpreter on
-CPU, tests/test_cuda.py compiled on a GPU): the own recurrence on two engines, and one layer on
-the own loop against torch.nn with the same weights."""
+"""Cases shared by the Triton loop tests (tests/nn/test_triton_loops.py in Triton's interpreter
+on CPU, tests/nn/test_cuda.py compiled on a GPU): the own recurrence on two engines, and one
+layer on the own loop against torch.nn with the same weights."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from rnnreg.lm.corpus.sources import DataError
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.training.loop import TrainingDiverged
 
-PACKAGE = Path(__file__).resolve().parents[1] / "rnnreg"
+PACKAGE = Path(__file__).resolve().parents[2] / "rnnreg"
 
 # A flag as it appears in text: "--out", "--data-dir DIR".
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

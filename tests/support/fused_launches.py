@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 
 import torch
-from triton_cases import (
+
+from support.triton_cases import (
     CASES,
     GATES,
     compile_launched,
