@@ -12,10 +12,11 @@ import torch
 from rnnreg.lm.corpus import sources
 from rnnreg.lm.corpus.batches import Corpus, batchify, num_windows, shard_streams, windows
 from rnnreg.lm.corpus.sources import (
+    CorpusLocation,
     DataError,
     download_ptb,
+    locate_corpus,
     read_text,
-    resolve_data_dir,
     split_files,
     verify_ptb,
 )
@@ -47,13 +48,30 @@ def _write_corpus(directory: Path, prefix: str = "", **texts: str) -> Path:
 # --------------------------------------------------------------------------- locations
 
 
-def test_resolve_data_dir_prefers_argument_then_env_then_default(monkeypatch, tmp_path):
+def test_locate_corpus_prefers_argument_then_record_then_env_then_default(monkeypatch,
+                                                                          tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(sources.DATA_ENV, str(tmp_path / "env"))
-    assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
-    assert resolve_data_dir(None) == tmp_path / "env"
+    assert locate_corpus(tmp_path / "arg", tmp_path / "rec") == CorpusLocation(
+        tmp_path / "arg", "argument")
+    assert locate_corpus(None, tmp_path / "rec") == CorpusLocation(tmp_path / "rec", "recorded")
+    assert locate_corpus(None) == CorpusLocation(tmp_path / "env", "environment")
     monkeypatch.delenv(sources.DATA_ENV)
-    assert resolve_data_dir(None) == tmp_path / "cache" / "rnnreg" / "ptb"
+    assert locate_corpus() == CorpusLocation(tmp_path / "cache" / "rnnreg" / "ptb", "default")
+
+
+def test_ptb_is_fetched_only_where_no_corpus_is_named(monkeypatch, tmp_path):
+    fetched = []
+    monkeypatch.setattr(sources, "download_ptb", lambda path, progress: fetched.append(path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(sources.DATA_ENV, str(tmp_path / "env"))
+    for named in (locate_corpus(tmp_path / "arg"), locate_corpus(None, tmp_path / "rec"),
+                  locate_corpus(None)):
+        sources.ensure_ptb(named, progress=False)
+    assert fetched == []
+    monkeypatch.delenv(sources.DATA_ENV)
+    sources.ensure_ptb(locate_corpus(), progress=False)
+    assert fetched == [tmp_path / "cache" / "rnnreg" / "ptb"]
 
 
 def test_default_data_dir_falls_back_to_home_cache(monkeypatch, tmp_path):
