@@ -40,7 +40,7 @@ from pathlib import Path
 
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.corpus.sources import DataError, resolve_data_dir
+from rnnreg.lm.corpus.sources import DataError, locate_corpus
 from rnnreg.lm.presets import BUDGET_RULE, budget_config, preset_config
 from rnnreg.lm.rundir.layout import RunDir
 
@@ -180,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    corpora = {"ptb": resolve_data_dir(args.ptb_dir),
+    corpora = {"ptb": locate_corpus(args.ptb_dir).path,
                "vimdoc": build_text_corpus(args.text_dir, args.out / "corpora" / "vimdoc",
                                            args.min_count)}
     runs = plan(corpora, args.minutes, args.same_size, args.out)

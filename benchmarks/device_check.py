@@ -160,15 +160,15 @@ QUICK_ROWS = (
 )
 
 
-# The Triton engine's CUDA tests (in tests/test_cuda.py, and tests/test_cuda_fused.py whole): the
-# cuda-triton stage runs these first, the cuda-other stage the rest of ``-m cuda``.
+# The Triton engine's CUDA tests (in tests/nn/test_cuda.py, and tests/nn/test_cuda_fused.py
+# whole): the cuda-triton stage runs these first, the cuda-other stage the rest of ``-m cuda``.
 TRITON_TESTS = "triton or graph or capture or fused"
 
 
 def cuda_test_files() -> list[str]:
     """The test files that mark tests ``cuda``: pytest collects only these (collecting the
     whole suite to select a few dozen tests costs many seconds of a short lease)."""
-    files = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py")
+    files = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("test_*.py")
                    if "mark.cuda" in path.read_text(encoding="utf-8"))
     return files or ["tests"]
 

@@ -33,7 +33,7 @@ from rnnreg.cli.flags import worded
 from rnnreg.errors import RnnregError
 from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
-from rnnreg.lm.corpus.sources import default_data_dir, download_ptb, resolve_data_dir
+from rnnreg.lm.corpus.sources import default_data_dir, download_ptb, locate_corpus
 from rnnreg.lm.presets import PRESETS, Preset
 
 __all__ = ["main"]
@@ -162,6 +162,6 @@ def _preset_detail(preset: Preset) -> str:
 
 
 def _download(args: argparse.Namespace) -> int:
-    target = download_ptb(resolve_data_dir(args.data_dir), progress=not args.no_progress)
+    target = download_ptb(locate_corpus(args.data_dir).path, progress=not args.no_progress)
     print(f"Penn Treebank ready in {Path(target)}")
     return 0

@@ -22,7 +22,7 @@ import torch
 from rnnreg.cli.flags import add_data_dir
 from rnnreg.errors import RnnregError
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.corpus.sources import DataError, read_text
+from rnnreg.lm.corpus.sources import DataError, locate_corpus, read_text
 from rnnreg.lm.corpus.vocab import UNK, tokenize
 from rnnreg.lm.dynamic import (
     DEFAULT_SEGMENT,
@@ -128,11 +128,11 @@ def _run_corpus(run_dir: str, config, vocab, data_dir) -> Corpus:
     """The corpus ``data_dir`` names, else the one the run recorded (its files checked against
     the record), read with the run's vocabulary."""
     recorded = RunDir(run_dir).read_corpus()
-    if data_dir is None and recorded is not None:
-        data_dir = recorded["data_dir"]
-        return Corpus.load(data_dir, config.level, vocab, split_fractions=config.split_fractions,
-                           recorded=recorded)
-    return Corpus.load(data_dir, config.level, vocab, split_fractions=config.split_fractions)
+    location = locate_corpus(data_dir, None if recorded is None else recorded["data_dir"])
+    # The run's reading settings, so the encoding training cached is the one found.
+    return Corpus.load(location, config.level, vocab, split_fractions=config.split_fractions,
+                       max_vocab=config.max_vocab, min_count=config.min_count,
+                       recorded=recorded if location.origin == "recorded" else None)
 
 
 def _dynamic(model, corpus: Corpus, ids: torch.Tensor, args: argparse.Namespace) -> tuple:

@@ -32,7 +32,7 @@ from rnnreg.errors import RnnregError
 from rnnreg.lm import distributed
 from rnnreg.lm.config import RATE_STRATEGIES, Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.corpus.sources import ensure_ptb
+from rnnreg.lm.corpus.sources import ensure_ptb, locate_corpus
 from rnnreg.lm.presets import PRESETS, budget_config, preset_config
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
@@ -86,9 +86,10 @@ def _train(args: argparse.Namespace) -> int:
                           "resized); drop --preset, or drop --budget-minutes")
     out = args.out or _default_out(args)
     if args.budget_minutes is not None:
-        if args.data_dir is None and not args.no_download:
-            ensure_ptb(not args.no_progress)  # the vocabulary is needed before training
-        config = _budget_config(args.budget_minutes, args.data_dir, overrides)
+        location = locate_corpus(args.data_dir)
+        if not args.no_download:
+            ensure_ptb(location, not args.no_progress)  # the vocabulary is needed before training
+        config = _budget_config(args.budget_minutes, location, overrides)
     elif args.resume and not named_preset and RunDir(out).exists():
         # Without --preset the command names only its flags: they are what must match.
         config = _configured(RunDir(out).read_config(), overrides)
@@ -148,7 +149,7 @@ def _default_out(args: argparse.Namespace) -> str:
     return f"runs/{getattr(args, 'preset', _DEFAULT_PRESET)}"
 
 
-def _budget_config(minutes: float, data_dir, overrides: dict):
+def _budget_config(minutes: float, location, overrides: dict):
     """The budget rule for this corpus: its vocabulary size (as the run will build it, so with
     the --max-vocab/--min-count given) picks the model size and softmax.
 
@@ -160,7 +161,7 @@ def _budget_config(minutes: float, data_dir, overrides: dict):
     # Only the corpus settings of this first config count.
     reading = _configured(budget_config(minutes, 2, softmax=softmax), overrides,
                           "the budget rule's")
-    corpus = Corpus.load(data_dir, reading.level, split_fractions=reading.split_fractions,
+    corpus = Corpus.load(location, reading.level, split_fractions=reading.split_fractions,
                          max_vocab=reading.max_vocab, min_count=reading.min_count)
     return budget_config(minutes, len(corpus.vocab), softmax=softmax).replace(**overrides)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.corpus.recall import RecallTask
-from rnnreg.lm.corpus.sources import resolve_data_dir
+from rnnreg.lm.corpus.sources import locate_corpus
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
 from rnnreg.lm.rundir.layout import RunDir
@@ -284,7 +284,7 @@ def run_study(base: Config, grid: StudyGrid | Sequence[StudyGrid], out: str | Pa
     two grids share trains once).
     """
     out = Path(out)
-    data = resolve_data_dir(data_dir or _recorded_data_dir(out)).resolve()
+    data = locate_corpus(data_dir, _recorded_data_dir(out)).path.resolve()
     pending, total = _prepare(base, _grids(grid), out, data)
     _train(pending, total, jobs=jobs, progress=progress, backend=backend)
     return out
@@ -426,7 +426,7 @@ def run_plan(plan: str, out: str | Path, *, data_dir: str | Path | None = None,
     if recorded and recorded.get("plan") != plan:
         raise RunDirError(f"{out} holds a study of plan {recorded.get('plan')!r}; use another "
                           "output directory for another plan")
-    text_data = resolve_data_dir(data_dir or recorded.get("data_dir")).resolve()
+    text_data = locate_corpus(data_dir, recorded.get("data_dir")).path.resolve()
     pending, total = [], 0
     for regime in PLANS[plan]:
         data = (text_data if regime.recall is None

@@ -16,7 +16,7 @@ import torch
 
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.corpus.sources import DataError
+from rnnreg.lm.corpus.sources import CorpusLocation, DataError, locate_corpus
 from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.model import LanguageModel, ModelMasks
 from rnnreg.lm.rundir.curves import learning_curves
@@ -58,7 +58,7 @@ def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path
     if not groups:
         raise RunDirError(f"{out / 'runs'} holds no run yet; nothing to report")
     study = _read_study(out)
-    data = data_dir if data_dir is not None else study.get("data_dir")
+    data = locate_corpus(data_dir, study.get("data_dir"))
     figures = out / "figures"
     title = _title(groups)
     document = Document(title, (
@@ -256,7 +256,7 @@ def _rates(out: Path, figures: Path, groups: Sequence[Group]) -> list:
 
 
 def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
-              data_dir: str | Path | None) -> list:
+              data: CorpusLocation) -> list:
     blocks = [Heading("Hidden states on real text")]
     finished = [run for group in groups for run in group.finished]
     if not finished:
@@ -269,8 +269,8 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
     except RunDirError:  # results kept without checkpoints: config and metrics only
         return [*blocks, *_kept_heatmap(out, figures)]
     try:
-        corpus = Corpus.load(data_dir, config.level, vocab,
-                             split_fractions=config.split_fractions)
+        corpus = Corpus.load(data, config.level, vocab, split_fractions=config.split_fractions,
+                             max_vocab=config.max_vocab, min_count=config.min_count)
     except DataError:  # its text names a path of this machine: no use to a reader
         return [*blocks, Paragraph("Skipped: the corpus's valid split could not be read where "
                                    "the report was written; rewrite it with --data-dir naming "

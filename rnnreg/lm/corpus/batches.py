@@ -7,7 +7,9 @@ Data flows in one direction::
 
 :mod:`rnnreg.lm.corpus.sources` finds and checks the files, :mod:`rnnreg.lm.corpus.vocab` turns
 their text into ids; :class:`Corpus` ties the two together and records where the corpus came from,
-so a resumed or evaluated run can tell when its files changed.
+so a resumed or evaluated run can tell when its files changed, and :mod:`rnnreg.lm.corpus.cache`
+keeps what it encoded, so the next command reads the ids instead of tokenizing again. Training
+and evaluation cut their windows with the one function :func:`window_at`.
 """
 
 from __future__ import annotations
@@ -19,20 +21,23 @@ from pathlib import Path
 from torch import Tensor
 
 from rnnreg.errors import RnnregError
+from rnnreg.lm.corpus.cache import DamagedCache, Encoded, cache_key, read_encoded, write_encoded
 from rnnreg.lm.corpus.sources import (
     SPLITS,
+    CorpusLocation,
     DataError,
     PathArg,
     check_ptb,
     corpus_files,
-    md5sum,
-    named_origin,
-    read_text,
-    resolve_data_dir,
+    decode_text,
+    locate_corpus,
+    md5_bytes,
+    read_bytes,
 )
 from rnnreg.lm.corpus.vocab import EOS, UNK, Vocabulary, build_vocabulary, check_level, tokenize
+from rnnreg.lm.rundir.files import WriteError
 
-__all__ = ["Corpus", "batchify", "num_windows", "shard_streams", "windows"]
+__all__ = ["Corpus", "batchify", "num_windows", "shard_streams", "window_at", "windows"]
 
 # --------------------------------------------------------------------------- corpus
 
@@ -59,7 +64,7 @@ class Corpus:
     @classmethod
     def load(
         cls,
-        data_dir: PathArg | None,
+        data_dir: PathArg | CorpusLocation | None,
         level: str = "word",
         vocab: Vocabulary | None = None,
         *,
@@ -70,40 +75,47 @@ class Corpus:
     ) -> Corpus:
         """Read, check, tokenize and encode the splits of ``data_dir`` (a directory or one file).
 
-        ``data_dir`` goes through :func:`resolve_data_dir`, so None means ``$RNNREG_DATA``
-        or the default. The vocabulary comes from the training split only
-        (:func:`build_vocabulary`), so validation and test words cannot leak into it; resumed
-        and evaluated runs pass their saved ``vocab`` so ids keep matching the model's
-        embedding, and their ``recorded`` source, so a file that changed since training is an
-        error naming it rather than a silently different number.
+        ``data_dir`` is a :class:`CorpusLocation`, or goes through :func:`locate_corpus`, so
+        None means ``$RNNREG_DATA`` or the default. The vocabulary comes from the training
+        split only (:func:`build_vocabulary`), so validation and test words cannot leak into
+        it; resumed and evaluated runs pass their saved ``vocab`` so ids keep matching the
+        model's embedding, and their ``recorded`` source, so a file that changed since
+        training is an error naming it rather than a silently different number.
+
+        Each file is read and MD5-summed once; when the cache holds this corpus's encoding
+        (:mod:`rnnreg.lm.corpus.cache`, keyed by those sums) and its vocabulary is the one
+        asked for, its ids are used instead of tokenizing again: the same tensors either way.
         """
         check_level(level)
-        directory = resolve_data_dir(data_dir)
-        with named_origin(data_dir):  # a path from $RNNREG_DATA says so in its errors
+        location = data_dir if isinstance(data_dir, CorpusLocation) else locate_corpus(data_dir)
+        directory = location.path
+        with location.named():  # a path from $RNNREG_DATA says so in its errors
             files = corpus_files(directory)
+            raw = {role: read_bytes(path) for role, path in files.items()}
+            source = _describe(directory, files, raw, split_fractions)
+            key = cache_key(source["files"], level=level, max_vocab=max_vocab,
+                            min_count=min_count,
+                            split_fractions=split_fractions if "text" in files else None)
+            cached, cache_notes = _cached(key)
+            if cached is not None and vocab is not None and cached.vocab != vocab:
+                cached = None  # another vocabulary: encode with it
             # Empty and non-UTF-8 files get their own errors before any checksum is compared.
-            texts = {role: read_text(path) for role, path in files.items()}
-            if "text" in files:
-                tokens = _cut(files["text"], texts["text"], level, split_fractions)
-            else:
-                tokens = {name: tokenize(texts[name], level) for name in files}
-            for name, split_tokens in tokens.items():
-                _check_not_empty(name, files.get(name, files.get("text")), split_tokens)
-            source = _describe(directory, files, split_fractions)
+            tokens = None if cached is not None else _tokens(files, raw, level, split_fractions)
             if recorded is not None:
                 _check_unchanged(recorded, source, files)
-            notes = list(check_ptb(directory, files))
+            notes = list(check_ptb(directory, files, {role: info["md5"] for role, info
+                                                      in source["files"].items()}))
+            if cached is None:
+                cached, cache_notes = _encode(key, files, tokens, vocab, max_vocab, min_count,
+                                              cache_notes)
             if "text" in files:
-                notes.append(_cut_note(files["text"], tokens, split_fractions))
-            if vocab is None:
-                vocab = build_vocabulary(tokens["train"], max_vocab=max_vocab, min_count=min_count)
-            encoded = {name: _encode_split(vocab, name, files.get(name, files.get("text")), toks)
-                       for name, toks in tokens.items()}
-            encoded.setdefault("test", None)
+                notes.append(_cut_note(files["text"], cached.splits, split_fractions))
+            encoded = {"test": None, **cached.splits}
             if encoded["test"] is None:
                 notes.append(f"{directory} has no test split (test.txt): the run will skip the "
                              "test score")
-            return cls(vocab=vocab, level=level, source=source, notes=tuple(notes), **encoded)
+            return cls(vocab=cached.vocab if vocab is None else vocab, level=level, source=source,
+                       notes=(*notes, *cache_notes), **encoded)
 
     def split(self, name: str) -> Tensor:
         """The encoded split called ``name``, for callers that take the split as a string."""
@@ -127,11 +139,11 @@ class Corpus:
         return f"{UNK} share: {', '.join(parts)}"
 
 
-def _describe(directory: Path, files: Mapping[str, Path],
+def _describe(directory: Path, files: Mapping[str, Path], raw: Mapping[str, bytes],
               split_fractions: Sequence[float]) -> dict:
     """The record of a corpus a run keeps: absolute path, each file's size and MD5."""
     record: dict = {"data_dir": str(directory.resolve()), "files": {
-        role: {"name": path.name, "bytes": path.stat().st_size, "md5": md5sum(path)}
+        role: {"name": path.name, "bytes": len(raw[role]), "md5": md5_bytes(raw[role])}
         for role, path in files.items()}}
     if "text" in files:
         record["split_fractions"] = [float(f) for f in split_fractions]
@@ -155,6 +167,59 @@ def _check_unchanged(recorded: Mapping, source: Mapping, files: Mapping[str, Pat
                 "it was trained on")
 
 
+def _cached(key: str) -> tuple[Encoded | None, list[str]]:
+    """The cached encoding under ``key`` if there is a sound one, and what to tell the user."""
+    try:
+        return read_encoded(key), []
+    except DamagedCache as damage:
+        return None, [f"the cached encoding of this corpus was damaged ({damage}): encoded "
+                      "the corpus again"]
+
+
+def _tokens(files: Mapping[str, Path], raw: Mapping[str, bytes], level: str,
+            split_fractions: Sequence[float]) -> dict[str, list[str]]:
+    """Each split's tokens (a one-file corpus cut into splits); an empty split is an error."""
+    texts = {role: decode_text(files[role], data) for role, data in raw.items()}
+    if "text" in files:
+        tokens = _cut(files["text"], texts["text"], level, split_fractions)
+    else:
+        tokens = {name: tokenize(texts[name], level) for name in files}
+    for name, split_tokens in tokens.items():
+        _check_not_empty(name, files.get(name, files.get("text")), split_tokens)
+    return tokens
+
+
+def _encode(key: str, files: Mapping[str, Path], tokens: Mapping[str, list[str]],
+            vocab: Vocabulary | None, max_vocab: int | None, min_count: int,
+            notes: list[str]) -> tuple[Encoded, list[str]]:
+    """Encode the splits with ``vocab`` (default: built from the training split); keep the
+    encoding in the cache when ``vocab`` is the one the training split builds."""
+    own = _own_vocabulary(tokens["train"], max_vocab, min_count, required=vocab is None)
+    vocab = own if vocab is None else vocab
+    encoded = Encoded(vocab, {name: _encode_split(vocab, name, files.get(name, files.get("text")),
+                                                  toks) for name, toks in tokens.items()})
+    if vocab == own:
+        try:
+            write_encoded(key, encoded)
+        except WriteError as error:
+            notes = [*notes, f"the encoded corpus could not be cached ({error}): it is "
+                             "encoded again next time"]
+    return encoded, notes
+
+
+def _own_vocabulary(train: list[str], max_vocab: int | None, min_count: int, *,
+                    required: bool) -> Vocabulary | None:
+    """The vocabulary the training split builds; when another one is given (``required``
+    False) it only decides whether the encoding can be cached, so a limit it cannot meet
+    means no caching rather than an error."""
+    try:
+        return build_vocabulary(train, max_vocab=max_vocab, min_count=min_count)
+    except DataError:
+        if required:
+            raise
+        return None
+
+
 def _cut(path: Path, text: str, level: str,
          split_fractions: Sequence[float]) -> dict[str, list[str]]:
     """Contiguous train/valid/test parts of one file's tokens, sized by ``split_fractions``."""
@@ -168,9 +233,9 @@ def _cut(path: Path, text: str, level: str,
     return {"train": tokens[:first], "valid": tokens[first:second], "test": tokens[second:]}
 
 
-def _cut_note(path: Path, tokens: Mapping[str, list[str]],
+def _cut_note(path: Path, splits: Mapping[str, Tensor],
               split_fractions: Sequence[float]) -> str:
-    sizes = "/".join(f"{len(part):,}" for part in tokens.values())
+    sizes = "/".join(f"{len(splits[name]):,}" for name in SPLITS)
     return (f"{path.name}: one text file, cut into contiguous train/valid/test parts by "
             f"{'/'.join(f'{f:g}' for f in split_fractions)} of its tokens ({sizes})")
 
@@ -251,10 +316,19 @@ def windows(streams: Tensor, bptt: int, start: int = 0) -> Iterator[tuple[Tensor
 
 
 def _windows(streams: Tensor, bptt: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-    last = streams.size(0) - 1
-    for i in range(start, last, bptt):
-        n = min(bptt, last - i)
-        yield streams[i : i + n], streams[i + 1 : i + 1 + n]
+    for i in range(start, streams.size(0) - 1, bptt):
+        yield window_at(streams, i, bptt)
+
+
+def window_at(streams: Tensor, row: int, length: int) -> tuple[Tensor, Tensor]:
+    """The ``(input, target)`` window at ``row`` of time-major ``(T, B)`` streams: input rows
+    ``[row, row+n)`` and target rows ``[row+1, row+1+n)``, ``n = min(length, T-1-row)``.
+
+    The one place a window is cut: :func:`windows` (evaluation) steps it by a fixed length,
+    the trainer by the lengths it draws (AWD's variable BPTT). Views into ``streams``.
+    """
+    n = min(length, streams.size(0) - 1 - row)
+    return streams[row : row + n], streams[row + 1 : row + 1 + n]
 
 
 def num_windows(streams: Tensor, bptt: int) -> int:

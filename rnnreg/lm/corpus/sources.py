@@ -19,6 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,10 +27,11 @@ from tqdm import tqdm
 
 from rnnreg.errors import RnnregError
 
-__all__ = ["DATA_ENV", "DOWNLOAD_MARKER", "PTB_MD5", "PTB_URL", "SPLITS", "DataError", "PathArg",
-           "check_ptb", "corpus_files", "default_data_dir", "download_ptb", "ensure_ptb",
-           "md5sum", "named_origin", "ptb_available", "read_text", "resolve_data_dir",
-           "split_files", "verify_ptb"]
+__all__ = ["DATA_ENV", "DOWNLOAD_MARKER", "PTB_MD5", "PTB_URL", "SPLITS", "CorpusLocation",
+           "DataError", "PathArg", "check_ptb", "corpus_cache_dir", "corpus_files",
+           "decode_text", "default_data_dir", "download_ptb", "ensure_ptb", "locate_corpus",
+           "md5_bytes", "md5sum", "ptb_available", "read_bytes", "read_text", "split_files",
+           "verify_ptb"]
 
 PathArg = str | os.PathLike[str]
 
@@ -67,11 +69,21 @@ class DataError(RnnregError):
 # --------------------------------------------------------------------------- locations
 
 
-def default_data_dir() -> Path:
-    """Where data lives when nothing else is said: the per-user cache, per the XDG spec."""
+def _user_cache() -> Path:
+    """rnnreg's folder in the per-user cache, per the XDG spec."""
     # The XDG spec says an empty variable counts as unset.
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "rnnreg" / "ptb"
+    return Path(cache) / "rnnreg"
+
+
+def default_data_dir() -> Path:
+    """Where data lives when nothing else is said: PTB in the per-user cache."""
+    return _user_cache() / "ptb"
+
+
+def corpus_cache_dir() -> Path:
+    """Where encoded corpora are kept between commands (:mod:`rnnreg.lm.corpus.cache`)."""
+    return _user_cache() / "corpora"
 
 
 def missing_directories(path: PathArg) -> list[Path]:
@@ -93,33 +105,48 @@ def remove_empty(directories: list[Path]) -> None:
             continue
 
 
-def resolve_data_dir(data_dir: PathArg | None) -> Path:
-    """Pick the data directory: the explicit argument, else ``$RNNREG_DATA``, else the default.
+@dataclass(frozen=True)
+class CorpusLocation:
+    """Where a corpus is read from, and why there.
+
+    ``origin`` is ``"argument"`` (the caller named it), ``"recorded"`` (the directory a run or a
+    study recorded when it started), ``"environment"`` (``$RNNREG_DATA``) or ``"default"``
+    (the per-user cache, the one place PTB is downloaded to).
+    """
+
+    path: Path
+    origin: str
+
+    @contextlib.contextmanager
+    def named(self) -> Iterator[None]:
+        """Add to a :class:`DataError` raised inside that the path came from ``$RNNREG_DATA``:
+        a directory the user did not type in this command is otherwise hard to trace back."""
+        try:
+            yield
+        except DataError as error:
+            if self.origin != "environment":
+                raise
+            raise DataError(f"{error.message} (the data path {self.path} came from the "
+                            f"environment variable {DATA_ENV}: change or unset it)") from error
+
+
+def locate_corpus(data_dir: PathArg | None = None,
+                  recorded: PathArg | None = None) -> CorpusLocation:
+    """Decide where the corpus comes from, in the one order every command and the library use:
+    ``data_dir`` if given, else ``recorded`` (the directory a resumed or evaluated run, or a
+    study, recorded), else ``$RNNREG_DATA``, else the per-user cache.
 
     Existence is not checked here so that ``download`` can resolve a directory it is
     about to create; :func:`split_files` reports a missing one.
     """
     if data_dir is not None:
-        return Path(data_dir).expanduser()
+        return CorpusLocation(Path(data_dir).expanduser(), "argument")
+    if recorded is not None:
+        return CorpusLocation(Path(recorded).expanduser(), "recorded")
     from_env = os.environ.get(DATA_ENV)
     if from_env:
-        return Path(from_env).expanduser()
-    return default_data_dir()
-
-
-@contextlib.contextmanager
-def named_origin(data_dir: PathArg | None) -> Iterator[None]:
-    """Add to a :class:`DataError` raised inside that its path came from ``$RNNREG_DATA``
-    when ``data_dir`` is None and the variable is set: a directory the user did not type in
-    this command is otherwise hard to trace back."""
-    from_env = os.environ.get(DATA_ENV) if data_dir is None else None
-    try:
-        yield
-    except DataError as error:
-        if not from_env:
-            raise
-        raise DataError(f"{error.message} (the data path {from_env} came from the environment "
-                        f"variable {DATA_ENV}: change or unset it)") from error
+        return CorpusLocation(Path(from_env).expanduser(), "environment")
+    return CorpusLocation(default_data_dir(), "default")
 
 
 def split_files(data_dir: PathArg) -> dict[str, Path]:
@@ -185,6 +212,11 @@ def _downloaded(directory: Path) -> bool:
 # --------------------------------------------------------------------------- integrity
 
 
+def md5_bytes(data: bytes) -> str:
+    """Hex MD5 of bytes already read (the corpus files are read whole anyway)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
 def md5sum(path: PathArg) -> str:
     """Hex MD5 of a file, read in chunks so large corpora need no large buffer."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -194,20 +226,23 @@ def md5sum(path: PathArg) -> str:
     return digest.hexdigest()
 
 
-def verify_ptb(data_dir: PathArg, *, md5s: Mapping[str, str] | None = None) -> None:
+def verify_ptb(data_dir: PathArg, *, md5s: Mapping[str, str] | None = None,
+               actual_md5s: Mapping[str, str] | None = None) -> None:
     """Refuse PTB files whose checksum is wrong, so published perplexities stay comparable.
 
     Only files under their ``ptb.*`` names are checked: a ``train.txt`` is the user's own
     corpus and has no known checksum. Missing files are left to :func:`split_files`.
+    ``actual_md5s`` (file name: MD5) are sums the caller computed already.
     """
     directory = Path(data_dir)
     # Read the module constant at call time so tests can monkeypatch it.
     expected_md5s = PTB_MD5 if md5s is None else md5s
+    known = actual_md5s or {}
     for name, expected in expected_md5s.items():
         path = directory / name
         if not path.is_file():
             continue
-        actual = md5sum(path)
+        actual = known.get(name) or md5sum(path)
         if actual != expected:
             raise DataError(
                 f"{name} in {directory} is a corrupt download (md5 {actual}, expected "
@@ -215,13 +250,18 @@ def verify_ptb(data_dir: PathArg, *, md5s: Mapping[str, str] | None = None) -> N
             )
 
 
-def check_ptb(directory: Path, files: Mapping[str, Path]) -> Iterator[str]:
-    """MD5-check ``ptb.*.txt`` where rnnreg downloaded them; elsewhere note a custom corpus."""
+def check_ptb(directory: Path, files: Mapping[str, Path],
+              md5s: Mapping[str, str]) -> Iterator[str]:
+    """MD5-check ``ptb.*.txt`` where rnnreg downloaded them; elsewhere note a custom corpus.
+
+    ``md5s`` holds each role's sum of ``files``, computed once by the caller.
+    """
+    by_name = {files[role].name: md5 for role, md5 in md5s.items()}
     if _downloaded(directory):
-        verify_ptb(directory)
+        verify_ptb(directory, actual_md5s=by_name)
         return
     differing = [path.name for path in files.values()
-                 if path.name in PTB_MD5 and md5sum(path) != PTB_MD5[path.name]]
+                 if path.name in PTB_MD5 and by_name[path.name] != PTB_MD5[path.name]]
     if differing:
         yield (f"{', '.join(differing)} in {directory} differ from Mikolov's PTB: trained as a "
                "custom corpus (perplexities are not comparable with published PTB numbers)")
@@ -272,14 +312,16 @@ def download_ptb(
     return directory
 
 
-def ensure_ptb(progress: bool = True) -> None:
-    """Download PTB into the cache when no corpus is named anywhere and the cache has none.
+def ensure_ptb(location: CorpusLocation, progress: bool = True) -> None:
+    """Download PTB into the cache when no corpus is named anywhere (``location`` is the
+    default one) and the cache has none.
 
     What Keras and torchvision datasets do for a first run: ``rnnreg train --preset small``
-    works out of the box. ``$RNNREG_DATA`` names a corpus, so then nothing is fetched.
+    works out of the box. A corpus named in any way (``data_dir``, a run's record,
+    ``$RNNREG_DATA``) is never fetched.
     """
-    directory = default_data_dir()
-    if os.environ.get(DATA_ENV) or ptb_available(directory):
+    directory = location.path
+    if location.origin != "default" or ptb_available(directory):
         return
     print(f"rnnreg: no corpus given and none in {directory}: downloading Penn Treebank "
           "(MD5-checked; --no-download to skip)", file=sys.stderr, flush=True)
@@ -339,18 +381,29 @@ def _fetch(url: str, out: BinaryIO, desc: str, progress: bool) -> str:
 
 
 def read_text(path: PathArg) -> str:
-    """Read a corpus file as UTF-8, pointing at the first bad byte when it is not.
+    """Read a corpus file as UTF-8, pointing at the first bad byte when it is not."""
+    return decode_text(path, read_bytes(path))
+
+
+def read_bytes(path: PathArg) -> bytes:
+    """A corpus file's bytes, or a :class:`DataError` saying why they cannot be read."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(
+            f"cannot read {path} ({err.strerror}): check the path and its permissions"
+        ) from err
+
+
+def decode_text(path: PathArg, raw: bytes) -> str:
+    """The text of a corpus file's bytes ``raw``, pointing at the first bad byte of ``path``
+    when they are not UTF-8.
 
     A leading byte-order mark is dropped: some editors add one, and it would otherwise
     glue itself to the first word and create a spurious vocabulary entry.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(
-            f"cannot read {path} ({err.strerror}): check the path and its permissions"
-        ) from err
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

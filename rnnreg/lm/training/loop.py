@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from rnnreg.errors import RnnregError
 from rnnreg.lm import distributed
 from rnnreg.lm.config import Config
-from rnnreg.lm.corpus.batches import Corpus, batchify, shard_streams
+from rnnreg.lm.corpus.batches import Corpus, batchify, shard_streams, window_at
 from rnnreg.lm.distributed import World, resolve_device
 from rnnreg.lm.evaluation import perplexity, score_stream
 from rnnreg.lm.model import LanguageModel, count_parameters, map_state
@@ -234,8 +234,7 @@ class _Trainer:
         holds for them. Clipping then sees that gradient, identical on every rank.
         """
         config, optimizer = self.config, self.optim.optimizer
-        inputs = self.streams[position:position + length]
-        targets = self.streams[position + 1:position + 1 + length]
+        inputs, targets = window_at(self.streams, position, length)
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=config.precision == "bfloat16"):
             out = self.trained(inputs, self.hidden, targets=targets)

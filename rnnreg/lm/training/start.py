@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from rnnreg.errors import RnnregError
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
-from rnnreg.lm.corpus.sources import ensure_ptb, missing_directories, remove_empty
+from rnnreg.lm.corpus.sources import ensure_ptb, locate_corpus, missing_directories, remove_empty
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.distributed import World
 from rnnreg.lm.rundir.files import RunDirError, WriteError
@@ -53,12 +53,11 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
     # Rank 0 alone writes, so it alone locks and reads the run; the others get what it read.
     config, vocab, checkpoint, recorded = world.from_main(
         lambda: _open_run(run, held, config, resume, world.size))
-    if data_dir is None and recorded is not None:
-        data_dir = recorded["data_dir"]
-    elif data_dir is None and download:
-        world.from_main(lambda: ensure_ptb(show_progress and world.is_main))
+    location = locate_corpus(data_dir, None if recorded is None else recorded["data_dir"])
+    if download:
+        world.from_main(lambda: ensure_ptb(location, show_progress and world.is_main))
     corpus = world.everywhere(lambda: Corpus.load(
-        data_dir, config.level, vocab, split_fractions=config.split_fractions,
+        location, config.level, vocab, split_fractions=config.split_fractions,
         max_vocab=config.max_vocab, min_count=config.min_count, recorded=recorded))
     # Only once the data loaded, so a failed start leaves no half-made or half-extended run.
     if vocab is None:
