@@ -55,7 +55,7 @@ SAMPLE_SECONDS = 0.02  # a timing repeats a short product until it lasts about t
 # Each profile's defaults; a flag given on the command line wins.
 FULL = dict(shapes="cpu-30min,budget-5,budget-12,medium", windows=50, warmup=3, repeats=5,
             squares="1024,2048")
-QUICK = dict(shapes="tiny", windows=4, warmup=1, repeats=2, squares="64,128")
+QUICK = dict(shapes="tiny,budget-1", windows=4, warmup=1, repeats=2, squares="64,128")
 
 
 # --- the count -------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> str:
         "command: " + shlex.join(["python", "benchmarks/flops.py", *(sys.argv[1:]
                                                                      if argv is None else argv)]),
         f"commit: {commit()}",
-        f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {cpu_model()}, torch threads: {torch.get_num_threads()}, "
         f"{torch.backends.cpu.get_cpu_capability()}",
         f"corpus: {corpus_name} ({vocab:,} words); {args.warmup} + {args.windows} windows per "
         f"shape; best of {args.repeats} timings per product"
@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> str:
         "Matrix products (torch.mm); the peak of a precision is its highest rate:",
         "",
         table(["product", "precision", "GFLOP/s"], peak_rows, args.markdown),
+        "",
+        "peak: " + ", ".join(f"{p} {rate:.4g} GFLOP/s" for p, rate in peaks.items()),
         "",
         "The trainer (FLOPs counted per token: 3 forwards, 2 per multiply-add; "
         "ratio = GFLOP/s / peak GFLOP/s of the run's precision):",

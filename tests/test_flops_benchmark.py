@@ -137,13 +137,19 @@ def test_quick_run_writes_the_report_with_ratios_to_the_measured_peak(tmp_path, 
     assert report == printed == capsys.readouterr().out
     head = report.split("\n\n", 1)[0]
     for words in ("command: python benchmarks/flops.py --quick", "commit: ", "torch ",
-                  f"{torch.get_num_threads()} threads", "corpus: synthetic"):
+                  f"torch threads: {torch.get_num_threads()}", "corpus: synthetic"):
         assert words in head
     peaks = _table(report, "product")
     assert {precision for _, precision, _ in peaks} == {"float32", "bfloat16"}
     assert all(float(rate) > 0 for *_, rate in peaks)
+    stated = {part.split()[0]: float(part.split()[1]) for part in
+              report.split("\npeak: ", 1)[1].splitlines()[0].split(", ")}
+    assert stated == {precision: max(float(rate) for _, p, rate in peaks if p == precision)
+                      for precision in ("float32", "bfloat16")}
     rows = _table(report, "shape")
-    assert [row[0].split()[0] for row in rows] == ["tiny"]
+    # A float32 shape and a bfloat16 one (budget-1: the cpu-30min recipe, bfloat16 autocast).
+    assert [(row[0].split()[0], row[1]) for row in rows] == [("tiny", "float32"),
+                                                             ("budget-1", "bfloat16")]
     for _, precision, mflop, tokens, gflops, peak, ratio in rows:
         best = max(float(rate) for _, p, rate in peaks if p == precision)
         assert float(peak) == pytest.approx(best, rel=1e-3)
