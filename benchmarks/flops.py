@@ -360,8 +360,9 @@ def main(argv: list[str] | None = None) -> str:
         "",
         "peak: " + ", ".join(f"{p} {rate:.4g} GFLOP/s" for p, rate in peaks.items()),
         "",
-        "The trainer (FLOPs counted per token: 3 forwards, 2 per multiply-add; "
-        "ratio = GFLOP/s / peak GFLOP/s of the run's precision):",
+        "The trainer (FLOPs counted: 2 per multiply-add, a window costs 3 forwards less the "
+        "gradient of its detached incoming state; ratio = GFLOP/s / peak GFLOP/s of the run's "
+        "precision):",
         "",
         table(["shape", "precision", "MFLOP/token", "tokens/s", "GFLOP/s", "peak GFLOP/s",
                "ratio"], train_rows, args.markdown),
