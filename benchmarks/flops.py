@@ -416,32 +416,32 @@ def main(argv: list[str] | None = None) -> str:
                      f"windows, {config.precision}")
             rate, run_vocab = trainer_tokens_per_s(config, args.windows, args.warmup, data_dir,
                                                    Path(tmp))
-            if run_vocab != corpus.vocab:  # the shares below read this corpus's ids
-                raise RuntimeError(f"{name}: the trainer built another vocabulary than the "
-                                   "benchmark's")
-            shares = None
+            words, shares = len(run_vocab), None
             if config.softmax == "adaptive":
-                shares = cluster_shares(config, vocab, timed_targets(
+                if run_vocab != corpus.vocab:  # the shares read this corpus's ids
+                    raise RuntimeError(f"{name}: the trainer built another vocabulary than the "
+                                       "benchmark's, so the tail clusters' shares are unknown")
+                shares = cluster_shares(config, words, timed_targets(
                     config, args.windows, args.warmup, train_ids))
-            flops = train_flops_per_window(config, vocab, shares) / (config.bptt
+            flops = train_flops_per_window(config, words, shares) / (config.bptt
                                                                      * config.batch_size)
             progress(f"  {rate:,.0f} tokens/s, {rate * flops / 1e9:.3g} GFLOP/s")
-            achieved.append((name, config, shares, rate, flops))
+            achieved.append((name, config, words, shares, rate, flops))
     peaks: dict[str, float] = {}
     peak_rows = []
     for product in products(args.squares,
-                            [(config, vocab, shares) for _, config, shares, *_ in achieved]):
+                            [(config, words, shares) for _, config, words, shares, *_ in achieved]):
         for precision, dtype in PRECISIONS.items():
             rate = mm_gflops(product, dtype, args.repeats)
             progress(f"torch.mm {product.label} {precision}: {rate:.3g} GFLOP/s")
             peaks[precision] = max(peaks.get(precision, 0.0), rate)
             peak_rows.append([product.label, precision, f"{rate:.4g}"])
     train_rows, adaptive = [], []
-    for name, config, shares, rate, flops in achieved:
+    for name, config, words, shares, rate, flops in achieved:
         if shares is not None:
             adaptive.append(f"{name} " + ", ".join(
                 f"cluster {i + 1} ({c.words:,} words, width {c.width}) {share:.4f}"
-                for i, (share, c) in enumerate(zip(shares, tail_clusters(config, vocab)))))
+                for i, (share, c) in enumerate(zip(shares, tail_clusters(config, words)))))
         gflops, peak = rate * flops / 1e9, peaks[config.precision]
         train_rows.append([describe(name, config), config.precision, f"{flops / 1e6:.4g}",
                            f"{rate:,.0f}", f"{gflops:.4g}", f"{peak:.4g}",
