@@ -14,6 +14,7 @@ python3 benchmarks/matmul.py --markdown | tee "$out/matmul.md"
 python3 benchmarks/layers.py --markdown | tee "$out/layers.md"
 python3 benchmarks/precision.py | tee "$out/precision.md"
 python3 benchmarks/softmax.py --markdown | tee "$out/softmax.md"
+python3 benchmarks/flops.py --markdown | tee "$out/flops.md"
 {
   python3 benchmarks/train.py --shapes small --windows 100 --repeats 5
   python3 benchmarks/train.py --shapes medium --windows 20 --repeats 3
