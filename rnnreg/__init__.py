@@ -20,6 +20,7 @@ from rnnreg.nn import functional
 from rnnreg.nn.dropout import EmbeddingDropout, LockedDropout, WeightDrop
 from rnnreg.nn.layers import GRU, LSTM, RNN
 from rnnreg.nn.masks import DropoutMasks
+from rnnreg.nn.regularization import Regularization
 from rnnreg.nn.stack import StackedRNN
 from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
 
@@ -61,6 +62,7 @@ __all__ = [
     "DropoutMasks",
     "EmbeddingDropout",
     "LockedDropout",
+    "Regularization",
     "StackedRNN",
     "Strategy",
     "WeightDrop",

@@ -20,7 +20,8 @@ from rnnreg.nn.functional import (
     is_positive_int,
 )
 from rnnreg.nn.layers import LAYERS
-from rnnreg.nn.strategies import RECURRENT_MASKS, STRATEGIES, check_recurrent_mask
+from rnnreg.nn.regularization import RECURRENT_MASKS, Regularization, check_recurrent_mask
+from rnnreg.nn.strategies import STRATEGIES
 
 __all__ = ["CELLS", "LEVELS", "LR_SCHEDULES", "OPTIMIZERS", "PRECISIONS", "RATE_STRATEGIES",
            "RESUME_RULES", "SOFTMAXES", "Config", "on_resume"]
@@ -265,9 +266,9 @@ class Config:
             if getattr(self, name) < 0:
                 raise RnnregError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         self._check_ema()
-        # Computed once, from fields checked above (the zoneout rates derived from p are
-        # checked as they are made); every layer built from this config takes these.
-        object.__setattr__(self, "_layer_options", self._strategy_settings())
+        # Made once, from fields checked above (the record checks the zoneout rates derived
+        # from p as it is made); every layer built from this config takes it.
+        object.__setattr__(self, "_regularization", self._strategy_regularization())
         if self.tie_weights and self.embedding_size not in (None, self.hidden_size):
             last = "" if self.layer_sizes is None else ", the last of `layer_sizes`"
             raise RnnregError(f"`tie_weights` needs `embedding_size` == `hidden_size`{last} "
@@ -360,17 +361,13 @@ class Config:
     def embedding_dim(self) -> int:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
-    def layer_options(self) -> dict[str, float | bool | str]:
-        """The recurrent layer's keyword options: the strategy at rate p, then the overrides.
+    @property
+    def regularization(self) -> Regularization:
+        """The recurrent stack's regularization: the strategy at rate p, then the overrides."""
+        return self._regularization
 
-        Every regularization keyword the layer takes (rates, ``variational``, the mask
-        sharing), not only dropout rates: hence options. A fresh dict each call, so a caller
-        may take entries out of it.
-        """
-        return dict(self._layer_options)
-
-    def _strategy_settings(self) -> dict[str, float | bool | str]:
-        """The options, from the strategy's record (:meth:`rnnreg.Strategy.settings`).
+    def _strategy_regularization(self) -> Regularization:
+        """The record, from the strategy's (:meth:`rnnreg.Strategy.settings`).
 
         A GRU or Elman RNN has no cell state, so the strategy's cell zoneout rate is left out
         for them (an explicit ``zoneout_cell`` is refused when the config is built).
@@ -387,10 +384,9 @@ class Config:
                                    ("zoneout_cell", self.zoneout_cell))
             if value is not None
         }
-        settings = STRATEGIES[self.strategy].settings(self.strategy_p, **overrides)
         if self.cell != "lstm":
-            settings.pop("zoneout_cell", None)
-        return settings
+            overrides["zoneout_cell"] = 0.0
+        return STRATEGIES[self.strategy].settings(self.strategy_p, **overrides)
 
     def lr_at(self, epoch: int, done: float = 0.0) -> float:
         """Learning rate of a step in 1-based ``epoch`` when the fraction ``done`` is behind.

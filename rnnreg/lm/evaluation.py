@@ -177,7 +177,7 @@ def _score_windows(members, streams: Tensor, bptt: int, mc_samples: int, progres
 
 def _held_masks(model: LanguageModel, samples: int) -> ModelMasks | None:
     """Per-sequence masks drawn once for the whole stream; None means resample every window."""
-    return model.sample_masks(1, samples) if model.variational else None
+    return model.sample_masks(1, samples) if model.rnn.variational else None
 
 
 def target_log_probs(out: ModelOutput, targets: Tensor) -> Tensor:

@@ -5,11 +5,9 @@ LSTM, every weight initialised uniformly in [-r, r]. The softmax is the paper's 
 (``decoder``, an ``nn.Linear``) or the adaptive softmax of Grave et al. (2017,
 :mod:`rnnreg.lm.adaptive`); both give exact, normalized probabilities.
 
-The output dropout is the LM's own, not the recurrent layer's ``output_dropout`` keyword: the
-layers follow ``torch.nn.LSTM``'s contract and return only the dropped output, while the
-activation penalties of AWD-LSTM (Merity et al. 2018, section 4.6) need the last layer's output
-both before (TAR) and after (AR) it is dropped. It acts in one place, :meth:`_drop_output`, with
-the same primitives and draws as the layers' own (a fresh mask per step, or one per sequence).
+The recurrent stack applies every placement of the config's regularization, output dropout
+included, and gives the last layer's output both before (TAR) and after (AR) that dropout, as
+the activation penalties of AWD-LSTM need them (Merity et al. 2018, section 4.6).
 """
 
 from __future__ import annotations
@@ -22,9 +20,10 @@ from torch import Tensor, nn
 from rnnreg.errors import RnnregError
 from rnnreg.lm.adaptive import AdaptiveSoftmax
 from rnnreg.lm.config import Config
-from rnnreg.nn.functional import dropout, dropout_mask, embedding_dropout, locked_dropout
+from rnnreg.nn.functional import dropout_mask, embedding_dropout
 from rnnreg.nn.layers import LAYERS
 from rnnreg.nn.masks import DropoutMasks
+from rnnreg.nn.regularization import Schedule
 from rnnreg.nn.stack import StackedRNN
 
 __all__ = ["LanguageModel", "ModelMasks", "ModelOutput", "count_parameters", "detach_state",
@@ -36,8 +35,7 @@ class ModelMasks:
     """Every mask of one forward call; explicit so MC dropout can hold them over a stream."""
 
     words: Tensor | None      # (V,) whole-word keep mask on the embedding matrix
-    rnn: DropoutMasks         # the recurrent stack's masks (input, between, recurrent, weight)
-    output: Tensor | None     # (T|1, B, H) on the last layer's output
+    rnn: DropoutMasks         # the recurrent stack's masks, its output's included
 
 
 @dataclass(frozen=True)
@@ -64,19 +62,18 @@ class LanguageModel(nn.Module):
         if vocab_size < 2:
             raise RnnregError(f"vocab_size must be at least 2, got {vocab_size}")
         self.vocab_size = vocab_size
-        settings = config.layer_options()
-        self.output_dropout = float(settings.pop("output_dropout"))
-        self.variational = bool(settings["variational"])
+        regularization = config.regularization
         self.embedding_dropout = config.embedding_dropout
         self.embedding = nn.Embedding(vocab_size, config.embedding_dim)
         sizes = config.sizes
         if len(set(sizes)) > 1:
             # Per-layer sizes (AWD-LSTM's 1150, 1150, 400): one single-layer rnnreg layer each.
-            self.rnn = StackedRNN(config.cell, config.embedding_dim, sizes, **settings)
+            self.rnn = StackedRNN(config.cell, config.embedding_dim, sizes,
+                                  regularization=regularization)
         else:
             # Uniform sizes: one rnnreg layer, torch's parameter names and fused stack.
             self.rnn = LAYERS[config.cell](config.embedding_dim, sizes[0], len(sizes),
-                                           **settings)
+                                           regularization=regularization)
         if config.softmax == "adaptive":
             self.decoder = AdaptiveSoftmax(self.rnn.hidden_size, vocab_size,
                                            config.adaptive_cutoffs, config.adaptive_div_value)
@@ -101,17 +98,18 @@ class LanguageModel(nn.Module):
 
     def sample_masks(self, steps: int, batch_size: int) -> ModelMasks:
         """Masks for one call; one per sequence (leading dim 1) when the strategy is variational."""
-        weight = self.embedding.weight
-        t = 1 if self.variational else steps
         words = None
         if self.embedding_dropout > 0:
+            weight = self.embedding.weight
             words = dropout_mask((self.vocab_size,), self.embedding_dropout,
                                  device=weight.device, dtype=weight.dtype)
-        output = None
-        if self.output_dropout > 0:
-            output = dropout_mask((t, batch_size, self.rnn.hidden_size), self.output_dropout,
-                                  device=weight.device, dtype=weight.dtype)
-        return ModelMasks(words, self.rnn.sample_masks(steps, batch_size), output)
+        return ModelMasks(words, self.rnn.sample_masks(steps, batch_size))
+
+    def schedule(self, field: str) -> Schedule:
+        """How often the mask in ``field`` of :class:`ModelMasks` or of its stack's
+        :class:`~rnnreg.nn.masks.DropoutMasks` is drawn: the whole-word mask once per call
+        (Gal & Ghahramani 2016, section 5), the stack's as its record says."""
+        return Schedule.WINDOW if field == "words" else self.rnn.regularization.schedule(field)
 
     def forward(self, ids: Tensor, state=None, masks: ModelMasks | None = None,
                 targets: Tensor | None = None) -> ModelOutput:
@@ -125,28 +123,18 @@ class LanguageModel(nn.Module):
         if masks is None:
             embedded = embedding_dropout(ids, self.embedding.weight, self.embedding_dropout,
                                          self.training)
-            hidden, state = self.rnn(embedded, state)
+            dropped, hidden, state = self.rnn.forward_with_hidden(embedded, state)
         else:
             embedded = F.embedding(ids, self.embedding.weight)
             if masks.words is not None:
                 embedded = embedded * masks.words[ids].unsqueeze(-1)
-            hidden, state = self.rnn.forward_with_masks(embedded, state, masks.rnn)
-        dropped = self._drop_output(hidden, masks)
+            dropped, hidden, state = self.rnn.forward_with_hidden(embedded, state, masks.rnn)
         if not self.adaptive:
             return ModelOutput(self.decoder(dropped), state, hidden, dropped)
         if targets is None:
             return ModelOutput(self.decoder.log_probs(dropped), state, hidden, dropped)
         return ModelOutput(None, state, hidden, dropped,
                            self.decoder.target_log_probs(dropped, targets))
-
-    def _drop_output(self, hidden: Tensor, masks: ModelMasks | None) -> Tensor:
-        """Output dropout: the given mask, else (training) a fresh or per-sequence one."""
-        if masks is not None:
-            return hidden if masks.output is None else hidden * masks.output
-        if not self.training or self.output_dropout == 0:
-            return hidden
-        drop = locked_dropout if self.variational else dropout
-        return drop(hidden, self.output_dropout)
 
 
 def detach_state(state):

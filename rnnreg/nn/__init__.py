@@ -1,8 +1,9 @@
 """rnnreg.nn: dropout for recurrent networks as ordinary ``torch.nn`` modules.
 
 The regularized layers (:class:`LSTM`, :class:`GRU`, :class:`RNN`, :class:`StackedRNN`), the
-dropout primitives (:mod:`rnnreg.nn.functional`, :class:`LockedDropout`,
-:class:`EmbeddingDropout`, :class:`WeightDrop`, :class:`DropoutMasks`), the named strategies, and
+record of their regularization (:class:`Regularization`), the dropout primitives
+(:mod:`rnnreg.nn.functional`, :class:`LockedDropout`, :class:`EmbeddingDropout`,
+:class:`WeightDrop`, :class:`DropoutMasks`), the named strategies, and
 the own recurrence that runs masks acting inside the time loop. :func:`engine_for` names the
 engine a layer's recurrence runs on: :data:`FUSED` (torch's kernel) or one of the own loop's
 :data:`CPP_LOOP`, :data:`TRITON_GRAPHS`, :data:`TRITON_LOOP`, :data:`PYTHON_LOOP`. Nothing here
@@ -17,6 +18,7 @@ from rnnreg.nn.engines import FUSED, engine_for
 from rnnreg.nn.layers import GRU, LSTM, RNN
 from rnnreg.nn.loops import CPP_LOOP, PYTHON_LOOP, TRITON_GRAPHS, TRITON_LOOP
 from rnnreg.nn.masks import DropoutMasks
+from rnnreg.nn.regularization import Regularization, Schedule
 from rnnreg.nn.stack import StackedRNN
 from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
 
@@ -27,8 +29,9 @@ from rnnreg.nn.strategies import PLACEMENTS, STRATEGIES, Strategy, strategy
 # stay the caller's choice, as for any model: StackedRNN holds an nn.ModuleList, WeightDrop the
 # module it wraps.
 torch.serialization.add_safe_globals([GRU, LSTM, RNN, StackedRNN, LockedDropout, EmbeddingDropout,
-                                      WeightDrop])
+                                      WeightDrop, Regularization])
 
 __all__ = ["CPP_LOOP", "FUSED", "GRU", "LSTM", "PLACEMENTS", "PYTHON_LOOP", "RNN", "STRATEGIES",
            "TRITON_GRAPHS", "TRITON_LOOP", "DropoutMasks", "EmbeddingDropout", "LockedDropout",
-           "StackedRNN", "Strategy", "WeightDrop", "engine_for", "functional", "strategy"]
+           "Regularization", "Schedule", "StackedRNN", "Strategy", "WeightDrop", "engine_for",
+           "functional", "strategy"]

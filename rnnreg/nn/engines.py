@@ -23,7 +23,7 @@ from rnnreg.nn.masks import DropoutMasks
 from rnnreg.nn.recurrence import recurrence
 
 __all__ = ["FUSED", "call_weights", "engine_for", "fused_layer", "layer_zoneout", "needs_own_loop",
-           "options_need_own_loop", "own_loop_layer", "per_row"]
+           "own_loop_layer", "per_row"]
 
 # torch's fused kernel (cuDNN on GPU, oneDNN on CPU), as engine_for names it; the own loop's
 # engines are named by rnnreg.nn.loops.
@@ -71,35 +71,17 @@ def needs_own_loop(module: nn.Module, masks: DropoutMasks | None = None, *,
 
     Placements combine: a layer runs its own loop if any of its masks needs it.
 
-    ``masks``: those of one call (as a layer's ``forward_with_masks`` takes them); None = the masks
-    a forward of ``module`` in its present mode would sample, judged from its options
-    (:func:`options_need_own_loop`) without drawing them. ``layer``: one layer's engine;
-    None = the stack's (the own loop if any layer runs it). ``module`` is an rnnreg layer or
-    :class:`rnnreg.StackedRNN`.
+    ``masks``: those of one call (as a layer's ``forward_with_masks`` takes them); None = the
+    masks a forward of ``module`` in its present mode would sample, judged from its record
+    (:meth:`rnnreg.nn.Regularization.needs_own_loop`) without drawing them. ``layer``: one
+    layer's engine; None = the stack's (the own loop if any layer runs it). ``module`` is an
+    rnnreg layer or :class:`rnnreg.StackedRNN`.
     """
     if masks is None:
-        return options_need_own_loop(
-            training=module.training, recurrent_dropout=module.recurrent_dropout,
-            recurrent_mask=module.recurrent_mask, zoneout_hidden=module.zoneout_hidden,
-            zoneout_cell=module.zoneout_cell)
+        return module.regularization.needs_own_loop(module.training)
     layers = range(len(masks.recurrent)) if layer is None else (layer,)
     return any(per_row(masks.recurrent[k]) or layer_zoneout(masks, k) is not None
                for k in layers)
-
-
-def options_need_own_loop(*, training: bool = True, recurrent_dropout: float = 0.0,
-                          recurrent_mask: str = "sequence", zoneout_hidden: float = 0.0,
-                          zoneout_cell: float = 0.0) -> bool:
-    """:func:`needs_own_loop` for the masks a layer with these options samples, read from
-    the options alone: asking draws nothing, so it never moves torch's random state.
-
-    A recurrent mask differs by row when it is drawn per sequence or per step (anything but
-    ``recurrent_mask="batch"``); zoneout keeps h(t-1) per row, and runs in evaluation too (at
-    its expectation). The other placements (``dropout``, ``weight_dropout``, ...) and
-    ``variational`` keep the fused kernel whatever their values.
-    """
-    per_row_recurrent = training and recurrent_dropout > 0 and recurrent_mask != "batch"
-    return per_row_recurrent or zoneout_hidden > 0 or zoneout_cell > 0
 
 
 def layer_zoneout(masks: DropoutMasks, layer: int):
@@ -171,15 +153,16 @@ def fused_layer(module, x, lengths, states, weights):
     return out, tuple(s.index_select(1, unorder) for s in final)
 
 
-def own_loop_layer(module, x, lengths, states, weights, recurrent_mask, zoneout=None):
+def own_loop_layer(module, x, lengths, states, weights, row_mask, zoneout=None):
     """One layer on rnnreg's own loop, for masks that differ by row on h(t-1) and zoneout.
 
-    ``weights`` already carry the masks that are weights for this call (:func:`call_weights`).
+    ``weights`` already carry the masks that are weights for this call (:func:`call_weights`);
+    ``row_mask`` is the layer's ``(T|1, D, B, H)`` mask on h(t-1), or None.
     """
     outputs, finals = [], []
     for direction, params in enumerate(weights):
         w_ih, w_hh, b_ih, b_hh = params if module.bias else (*params, None, None)
-        mask = None if recurrent_mask is None else recurrent_mask[:, direction]
+        mask = None if row_mask is None else row_mask[:, direction]
         state = tuple(s[direction] for s in states)
         seq = x if direction == 0 else layout.reverse(x, lengths)
         zone = None if zoneout is None else tuple(

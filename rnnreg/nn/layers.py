@@ -17,6 +17,11 @@ option                 where the mask acts                                      
 ``zoneout_cell``       the same for the LSTM's cell state c                            Krueger
 =====================  ==============================================================  ========
 
+The keywords build the layer's :class:`rnnreg.nn.Regularization` record, which checks them,
+draws their masks and says which engine they need; a record can also be given whole, as
+``regularization=`` (what :func:`rnnreg.strategy` and ``rnnreg.Config`` produce). The layer
+reads its options back from it (``layer.input_dropout`` is ``layer.regularization.input_dropout``).
+
 Zaremba et al. (2014, section 3.1, Figure 2) apply dropout only to non-recurrent connections:
 L+1 times in an L-layer stack (input, L-1 between layers, output), never on h(t-1) -> h(t).
 Those placements keep torch's fused kernels (cuDNN on GPU). A mask that is the same for every
@@ -61,64 +66,54 @@ from rnnreg.nn.engines import (
     own_loop_layer,
     per_row,
 )
-from rnnreg.nn.functional import (
-    check_bool,
-    check_positive_int,
-    check_probability,
-    check_zoneout,
-    dropout,
-    dropout_mask,
-)
-from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
-from rnnreg.nn.strategies import check_recurrent_mask
+from rnnreg.nn.functional import check_positive_int, dropout
+from rnnreg.nn.masks import DropoutMasks, apply_mask, apply_output_mask, mask_placement
+from rnnreg.nn.regularization import MaskSizes, Regularization
 
 __all__ = ["GRU", "LAYERS", "LSTM", "RNN"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
+def _keyword(name: str) -> property:
+    """A regularization keyword read back from the layer's record, as torch reads a layer's
+    constructor arguments back from its attributes."""
+    return property(lambda self: getattr(self.regularization, name),
+                    doc=f"``regularization.{name}`` (:class:`rnnreg.nn.Regularization`)")
+
+
 class _RegularizedRecurrence:
     """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
 
-    def _init_regularization(self, *, dropout: float, input_dropout: float,
-                             output_dropout: float, recurrent_dropout: float,
-                             weight_dropout: float, variational: bool,
-                             recurrent_mask: str = "sequence", zoneout_hidden: float = 0.0,
-                             zoneout_cell: float = 0.0) -> None:
-        self.dropout = float(dropout)  # the caller's rate, even where torch was given 0
-        self.input_dropout = check_probability("input_dropout", input_dropout)
-        self.output_dropout = check_probability("output_dropout", output_dropout)
-        self.recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
-        self.weight_dropout = check_probability("weight_dropout", weight_dropout)
-        self.zoneout_hidden = check_zoneout("zoneout_hidden", zoneout_hidden)
-        self.zoneout_cell = check_zoneout("zoneout_cell", zoneout_cell)
-        self.variational = check_bool("variational", variational)
-        self.recurrent_mask = check_recurrent_mask(recurrent_mask)
-        if recurrent_mask == "batch" and not variational:
-            raise RnnregError("recurrent_mask='batch' shares one mask by every row and step of a "
-                              "call, which needs variational=True: per-step masks (variational="
-                              "False) differ by step and cannot be one weight")
+    input_dropout = _keyword("input_dropout")
+    output_dropout = _keyword("output_dropout")
+    recurrent_dropout = _keyword("recurrent_dropout")
+    weight_dropout = _keyword("weight_dropout")
+    variational = _keyword("variational")
+    recurrent_mask = _keyword("recurrent_mask")
+    zoneout_hidden = _keyword("zoneout_hidden")
+    zoneout_cell = _keyword("zoneout_cell")
+
+    def _init_regularization(self, regularization: Regularization) -> None:
+        if regularization.zoneout_cell and self.mode != "LSTM":
+            raise RnnregError(f"`zoneout_cell` needs a cell state, which only the LSTM has; "
+                              f"this {type(self).__name__} has `zoneout_hidden` only")
+        self.regularization = regularization
+        self.dropout = regularization.dropout  # the caller's rate, even where torch was given 0
 
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
     def _needs_own_masks(self) -> bool:
-        """True when rnnreg samples the masks itself and runs the stack layer by layer.
-
-        That is needed when a mask outlives one step or acts on the recurrence (on h(t-1) or on
-        ``weight_hh``; :func:`~rnnreg.nn.engines.engine_for` says which engine then runs each
-        layer), and pays on CPU for fresh between-layer masks. Otherwise (Zaremba's placements on
-        GPU, or without between-layer dropout) torch's fused stack runs in one call and only the
-        input and output get a dropout around it.
+        """True when rnnreg samples the masks itself and runs the stack layer by layer
+        (:meth:`Regularization.draws_own_masks`), or when that pays on CPU for fresh
+        between-layer masks. Otherwise (Zaremba's placements on GPU, or without between-layer
+        dropout) torch's fused stack runs in one call and only the input and output get a
+        dropout around it.
         """
-        if self._zoneout():  # its evaluation (the expectation) also runs the own loop
-            return True
-        inside = self.recurrent_dropout > 0 or self.weight_dropout > 0
-        return self.training and (inside or self.variational or self._faster_between())
-
-    def _zoneout(self) -> bool:
-        return self.zoneout_hidden > 0 or self.zoneout_cell > 0
+        own = self.regularization.draws_own_masks(self.training)
+        return own or (self.training and self._faster_between())
 
     def _faster_between(self) -> bool:
         """On CPU, layer-by-layer fused calls with rnnreg's masks between them beat torch's
@@ -129,73 +124,63 @@ class _RegularizedRecurrence:
         return (weight.device.type == "cpu" and self.dropout > 0 and self.num_layers > 1
                 and not self.proj_size)
 
+    def _mask_sizes(self) -> MaskSizes:
+        return MaskSizes(self.input_size, (self.hidden_size,) * self.num_layers,
+                         self.num_directions, _GATES[self.mode])
+
     def sample_masks(self, steps: int, batch_size: int, *, device=None,
                      dtype=None) -> DropoutMasks:
-        """Sample the masks for one forward call over ``steps`` steps and ``batch_size`` rows."""
+        """Sample the masks for one forward call over ``steps`` steps and ``batch_size`` rows
+        (:meth:`Regularization.sample_masks`)."""
         device, dtype = mask_placement(self, device, dtype)
-        t = 1 if self.variational else steps
-        d, h = self.num_directions, self.hidden_size
-        gates = _GATES[self.mode]
-
-        def sample(shape, p):
-            return dropout_mask(shape, p, device=device, dtype=dtype) if p > 0 else None
-
-        def zone(rate):  # a unit keeps its previous value (factor 1) with probability rate
-            if rate == 0:
-                return None
-            return (torch.rand((t, d, batch_size, h), device=device) < rate).to(dtype)
-
-        layers = range(self.num_layers)
-        recurrent = (1, d, 1, h) if self.recurrent_mask == "batch" else (t, d, batch_size, h)
-        return DropoutMasks(
-            input=sample((t, batch_size, self.input_size), self.input_dropout),
-            between=tuple(sample((t, batch_size, d * h), self.dropout) for _ in layers[1:]),
-            recurrent=tuple(sample(recurrent, self.recurrent_dropout) for _ in layers),
-            weight=tuple(sample((d, gates * h, h), self.weight_dropout) for _ in layers),
-            output=sample((t, batch_size, d * h), self.output_dropout),
-            zoneout=tuple((zone(self.zoneout_hidden), zone(self.zoneout_cell))
-                          for _ in layers) if self._zoneout() else None,
-        )
-
-    def _evaluation_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
-        """Evaluation with zoneout: no dropout, and every zoneout factor at its expectation,
-        the rate (Krueger et al. 2017, as dropout's test-time scaling)."""
-        shape = (1, self.num_directions, batch_size, self.hidden_size)
-
-        def expected(rate):
-            return torch.full(shape, rate, device=device, dtype=dtype) if rate > 0 else None
-
-        none = (None,) * self.num_layers
-        pair = (expected(self.zoneout_hidden), expected(self.zoneout_cell))
-        return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
-                            output=None,
-                            zoneout=(pair,) * self.num_layers if self._zoneout() else None)
+        return self.regularization.sample_masks(self._mask_sizes(), steps, batch_size,
+                                                device=device, dtype=dtype)
 
     def forward(self, input, hx=None):
         """Same contract as ``torch.nn.LSTM.forward``: ``(output, h_n)`` or ``(output, (h, c))``."""
-        layout.check_input(self, input, hx)
-        if not self._needs_own_masks():
-            dropped = _dropout_data(input, self.input_dropout, self.training)
-            output, state = super().forward(dropped, hx)
-            return _dropout_data(output, self.output_dropout, self.training), state
-        x, lengths, given = layout.to_time_major(input, self.batch_first)
-        if self.training:
-            masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
-        else:
-            masks = self._evaluation_masks(x.size(1), x.device, x.dtype)
-        return self._forward_masked(x, lengths, given, hx, masks)
+        output, _, state = self.forward_with_hidden(input, hx)
+        return output, state
 
     def forward_with_masks(self, input, hx, masks: DropoutMasks):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
-        layout.check_input(self, input, hx)
-        return self._forward_masked(*layout.to_time_major(input, self.batch_first), hx, masks)
+        output, _, state = self.forward_with_hidden(input, hx, masks)
+        return output, state
 
-    def _forward_masked(self, x: Tensor, lengths: Tensor | None, given: layout.Layout, hx,
-                        masks: DropoutMasks):
-        """The stack layer by layer on time-major ``x``, every mask given (checked input)."""
+    def forward_with_hidden(self, input, hx=None, masks: DropoutMasks | None = None):
+        """:meth:`forward`, also giving the last layer's output before ``output_dropout``:
+        ``(output, hidden, state)``. AWD-LSTM's activation penalties (Merity et al. 2018,
+        section 4.6) read both: AR the dropped output, TAR the output before the dropout.
+
+        ``masks``: explicit masks whatever the training flag (as :meth:`forward_with_masks`);
+        None draws them as :meth:`forward` does.
+        """
+        layout.check_input(self, input, hx)
+        if masks is None and not self._needs_own_masks():
+            dropped = _dropout_data(input, self.input_dropout, self.training)
+            hidden, state = super().forward(dropped, hx)
+            return (_dropout_data(hidden, self.output_dropout, self.training), hidden, state)
+        x, lengths, given = layout.to_time_major(input, self.batch_first)
+        if masks is None and self.training:
+            masks = self.sample_masks(x.size(0), x.size(1), device=x.device, dtype=x.dtype)
+        elif masks is None:
+            masks = self.regularization.evaluation_masks(self._mask_sizes(), x.size(1),
+                                                         device=x.device, dtype=x.dtype)
+        hidden, state = self._forward_masked(x, lengths, hx, masks, given.unbatched)
+        output = apply_output_mask(hidden, masks.output)
+        restored = layout.restore_layout(output, lengths, given)
+        if masks.output is not None:
+            hidden = layout.restore_layout(hidden, lengths, given)
+        else:
+            hidden = restored
+        return restored, hidden, state
+
+    def _forward_masked(self, x: Tensor, lengths: Tensor | None, hx, masks: DropoutMasks,
+                        unbatched: bool):
+        """The stack layer by layer on time-major ``x`` up to the output dropout, every mask
+        given (checked input): the last layer's time-major output, and the final state."""
         if self.proj_size:
             raise RnnregError("explicit masks need rnnreg's per-layer path, which has no proj_size")
-        states = layout.initial_states(self, hx, x, given.unbatched)
+        states = layout.initial_states(self, hx, x, unbatched)
         x = apply_mask(x, masks.input)
         finals = []
         for layer in range(self.num_layers):
@@ -203,10 +188,8 @@ class _RegularizedRecurrence:
                 x = apply_mask(x, masks.between[layer - 1])
             x, layer_states = self._run_layer(layer, x, lengths, states, masks)
             finals.append(layer_states)
-        x = apply_mask(x, masks.output)
         final = tuple(torch.cat([s[i] for s in finals]) for i in range(len(states)))
-        return (layout.restore_layout(x, lengths, given),
-                layout.pack_states(final, given.unbatched, self.mode == "LSTM"))
+        return x, layout.pack_states(final, unbatched, self.mode == "LSTM")
 
     # --- one layer -----------------------------------------------------------------------
 
@@ -258,16 +241,30 @@ def _dropout_data(seq, p: float, training: bool):
     return dropout(seq, p)
 
 
-def _torch_dropout(dropout: float, num_layers: int) -> float:
-    """The between-layer rate to give torch's constructor, once checked (with rnnreg's message,
-    before torch's own check sees it).
+def _torch_dropout(regularization: Regularization, num_layers: int) -> float:
+    """The between-layer rate to give torch's constructor (checked by the record, with rnnreg's
+    message, before torch's own check sees it).
 
     With one layer there is no layer boundary, so between-layer dropout is a no-op, for torch as
     for rnnreg; torch warns about it, though a strategy applied to a one-layer model is a normal
     setting. torch is given 0 there and the layer keeps the caller's rate.
     """
-    check_probability("dropout", dropout)
-    return dropout if num_layers > 1 else 0.0
+    return regularization.dropout if num_layers > 1 else 0.0
+
+
+def _record(regularization: Regularization | None, **keywords) -> Regularization:
+    """The layer's regularization: the record given, or the one its keywords build (the
+    torch-style way to write one); both at once would leave one of them unused."""
+    built = Regularization(**keywords)
+    if regularization is None:
+        return built
+    if not isinstance(regularization, Regularization):
+        raise RnnregError(f"`regularization` must be an rnnreg.nn.Regularization, got "
+                          f"{type(regularization).__name__}")
+    if built != Regularization():
+        raise RnnregError(f"give the regularization either as `regularization` or as keywords, "
+                          f"not both: got {regularization!r} and {built!r}")
+    return regularization
 
 
 def _check_sizes(**sizes: int) -> None:
@@ -284,27 +281,27 @@ class LSTM(_RegularizedRecurrence, nn.LSTM):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, *,
+                 proj_size: int = 0, *, regularization: Regularization | None = None,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
                  variational: bool = False, recurrent_mask: str = "sequence",
                  zoneout_hidden: float = 0.0, zoneout_cell: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
-        if proj_size and (recurrent_dropout or weight_dropout or variational or zoneout_hidden
-                          or zoneout_cell):
+        record = _record(regularization, dropout=dropout, input_dropout=input_dropout,
+                         output_dropout=output_dropout, recurrent_dropout=recurrent_dropout,
+                         weight_dropout=weight_dropout, variational=variational,
+                         recurrent_mask=recurrent_mask, zoneout_hidden=zoneout_hidden,
+                         zoneout_cell=zoneout_cell)
+        if proj_size and (record.recurrent_dropout or record.weight_dropout
+                          or record.variational or record.zoneout):
             raise RnnregError("proj_size > 0 runs only on torch's fused kernel: it cannot be "
                               "combined with recurrent_dropout, weight_dropout, variational or "
                               "zoneout")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
-                         _torch_dropout(dropout, num_layers), bidirectional, proj_size,
+                         _torch_dropout(record, num_layers), bidirectional, proj_size,
                          device=device, dtype=dtype)
-        self._init_regularization(dropout=dropout, input_dropout=input_dropout,
-                                  output_dropout=output_dropout,
-                                  recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational,
-                                  recurrent_mask=recurrent_mask, zoneout_hidden=zoneout_hidden,
-                                  zoneout_cell=zoneout_cell)
+        self._init_regularization(record)
 
 
 class GRU(_RegularizedRecurrence, nn.GRU):
@@ -312,21 +309,21 @@ class GRU(_RegularizedRecurrence, nn.GRU):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
+                 regularization: Regularization | None = None,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
                  variational: bool = False, recurrent_mask: str = "sequence",
                  zoneout_hidden: float = 0.0, device=None,
                  dtype=None) -> None:
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
+        record = _record(regularization, dropout=dropout, input_dropout=input_dropout,
+                         output_dropout=output_dropout, recurrent_dropout=recurrent_dropout,
+                         weight_dropout=weight_dropout, variational=variational,
+                         recurrent_mask=recurrent_mask, zoneout_hidden=zoneout_hidden)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first,
-                         _torch_dropout(dropout, num_layers), bidirectional, device=device,
+                         _torch_dropout(record, num_layers), bidirectional, device=device,
                          dtype=dtype)
-        self._init_regularization(dropout=dropout, input_dropout=input_dropout,
-                                  output_dropout=output_dropout,
-                                  recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational,
-                                  recurrent_mask=recurrent_mask,
-                                  zoneout_hidden=zoneout_hidden)
+        self._init_regularization(record)
 
 
 class RNN(_RegularizedRecurrence, nn.RNN):
@@ -335,6 +332,7 @@ class RNN(_RegularizedRecurrence, nn.RNN):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, *,
+                 regularization: Regularization | None = None,
                  input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
                  variational: bool = False, recurrent_mask: str = "sequence",
@@ -343,15 +341,14 @@ class RNN(_RegularizedRecurrence, nn.RNN):
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         if nonlinearity not in ("tanh", "relu"):
             raise RnnregError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        record = _record(regularization, dropout=dropout, input_dropout=input_dropout,
+                         output_dropout=output_dropout, recurrent_dropout=recurrent_dropout,
+                         weight_dropout=weight_dropout, variational=variational,
+                         recurrent_mask=recurrent_mask, zoneout_hidden=zoneout_hidden)
         super().__init__(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
-                         _torch_dropout(dropout, num_layers), bidirectional, device=device,
+                         _torch_dropout(record, num_layers), bidirectional, device=device,
                          dtype=dtype)
-        self._init_regularization(dropout=dropout, input_dropout=input_dropout,
-                                  output_dropout=output_dropout,
-                                  recurrent_dropout=recurrent_dropout,
-                                  weight_dropout=weight_dropout, variational=variational,
-                                  recurrent_mask=recurrent_mask,
-                                  zoneout_hidden=zoneout_hidden)
+        self._init_regularization(record)
 
 
 # The layers by cell name: how StackedRNN, rnnreg.lm's Config and its model name them.

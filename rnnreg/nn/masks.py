@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["DropoutMasks", "apply_mask", "mask_placement"]
+__all__ = ["DropoutMasks", "apply_mask", "apply_output_mask", "mask_placement"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,13 @@ def mask_placement(module: nn.Module, device, dtype) -> tuple:
 def apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
     """``x`` times ``mask``, or ``x`` itself where the mask is off (None)."""
     return x if mask is None else x * mask
+
+
+def apply_output_mask(output: Tensor, mask: Tensor | None) -> Tensor:
+    """The stack's output times its output mask, in the output's own dtype.
+
+    Under bfloat16 autocast the last layer gives bfloat16, and the output dropout keeps that
+    dtype, as ``torch.nn.functional.dropout`` keeps its input's: what the decoder reads is the
+    same whether the mask was drawn ahead (here) or by a dropout on the output.
+    """
+    return output if mask is None else output * mask.to(output.dtype)

@@ -21,20 +21,16 @@ Time-major ``(T, B, F)`` input, unidirectional only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from torch import Tensor, nn
 
 from rnnreg.errors import RnnregError
-from rnnreg.nn.functional import (
-    check_bool,
-    check_positive_int,
-    check_probability,
-    dropout_mask,
-    is_positive_int,
-)
-from rnnreg.nn.layers import LAYERS, RATE_OPTIONS, regularization_repr
+from rnnreg.nn.functional import check_positive_int, is_positive_int
+from rnnreg.nn.layers import LAYERS, RATE_OPTIONS, _keyword, _record, regularization_repr
 from rnnreg.nn.layout import check_placement
-from rnnreg.nn.masks import DropoutMasks, apply_mask, mask_placement
+from rnnreg.nn.masks import DropoutMasks, apply_mask, apply_output_mask, mask_placement
+from rnnreg.nn.regularization import MaskSizes, Regularization
 
 __all__ = ["StackedRNN"]
 
@@ -47,7 +43,18 @@ class StackedRNN(nn.Module):
     >>> out, states = stack(torch.randn(70, 2, 400))   # out (70, 2, 400); 3 (h, c) pairs
     """
 
+    input_dropout = _keyword("input_dropout")
+    dropout = _keyword("dropout")
+    output_dropout = _keyword("output_dropout")
+    recurrent_dropout = _keyword("recurrent_dropout")
+    weight_dropout = _keyword("weight_dropout")
+    variational = _keyword("variational")
+    recurrent_mask = _keyword("recurrent_mask")
+    zoneout_hidden = _keyword("zoneout_hidden")
+    zoneout_cell = _keyword("zoneout_cell")
+
     def __init__(self, cell: str, input_size: int, layer_sizes: Sequence[int], *,
+                 regularization: Regularization | None = None,
                  dropout: float = 0.0, input_dropout: float = 0.0, output_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
                  variational: bool = False, recurrent_mask: str = "sequence",
@@ -62,26 +69,20 @@ class StackedRNN(nn.Module):
                               f"got {layer_sizes!r}")
         self.cell = cell
         self.input_size = check_positive_int("input_size", input_size)
-        self.variational = check_bool("variational", variational)
         self.layer_sizes = sizes
-        self.dropout = check_probability("dropout", dropout)
-        self.input_dropout = check_probability("input_dropout", input_dropout)
-        self.output_dropout = check_probability("output_dropout", output_dropout)
-        zoneout = {"zoneout_hidden": zoneout_hidden}
-        if zoneout_cell or cell == "lstm":  # a GRU/RNN refuses the keyword, with its reason
-            zoneout["zoneout_cell"] = zoneout_cell
+        self.regularization = _record(
+            regularization, dropout=dropout, input_dropout=input_dropout,
+            output_dropout=output_dropout, recurrent_dropout=recurrent_dropout,
+            weight_dropout=weight_dropout, variational=variational,
+            recurrent_mask=recurrent_mask, zoneout_hidden=zoneout_hidden,
+            zoneout_cell=zoneout_cell)
+        # The layers apply what acts inside their recurrence; the stack applies the rest.
+        inside = self.regularization.inside()
         inputs = (input_size, *sizes[:-1])
         self.layers = nn.ModuleList(
-            LAYERS[cell](n_in, n_out, 1, bias=bias, recurrent_dropout=recurrent_dropout,
-                         weight_dropout=weight_dropout, variational=variational,
-                         recurrent_mask=recurrent_mask, device=device, dtype=dtype,
-                         **zoneout)
+            LAYERS[cell](n_in, n_out, 1, bias=bias, regularization=inside, device=device,
+                         dtype=dtype)
             for n_in, n_out in zip(inputs, sizes))
-        # Applied inside each layer's recurrence, so checked by the layers as they are built.
-        first = self.layers[0]
-        self.recurrent_dropout, self.weight_dropout = first.recurrent_dropout, first.weight_dropout
-        self.recurrent_mask = first.recurrent_mask
-        self.zoneout_hidden, self.zoneout_cell = first.zoneout_hidden, first.zoneout_cell
 
     @property
     def hidden_size(self) -> int:
@@ -96,42 +97,51 @@ class StackedRNN(nn.Module):
     def bidirectional(self) -> bool:
         return False
 
+    def _mask_sizes(self) -> MaskSizes:
+        return MaskSizes(self.input_size, self.layer_sizes, 1, self.layers[0]._mask_sizes().gates)
+
     def sample_masks(self, steps: int, batch_size: int, *, device=None,
                      dtype=None) -> DropoutMasks:
-        """Every mask of one forward call; leading dimension 1 when ``variational``."""
+        """Every mask of one forward call; leading dimension 1 when ``variational``.
+
+        Each layer draws the masks acting inside its recurrence, bottom to top, then the
+        stack those on its input, its layer boundaries and its output, all through
+        :meth:`rnnreg.nn.Regularization.sample_masks`.
+        """
         device, dtype = mask_placement(self, device, dtype)
-        t = 1 if self.variational else steps
-
-        def sample(size: int, p: float) -> Tensor | None:
-            if p == 0:
-                return None
-            return dropout_mask((t, batch_size, size), p, device=device, dtype=dtype)
-
-        # Each layer samples its own recurrent and weight masks (it knows its gate count).
         own = [layer.sample_masks(steps, batch_size, device=device, dtype=dtype)
                for layer in self.layers]
-        return DropoutMasks(
-            input=sample(self.input_size, self.input_dropout),
-            between=tuple(sample(size, self.dropout) for size in self.layer_sizes[:-1]),
-            recurrent=tuple(m.recurrent[0] for m in own),
-            weight=tuple(m.weight[0] for m in own),
-            output=sample(self.hidden_size, self.output_dropout),
-            zoneout=_per_layer_zoneout(own),
-        )
+        outside = self.regularization.outside().sample_masks(
+            self._mask_sizes(), steps, batch_size, device=device, dtype=dtype)
+        zoneout = None if own[0].zoneout is None else tuple(m.zoneout[0] for m in own)
+        return replace(outside, recurrent=tuple(m.recurrent[0] for m in own),
+                       weight=tuple(m.weight[0] for m in own), zoneout=zoneout)
 
     def forward(self, input: Tensor, hx=None):
         """``input (T, B, input_size)`` -> ``(output (T, B, H_last), per-layer states)``."""
-        self._check_input(input, hx)  # before masks are drawn in the input's dtype
-        if self.training:
-            masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
-                                      dtype=input.dtype)
-        else:
-            masks = self._evaluation_masks(input.size(1), input.device, input.dtype)
-        return self.forward_with_masks(input, hx, masks)
+        output, _, states = self.forward_with_hidden(input, hx)
+        return output, states
 
     def forward_with_masks(self, input: Tensor, hx, masks: DropoutMasks):
         """Forward with explicit masks, whatever the training flag (MC dropout, tests)."""
-        self._check(input, hx, masks)
+        output, _, states = self.forward_with_hidden(input, hx, masks)
+        return output, states
+
+    def forward_with_hidden(self, input: Tensor, hx=None, masks: DropoutMasks | None = None):
+        """:meth:`forward`, also giving the last layer's output before ``output_dropout``:
+        ``(output, hidden, states)``, as :meth:`rnnreg.LSTM.forward_with_hidden`.
+
+        ``masks``: explicit masks whatever the training flag; None draws them as
+        :meth:`forward` does.
+        """
+        self._check_input(input, hx)  # before masks are drawn in the input's dtype
+        if masks is None and self.training:
+            masks = self.sample_masks(input.size(0), input.size(1), device=input.device,
+                                      dtype=input.dtype)
+        elif masks is None:
+            masks = self.regularization.evaluation_masks(
+                self._mask_sizes(), input.size(1), device=input.device, dtype=input.dtype)
+        self._check(masks)
         states = (None,) * self.num_layers if hx is None else tuple(hx)
         x = apply_mask(input, masks.input)
         finals = []
@@ -143,17 +153,9 @@ class StackedRNN(nn.Module):
                                weight=(masks.weight[index],), output=None, zoneout=zoneout)
             x, state = layer.forward_with_masks(x, states[index], own)
             finals.append(state)
-        return apply_mask(x, masks.output), tuple(finals)
+        return apply_output_mask(x, masks.output), x, tuple(finals)
 
-    def _evaluation_masks(self, batch_size: int, device, dtype) -> DropoutMasks:
-        """Evaluation: no dropout; zoneout, if any, at its expectation (see rnnreg.LSTM)."""
-        none = (None,) * self.num_layers
-        own = [layer._evaluation_masks(batch_size, device, dtype) for layer in self.layers]
-        return DropoutMasks(input=None, between=none[1:], recurrent=none, weight=none,
-                            output=None, zoneout=_per_layer_zoneout(own))
-
-    def _check(self, input, hx, masks: DropoutMasks) -> None:
-        self._check_input(input, hx)
+    def _check(self, masks: DropoutMasks) -> None:
         for name, count in (("between", self.num_layers - 1), ("recurrent", self.num_layers),
                             ("weight", self.num_layers)):
             if len(getattr(masks, name)) != count:
@@ -178,9 +180,3 @@ class StackedRNN(nn.Module):
             self, f"{self.cell}, {self.input_size}, layer_sizes={self.layer_sizes}",
             ("dropout", *RATE_OPTIONS))
 
-
-def _per_layer_zoneout(own: list[DropoutMasks]):
-    """The stack's ``zoneout`` entry from each single layer's masks: None when none has any."""
-    if all(m.zoneout is None for m in own):
-        return None
-    return tuple(None if m.zoneout is None else m.zoneout[0] for m in own)

@@ -14,14 +14,14 @@ hidden states, in the paper's word-level experiment and the authors' replication
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 from rnnreg.errors import RnnregError
-from rnnreg.nn.functional import check_bool, check_probability, check_zoneout
+from rnnreg.nn.functional import check_probability
+from rnnreg.nn.regularization import Regularization
 
-__all__ = ["PLACEMENTS", "RECURRENT_MASKS", "STRATEGIES", "ZONEOUT", "Strategy",
-           "check_recurrent_mask", "strategy"]
+__all__ = ["PLACEMENTS", "STRATEGIES", "Strategy", "strategy"]
 
 # Placement name -> the keyword of rnnreg.LSTM/GRU/RNN that controls it.
 PLACEMENTS = MappingProxyType({
@@ -32,28 +32,14 @@ PLACEMENTS = MappingProxyType({
     "weight": "weight_dropout",
 })
 
-# How the recurrent masks are shared (rnnreg.LSTM's ``recurrent_mask``): "sequence" is Gal &
-# Ghahramani's one mask per row, "batch" one mask per forward call for every row and step.
-RECURRENT_MASKS = ("sequence", "batch")
-
-# The zoneout rates' keywords (the GRU and Elman RNN have only the hidden one).
-ZONEOUT = ("zoneout_hidden", "zoneout_cell")
-
-
-def check_recurrent_mask(value: str) -> str:
-    if value not in RECURRENT_MASKS:
-        raise RnnregError(f"recurrent_mask must be one of {', '.join(map(repr, RECURRENT_MASKS))}; "
-                          f"got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class Strategy:
     """Which placements get the rate ``p``, whether one mask is kept per sequence, and whether
-    the recurrent mask is one per sequence or one for the whole batch (``RECURRENT_MASKS``).
+    the recurrent mask is one per sequence or one for the whole batch
+    (:data:`rnnreg.nn.regularization.RECURRENT_MASKS`).
 
     ``zoneout`` maps a zoneout keyword to the multiple of ``p`` it gets; keywords it does not
-    name are left out of the settings (the layers' default, 0).
+    name stay 0.
     """
 
     name: str
@@ -63,16 +49,15 @@ class Strategy:
     recurrent_mask: str = "sequence"
     zoneout: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
-    def settings(self, p: float,
-                 **overrides: float | bool | str) -> dict[str, float | bool | str]:
-        """The layer keywords of this strategy at rate ``p``, with ``overrides`` replacing
-        single settings by keyword name.
-
-        The values are taken as given: whoever takes them in checks them (:func:`strategy`
-        for a caller's p and overrides, a Config at construction, a layer when built). Only the
-        zoneout rates derived from ``p`` are checked here, where they are made. Unknown
-        keywords are refused.
+    def settings(self, p: float, **overrides: float | bool | str) -> Regularization:
+        """This strategy's regularization at rate ``p``, with ``overrides`` replacing single
+        settings by keyword name (unknown keywords are refused). The record checks every
+        value, those derived from ``p`` included, naming the keyword it sets.
         """
+        allowed = [f.name for f in fields(Regularization)]
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise RnnregError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
         settings: dict[str, float | bool | str] = {
             keyword: (p if placement in self.placements else 0.0)
             for placement, keyword in PLACEMENTS.items()
@@ -80,13 +65,8 @@ class Strategy:
         settings["variational"] = self.variational
         settings["recurrent_mask"] = self.recurrent_mask
         for keyword, factor in self.zoneout.items():
-            settings[keyword] = check_zoneout(keyword, p * factor)
-        allowed = set(settings) | set(ZONEOUT)
-        unknown = sorted(set(overrides) - allowed)
-        if unknown:
-            raise RnnregError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
-        settings.update(overrides)
-        return settings
+            settings[keyword] = p * factor
+        return Regularization(**{**settings, **overrides})
 
 
 STRATEGIES = MappingProxyType({s.name: s for s in (
@@ -111,27 +91,16 @@ STRATEGIES = MappingProxyType({s.name: s for s in (
 )})
 
 
-def strategy(name: str, p: float,
-             **overrides: float | bool | str) -> dict[str, float | bool | str]:
-    """Keyword settings for rnnreg.LSTM/GRU/RNN implementing strategy ``name`` at rate ``p``.
+def strategy(name: str, p: float, **overrides: float | bool | str) -> Regularization:
+    """The regularization of strategy ``name`` at rate ``p``, for rnnreg.LSTM/GRU/RNN and
+    StackedRNN: give it as ``regularization=``, or unpack it into their keywords.
 
     ``overrides`` replace single settings by their keyword name, e.g.
     ``strategy("awd", 0.4, weight_dropout=0.5, input_dropout=0.65)``; the zoneout rates can be
-    added to any strategy this way (``zoneout_hidden=0.05``). The zoneout keywords appear only
-    where they are set, so the settings of the other strategies suit every cell.
+    added to any strategy this way (``zoneout_hidden=0.05``). Unpacked, the zoneout keywords
+    appear only where they are on, so the settings of the other strategies suit every cell.
     """
     if name not in STRATEGIES:
         raise RnnregError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     check_probability("p", p)
-    return STRATEGIES[name].settings(p, **{keyword: _checked(keyword, value)
-                                           for keyword, value in overrides.items()})
-
-
-def _checked(keyword: str, value: float | bool | str) -> float | bool | str:
-    """An override of :func:`strategy`, checked as the layer keyword it sets."""
-    if keyword == "variational":
-        return check_bool(keyword, value)
-    if keyword == "recurrent_mask":
-        return check_recurrent_mask(value)
-    check = check_zoneout if keyword in ZONEOUT else check_probability
-    return check(keyword, value)
+    return STRATEGIES[name].settings(p, **overrides)

@@ -190,7 +190,7 @@ def placements_of(model: LanguageModel) -> Placements:
             "between": float(rnn.dropout) if rnn.num_layers > 1 else 0.0,
             "recurrent": float(rnn.recurrent_dropout),
             "weight": float(rnn.weight_dropout),
-            "output": float(model.output_dropout),  # applied by the model, after the stack
+            "output": float(rnn.output_dropout),
         },
         variational=bool(rnn.variational),
         layers=int(rnn.num_layers),

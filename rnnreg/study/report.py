@@ -22,6 +22,7 @@ from rnnreg.lm.model import LanguageModel, ModelMasks
 from rnnreg.lm.rundir.curves import learning_curves
 from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.nn.regularization import Schedule
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study import plots
 from rnnreg.study.document import (
@@ -35,7 +36,7 @@ from rnnreg.study.document import (
     render_markdown,
 )
 from rnnreg.study.results import Group, RunResult, group_runs, read_runs
-from rnnreg.study.sampling import WINDOW, named_schedules, schedules, stack_steps
+from rnnreg.study.sampling import named_schedules, schedules, stack_steps
 from rnnreg.study.verdicts import claims_blocks, is_plan, write_plan_report
 
 __all__ = ["write_report"]
@@ -262,7 +263,7 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
     if not finished:
         return [*blocks, Paragraph("No finished run to draw.")]
     # The largest output rate shows masking most plainly; the paper's placement breaks ties.
-    run = max(finished, key=lambda r: (r.config.layer_options()["output_dropout"],
+    run = max(finished, key=lambda r: (r.config.regularization.output_dropout,
                                        r.config.strategy == "zaremba", r.name))
     try:
         model, vocab, config = load_model(run.path, device="cpu")
@@ -314,7 +315,8 @@ def _hidden_panels(model: LanguageModel, ids: torch.Tensor) -> dict[str, torch.T
     """
     model.eval()
     steps = ids.size(0)
-    per_window = {mask.path for mask, schedule in schedules(model) if schedule == WINDOW}
+    per_window = {mask.path for mask, schedule in schedules(model)
+                  if schedule == Schedule.WINDOW}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         draws = [model.sample_masks(1, ids.size(1)) for _ in range(steps)]

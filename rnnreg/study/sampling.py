@@ -5,9 +5,9 @@ holding a :class:`rnnreg.nn.masks.DropoutMasks`). This module walks that record 
 a mask added to it (a new placement) appears in the report's table of what each strategy
 samples, and is redrawn in the report's per-step heatmap panel, without either naming it.
 
-How often a mask is drawn is measured rather than looked up: the model draws masks twice, for
-different numbers of steps and rows, and the dimensions that follow them say which of three
-schedules the mask has (see :func:`schedules`).
+How often a mask is drawn is the model's answer for the field that holds it
+(:meth:`rnnreg.lm.model.LanguageModel.schedule`, from its :class:`rnnreg.nn.Regularization`),
+one of the three :class:`rnnreg.nn.Schedule` values (see :func:`schedules`).
 """
 
 from __future__ import annotations
@@ -19,23 +19,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rnnreg.nn.strategies import ZONEOUT
+from rnnreg.nn.regularization import ZONEOUT, Schedule
 
-__all__ = ["FRESH", "SEQUENCE", "WINDOW", "Mask", "masks", "named_schedules", "schedules",
-           "stack_steps"]
-
-# A mask whose first dimension follows the number of steps: a new draw at every step, as
-# Zaremba et al. (2014, section 3) drop the non-recurrent connections.
-FRESH = "fresh each step"
-# Follows the rows but not the steps: each sequence keeps its mask over the window, Gal &
-# Ghahramani's (2016) variational dropout.
-SEQUENCE = "one per sequence"
-# Follows neither: one mask for every row and step of the call, e.g. DropConnect on W_hh
-# (Merity et al. 2018), whole-word embedding dropout or a batch-shared recurrent mask.
-WINDOW = "one per window"
-
-# Steps and rows of the two measuring draws; any two different pairs would do.
-_SMALL, _LARGE = (3, 2), (4, 5)
+__all__ = ["Mask", "masks", "named_schedules", "schedules", "stack_steps"]
 
 # The members of a per-layer pair, by the field holding the pairs: DropoutMasks.zoneout holds
 # (hidden, cell), the order of the zoneout rates' keywords.
@@ -53,9 +39,14 @@ class Mask(NamedTuple):
     tensor: Tensor
 
     @property
+    def field(self) -> str:
+        """The field that holds it (``between``, ``output``), one name for every layer."""
+        return [part for part in self.path if isinstance(part, str)][-1]
+
+    @property
     def name(self) -> str:
-        """The field that holds it (``between``, ``output``), one name for every layer; a
-        member of a per-layer pair adds the member's name (``zoneout cell``)."""
+        """:attr:`field`; a member of a per-layer pair adds the member's name
+        (``zoneout cell``)."""
         last = max(i for i, part in enumerate(self.path) if isinstance(part, str))
         field, indices = self.path[last], self.path[last + 1:]
         if len(indices) < 2:
@@ -99,23 +90,14 @@ def _rebuild(record: object, path: MaskPath, make: Callable[[MaskPath, Tensor], 
     return tuple(_rebuild(item, (*path, index), make) for index, item in enumerate(record))
 
 
-def schedules(model) -> list[tuple[Mask, str]]:
-    """Every mask ``model.sample_masks`` draws, with its schedule (FRESH, SEQUENCE or WINDOW).
-
-    Two draws, of 3 steps x 2 rows and 4 steps x 5 rows: a mask whose first dimension changed
-    is fresh each step, one with another changed dimension (its rows) is one per sequence, one
-    with none changed is one per window. A forked RNG leaves the caller's random state as is.
+def schedules(model) -> list[tuple[Mask, Schedule]]:
+    """Every mask ``model.sample_masks`` draws, with its schedule, ``model.schedule(field)``
+    for the field holding it. The draw that lists the masks runs in a forked RNG, which
+    leaves the caller's random state as is.
     """
     with torch.random.fork_rng(devices=[]):
-        small = list(masks(model.sample_masks(*_SMALL)))
-        large = {mask.path: mask.tensor.shape for mask in masks(model.sample_masks(*_LARGE))}
-    return [(mask, _schedule(mask.tensor.shape, large[mask.path])) for mask in small]
-
-
-def _schedule(small: torch.Size, large: torch.Size) -> str:
-    if small[0] != large[0]:
-        return FRESH
-    return SEQUENCE if small != large else WINDOW
+        drawn = list(masks(model.sample_masks(1, 1)))
+    return [(mask, model.schedule(mask.field)) for mask in drawn]
 
 
 def named_schedules(model) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -132,8 +114,9 @@ def named_schedules(model) -> dict[str, tuple[tuple[int, ...], str]]:
 def stack_steps(draws: Sequence[object], keep: Collection[MaskPath]) -> object:
     """Single-step draws of one record stacked along time into masks redrawn at every step.
 
-    The masks at the paths in ``keep`` (those :func:`schedules` finds WINDOW) have no step
-    dimension: the first draw's is kept. Every other mask is concatenated over the draws.
+    The masks at the paths in ``keep`` (those :func:`schedules` finds drawn once per window)
+    have no step dimension: the first draw's is kept. Every other mask is concatenated over
+    the draws.
     """
     tables = [{mask.path: mask.tensor for mask in masks(draw)} for draw in draws]
 

@@ -179,8 +179,9 @@ def test_mc_dropout_is_the_mean_of_explicit_passes(strategy, bptt):
     assert score.tokens == ids.numel() - 1
     assert score.perplexity == pytest.approx(expected, rel=1e-5)
     deterministic = score_stream(model, ids).perplexity
-    # Dropout was on: the average moved off the deterministic score (by ~0.1% or more here).
-    assert score.perplexity != pytest.approx(deterministic, rel=1e-4)
+    # Dropout was on: the average moved off the deterministic score (by ~0.01% or more here,
+    # where float error is ~1e-7).
+    assert score.perplexity != pytest.approx(deterministic, rel=1e-5)
     assert not model.training
 
 

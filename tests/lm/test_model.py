@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 import torch
@@ -176,8 +177,8 @@ def _ones_masks(model: LanguageModel, steps: int, batch: int, layers: int) -> Mo
         rnn=DropoutMasks(input=torch.ones(steps, batch, emb),
                          between=tuple(torch.ones(steps, batch, hidden)
                                        for _ in range(layers - 1)),
-                         recurrent=(None,) * layers, weight=(None,) * layers, output=None),
-        output=torch.ones(steps, batch, hidden))
+                         recurrent=(None,) * layers, weight=(None,) * layers,
+                         output=torch.ones(steps, batch, hidden)))
 
 
 @pytest.mark.parametrize("strategy", ["zaremba", "variational"])
@@ -198,7 +199,8 @@ def test_zero_output_mask_leaves_only_the_decoder_bias():
     torch.manual_seed(0)
     model = _model(strategy="zaremba", strategy_p=0.5, num_layers=2)
     masks = _ones_masks(model, 4, 2, 2)
-    masks = ModelMasks(masks.words, masks.rnn, torch.zeros_like(masks.output))
+    masks = ModelMasks(masks.words,
+                       replace(masks.rnn, output=torch.zeros_like(masks.rnn.output)))
     logits = model.eval()(_ids(4, 2), None, masks).logits
     torch.testing.assert_close(logits, model.decoder.bias.detach().expand(4, 2, VOCAB))
 
@@ -215,14 +217,13 @@ def test_zaremba_drops_the_l_plus_1_non_recurrent_connections_only(layers):
     assert len(masks.rnn.between) == layers - 1
     for between in masks.rnn.between:
         assert between is not None and between.shape == (steps, batch, 12)
-    assert masks.output is not None and masks.output.shape == (steps, batch, 12)
-    # The output is dropped once, by the model, not a second time inside the layer.
-    assert masks.rnn.output is None
+    # The output is dropped once, by the recurrent stack (the model does not drop it again).
+    assert masks.rnn.output is not None and masks.rnn.output.shape == (steps, batch, 12)
     # Never on the recurrence, neither on h(t-1) nor on the recurrent weights.
     assert len(masks.rnn.recurrent) == layers and all(m is None for m in masks.rnn.recurrent)
     assert len(masks.rnn.weight) == layers and all(m is None for m in masks.rnn.weight)
     assert masks.words is None
-    applied = [masks.rnn.input, *masks.rnn.between, masks.output]
+    applied = [masks.rnn.input, *masks.rnn.between, masks.rnn.output]
     assert len(applied) == layers + 1
     scale = 1 / (1 - p)
     for mask in applied:
@@ -234,14 +235,14 @@ def test_zaremba_drops_the_l_plus_1_non_recurrent_connections_only(layers):
 def test_variational_masks_are_per_sequence_and_include_the_recurrence():
     model = _model(strategy="variational", strategy_p=0.3, num_layers=2)
     masks = model.sample_masks(8, 3)
-    assert masks.rnn.input.shape[0] == 1 and masks.output.shape[0] == 1
+    assert masks.rnn.input.shape[0] == 1 and masks.rnn.output.shape[0] == 1
     assert all(m is not None and m.shape[0] == 1 for m in masks.rnn.recurrent)
     assert all(m is None for m in masks.rnn.weight)
 
 
 def test_no_dropout_strategy_samples_no_masks():
     masks = _model(strategy="none").sample_masks(4, 2)
-    assert masks.words is None and masks.output is None and masks.rnn.input is None
+    assert masks.words is None and masks.rnn.output is None and masks.rnn.input is None
     assert all(m is None for m in (*masks.rnn.between, *masks.rnn.recurrent,
                                    *masks.rnn.weight))
 
@@ -267,9 +268,9 @@ def test_none_strategy_is_deterministic_in_training_mode():
     assert torch.equal(model(ids).logits, model(ids).logits)
 
 
-def test_layer_options_are_computed_once_per_config(monkeypatch):
-    """A config computes its layer options when it is built; the model (and the trainer) take
-    them from it, and a caller that edits the dict it got does not change the config's."""
+def test_regularization_is_made_once_per_config(monkeypatch):
+    """A config makes its regularization record when it is built; the model (and the trainer)
+    take it from it, and the record is frozen: no caller can change the config's."""
     from rnnreg.nn.strategies import Strategy
 
     calls = []
@@ -280,11 +281,12 @@ def test_layer_options_are_computed_once_per_config(monkeypatch):
                     recurrent_dropout=0.2)
     assert calls == ["variational"]
     model = LanguageModel(10, config)
-    options = config.layer_options()
-    options["recurrent_dropout"] = 0.9
+    with pytest.raises(FrozenInstanceError):
+        config.regularization.recurrent_dropout = 0.9
     assert calls == ["variational"]
-    assert config.layer_options()["recurrent_dropout"] == 0.2 == model.rnn.recurrent_dropout
-    assert config.layer_options() == rnnreg.strategy("variational", 0.3, recurrent_dropout=0.2)
+    assert config.regularization.recurrent_dropout == 0.2 == model.rnn.recurrent_dropout
+    assert model.rnn.regularization is config.regularization
+    assert config.regularization == rnnreg.strategy("variational", 0.3, recurrent_dropout=0.2)
 
 
 @pytest.mark.parametrize("changes, word", [
@@ -306,4 +308,4 @@ def test_a_rate_no_placement_uses_is_refused_naming_the_python_parameters():
     message = str(refused.value)
     assert "strategy_p=0.5" in message and "strategy='none'" in message
     assert "zaremba" in message and "--" not in message  # Python's names, not flags
-    assert Config(strategy="none", strategy_p=0.0).layer_options()["dropout"] == 0.0
+    assert Config(strategy="none", strategy_p=0.0).regularization.dropout == 0.0

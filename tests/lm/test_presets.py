@@ -186,11 +186,11 @@ def test_small_lr_halves_after_epoch_four():
 def test_regularized_presets_drop_the_non_recurrent_connections(name):
     config = preset_config(name)
     model = LanguageModel(TINY_VOCAB, config.replace(hidden_size=8))
-    assert model.output_dropout == config.strategy_p
+    assert model.rnn.output_dropout == config.strategy_p
     assert model.rnn.input_dropout == config.strategy_p
     assert model.rnn.dropout == config.strategy_p
     assert model.rnn.recurrent_dropout == 0 and model.rnn.weight_dropout == 0
-    assert not model.variational
+    assert not model.rnn.variational
 
 
 def test_unknown_preset_names_the_choices():

@@ -198,12 +198,9 @@ def strategy_ids():
     return list(rnnreg.STRATEGIES)
 
 
-def settings_for(cell: str, name: str) -> dict:
+def settings_for(cell: str, name: str) -> rnnreg.Regularization:
     """The strategy's layer settings; a GRU or RNN has no cell state to zone out."""
-    settings = rnnreg.strategy(name, P)
-    if cell != "LSTM":
-        settings.pop("zoneout_cell", None)
-    return settings
+    return rnnreg.strategy(name, P, **({} if cell == "LSTM" else {"zoneout_cell": 0.0}))
 
 
 def oracle_models(name: str) -> bool:

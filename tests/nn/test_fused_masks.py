@@ -358,7 +358,8 @@ def _per_row_rule(module) -> bool:
 
     with torch.random.fork_rng(devices=[]):
         masks = (module.sample_masks(1, 2) if module.training
-                 else module._evaluation_masks(2, torch.device("cpu"), torch.float32))
+                 else module.regularization.evaluation_masks(
+                     module._mask_sizes(), 2, device=torch.device("cpu"), dtype=torch.float32))
     return any(per_row(masks.recurrent[k]) or layer_zoneout(masks, k) is not None
                for k in range(len(masks.recurrent)))
 
@@ -482,9 +483,9 @@ def test_autocast_input_of_another_dtype_is_allowed_on_every_engine():
 def test_every_strategy_builds_and_runs_without_a_warning(cls, name, num_layers):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        settings = rnnreg.strategy(name, 0.3)
-        if cls is not rnnreg.LSTM:
-            settings.pop("zoneout_cell", None)  # no cell state (README: drop it for GRU/RNN)
+        # A GRU or RNN has no cell state: its zoneout_cell is set to 0 (docs/layers.md).
+        cell = {} if cls is rnnreg.LSTM else {"zoneout_cell": 0.0}
+        settings = rnnreg.strategy(name, 0.3, **cell)
         module = cls(8, 16, num_layers, **settings)
         out, _ = module(torch.randn(T, B, 8))
         out.sum().backward()
@@ -574,14 +575,14 @@ def test_bare_rnnreg_modules_load_with_torch_defaults():
 def test_config_recurrent_mask_follows_the_strategy_unless_given():
     from rnnreg.lm.config import Config
 
-    assert Config(strategy="variational", strategy_p=0.3).layer_options()["recurrent_mask"] == (
+    assert Config(strategy="variational", strategy_p=0.3).regularization.recurrent_mask == (
         "sequence")
-    assert Config(strategy="variational_batch", strategy_p=0.3).layer_options()[
-        "recurrent_mask"] == "batch"
+    batch = Config(strategy="variational_batch", strategy_p=0.3)
+    assert batch.regularization.recurrent_mask == "batch"
     given = Config(strategy="variational", strategy_p=0.3, recurrent_mask="batch")
-    assert given.layer_options()["recurrent_mask"] == "batch"
-    assert Config(strategy="variational_batch", recurrent_mask="sequence").layer_options()[
-        "recurrent_mask"] == "sequence"
+    assert given.regularization.recurrent_mask == "batch"
+    sequence = Config(strategy="variational_batch", recurrent_mask="sequence")
+    assert sequence.regularization.recurrent_mask == "sequence"
     with pytest.raises(ValueError, match="variational strategy"):
         Config(strategy="zaremba", recurrent_mask="batch")
     with pytest.raises(ValueError, match="recurrent_mask"):
@@ -599,7 +600,7 @@ def test_config_json_round_trips_and_old_configs_without_the_key_still_load():
     del old["recurrent_mask"]  # written before the field existed
     loaded = Config.from_dict(old)
     assert loaded.recurrent_mask is None
-    assert loaded.layer_options()["recurrent_mask"] == "sequence"
+    assert loaded.regularization.recurrent_mask == "sequence"
 
 
 def test_recurrent_mask_flag_reaches_the_model_layers():

@@ -312,7 +312,7 @@ def test_awd_preset_is_the_published_recipe_with_24m_parameters():
     assert (config.layer_sizes, config.num_layers, config.hidden_size) == ((1150, 1150, 400),
                                                                           3, 400)
     assert config.embedding_dim == 400 and config.tie_weights
-    settings = config.layer_options()
+    settings = config.regularization
     assert (settings["input_dropout"], settings["dropout"], settings["output_dropout"],
             settings["weight_dropout"], settings["variational"]) == (0.4, 0.25, 0.4, 0.5, True)
     assert config.embedding_dropout == 0.1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -76,9 +78,12 @@ def test_strategy_overrides():
     assert rnnreg.strategy("none", 0.9, recurrent_dropout=0.2)["recurrent_dropout"] == 0.2
 
 
-def test_strategy_does_not_share_state_between_calls():
+def test_a_strategy_gives_a_frozen_record():
     first = rnnreg.strategy("zaremba", 0.5)
-    first["dropout"] = 0.9
+    with pytest.raises(TypeError):
+        first["dropout"] = 0.9
+    with pytest.raises(FrozenInstanceError):
+        first.dropout = 0.9
     assert rnnreg.strategy("zaremba", 0.5)["dropout"] == 0.5
 
 

@@ -348,7 +348,7 @@ def test_study_grid_runs_zoneout():
 
     runs = grid_runs(Config(hidden_size=8), StudyGrid(("zoneout",), (0.5,), ("lstm",), (1,)))
     assert [name for name, _ in runs] == ["lstm-zoneout-p0.5-s1"]
-    assert runs[0][1].layer_options()["zoneout_cell"] == 0.5
+    assert runs[0][1].regularization.zoneout_cell == 0.5
 
 
 def test_stack_evaluates_at_the_expectation_like_the_uniform_layer():

@@ -23,6 +23,7 @@ from rnnreg import cli
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.nn import Schedule
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study.document import (
     Bullets,
@@ -36,15 +37,9 @@ from rnnreg.study.document import (
     render_markdown,
 )
 from rnnreg.study.report import write_report
-from rnnreg.study.sampling import (
-    FRESH,
-    SEQUENCE,
-    WINDOW,
-    masks,
-    named_schedules,
-    schedules,
-    stack_steps,
-)
+from rnnreg.study.sampling import masks, named_schedules, schedules, stack_steps
+
+FRESH, SEQUENCE, WINDOW = Schedule.STEP, Schedule.SEQUENCE, Schedule.WINDOW
 
 # Every character either format could read as markup, at the edges of words and inside them.
 NASTY = "lstm-<b>x</b>|y & z &amp; *e* _f_ [g](h) \\ `i` # ~j~ snake_case"
@@ -248,6 +243,9 @@ class _NewPlacement:
                        (torch.ones(1, batch_size, 4), torch.ones(1, batch_size, 4)),
                        ((None, torch.ones(3, 3)),))
 
+    def schedule(self, field: str) -> Schedule:
+        return {"input": FRESH, "sideways": SEQUENCE, "pairs": WINDOW}[field]
+
 
 def test_a_new_placement_appears_without_naming_it():
     found = named_schedules(_NewPlacement())
@@ -319,9 +317,9 @@ def test_report_says_what_zoneout_samples(zoneout_study):
     assert sampled == [["mask", "zaremba", "zoneout"],
                        ["input", FRESH, "–"],
                        ["between", FRESH, "–"],
+                       ["output", FRESH, "–"],
                        ["zoneout hidden", "–", FRESH],
-                       ["zoneout cell", "–", FRESH],
-                       ["output", FRESH, "–"]]
+                       ["zoneout cell", "–", FRESH]]
 
 
 def _text(study: Path) -> str:
