@@ -1,7 +1,7 @@
 """Full against adaptive softmax at equal time budgets, on PTB and a larger-vocabulary corpus.
 
 Every run is an ordinary ``rnnreg train`` command, configured by the budget rule
-(``rnnreg.lm.presets.budget_config``: cpu-30min resized for the budget and the vocabulary)
+(``rnnreg.lm.presets.budget_config``: the measured recipe for the budget and the vocabulary)
 with the softmax forced to each kind, so both get the same minutes and each the model size the
 rule gives it. ``--same-size`` adds, per budget, the adaptive softmax at the full softmax's
 size, which separates the speed of the decoder from the capacity it buys.
@@ -38,6 +38,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from rnnreg.cli.flags import flag as cli_flag
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError, locate_corpus
@@ -82,7 +83,7 @@ def flags(config: Config) -> list[str]:
         value = getattr(config, field.name)
         if value == getattr(base, field.name):
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flag = cli_flag(field.name)
         if isinstance(value, bool):
             out.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, tuple):

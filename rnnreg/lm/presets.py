@@ -6,16 +6,18 @@ every preset runs through the same model and trainer, and a test builds every on
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from rnnreg.errors import RnnregError
-from rnnreg.lm.adaptive import default_cutoffs
 from rnnreg.lm.config import Config
 
-__all__ = ["BUDGET_RULE", "PRESETS", "Preset", "budget_config", "preset_config"]
+__all__ = ["BUDGET_RULE", "BUDGET_RULE_PATH", "PRESETS", "Preset", "budget_config", "preset_config"]
 
 
 @dataclass(frozen=True)
@@ -147,59 +149,44 @@ def preset_config(name: str) -> Config:
     return PRESETS[name].config()
 
 
-# --- time budgets beyond PTB ---------------------------------------------------------------
-# cpu-30min is tuned for one point: 30 minutes, PTB's 10k words, a 2x400 model. budget_config
-# moves that point along the two axes a new corpus changes. It keeps the number of training
-# tokens the budget buys equal to the reference run's (so the cosine schedule anneals over about
-# as many updates as it was tuned for) by choosing the largest hidden size whose cost per token
-# fits ``minutes / reference_minutes`` times the reference cost, where the cost per token is the
-# multiply-adds of the LSTM (8 H^2 per layer: four gates, input and recurrent products) plus
-# the softmax's (H x its width: V for the full softmax; for the adaptive one the head's entries
-# plus each cluster's words divided by its reduction, as if every token paid every cluster, an
-# upper bound). Vocabularies above ``adaptive_above`` words get the adaptive softmax, untied
-# (rnnreg refuses tying there); smaller ones keep the tuned, tied full softmax. The rule is a
-# design, not a measurement: benchmarks/budget_study.py measures it.
-BUDGET_RULE = MappingProxyType(dict(
-    base="cpu-30min", reference_minutes=30.0, reference_vocab=10_000, reference_hidden=400,
-    adaptive_above=20_000, hidden_step=50, min_hidden=100, max_hidden=1500,
-))
+# --- time budgets -------------------------------------------------------------------------
+# The budget rule is data measured on this project's 2-core CPU: benchmarks/budget_sweep.py
+# trains variants of cpu-30min (size, dropout rate, softmax, weight average) for budgets of
+# training minutes on corpora of different sizes, and writes, per corpus, budget and softmax,
+# the variant with the lowest final validation perplexity to budget_rule.json (the runs and
+# their logs: results/budget-sweep). budget_config reads it; nothing in it is typed by hand.
+BUDGET_RULE_PATH = Path(__file__).with_name("budget_rule.json")
+BUDGET_RULE = MappingProxyType(json.loads(BUDGET_RULE_PATH.read_text(encoding="utf-8")))
 
 
 def budget_config(minutes: float, vocab_size: int, *, softmax: str | None = None) -> Config:
-    """The cpu-30min recipe resized for a ``minutes`` budget and ``vocab_size`` words.
+    """The measured recipe for ``minutes`` of training on a corpus of ``vocab_size`` words.
 
-    ``softmax`` forces the decoder (e.g. to compare full and adaptive at one budget); by
-    default the rule picks it. See :data:`BUDGET_RULE` for the rule and its reasons.
+    The rule's rows come from the corpus measured with the nearest vocabulary size (by ratio);
+    among them the longest measured budget not above ``minutes`` (the shortest measured one for
+    a budget below them all), so that a longer budget never gets a model chosen for less time
+    than it was measured with. ``softmax`` restricts the rows to that decoder (to compare
+    decoders at one budget); by default the best of either. The run's own budget is
+    ``minutes``: the cosine schedule anneals over it.
     """
-    rule = BUDGET_RULE
-    if not minutes > 0:
-        raise RnnregError(f"a time budget must be > 0 minutes, got {minutes}")
+    if not 0 < minutes < math.inf:
+        raise RnnregError(f"a time budget must be a finite number of minutes > 0, got {minutes}")
     if vocab_size < 2:
         raise RnnregError(f"vocab_size must be at least 2, got {vocab_size}")
-    base = preset_config(rule["base"])
+    rows = [row for row in BUDGET_RULE["rows"]
+            if softmax is None or _row_softmax(row) == softmax]
+    if not rows:
+        raise RnnregError(f"the budget rule has no measured recipe with softmax={softmax!r}")
     if softmax is None:
-        softmax = "adaptive" if vocab_size > rule["adaptive_above"] else "full"
-    width = _softmax_width(softmax, vocab_size, base.adaptive_div_value)
-    budget = (_cost(rule["reference_hidden"], rule["reference_vocab"], base.num_layers)
-              * minutes / rule["reference_minutes"])
-    hidden = rule["min_hidden"]
-    for size in range(rule["min_hidden"], rule["max_hidden"] + 1, rule["hidden_step"]):
-        if _cost(size, width, base.num_layers) <= budget:
-            hidden = size
-    return base.replace(softmax=softmax, tie_weights=softmax == "full", hidden_size=hidden,
-                        max_train_minutes=float(minutes))
+        rows = [row for row in rows if row["best"]]
+    nearest = min(abs(math.log(row["vocab"] / vocab_size)) for row in rows)
+    rows = [row for row in rows if abs(math.log(row["vocab"] / vocab_size)) == nearest]
+    within = [row for row in rows if row["minutes"] <= minutes]
+    row = (max(within, key=lambda r: r["minutes"]) if within
+           else min(rows, key=lambda r: r["minutes"]))
+    return preset_config(BUDGET_RULE["base"]).replace(**row["config"],
+                                                       max_train_minutes=float(minutes))
 
 
-def _cost(hidden: int, softmax_width: float, layers: int) -> float:
-    """Multiply-adds per token: the LSTM layers and the softmax (see BUDGET_RULE)."""
-    return 8 * layers * hidden ** 2 + hidden * softmax_width
-
-
-def _softmax_width(softmax: str, vocab_size: int, div_value: float) -> float:
-    if softmax == "full":
-        return float(vocab_size)
-    cutoffs = default_cutoffs(vocab_size)
-    bounds = (*cutoffs, vocab_size)
-    clusters = sum((high - low) / div_value ** (i + 1)
-                   for i, (low, high) in enumerate(zip(bounds[:-1], bounds[1:])))
-    return cutoffs[0] + len(cutoffs) + clusters
+def _row_softmax(row: Mapping[str, Any]) -> str:
+    return row["config"].get("softmax", preset_config(BUDGET_RULE["base"]).softmax)

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -18,6 +17,7 @@ from rnnreg.lm.adaptive import AdaptiveSoftmax
 from rnnreg.lm.config import Config
 from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.presets import budget_config
+from support import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import flops  # noqa: E402  (a script, not a package)
