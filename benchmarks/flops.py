@@ -51,7 +51,7 @@ from rnnreg.lm.adaptive import check_cutoffs, default_cutoffs
 from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus, batchify
 from rnnreg.lm.corpus.batches import windows as cut_windows
-from rnnreg.lm.corpus.sources import DataError, resolve_data_dir
+from rnnreg.lm.corpus.sources import DataError, locate_corpus
 from rnnreg.lm.corpus.vocab import Vocabulary
 from rnnreg.lm.presets import PRESETS, budget_config, preset_config
 from rnnreg.lm.rundir.layout import RunDir
@@ -379,7 +379,7 @@ def load_corpus(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, Corpus]
         except DataError as error:
             args.error(f"--data-dir {args.data_dir}: {error}")
     if not args.quick:
-        default = resolve_data_dir(None)
+        default = locate_corpus().path
         try:
             return default, str(default), Corpus.load(default)
         except DataError:
