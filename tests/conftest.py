@@ -1,5 +1,4 @@
-"""Suite-wide setup: one intra-op thread, a per-user cache of the suite's own, and the tiny
-corpus as fixtures."""
+"""Suite-wide setup: one intra-op thread, and the tiny corpus as fixtures."""
 
 from __future__ import annotations
 
@@ -11,16 +10,6 @@ import torch
 from support import TEST_THREADS, write_corpus
 
 torch.set_num_threads(TEST_THREADS)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _own_user_cache(tmp_path_factory: pytest.TempPathFactory):
-    """The per-user cache (``$XDG_CACHE_HOME``: encoded corpora, PTB) is a temporary folder of
-    the suite's own, passed on to the processes tests start: a test run never reads the user's
-    cache, nor fills it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
-        yield
 
 
 @pytest.fixture
