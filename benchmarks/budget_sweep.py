@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -178,11 +177,7 @@ def report(runs, out: Path) -> Path:
              "| stage | variant | hidden | softmax | dropout | EMA | epochs | tokens/s | valid | "
              "test | dynamic valid / test |",
              "|---|---|---:|---|---:|---|---:|---:|---:|---:|---|"]
-    best: dict[str, float] = {}
-    for stage, run, *_ in runs:
-        final = final_record(run)
-        if final is not None:
-            best[stage] = min(best.get(stage, math.inf), final["valid_ppl"])
+    best = set(stage_bests(runs))
     for stage, run, _, _, config in runs:
         final = final_record(run)
         if final is None:
@@ -193,7 +188,7 @@ def report(runs, out: Path) -> Path:
         dyn = dynamic_record(run)
         dynamic = (f"{dyn['valid_ppl']:.2f} / {dyn['test_ppl']:.2f} ({dyn['method']})"
                    if dyn else "—")
-        mark = "*" if final["valid_ppl"] == best[stage] else ""
+        mark = "*" if run in best else ""
         lines.append(
             f"| {stage} | {run.name}{mark} | {config.hidden_size} | {config.softmax} | "
             f"{config.strategy_p:g} | {ema} | {final['epochs_completed']} | {speed} | "

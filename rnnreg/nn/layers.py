@@ -82,8 +82,9 @@ def _keyword(name: str) -> property:
                     doc=f"``regularization.{name}`` (:class:`rnnreg.nn.Regularization`)")
 
 
-class _RegularizedRecurrence:
-    """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
+class _Keywords:
+    """The regularization keywords a layer and a stack both read back from their record
+    (``dropout`` is torch's own attribute on a layer, so only the stack adds it)."""
 
     input_dropout = _keyword("input_dropout")
     output_dropout = _keyword("output_dropout")
@@ -93,6 +94,10 @@ class _RegularizedRecurrence:
     recurrent_mask = _keyword("recurrent_mask")
     zoneout_hidden = _keyword("zoneout_hidden")
     zoneout_cell = _keyword("zoneout_cell")
+
+
+class _RegularizedRecurrence(_Keywords):
+    """Shared behaviour of rnnreg.LSTM/GRU/RNN; mixed in before the ``torch.nn`` class."""
 
     def _init_regularization(self, regularization: Regularization) -> None:
         if regularization.zoneout_cell and self.mode != "LSTM":

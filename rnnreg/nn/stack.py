@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from rnnreg.errors import RnnregError
 from rnnreg.nn.functional import check_positive_int, is_positive_int
-from rnnreg.nn.layers import LAYERS, RATE_OPTIONS, _keyword, _record, regularization_repr
+from rnnreg.nn.layers import (
+    LAYERS,
+    RATE_OPTIONS,
+    _keyword,
+    _Keywords,
+    _record,
+    regularization_repr,
+)
 from rnnreg.nn.layout import check_placement
 from rnnreg.nn.masks import DropoutMasks, apply_mask, apply_output_mask, mask_placement
 from rnnreg.nn.regularization import MaskSizes, Regularization
@@ -35,7 +42,7 @@ from rnnreg.nn.regularization import MaskSizes, Regularization
 __all__ = ["StackedRNN"]
 
 
-class StackedRNN(nn.Module):
+class StackedRNN(_Keywords, nn.Module):
     """Layers of sizes ``layer_sizes`` on ``input_size`` features; see the module docstring.
 
     >>> stack = StackedRNN("lstm", 400, (1150, 1150, 400), dropout=0.25, weight_dropout=0.5,
@@ -43,15 +50,7 @@ class StackedRNN(nn.Module):
     >>> out, states = stack(torch.randn(70, 2, 400))   # out (70, 2, 400); 3 (h, c) pairs
     """
 
-    input_dropout = _keyword("input_dropout")
     dropout = _keyword("dropout")
-    output_dropout = _keyword("output_dropout")
-    recurrent_dropout = _keyword("recurrent_dropout")
-    weight_dropout = _keyword("weight_dropout")
-    variational = _keyword("variational")
-    recurrent_mask = _keyword("recurrent_mask")
-    zoneout_hidden = _keyword("zoneout_hidden")
-    zoneout_cell = _keyword("zoneout_cell")
 
     def __init__(self, cell: str, input_size: int, layer_sizes: Sequence[int], *,
                  regularization: Regularization | None = None,
