@@ -62,9 +62,12 @@ def _zoneout(steps, batch, hidden, dtype):
 
 @pytest.mark.parametrize("mask_kind", ["none", "fresh", "per_sequence"])
 @pytest.mark.parametrize("extra", ["none", "lengths", "zoneout"])
-@pytest.mark.parametrize("batch", [13, 20])
-def test_row_blocks_match_the_python_loop(two_threads, monkeypatch, mask_kind, extra, batch):
-    steps, hidden = 6, 24
+@pytest.mark.parametrize(("batch", "hidden"), [(13, 24), (20, 24), (29, 37)])
+def test_row_blocks_match_the_python_loop(two_threads, monkeypatch, mask_kind, extra, batch,
+                                          hidden):
+    # 29 rows and 37 units: blocks of more rows than one tile of the float32 product holds,
+    # and product widths (148 and 37) that end in part of a vector.
+    steps = 6
     inputs = _inputs(steps, batch, hidden, mask_kind, torch.float32)
     lengths = (torch.arange(batch) % steps + 1) if extra == "lengths" else None
     zoneout = _zoneout(steps, batch, hidden, torch.float32) if extra == "zoneout" else None

@@ -21,7 +21,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -32,6 +37,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -362,6 +368,187 @@ void row_blocks(int64_t batch, bool whole, const F& body) {
   });
 }
 
+// --- the per-step recurrent product in float32 ---------------------------------------------
+// At the small shape the per-step product (a block of 10 batch rows times the 200x800 W_hh^T
+// per thread) was two thirds of the loop's time (results/benchmarks/cpu-loop/): torch.mm
+// dispatches, checks and views tensors per call, and the BLAS behind it re-reads W into its own
+// layout on every call. Here the product is a register-blocked kernel over raw pointers into
+// buffers allocated before the loop: each output element is one fused multiply-add chain over
+// k in order, so the AVX2 and AVX-512 versions give the same bits, and so do any number of
+// threads and any block of rows (the sums differ from the BLAS's in the last bits only). CPUs
+// with neither keep torch.mm. The kernels are compiled for their own instruction sets only
+// (target attributes) and chosen at run time, so the build runs on any x86-64.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RNNREG_OWN_PRODUCT 1
+#endif
+
+// Which kernel this CPU runs: 2 AVX-512, 1 AVX2 with FMA, 0 none (torch.mm).
+int product_kernel() {
+#ifdef RNNREG_OWN_PRODUCT
+  static const int kind = __builtin_cpu_supports("avx512f")                              ? 2
+                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                                            : 0;
+  return kind;
+#else
+  return 0;
+#endif
+}
+
+#ifdef RNNREG_OWN_PRODUCT
+// C (m x n) = A (m x k) B (k x n), row-major with leading dimensions lda, ldb, ldc. A tile is
+// MR rows by NV vectors of columns; mask0/mask1 cut the last tile's columns at n.
+template <int MR, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void tile_avx512(
+    const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+    int64_t depth, __mmask16 mask0, __mmask16 mask1) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* bk = b + k * ldb;
+    __m512 bv[NV];
+    bv[0] = _mm512_maskz_loadu_ps(mask0, bk);
+    if constexpr (NV > 1) {
+      bv[1] = _mm512_maskz_loadu_ps(mask1, bk + 16);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, mask0, acc[r][0]);
+    if constexpr (NV > 1) {
+      _mm512_mask_storeu_ps(c + r * ldc + 16, mask1, acc[r][1]);
+    }
+  }
+}
+
+template <int NV>
+__attribute__((target("avx512f"))) void rows_avx512(const float* a, int64_t lda, const float* b,
+                                                    int64_t ldb, float* c, int64_t ldc,
+                                                    int64_t rows, int64_t depth, __mmask16 m0,
+                                                    __mmask16 m1) {
+  // 12 rows by 2 vectors is 24 of the 32 vector registers as accumulators.
+  for (; rows > 0; rows -= 12, a += 12 * lda, c += 12 * ldc) {
+    switch (rows >= 12 ? 12 : rows) {
+#define RNNREG_TILE(R) \
+  case R:              \
+    tile_avx512<R, NV>(a, lda, b, ldb, c, ldc, depth, m0, m1); \
+    break;
+      RNNREG_TILE(1) RNNREG_TILE(2) RNNREG_TILE(3) RNNREG_TILE(4) RNNREG_TILE(5) RNNREG_TILE(6)
+      RNNREG_TILE(7) RNNREG_TILE(8) RNNREG_TILE(9) RNNREG_TILE(10) RNNREG_TILE(11)
+      RNNREG_TILE(12)
+#undef RNNREG_TILE
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void product_avx512(const float* a, int64_t lda,
+                                                       const float* b, int64_t ldb, float* c,
+                                                       int64_t ldc, int64_t m, int64_t n,
+                                                       int64_t depth) {
+  for (int64_t j = 0; j < n; j += 32) {
+    const int64_t cols = std::min<int64_t>(32, n - j);
+    const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+    if (cols > 16) {
+      const auto m1 = static_cast<__mmask16>(cols >= 32 ? 0xFFFF : (1u << (cols - 16)) - 1);
+      rows_avx512<2>(a, lda, b + j, ldb, c + j, ldc, m, depth, m0, m1);
+    } else {
+      rows_avx512<1>(a, lda, b + j, ldb, c + j, ldc, m, depth, m0, 0);
+    }
+  }
+}
+
+// The same with 8-wide vectors: 6 rows by 2 vectors is 12 of the 16 registers.
+template <int MR>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(
+    const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+    int64_t depth, __m256i mask0, __m256i mask1) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = _mm256_setzero_ps();
+    acc[r][1] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* bk = b + k * ldb;
+    const __m256 b0 = _mm256_maskload_ps(bk, mask0);
+    const __m256 b1 = _mm256_maskload_ps(bk + 8, mask1);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_maskstore_ps(c + r * ldc, mask0, acc[r][0]);
+    _mm256_maskstore_ps(c + r * ldc + 8, mask1, acc[r][1]);
+  }
+}
+
+// Lane l of the mask is on when l < count (maskload reads nothing where it is off).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i lanes(int64_t count) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), index);
+}
+
+__attribute__((target("avx2,fma"))) void product_avx2(const float* a, int64_t lda,
+                                                      const float* b, int64_t ldb, float* c,
+                                                      int64_t ldc, int64_t m, int64_t n,
+                                                      int64_t depth) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t cols = std::min<int64_t>(16, n - j);
+    const __m256i m0 = lanes(std::min<int64_t>(cols, 8)), m1 = lanes(cols - 8);
+    const float* aa = a;
+    float* cc = c + j;
+    for (int64_t rows = m; rows > 0; rows -= 6, aa += 6 * lda, cc += 6 * ldc) {
+      switch (rows >= 6 ? 6 : rows) {
+#define RNNREG_TILE(R) \
+  case R:              \
+    tile_avx2<R>(aa, lda, b + j, ldb, cc, ldc, depth, m0, m1); \
+    break;
+        RNNREG_TILE(1) RNNREG_TILE(2) RNNREG_TILE(3) RNNREG_TILE(4) RNNREG_TILE(5)
+        RNNREG_TILE(6)
+#undef RNNREG_TILE
+      }
+    }
+  }
+}
+#endif
+
+// C = A B on this CPU's kernel (product_kernel() must be nonzero): A (m x depth), B (depth x
+// n), C (m x n), row-major with the given leading dimensions.
+void own_product(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                 int64_t ldc, int64_t m, int64_t n, int64_t depth) {
+#ifdef RNNREG_OWN_PRODUCT
+  if (product_kernel() == 2) {
+    product_avx512(a, lda, b, ldb, c, ldc, m, n, depth);
+  } else {
+    product_avx2(a, lda, b, ldb, c, ldc, m, n, depth);
+  }
+#else
+  TORCH_CHECK(false, "rnnreg: no own product kernel on this CPU");
+#endif
+}
+
+// own_product when ``own`` (float32 only; B is the tensor's data), else false and nothing done.
+template <typename T>
+bool own_product_if(bool own, const T* a, int64_t lda, const Tensor& b, int64_t ldb, T* c,
+                    int64_t ldc, int64_t m, int64_t n, int64_t depth) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (own) {
+      own_product(a, lda, b.const_data_ptr<float>(), ldb, c, ldc, m, n, depth);
+      return true;
+    }
+  }
+  return false;
+}
+
 void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& packed,
                   const OptTensor& mask_opt, const OptTensor& valid_opt,
                   const OptTensor& zone_h_opt, const OptTensor& zone_c_opt, Tensor acts,
@@ -398,6 +585,9 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
     at::mul_out(first, hs.select(0, 0), mask.select(0, 0));
   }
   const Tensor w_t = w_hh.t();
+  // float32 without oneDNN: the own product (above) reads W_hh^T as a dense (H, 4H) copy.
+  const bool own = !packed && dt == at::kFloat && product_kernel() != 0;
+  const Tensor w_t_dense = own ? w_t.contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, projected.scalar_type(), "lstm", [&] {
     const scalar_t* proj = projected.const_data_ptr<scalar_t>();
     scalar_t* act = acts.data_ptr<scalar_t>();
@@ -411,14 +601,31 @@ void lstm_forward(const Tensor& projected, const Tensor& w_hh, const OptTensor& 
       // The product's buffer, allocated once per block; the projected input is added in the
       // pass. oneDNN's op returns a fresh tensor instead, read in place.
       Tensor pre = at::empty({n, 4 * hidden}, projected.options());
+      scalar_t* pre_data = pre.data_ptr<scalar_t>();
       for (int64_t t = 0; t < steps; ++t) {
-        const Tensor x = block(mask.defined() ? h_in->select(0, t) : hs.select(0, t), lo, n);
-        const Tensor product = packed ? onednn_linear(x, *packed, std::nullopt)
-                                      : at::mm_out(pre, x, w_t);
         const bool next = mask.defined() && t + 1 < steps;
         const int64_t now = t * rows + r0, after = (t + 1) * rows + r0;
+        const scalar_t* product = pre_data;
+        Tensor fresh;  // oneDNN's result, alive until the pass has read it
+        // The spans name the per-step work for torch.profiler (profile_loop.py); when no
+        // profiler runs, each is a check of a thread-local flag.
+        {
+          RECORD_FUNCTION("rnnreg::forward_step_product", std::vector<c10::IValue>());
+          if (!own_product_if(own, (x_in != nullptr ? x_in : h) + now, hidden, w_t_dense,
+                              4 * hidden, pre_data, 4 * hidden, n, 4 * hidden, hidden)) {
+            const Tensor x =
+                block(mask.defined() ? h_in->select(0, t) : hs.select(0, t), lo, n);
+            if (packed) {
+              fresh = onednn_linear(x, *packed, std::nullopt);
+              product = fresh.const_data_ptr<scalar_t>();
+            } else {
+              at::mm_out(pre, x, w_t);
+            }
+          }
+        }
+        RECORD_FUNCTION("rnnreg::forward_step_pointwise", std::vector<c10::IValue>());
         const ForwardStep<scalar_t> step{
-            product.const_data_ptr<scalar_t>(), proj + 4 * now, act + 4 * now, c + now,
+            product, proj + 4 * now, act + 4 * now, c + now,
             c + after, tc + now, h + now, h + after, shift(alive, t * batch + lo),
             shift(mask_row<scalar_t>(zone_h, t, rows), r0),
             shift(mask_row<scalar_t>(zone_c, t, rows), r0),
@@ -589,6 +796,9 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
   const Tensor zone_c = zone_c_opt ? *zone_c_opt : Tensor();
   Tensor dh = (d_out.select(0, steps - 1) + d_h).contiguous();
   Tensor dc = d_c.contiguous().clone();
+  // float32 without oneDNN: the own product (see lstm_forward) reads W_hh's rows densely.
+  const bool own = !onednn && dt == at::kFloat && product_kernel() != 0;
+  const Tensor w_rows = own ? w_hh.contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d_gates.scalar_type(), "lstm", [&] {
     scalar_t* dh_all = dh.data_ptr<scalar_t>();
     scalar_t* dc_all = dc.data_ptr<scalar_t>();
@@ -600,22 +810,34 @@ std::tuple<Tensor, Tensor> lstm_backward(const Tensor& d_out_in, const Tensor& d
                                                   : nullptr;
     const bool* alive = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
     scalar_t* d_all = d_gates.data_ptr<scalar_t>();
+    scalar_t* d_hin_all = d_hin.data_ptr<scalar_t>();
     row_blocks(batch, onednn, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo, r0 = lo * hidden;
       for (int64_t t = steps - 1; t >= 0; --t) {
         const int64_t now = t * rows + r0;
         const scalar_t* zh = shift(mask_row<scalar_t>(zone_h, t, rows), r0);
-        gate_gradients(dh_all + r0, dc_all + r0, act + 4 * now, c + now, tc + now,
-                       shift(alive, t * batch + lo), zh,
-                       shift(mask_row<scalar_t>(zone_c, t, rows), r0), d_all + 4 * now, n,
-                       hidden);
+        {
+          RECORD_FUNCTION("rnnreg::backward_step_pointwise", std::vector<c10::IValue>());
+          gate_gradients(dh_all + r0, dc_all + r0, act + 4 * now, c + now, tc + now,
+                         shift(alive, t * batch + lo), zh,
+                         shift(mask_row<scalar_t>(zone_c, t, rows), r0), d_all + 4 * now,
+                         n, hidden);
+        }
         if (t == 0 && !need_first) {
           break;
         }
-        Tensor d_row = block(d_hin.select(0, t), lo, n);
-        product_backward(d_row, block(d_gates.select(0, t), lo, n), w_hh, onednn);
+        scalar_t* d_row = d_hin_all + now;
+        {
+          RECORD_FUNCTION("rnnreg::backward_step_product", std::vector<c10::IValue>());
+          if (!own_product_if(own, static_cast<const scalar_t*>(d_all + 4 * now), 4 * hidden,
+                              w_rows, hidden, d_row, hidden, n, hidden, 4 * hidden)) {
+            Tensor d_block = block(d_hin.select(0, t), lo, n);
+            product_backward(d_block, block(d_gates.select(0, t), lo, n), w_hh, onednn);
+          }
+        }
+        RECORD_FUNCTION("rnnreg::backward_step_pointwise", std::vector<c10::IValue>());
         previous_state(dh_all + r0, t > 0 ? d_prev + (t - 1) * rows + r0 : nullptr,
-                       d_row.const_data_ptr<scalar_t>(),
+                       static_cast<const scalar_t*>(d_row),
                        shift(mask_row<scalar_t>(mask, t, rows), r0),
                        shift(carry, t * batch + lo), zh, n, hidden);
       }
