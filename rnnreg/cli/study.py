@@ -139,6 +139,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _study_backend(args: argparse.Namespace, base: Config):
     """None for the local backend (run_study's default); a Ray backend for --backend ray."""
     from rnnreg.study.grid import ray_backend
+    from rnnreg.study.layout import StudyDir
 
     if args.backend == "local":
         if args.address is not None:
@@ -148,7 +149,7 @@ def _study_backend(args: argparse.Namespace, base: Config):
         # A run that asks for CUDA gets a GPU reserved, so Ray places it on a node with one.
         gpus = 1.0 if base.device.startswith("cuda") else 0.0
         return ray_backend(args.address, gpus_per_trial=gpus,
-                           storage=Path(args.out).resolve() / "ray",
+                           storage=StudyDir(Path(args.out).resolve()).ray_storage,
                            progress=not args.no_progress)
     except ImportError as error:  # the one-line message says which extra to install
         raise RnnregError(str(error)) from None

@@ -66,6 +66,19 @@ class AdaptiveSoftmax(nn.Module):
     Parameters: ``head`` (``in_features -> cutoffs[0] + clusters``, with bias like the full
     decoder) and per cluster ``tails[i]``: a projection without bias followed by the cluster's
     word scores with bias.
+
+    Why not a thin layer over ``torch.nn.AdaptiveLogSoftmaxWithLoss`` (same factorization):
+
+    * float32: torch's module calls ``log_softmax`` on its linear maps' output as it comes, so
+      the normalization runs in whatever precision autocast gave those maps; here it runs in
+      float32 at least (:func:`_log_softmax`).
+    * DistributedDataParallel: torch's forward skips a cluster that holds none of the batch's
+      targets, leaving its parameters out of that step's graph, which DDP accepts only with
+      ``find_unused_parameters=True`` (an extra traversal of the graph every step); here every
+      tail runs every call, on zero rows if need be.
+    * Parameters: torch's cluster word scores have no bias and its modules are named ``tail``,
+      so the same model would have other parameters and ``state_dict`` keys, and existing run
+      directories' checkpoints would not load.
     """
 
     def __init__(self, in_features: int, vocab_size: int, cutoffs: Sequence[int] | None = None,

@@ -14,6 +14,8 @@ apart from the layers' options and masks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -28,6 +30,9 @@ __all__ = ["FUSED", "call_weights", "engine_for", "fused_layer", "layer_zoneout"
 # torch's fused kernel (cuDNN on GPU, oneDNN on CPU), as engine_for names it; the own loop's
 # engines are named by rnnreg.nn.loops.
 FUSED = "fused"
+
+# One layer's zoneout factors (hidden, cell), each None where that rate is 0.
+ZoneoutPair = tuple[Tensor | None, Tensor | None]
 
 _KERNELS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh,
             "RNN_RELU": torch.rnn_relu}
@@ -84,7 +89,7 @@ def needs_own_loop(module: nn.Module, masks: DropoutMasks | None = None, *,
                for k in layers)
 
 
-def layer_zoneout(masks: DropoutMasks, layer: int):
+def layer_zoneout(masks: DropoutMasks, layer: int) -> ZoneoutPair | None:
     """The ``(hidden, cell)`` zoneout factors of one layer, or None where it has none."""
     zoneout = None if masks.zoneout is None else masks.zoneout[layer]
     if zoneout is None or all(z is None for z in zoneout):
@@ -92,7 +97,8 @@ def layer_zoneout(masks: DropoutMasks, layer: int):
     return zoneout
 
 
-def call_weights(weights, weight_mask, shared_mask):
+def call_weights(weights: Sequence[Sequence[Tensor]], weight_mask: Tensor | None,
+                 shared_mask: Tensor | None) -> Sequence[Sequence[Tensor]]:
     """The layer's weights for one call: ``weight_hh`` times the weight-drop mask and, on
     its columns, a recurrent mask shared by every row and step (``W (m * h) = (W m) h``).
 
@@ -131,7 +137,9 @@ def _one_buffer(tensors: list[Tensor]) -> list[Tensor]:
     return [piece.view_as(t) for piece, t in zip(pieces, tensors)]
 
 
-def fused_layer(module, x, lengths, states, weights):
+def fused_layer(module: nn.Module, x: Tensor, lengths: Tensor | None,
+                states: tuple[Tensor, ...],
+                weights: Sequence[Sequence[Tensor]]) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer on torch's fused kernel (cuDNN on GPU, oneDNN on CPU)."""
     kernel = _KERNELS[module.mode]
     flat = [w for direction in weights for w in direction]
@@ -153,7 +161,10 @@ def fused_layer(module, x, lengths, states, weights):
     return out, tuple(s.index_select(1, unorder) for s in final)
 
 
-def own_loop_layer(module, x, lengths, states, weights, row_mask, zoneout=None):
+def own_loop_layer(module: nn.Module, x: Tensor, lengths: Tensor | None,
+                   states: tuple[Tensor, ...], weights: Sequence[Sequence[Tensor]],
+                   row_mask: Tensor | None,
+                   zoneout: ZoneoutPair | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer on rnnreg's own loop, for masks that differ by row on h(t-1) and zoneout.
 
     ``weights`` already carry the masks that are weights for this call (:func:`call_weights`);

@@ -6,7 +6,8 @@ and the recurrent connection. A study varies exactly those things (strategy, rat
 and the seed, and holds every other setting of one base :class:`~rnnreg.lm.config.Config` equal,
 so differences in the report come from dropout alone.
 
-Every grid cell is an ordinary run directory ``out/runs/NAME`` trained by
+Every grid cell is an ordinary run directory in the study directory
+(:class:`~rnnreg.study.layout.StudyDir`) trained by
 :func:`rnnreg.lm.training.loop.train`, so ``rnnreg evaluate`` and ``plot`` work on it, and a study
 interrupted at any point resumes run by run. Scheduling sits behind :data:`Backend`, a function
 given the pending :class:`Job` list: :func:`local_backend` trains on this machine,
@@ -17,7 +18,6 @@ report are the same for both.
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -34,11 +34,12 @@ from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.corpus.recall import RecallTask
 from rnnreg.lm.corpus.sources import locate_corpus
 from rnnreg.lm.presets import preset_config
-from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
+from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.loop import TrainingDiverged, train
 from rnnreg.nn.functional import check_positive_int, check_probability
 from rnnreg.nn.strategies import STRATEGIES
+from rnnreg.study.layout import StudyDir
 
 __all__ = ["PLANS", "Backend", "Job", "Regime", "StudyGrid", "grid_runs", "local_backend",
            "ray_backend", "run_job", "run_name", "run_plan", "run_study"]
@@ -283,29 +284,28 @@ def run_study(base: Config, grid: StudyGrid | Sequence[StudyGrid], out: str | Pa
     replaces the local one (``jobs`` is then ignored). Several grids train their union (a run
     two grids share trains once).
     """
-    out = Path(out)
-    data = locate_corpus(data_dir, _recorded_data_dir(out)).path.resolve()
-    pending, total = _prepare(base, _grids(grid), out, data)
+    study = StudyDir(out)
+    data = locate_corpus(data_dir, study.recorded_data_dir()).path.resolve()
+    pending, total = _prepare(base, _grids(grid), study, data)
     _train(pending, total, jobs=jobs, progress=progress, backend=backend)
-    return out
+    return study.path
 
 
 def _grids(grid: StudyGrid | Sequence[StudyGrid]) -> tuple[StudyGrid, ...]:
     return (grid,) if isinstance(grid, StudyGrid) else tuple(grid)
 
 
-def _prepare(base: Config, grids: Sequence[StudyGrid], out: Path,
+def _prepare(base: Config, grids: Sequence[StudyGrid], study: StudyDir,
              data: Path) -> tuple[list[Job], int]:
-    """Plan one study directory: write its study.json; return its unfinished jobs and size."""
+    """Plan one study directory: write its record; return its unfinished jobs and size."""
     runs = dict(run for grid in grids for run in grid_runs(base, grid))
     # Planned before anything is written, so a clash with an earlier study changes nothing.
-    pending = [job for job in (_job(out, name, config, data) for name, config in runs.items())
+    pending = [job for job in (_job(study, name, config, data) for name, config in runs.items())
                if job is not None]
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    study.runs.mkdir(parents=True, exist_ok=True)
     grid_record = ([g.to_dict() for g in grids] if len(grids) > 1 else grids[0].to_dict())
-    atomic_write_text(out / "study.json", json.dumps({
-        "grid": grid_record, "base": base.to_dict(), "data_dir": str(data),
-        "runs": list(runs)}, indent=2) + "\n")
+    study.write_record({"grid": grid_record, "base": base.to_dict(), "data_dir": str(data),
+                        "runs": list(runs)})
     return pending, len(runs)
 
 
@@ -420,41 +420,32 @@ def run_plan(plan: str, out: str | Path, *, data_dir: str | Path | None = None,
     """
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
-    out = Path(out)
-    recorded = json.loads((out / "study.json").read_text(encoding="utf-8")) if (
-        out / "study.json").is_file() else {}
+    study = StudyDir(out)
+    recorded = study.read_record()
     if recorded and recorded.get("plan") != plan:
-        raise RunDirError(f"{out} holds a study of plan {recorded.get('plan')!r}; use another "
-                          "output directory for another plan")
+        raise RunDirError(f"{study.path} holds a study of plan {recorded.get('plan')!r}; use "
+                          "another output directory for another plan")
     text_data = locate_corpus(data_dir, recorded.get("data_dir")).path.resolve()
     pending, total = [], 0
     for regime in PLANS[plan]:
+        regime_dir = study.regime(regime.name)
         data = (text_data if regime.recall is None
-                else regime.recall.write(out / regime.name / "corpus").resolve())
+                else regime.recall.write(regime_dir.corpus).resolve())
         base = regime.base.replace(**(overrides or {}))
-        jobs_of, size = _prepare(base, regime.grids, out / regime.name, data)
+        jobs_of, size = _prepare(base, regime.grids, regime_dir, data)
         pending += jobs_of
         total += size
-    atomic_write_text(out / "study.json", json.dumps({
-        "plan": plan, "data_dir": str(text_data),
-        "regimes": [regime.name for regime in PLANS[plan]]}, indent=2) + "\n")
+    study.write_record({"plan": plan, "data_dir": str(text_data),
+                        "regimes": [regime.name for regime in PLANS[plan]]})
     # Seed by seed: a study stopped early still has every arm, with fewer seeds.
     pending.sort(key=lambda job: job.config.seed)
     _train(pending, total, jobs=jobs, progress=progress, backend=backend)
-    return out
+    return study.path
 
 
-def _recorded_data_dir(out: Path) -> str | None:
-    """The data directory an earlier launch of this study recorded, if any."""
-    try:
-        return json.loads((out / "study.json").read_text(encoding="utf-8")).get("data_dir")
-    except (OSError, ValueError):
-        return None
-
-
-def _job(out: Path, name: str, config: Config, data_dir: Path) -> Job | None:
+def _job(study: StudyDir, name: str, config: Config, data_dir: Path) -> Job | None:
     """The job for one run, or None when it is already done."""
-    run = RunDir(out / "runs" / name)
+    run = RunDir(study.run(name))
     if not run.exists():
         return Job(name, config, run.path, data_dir, resume=False)
     saved = run.read_config()

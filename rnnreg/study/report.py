@@ -8,7 +8,6 @@ sections, findings, tables and figures).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from rnnreg.lm.corpus.sources import CorpusLocation, DataError, locate_corpus
 from rnnreg.lm.evaluation import load_model
 from rnnreg.lm.model import LanguageModel, ModelMasks
 from rnnreg.lm.rundir.curves import learning_curves
-from rnnreg.lm.rundir.files import RunDirError, atomic_write_text
+from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.nn.regularization import Schedule
 from rnnreg.nn.strategies import STRATEGIES
@@ -35,9 +34,10 @@ from rnnreg.study.document import (
     render_html,
     render_markdown,
 )
+from rnnreg.study.layout import StudyDir
 from rnnreg.study.results import Group, RunResult, group_runs, read_runs
 from rnnreg.study.sampling import named_schedules, schedules, stack_steps
-from rnnreg.study.verdicts import claims_blocks, is_plan, write_plan_report
+from rnnreg.study.verdicts import claims_blocks, write_plan_report
 
 __all__ = ["write_report"]
 
@@ -47,34 +47,27 @@ _HEATMAP_TOKENS = 40
 
 
 def write_report(out: str | Path, *, data_dir: str | Path | None = None) -> Path:
-    """Write ``out/report.md`` and a self-contained ``out/report.html``; returns the .md path.
+    """Write study directory ``out``'s report as Markdown and as one self-contained HTML page
+    (:class:`~rnnreg.study.layout.StudyDir`); returns the Markdown file's path.
 
     Reads only the run directories, so it can be regenerated at any time, also mid-study.
     ``data_dir`` (for the hidden-state heatmaps) defaults to the one in ``study.json``.
     """
-    out = Path(out)
-    if is_plan(out):  # a study of several regimes: a report per regime, the claims over them
-        return write_plan_report(out, write_report, data_dir)
-    groups = group_runs(read_runs(out))
+    study = StudyDir(out)
+    if study.is_plan():  # a study of several regimes: a report per regime, the claims over them
+        return write_plan_report(study.path, write_report, data_dir)
+    groups = group_runs(read_runs(study.path))
     if not groups:
-        raise RunDirError(f"{out / 'runs'} holds no run yet; nothing to report")
-    study = _read_study(out)
-    data = locate_corpus(data_dir, study.get("data_dir"))
-    figures = out / "figures"
+        raise RunDirError(f"{study.runs} holds no run yet; nothing to report")
+    record = study.read_record()
+    data = locate_corpus(data_dir, record.get("data_dir"))
     title = _title(groups)
     document = Document(title, (
-        Heading(title, 1), *claims_blocks(out), *_overview(study, groups),
+        Heading(title, 1), *claims_blocks(study.path), *_overview(record, groups),
         Heading("What the numbers say"), Bullets(tuple(_findings(groups))),
-        *_tables(groups), *_curves(out, figures, groups), *_rates(out, figures, groups),
-        *_heatmaps(out, figures, groups, data), *_placements(out, figures, groups)))
-    atomic_write_text(out / "report.md", render_markdown(document))
-    atomic_write_text(out / "report.html", render_html(document, out))
-    return out / "report.md"
-
-
-def _read_study(out: Path) -> dict:
-    path = out / "study.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        *_tables(groups), *_curves(study, groups), *_rates(study, groups),
+        *_heatmaps(study, groups, data), *_placements(study, groups)))
+    return study.write_report(render_markdown(document), render_html(document, study.path))
 
 
 def _title(groups: Sequence[Group]) -> str:
@@ -218,19 +211,19 @@ def _row(group: Group) -> tuple[str, ...]:
             text("valid"), text("test"), text("gap"), text("tokens_per_s", 0))
 
 
-def _curves(out: Path, figures: Path, groups: Sequence[Group]) -> list:
+def _curves(study: StudyDir, groups: Sequence[Group]) -> list:
     blocks = [Heading("Learning curves"), Paragraph(
         "Mean over seeds. A valid curve that turns up while the train curve keeps falling is "
         "overfitting, the failure dropout is meant to prevent.")]
     for cell in dict.fromkeys(g.cell for g in groups):
         path = learning_curves({g.label: g.curve() for g in groups if g.cell == cell},
-                               figures / f"curves-{cell}.png",
+                               study.figure("curves", cell),
                                title=f"{cell}: train and valid perplexity per epoch")
-        blocks.append(Figure(path.relative_to(out), f"Learning curves, {cell}"))
+        blocks.append(Figure(study.relative(path), f"Learning curves, {cell}"))
     return blocks
 
 
-def _rates(out: Path, figures: Path, groups: Sequence[Group]) -> list:
+def _rates(study: StudyDir, groups: Sequence[Group]) -> list:
     blocks = [Heading("Perplexity against dropout rate")]
     for cell in dict.fromkeys(g.cell for g in groups):
         series: dict[str, list[dict]] = {}
@@ -249,14 +242,14 @@ def _rates(out: Path, figures: Path, groups: Sequence[Group]) -> list:
                     f"{', '.join(f'{rate:g}' for rate in rates)}): there is no curve against "
                     "the rate to draw. The tables above compare the strategies."))
             continue
-        path = plots.rate_curve(series, figures / f"rates-{cell}.png",
+        path = plots.rate_curve(series, study.figure("rates", cell),
                                 title=f"{cell}: final perplexity (mean ± std over seeds)")
-        blocks.append(Figure(path.relative_to(out), f"Perplexity against rate, {cell}; "
+        blocks.append(Figure(study.relative(path), f"Perplexity against rate, {cell}; "
                              "a strategy with a single rate is a dotted reference line"))
     return blocks
 
 
-def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
+def _heatmaps(study: StudyDir, groups: Sequence[Group],
               data: CorpusLocation) -> list:
     blocks = [Heading("Hidden states on real text")]
     finished = [run for group in groups for run in group.finished]
@@ -268,7 +261,7 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
     try:
         model, vocab, config = load_model(run.path, device="cpu")
     except RunDirError:  # results kept without checkpoints: config and metrics only
-        return [*blocks, *_kept_heatmap(out, figures)]
+        return [*blocks, *_kept_heatmap(study)]
     try:
         corpus = Corpus.load(data, config.level, vocab, split_fractions=config.split_fractions,
                              max_vocab=config.max_vocab, min_count=config.min_count)
@@ -277,24 +270,24 @@ def _heatmaps(out: Path, figures: Path, groups: Sequence[Group],
                                    "the report was written; rewrite it with --data-dir naming "
                                    "the corpus the runs were trained on.")]
     ids = corpus.valid[:_HEATMAP_TOKENS].unsqueeze(1)
-    path = plots.hidden_heatmaps(_hidden_panels(model, ids), figures / "hidden-states.png",
+    path = plots.hidden_heatmaps(_hidden_panels(model, ids), study.figure("hidden-states"),
                                  tokens=vocab.decode(ids[:, 0]),
                                  title=f"{run.name}: last layer's output after output dropout")
-    blocks.append(Figure(path.relative_to(out), (
+    blocks.append(Figure(study.relative(path), (
         f"Trained weights of {run.name} on the first {ids.size(0)} tokens of the valid split. "
         "Same weights, placements and rates in every panel; only how often the masks are "
         "redrawn differs. One mask per sequence blanks the same units at every step.")))
     return blocks
 
 
-def _kept_heatmap(out: Path, figures: Path) -> list:
+def _kept_heatmap(study: StudyDir) -> list:
     """The figure a previous report drew, said to be that, or a sentence that there is none."""
-    path = figures / "hidden-states.png"
+    path = study.figure("hidden-states")
     if not path.is_file():
         # Not the error's text: it names this machine's path, which means nothing to a reader.
         return [Paragraph("Not drawn: it needs a trained model's vocabulary and checkpoint, "
                           "and the run directories keep none.")]
-    return [Figure(path.relative_to(out), (
+    return [Figure(study.relative(path), (
         "Kept from an earlier writing of this report: the checkpoints it was drawn from are "
         "not kept with these runs, so it could not be redrawn. It shows a trained model's "
         "last-layer output on the valid split under no dropout, a fresh mask each step and one "
@@ -328,7 +321,7 @@ def _hidden_panels(model: LanguageModel, ids: torch.Tensor) -> dict[str, torch.T
     }
 
 
-def _placements(out: Path, figures: Path, groups: Sequence[Group]) -> list:
+def _placements(study: StudyDir, groups: Sequence[Group]) -> list:
     models = {name: _strategy_model(groups, name)
               for name in dict.fromkeys(g.strategy for g in groups)}
     blocks = [Heading("Where each strategy drops"), Paragraph(
@@ -337,8 +330,8 @@ def _placements(out: Path, figures: Path, groups: Sequence[Group]) -> list:
         "code. Other rates place dropout identically."), *_sampling(models)]
     for name, (run, model) in models.items():
         title = name if name == "none" else f"{name}, p={run.rate:g}"
-        path = plots.placement_diagram(model, figures / f"placement-{name}.png", title=title)
-        blocks.append(Figure(path.relative_to(out),
+        path = plots.placement_diagram(model, study.figure("placement", name), title=title)
+        blocks.append(Figure(study.relative(path),
                              f"{name}: {STRATEGIES[name].description}"))
     return blocks
 

@@ -16,6 +16,7 @@ from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.nn.strategies import STRATEGIES
+from rnnreg.study.layout import StudyDir
 
 __all__ = ["Group", "RunResult", "Stat", "group_runs", "read_runs"]
 
@@ -36,10 +37,11 @@ class RunResult:
 
 
 def read_runs(out: str | Path) -> list[RunResult]:
-    """Every run directory under ``out/runs``, finished or not, in name order."""
-    root = Path(out) / "runs"
+    """Every run directory of study directory ``out``, finished or not, in name order."""
+    study = StudyDir(out)
+    root = study.runs
     if not root.is_dir():
-        raise RunDirError(f"{Path(out)} holds no study (no runs/ directory); run "
+        raise RunDirError(f"{study.path} holds no study (no {root.name}/ directory); run "
                           "`rnnreg compare` first")
     results = []
     for path in sorted(p for p in root.iterdir() if p.is_dir()):

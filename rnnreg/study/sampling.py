@@ -4,6 +4,8 @@ A language model's masks for one call are one record (:class:`rnnreg.lm.model.Mo
 holding a :class:`rnnreg.nn.masks.DropoutMasks`). This module walks that record generically, so
 a mask added to it (a new placement) appears in the report's table of what each strategy
 samples, and is redrawn in the report's per-step heatmap panel, without either naming it.
+The walk is its own rather than ``torch.utils._pytree``'s: a pytree sees into a dataclass only
+once its class is registered, so a new record type would silently become one opaque leaf.
 
 How often a mask is drawn is the model's answer for the field that holds it
 (:meth:`rnnreg.lm.model.LanguageModel.schedule`, from its :class:`rnnreg.nn.Regularization`),

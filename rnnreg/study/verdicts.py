@@ -16,7 +16,6 @@ from pathlib import Path
 
 from rnnreg.lm.corpus.recall import SPEC_FILE, RecallTask
 from rnnreg.lm.corpus.sources import PTB_MD5
-from rnnreg.lm.rundir.files import atomic_write_text
 from rnnreg.study import plots
 from rnnreg.study.claims import (
     CLAIMS,
@@ -40,41 +39,33 @@ from rnnreg.study.document import (
     render_html,
     render_markdown,
 )
+from rnnreg.study.layout import StudyDir
 from rnnreg.study.memory import RecallScore, recall_scores
 from rnnreg.study.results import RunResult, read_runs
 
-__all__ = ["claims_blocks", "corpus_text", "is_plan", "read_evidence", "write_plan_report"]
+__all__ = ["claims_blocks", "corpus_text", "read_evidence", "write_plan_report"]
 
 _TITLE = "Dropout-strategy study: the tutorial's claims tested"
 
 
-def is_plan(out: str | Path) -> bool:
-    """Whether ``out`` is a study of several regimes (``rnnreg compare`` with a plan)."""
-    return "regimes" in _study(Path(out))
-
-
-def _study(out: Path) -> dict:
-    path = out / "study.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _regime_dirs(out: Path) -> dict[str, Path]:
+def _regime_dirs(study: StudyDir) -> dict[str, StudyDir]:
     """Regime name -> its study directory; a single study is one regime named by its data."""
-    study = _study(out)
-    if "regimes" in study:
-        return {name: out / name for name in study["regimes"]}
-    if out.name in _study(out.parent).get("regimes", ()):  # one regime of a plan
-        return {out.name: out}
-    corpus = _corpus_dir(out)
-    return {"memory" if corpus and (corpus / SPEC_FILE).is_file() else "text": out}
+    record = study.read_record()
+    if "regimes" in record:
+        return {name: study.regime(name) for name in record["regimes"]}
+    name = study.path.name
+    if name in StudyDir(study.path.parent).read_record().get("regimes", ()):  # a plan's regime
+        return {name: study}
+    corpus = _corpus_dir(study)
+    return {"memory" if corpus and (corpus / SPEC_FILE).is_file() else "text": study}
 
 
-def _corpus_dir(study_dir: Path) -> Path | None:
+def _corpus_dir(study: StudyDir) -> Path | None:
     """A study's corpus: a recall corpus inside it (wherever the study was moved), else the
     recorded data directory."""
-    if (study_dir / "corpus" / SPEC_FILE).is_file():
-        return _restored(study_dir / "corpus")
-    data_dir = _study(study_dir).get("data_dir")
+    if study.has_recall_corpus():
+        return _restored(study.corpus)
+    data_dir = study.read_record().get("data_dir")
     return Path(data_dir) if data_dir else None
 
 
@@ -102,10 +93,10 @@ class _RecallCache:
 def read_evidence(out: str | Path) -> tuple[Evidence, dict[str, _RecallCache]]:
     """Every regime's runs and their measures; the recall scorers of the memory regimes."""
     runs, values, recalls = {}, {}, {}
-    for regime, directory in _regime_dirs(Path(out)).items():
-        if not (directory / "runs").is_dir():
+    for regime, directory in _regime_dirs(StudyDir(out)).items():
+        if not directory.runs.is_dir():
             continue
-        runs[regime] = read_runs(directory)
+        runs[regime] = read_runs(directory.path)
         corpus = _corpus_dir(directory)
         recall = None
         if corpus is not None and (corpus / SPEC_FILE).is_file():
@@ -198,7 +189,7 @@ def _overfit_note(verdict: Verdict, evidence: Evidence) -> list[str]:
 # --------------------------------------------------------------------------- memory
 
 
-def _memory_blocks(out: Path, figures: Path, evidence: Evidence,
+def _memory_blocks(study: StudyDir, evidence: Evidence,
                    recalls: dict[str, _RecallCache]) -> list:
     blocks = []
     for regime, recall in recalls.items():
@@ -230,11 +221,11 @@ def _memory_blocks(out: Path, figures: Path, evidence: Evidence,
                     for p in points)))
             if not series:
                 continue
-            path = plots.recall_curve(series, figures / f"recall-{regime}-{cell}.png",
+            path = plots.recall_curve(series, study.figure("recall", regime, cell),
                                       chance=1 / task.symbols,
                                       title=f"{cell}: recall against distance")
             distances = [p["distance"] for p in next(iter(series.values()))]
-            blocks += [Figure(path.relative_to(out), f"Recall accuracy against N, {cell}"),
+            blocks += [Figure(study.relative(path), f"Recall accuracy against N, {cell}"),
                        Table(("strategy", "seeds", *(f"N = {n}" for n in distances)),
                              tuple(r for r in rows if len(r) == 2 + len(distances)))]
     return blocks
@@ -280,30 +271,30 @@ def write_plan_report(out: str | Path, write_regime: Callable[..., Path],
     ``data_dir`` is the text regimes' corpus (default: the recorded one); a memory regime's
     corpus is the one inside the study, rewritten from its ``recall.json`` when absent.
     """
-    out = Path(out)
-    study = _study(out)
+    study = StudyDir(out)
+    record = study.read_record()
     regime_reports = {}
-    for name in study["regimes"]:
-        if (out / name / "runs").is_dir() and any((out / name / "runs").iterdir()):
-            recall = (out / name / "corpus" / SPEC_FILE).is_file()
+    for name in record["regimes"]:
+        regime = study.regime(name)
+        if regime.has_runs():
             regime_reports[name] = write_regime(
-                out / name, data_dir=_corpus_dir(out / name) if recall else data_dir)
-    evidence, recalls = read_evidence(out)
+                regime.path, data_dir=_corpus_dir(regime) if regime.has_recall_corpus()
+                else data_dir)
+    evidence, recalls = read_evidence(study.path)
     blocks = [Heading(_TITLE, 1), Paragraph(
-        f"The study plan '{study['plan']}': {len(study['regimes'])} regimes, each built so that "
-        "a claim's premise holds there, each an ordinary study with its own report.")]
+        f"The study plan '{record['plan']}': {len(record['regimes'])} regimes, each built so "
+        "that a claim's premise holds there, each an ordinary study with its own report.")]
     blocks += _claims_table(evaluate(CLAIMS, evidence), evidence)
-    blocks += _memory_blocks(out, out / "figures", evidence, recalls)
+    blocks += _memory_blocks(study, evidence, recalls)
     blocks += [Heading("The regimes")]
     for name, runs in evidence.runs.items():
-        blocks.append(Paragraph(_regime_text(name, runs, regime_reports.get(name), out)))
+        blocks.append(Paragraph(_regime_text(name, runs, regime_reports.get(name), study)))
     document = Document(_TITLE, tuple(blocks))
-    atomic_write_text(out / "report.md", render_markdown(document))
-    atomic_write_text(out / "report.html", render_html(document, out))
-    return out / "report.md"
+    return study.write_report(render_markdown(document), render_html(document, study.path))
 
 
-def _regime_text(name: str, runs: Sequence[RunResult], report: Path | None, out: Path) -> str:
+def _regime_text(name: str, runs: Sequence[RunResult], report: Path | None,
+                 study: StudyDir) -> str:
     finished = [r for r in runs if r.final is not None]
     if not runs:
         return f"{name}: no run yet."
@@ -315,8 +306,8 @@ def _regime_text(name: str, runs: Sequence[RunResult], report: Path | None, out:
     vocab = f", the {config.max_vocab:,} most frequent words" if config.max_vocab else ""
     scored = (f"valid and test scored on their first {config.eval_tokens:,} tokens"
               if config.eval_tokens else "valid and test scored whole")
-    where = f" Full report: {report.relative_to(out).as_posix()}." if report else ""
-    corpus = corpus_text(runs[0], _corpus_dir(out / name))
+    where = f" Full report: {study.relative(report).as_posix()}." if report else ""
+    corpus = corpus_text(runs[0], _corpus_dir(study.regime(name)))
     return (f"{name}: {len(runs)} runs ({len(finished)} finished) on {corpus}; "
             f"{sizes} units, {config.epochs} epochs on {data}{vocab}, batch "
             f"{config.batch_size}, bptt {config.bptt}, lr {config.lr:g} decayed by "

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnreg.nn import loops, products
 from rnnreg.nn.loops import cpp
+from rnnreg.nn.loops.protocol import loops_by_name
 from rnnreg.nn.loops.python import PYTHON
 from rnnreg.nn.recurrence import recurrence
 
@@ -439,7 +440,7 @@ def _native():
     return native
 
 
-@pytest.mark.parametrize("name", sorted(vars(PYTHON)))
+@pytest.mark.parametrize("name", sorted(loops_by_name(PYTHON)))
 def test_ops_have_schemas_named_like_the_python_twins(name):
     """Each loop is torch.ops.rnnreg.NAME, whose schema names its arguments exactly as the
     Python twin does: the engine calls it by keyword."""
@@ -449,6 +450,16 @@ def test_ops_have_schemas_named_like_the_python_twins(name):
     schema = getattr(torch.ops.rnnreg, name).default._schema
     assert [a.name for a in schema.arguments] == list(
         inspect.signature(getattr(PYTHON, name)).parameters)
+
+
+@pytest.mark.parametrize("name", sorted(loops_by_name(PYTHON)))
+def test_cpp_engine_takes_the_python_twins_parameters(name):
+    """The C++ engine names every argument it passes to an op by keyword: its parameters are
+    the twin's, in the twin's order, so a positional call binds each where the twin would."""
+    import inspect
+
+    ours = inspect.signature(loops_by_name(cpp.CppLoops())[name]).parameters
+    assert list(ours) == list(inspect.signature(loops_by_name(PYTHON)[name]).parameters)
 
 
 def _lstm_forward_args(**changes):
@@ -481,7 +492,7 @@ def test_ops_check_their_inputs(changes, message):
 def _first_use(monkeypatch, engine_factory):
     """compiled() from scratch with ``engine_factory`` in place of the real ops' engine."""
     monkeypatch.delenv(loops.VARIABLE, raising=False)
-    monkeypatch.setattr(cpp, "_native_engine", engine_factory)
+    monkeypatch.setattr(cpp, "CppLoops", engine_factory)
     cpp.compiled.cache_clear()
 
 
@@ -490,7 +501,7 @@ def test_first_use_check_falls_back_to_python(monkeypatch, fault):
     """Ops that disagree with their twins, or whose schema changed under the caller, leave
     the Python loops with a warning instead of wrong gradients or a failure in training."""
     _native()
-    real = cpp._native_engine
+    real = cpp.CppLoops
 
     def faulty():
         native = real()
@@ -551,7 +562,7 @@ def test_first_use_inside_inference_mode_keeps_the_compiled_loops(monkeypatch):
         cpp.compiled.cache_clear()
 
 
-@pytest.mark.parametrize("name", sorted(vars(PYTHON)))
+@pytest.mark.parametrize("name", sorted(loops_by_name(PYTHON)))
 def test_every_op_refuses_non_float_input(name):
     """Integer tensors in every tensor argument: one clear error, before any memory is read."""
     _native()

@@ -15,6 +15,7 @@ skips (tests/nn/test_cuda.py runs the engine compiled).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import subprocess
 import sys
@@ -65,8 +66,8 @@ def fused(monkeypatch):
 
         return spy
 
-    for name in LOOP_NAMES:
-        monkeypatch.setattr(triton_fused.STEP, name, spied(name))
+    monkeypatch.setattr(triton_fused, "STEP", dataclasses.replace(
+        triton_fused.STEP, **{name: spied(name) for name in LOOP_NAMES}))
     monkeypatch.setenv(loops.VARIABLE, "triton")
     monkeypatch.setenv(triton_loops.STEP_VARIABLE, "fused")
     return ran

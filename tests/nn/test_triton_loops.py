@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 from rnnreg.nn import loops
+from rnnreg.nn.loops.protocol import loops_by_name
 from rnnreg.nn.loops.python import PYTHON
 from rnnreg.nn.recurrence import recurrence
 from support import REPO_ROOT, SCRIPT_PATH
@@ -61,6 +63,14 @@ def assert_all_close(ours, theirs, **tol):
     assert len(ours) == len(theirs)
     for k, (a, b) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(a, b, **(tol or TOL), msg=lambda m, k=k: f"result {k}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(loops_by_name(PYTHON)))
+def test_engine_takes_the_python_twins_parameters(name):
+    """The engine's loops are called positionally by the recurrence: each takes the twin's
+    parameters in the twin's order (a drifted method would bind arguments to wrong names)."""
+    ours = inspect.signature(loops_by_name(triton_loops.LOOPS)[name]).parameters
+    assert list(ours) == list(inspect.signature(loops_by_name(PYTHON)[name]).parameters)
 
 
 def test_triton_setting_runs_the_interpreted_loops_on_cpu(monkeypatch):

@@ -39,10 +39,11 @@ from collections.abc import Mapping
 import torch
 
 from rnnreg.errors import RnnregError
+from rnnreg.nn.loops.protocol import Loops
 from rnnreg.nn.loops.python import PYTHON
 
 __all__ = ["CPP_LOOP", "PYTHON_LOOP", "SETTINGS", "TRITON_GRAPHS", "TRITON_LOOP", "VARIABLE",
-           "choose", "engine", "name", "requested"]
+           "Loops", "choose", "engine", "name", "requested"]
 
 # The environment variable that picks the loops, and its values.
 VARIABLE = "RNNREG_ENGINE"
@@ -65,11 +66,12 @@ def requested(environ: Mapping[str, str] | None = None) -> str:
     return value
 
 
-def choose(device, setting: str = "auto", dtype: torch.dtype = torch.float32):
+def choose(device: torch.device | str, setting: str = "auto",
+           dtype: torch.dtype = torch.float32) -> tuple[str, Loops]:
     """``(name, loops)``: the engine that runs the own recurrence for ``dtype`` tensors on
-    ``device`` under ``setting`` (a value of :data:`SETTINGS`), and its loops (the Python
-    twins' signatures). See the module's table; the Triton kernels compute in float32, so
-    float64 runs the Python loop wherever Triton would."""
+    ``device`` under ``setting`` (a value of :data:`SETTINGS`), and its loops (a
+    :class:`~rnnreg.nn.loops.protocol.Loops`). See the module's table; the Triton kernels
+    compute in float32, so float64 runs the Python loop wherever Triton would."""
     device = torch.device(device)
     if setting not in SETTINGS:
         raise ValueError(f"unknown loop engine setting {setting!r}; choose one of "
@@ -91,20 +93,20 @@ def choose(device, setting: str = "auto", dtype: torch.dtype = torch.float32):
     return PYTHON_LOOP, PYTHON
 
 
-def engine(tensor: torch.Tensor):
+def engine(tensor: torch.Tensor) -> Loops:
     """The loops the own recurrence runs for ``tensor`` (:func:`choose` for its device and the
     environment's setting)."""
     return choose(tensor.device, requested(), tensor.dtype)[1]
 
 
-def name(device, dtype: torch.dtype = torch.float32) -> str:
+def name(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
     """The name of the engine that runs the own recurrence for ``dtype`` tensors on ``device``
     under the environment's setting: :data:`CPP_LOOP`, :data:`TRITON_GRAPHS`,
     :data:`TRITON_LOOP` or :data:`PYTHON_LOOP`."""
     return choose(device, requested(), dtype)[0]
 
 
-def _cpp():
+def _cpp() -> Loops | None:
     """The C++ loops, or None where they do not build or fail their first-use check. While
     torch.compile traces, the answer already known (the build must not be traced)."""
     from rnnreg.nn.loops import cpp
@@ -114,7 +116,7 @@ def _cpp():
     return cpp.compiled()
 
 
-def _triton(device):
+def _triton(device: torch.device) -> tuple[str, Loops]:
     """The Triton loops, named for whether they replay CUDA graphs on ``device``."""
     try:
         from rnnreg.nn.loops import triton as triton_loops  # imports Triton
@@ -131,7 +133,7 @@ def _triton(device):
 
 
 @functools.cache
-def _warn_no_triton(reason):
+def _warn_no_triton(reason: str) -> None:
     warnings.warn(f"rnnreg's own recurrence runs its Python loops on CUDA tensors: Triton "
                   f"is not importable ({reason}); install it (torch's CUDA wheels ship it) or "
                   f"set {VARIABLE}=python to choose the Python loops", RuntimeWarning,

@@ -9,9 +9,13 @@ backward loops are plain arithmetic on their arguments, so random gate activatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from rnnreg.nn import products
+from rnnreg.nn.loops.protocol import Loops, loops_by_name
 from rnnreg.nn.loops.python import PYTHON
 
 __all__ = ["agrees_with_python"]
@@ -21,18 +25,20 @@ __all__ = ["agrees_with_python"]
 _STEPS, _BATCH, _HIDDEN = 3, 8, 3
 
 
-def agrees_with_python(candidate, device, *, rtol=1e-4, atol=1e-5):
+def agrees_with_python(candidate: Loops, device: torch.device, *, rtol: float = 1e-4,
+                       atol: float = 1e-5) -> None:
     """Raise RuntimeError unless every loop of ``candidate`` fills the same buffers and returns
     the same results as the Python twin, in float32 on ``device``."""
     gen = torch.Generator().manual_seed(0)
     onednn = (False, True) if device.type == "cpu" and products.onednn_works() else (False,)
+    ours_by_name, twins_by_name = loops_by_name(candidate), loops_by_name(PYTHON)
     for case in ("plain", "masked, lengths", "masked, zoneout"):
         for fast in onednn:
             for name, arguments in _arguments(gen, case, fast).items():
                 arguments = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                              for k, v in arguments.items()}
-                ours = _run(getattr(candidate, name), arguments)
-                twin = _run(getattr(PYTHON, name), arguments)
+                ours = _run(ours_by_name[name], arguments)
+                twin = _run(twins_by_name[name], arguments)
                 for a, b in zip(ours, twin):
                     if (a is None) != (b is None) or (
                             a is not None and not torch.allclose(a, b, rtol=rtol, atol=atol)):
@@ -40,7 +46,7 @@ def agrees_with_python(candidate, device, *, rtol=1e-4, atol=1e-5):
                                            f"oneDNN {'on' if fast else 'off'})")
 
 
-def _run(loop, arguments):
+def _run(loop: Callable, arguments: dict[str, Any]) -> list[torch.Tensor | None]:
     """The loop on copies of ``arguments``: every tensor argument after the call, then the
     results. oneDNN's packed weight is read only, and is not copied."""
     copies = {k: v.clone() if _dense(v) else v for k, v in arguments.items()}
@@ -49,11 +55,11 @@ def _run(loop, arguments):
     return [v for v in copies.values() if _dense(v)] + list(results)
 
 
-def _dense(value):
+def _dense(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.layout == torch.strided
 
 
-def _arguments(gen, case, onednn):
+def _arguments(gen: torch.Generator, case: str, onednn: bool) -> dict[str, dict[str, Any]]:
     """Each loop's arguments, by its twin's parameter names, for one case."""
     steps, batch, hidden = _STEPS, _BATCH, _HIDDEN
 

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import sys
-import types
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
+from torch import Tensor
 
 from rnnreg.nn.loops.check import agrees_with_python
-from rnnreg.nn.loops.python import PYTHON
+from rnnreg.nn.loops.protocol import Loops
 
-__all__ = ["answered", "compiled"]
+__all__ = ["CppLoops", "answered", "compiled"]
 
 _SOURCE = Path(__file__).with_name("_loops.cpp")
 # The build is named after its source's hash: checkouts of different versions on one machine
@@ -47,7 +47,7 @@ _FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", "
 
 
 @functools.cache
-def compiled():
+def compiled() -> Loops | None:
     """The C++ loops, built once per machine (under a minute here) and cached by torch, as an
     engine calling the ops ``torch.ops.rnnreg.*`` by keyword.
 
@@ -60,16 +60,16 @@ def compiled():
     return native
 
 
-def answered():
+def answered() -> Loops | None:
     """What :func:`compiled` last returned, without building (None before its first call):
     for torch.compile, which must not trace the build and cannot read the cache's state."""
     return _answer[0] if _answer else None
 
 
-_answer: list = []
+_answer: list[Loops | None] = []
 
 
-def _build_and_check():
+def _build_and_check() -> Loops | None:
     from torch.utils import cpp_extension
 
     if not _already_built(cpp_extension):
@@ -80,7 +80,7 @@ def _build_and_check():
         # file again is a no-op).
         cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
         _register_fakes()
-        native = _native_engine()
+        native = CppLoops()
     except Exception as error:  # any build failure leaves the Python loops, which always work
         warnings.warn(f"rnnreg could not compile its C++ loops, so its own recurrence runs "
                       f"the slower Python loops ({type(error).__name__}: {error}). Set "
@@ -100,7 +100,7 @@ def _build_and_check():
 
 
 @functools.cache
-def _register_fakes():
+def _register_fakes() -> None:
     """Fake (meta) kernels, so that torch.compile can trace the ops without running them: the
     forward loops only fill their buffers, the backward loops return fresh ``(B, H)``s."""
     def fills_buffers(*args, **kwargs):
@@ -120,28 +120,68 @@ def _register_fakes():
             lambda d_out, d_h, *args: torch.empty_like(d_h, memory_format=torch.contiguous_format))
 
 
-def _native_engine():
-    """The ops as an engine with the Python twins' signatures, each called by keyword."""
-    return types.SimpleNamespace(**{name: _by_keyword(getattr(PYTHON, name), name)
-                                    for name in vars(PYTHON)})
+class CppLoops:
+    """The ops ``torch.ops.rnnreg.*`` as an engine (:class:`~rnnreg.nn.loops.protocol.Loops`).
+
+    Each op's schema names its arguments as the Python twin names its parameters; every call
+    passes them by keyword, so a schema that drifted from its twin fails loudly (at the
+    first-use check) instead of binding an argument to the wrong parameter. The backward ops
+    always return tensors; where ``need_first`` is False the twins return None, and so does
+    this engine.
+    """
+
+    def lstm_forward(self, projected: Tensor, w_hh: Tensor, packed: Tensor | None,
+                     mask: Tensor | None, valid: Tensor | None, zone_h: Tensor | None,
+                     zone_c: Tensor | None, acts: Tensor, cs: Tensor, tanh_c: Tensor, hs: Tensor,
+                     h_in: Tensor | None) -> None:
+        torch.ops.rnnreg.lstm_forward(
+            projected=projected, w_hh=w_hh, packed=packed, mask=mask, valid=valid,
+            zone_h=zone_h, zone_c=zone_c, acts=acts, cs=cs, tanh_c=tanh_c, hs=hs, h_in=h_in)
+
+    def lstm_backward(self, d_out: Tensor, d_h: Tensor, d_c: Tensor, acts: Tensor, cs: Tensor,
+                      tanh_c: Tensor, valid: Tensor | None, w_hh: Tensor, onednn: bool,
+                      mask: Tensor | None, passthrough: Tensor | None, zone_h: Tensor | None,
+                      zone_c: Tensor | None, need_first: bool, d_gates: Tensor,
+                      d_hin: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        dh, dc = torch.ops.rnnreg.lstm_backward(
+            d_out=d_out, d_h=d_h, d_c=d_c, acts=acts, cs=cs, tanh_c=tanh_c, valid=valid,
+            w_hh=w_hh, onednn=onednn, mask=mask, passthrough=passthrough, zone_h=zone_h,
+            zone_c=zone_c, need_first=need_first, d_gates=d_gates, d_hin=d_hin)
+        return (dh, dc) if need_first else (None, None)
+
+    def gru_forward(self, projected: Tensor, w_hh: Tensor, b_hh: Tensor | None,
+                    packed: Tensor | None, mask: Tensor | None, valid: Tensor | None,
+                    zone: Tensor | None, rec: Tensor, rz: Tensor, n: Tensor, hs: Tensor,
+                    h_in: Tensor | None) -> None:
+        torch.ops.rnnreg.gru_forward(
+            projected=projected, w_hh=w_hh, b_hh=b_hh, packed=packed, mask=mask, valid=valid,
+            zone=zone, rec=rec, rz=rz, n=n, hs=hs, h_in=h_in)
+
+    def gru_backward(self, d_out: Tensor, d_h: Tensor, coef: Tensor, keep_h: Tensor | None,
+                     w_hh: Tensor, onednn: bool, mask: Tensor | None, need_first: bool,
+                     d_rec: Tensor, d_hs: Tensor, d_hin: Tensor) -> Tensor | None:
+        first = torch.ops.rnnreg.gru_backward(
+            d_out=d_out, d_h=d_h, coef=coef, keep_h=keep_h, w_hh=w_hh, onednn=onednn, mask=mask,
+            need_first=need_first, d_rec=d_rec, d_hs=d_hs, d_hin=d_hin)
+        return first if need_first else None
+
+    def elman_forward(self, projected: Tensor, w_hh: Tensor, packed: Tensor | None,
+                      mask: Tensor | None, valid: Tensor | None, relu: bool, zone: Tensor | None,
+                      candidates: Tensor | None, hs: Tensor, h_in: Tensor | None) -> None:
+        torch.ops.rnnreg.elman_forward(
+            projected=projected, w_hh=w_hh, packed=packed, mask=mask, valid=valid, relu=relu,
+            zone=zone, candidates=candidates, hs=hs, h_in=h_in)
+
+    def elman_backward(self, d_out: Tensor, d_h: Tensor, slope: Tensor, w_hh: Tensor, onednn: bool,
+                       mask: Tensor | None, passthrough: Tensor | None, need_first: bool,
+                       d_pre: Tensor, d_hin: Tensor) -> Tensor | None:
+        first = torch.ops.rnnreg.elman_backward(
+            d_out=d_out, d_h=d_h, slope=slope, w_hh=w_hh, onednn=onednn, mask=mask,
+            passthrough=passthrough, need_first=need_first, d_pre=d_pre, d_hin=d_hin)
+        return first if need_first else None
 
 
-def _by_keyword(twin, name):
-    op = getattr(torch.ops.rnnreg, name)
-    names = tuple(inspect.signature(twin).parameters)
-
-    def call(*args):
-        arguments = dict(zip(names, args, strict=True))
-        result = op(**arguments)
-        if arguments.get("need_first") is False:  # the twins return None(s) there
-            return (None, None) if isinstance(result, tuple | list) else None
-        return result
-
-    call.__name__ = name
-    return call
-
-
-def _already_built(cpp_extension):
+def _already_built(cpp_extension: ModuleType) -> bool:
     """Whether torch's extension cache holds a build (only decides whether to announce one)."""
     try:
         directory = Path(cpp_extension._get_build_directory(_NAME, verbose=False))

@@ -11,17 +11,20 @@ loops themselves.
 
 from __future__ import annotations
 
-import types
+from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
+from rnnreg.nn.loops.protocol import Loops
 from rnnreg.nn.products import product_backward, product_forward
 
-__all__ = ["PYTHON", "stop_at_lengths"]
+__all__ = ["PYTHON", "PythonLoops", "stop_at_lengths"]
 
 
-def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs, tanh_c, hs,
-                 h_in):
+def lstm_forward(projected: Tensor, w_hh: Tensor, packed: Tensor | None, mask: Tensor | None,
+                 valid: Tensor | None, zone_h: Tensor | None, zone_c: Tensor | None, acts: Tensor,
+                 cs: Tensor, tanh_c: Tensor, hs: Tensor, h_in: Tensor | None) -> None:
     steps, batch, gates = projected.shape
     hidden = gates // 4
     pre = projected.new_empty(batch, gates)
@@ -49,8 +52,11 @@ def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs,
             torch.where(valid[t], h_new, h, out=h_new)
 
 
-def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, passthrough,
-                  zone_h, zone_c, need_first, d_gates, d_hin):
+def lstm_backward(d_out: Tensor, d_h: Tensor, d_c: Tensor, acts: Tensor, cs: Tensor,
+                  tanh_c: Tensor, valid: Tensor | None, w_hh: Tensor, onednn: bool,
+                  mask: Tensor | None, passthrough: Tensor | None, zone_h: Tensor | None,
+                  zone_c: Tensor | None, need_first: bool, d_gates: Tensor,
+                  d_hin: Tensor) -> tuple[Tensor | None, Tensor | None]:
     steps, batch, gates = d_gates.shape
     hidden = gates // 4
     # The gate-derivative coefficients of every step at once (equations in recurrence._LSTM).
@@ -91,7 +97,9 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     return dh, dc
 
 
-def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
+def gru_forward(projected: Tensor, w_hh: Tensor, b_hh: Tensor | None, packed: Tensor | None,
+                mask: Tensor | None, valid: Tensor | None, zone: Tensor | None, rec: Tensor,
+                rz: Tensor, n: Tensor, hs: Tensor, h_in: Tensor | None) -> None:
     steps = projected.size(0)
     hidden = projected.size(2) // 3
     p_rz, p_n = (s.unbind(0) for s in projected.split([2 * hidden, hidden], 2))
@@ -111,7 +119,9 @@ def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs
             torch.where(valid[t], h_new, h, out=h_new)
 
 
-def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec, d_hs, d_hin):
+def gru_backward(d_out: Tensor, d_h: Tensor, coef: Tensor, keep_h: Tensor | None, w_hh: Tensor,
+                 onednn: bool, mask: Tensor | None, need_first: bool, d_rec: Tensor, d_hs: Tensor,
+                 d_hin: Tensor) -> Tensor | None:
     steps, batch, gates = d_rec.shape
     d_rec_split = d_rec.view(steps, batch, 3, gates // 3)
     masks = _per_step(mask, steps)
@@ -128,7 +138,9 @@ def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec
     return prev
 
 
-def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
+def elman_forward(projected: Tensor, w_hh: Tensor, packed: Tensor | None, mask: Tensor | None,
+                  valid: Tensor | None, relu: bool, zone: Tensor | None, candidates: Tensor | None,
+                  hs: Tensor, h_in: Tensor | None) -> None:
     steps = projected.size(0)
     p, masks, keep = projected.unbind(0), _per_step(mask, steps), _per_step(zone, steps)
     for t in range(steps):
@@ -146,8 +158,9 @@ def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, 
             torch.where(valid[t], h_new, h, out=h_new)
 
 
-def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_first, d_pre,
-                   d_hin):
+def elman_backward(d_out: Tensor, d_h: Tensor, slope: Tensor, w_hh: Tensor, onednn: bool,
+                   mask: Tensor | None, passthrough: Tensor | None, need_first: bool, d_pre: Tensor,
+                   d_hin: Tensor) -> Tensor | None:
     steps = d_pre.size(0)
     masks = _per_step(mask, steps)
     dh = d_out[-1] + d_h
@@ -160,12 +173,22 @@ def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_firs
     return dh
 
 
-PYTHON = types.SimpleNamespace(
-    lstm_forward=lstm_forward, lstm_backward=lstm_backward, gru_forward=gru_forward,
-    gru_backward=gru_backward, elman_forward=elman_forward, elman_backward=elman_backward)
+class PythonLoops:
+    """The Python twins as an engine (:class:`~rnnreg.nn.loops.protocol.Loops`)."""
+
+    lstm_forward = staticmethod(lstm_forward)
+    lstm_backward = staticmethod(lstm_backward)
+    gru_forward = staticmethod(gru_forward)
+    gru_backward = staticmethod(gru_backward)
+    elman_forward = staticmethod(elman_forward)
+    elman_backward = staticmethod(elman_backward)
 
 
-def stop_at_lengths(valid, coef, to_state, keep):
+PYTHON: Loops = PythonLoops()
+
+
+def stop_at_lengths(valid: Tensor | None, coef: Tensor, to_state: Tensor,
+                    keep: Tensor) -> Tensor:
     """Make every step past a sequence's length the identity in the backward pass.
 
     Zeroes (in place) the gate coefficients ``coef (T, B, G, H)`` and the path into the new
@@ -180,7 +203,7 @@ def stop_at_lengths(valid, coef, to_state, keep):
     return torch.where(valid, keep, 1)
 
 
-def _per_step(mask, steps):
+def _per_step(mask: Tensor | None, steps: int) -> Sequence[Tensor | None]:
     """The mask (or zoneout factor) each step uses: row t of a fresh ``(T, B, H)`` one, or the
     one per-sequence ``(1, B, H)`` at every step; a list of None when there is none."""
     if mask is None:
@@ -188,7 +211,9 @@ def _per_step(mask, steps):
     return mask.unbind(0) if mask.size(0) > 1 else [mask[0]] * steps
 
 
-def _previous(d_out, d_hin, masks, t, dh=None, passthrough=None, out=None):
+def _previous(d_out: Tensor, d_hin: Tensor, masks: Sequence[Tensor | None], t: int,
+              dh: Tensor | None = None, passthrough: Tensor | None = None,
+              out: Tensor | None = None) -> Tensor:
     """dL/dh(t-1) from step t: through the masked recurrent product, plus the gradient of
     output t-1, plus (where the sequence has ended) dL/dh(t) copied through the frozen state."""
     m = masks[t]

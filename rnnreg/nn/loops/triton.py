@@ -47,16 +47,21 @@ import contextlib
 import inspect
 import os
 import threading
-import types
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from rnnreg.errors import RnnregError
 from rnnreg.nn.loops import triton_fused
+from rnnreg.nn.loops.protocol import Loops
 from rnnreg.nn.loops.triton_common import (
+    LoopRecord,
+    StepLaunchers,
     _load,
     _or,
     _product_input,
@@ -65,7 +70,8 @@ from rnnreg.nn.loops.triton_common import (
     _tanh,
 )
 
-__all__ = ["GraphCache", "LOOPS", "STEP_VARIABLE", "interpreted", "launch_geometry",
+__all__ = ["GraphCache", "LOOPS", "STEP_VARIABLE", "TritonLoops", "interpreted",
+           "launch_geometry",
            "precision", "step_kind"]
 
 # The environment variable that picks how one step is launched (:func:`step_kind`).
@@ -73,7 +79,7 @@ STEP_VARIABLE = "RNNREG_TRITON_STEP"
 STEP_KINDS = ("split", "fused")
 
 
-def interpreted():
+def interpreted() -> bool:
     """Whether this module's kernels (and the one-kernel step's, imported with them) run in
     Triton's interpreter: decided when the module was imported, by ``TRITON_INTERPRET=1``
     then."""
@@ -97,7 +103,7 @@ _precision_users = [0, None]  # loops running, and the matmul setting they found
 
 
 @contextlib.contextmanager
-def _products_at(value):
+def _products_at(value: str) -> Iterator[None]:
     """cuBLAS's float32 matmul precision set to ``value`` while a loop runs (and while it is
     captured: a graph keeps the setting it was captured with), then restored. Set and read
     through the same (new) API, so that neither torch's legacy getters nor its new ones see a
@@ -126,7 +132,7 @@ def _products_at(value):
                 matmul.fp32_precision = _precision_users[1]
 
 
-def launch_geometry(batch, hidden, gates):
+def launch_geometry(batch: int, hidden: int, gates: int) -> tuple[tuple[int], int, int]:
     """``(grid, BLOCK, num_warps)`` for one step's elementwise kernel over the ``(B, H)``
     state.
 
@@ -145,7 +151,7 @@ def launch_geometry(batch, hidden, gates):
     return (triton.cdiv(n, block),), block, block // 128
 
 
-def step_kind(environ=None) -> str:
+def step_kind(environ: Mapping[str, str] | None = None) -> str:
     """How each step is launched, from ``RNNREG_TRITON_STEP`` in ``environ`` (default
     ``os.environ``): ``split`` (default; a cuBLAS product, then one elementwise kernel) or
     ``fused`` (one kernel per step, :mod:`rnnreg.nn.loops.triton_fused`); anything else is an
@@ -358,7 +364,8 @@ def _carry_backward_step(dh, d_hs, d_out, d_hin, mask, keep, coef, d_pre, t, n, 
         tl.store(d_pre + at, d_h * _load(coef, at, live), mask=live)
 
 
-def _factor(tensor, steps, batch, hidden):
+def _factor(tensor: Tensor | None, steps: int, batch: int,
+            hidden: int) -> tuple[Tensor | None, int]:
     """``(buffer, step)``: a ``(T|1, B, H|1)`` factor (a mask, zoneout's keep factors, a
     pass-through) as a contiguous ``(T|1, B, H)`` buffer the kernels index by step, and the
     elements between its steps (0 where one row serves every step); ``(None, 0)`` without a
@@ -370,25 +377,27 @@ def _factor(tensor, steps, batch, hidden):
     return tensor.expand(steps, batch, hidden).contiguous(), batch * hidden
 
 
-def _flags(valid):
+def _flags(valid: Tensor | None) -> Tensor | None:
     """``valid (T, B, 1)`` as bytes the kernels read per row, or None."""
     return None if valid is None else valid.contiguous().view(torch.uint8)
 
 
-def _loop(step, steps, batch, hidden, gates, stand_in, *, w_hh, mask=None, zone_h=None,
-          zone_c=None, valid=None, **tensors):
+def _loop(step: StepLaunchers, steps: int, batch: int, hidden: int, gates: int,
+          stand_in: Tensor, *, w_hh: Tensor, mask: Tensor | None = None,
+          zone_h: Tensor | None = None, zone_c: Tensor | None = None,
+          valid: Tensor | None = None, **tensors: Any) -> LoopRecord:
     """What every step of one loop reads: its tensors (None ones replaced by ``stand_in`` for
     the kernels' pointer arguments, their presence kept as flags; W_hh contiguous), factors
     with their step strides (``zone_h``: in the GRU's and Elman backward, the factor that
     passes dL/dh(t) to h(t-1)), the precision of the float32 products (:func:`precision`, for
     the one-kernel step's ``tl.dot``; cuBLAS's is set around the whole loop) and the launch
-    geometry of ``step``'s kernels (a :func:`_step_launchers` namespace)."""
+    geometry of ``step``'s kernels (the ``StepLaunchers`` of :func:`_step_launchers`)."""
     mask, mask_step = _factor(mask, steps, batch, hidden)
     zone_h, zone_h_step = _factor(zone_h, steps, batch, hidden)
     zone_c, zone_c_step = _factor(zone_c, steps, batch, hidden)
     flags = _flags(valid)
     w_hh = w_hh.contiguous()  # the parameter itself, as a rule: a replay reads it in place
-    return types.SimpleNamespace(
+    return LoopRecord(
         steps=steps, batch=batch, n=batch * hidden, hidden=hidden, gates=gates, w_hh=w_hh,
         precision=precision(), geometry=step.geometry(batch, hidden, gates, w_hh),
         masked=mask is not None, zoned=zone_h is not None, limited=flags is not None,
@@ -397,7 +406,7 @@ def _loop(step, steps, batch, hidden, gates, stand_in, *, w_hh, mask=None, zone_
         valid=_or(flags, stand_in), **tensors)
 
 
-def _forward_product(a, t, out):
+def _forward_product(a: LoopRecord, t: int, out: Tensor) -> None:
     """Step t's recurrent product ``W_hh (m * h(t-1)) (+ b_hh)`` into ``out``."""
     state = _product_input(a, t)[t]
     if a.b_hh is None:
@@ -409,7 +418,7 @@ def _forward_product(a, t, out):
 # --- one step of each loop, split: a cuBLAS product and one elementwise kernel ---------------
 
 
-def _split_lstm_forward(a, t):
+def _split_lstm_forward(a: LoopRecord, t: int) -> None:
     _forward_product(a, t, a.rec)
     grid, block, warps = a.geometry
     _lstm_forward_step[grid](
@@ -419,7 +428,7 @@ def _split_lstm_forward(a, t):
         BLOCK=block, num_warps=warps)
 
 
-def _split_gru_forward(a, t):
+def _split_gru_forward(a: LoopRecord, t: int) -> None:
     _forward_product(a, t, a.rec[t])
     grid, block, warps = a.geometry
     _gru_forward_step[grid](
@@ -429,7 +438,7 @@ def _split_gru_forward(a, t):
         num_warps=warps)
 
 
-def _split_elman_forward(a, t):
+def _split_elman_forward(a: LoopRecord, t: int) -> None:
     _forward_product(a, t, a.rec)
     grid, block, warps = a.geometry
     _elman_forward_step[grid](
@@ -439,7 +448,7 @@ def _split_elman_forward(a, t):
         BLOCK=block, num_warps=warps)
 
 
-def _split_lstm_backward(a, t):
+def _split_lstm_backward(a: LoopRecord, t: int) -> None:
     grid, block, warps = a.geometry
     _lstm_backward_step[grid](
         a.dh, a.dc, a.d_out, a.d_hin, a.mask, a.zone_h, a.zone_c, a.valid, a.acts, a.cs,
@@ -450,7 +459,7 @@ def _split_lstm_backward(a, t):
         torch.mm(a.d_gates[t], a.w_hh, out=a.d_hin[t])
 
 
-def _split_carry_backward(a, t):
+def _split_carry_backward(a: LoopRecord, t: int) -> None:
     grid, block, warps = a.geometry
     _carry_backward_step[grid](
         a.dh, _or(a.d_hs, a.dh), a.d_out, a.d_hin, a.mask, a.zone_h, a.coef, a.d_pre, t, a.n,
@@ -461,30 +470,31 @@ def _split_carry_backward(a, t):
         torch.mm(a.d_pre[t], a.w_hh, out=a.d_hin[t])
 
 
-def _split_geometry(batch, hidden, gates, w_hh):
+def _split_geometry(batch: int, hidden: int, gates: int,
+                    w_hh: Tensor) -> tuple[tuple[int], int, int]:
     return launch_geometry(batch, hidden, gates)
 
 
-_SPLIT = types.SimpleNamespace(
+_SPLIT = StepLaunchers(
     geometry=_split_geometry, lstm_forward=_split_lstm_forward, gru_forward=_split_gru_forward,
     elman_forward=_split_elman_forward, lstm_backward=_split_lstm_backward,
     gru_backward=_split_carry_backward, elman_backward=_split_carry_backward)
 
 
-def _step_launchers():
+def _step_launchers() -> StepLaunchers:
     """How each step of a loop is launched, for the kind :func:`step_kind` names: the one
-    place where the step is chosen. A namespace of ``geometry(batch, hidden, gates, w_hh)``
-    (what the kernels' launches need besides the tensors, once per loop) and, per loop, a
-    function ``(a, t) -> None`` launching step t, with ``a`` the loop's :func:`_loop` record:
-    the two-kernel step here, or the one-kernel step of :mod:`rnnreg.nn.loops.triton_fused`."""
+    place where the step is chosen: the two-kernel step here, or the one-kernel step of
+    :mod:`rnnreg.nn.loops.triton_fused` (each a ``StepLaunchers``, whose launches take the
+    loop's :func:`_loop` record)."""
     return triton_fused.STEP if step_kind() == "fused" else _SPLIT
 
 
 # --- the loops: the Python twins' signatures --------------------------------------------------
 
 
-def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs, tanh_c, hs,
-                 h_in):
+def lstm_forward(projected: Tensor, w_hh: Tensor, packed: Tensor | None, mask: Tensor | None,
+                 valid: Tensor | None, zone_h: Tensor | None, zone_c: Tensor | None, acts: Tensor,
+                 cs: Tensor, tanh_c: Tensor, hs: Tensor, h_in: Tensor | None) -> None:
     steps, batch, gates = projected.shape
     step = _step_launchers()
     a = _loop(step, steps, batch, gates // 4, 4, hs, mask=mask, zone_h=zone_h, zone_c=zone_c,
@@ -495,8 +505,11 @@ def lstm_forward(projected, w_hh, packed, mask, valid, zone_h, zone_c, acts, cs,
         step.lstm_forward(a, t)
 
 
-def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, passthrough,
-                  zone_h, zone_c, need_first, d_gates, d_hin):
+def lstm_backward(d_out: Tensor, d_h: Tensor, d_c: Tensor, acts: Tensor, cs: Tensor,
+                  tanh_c: Tensor, valid: Tensor | None, w_hh: Tensor, onednn: bool,
+                  mask: Tensor | None, passthrough: Tensor | None, zone_h: Tensor | None,
+                  zone_c: Tensor | None, need_first: bool, d_gates: Tensor,
+                  d_hin: Tensor) -> tuple[Tensor | None, Tensor | None]:
     # ``passthrough`` is 1 - valid: the kernel reads ``valid`` itself.
     steps, batch, gates = d_gates.shape
     dh, dc = _carried(d_h), _carried(d_c)
@@ -514,25 +527,28 @@ def lstm_backward(d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh, onednn, mask, 
     return first.to(d_h.dtype), dc.to(d_c.dtype)
 
 
-def _carried(grad):
+def _carried(grad: Tensor) -> Tensor:
     """A fresh float32 copy of a ``(B, H)`` gradient, carried between steps and updated in
     place (never the caller's tensor)."""
     return torch.empty(grad.shape, dtype=torch.float32, device=grad.device).copy_(grad)
 
 
-def _ended(flags):
+def _ended(flags: Tensor | None) -> Tensor | None:
     """1 where a sequence has ended before step 0 (has no steps), else 0: the factor that
     carries dL/dh(0) to h(0) unchanged; None without lengths."""
     return None if flags is None else (flags[0] == 0).float()
 
 
-def _first_state_grad(d_hin, mask, dh, keep):
+def _first_state_grad(d_hin: Tensor, mask: Tensor | None, dh: Tensor,
+                      keep: Tensor | None) -> Tensor:
     """dL/dh(0): through step 0's masked product, plus what passed h(0) through unchanged."""
     first = _carried(d_hin[0]) if mask is None else d_hin[0] * mask.float()
     return first if keep is None else first.addcmul_(keep.float(), dh)
 
 
-def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs, h_in):
+def gru_forward(projected: Tensor, w_hh: Tensor, b_hh: Tensor | None, packed: Tensor | None,
+                mask: Tensor | None, valid: Tensor | None, zone: Tensor | None, rec: Tensor,
+                rz: Tensor, n: Tensor, hs: Tensor, h_in: Tensor | None) -> None:
     steps, batch, gates = projected.shape
     step = _step_launchers()
     a = _loop(step, steps, batch, gates // 3, 3, hs, mask=mask, zone_h=zone, valid=valid,
@@ -542,7 +558,9 @@ def gru_forward(projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n, hs
         step.gru_forward(a, t)
 
 
-def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec, d_hs, d_hin):
+def gru_backward(d_out: Tensor, d_h: Tensor, coef: Tensor, keep_h: Tensor | None, w_hh: Tensor,
+                 onednn: bool, mask: Tensor | None, need_first: bool, d_rec: Tensor, d_hs: Tensor,
+                 d_hin: Tensor) -> Tensor | None:
     steps, batch, gates = d_rec.shape
     dh = _carried(d_h)
     step = _step_launchers()
@@ -557,7 +575,9 @@ def gru_backward(d_out, d_h, coef, keep_h, w_hh, onednn, mask, need_first, d_rec
     return _first_state_grad(d_hin, a.mask[0] if a.masked else None, dh, keep).to(d_hs.dtype)
 
 
-def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, hs, h_in):
+def elman_forward(projected: Tensor, w_hh: Tensor, packed: Tensor | None, mask: Tensor | None,
+                  valid: Tensor | None, relu: bool, zone: Tensor | None, candidates: Tensor | None,
+                  hs: Tensor, h_in: Tensor | None) -> None:
     steps, batch, hidden = projected.shape
     step = _step_launchers()
     a = _loop(step, steps, batch, hidden, 1, hs, mask=mask, zone_h=zone, valid=valid,
@@ -568,8 +588,9 @@ def elman_forward(projected, w_hh, packed, mask, valid, relu, zone, candidates, 
         step.elman_forward(a, t)
 
 
-def elman_backward(d_out, d_h, slope, w_hh, onednn, mask, passthrough, need_first, d_pre,
-                   d_hin):
+def elman_backward(d_out: Tensor, d_h: Tensor, slope: Tensor, w_hh: Tensor, onednn: bool,
+                   mask: Tensor | None, passthrough: Tensor | None, need_first: bool, d_pre: Tensor,
+                   d_hin: Tensor) -> Tensor | None:
     steps, batch, hidden = d_pre.shape
     dh = _carried(d_h)
     step = _step_launchers()
@@ -628,7 +649,7 @@ class GraphCache:
     replicas), and a replay on another stream than the entry's last first waits for that one.
     """
 
-    def __init__(self, size=16, enabled=True, per_key=4):
+    def __init__(self, size: int = 16, enabled: bool = True, per_key: int = 4) -> None:
         self.size = size
         self.per_key = per_key
         self.enabled = enabled
@@ -638,15 +659,15 @@ class GraphCache:
         self.captures = 0  # graphs captured so far (replays of cached ones are not counted)
         self._lock = threading.Lock()
 
-    def usable(self, device):
+    def usable(self, device: torch.device | str) -> bool:
         """Whether loops on ``device`` would run as graph replays (from a key's second call)."""
         return self.enabled and _capturable(device)
 
-    def graphs(self):
+    def graphs(self) -> int:
         """How many graphs are kept."""
         return sum(len(entries) for entries in self.entries.values())
 
-    def run(self, name, loop, args):
+    def run(self, name: str, loop: Callable, args: tuple) -> Any:
         """``loop(*args)`` as a graph replay where :meth:`usable`, else plainly; on the
         arguments' device, which need not be the current one (Triton launches its kernels,
         and torch captures graphs, on the current device)."""
@@ -659,7 +680,8 @@ class GraphCache:
                     return result
             return loop(*args)  # outside the lock: other threads' replays need not wait
 
-    def _run(self, name, loop, args, device):
+    def _run(self, name: str, loop: Callable, args: tuple,
+             device: torch.device) -> tuple[bool, Any]:
         """``(True, result)`` after a replay (of a graph recorded now, maybe), ``(False,
         None)`` where the caller launches the steps plainly."""
         owned = self._owned()
@@ -699,26 +721,26 @@ class GraphCache:
                 del self.entries[oldest]
         return True, entry.replay(args)
 
-    def _owned(self):
+    def _owned(self) -> set[int]:
         """The storages of every kept entry's filled buffers, by address."""
         return {p for entries in self.entries.values() for e in entries for p in e.filled_at}
 
 
-def _device_of(args):
+def _device_of(args: Sequence[object]) -> torch.device:
     return next(a.device for a in args if isinstance(a, torch.Tensor))
 
 
-def _on(device):
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
     """The device guard: Triton launches on the current device, torch captures there."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _capturable(device):
+def _capturable(device: torch.device | str) -> bool:
     """Whether loops on ``device`` can be captured at all: CUDA, with compiled kernels."""
     return torch.device(device).type == "cuda" and not interpreted()
 
 
-def _settings():
+def _settings() -> tuple[str, bool, bool]:
     """What a replay keeps from its capture besides shapes: the recurrent products' float32
     precision and cuBLAS's reduced-precision reductions (neither getter raises under torch's
     legacy or new precision API)."""
@@ -727,7 +749,7 @@ def _settings():
             matmul.allow_fp16_reduced_precision_reduction)
 
 
-def _stays_put(arg, owned):
+def _stays_put(arg: object, owned: set[int]) -> bool:
     """Whether a replay reads ``arg`` where it is instead of a static copy: a parameter, or a
     buffer a kept entry filled."""
     if not isinstance(arg, torch.Tensor):
@@ -735,14 +757,14 @@ def _stays_put(arg, owned):
     return isinstance(arg, torch.nn.Parameter) or arg.untyped_storage().data_ptr() in owned
 
 
-def _signature(arg, stays_put=False):
+def _signature(arg: object, stays_put: bool = False) -> object:
     if isinstance(arg, torch.Tensor):
         where = arg.data_ptr() if stays_put else None
         return (tuple(arg.shape), tuple(arg.stride()), arg.dtype, where)
     return arg
 
 
-def _elsewhere(tensor):
+def _elsewhere(tensor: Tensor) -> bool:
     """Whether anything besides ``tensor`` itself holds its storage (a tensor sharing it, a
     view, autograd's saved copy of it)."""
     storage = tensor.untyped_storage()
@@ -757,7 +779,8 @@ class _Captured:
     (:func:`_cuda_graph`).
     """
 
-    def __init__(self, name, loop, args, shared, device, record=None):
+    def __init__(self, name: str, loop: Callable, args: tuple, shared: Sequence[bool],
+                 device: torch.device, record: Callable | None = None) -> None:
         self.names = _LOOP_PARAMETERS[name]
         self.filled = _FILLED[name]
         # Ordinary tensors even when the first call comes under inference_mode, so that later
@@ -779,11 +802,11 @@ class _Captured:
         self.filled_at = {a.untyped_storage().data_ptr() for _, a in self.mine}
         self.stream = None
 
-    def idle(self):
+    def idle(self) -> bool:
         """Whether no one outside holds the buffers the last replay filled."""
         return not any(_elsewhere(a) for _, a in self.mine)
 
-    def replay(self, args):
+    def replay(self, args: tuple) -> Any:
         """``loop(*args)`` by replay: the changing inputs copied in; the caller's filled
         buffers then share the static ones; returned gradients cloned."""
         self._follow_stream(args)
@@ -803,10 +826,10 @@ class _Captured:
             return tuple(None if r is None else r.clone() for r in self.result)
         return None if self.result is None else self.result.clone()
 
-    def _unbind(self):
+    def _unbind(self) -> None:
         self.bound = [None if s else b for s, b in zip(self.shared, self.bound)]
 
-    def _follow_stream(self, args):
+    def _follow_stream(self, args: tuple) -> None:
         """A replay on another stream than the last one waits for it: the static buffers it
         wrote (and the inputs it read) are then safe to reuse."""
         device = _device_of(args)
@@ -822,7 +845,7 @@ _CAPTURE_STREAMS = {}
 _STREAMS_LOCK = threading.Lock()
 
 
-def _capture_stream(device):
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for warm-up and capture, made on that device: the stream
     ``torch.cuda.graph`` would otherwise use is made once, on the device current at the
     process's first capture, for every later one."""
@@ -833,7 +856,7 @@ def _capture_stream(device):
         return stream
 
 
-def _cuda_graph(run, device):
+def _cuda_graph(run: Callable, device: torch.device) -> tuple[Callable, Any]:
     """``run()`` captured as a CUDA graph on ``device``: ``(graph.replay, the tensors run()
     returned)``."""
     side = _capture_stream(device)
@@ -857,11 +880,14 @@ def _cuda_graph(run, device):
     return graph.replay, result
 
 
-_STEPS = types.SimpleNamespace(
-    lstm_forward=lstm_forward, lstm_backward=lstm_backward, gru_forward=gru_forward,
-    gru_backward=gru_backward, elman_forward=elman_forward, elman_backward=elman_backward)
+# The loops launched step by step, by name: what a graph records and the operators run.
+_STEP_LOOPS: dict[str, Callable] = {
+    "lstm_forward": lstm_forward, "lstm_backward": lstm_backward, "gru_forward": gru_forward,
+    "gru_backward": gru_backward, "elman_forward": elman_forward,
+    "elman_backward": elman_backward}
+# Each loop's parameter names: a captured graph copies its arguments in and out by name.
 _LOOP_PARAMETERS = {name: tuple(inspect.signature(fn).parameters)
-                    for name, fn in vars(_STEPS).items()}
+                    for name, fn in _STEP_LOOPS.items()}
 
 GRAPHS = GraphCache()
 
@@ -869,10 +895,10 @@ GRAPHS = GraphCache()
 # --- the engine and its custom operators ------------------------------------------------------
 
 
-def _plainly(name):
+def _plainly(name: str) -> Callable:
     """Loop ``name`` launched step by step, on its tensors' device and at the products'
     precision: what the custom operators run."""
-    loop = getattr(_STEPS, name)
+    loop = _STEP_LOOPS[name]
 
     def run(*args):
         with _on(_device_of(args)), _products_at(precision()):
@@ -881,7 +907,6 @@ def _plainly(name):
     return run
 
 
-Tensor = torch.Tensor
 _OPTIONAL = Tensor | None
 
 
@@ -933,7 +958,7 @@ def _elman_backward_op(d_out: Tensor, d_h: Tensor, slope: Tensor, w_hh: Tensor, 
     return _or(first, torch.zeros_like(d_h))
 
 
-def _register(name, implementation):
+def _register(name: str, implementation: Callable) -> Callable:
     """Loop ``name`` as the operator ``torch.ops.rnnreg_triton.<name>``, which mutates the
     buffers the loop fills; a backward returns fresh ``(B, H)``s (zeros where the caller
     asked for none), so its fake kernel needs no data."""
@@ -955,25 +980,64 @@ _OPS = {name: _register(name, fn) for name, fn in (
     ("elman_forward", _elman_forward_op), ("elman_backward", _elman_backward_op))}
 
 
-def _engine_loop(name):
-    loop = getattr(_STEPS, name)
-    op = _OPS[name]
-    need_first = _LOOP_PARAMETERS[name].index("need_first") if "backward" in name else None
-
-    def call(*args):
-        if not torch.compiler.is_compiling():
-            return GRAPHS.run(name, loop, args)
-        result = op(*args)  # traced as one operator
-        if need_first is not None and not args[need_first]:  # the twins return None(s) there
-            return (None, None) if isinstance(result, tuple) else None
-        return result
-
-    call.__name__ = name
-    call.__doc__ = (f"``{name}`` (the Python twin's signature): a CUDA graph replay where it "
-                    f"can be, the operator ``torch.ops.rnnreg_triton.{name}`` under "
-                    f"torch.compile.")
-    return call
+def _run_loop(name: str, args: tuple) -> Any:
+    """Loop ``name`` on ``args``: a CUDA graph replay where it can be (:data:`GRAPHS`), the
+    operator ``torch.ops.rnnreg_triton.<name>`` under torch.compile (traced as one operator,
+    whose backward returns zeros where the caller asked for no gradient)."""
+    if not torch.compiler.is_compiling():
+        return GRAPHS.run(name, _STEP_LOOPS[name], args)
+    return _OPS[name](*args)
 
 
-# The engine: the Python twins' signatures, each loop a graph replay where capture works.
-LOOPS = types.SimpleNamespace(**{name: _engine_loop(name) for name in vars(_STEPS)})
+class TritonLoops:
+    """The Triton loops as an engine (:class:`~rnnreg.nn.loops.protocol.Loops`): each loop a
+    graph replay where capture works, plain launches elsewhere, an operator under
+    torch.compile. A backward returns None where ``need_first`` is False, as its twin does."""
+
+    def lstm_forward(self, projected: Tensor, w_hh: Tensor, packed: Tensor | None,
+                     mask: Tensor | None, valid: Tensor | None, zone_h: Tensor | None,
+                     zone_c: Tensor | None, acts: Tensor, cs: Tensor, tanh_c: Tensor, hs: Tensor,
+                     h_in: Tensor | None) -> None:
+        _run_loop("lstm_forward", (projected, w_hh, packed, mask, valid, zone_h, zone_c, acts,
+                                   cs, tanh_c, hs, h_in))
+
+    def lstm_backward(self, d_out: Tensor, d_h: Tensor, d_c: Tensor, acts: Tensor, cs: Tensor,
+                      tanh_c: Tensor, valid: Tensor | None, w_hh: Tensor, onednn: bool,
+                      mask: Tensor | None, passthrough: Tensor | None, zone_h: Tensor | None,
+                      zone_c: Tensor | None, need_first: bool, d_gates: Tensor,
+                      d_hin: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        firsts = _run_loop("lstm_backward", (d_out, d_h, d_c, acts, cs, tanh_c, valid, w_hh,
+                                             onednn, mask, passthrough, zone_h, zone_c,
+                                             need_first, d_gates, d_hin))
+        return firsts if need_first else (None, None)
+
+    def gru_forward(self, projected: Tensor, w_hh: Tensor, b_hh: Tensor | None,
+                    packed: Tensor | None, mask: Tensor | None, valid: Tensor | None,
+                    zone: Tensor | None, rec: Tensor, rz: Tensor, n: Tensor, hs: Tensor,
+                    h_in: Tensor | None) -> None:
+        _run_loop("gru_forward", (projected, w_hh, b_hh, packed, mask, valid, zone, rec, rz, n,
+                                  hs, h_in))
+
+    def gru_backward(self, d_out: Tensor, d_h: Tensor, coef: Tensor, keep_h: Tensor | None,
+                     w_hh: Tensor, onednn: bool, mask: Tensor | None, need_first: bool,
+                     d_rec: Tensor, d_hs: Tensor, d_hin: Tensor) -> Tensor | None:
+        first = _run_loop("gru_backward", (d_out, d_h, coef, keep_h, w_hh, onednn, mask,
+                                           need_first, d_rec, d_hs, d_hin))
+        return first if need_first else None
+
+    def elman_forward(self, projected: Tensor, w_hh: Tensor, packed: Tensor | None,
+                      mask: Tensor | None, valid: Tensor | None, relu: bool, zone: Tensor | None,
+                      candidates: Tensor | None, hs: Tensor, h_in: Tensor | None) -> None:
+        _run_loop("elman_forward", (projected, w_hh, packed, mask, valid, relu, zone,
+                                    candidates, hs, h_in))
+
+    def elman_backward(self, d_out: Tensor, d_h: Tensor, slope: Tensor, w_hh: Tensor, onednn: bool,
+                       mask: Tensor | None, passthrough: Tensor | None, need_first: bool,
+                       d_pre: Tensor, d_hin: Tensor) -> Tensor | None:
+        first = _run_loop("elman_backward", (d_out, d_h, slope, w_hh, onednn, mask,
+                                             passthrough, need_first, d_pre, d_hin))
+        return first if need_first else None
+
+
+# The engine.
+LOOPS: Loops = TritonLoops()

@@ -8,11 +8,39 @@ neither, so the loops can choose the one-kernel step without a circular import.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 __all__: list[str] = []  # shared by the two step modules, not a public interface
+
+# A loop's record (``rnnreg.nn.loops.triton._loop``): the tensors and options every step of one
+# loop reads, their names those of the loop's parameters plus the launch's own.
+LoopRecord = SimpleNamespace
+# Launches step t of a loop: ``(a, t) -> None``, ``a`` the loop's record.
+StepLaunch = Callable[[LoopRecord, int], None]
+
+
+@dataclass(frozen=True)
+class StepLaunchers:
+    """How each step of the Triton loops is launched: ``geometry(batch, hidden, gates, w_hh)``
+    (what the kernels' launches need besides the tensors, once per loop) and one
+    :data:`StepLaunch` per loop. The two-kernel step (``rnnreg.nn.loops.triton``) and the
+    one-kernel step (``rnnreg.nn.loops.triton_fused``) are one each."""
+
+    geometry: Callable[[int, int, int, Tensor], Any]
+    lstm_forward: StepLaunch
+    gru_forward: StepLaunch
+    elman_forward: StepLaunch
+    lstm_backward: StepLaunch
+    gru_backward: StepLaunch
+    elman_backward: StepLaunch
 
 
 @triton.jit
@@ -40,12 +68,12 @@ def _row(step, size):
     return step.to(tl.int64) * size
 
 
-def _or(tensor, stand_in):
+def _or(tensor: Tensor | None, stand_in: Tensor) -> Tensor:
     """A pointer argument whose kernel branch is off still needs a tensor."""
     return stand_in if tensor is None else tensor
 
 
-def _product_input(a, t):
+def _product_input(a: LoopRecord, t: int) -> Tensor:
     """The ``(T, B, H)`` buffer whose row t step t's recurrent product reads, for the loop
     record ``a``: the states, or their masked copies, of which the first is formed here and
     every later one by the previous step's kernel."""

@@ -40,13 +40,16 @@ The default stays the two-kernel step until a GPU measurement shows which is fas
 from __future__ import annotations
 
 import functools
-import types
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from rnnreg.nn.loops.triton_common import (
+    LoopRecord,
+    StepLaunchers,
     _load,
     _or,
     _product_input,
@@ -348,13 +351,14 @@ def _carry_backward_step(d_pre, w, d_hin, dh, d_hs, d_out, mask, mask_step, keep
         tl.store(d_pre + at, d_h * _load(coef, at, live), mask=live)
 
 
-def _interpreted():
+def _interpreted() -> bool:
     """Whether this module's kernels run in Triton's interpreter (imported with
     ``TRITON_INTERPRET=1``), where ``tl.dot`` needs bfloat16 operands widened."""
     return not isinstance(_lstm_forward_step, triton.runtime.JITFunction)
 
 
-def geometry(batch, hidden, gates, w_hh):
+def geometry(batch: int, hidden: int, gates: int,
+             w_hh: Tensor) -> tuple[tuple[int, int], dict[str, Any]]:
     """``(grid, tiles)``: the grid and the tiling constexprs of a loop's kernels, for W_hh
     ``w_hh``'s device and dtype.
 
@@ -380,7 +384,7 @@ def geometry(batch, hidden, gates, w_hh):
 
 
 @functools.cache
-def _processors(device):
+def _processors(device: torch.device) -> int:
     """The multiprocessors of a CUDA device; 0 elsewhere (the interpreter runs programs one
     after another, so fewer and larger is faster there)."""
     if device.type != "cuda":
@@ -392,7 +396,7 @@ def _processors(device):
 # ``a.precision`` is cuDNN's RNN setting, ``tl.dot``'s input_precision for float32 operands.
 
 
-def _lstm_forward(a, t):
+def _lstm_forward(a: LoopRecord, t: int) -> None:
     grid, tiles = a.geometry
     _lstm_forward_step[grid](
         _product_input(a, t), a.w_hh, a.projected, a.hs, a.cs, a.acts, a.tanh_c,
@@ -401,7 +405,7 @@ def _lstm_forward(a, t):
         HAS_ZONE=a.zoned, HAS_VALID=a.limited, PRECISION=a.precision, **tiles)
 
 
-def _gru_forward(a, t):
+def _gru_forward(a: LoopRecord, t: int) -> None:
     grid, tiles = a.geometry
     _gru_forward_step[grid](
         _product_input(a, t), a.w_hh, _or(a.b_hh, a.hs), a.projected, a.hs, a.rec, a.rz,
@@ -410,7 +414,7 @@ def _gru_forward(a, t):
         HAS_ZONE=a.zoned, HAS_VALID=a.limited, PRECISION=a.precision, **tiles)
 
 
-def _elman_forward(a, t):
+def _elman_forward(a: LoopRecord, t: int) -> None:
     grid, tiles = a.geometry
     _elman_forward_step[grid](
         _product_input(a, t), a.w_hh, a.projected, a.hs, _or(a.candidates, a.hs),
@@ -419,14 +423,14 @@ def _elman_forward(a, t):
         HAS_VALID=a.limited, PRECISION=a.precision, **tiles)
 
 
-def _first_product(a, t, d_pre):
+def _first_product(a: LoopRecord, t: int, d_pre: Tensor) -> None:
     """After step 0's kernel, dL/d(m * h(0)) = d_pre(0) W_hh, where the initial state or the
     mask needs it (every later row is formed by the kernel of the step before it)."""
     if t == 0 and a.need_first:
         torch.mm(d_pre[0], a.w_hh, out=a.d_hin[0])
 
 
-def _lstm_backward(a, t):
+def _lstm_backward(a: LoopRecord, t: int) -> None:
     grid, tiles = a.geometry
     _lstm_backward_step[grid](
         a.d_gates, a.w_hh, a.d_hin, a.dh, a.dc, a.d_out, a.mask, a.mask_step, a.zone_h,
@@ -436,7 +440,7 @@ def _lstm_backward(a, t):
     _first_product(a, t, a.d_gates)
 
 
-def _carry_backward(a, t):
+def _carry_backward(a: LoopRecord, t: int) -> None:
     grid, tiles = a.geometry
     _carry_backward_step[grid](
         a.d_pre, a.w_hh, a.d_hin, a.dh, _or(a.d_hs, a.dh), a.d_out, a.mask, a.mask_step,
@@ -447,7 +451,7 @@ def _carry_backward(a, t):
 
 
 # The one-kernel step, as rnnreg.nn.loops.triton's loops launch it (RNNREG_TRITON_STEP=fused).
-STEP = types.SimpleNamespace(
+STEP = StepLaunchers(
     geometry=geometry, lstm_forward=_lstm_forward, gru_forward=_gru_forward,
     elman_forward=_elman_forward, lstm_backward=_lstm_backward,
     gru_backward=_carry_backward, elman_backward=_carry_backward)
