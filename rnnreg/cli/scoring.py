@@ -41,7 +41,7 @@ from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.metrics import strict
 from rnnreg.lm.training.console import where
-from rnnreg.lm.training.resume import Progress
+from rnnreg.lm.training.state import TrainingState
 
 __all__ = ["add_commands"]
 
@@ -349,7 +349,6 @@ def _weights_description(run_dir: str, weights: str = "best") -> str:
         best = min(epochs, key=lambda r: r["valid_ppl"]) if epochs else None
         return "best weights" + (f" (epoch {best['epoch']})" if best else "")
     missing = " (no best weights yet: no epoch finished)" if name != weights else ""
-    last = run.load_checkpoint("last")
-    ema = last.get("ema")
-    averaged = "" if ema is None else f", their EMA over {ema['updates']} steps"
-    return f"last weights ({where(Progress(**last['progress']))}{averaged}){missing}"
+    last = TrainingState.load(run, "last")
+    averaged = "" if last.ema is None else f", their EMA over {last.ema_updates} steps"
+    return f"last weights ({where(last.progress)}{averaged}){missing}"
