@@ -39,7 +39,7 @@ from rnnreg.lm.evaluation import load_model, loaded_weights, score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.rundir.metrics import strict
+from rnnreg.lm.rundir.metrics import read_records, strict
 from rnnreg.lm.training.console import where
 from rnnreg.lm.training.state import TrainingState
 
@@ -344,8 +344,7 @@ def _weights_description(run_dir: str, weights: str = "best") -> str:
     run = RunDir(run_dir)
     name = loaded_weights(run, weights)
     if name == "best":
-        epochs = [r for r in run.read_metrics()
-                  if r.get("event") == "epoch" and r.get("valid_ppl") is not None]
+        epochs = [r for r in read_records(run, "epoch") if r.get("valid_ppl") is not None]
         best = min(epochs, key=lambda r: r["valid_ppl"]) if epochs else None
         return "best weights" + (f" (epoch {best['epoch']})" if best else "")
     missing = " (no best weights yet: no epoch finished)" if name != weights else ""

@@ -1,4 +1,4 @@
-"""Tests for the training state a checkpoint holds."""
+"""Tests for the training state a checkpoint holds, and for the one reader of metrics records."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rnnreg.lm.distributed import World
 from rnnreg.lm.rundir.checkpoint import load_tree
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import of_events, read_records
 from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.state import Progress, TrainingState
 
@@ -84,3 +85,18 @@ def test_a_state_that_lacks_an_entry_is_refused_by_name(tmp_path: Path):
                                  "hidden": None, "rng": [], "ema": None})
     with pytest.raises(RunDirError, match="wrong form"):
         TrainingState.load(run, "last")
+
+
+def test_read_records_filters_by_event_and_skips_a_torn_last_line(tmp_path: Path):
+    run = RunDir(tmp_path / "run").create(exist_ok=False)
+    records = [{"event": "step", "step": 1}, {"event": "epoch", "epoch": 1},
+               {"event": "settings", "step": 1}, {"event": "final", "valid_ppl": 3.0}]
+    for record in records:
+        run.append_metrics(record)
+    with open(run.metrics_path, "ab") as f:
+        f.write(b'{"event": "step", "st')  # a kill mid-append
+    assert read_records(run) == records
+    assert read_records(run.path, "final") == [records[3]]
+    assert read_records(str(run.path), "epoch", "step") == records[:2]
+    assert of_events(records, "settings") == [records[2]]
+    assert read_records(tmp_path / "empty") == []
