@@ -108,7 +108,7 @@ class TrainingState:
                 return cls(model=tree["model"])
             return cls(model=tree["model"], optimizer=tree["optimizer"],
                        progress=Progress(**tree["progress"]), hidden=tree["hidden"],
-                       rng=tree["rng"], ema=tree["ema"])
+                       rng=tree["rng"], ema=tree.get("ema"))  # older files have no entry
         except (KeyError, TypeError) as error:
             raise RunDirError(f"checkpoint {run.checkpoint_path(name)} lacks an entry or has "
                               f"one of the wrong form ({error!r}); load an earlier checkpoint "
