@@ -44,6 +44,7 @@ from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.corpus.sources import DataError, locate_corpus
 from rnnreg.lm.presets import BUDGET_RULE, budget_config, preset_config
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import read_records
 
 _TOKEN = re.compile(r"[a-z]+(?:'[a-z]+)?|[0-9]+|[^\sa-z0-9]")
 
@@ -121,8 +122,7 @@ def command(run: Path, data_dir: Path, config: Config, resume: bool) -> list[str
 
 
 def finished(run: Path) -> bool:
-    return RunDir(run).exists() and any(r.get("event") == "final"
-                                        for r in RunDir(run).read_metrics())
+    return RunDir(run).exists() and bool(read_records(run, "final"))
 
 
 def report(runs, out: Path) -> Path:
@@ -135,7 +135,7 @@ def report(runs, out: Path) -> Path:
         if not RunDir(run).exists():
             continue
         vocab = len(Corpus.load(data_dir).vocab)
-        for record in RunDir(run).read_metrics():
+        for record in read_records(run, "epoch", "final"):
             if record.get("event") == "epoch":
                 cells = (record["epoch"], f"{record['train_seconds'] / 60:.1f}",
                          f"{record['tokens_per_s']:,.0f}", f"{record['valid_ppl']:.2f}", "")

@@ -40,6 +40,7 @@ from rnnreg.lm.corpus.batches import Corpus  # noqa: E402
 from rnnreg.lm.corpus.sources import locate_corpus  # noqa: E402
 from rnnreg.lm.presets import BUDGET_RULE_PATH, preset_config  # noqa: E402
 from rnnreg.lm.rundir.layout import RunDir  # noqa: E402
+from rnnreg.lm.rundir.metrics import read_records  # noqa: E402
 
 BASE = "cpu-30min"
 _ADAPTIVE = dict(softmax="adaptive", tie_weights=False)
@@ -117,12 +118,12 @@ def command(run: Path, data_dir: Path, config: Config, resume: bool) -> list[str
 def final_record(run: Path) -> dict | None:
     if not RunDir(run).exists():
         return None
-    finals = [r for r in RunDir(run).read_metrics() if r.get("event") == "final"]
+    finals = read_records(run, "final")
     return finals[-1] if finals else None
 
 
 def dynamic_record(run: Path) -> dict | None:
-    records = [r for r in RunDir(run).read_metrics() if r.get("event") == "dynamic_eval"]
+    records = read_records(run, "dynamic_eval")
     return records[-1] if records else None
 
 
@@ -182,7 +183,7 @@ def report(runs, out: Path) -> Path:
         final = final_record(run)
         if final is None:
             continue
-        epochs = [r for r in RunDir(run).read_metrics() if r.get("event") == "epoch"]
+        epochs = read_records(run, "epoch")
         speed = f"{epochs[-1]['tokens_per_s']:,.0f}" if epochs else ""
         ema = f"{config.ema_decay:g} from {config.ema_start:g}" if config.ema_decay else "—"
         dyn = dynamic_record(run)

@@ -14,7 +14,6 @@ both sides; medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import torch
 from train import write_corpus  # benchmarks/train.py, beside this script
 
 from rnnreg.lm.presets import preset_config
+from rnnreg.lm.rundir.metrics import read_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,7 @@ def tokens_per_s(processes: int, shape: str, data_dir: Path, out: Path, threads:
                "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu",
                "--checkpoint-minutes", "0", "--eval-bptt", "200", "--no-progress"]
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return next(r["tokens_per_s"] for r in records if r.get("event") == "epoch")
+    return read_records(out, "epoch")[0]["tokens_per_s"]
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ loop a practitioner would write: ``nn.Embedding`` -> ``nn.Dropout`` -> ``nn.LSTM
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from torch import nn
 from rnnreg.lm.config import Config
 from rnnreg.lm.presets import PRESETS, preset_config
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import read_records
 from rnnreg.lm.training.loop import train
 
 VOCAB = 10_000  # PTB's
@@ -105,8 +105,7 @@ def trainer_tokens_per_s(config: Config, data_dir: Path, workdir: Path,
     words = len(RunDir(out).read_vocab())
     if words != vocab:  # the comparison holds only at the same softmax size
         raise RuntimeError(f"the trainer's vocabulary has {words} words, the baseline {vocab}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return next(r["tokens_per_s"] for r in records if r.get("event") == "epoch")
+    return read_records(out, "epoch")[0]["tokens_per_s"]
 
 
 def main() -> None:

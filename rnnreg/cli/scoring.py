@@ -39,9 +39,9 @@ from rnnreg.lm.evaluation import load_model, loaded_weights, score_stream
 from rnnreg.lm.generation import sample_text
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
-from rnnreg.lm.rundir.metrics import strict
+from rnnreg.lm.rundir.metrics import read_records, strict
 from rnnreg.lm.training.console import where
-from rnnreg.lm.training.resume import Progress
+from rnnreg.lm.training.state import TrainingState
 
 __all__ = ["add_commands"]
 
@@ -344,12 +344,10 @@ def _weights_description(run_dir: str, weights: str = "best") -> str:
     run = RunDir(run_dir)
     name = loaded_weights(run, weights)
     if name == "best":
-        epochs = [r for r in run.read_metrics()
-                  if r.get("event") == "epoch" and r.get("valid_ppl") is not None]
+        epochs = [r for r in read_records(run, "epoch") if r.get("valid_ppl") is not None]
         best = min(epochs, key=lambda r: r["valid_ppl"]) if epochs else None
         return "best weights" + (f" (epoch {best['epoch']})" if best else "")
     missing = " (no best weights yet: no epoch finished)" if name != weights else ""
-    last = run.load_checkpoint("last")
-    ema = last.get("ema")
-    averaged = "" if ema is None else f", their EMA over {ema['updates']} steps"
-    return f"last weights ({where(Progress(**last['progress']))}{averaged}){missing}"
+    last = TrainingState.load(run, "last")
+    averaged = "" if last.ema is None else f", their EMA over {last.ema_updates} steps"
+    return f"last weights ({where(last.progress)}{averaged}){missing}"

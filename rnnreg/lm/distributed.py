@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from rnnreg.errors import RnnregError
 from rnnreg.lm.corpus.batches import shard_streams
@@ -114,21 +115,19 @@ class World:
         Rank ``r`` holds columns ``[r*w, (r+1)*w)``; concatenating in rank order gives the
         columns of the single-process batch, which is what a checkpoint stores.
         """
-        if state is None or not self.distributed:
+        if not self.distributed:
             return state
-        if isinstance(state, tuple | list):
-            return tuple(self.gather_columns(s) for s in state)
-        parts = [torch.empty_like(state) for _ in range(self.size)]
-        dist.all_gather(parts, state.contiguous())
+        return tree_map_only(torch.Tensor, self._gathered, state)
+
+    def _gathered(self, columns: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(columns) for _ in range(self.size)]
+        dist.all_gather(parts, columns.contiguous())
         return torch.cat(parts, dim=1)
 
     def shard_columns(self, state):
         """This rank's columns of a full-batch recurrent state: the inverse of gather_columns."""
-        if state is None:
-            return None
-        if isinstance(state, tuple | list):
-            return tuple(self.shard_columns(s) for s in state)
-        return shard_streams(state, self.rank, self.size)  # batch is dim 1 there too
+        return tree_map_only(torch.Tensor,  # batch is dim 1 there too
+                             lambda full: shard_streams(full, self.rank, self.size), state)
 
     def from_main(self, action: Callable[[], _T]) -> _T:
         """Run ``action`` on rank 0 only and hand every rank its result, or its failure.

@@ -27,6 +27,7 @@ from rnnreg.lm.distributed import resolve_device
 from rnnreg.lm.model import LanguageModel, ModelMasks, ModelOutput, detach_state
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.training.averaging import averaged_state
+from rnnreg.lm.training.state import TrainingState
 
 __all__ = ["Score", "TokenScores", "load_model", "loaded_weights", "perplexity", "score_stream",
            "target_log_probs", "token_scores"]
@@ -67,11 +68,11 @@ def load_model(run_dir: str | Path, *, weights: str = "best",
     run = RunDir(run_dir)
     config = run.read_config()
     vocab = run.read_vocab()
-    tree = run.load_checkpoint(loaded_weights(run, weights))
+    state = TrainingState.load(run, loaded_weights(run, weights))
     model = LanguageModel(len(vocab), config)
-    model.load_state_dict(tree["model"])
-    if tree.get("ema") is not None:
-        model.load_state_dict(averaged_state(model, tree["ema"]["weights"]))
+    model.load_state_dict(state.model)
+    if state.ema_weights is not None:
+        model.load_state_dict(averaged_state(model, state.ema_weights))
     model.to(resolve_device(device))
     model.eval()
     return model, vocab, config

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 
 from rnnreg.errors import RnnregError
 from rnnreg.lm.adaptive import AdaptiveSoftmax
@@ -147,11 +149,7 @@ def detach_state(state):
 
 def map_state(state, fn):
     """Apply ``fn`` to every tensor of a recurrent state, keeping its nesting; None stays None."""
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return tuple(map_state(s, fn) for s in state)
-    return fn(state)
+    return tree_map_only(torch.Tensor, fn, state)
 
 
 def count_parameters(model: nn.Module) -> int:

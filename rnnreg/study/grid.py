@@ -36,6 +36,7 @@ from rnnreg.lm.corpus.sources import locate_corpus
 from rnnreg.lm.presets import preset_config
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import read_records
 from rnnreg.lm.training.loop import TrainingDiverged, train
 from rnnreg.nn.functional import check_positive_int, check_probability
 from rnnreg.nn.strategies import STRATEGIES
@@ -251,7 +252,7 @@ def _ray_trial(config: dict, jobs: dict[str, Job], threads: int) -> None:
 
     job = jobs[config["run"]]
     outcome = run_job(job)
-    finals = [r for r in RunDir(job.run_dir).read_metrics() if r.get("event") == "final"]
+    finals = read_records(job.run_dir, "final")
     numbers = {k: v for k, v in (finals[-1] if finals else {}).items()
                if isinstance(v, int | float) and not isinstance(v, bool)}
     tune.report({"outcome": outcome, **numbers})
@@ -454,7 +455,7 @@ def _job(study: StudyDir, name: str, config: Config, data_dir: Path) -> Job | No
                          if getattr(saved, f.name) != getattr(config, f.name))
         raise RunDirError(f"{run.path} was trained with different settings ({', '.join(changed)})"
                           "; use another output directory for a different study")
-    if any(r.get("event") == "final" for r in run.read_metrics()):
+    if read_records(run, "final"):
         return None
     # With no checkpoint yet, resume=True restarts from the saved config and vocabulary.
     return Job(name, config, run.path, data_dir, resume=True)

@@ -26,6 +26,7 @@ from rnnreg.lm.rundir.curves import PALETTE, learning_curves
 from rnnreg.lm.rundir.curves import figure as _figure
 from rnnreg.lm.rundir.curves import save as _save
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import read_records
 
 __all__ = [
     "Placements",
@@ -92,8 +93,7 @@ def plot_runs(run_dirs: Sequence[str | Path], path: str | Path, *, x: str = "epo
         run = RunDir(run_dir)
         run.read_config()  # fails with a clear message when this is not a run directory
         label = run.path.resolve().name
-        runs[label] = [r for r in run.read_metrics()
-                       if r.get("event") in ("epoch", "final", "step")]
+        runs[label] = read_records(run, "epoch", "final", "step")
     return learning_curves(runs, path, x=x)
 
 

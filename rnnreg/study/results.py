@@ -15,6 +15,7 @@ from pathlib import Path
 from rnnreg.lm.config import CELLS, Config
 from rnnreg.lm.rundir.files import RunDirError
 from rnnreg.lm.rundir.layout import RunDir
+from rnnreg.lm.rundir.metrics import of_events, read_records
 from rnnreg.nn.strategies import STRATEGIES
 from rnnreg.study.layout import StudyDir
 
@@ -48,12 +49,11 @@ def read_runs(out: str | Path) -> list[RunResult]:
         run = RunDir(path)
         if not run.exists():
             continue  # created but never configured: nothing to report
-        records = run.read_metrics()
-        finals = [r for r in records if r.get("event") == "final"]
-        results.append(RunResult(
-            path.name, path, run.read_config(),
-            tuple(r for r in records if r.get("event") == "epoch"),
-            finals[-1] if finals else None))
+        records = read_records(run)
+        finals = of_events(records, "final")
+        results.append(RunResult(path.name, path, run.read_config(),
+                                 tuple(of_events(records, "epoch")),
+                                 finals[-1] if finals else None))
     return results
 
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from rnnreg.errors import RnnregError
 from rnnreg.lm.rundir.files import replacing, writing
+from rnnreg.lm.rundir.metrics import of_events
 
 __all__ = ["PALETTE", "figure", "grid", "learning_curves", "save"]
 
@@ -87,8 +88,8 @@ def learning_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path, *,
 
 def _panel(ax, records: Sequence[Mapping], x: str) -> None:
     epochs = [r for r in records if r.get("event", "epoch") == "epoch"]
-    steps = [r for r in records if r.get("event") == "step" and r.get("train_ppl") is not None]
-    final = next((r for r in records if r.get("event") == "final"), None)
+    steps = [r for r in of_events(records, "step") if r.get("train_ppl") is not None]
+    final = next(iter(of_events(records, "final")), None)
     if not epochs and not steps and final is None:
         ax.text(0.5, 0.5, "no finished epoch", ha="center", va="center",
                 transform=ax.transAxes, color=_PLAIN)

@@ -7,7 +7,7 @@ Layout of a run directory::
     metrics.jsonl      one JSON object per line, appended as training goes
     checkpoints/       NAME.safetensors: weights and training state, written atomically
     tensorboard/       event files, written by the trainer
-    plots/             figures
+    plots/             figures: learning_curve.png, drawn by the trainer
     .lock              the writer's OS lock (filelock)
     .lock.holder       who holds it
 
@@ -180,6 +180,11 @@ class RunDir:
     @property
     def plots_dir(self) -> Path:
         return self._path / "plots"
+
+    @property
+    def learning_curve_path(self) -> Path:
+        """The figure the trainer draws at the end of training and at every stop."""
+        return self.plots_dir / "learning_curve.png"
 
     def create(self, *, exist_ok: bool) -> RunDir:
         """Make the directory and its subdirectories; refuse to reuse an existing run by accident.

@@ -17,28 +17,41 @@ not exist yet) is written as ``null``, because jq and JavaScript's ``JSON.parse`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from torch.utils._pytree import tree_map
+
 from rnnreg.lm.rundir.events import ScalarLog
+from rnnreg.lm.rundir.files import StrPath
 from rnnreg.lm.rundir.layout import RunDir
 
-__all__ = ["STEP_SECONDS", "Logbook", "strict"]
+__all__ = ["STEP_SECONDS", "Logbook", "of_events", "read_records", "strict"]
 
 # Without --log-every, a step record after about this many seconds of training: curves within
 # a minute of the start, and a file that stays small over a day-long run.
 STEP_SECONDS = 30.0
-_CURVE_NAME = "learning_curve.png"
+
+
+def read_records(run: RunDir | StrPath, *events: str) -> list[dict[str, Any]]:
+    """The metrics records of the run in ``run`` (a :class:`RunDir` or its path), in order;
+    only those of the given ``events`` ("step", "epoch", "final", "settings",
+    "dynamic_eval") when any are named. Every reader of metrics.jsonl reads through here."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    return of_events(run.read_metrics(), *events)
+
+
+def of_events(records: Iterable[Mapping], *events: str) -> list:
+    """The records of the given ``events`` (all when none are named), in order."""
+    if not events:
+        return list(records)
+    return [record for record in records if record.get("event") in events]
 
 
 def strict(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None, recursively (JSON's null)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: strict(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(item) for item in value]
-    return value
+    """``value`` with every non-finite float replaced by None, at any depth (JSON's null)."""
+    return tree_map(lambda leaf: None if isinstance(leaf, float) and not math.isfinite(leaf)
+                    else leaf, value)
 
 
 class Logbook:
@@ -66,8 +79,7 @@ class Logbook:
             return 0
         if not finished:
             self._purge = {"epoch": epoch, "step": step + 1}
-        self._final_logged = finished and any(
-            r.get("event") == "final" for r in self.run.read_metrics())
+        self._final_logged = finished and bool(read_records(self.run, "final"))
         return self.run.truncate_metrics(lambda r: _before_checkpoint(r, epoch, step, finished))
 
     def clear(self) -> list[str]:
@@ -148,10 +160,8 @@ class Logbook:
             return
         from rnnreg.lm.rundir.curves import learning_curves
 
-        records = [r for r in self.run.read_metrics()
-                   if r.get("event") in ("epoch", "step", "final")]
-        learning_curves({self.run.path.resolve().name: records},
-                        self.run.plots_dir / _CURVE_NAME)
+        records = read_records(self.run, "epoch", "step", "final")
+        learning_curves({self.run.path.resolve().name: records}, self.run.learning_curve_path)
 
     def _append(self, record: dict) -> None:
         self.run.append_metrics(strict(record))

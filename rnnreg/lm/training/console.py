@@ -19,7 +19,7 @@ from rnnreg.lm.config import Config
 from rnnreg.lm.corpus.batches import Corpus
 from rnnreg.lm.distributed import World
 from rnnreg.lm.model import count_parameters
-from rnnreg.lm.training.resume import Progress
+from rnnreg.lm.training.state import Progress
 
 __all__ = ["announce_final", "announce_start", "epoch_bar", "epoch_line", "finished_line",
            "saved_line", "show_window", "step_line", "stopped_line", "where", "window_postfix"]

@@ -13,8 +13,9 @@ best validation epoch). ``last`` is written first, being what ``--resume`` needs
 a hard link to it when they hold the same weights. A resumed run's metrics and TensorBoard
 history are cut back to its checkpoint, so they never hold an epoch twice. Everything before
 the first step (locking, checking, creating or resuming the run) is :mod:`rnnreg.lm.training.start`;
-what goes to and comes back from the checkpoints, :mod:`rnnreg.lm.training.resume`; the lines the
-loop prints, :mod:`rnnreg.lm.training.console`.
+what a checkpoint holds (and restores), :mod:`rnnreg.lm.training.state`; when checkpoints are
+written and how a resume goes on, :mod:`rnnreg.lm.training.resume`; the lines the loop prints,
+:mod:`rnnreg.lm.training.console`.
 
 Launched by ``torchrun``, the same loop trains data-parallel (:mod:`rnnreg.lm.distributed`): each
 rank owns ``B / world size`` of the streams, gradients are averaged by DDP, and every number
@@ -49,8 +50,9 @@ from rnnreg.lm.rundir.metrics import Logbook, strict
 from rnnreg.lm.training import console
 from rnnreg.lm.training.asgd import NTASGD
 from rnnreg.lm.training.loss import activation_penalties, summed_loss
-from rnnreg.lm.training.resume import Checkpoints, Progress, StopRequests, seed_everything
+from rnnreg.lm.training.resume import Checkpoints, StopRequests
 from rnnreg.lm.training.start import Start, after_write_error, start_run
+from rnnreg.lm.training.state import Progress, seed_everything
 from rnnreg.nn.engines import engine_for
 
 __all__ = ["TrainingDiverged", "train"]
@@ -87,7 +89,7 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
     with distributed.launch() as world, contextlib.ExitStack() as held:
         start = start_run(run, held, world, config, data_dir, resume=resume,
                           download=download, show_progress=progress, verbose=verbose)
-        trainer = _trainer(start, run, world, progress, on_step, verbose)
+        trainer = _Trainer(start, run, world, progress, on_step, verbose)
         try:
             return trainer.fit()
         except WriteError as error:
@@ -98,24 +100,14 @@ def train(config: Config | None, out: str | Path, *, data_dir: str | Path | None
             del trainer
 
 
-def _trainer(start: Start, run: RunDir, world: World, show_progress: bool,
-             on_step: Callable[[int], None] | None, verbose: bool) -> _Trainer:
-    """The trainer of the run :func:`start_run` opened, restored from its checkpoint if any."""
-    trainer = _Trainer(start.config, start.corpus, run, world, show_progress, on_step, verbose)
-    if start.checkpoint is not None:
-        trainer.progress, trainer.optim, trainer.hidden = trainer.checkpoints.restore(
-            start.checkpoint, trainer.model, trainer.device)
-    elif start.start_over:
-        trainer.checkpoints.start_over()
-    return trainer
-
-
 class _Trainer:
     """The loop of one run: windows -> steps -> epochs, checkpoints and the final score."""
 
-    def __init__(self, config: Config, corpus: Corpus, run: RunDir, world: World,
-                 show_progress: bool, on_step: Callable[[int], None] | None,
-                 verbose: bool) -> None:
+    def __init__(self, start: Start, run: RunDir, world: World, show_progress: bool,
+                 on_step: Callable[[int], None] | None, verbose: bool) -> None:
+        """The trainer of the run :func:`start_run` opened, restored from its checkpoint if
+        it has one."""
+        config, corpus, state = start.config, start.corpus, start.checkpoint
         self.config, self.corpus, self.run, self.world = config, corpus, run, world
         self.show_progress, self.on_step = show_progress and world.is_main, on_step
         self.verbose = verbose and world.is_main
@@ -123,13 +115,20 @@ class _Trainer:
         self.streams = _training_streams(config, corpus, world).to(self.device)
         self.rows = self.streams.size(0) - 1  # an epoch's inputs; the last row is only a target
         self.model, self.trained = _seeded_model(config, len(corpus.vocab), world, self.device)
-        self.optim = NTASGD(self.model, config)
-        self.progress = Progress()
-        self.hidden = None  # the recurrent state carried from window to window
+        _build_loops(self.model)
+        self.progress = Progress() if state is None else state.progress
+        # Built for where the run stands: NT-ASGD's averaging phase has its own optimizer.
+        self.optim = NTASGD(self.model, config, averaging=self.progress.averaging)
+        # The recurrent state carried from window to window; the generators continue too.
+        self.hidden = (None if state is None
+                       else state.restore_into(self.model, self.optim, world, self.device))
         self._unsettled: list[_Window] = []  # trained windows whose losses are not read yet
         self.logbook = Logbook(run, enabled=world.is_main, log_every=config.log_every)
         self.checkpoints = Checkpoints(run, world, config, self.logbook, self.verbose)
-        _build_loops(self.model)
+        if state is not None:
+            self.checkpoints.resumed(self.progress, self.optim)
+        elif start.start_over:
+            self.checkpoints.start_over()
 
     @property
     def saved_step(self) -> int | None:

@@ -1,107 +1,44 @@
-"""The trainer's checkpoints: when ``last`` is written, what goes to ``last`` and ``best``, and
-what a resume takes back from them: besides the weights, the trainer's :class:`Progress` and the
-random generators' states (and their common seed), so that a resumed run draws the same dropout
-masks as an uninterrupted one, and the config it continues with (:func:`resumed_config`).
+"""When the trainer writes its checkpoints, and how a run goes on from one.
 
-``last`` holds everything a resume needs (weights, optimizer, RNG states, the position in the
-epoch, the carried hidden state) and is written at the end of every epoch, every few minutes
-or steps, and at a stop: Ctrl-C or SIGTERM is a request the loop honours at the next window
-boundary, so that the checkpoint matches the position it records. ``best`` holds the weights of
-the best validation epoch, written after ``last`` (a hard link to it while they hold the same
-weights). Restoring also cuts the run's history back to the checkpoint, and a resume that found
-no checkpoint clears what an earlier attempt left.
+``last`` holds a whole :class:`~rnnreg.lm.training.state.TrainingState` (what a resume needs)
+and is written at the end of every epoch, every few minutes or steps, and at a stop: Ctrl-C or
+SIGTERM is a request the loop honours at the next window boundary, so that the checkpoint
+matches the position it records. ``best`` holds the weights of the best validation epoch,
+written after ``last`` (a hard link to it while they hold the same weights). Going on from a
+checkpoint also cuts the run's history back to it, and a resume that found no checkpoint clears
+what an earlier attempt left. A resume continues with the saved config, raised or changed only
+where :func:`resumed_config` allows.
 
-Not part of :mod:`rnnreg.lm.rundir.checkpoint`: that module is the file format alone, below the
-run directory. Writing and restoring a run's checkpoints needs the run directory, the logbook,
-the optimizer and the ranks, so it sits above them, beside the loop of
-:mod:`rnnreg.lm.training.loop` that calls it, and the loop keeps only the calls.
+What a checkpoint holds is :mod:`rnnreg.lm.training.state`'s alone; this module decides when
+and under which name it is written, which needs the run directory, the logbook, the optimizer
+and the ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from rnnreg.errors import RnnregError
 from rnnreg.lm.config import Config, on_resume
 from rnnreg.lm.distributed import World
-from rnnreg.lm.model import LanguageModel, map_state
+from rnnreg.lm.model import LanguageModel
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.metrics import Logbook
 from rnnreg.lm.training.asgd import NTASGD
+from rnnreg.lm.training.state import Progress, TrainingState
 
-__all__ = ["EXTENDABLE", "OPERATIONAL", "Checkpoints", "Progress", "StopRequests",
-           "changed_settings", "resumed_config", "seed_everything"]
+__all__ = ["EXTENDABLE", "OPERATIONAL", "Checkpoints", "StopRequests", "changed_settings",
+           "resumed_config"]
 
 # The fields a resume may raise to extend a run, and those it may change freely (how the run
 # is saved and logged); every other field must equal the saved one (Config's field metadata).
 EXTENDABLE = on_resume("raise")
 OPERATIONAL = on_resume("change")
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint so a resume continues exactly."""
-
-    epoch: int = 1                 # 1-based epoch being trained
-    position: int = 0              # first row of the next window in the training streams
-    step: int = 0                  # optimizer steps over the whole run
-    epoch_nll: float = 0.0         # summed NLL of this epoch's windows so far
-    epoch_tokens: int = 0
-    epoch_seconds: float = 0.0     # training time spent in this epoch so far
-    train_seconds: float = 0.0     # training time over the whole run (evaluation excluded)
-    lr: float = 0.0                # learning rate of the latest step (schedules may be per step)
-    best_valid: float = math.inf
-    best_epoch: int = 0            # the epoch whose weights `best` holds (0: none yet)
-    valid_history: list[float] = field(default_factory=list)
-    averaging: bool = False        # NT-ASGD has switched to averaging
-    finished: bool = False
-
-    def out_of_time(self, max_train_minutes: float) -> bool:
-        """Whether the time budget (0: none) is spent; evaluation time does not count."""
-        return max_train_minutes > 0 and self.train_seconds >= max_train_minutes * 60
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator :func:`_rng_states` saves (torch's seeds CUDA's too)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_states() -> dict:
-    """Every generator a training step draws from: torch (masks), Python (AWD's window
-    lengths), NumPy, and CUDA's when present."""
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": _numpy_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _numpy_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def _set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    numpy_state = states["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def resumed_config(saved: Config, wanted: Config) -> Config:
@@ -175,21 +112,10 @@ class Checkpoints:
         return config.checkpoint_minutes > 0 and minutes >= config.checkpoint_minutes
 
     def save(self, model: LanguageModel, optim: NTASGD, progress: Progress, hidden) -> None:
-        """Checkpoint everything a resume needs; every rank must take part.
-
-        The carried state is stored as the full batch and the RNG states as a list indexed by
-        rank, so the file is the same shape whichever rank count wrote it.
-        """
-        tree = {
-            "model": model.state_dict(),
-            "optimizer": optim.optimizer.state_dict(),
-            "progress": progress.__dict__.copy(),
-            "hidden": self.world.gather_columns(hidden),
-            "rng": self.world.gather_objects(_rng_states()),
-            "ema": None if optim.ema is None else optim.ema.state(),
-        }
+        """Checkpoint everything a resume needs into ``last``; every rank must take part."""
+        state = TrainingState.capture(model, optim, progress, hidden, self.world)
         if self.world.is_main:
-            self.run.save_checkpoint("last", tree)
+            state.save(self.run, "last")
         self.saved_step = progress.step
         self._last_save = time.monotonic()
 
@@ -197,23 +123,14 @@ class Checkpoints:
         """Write `best` after `last`: as a link to it while the weights evaluated are the
         iterates themselves, in full once NT-ASGD or the EMA evaluates an average instead."""
         if optim.averaged:
-            self.run.save_checkpoint("best", {"model": optim.evaluated_state()})
+            TrainingState(model=optim.evaluated_state()).save(self.run, "best")
         else:
             self.run.copy_checkpoint("last", "best")
 
-    def restore(self, tree: dict, model: LanguageModel,
-                device: torch.device) -> tuple[Progress, NTASGD, object]:
-        """Load the checkpoint ``tree`` into ``model`` and the random generators; returns the
-        progress, the optimizer and the carried hidden state to continue from."""
-        progress = Progress(**tree["progress"])
-        model.load_state_dict(tree["model"])
-        optim = NTASGD(model, self.config, averaging=progress.averaging)
-        optim.optimizer.load_state_dict(tree["optimizer"])
-        if optim.ema is not None:
-            optim.ema.restore(tree.get("ema"), device)
-        hidden = self.world.shard_columns(tree["hidden"])
-        hidden = map_state(hidden, lambda h: h.to(device))
-        _set_rng_states(tree["rng"][self.world.rank])
+    def resumed(self, progress: Progress, optim: NTASGD) -> None:
+        """Continue from a restored checkpoint at ``progress``: a finished run whose budget
+        was raised has more to do, the history is cut back to the checkpoint, and a ``best``
+        a kill left one epoch behind is written again."""
         self.saved_step = progress.step
         # Raised epochs or time budget: a finished run has more to do.
         if (progress.finished and progress.epoch <= self.config.epochs
@@ -228,7 +145,6 @@ class Checkpoints:
         if (self.world.is_main and not progress.finished and progress.position == 0
                 and progress.best_epoch > 0 and progress.best_epoch == progress.epoch - 1):
             self.save_best(optim)
-        return progress, optim, hidden
 
     def start_over(self) -> None:
         """Resume found a config but no checkpoint: train from the start, with a clean history.

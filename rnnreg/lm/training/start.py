@@ -27,7 +27,8 @@ from rnnreg.lm.rundir.files import RunDirError, WriteError
 from rnnreg.lm.rundir.layout import RunDir
 from rnnreg.lm.rundir.provenance import describe_machine, package_commit
 from rnnreg.lm.training.console import where
-from rnnreg.lm.training.resume import Progress, changed_settings, resumed_config
+from rnnreg.lm.training.resume import changed_settings, resumed_config
+from rnnreg.lm.training.state import TrainingState
 
 __all__ = ["Start", "UnreadableLast", "after_write_error", "start_run"]
 
@@ -42,7 +43,7 @@ class Start(NamedTuple):
 
     config: Config
     corpus: Corpus
-    checkpoint: dict | None
+    checkpoint: TrainingState | None
     start_over: bool
 
 
@@ -70,7 +71,7 @@ def start_run(run: RunDir, held: contextlib.ExitStack, world: World, config: Con
                  start_over=checkpoint is None and vocab is not None)
 
 
-def _record_extension(run: RunDir, config: Config, checkpoint: dict | None) -> None:
+def _record_extension(run: RunDir, config: Config, checkpoint: TrainingState | None) -> None:
     """A resume that raised the budget or changed how the run is saved or logged: later
     resumes and reports see it in config.json, and metrics.jsonl says from which step on
     (a ``settings`` record at the step of the checkpoint it continues from, which later
@@ -80,9 +81,9 @@ def _record_extension(run: RunDir, config: Config, checkpoint: dict | None) -> N
         return
     run.replace_config(config)
     if checkpoint is not None:  # else the run starts over, with a cleared history
-        progress = checkpoint["progress"]
-        run.append_metrics({"event": "settings", "epoch": progress["epoch"],
-                            "step": progress["step"], "changed": changed_settings(saved, config)})
+        progress = checkpoint.progress
+        run.append_metrics({"event": "settings", "epoch": progress.epoch,
+                            "step": progress.step, "changed": changed_settings(saved, config)})
 
 
 def _lock(run: RunDir, held: contextlib.ExitStack) -> None:
@@ -114,7 +115,8 @@ def _undo_unstarted(run: RunDir, made: list[Path]):
 
 
 def _open_run(run: RunDir, held: contextlib.ExitStack, config: Config | None, resume: bool,
-              world_size: int) -> tuple[Config, Vocabulary | None, dict | None, dict | None]:
+              world_size: int
+              ) -> tuple[Config, Vocabulary | None, TrainingState | None, dict | None]:
     """Lock the run for the rest of training; for a resume, read its config, vocab, checkpoint
     and recorded corpus.
 
@@ -159,10 +161,10 @@ class UnreadableLast(RunDirError):
         self.last, self.best, self.best_at = last, best, best_at
 
 
-def _read_last(run: RunDir) -> dict:
+def _read_last(run: RunDir) -> TrainingState:
     """The checkpoint ``last``, or :class:`UnreadableLast` saying whether ``best`` can stand in."""
     try:
-        return run.load_checkpoint("last")
+        return TrainingState.load(run, "last")
     except RunDirError as error:
         best, best_at = _resumable_best(run)
         if best is None:
@@ -180,21 +182,21 @@ def _resumable_best(run: RunDir) -> tuple[Path | None, str | None]:
     """``best``'s path and where it stands, if it is a readable, whole training state (a copy
     of an epoch's ``last``; the averaged weights NT-ASGD or the EMA leave there are not)."""
     try:
-        tree = run.load_checkpoint("best") if run.has_checkpoint("best") else None
+        best = TrainingState.load(run, "best") if run.has_checkpoint("best") else None
     except RunDirError:
         return None, None
-    if tree is None or not {"progress", "optimizer", "rng", "hidden"} <= tree.keys():
+    if best is None or not best.resumable:
         return None, None
-    return run.checkpoint_path("best"), where(Progress(**tree["progress"]))
+    return run.checkpoint_path("best"), where(best.progress)
 
 
-def _check_ranks(run: RunDir, checkpoint: dict, world_size: int) -> None:
+def _check_ranks(run: RunDir, checkpoint: TrainingState, world_size: int) -> None:
     """Refuse to resume with another process count than the checkpoint was written by.
 
     Each rank's dropout stream continues from its own saved state; with another rank count
     there is no such state, and the run would silently stop being reproducible.
     """
-    saved = len(checkpoint["rng"])  # one generator state per rank
+    saved = len(checkpoint.rng)  # one generator state per rank
     if saved != world_size:
         raise RnnregError(f"{run.path} was checkpointed by {saved} process(es); resume it with "
                           f"the same number (torchrun --nproc-per-node {saved}), "
