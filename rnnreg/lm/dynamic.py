@@ -48,11 +48,11 @@ METHODS = ("sgd", "rms")
 # The grids tune_dynamic searches, for segments of 5 tokens; both axes are scaled by
 # segment / 5 for other lengths, as in the authors' code (a segment's loss is a mean, so a
 # longer segment takes proportionally fewer steps). The rms grid spans the authors' grid for
-# AWD-LSTM (lr 3e-5..1e-4, decay 0.001..0.005) a step to either side: on the CPU-trained PTB
-# models of results/dynamic-eval its lr 1e-4 and above diverge while 1e-5 and 3e-5 help, so
-# both ends are needed. The sgd grid spans the step sizes at which one step on a 5-token mean
-# loss moves a trained model's predictions noticeably without diverging. tune_dynamic stops a
-# point once it is beaten, so a diverging point costs a few segments; it reports every point.
+# AWD-LSTM (lr 3e-5..1e-4, decay 0.001..0.005) a step to either side, since rnnreg's CPU-trained
+# models are smaller and shorter trained (the choices made for PTB: results/budget-sweep). The
+# sgd grid spans the step sizes at which one step on a 5-token mean loss moves a trained
+# model's predictions noticeably without diverging. tune_dynamic stops a point once it is
+# beaten, so a diverging point costs a few segments; it reports every point.
 GRIDS = {
     "sgd": {"lr": (0.03, 0.1, 0.3, 1.0), "decay": (0.0, 0.01)},
     "rms": {"lr": (1e-5, 3e-5, 1e-4, 3e-4), "decay": (0.001, 0.003, 0.01)},
