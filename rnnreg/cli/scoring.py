@@ -181,8 +181,10 @@ def _dynamic_line(what: str, score, record: dict) -> str:
     how = (f"{record['dynamic_method']}: lr {record['dynamic_lr']:g}, decay "
            f"{record['dynamic_decay']:g}, segments of {record['dynamic_segment']} tokens")
     if record["dynamic_tuned_on"]:
+        stopped = sum(point[2] is None for point in record["dynamic_grid"])
         how += (f"; tuned on {record['dynamic_tune_tokens']:,} valid tokens over "
-                f"{len(record['dynamic_grid'])} grid points")
+                f"{len(record['dynamic_grid'])} grid points"
+                + (f", {stopped} stopped once beaten" if stopped else ""))
     return (f"{what} perplexity, dynamic evaluation {score.perplexity:.2f} ({how}) in "
             f"{score.seconds:.1f} s")
 

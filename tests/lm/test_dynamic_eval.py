@@ -231,18 +231,31 @@ def test_adapting_to_repeated_text_lowers_its_perplexity():
 def test_tuning_picks_the_lowest_perplexity_of_the_grid():
     model = _model()
     valid = _stream(80, seed=7)
-    grid = {"lr": (0.01, 0.3, 3.0), "decay": (0.0, 0.1)}
+    grid = {"lr": (0.01, 0.3, 3.0, 1e4), "decay": (0.0, 0.1)}
     tuning = tune_dynamic(model, valid, "sgd", segment=5, grid=grid, tokens=61)
     assert tuning.tokens == 60
     expected = {(lr, decay): score_dynamic(model, valid[:61],
                                            DynamicSettings("sgd", lr, decay)).perplexity
                 for decay in grid["decay"] for lr in grid["lr"]}
     assert [(lr, decay) for lr, decay, _ in tuning.grid] == list(expected)
-    for lr, decay, ppl in tuning.grid:
-        assert ppl == pytest.approx(expected[lr, decay], rel=1e-9)
     best = min(expected, key=expected.get)
     assert (tuning.settings.lr, tuning.settings.decay) == best
     assert tuning.perplexity == pytest.approx(expected[best], rel=1e-9)
+    # Every point is scored in full, or stopped only where it scores worse than the winner
+    # (a step of 1e4 diverges: stopped, whatever came before it).
+    stopped = [(lr, decay) for lr, decay, ppl in tuning.grid if ppl is None]
+    assert (1e4, 0.0) in stopped and (1e4, 0.1) in stopped
+    for lr, decay, ppl in tuning.grid:
+        if ppl is None:
+            assert not expected[lr, decay] <= expected[best]
+        else:
+            assert ppl == pytest.approx(expected[lr, decay], rel=1e-9)
+
+
+def test_a_grid_that_only_diverges_is_refused():
+    model, valid = _model(), _stream(80, seed=7)
+    with pytest.raises(ValueError, match="every sgd grid point diverged"):
+        tune_dynamic(model, valid, "sgd", grid={"lr": (1e38,), "decay": (0.0, 0.01)}, tokens=61)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -321,9 +334,10 @@ def test_evaluate_dynamic_reports_both_records_the_choice_and_leaves_the_weights
     assert record["test_ppl"] == result["perplexity"]
     assert record["test_ppl_dynamic"] == result["perplexity_dynamic"]
     assert record["dynamic_tuned_on"] == "valid" and record["dynamic_tune_tokens"] == 149
-    assert len(record["dynamic_grid"]) == 9
+    assert len(record["dynamic_grid"]) == 12
+    complete = [point for point in record["dynamic_grid"] if point[2] is not None]
     assert [record["dynamic_lr"], record["dynamic_decay"]] == min(
-        record["dynamic_grid"], key=lambda point: point[2])[:2]
+        complete, key=lambda point: point[2])[:2]
     # The recorded choice reproduces the dynamic score through the Python API.
     model, vocab, config = load_model(tiny_run, device="cpu")
     corpus = Corpus.load(RunDir(tiny_run).read_corpus()["data_dir"], config.level, vocab)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Dynamic evaluation of the 12-minute rule run (adaptive 2x400 + EMA), the 30-minute run's settings.
+set -euo pipefail
+cd "$(dirname "$0")"
+. venv/bin/activate
+export PYTHONPATH=$PWD TORCH_EXTENSIONS_DIR=.torch_ext
+RUN=${RUN:?}
+run() { echo "=== $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg) commit $(git rev-parse --short HEAD): $*"; "$@"; }
+run python3 -m rnnreg evaluate $RUN --weights last --split test --dynamic rms --dynamic-segment 20 --dynamic-stat-windows 200 --dynamic-tune-tokens 20000 --no-progress
+echo "=== done $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"
