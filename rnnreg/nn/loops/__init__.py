@@ -43,7 +43,7 @@ from rnnreg.nn.loops.protocol import Loops
 from rnnreg.nn.loops.python import PYTHON
 
 __all__ = ["CPP_LOOP", "PYTHON_LOOP", "SETTINGS", "TRITON_GRAPHS", "TRITON_LOOP", "VARIABLE",
-           "Loops", "choose", "engine", "name", "requested"]
+           "choose", "engine", "name", "requested"]
 
 # The environment variable that picks the loops, and its values.
 VARIABLE = "RNNREG_ENGINE"
