@@ -12,3 +12,5 @@ python3 -m rnnreg train --out runs/ptb-30min-adaptive-h500-p50-ema --no-progress
 python3 -m rnnreg train --out runs/ptb-30min-full-h400-ema --no-progress --data-dir ../shared/data/ptb --preset cpu-30min --ema-decay 0.999
 python3 -m rnnreg train --out runs/vimdoc-5min-full-h300 --no-progress --data-dir corpora/vimdoc --preset cpu-30min --hidden-size 300 --dropout 0.25 --max-train-minutes 5.0
 python3 -m rnnreg train --out runs/vimdoc-5min-adaptive-h300 --no-progress --data-dir corpora/vimdoc --preset cpu-30min --hidden-size 300 --no-tie-weights --softmax adaptive --dropout 0.25 --max-train-minutes 5.0
+python3 -m rnnreg train --out runs/vimdoc-12min-adaptive-h300-ema --no-progress --data-dir corpora/vimdoc --preset cpu-30min --hidden-size 300 --no-tie-weights --softmax adaptive --dropout 0.25 --ema-decay 0.999 --max-train-minutes 12.0
+python3 -m rnnreg train --out runs/vimdoc-12min-adaptive-h400-ema --no-progress --data-dir corpora/vimdoc --preset cpu-30min --no-tie-weights --softmax adaptive --dropout 0.25 --ema-decay 0.999 --max-train-minutes 12.0
