@@ -34,12 +34,22 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
+    _answer_sigint()
     per_test = config.getoption("--limit-per-test")
     session = config.getoption("--limit-session")
     if per_test < 0 or session < 0:
         raise pytest.UsageError("--limit-per-test and --limit-session must be >= 0")
     if per_test or session:
         config.pluginmanager.register(Limits(per_test, session), "limits")
+
+
+def _answer_sigint() -> None:
+    """Make SIGINT interrupt the session even where it arrives ignored: a shell without job
+    control starts a background command (``bash check.sh &`` in a job script) with SIGINT
+    ignored, the children inherit that, and the GPU check's SIGINT would then go unanswered
+    until its SIGKILL, which leaves no JUnit XML."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Limits:

@@ -485,7 +485,20 @@ def test_a_stuck_test_fails_alone_and_the_session_limit_still_writes_junit(tmp_p
 
 
 @pytest.mark.slow  # a pytest stage held to its limit
-def test_a_pytest_stage_past_its_limit_gets_sigint_and_still_writes_junit(tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_a_pytest_stage_past_its_limit_gets_sigint_and_still_writes_junit(tmp_path, inherited):
+    # "ignored": the check itself started as a shell without job control starts a background
+    # command, with SIGINT ignored, which its children inherit.
+    previous = signal.getsignal(signal.SIGINT)
+    if inherited == "ignored":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _stage_past_its_limit(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stage_past_its_limit(tmp_path):
     check = _check(tmp_path, grace=GRACE)  # writing the report takes a moment on a busy CPU
     xml = tmp_path / "cut.xml"
     stage = check.run("cuda-triton", _pytest(tmp_path, f"--junitxml={xml}"), limit=GRACE + 6,
