@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from budget_study import build_text_corpus, flags  # noqa: E402
+from budget_study import build_text_corpus, command  # noqa: E402
 
 from rnnreg.lm.config import Config  # noqa: E402
 from rnnreg.lm.corpus.batches import Corpus  # noqa: E402
@@ -114,13 +114,6 @@ def plan_runs(out: Path, stages: list[str] | None):
             runs.append((stage, out / "runs" / run_name(corpus, minutes, variant), corpus,
                          minutes, variant_config(minutes, overrides)))
     return runs
-
-
-def command(run: Path, data_dir: Path, config: Config, resume: bool) -> list[str]:
-    head = ["python3", "-m", "rnnreg", "train", "--out", str(run), "--no-progress"]
-    if resume:
-        return head + ["--resume"]
-    return head + ["--data-dir", str(data_dir), *flags(config)]
 
 
 def final_record(run: Path) -> dict | None:
